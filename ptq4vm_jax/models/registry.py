@@ -1,0 +1,73 @@
+"""Model names -> Flax modules, with timm-style size overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+from ptq4vm_jax.models.vim import VimConfig, VisionMamba
+
+_VIM_ALIASES = {
+    "vim_tiny": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+    "vim_small": "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+    "vim_base": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
+}
+
+# name -> (family, builder(**overrides) -> module)
+_REGISTRY: dict[str, tuple[str, Callable[..., nn.Module]]] = {}
+
+
+def register(name: str, family: str, builder: Callable[..., nn.Module]) -> None:
+    _REGISTRY[name] = (family, builder)
+
+
+def _vim(**defaults: Any) -> Callable[..., nn.Module]:
+    def build(**overrides: Any) -> nn.Module:
+        fields = {f.name for f in dataclasses.fields(VimConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(
+                f"unknown Vim argument(s) {unknown}; accepted: {sorted(fields)}"
+            )
+        return VisionMamba(VimConfig(**{**defaults, **overrides}))
+
+    return build
+
+
+register("vim_tiny", "vim", _vim(embed_dim=192, depth=24))
+register("vim_small", "vim", _vim(embed_dim=384, depth=24))
+register("vim_base", "vim", _vim(embed_dim=768, depth=24))
+# Small configs for tests and the built-in demo.
+register("vim_micro", "vim", _vim(img_size=32, patch_size=4, stride=4, embed_dim=48, depth=4,
+                                   d_state=16, num_classes=10))
+register("vim_nano", "vim", _vim(img_size=32, patch_size=8, stride=8, embed_dim=32, depth=2,
+                                  d_state=8, num_classes=10))
+for _short, _long in _VIM_ALIASES.items():
+    _REGISTRY[_long] = _REGISTRY[_short]
+
+
+def canonical_name(name: str) -> str:
+    """Official long names map to our short ones; unknown names raise with the list."""
+    for short, long in _VIM_ALIASES.items():
+        if name == long:
+            return short
+    if name not in _REGISTRY:
+        known = sorted(n for n in _REGISTRY if n not in _VIM_ALIASES.values())
+        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(known)}")
+    return name
+
+
+def model_family(name: str) -> str:
+    return _REGISTRY[canonical_name(name)][0]
+
+
+def list_models() -> list[str]:
+    return sorted(n for n in _REGISTRY if n not in _VIM_ALIASES.values())
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a model by name; ``overrides`` are the official constructor's size arguments."""
+    return _REGISTRY[canonical_name(name)][1](**overrides)

@@ -1,0 +1,217 @@
+"""Vision Mamba (Vim, hustvl/Vim) in Flax Linen, bit-for-bit the official eval forward.
+
+Official model: ``VisionMamba`` with bimamba v2, a middle class token, absolute position
+embeddings, fused add + RMSNorm (residual in fp32) and ``if_divide_out=True``.
+Images come in NHWC, already normalised. Every projection is a plain ``nn.Dense``: the
+quantized modes are installed from outside by ``ptq4vm_jax.quant`` (method interception),
+so this one definition serves float, fake-quant and integer inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan_ref
+
+
+@dataclasses.dataclass(frozen=True)
+class VimConfig:
+    """Size arguments of the official ``VisionMamba`` constructor (same names)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    stride: int = 16
+    channels: int = 3
+    embed_dim: int = 192
+    depth: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    num_classes: int = 1000
+    norm_epsilon: float = 1e-5
+    dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
+    @property
+    def dt_rank(self) -> int:
+        return math.ceil(self.embed_dim / 16)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        g = (self.img_size - self.patch_size) // self.stride + 1
+        return (g, g)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_patches + 1
+
+    @property
+    def cls_position(self) -> int:
+        return self.num_patches // 2
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        rstd = lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return x32 * rstd * weight
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv; ``kernel`` is (d_conv, channels)."""
+
+    d_conv: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ch = x.shape[-1]
+        bound = 1.0 / math.sqrt(self.d_conv)
+        init = lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound)
+        kernel = self.param("kernel", init, (self.d_conv, ch), jnp.float32)
+        bias = self.param("bias", init, (ch,), jnp.float32)
+        return causal_depthwise_conv1d(x, kernel.astype(x.dtype), bias.astype(x.dtype))
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1, dtype=dtype), shape))
+
+
+class BiMambaMixer(nn.Module):
+    """Bimamba v2: one shared in_proj, two S6 branches (forward, and flipped), one out_proj."""
+
+    cfg: VimConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        e, n, r = c.d_inner, c.d_state, c.dt_rank
+        dense = lambda f, bias, name: nn.Dense(
+            f, use_bias=bias, dtype=c.dtype, param_dtype=jnp.float32, name=name
+        )
+        self.in_proj = dense(2 * e, False, "in_proj")
+        self.out_proj = dense(c.embed_dim, False, "out_proj")
+        self.conv1d = CausalConv1d(c.d_conv, name="conv1d")
+        self.conv1d_b = CausalConv1d(c.d_conv, name="conv1d_b")
+        self.x_proj = dense(r + 2 * n, False, "x_proj")
+        self.x_proj_b = dense(r + 2 * n, False, "x_proj_b")
+        self.dt_proj = dense(e, True, "dt_proj")
+        self.dt_proj_b = dense(e, True, "dt_proj_b")
+        self.A_log = self.param("A_log", _a_log_init, (e, n))
+        self.A_b_log = self.param("A_b_log", _a_log_init, (e, n))
+        self.D = self.param("D", nn.initializers.ones, (e,))
+        self.D_b = self.param("D_b", nn.initializers.ones, (e,))
+
+    def _branch(self, x, z, conv, x_proj, dt_proj, a_log, d):
+        c = self.cfg
+        x = nn.silu(conv(x))
+        x_dbl = x_proj(x)
+        dt, b, cc = jnp.split(x_dbl, [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
+        dt = dt_proj(dt)
+        a = -jnp.exp(a_log.astype(jnp.float32))
+        return selective_scan_ref(x, dt, a, b, cc, D=d, z=z, delta_softplus=True)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        xz = self.in_proj(hidden.astype(self.cfg.dtype))
+        x, z = jnp.split(xz, 2, axis=-1)
+        y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        flip = lambda t: jnp.flip(t, axis=1)
+        y_b = self._branch(
+            flip(x), flip(z), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+        )
+        y = (y_f.astype(jnp.float32) + flip(y_b).astype(jnp.float32)) / 2
+        return self.out_proj(y.astype(self.cfg.dtype))
+
+
+class VimBlock(nn.Module):
+    """Fused residual-add + RMSNorm, then the mixer. Returns (mixer output, residual)."""
+
+    cfg: VimConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Block 0 gets residual = 0, which equals the official ``residual=None`` branch exactly.
+        residual = residual.astype(jnp.float32) + hidden.astype(jnp.float32)
+        normed = RMSNorm(self.cfg.norm_epsilon, name="norm")(residual)
+        return BiMambaMixer(self.cfg, name="mixer")(normed), residual
+
+
+class PatchEmbed(nn.Module):
+    cfg: VimConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        c = self.cfg
+        p = c.patch_size
+        x = nn.Conv(
+            c.embed_dim, (p, p), strides=(c.stride, c.stride), padding="VALID",
+            dtype=c.dtype, param_dtype=jnp.float32, name="proj",
+        )(images.astype(c.dtype))
+        return x.reshape(x.shape[0], -1, c.embed_dim)  # row-major over the patch grid
+
+
+class VisionMamba(nn.Module):
+    """``apply({"params": p}, nhwc) -> logits``; ``embed``/``layers``/``classify`` for block-wise use."""
+
+    cfg: VimConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.patch_embed = PatchEmbed(c)
+        self.cls_token = self.param(
+            "cls_token", nn.initializers.truncated_normal(0.02), (1, 1, c.embed_dim)
+        )
+        self.pos_embed = self.param(
+            "pos_embed", nn.initializers.truncated_normal(0.02), (1, c.seq_len, c.embed_dim)
+        )
+        self.layers = [VimBlock(c, name=f"layers_{i}") for i in range(c.depth)]
+        self.norm_f = RMSNorm(c.norm_epsilon)
+        self.head = nn.Dense(c.num_classes, dtype=jnp.float32, param_dtype=jnp.float32)
+
+    def check_images(self, images: jax.Array) -> None:
+        c = self.cfg
+        want = (c.img_size, c.img_size, c.channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"Vim expects NHWC images of shape (batch, {want[0]}, {want[1]}, {want[2]}); "
+                f"got {tuple(images.shape)}. Resize/crop to {c.img_size}px (see "
+                "ptq4vm_jax.data.imagenet_eval_preprocess) or build the model with img_size=..."
+            )
+
+    def embed(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Patch embed, middle class token, position embedding -> (hidden, zero residual)."""
+        self.check_images(images)
+        x = self.patch_embed(images).astype(jnp.float32)
+        b = x.shape[0]
+        pos = self.cfg.cls_position
+        cls = jnp.broadcast_to(self.cls_token, (b, 1, self.cfg.embed_dim))
+        x = jnp.concatenate([x[:, :pos], cls, x[:, pos:]], axis=1) + self.pos_embed
+        return x, jnp.zeros_like(x)
+
+    def classify(self, hidden: jax.Array, residual: jax.Array) -> jax.Array:
+        """Final add + RMSNorm, class token into the head."""
+        h = self.norm_f(residual + hidden.astype(jnp.float32))
+        return self.head(h[:, self.cfg.cls_position])
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        hidden, residual = self.embed(images)
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.classify(hidden, residual)

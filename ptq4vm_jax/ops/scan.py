@@ -1,0 +1,77 @@
+"""Plain-jnp references for the Mamba S6 selective scan and the causal depthwise conv.
+
+These are the ground truth that the Pallas kernels in ``pallas_kernels/`` are tested
+against, and the path every non-GPU backend runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def selective_scan_ref(
+    u: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    delta_bias: jax.Array | None = None,
+    delta_softplus: bool = True,
+    reverse: bool = False,
+) -> jax.Array:
+    """S6 forward: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = <h_t, C_t> + D u_t.
+
+    Shapes: ``u, delta, z`` (B, L, E); ``A`` (E, N); ``B, C`` (B, L, N); ``D, delta_bias`` (E,).
+    The state (B, E, N) is carried in fp32 by ``lax.scan``; no (B, L, E, N) tensor is
+    ever built. ``reverse=True`` runs from the last token to the first (outputs stay at
+    their own positions), which is the backward branch of Vim without flipping copies.
+    """
+    out_dtype = u.dtype
+    u32 = u.astype(jnp.float32)
+    dt = delta.astype(jnp.float32)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(jnp.float32)
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    A32 = A.astype(jnp.float32)
+    Bt = B.astype(jnp.float32)
+    Ct = C.astype(jnp.float32)
+
+    batch, _, e = u.shape
+    n = A.shape[-1]
+
+    def step(h, inp):
+        dt_t, u_t, b_t, c_t = inp  # (B, E), (B, E), (B, N), (B, N)
+        decay = jnp.exp(dt_t[:, :, None] * A32[None])
+        h = decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+        y_t = jnp.einsum("ben,bn->be", h, c_t, precision=lax.Precision.HIGHEST)
+        return h, y_t
+
+    xs = tuple(jnp.swapaxes(t, 0, 1) for t in (dt, u32, Bt, Ct))  # time-major
+    h0 = jnp.zeros((batch, e, n), jnp.float32)
+    _, ys = lax.scan(step, h0, xs, reverse=reverse)
+    y = jnp.swapaxes(ys, 0, 1)
+    if D is not None:
+        y = y + u32 * D.astype(jnp.float32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(out_dtype)
+
+
+def causal_depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """Causal depthwise conv over tokens: y_t = sum_k kernel[k] * x_{t-K+1+k} + bias.
+
+    ``x`` (B, L, E); ``kernel`` (K, E) with tap K-1 on the current token, as in
+    ``torch.nn.Conv1d(groups=E, padding=K-1)[..., :L]``.
+    """
+    k = kernel.shape[0]
+    seq = x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
+    y = sum(xp[:, i : i + seq, :] * kernel[i] for i in range(k))
+    if bias is not None:
+        y = y + bias
+    return y

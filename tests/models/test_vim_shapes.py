@@ -1,0 +1,37 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ptq4vm_jax import create_model
+from ptq4vm_jax.models import canonical_name
+
+
+def test_vim_micro_forward_shapes():
+    model = create_model("vim_micro")
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+    logits = model.apply({"params": params}, x)
+    assert logits.shape == (2, 10)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    assert params["pos_embed"].shape == (1, 65, 48)
+
+
+def test_official_names_are_aliases():
+    long = "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+    assert canonical_name(long) == "vim_small"
+
+
+def test_wrong_model_name_lists_known_models():
+    with pytest.raises(ValueError, match="unknown model name 'vim_huge'.*vim_tiny"):
+        create_model("vim_huge")
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(TypeError, match="unknown Vim argument"):
+        create_model("vim_tiny", embed_dims=3)
+
+
+def test_wrong_image_size_is_explained():
+    model = create_model("vim_micro")
+    with pytest.raises(ValueError, match="NHWC images of shape"):
+        model.init(jax.random.key(0), jnp.ones((1, 3, 32, 32)))
