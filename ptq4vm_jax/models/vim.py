@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ptq4vm_jax.models.blockwise import Blockwise, Stage
 from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan_ref
 
 
@@ -215,3 +216,22 @@ class VisionMamba(nn.Module):
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
         return self.classify(hidden, residual)
+
+
+def mixer_output(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
+    return carry[0]
+
+
+def vim_blockwise(model: VisionMamba) -> Blockwise:
+    """Vim as stem -> 24 x (hidden, residual) blocks -> head; JLSS compares the mixer output."""
+    cfg = model.cfg
+    stages = tuple(
+        Stage(path=(f"layers_{i}",), module=VimBlock(cfg), output=mixer_output)
+        for i in range(cfg.depth)
+    )
+    return Blockwise(
+        embed=lambda params, images: model.apply({"params": params}, images, method="embed"),
+        stages=stages,
+        classify=lambda params, carry: model.apply({"params": params}, *carry, method="classify"),
+        seq_len=cfg.seq_len,
+    )

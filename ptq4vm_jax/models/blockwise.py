@@ -1,0 +1,36 @@
+"""A model seen as stem -> stages -> head, the unit of block-wise calibration (JLSS)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+Carry = Any  # a pytree of (batch, ...) arrays passed from stage to stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """``module.apply({"params": params[path]}, *carry) -> carry``; ``output(carry)`` is compared."""
+
+    path: tuple[str, ...]
+    module: nn.Module
+    output: Callable[[Carry], jax.Array]
+
+    def apply(self, params: Any, carry: Carry) -> Carry:
+        node = params
+        for key in self.path:
+            node = node[key]
+        args = carry if isinstance(carry, tuple) else (carry,)
+        return self.module.apply({"params": node}, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise:
+    embed: Callable[[Any, jax.Array], Carry]
+    stages: tuple[Stage, ...]
+    classify: Callable[[Any, Carry], jax.Array]
+    seq_len: int | None = None
