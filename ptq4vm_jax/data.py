@@ -1,0 +1,386 @@
+"""Data: any calibration / evaluation source -> fixed-shape float32 NHWC batches.
+
+Accepted sources (for both ``calibration_images`` and ``eval_batches``):
+
+* a numpy / jax array of images ``(N, H, W, C)``, a ``(images, labels)`` pair of arrays, or a
+  dict ``{"image": images, "label": labels}``;
+* an iterable of batches or of single examples: arrays, ``(image, label)`` tuples or dicts with
+  ``"image"`` (and ``"label"``);
+* a random-access source: ``tfds.data_source(...)``, a ``grain.MapDataset`` (anything with
+  ``__len__`` and ``__getitem__`` that is not a list/tuple/array/dict);
+* a ``grain.IterDataset`` (read as an iterable).
+
+Pixels: integer (uint8) images are raw pixels and go through ``preprocess`` or, when none is
+given, the official Vim eval transform ``imagenet_eval_preprocess`` at ``image_size``. Float
+images are taken as already preprocessed (``preprocess``, when given, is applied to them too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm / Vim eval: Resize(int(image_size / 0.875)) then CenterCrop(image_size).
+EVAL_CROP_PCT = 0.875
+
+# Per-channel statistics of the 32 px digits train split after scaling pixels to [0, 1] and the
+# bilinear upsampling below (computed once with ``_digits_pixels``; pinned by a test).
+DIGITS_MEAN = 0.3051
+DIGITS_STD = 0.3238
+
+Preprocess = Callable[[np.ndarray], np.ndarray]
+
+
+# --------------------------------------------------------------------------- ImageNet transform
+
+
+def _to_rgb_pil(image: Any):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(
+            f"imagenet_eval_preprocess expects raw uint8 pixels (0..255); got dtype {arr.dtype}. "
+            "Float images are treated as already preprocessed: pass them without preprocess=..."
+        )
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        return Image.fromarray(arr, mode="RGB" if arr.shape[-1] == 3 else "RGBA").convert("RGB")
+    raise ValueError(
+        f"imagenet_eval_preprocess expects one image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
+        f"got shape {arr.shape}. Pass single images, not batches."
+    )
+
+
+def imagenet_eval_preprocess(
+    image: Any, *, image_size: int = 224, resize_size: int | None = None
+) -> np.ndarray:
+    """The official Vim / PTQ4VM eval transform, reproduced with Pillow so no torch is needed.
+
+    timm ``Resize(resize_size, bicubic)`` on the shorter side, ``CenterCrop(image_size)``,
+    ``ToTensor``, ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``, but returning float32 HWC.
+    ``resize_size`` defaults to ``int(image_size / 0.875)`` (256 for 224). Grayscale and RGBA
+    inputs become RGB the way the official folder loader does (``PIL.Image.convert("RGB")``).
+    """
+    from PIL import Image
+
+    if resize_size is None:
+        resize_size = int(image_size / EVAL_CROP_PCT)
+    if resize_size < image_size:
+        raise ValueError(
+            f"resize_size ({resize_size}) must be >= image_size ({image_size}) for a center crop"
+        )
+    pil = _to_rgb_pil(image)
+    w, h = pil.size
+    # torchvision: the shorter side becomes resize_size, the longer one is truncated, not rounded.
+    if w <= h:
+        size = (resize_size, int(resize_size * h / w))
+    else:
+        size = (int(resize_size * w / h), resize_size)
+    pil = pil.resize(size, Image.BICUBIC)
+    # torchvision CenterCrop offsets use Python's round (half to even).
+    top = int(round((size[1] - image_size) / 2.0))
+    left = int(round((size[0] - image_size) / 2.0))
+    pil = pil.crop((left, top, left + image_size, top + image_size))
+    x = np.asarray(pil, dtype=np.float32) / np.float32(255.0)
+    return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or (
+        hasattr(x, "__array__") and hasattr(x, "shape") and hasattr(x, "dtype")
+    )
+
+
+def _is_random_access(x: Any) -> bool:
+    return (
+        hasattr(x, "__len__")
+        and hasattr(x, "__getitem__")
+        and not isinstance(x, (list, tuple, str, bytes, Mapping))
+        and not _is_array(x)
+    )
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and _is_array(x[0])
+
+
+def _split_element(elem: Any) -> tuple[Any, Any]:
+    """One element of a source -> (image or batch of images, label(s) or None)."""
+    if isinstance(elem, Mapping):
+        if "image" not in elem:
+            raise ValueError(
+                f"dict examples need an 'image' key; got keys {sorted(map(str, elem))}. "
+                "Rename the image field to 'image' (and the class field to 'label')."
+            )
+        return elem["image"], elem.get("label")
+    if isinstance(elem, tuple) and len(elem) == 2:
+        return elem
+    if _is_array(elem) or type(elem).__module__.startswith("PIL"):
+        return elem, None
+    raise TypeError(
+        f"cannot read images from an element of type {type(elem).__name__}; elements must be "
+        "arrays, (image, label) tuples or dicts with an 'image' key"
+    )
+
+
+def _pixel_kind(dtype: np.dtype, where: str) -> str:
+    if dtype.kind in "ui":
+        return "int"
+    if dtype.kind == "f" or dtype.name == "bfloat16":
+        return "float"
+    raise TypeError(
+        f"{where}: images of dtype {dtype} are not image data; expected uint8 pixels or float "
+        "images (already normalised)"
+    )
+
+
+def _prepare(
+    images: Any, labels: Any, *, image_size: int, preprocess: Preprocess | None, where: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images of one element (single image or batch) -> float32 NHWC batch and its labels."""
+    if type(images).__module__.startswith("PIL"):
+        images = np.asarray(images)
+    arr = images if _is_array(images) else np.asarray(images)
+    kind = _pixel_kind(np.dtype(arr.dtype), where)
+    single = arr.ndim in (2, 3)
+    if not single and arr.ndim != 4:
+        raise ValueError(
+            f"{where}: expected one image (H, W, C) or a batch (N, H, W, C); got shape "
+            f"{tuple(arr.shape)}"
+        )
+    batch = [arr] if single else arr
+    if preprocess is None and kind == "int":
+        out = np.stack([imagenet_eval_preprocess(np.asarray(im), image_size=image_size)
+                        for im in batch]) if len(batch) else np.zeros((0, 0, 0, 0), np.float32)
+    elif preprocess is not None:
+        out = np.stack([np.asarray(preprocess(np.asarray(im)), np.float32) for im in batch])
+    else:
+        out = np.asarray(np.asarray(arr), np.float32)
+        out = out[None] if single else out
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != out.shape[0]:
+            raise ValueError(
+                f"{where}: {out.shape[0]} image(s) but {labels.shape[0]} label(s)"
+            )
+    return out, labels
+
+
+def _check_images(images: np.ndarray, *, image_size: int, channels: int, offset: int,
+                  where: str) -> None:
+    want = (image_size, image_size, channels)
+    got = tuple(images.shape[1:])
+    if got != want:
+        if images.ndim == 4 and got[0] == channels and got[1:] == (image_size, image_size):
+            hint = "they look channels-first (NCHW): transpose to NHWC, e.g. x.transpose(0, 2, 3, 1)"
+        elif images.ndim == 4 and got[:2] == want[:2]:
+            hint = (f"convert them to {channels} channels (grayscale -> RGB: np.repeat(x, 3, -1)) "
+                    "or build the model for this channel count")
+        else:
+            hint = (f"resize/crop them to {image_size}x{image_size} (e.g. preprocess="
+                    f"functools.partial(imagenet_eval_preprocess, image_size={image_size})) or "
+                    "pass the image_size your model expects")
+        raise ValueError(
+            f"{where}: expected images of shape (H, W, C) = {want}, got {got} "
+            f"(image #{offset}); {hint}"
+        )
+    finite = np.isfinite(images)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(images.shape[0], -1).all(axis=1)) + offset
+        raise ValueError(
+            f"{where}: {int((~finite).sum())} non-finite (NaN/inf) pixel value(s) in image(s) "
+            f"#{bad[:10].tolist()}; fix the preprocessing or drop those images"
+        )
+
+
+def _elements(source: Any, order: Iterable[int] | None, *, chunk: int) -> Iterator[Any]:
+    """Elements of any accepted source; arrays are cut into slices of ``chunk`` images."""
+    if _is_array(source) or _is_pair(source) or isinstance(source, Mapping):
+        images, labels = source if _is_pair(source) else _split_element(source)
+        n = len(images)
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{n} images but {len(labels)} labels")
+        for s in range(0, n, chunk):
+            yield (images[s:s + chunk], None if labels is None else labels[s:s + chunk])
+    elif _is_random_access(source):
+        for i in order if order is not None else range(len(source)):
+            yield source[int(i)]
+    elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
+        yield from source
+    else:
+        raise TypeError(
+            f"unsupported data source of type {type(source).__name__}; pass an array, an "
+            "(images, labels) pair, an iterable of batches/examples, a tfds data source or a grain "
+            "dataset"
+        )
+
+
+def calibration_images(
+    calib_ds: Any,
+    num_images: int,
+    *,
+    image_size: int,
+    channels: int = 3,
+    preprocess: Preprocess | None = None,
+    seed: int | None = 0,
+) -> np.ndarray:
+    """The calibration set as one float32 ``(num_images, H, W, C)`` array, validated.
+
+    Order: arrays and iterables give their first ``num_images`` images in order. Random-access
+    sources (tfds data sources, grain MapDatasets) are read along a fixed permutation drawn with
+    ``np.random.default_rng(seed)`` (``seed=None``: indices 0, 1, 2, ...), like the official
+    code's shuffled train loader but reproducible; the indices used are logged at INFO.
+    """
+    where = "calibration data"
+    if int(num_images) != num_images or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    order = None
+    if _is_random_access(calib_ds):
+        total = len(calib_ds)
+        if total == 0:
+            raise ValueError(f"{where}: the dataset is empty (len 0)")
+        if seed is None:
+            order = np.arange(total)
+        else:
+            order = np.random.default_rng(seed).permutation(total)
+    got: list[np.ndarray] = []
+    count = 0
+    used: list[int] = []
+    for k, elem in enumerate(_elements(calib_ds, order, chunk=num_images)):
+        images, _ = _split_element(elem)
+        x, _ = _prepare(images, None, image_size=image_size, preprocess=preprocess, where=where)
+        _check_images(x, image_size=image_size, channels=channels, offset=count, where=where)
+        got.append(x)
+        count += x.shape[0]
+        if order is not None:
+            used.append(int(order[k]))
+        if count >= num_images:
+            break
+    if count == 0:
+        raise ValueError(f"{where}: the dataset is empty (no images found)")
+    if count < num_images:
+        raise ValueError(
+            f"{where}: asked for {num_images} calibration images but the dataset has only "
+            f"{count}; pass num_images<={count} or a larger dataset"
+        )
+    if used:
+        logger.info("calibration images read from source indices %s (seed=%s)", used, seed)
+    return np.concatenate(got)[:num_images]
+
+
+def eval_batches(
+    source: Any,
+    batch_size: int,
+    *,
+    image_size: int,
+    channels: int = 3,
+    preprocess: Preprocess | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Labelled source -> ``(images, labels, mask)`` batches of one fixed shape.
+
+    A fixed shape means one compilation of a jitted model; the last batch is zero-padded and
+    ``mask`` marks its real rows. Random-access sources are read in index order.
+    """
+    where = "eval data"
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    buf_x: list[np.ndarray] = []
+    buf_y: list[np.ndarray] = []
+    pending = 0
+    seen = 0
+    for elem in _elements(source, None, chunk=batch_size):
+        images, labels = _split_element(elem)
+        if labels is None:
+            raise ValueError(
+                f"{where}: evaluation needs labels; got an element without one. Pass "
+                "(images, labels), dicts with 'image' and 'label', or a tfds/grain source"
+            )
+        x, y = _prepare(images, labels, image_size=image_size, preprocess=preprocess, where=where)
+        _check_images(x, image_size=image_size, channels=channels, offset=seen, where=where)
+        buf_x.append(x)
+        buf_y.append(y.astype(np.int32))
+        pending += x.shape[0]
+        seen += x.shape[0]
+        while pending >= batch_size:
+            xs, ys = np.concatenate(buf_x), np.concatenate(buf_y)
+            yield xs[:batch_size], ys[:batch_size], np.ones(batch_size, bool)
+            buf_x, buf_y = [xs[batch_size:]], [ys[batch_size:]]
+            pending -= batch_size
+    if seen == 0:
+        raise ValueError(f"{where}: the dataset is empty (no images found)")
+    if pending:
+        xs, ys = np.concatenate(buf_x), np.concatenate(buf_y)
+        pad = batch_size - pending
+        yield (
+            np.concatenate([xs, np.zeros((pad, *xs.shape[1:]), np.float32)]),
+            np.concatenate([ys, np.zeros(pad, np.int32)]),
+            np.arange(batch_size) < pending,
+        )
+
+
+# --------------------------------------------------------------------------- built-in digits
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) bilinear weights, half-pixel centres, edges clamped."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), lo] += 1 - frac
+    m[np.arange(n_out), hi] += frac
+    return m
+
+
+def _digits_split_mask(labels: np.ndarray) -> np.ndarray:
+    """True for test examples: every 5th example of each class in dataset order (20%)."""
+    rank = np.zeros(labels.shape[0], int)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rank[idx] = np.arange(idx.size)
+    return rank % 5 == 4
+
+
+def _digits_pixels(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if int(image_size) != image_size or image_size < 8:
+        raise ValueError(f"image_size must be an integer >= 8 (digits are 8x8), got {image_size!r}")
+    digits = load_digits()
+    labels = np.asarray(digits.target, np.int32)
+    keep = _digits_split_mask(labels) == (split == "test")
+    m = _bilinear_matrix(8, image_size)
+    pixels = np.einsum("ij,njk,lk->nil", m, digits.images[keep] / 16.0, m)
+    return pixels, labels[keep]
+
+
+def load_digits_dataset(split: str = "train", *, image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as a tiny offline image-classification task.
+
+    Pixels /16 -> [0, 1], bilinear upsampling to ``image_size`` (pure numpy, deterministic),
+    replicated to 3 channels, normalised with ``DIGITS_MEAN`` / ``DIGITS_STD``. Split: every 5th
+    example of each class (dataset order) is test, the rest train (1442 / 355), fixed forever.
+    Returns ``(images (N, S, S, 3) float32, labels (N,) int32)``.
+    """
+    pixels, labels = _digits_pixels(split, image_size)
+    x = ((pixels - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)
+    return np.repeat(x[..., None], 3, axis=-1), labels
