@@ -1,0 +1,144 @@
+"""Torch-free loading of official checkpoints (``torch.save`` zip, ``.safetensors``) into our params.
+
+Model families plug in by module: ``convert/<family>.py``, the family being
+``ptq4vm_jax.models.model_family(name)``, defines ``SPEC: convert.mapping.FamilySpec``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
+from convert.mapping import FamilySpec, Rule, flatten_tree, map_state_dict, unflatten_tree
+from convert.safetensors_reader import read_safetensors
+from convert.torch_reader import read_torch_checkpoint
+from ptq4vm_jax.checkpoint import abstract_params
+from ptq4vm_jax.models import create_model, list_models, model_family
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "FamilySpec",
+    "Rule",
+    "UnsafeCheckpointError",
+    "family_spec",
+    "load_torch_checkpoint",
+    "read_checkpoint",
+    "read_safetensors",
+    "read_torch_checkpoint",
+    "select_state_dict",
+]
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a ``.safetensors`` file (by suffix or content) or else a ``torch.save`` zip."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors") or (os.path.isfile(path) and _looks_like_safetensors(path)):
+        return read_safetensors(path)
+    return read_torch_checkpoint(path)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, np.ndarray) for v in obj.values()) and all(
+        isinstance(k, str) and (isinstance(v, np.ndarray) or v is None) for k, v in obj.items()
+    )
+
+
+def _describe(value: Any) -> str:
+    if _is_state_dict(value):
+        return f"state_dict of {sum(isinstance(v, np.ndarray) for v in value.values())} tensors"
+    return type(value).__name__
+
+
+def select_state_dict(checkpoint: Any, key: str | None, path: str = "checkpoint") -> Mapping[str, Any]:
+    """``checkpoint[key]`` ('model', 'model_ema', ...), or the checkpoint if it is a bare state_dict."""
+    if _is_state_dict(checkpoint):
+        return checkpoint
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict with a state_dict")
+    listing = ", ".join(f"{k!r} ({_describe(v)})" for k, v in checkpoint.items())
+    if key is None or key not in checkpoint:
+        raise CheckpointError(f"{path} has no entry {key!r} and is not a bare state_dict; its top-level "
+                              f"entries: {listing}. Pass key=<the entry holding the weights>")
+    if not _is_state_dict(checkpoint[key]):
+        raise CheckpointError(f"{path}: entry {key!r} is a {_describe(checkpoint[key])}, not a state_dict "
+                              f"of tensors; top-level entries: {listing}")
+    return checkpoint[key]
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The key map of a model family, from ``convert/<family>.py``."""
+    try:
+        module = importlib.import_module(f"convert.{family}")
+    except ModuleNotFoundError as e:
+        if e.name != f"convert.{family}":
+            raise
+        raise CheckpointError(f"no checkpoint converter for model family {family!r} "
+                              f"(expected convert/{family}.py defining SPEC)") from None
+    spec = getattr(module, "SPEC", None)
+    if not isinstance(spec, FamilySpec):
+        raise CheckpointError(f"convert/{family}.py does not define SPEC = FamilySpec(...)")
+    return spec
+
+
+def _size_hint(spec: FamilySpec, state_dict: Mapping[str, Any], model_name: str, overrides: dict) -> str:
+    """Which model (or overrides) the checkpoint's shapes point to."""
+    inferred = spec.infer_overrides(state_dict)
+    if not inferred:
+        return (f"hint: none of the {spec.family} parameter names were found: is this a {spec.family} "
+                "checkpoint, and is key= the entry holding its weights?")
+    sizes = ", ".join(f"{k}={v}" for k, v in inferred.items())
+
+    def differing(name: str, extra: dict) -> dict[str, Any]:
+        cfg = create_model(name, **extra).cfg
+        return {k: v for k, v in inferred.items() if getattr(cfg, k, v) != v}
+
+    own = differing(model_name, overrides)
+    if not own:
+        return (f"hint: the shapes say {sizes}, as {model_name} has; only key names differ: is this an "
+                f"official {spec.family} checkpoint of this architecture?")
+    candidates = sorted((len(d), n, d) for n in list_models() if model_family(n) == spec.family
+                        for d in [differing(n, {})])
+    count, best, diff = candidates[0]
+    stale = [k for k in overrides if k in inferred]
+    drop = f" without the overrides {', '.join(stale)}" if stale else ""
+    if count == 0:
+        return f"hint: the shapes say {sizes}: that is {best}; pass model_name={best!r}{drop} " \
+            f"(CLI: --model {best})"
+    if count <= 2:
+        args = ", ".join(f"{k}={v}" for k, v in diff.items())
+        return f"hint: the shapes say {sizes}: closest is {best} with {args} (CLI: --model {best} plus those)"
+    args = ", ".join(f"{k}={v}" for k, v in own.items())
+    return f"hint: the shapes say {sizes}; no registered model has them: keep {model_name} and pass {args}"
+
+
+def load_torch_checkpoint(
+    path: str | os.PathLike, model_name: str, *, key: str | None = "model", **overrides: Any
+) -> dict[str, Any]:
+    """Official checkpoint -> our float32 param tree for ``create_model(model_name, **overrides)``.
+
+    Strict: every missing, unexpected or mis-shaped parameter is reported in one error.
+    """
+    path = os.fspath(path)
+    state_dict = select_state_dict(read_checkpoint(path), key, path)
+    spec = family_spec(model_family(model_name))
+    expected = {p: tuple(s.shape) for p, s in flatten_tree(abstract_params(model_name, **overrides)).items()}
+    mapped, mismatch = map_state_dict(spec.preprocess(state_dict), spec.rules, expected)
+    if mismatch:
+        shown = model_name + (f"({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
+        raise CheckpointMismatchError(
+            f"{path} does not fit {shown}:\n{mismatch.describe()}\n"
+            f"{_size_hint(spec, state_dict, model_name, overrides)}"
+        )
+    return unflatten_tree(mapped)
