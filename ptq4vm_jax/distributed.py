@@ -1,0 +1,113 @@
+"""Data parallelism over every device with ``jax.sharding``: batch split on a 1-D 'data' mesh.
+
+Params are replicated, images are split along the batch; nothing else is needed for
+evaluation and calibration statistics because every example is independent. One process per
+host: call ``maybe_initialize_distributed()`` first, and every process passes its own
+(host-local) batch of the same size to ``shard_batch`` / ``data_parallel``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` only on a multi-process launch; True if it did.
+
+    Recognised launches: ``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``; SLURM with ``SLURM_NTASKS > 1``; Open MPI with
+    ``OMPI_COMM_WORLD_SIZE > 1``. Anything else (a plain ``python`` run, a one-task job) is a
+    no-op, so scripts can call this unconditionally. Must run before any other JAX call.
+    """
+    if jax.distributed.is_initialized():
+        return False
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in env]
+        if missing:
+            raise ValueError(
+                f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all three "
+                "(address host:port, number of processes, this process's id) or none"
+            )
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()  # JAX reads the SLURM / Open MPI variables itself
+    else:
+        return False
+    logger.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                jax.process_index(), jax.process_count(), jax.local_device_count(),
+                jax.device_count())
+    return True
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh named 'data' over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def _local_count(mesh: Mesh) -> int:
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def shard_batch(x: Any, mesh: Mesh) -> tuple[jax.Array, int]:
+    """Split this process's batch over its devices; pads with zeros to a multiple of them.
+
+    Returns the global sharded array and the real (unpadded) local size, so outputs can be
+    cut back with ``[:n]`` (one process) or ``local_rows(out, n)`` (any number).
+    """
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise ValueError("shard_batch needs an array with a leading batch dimension")
+    n = x.shape[0]
+    per = _local_count(mesh)
+    pad = -n % per
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return jax.make_array_from_process_local_data(sharding, x), n
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf copied whole onto every device of the mesh (params, quantizer state)."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def local_rows(out: jax.Array, n: int) -> np.ndarray:
+    """This process's rows of a batch-sharded result, padding removed, as numpy."""
+    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])[:n]
+
+
+def data_parallel(
+    fn: Callable[[Any, jax.Array], jax.Array], params: Any, mesh: Mesh | None = None
+) -> Callable[[Any], np.ndarray]:
+    """``fn(params, images)`` run data-parallel: ``images -> numpy outputs`` for those images.
+
+    The returned callable replicates ``params`` once, shards each batch (padding it), runs one
+    jitted ``fn`` and returns this process's unpadded rows, e.g. as ``logits_fn`` for
+    ``ptq4vm_jax.evaluate.evaluate``.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    params = replicate(params, mesh)
+    jitted = jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+    def call(images: Any) -> np.ndarray:
+        x, n = shard_batch(images, mesh)
+        return local_rows(jitted(params, x), n)
+
+    return call

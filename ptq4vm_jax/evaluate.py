@@ -1,0 +1,101 @@
+"""Top-1 / top-5 accuracy over padded batches, and FP-vs-quantized logit agreement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+
+def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each label is among its row's k largest logits (ties resolved by index)."""
+    topk = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return (topk == labels[:, None]).any(axis=-1)
+
+
+def evaluate(
+    logits_fn: Callable[[Any], Any],
+    batches: Iterable[tuple[Any, ...]],
+    *,
+    num_examples: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Accuracy of ``logits_fn(images) -> (B, classes)`` over ``(images, labels[, mask])`` batches.
+
+    ``mask`` (from ``ptq4vm_jax.data.eval_batches``) drops the padding rows of the last batch.
+    ``num_examples``, when given, is the progress bar's total and a cap: evaluation stops after
+    that many real examples. Returns ``top1``/``top5`` in percent (top-5 is top-``classes`` when
+    there are fewer than 5 classes) and ``n``, the number of examples counted.
+    """
+    from tqdm.auto import tqdm
+
+    if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
+        raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
+    hits1 = hits5 = n = 0
+    bar = tqdm(total=num_examples, disable=not progress, unit="img", desc="eval")
+    try:
+        for batch in batches:
+            if len(batch) not in (2, 3):
+                raise ValueError(
+                    f"each batch must be (images, labels) or (images, labels, mask); got "
+                    f"{len(batch)} items"
+                )
+            images, labels = batch[0], np.asarray(batch[1]).reshape(-1)
+            mask = np.ones(labels.shape[0], bool) if len(batch) == 2 else np.asarray(batch[2], bool)
+            logits = np.asarray(logits_fn(images), np.float32)
+            if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"logits_fn returned shape {logits.shape} for a batch of {labels.shape[0]} "
+                    "labels; expected (batch, num_classes)"
+                )
+            if num_examples is not None:
+                mask = mask & (np.cumsum(mask) <= num_examples - n)
+            k = min(5, logits.shape[1])
+            hits1 += int((_topk_hits(logits, labels, 1) & mask).sum())
+            hits5 += int((_topk_hits(logits, labels, k) & mask).sum())
+            seen = int(mask.sum())
+            n += seen
+            bar.update(seen)
+            bar.set_postfix(top1=f"{100.0 * hits1 / max(n, 1):.2f}")
+            if num_examples is not None and n >= num_examples:
+                break
+    finally:
+        bar.close()
+    if n == 0:
+        raise ValueError("no examples were evaluated: the batches were empty or fully masked")
+    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "n": n}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref_logits: Any, logits: Any, mask: Any = None) -> dict[str, float]:
+    """How closely quantized logits follow the float ones, beyond accuracy.
+
+    ``agreement``: percent of rows whose argmax matches the reference; ``mean_kl``: mean over
+    rows of KL(softmax(ref) || softmax(logits)) in nats, computed in float64. ``mask`` selects
+    rows (e.g. the padding mask of the last batch).
+    """
+    ref = np.asarray(ref_logits, np.float64)
+    q = np.asarray(logits, np.float64)
+    if ref.shape != q.shape or ref.ndim != 2:
+        raise ValueError(
+            f"ref_logits and logits must both be (rows, classes) of one shape; got {ref.shape} "
+            f"and {q.shape}"
+        )
+    if mask is not None:
+        keep = np.asarray(mask, bool).reshape(-1)
+        if keep.shape[0] != ref.shape[0]:
+            raise ValueError(f"mask has {keep.shape[0]} entries for {ref.shape[0]} rows")
+        ref, q = ref[keep], q[keep]
+    if ref.shape[0] == 0:
+        raise ValueError("compare_logits got no rows to compare")
+    if not (np.isfinite(ref).all() and np.isfinite(q).all()):
+        raise ValueError("compare_logits got non-finite logits (NaN/inf)")
+    log_p, log_q = _log_softmax(ref), _log_softmax(q)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    agree = ref.argmax(axis=-1) == q.argmax(axis=-1)
+    return {"agreement": 100.0 * float(agree.mean()), "mean_kl": float(kl.mean())}

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from ptq4vm_jax.data import eval_batches
+from ptq4vm_jax.evaluate import compare_logits, evaluate
+
+
+def one_hot_logits(pred, classes=10):
+    return np.eye(classes, dtype=np.float32)[pred]
+
+
+def test_evaluate_counts_only_masked_rows():
+    # Images carry the predicted class in their first pixel; padding rows would predict 0.
+    labels = np.array([1, 2, 3, 4, 5, 6, 7])
+    preds = np.array([1, 2, 0, 4, 0, 6, 7])  # 5 of 7 right
+    x = np.zeros((7, 2, 2, 3), np.float32)
+    x[:, 0, 0, 0] = preds
+    fn = lambda images: one_hot_logits(images[:, 0, 0, 0].astype(int))
+    out = evaluate(fn, eval_batches((x, labels), 4, image_size=2), progress=False)
+    assert out["n"] == 7
+    assert out["top1"] == pytest.approx(100 * 5 / 7)
+
+
+def test_top5_and_plain_two_tuples():
+    logits = np.tile(np.arange(10, dtype=np.float32)[::-1], (4, 1))  # ranking 0, 1, 2, ...
+    labels = np.array([0, 4, 5, 9])
+    out = evaluate(lambda _: logits, [(np.zeros(4), labels)], progress=False)
+    assert out["top1"] == 25.0 and out["top5"] == 50.0 and out["n"] == 4
+
+
+def test_fewer_than_five_classes_top5_is_top_all():
+    logits = np.array([[0.0, 1.0, 2.0]])
+    out = evaluate(lambda _: logits, [(None, np.array([0]))], progress=False)
+    assert out["top1"] == 0.0 and out["top5"] == 100.0
+
+
+def test_num_examples_caps_evaluation():
+    labels = np.zeros(6, int)
+    preds = np.array([0, 0, 0, 1, 1, 1])
+    batches = [(preds[:4], labels[:4]), (preds[4:], labels[4:])]
+    out = evaluate(lambda p: one_hot_logits(p), batches, num_examples=3, progress=False)
+    assert out == {"top1": 100.0, "top5": 100.0, "n": 3}
+
+
+def test_progress_bar_runs(capsys):
+    evaluate(lambda p: one_hot_logits(p), [(np.array([1]), np.array([1]))], progress=True)
+    assert "top1=100.00" in capsys.readouterr().err
+
+
+def test_evaluate_errors():
+    with pytest.raises(ValueError, match=r"returned shape \(3,\) for a batch of 3 labels"):
+        evaluate(lambda _: np.zeros(3), [(None, np.zeros(3))], progress=False)
+    with pytest.raises(ValueError, match="no examples were evaluated"):
+        evaluate(lambda _: np.zeros((2, 3)), [], progress=False)
+    with pytest.raises(ValueError, match="got 1 items"):
+        evaluate(lambda _: np.zeros((2, 3)), [(np.zeros(2),)], progress=False)
+    with pytest.raises(ValueError, match="num_examples must be a positive integer"):
+        evaluate(lambda _: np.zeros((2, 3)), [], num_examples=0, progress=False)
+
+
+def test_compare_logits_agreement_and_kl():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(8, 5))
+    same = compare_logits(ref, ref)
+    assert same["agreement"] == 100.0 and same["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+    # Shifting all logits of a row changes nothing; flipping the sign moves every argmax.
+    assert compare_logits(ref, ref + 3.0)["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert compare_logits(ref, -ref)["agreement"] == 0.0
+    # Two classes, one row: KL([.5,.5] || softmax([0, log 3])) = .5 log(.5/.25) + .5 log(.5/.75).
+    kl = compare_logits(np.zeros((1, 2)), np.array([[0.0, np.log(3.0)]]))["mean_kl"]
+    assert kl == pytest.approx(0.5 * np.log(2.0) + 0.5 * np.log(2 / 3))
+
+
+def test_compare_logits_mask_and_errors():
+    ref = np.array([[1.0, 0.0], [1.0, 0.0]])
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert compare_logits(ref, q)["agreement"] == 50.0
+    assert compare_logits(ref, q, mask=[True, False])["agreement"] == 100.0
+    with pytest.raises(ValueError, match="one shape"):
+        compare_logits(ref, q[:1])
+    with pytest.raises(ValueError, match="mask has 3 entries for 2 rows"):
+        compare_logits(ref, q, mask=[True, True, False])
+    with pytest.raises(ValueError, match="no rows"):
+        compare_logits(ref, q, mask=[False, False])
+    with pytest.raises(ValueError, match="non-finite"):
+        compare_logits(ref, q * np.nan)
