@@ -1,0 +1,38 @@
+"""Pallas GPU kernels for PTQ4VM inference: the W(4|8)A(4..8) integer linear and the S6 scan.
+
+Both use the Pallas Triton backend (see README.md here for why) and run on the CPU in
+``interpret=True`` mode; their plain-XLA references are ``qmatmul_ref`` and
+``ptq4vm_jax.ops.scan.selective_scan_ref``.
+"""
+
+from pallas_kernels.qmatmul import (
+    GemmConfig,
+    default_gemm_config,
+    pack_int4,
+    qmatmul,
+    qmatmul_codes,
+    qmatmul_int32,
+    qmatmul_int32_ref,
+    qmatmul_ref,
+    quantize_activations,
+    unpack_int4,
+    weight_colsum,
+)
+from pallas_kernels.selective_scan import ScanConfig, default_scan_config, selective_scan
+
+__all__ = [
+    "GemmConfig",
+    "ScanConfig",
+    "default_gemm_config",
+    "default_scan_config",
+    "pack_int4",
+    "qmatmul",
+    "qmatmul_codes",
+    "qmatmul_int32",
+    "qmatmul_int32_ref",
+    "qmatmul_ref",
+    "quantize_activations",
+    "selective_scan",
+    "unpack_int4",
+    "weight_colsum",
+]

@@ -1,0 +1,168 @@
+"""qmatmul: Pallas kernel (interpret mode) vs the integer-exact references, and CUDA lowering."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.qmatmul import (
+    GemmConfig,
+    pack_int4,
+    qmatmul,
+    qmatmul_codes,
+    qmatmul_int32,
+    qmatmul_int32_ref,
+    qmatmul_ref,
+    quantize_activations,
+    unpack_int4,
+    weight_colsum,
+)
+
+SEQ = 197  # Vim token count at 224 px: not a power of two
+
+
+def make_inputs(seed, batch, k, n, a_bits, w_bits, dtype=jnp.float32, seq=SEQ):
+    """Random layer: activations around the quantization grid, some clipped, every zero point used."""
+    ks = jax.random.split(jax.random.key(seed), 7)
+    x = (jax.random.normal(ks[0], (batch, seq, k)) * 3.0).astype(dtype)
+    smooth = jnp.exp(0.4 * jax.random.normal(ks[1], (k,)))
+    a_scale = jnp.exp(0.3 * jax.random.normal(ks[2], (seq,))) * (12.0 / 2**a_bits)
+    a_zero = jax.random.randint(ks[3], (seq,), 0, 2**a_bits, dtype=jnp.int32)
+    wmax = 2 ** (w_bits - 1) - 1
+    w = jax.random.randint(ks[4], (k, n), -wmax, wmax + 1, dtype=jnp.int32).astype(jnp.int8)
+    w_scale = 0.02 * jnp.exp(jax.random.normal(ks[5], (n,)))
+    bias = jax.random.normal(ks[6], (n,))
+    w_q = pack_int4(w) if w_bits <= 4 else w
+    return dict(x=x, w=w, w_q=w_q, w_scale=w_scale, smooth=smooth, a_scale=a_scale, a_zero=a_zero,
+                bias=bias)
+
+
+def naive_int32(inp, a_bits):
+    """Independent numpy int64 sum_k (q - z) w, with np.round (half to even)."""
+    x = np.asarray(inp["x"], np.float32)
+    v = x / np.asarray(inp["smooth"], np.float32) / np.asarray(inp["a_scale"], np.float32)[:, None]
+    z = np.asarray(inp["a_zero"], np.int64)[:, None]
+    q = np.clip(np.round(v) + z, 0, 2**a_bits - 1).astype(np.int64)
+    return np.einsum("blk,kn->bln", q - z, np.asarray(inp["w"], np.int64))
+
+
+def test_pack_int4_round_trip_halves_memory():
+    w = jax.random.randint(jax.random.key(0), (24, 40), -8, 8, dtype=jnp.int32).astype(jnp.int8)
+    packed = pack_int4(w)
+    assert packed.shape == (12, 40) and packed.dtype == jnp.int8
+    assert packed.nbytes * 2 == w.nbytes
+    np.testing.assert_array_equal(unpack_int4(packed), w)
+    np.testing.assert_array_equal(weight_colsum(packed, 4), np.asarray(w, np.int64).sum(0))
+
+
+def test_pack_int4_rejects_bad_weights():
+    with pytest.raises(ValueError, match="even K"):
+        pack_int4(jnp.ones((5, 4), jnp.int8))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(jnp.full((4, 4), 9, jnp.int8))
+
+
+@pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (4, 4), (6, 4)])
+def test_reference_accumulator_equals_naive_numpy(a_bits, w_bits):
+    inp = make_inputs(10 + a_bits + w_bits, 2, 96, 40, a_bits, w_bits)
+    acc = qmatmul_int32_ref(inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"],
+                            a_bits=a_bits, w_bits=w_bits)
+    assert acc.dtype == jnp.int32
+    np.testing.assert_array_equal(acc, naive_int32(inp, a_bits))
+
+
+def test_reference_rounds_ties_to_even():
+    inp = make_inputs(3, 1, 64, 32, 8, 8)
+    # Power-of-two scales and half-integer inputs: every x / smooth / a_scale is an exact tie.
+    ties = (jax.random.randint(jax.random.key(4), (1, SEQ, 64), -40, 40) + 0.5) * 0.25
+    inp.update(x=ties.astype(jnp.float32), smooth=jnp.ones(64), a_scale=jnp.full(SEQ, 0.25),
+               a_zero=jnp.full(SEQ, 100, jnp.int32))
+    codes = quantize_activations(inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    v = np.asarray(ties) / 0.25
+    np.testing.assert_array_equal(np.asarray(codes, np.int64) + 128 - 100, np.round(v))
+    assert not np.array_equal(np.round(v), np.floor(v + 0.5))  # the input really has ties
+    acc = qmatmul_int32_ref(inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    np.testing.assert_array_equal(acc, naive_int32(inp, 8))
+
+
+# (batch, K, N, a_bits, w_bits, dtype, bias): Vim in_proj/out_proj/x_proj/dt_proj-like K, N.
+KERNEL_CASES = [
+    (2, 192, 56, 8, 8, jnp.float32, True),  # Vim-T x_proj-like N (R + 2N), masked N tile
+    (1, 384, 192, 8, 8, jnp.bfloat16, False),  # bf16 input and output
+    (1, 768, 80, 4, 4, jnp.float32, True),  # W4A4, packed weights
+    (1, 24, 384, 8, 4, jnp.float32, True),  # dt_proj-like K = R = 24 (masked K chunk), W4A8
+]
+
+
+@pytest.mark.parametrize("batch,k,n,a_bits,w_bits,dtype,use_bias", KERNEL_CASES)
+def test_kernel_matches_reference(batch, k, n, a_bits, w_bits, dtype, use_bias):
+    inp = make_inputs(k + n + a_bits, batch, k, n, a_bits, w_bits, dtype)
+    qargs = (inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    bits = dict(a_bits=a_bits, w_bits=w_bits)
+    acc = qmatmul_int32(*qargs, interpret=True, **bits)
+    ref_acc = qmatmul_int32_ref(*qargs, **bits)
+    np.testing.assert_array_equal(acc, ref_acc)
+    assert np.abs(np.asarray(ref_acc)).max() > 0
+
+    bias = inp["bias"] if use_bias else None
+    fargs = (inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"], inp["a_zero"], bias)
+    y = qmatmul(*fargs, interpret=True, **bits)
+    y_ref = qmatmul_ref(*fargs, **bits)
+    assert y.dtype == dtype and y.shape == (batch, SEQ, n)
+    y32, r32 = np.asarray(y, np.float32), np.asarray(y_ref, np.float32)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(y32, r32, rtol=2e-6, atol=2e-6 * np.abs(r32).max())
+    else:  # both round the same fp32 value to bf16; allow one bf16 ulp where fp32 rounding differs
+        np.testing.assert_allclose(y32, r32, rtol=8e-3, atol=1e-2 * np.abs(r32).max())
+
+
+def test_two_pass_codes_path_matches_reference():
+    inp = make_inputs(7, 1, 192, 64, 8, 8, jnp.bfloat16)
+    codes = quantize_activations(inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    y = qmatmul_codes(codes, inp["w_q"], inp["w_scale"], inp["a_scale"], inp["a_zero"], inp["bias"],
+                      interpret=True)
+    y_ref = qmatmul_ref(inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"],
+                        inp["a_zero"], inp["bias"], out_dtype=jnp.float32)
+    r = np.asarray(y_ref)
+    np.testing.assert_allclose(np.asarray(y), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
+
+
+def test_custom_tiles_mask_every_edge():
+    # M = 197 rows, K = 48, N = 40: no dimension is a multiple of its tile.
+    inp = make_inputs(11, 1, 48, 40, 8, 8)
+    qargs = (inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    cfg = GemmConfig(block_m=32, block_n=16, block_k=32, num_warps=2, num_stages=2)
+    np.testing.assert_array_equal(qmatmul_int32(*qargs, interpret=True, config=cfg),
+                                  naive_int32(inp, 8))
+
+
+def test_bad_arguments_are_explained():
+    inp = make_inputs(5, 1, 64, 32, 8, 8)
+    args = dict(w_scale=inp["w_scale"], smooth=inp["smooth"], a_scale=inp["a_scale"], a_zero=inp["a_zero"])
+    with pytest.raises(ValueError, match="packed weights of shape"):
+        qmatmul(inp["x"], inp["w_q"], **args, w_bits=4)
+    with pytest.raises(ValueError, match="per token position"):
+        qmatmul_ref(inp["x"], inp["w_q"], **{**args, "a_scale": inp["a_scale"][:-1]})
+    with pytest.raises(ValueError, match="a_zero must be an integer"):
+        qmatmul(inp["x"], inp["w_q"], **{**args, "a_zero": inp["a_scale"]})
+    with pytest.raises(ValueError, match="a_bits must be in 2..8"):
+        qmatmul_ref(inp["x"], inp["w_q"], **args, a_bits=9)
+    with pytest.raises(ValueError, match="w_q must be a 2-D int8"):
+        qmatmul(inp["x"], inp["w_q"].astype(jnp.int32), **args)
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 32"):
+        GemmConfig(block_k=16)
+
+
+@pytest.mark.parametrize("k,n,w_bits", [(384, 1536, 8), (768, 56, 8), (24, 768, 4), (1536, 384, 4)])
+def test_lowers_for_cuda_at_vim_shapes(k, n, w_bits):
+    s = jax.ShapeDtypeStruct
+    batch = 64
+    args = (s((batch, SEQ, k), jnp.bfloat16), s((k // 2 if w_bits <= 4 else k, n), jnp.int8),
+            s((n,), jnp.float32), s((k,), jnp.float32), s((SEQ,), jnp.float32), s((SEQ,), jnp.int32),
+            s((n,), jnp.float32))
+    text = jax.jit(lambda *a: qmatmul(*a, w_bits=w_bits)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text  # the Triton custom call, not Mosaic GPU
+    assert "ptq4vm_qmatmul" in text
+    # Exact IEEE division and round-half-even, not Triton's approximate defaults.
+    assert "div.rn.f32" in text and "cvt.rni.f32.f32" in text
