@@ -142,10 +142,12 @@ def _strided_copy(elements: np.ndarray, offset: Any, size: Any, stride: Any) -> 
             f"corrupt checkpoint: a tensor (size {size}, stride {stride}, offset {offset}) reaches "
             f"element {last} of a storage that holds {elements.size}; the file is damaged or truncated"
         )
+    # as_strided goes through __array_interface__, which cannot spell ml_dtypes types: stride raw bytes.
+    raw = elements[offset:].view(np.dtype((np.void, elements.itemsize)))
     view = np.lib.stride_tricks.as_strided(
-        elements[offset:], shape=size, strides=[s * elements.itemsize for s in stride], writeable=False
+        raw, shape=size, strides=[s * elements.itemsize for s in stride], writeable=False
     )
-    return np.array(view, copy=True, order="C")
+    return np.array(view, copy=True, order="C").view(elements.dtype)
 
 
 def _apply_metadata(array: np.ndarray, metadata: Any) -> np.ndarray:
