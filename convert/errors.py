@@ -1,10 +1,10 @@
-"""Errors raised while reading or mapping foreign checkpoints."""
+"""Errors raised while reading or mapping foreign checkpoints (all are ``CheckpointError``s)."""
 
 from __future__ import annotations
 
+from ptq4vm_jax.checkpoint import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read or does not fit the requested model."""
+__all__ = ["CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError"]
 
 
 class UnsafeCheckpointError(CheckpointError):

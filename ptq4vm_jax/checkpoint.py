@@ -1,18 +1,242 @@
-"""Parameter-tree shapes and Orbax checkpoints of model params."""
+"""Orbax checkpoints of parameter trees, with a JSON metadata file that says what they hold.
+
+Layout of a checkpoint directory: ``params/`` (an Orbax ``StandardCheckpointer`` tree) and
+``metadata.json`` (``format``, ``format_version``, model name and overrides, provenance).
+The generic pieces (write atomically, read and check metadata, restore against an abstract
+tree with shapes checked) serve every checkpoint format; float params are one format.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 
-from ptq4vm_jax.models import create_model
+from ptq4vm_jax.models import canonical_name, create_model
+
+FLOAT_FORMAT = "ptq4vm-jax/float-params"
+FLOAT_FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+TREE_DIR = "params"
+
+# format name -> the function that loads it, for "wrong loader" errors.
+KNOWN_FORMATS: dict[str, str] = {FLOAT_FORMAT: "ptq4vm_jax.checkpoint.load_params"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not hold what the caller asked for."""
 
 
 def abstract_params(model_name: str, **overrides: Any) -> dict[str, Any]:
     """``ShapeDtypeStruct`` tree of ``create_model(model_name, **overrides)``'s params (no compute)."""
     model = create_model(model_name, **overrides)
-    cfg = model.cfg
-    images = jax.ShapeDtypeStruct((1, cfg.img_size, cfg.img_size, cfg.channels), jnp.float32)
+    cfg = getattr(model, "cfg", None)
+    size = getattr(cfg, "img_size", None)
+    channels = getattr(cfg, "channels", getattr(cfg, "in_chans", None))  # Vim / VMamba spelling
+    if size is None or channels is None:
+        raise TypeError(f"{type(model).__name__} has no cfg.img_size and cfg.channels (or in_chans), "
+                        "so its parameter shapes cannot be traced")
+    height, width = size if isinstance(size, tuple | list) else (size, size)
+    images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{name}/"))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def tree_mismatches(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> list[str]:
+    """Every leaf of ``tree`` (anything with .shape/.dtype) that differs from ``abstract``, by path."""
+    have, want = _flat(tree), _flat(abstract)
+    problems = [f"missing {p} {tuple(want[p].shape)}" for p in want if p not in have]
+    problems += [f"unexpected {p} {tuple(have[p].shape)}" for p in have if p not in want]
+    for p in have.keys() & want.keys():
+        got = (tuple(have[p].shape), np.dtype(have[p].dtype))
+        exp = (tuple(want[p].shape), np.dtype(want[p].dtype))
+        if got != exp:
+            problems.append(f"{p}: {got[0]} {got[1]}, expected {exp[0]} {exp[1]}")
+    return sorted(problems)
+
+
+def _raise_mismatch(what: str, problems: list[str], fix: str) -> NoReturn:
+    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+    shown = "\n  ".join(problems[:25]) + more
+    raise CheckpointError(f"{what}:\n  {shown}\n{fix}")
+
+
+def _json_default(value: Any) -> Any:
+    try:
+        return np.dtype(value).name  # dtype overrides such as jnp.bfloat16
+    except TypeError:
+        raise TypeError(f"metadata value {value!r} ({type(value).__name__}) is not JSON-serialisable") \
+            from None
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    try:
+        return read_metadata(path).get("format") in KNOWN_FORMATS
+    except CheckpointError:
+        return False
+
+
+def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata: Mapping[str, Any], *,
+                     overwrite: bool = True) -> dict[str, Any]:
+    """Write ``tree`` + ``metadata.json`` to a temporary sibling, then swap it into place.
+
+    An existing directory is only replaced if it is one of our checkpoints, so a mistyped
+    path cannot wipe unrelated files. Returns the metadata as written.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not overwrite:
+            raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it")
+        if not os.path.isdir(path) or (os.listdir(path) and not _is_checkpoint_dir(path)):
+            raise CheckpointError(f"{path} exists and is not a ptq4vm-jax checkpoint; refusing to replace "
+                                  "it. Choose a new directory or remove it yourself")
+    meta = {**metadata, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax_version": jax.__version__}
+    text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
+    arrays = jax.tree.map(np.asarray, dict(tree))  # every leaf an array: numpy scalars break restores
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, TREE_DIR), arrays)
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            f.write(text)
+        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+        if os.path.exists(path):
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if os.path.exists(old):
+                os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads(text)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """``metadata.json`` of a checkpoint directory, with clear errors when it is not one."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist" if not os.path.exists(path)
+                              else f"{path} is a file, not a checkpoint directory")
+    meta_path = os.path.join(path, METADATA_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path} has no {METADATA_FILE}: it is not a ptq4vm-jax checkpoint, or its "
+                              "save was interrupted; re-create it")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is unreadable ({e}); the checkpoint is corrupt, re-create "
+                              "it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), str) \
+            or not isinstance(meta.get("format_version"), int):
+        raise CheckpointError(f"{meta_path} lacks a 'format' string and an integer 'format_version'; "
+                              "the checkpoint is corrupt or not from ptq4vm-jax")
+    return meta
+
+
+def require_format(metadata: Mapping[str, Any], path: str, *, format: str, version: int, loader: str) -> None:
+    """Refuse other formats (naming their loader) and versions newer than this code reads."""
+    found, found_version = metadata["format"], metadata["format_version"]
+    if found != format:
+        known = KNOWN_FORMATS.get(found)
+        how = f"load it with {known}" if known else "it was not written by this version of ptq4vm-jax"
+        raise CheckpointError(f"{path} is a {found!r} checkpoint, not {format!r}, so {loader} cannot "
+                              f"read it; {how}")
+    if not 1 <= found_version <= version:
+        raise CheckpointError(f"{path} is {format} version {found_version}; this ptq4vm-jax reads "
+                              f"versions 1 to {version}: upgrade ptq4vm-jax or re-create the checkpoint")
+
+
+def restore_tree(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
+    """Restore ``path/params`` into the structure, shapes and dtypes of ``abstract`` (checked first)."""
+    tree_path = os.path.join(os.path.abspath(os.fspath(path)), TREE_DIR)
+    corrupt = f"cannot read the parameter tree in {tree_path}"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            stored = ckptr.metadata(tree_path).item_metadata.tree
+            problems = tree_mismatches(stored, abstract)
+            if problems:
+                _raise_mismatch(f"{tree_path} does not match the model", problems,
+                                "the checkpoint was written for another model or with other overrides")
+            target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), dict(abstract))
+            return ckptr.restore(tree_path, target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types for missing or damaged files
+        raise CheckpointError(f"{corrupt} ({type(e).__name__}: {str(e)[:300]}); the checkpoint is incomplete "
+                              "or corrupt: re-create it") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, Any], *, model_name: str,
+                model_overrides: Mapping[str, Any] | None = None, source: str | None = None,
+                source_sha256: str | None = None, extra: Mapping[str, Any] | None = None,
+                overwrite: bool = True) -> dict[str, Any]:
+    """Save float params of ``create_model(model_name, **model_overrides)``; returns the metadata."""
+    name, overrides = canonical_name(model_name), dict(model_overrides or {})
+    params = jax.tree.map(np.asarray, dict(params))
+    problems = tree_mismatches(params, abstract_params(name, **overrides))
+    if problems:
+        _raise_mismatch(f"params do not match {name} {overrides or ''}".rstrip(), problems,
+                        "pass the model_name/model_overrides these params were built with")
+    metadata = {"format": FLOAT_FORMAT, "format_version": FLOAT_FORMAT_VERSION, "model_name": name,
+                "model_overrides": overrides, "source": source, "source_sha256": source_sha256,
+                "extra": dict(extra or {})}
+    return write_checkpoint(path, params, metadata, overwrite=overwrite)
+
+
+def load_params(
+    path: str | os.PathLike, *, model_name: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Float params (numpy float32 tree) and metadata; checks format, model name and shapes."""
+    path = os.path.abspath(os.fspath(path))
+    meta = read_metadata(path)
+    require_format(meta, path, format=FLOAT_FORMAT, version=FLOAT_FORMAT_VERSION, loader="load_params")
+    held = meta.get("model_name")
+    if model_name is not None and canonical_name(model_name) != held:
+        raise CheckpointError(f"{path} holds {held}, you asked for {canonical_name(model_name)}; pass "
+                              f"model_name={held!r} or convert a {canonical_name(model_name)} checkpoint")
+    return restore_tree(path, abstract_params(held, **meta.get("model_overrides", {}))), meta
+
+
+def convert_checkpoint(checkpoint_path: str | os.PathLike, model_name: str, out_dir: str | os.PathLike, *,
+                       key: str | None = "model", **overrides: Any) -> dict[str, Any]:
+    """Official ``.pth``/``.safetensors`` -> float-params checkpoint in ``out_dir``; returns its metadata."""
+    from convert import load_torch_checkpoint  # convert/ builds on this module
+
+    params = load_torch_checkpoint(checkpoint_path, model_name, key=key, **overrides)
+    return save_params(out_dir, params, model_name=model_name, model_overrides=overrides,
+                       source=os.path.basename(os.fspath(checkpoint_path)),
+                       source_sha256=file_sha256(checkpoint_path), extra={"key": key})

@@ -1,6 +1,7 @@
 """Official Vim checkpoints -> our tree: round trips through torch.save and safetensors, strict errors."""
 
 import argparse
+import hashlib
 
 import jax
 import ml_dtypes
@@ -10,6 +11,7 @@ import safetensors.numpy
 import torch
 
 from convert import CheckpointError, CheckpointMismatchError, family_spec, load_torch_checkpoint
+from ptq4vm_jax.checkpoint import convert_checkpoint, load_params
 
 
 def _torch_sd(sd: dict, dtype=torch.float32) -> dict:
@@ -108,3 +110,14 @@ def test_foreign_checkpoint_gets_a_family_hint(tmp_path):
 def test_unknown_family_is_explained():
     with pytest.raises(CheckpointError, match="no checkpoint converter for model family 'resnet'"):
         family_spec("resnet")
+
+
+def test_convert_checkpoint_writes_a_float_checkpoint(tmp_path, vim_micro_params, vim_micro_official):
+    src = tmp_path / "vim_micro_ema.pth"
+    torch.save({"model_ema": _torch_sd(vim_micro_official), "epoch": 9}, src)
+    meta = convert_checkpoint(src, "vim_micro", tmp_path / "out", key="model_ema")
+    assert meta["source"] == "vim_micro_ema.pth" and meta["extra"] == {"key": "model_ema"}
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    params, loaded = load_params(tmp_path / "out", model_name="vim_micro")
+    assert loaded == meta
+    _assert_tree_equal(params, vim_micro_params)

@@ -1,0 +1,144 @@
+"""Orbax float-params checkpoints: round trip, overwrite rules, and clear errors for bad directories."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ptq4vm_jax import checkpoint
+from ptq4vm_jax.checkpoint import CheckpointError, abstract_params, load_params, save_params
+
+
+def _random_params(name="vim_micro", seed=0, **overrides):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                        abstract_params(name, **overrides))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _random_params()
+
+
+def _same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return all(x.dtype == y.dtype and x.tobytes() == y.tobytes()
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _edit_metadata(path, **changes):
+    meta_path = path / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(changes)
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_round_trip_with_metadata(tmp_path, params):
+    meta = save_params(tmp_path / "ck", params, model_name="vim_micro", source="vim.pth",
+                       source_sha256="ab" * 32, extra={"note": "test"})
+    got, loaded = load_params(tmp_path / "ck", model_name="vim_micro")
+    assert _same(got, params)
+    assert loaded == meta
+    assert meta["format"] == "ptq4vm-jax/float-params" and meta["format_version"] == 1
+    assert meta["model_name"] == "vim_micro" and meta["model_overrides"] == {}
+    assert meta["source_sha256"] == "ab" * 32 and meta["extra"] == {"note": "test"}
+    assert meta["jax_version"] == jax.__version__ and meta["created"].endswith("+00:00")
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directories left behind
+
+
+def test_overrides_are_stored_and_used(tmp_path):
+    p = _random_params(num_classes=7)
+    save_params(tmp_path / "ck", p, model_name="vim_micro", model_overrides={"num_classes": 7})
+    got, meta = load_params(tmp_path / "ck")
+    assert meta["model_overrides"] == {"num_classes": 7} and got["head"]["kernel"].shape == (48, 7)
+    assert _same(got, p)
+
+
+def test_overwrite_replaces_everything(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    other = _random_params(seed=1)
+    save_params(tmp_path / "ck", other, model_name="vim_micro")
+    assert _same(load_params(tmp_path / "ck")[0], other)
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        save_params(tmp_path / "ck", params, model_name="vim_micro", overwrite=False)
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path, params):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(CheckpointError, match="is not a ptq4vm-jax checkpoint; refusing to replace"):
+        save_params(tmp_path / "mine", params, model_name="vim_micro")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_wrong_params_are_caught_at_save(tmp_path, params):
+    bad = jax.tree.map(lambda a: a, params)
+    bad["head"]["kernel"] = np.zeros((48, 3), np.float32)
+    del bad["norm_f"]
+    want = r"do not match vim_micro:\n(.|\n)*head/kernel: \(48, 3\) float32, expected \(48, 10\) float32"
+    with pytest.raises(CheckpointError, match=want + r"(.|\n)*missing norm_f/weight"):
+        save_params(tmp_path / "ck", bad, model_name="vim_micro")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_wrong_model_name(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    with pytest.raises(CheckpointError, match="holds vim_micro, you asked for vim_nano"):
+        load_params(tmp_path / "ck", model_name="vim_nano")
+
+
+def test_newer_version_and_other_formats(tmp_path, params, monkeypatch):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    _edit_metadata(tmp_path / "ck", format_version=2)
+    with pytest.raises(CheckpointError, match="version 2; this ptq4vm-jax reads versions 1 to 1: upgrade"):
+        load_params(tmp_path / "ck")
+    monkeypatch.setitem(checkpoint.KNOWN_FORMATS, "ptq4vm-jax/quantized", "ptq4vm_jax.load_quantized")
+    _edit_metadata(tmp_path / "ck", format="ptq4vm-jax/quantized", format_version=1)
+    with pytest.raises(CheckpointError, match="is a 'ptq4vm-jax/quantized' checkpoint.*load it with "
+                                              "ptq4vm_jax.load_quantized"):
+        load_params(tmp_path / "ck")
+    _edit_metadata(tmp_path / "ck", format="someone-else/v9")
+    with pytest.raises(CheckpointError, match="not written by this version of ptq4vm-jax"):
+        load_params(tmp_path / "ck")
+
+
+def test_shapes_are_checked_on_restore(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    _edit_metadata(tmp_path / "ck", model_overrides={"num_classes": 7})
+    with pytest.raises(CheckpointError, match=r"does not match the model:\n(.|\n)*head/kernel: \(48, 10\) "
+                                              r"float32, expected \(48, 7\) float32"):
+        load_params(tmp_path / "ck")
+
+
+def test_missing_and_corrupt_metadata(tmp_path, params):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_params(tmp_path / "nothing")
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    (tmp_path / "ck" / "metadata.json").write_text('{"format": "ptq4vm-jax/float-params", "format_ver')
+    with pytest.raises(CheckpointError, match="metadata.json is unreadable.*corrupt"):
+        load_params(tmp_path / "ck")
+    (tmp_path / "ck" / "metadata.json").write_text('{"format": "ptq4vm-jax/float-params"}')
+    with pytest.raises(CheckpointError, match="lacks a 'format' string and an integer 'format_version'"):
+        load_params(tmp_path / "ck")
+    (tmp_path / "ck" / "metadata.json").unlink()
+    with pytest.raises(CheckpointError, match="has no metadata.json"):
+        load_params(tmp_path / "ck")
+
+
+def test_damaged_tree(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    tree = tmp_path / "ck" / "params"
+    data_files = [os.path.join(d, f) for d, _, fs in os.walk(tree / "d") for f in fs]
+    assert data_files
+    for f in data_files:
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+    with pytest.raises(CheckpointError, match="cannot read the parameter tree .*incomplete or corrupt"):
+        load_params(tmp_path / "ck")
+    for f in os.listdir(tree):
+        if f.endswith("METADATA"):
+            os.remove(tree / f)
+    with pytest.raises(CheckpointError, match="cannot read the parameter tree .*incomplete or corrupt"):
+        load_params(tmp_path / "ck")
