@@ -35,6 +35,9 @@ EVAL_CROP_PCT = 0.875
 DIGITS_MEAN = 0.3051
 DIGITS_STD = 0.3238
 
+# Largest random-access source whose index permutation we materialise (ImageNet train: 1.28M).
+_MAX_PERMUTATION = 1 << 31
+
 Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
@@ -165,9 +168,11 @@ def _prepare(
             f"{tuple(arr.shape)}"
         )
     batch = [arr] if single else arr
-    if preprocess is None and kind == "int":
+    if len(batch) == 0:
+        out = np.zeros(arr.shape, np.float32)
+    elif preprocess is None and kind == "int":
         out = np.stack([imagenet_eval_preprocess(np.asarray(im), image_size=image_size)
-                        for im in batch]) if len(batch) else np.zeros((0, 0, 0, 0), np.float32)
+                        for im in batch])
     elif preprocess is not None:
         out = np.stack([np.asarray(preprocess(np.asarray(im)), np.float32) for im in batch])
     else:
@@ -256,7 +261,12 @@ def calibration_images(
         if total == 0:
             raise ValueError(f"{where}: the dataset is empty (len 0)")
         if seed is None:
-            order = np.arange(total)
+            order = range(total)
+        elif total > _MAX_PERMUTATION:
+            raise ValueError(
+                f"{where}: the source reports {total} elements (a repeated/infinite dataset?), too "
+                "many to permute; pass seed=None to read it in order, or a finite dataset"
+            )
         else:
             order = np.random.default_rng(seed).permutation(total)
     got: list[np.ndarray] = []
@@ -265,11 +275,13 @@ def calibration_images(
     for k, elem in enumerate(_elements(calib_ds, order, chunk=num_images)):
         images, _ = _split_element(elem)
         x, _ = _prepare(images, None, image_size=image_size, preprocess=preprocess, where=where)
+        if order is not None:
+            used.append(int(order[k]))
+        if x.shape[0] == 0:
+            continue
         _check_images(x, image_size=image_size, channels=channels, offset=count, where=where)
         got.append(x)
         count += x.shape[0]
-        if order is not None:
-            used.append(int(order[k]))
         if count >= num_images:
             break
     if count == 0:
@@ -312,6 +324,8 @@ def eval_batches(
                 "(images, labels), dicts with 'image' and 'label', or a tfds/grain source"
             )
         x, y = _prepare(images, labels, image_size=image_size, preprocess=preprocess, where=where)
+        if x.shape[0] == 0:
+            continue
         _check_images(x, image_size=image_size, channels=channels, offset=seen, where=where)
         buf_x.append(x)
         buf_y.append(y.astype(np.int32))

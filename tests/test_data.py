@@ -143,6 +143,21 @@ def test_calibration_from_grain_map_and_iter_datasets(imagenet_src):
     np.testing.assert_array_equal(got, x)
 
 
+def test_calibration_repeated_grain_dataset_needs_seed_none():
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    ds = grain.MapDataset.source(list(x)).repeat()  # len() is huge
+    with pytest.raises(ValueError, match="repeated/infinite dataset.*seed=None"):
+        calibration_images(ds, 2, image_size=8)
+    np.testing.assert_array_equal(calibration_images(ds, 5, image_size=8, seed=None),
+                                  np.concatenate([x, x[:2]]))
+
+
+def test_calibration_skips_empty_batches():
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    batches = [np.zeros((0, 8, 8, 3), np.uint8), x[:1], np.zeros((0, 5, 5, 3), np.float32), x[1:]]
+    np.testing.assert_array_equal(calibration_images(batches, 3, image_size=8), x)
+
+
 def test_calibration_too_few_images():
     with pytest.raises(ValueError, match="asked for 8 calibration images but the dataset has only 5"):
         calibration_images(np.zeros((5, 8, 8, 3), np.float32), 8, image_size=8)
