@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pathlib
 import pickle
@@ -26,7 +27,7 @@ import numpy as np
 
 from convert.errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["ConfigRecord", "TorchDtype", "read_torch_checkpoint"]
+__all__ = ["ConfigRecord", "NumpyDtype", "PickledArray", "TorchDtype", "read_torch_checkpoint"]
 
 _STORAGE_DTYPES: dict[str, Any] = {
     "DoubleStorage": np.float64,
@@ -91,8 +92,8 @@ class _StorageType:
 
 
 @dataclass(frozen=True)
-class _TensorClass:
-    """Marker for ``torch.Tensor``/``Parameter`` named by ``_rebuild_from_type_v2``."""
+class _ClassMarker:
+    """A class the pickle may name (``torch.Tensor``, ``numpy.ndarray``): compared, never called."""
 
     name: str
 
@@ -200,7 +201,7 @@ _REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """A plain tensor/Parameter carrying Python attributes: keep the array, drop the attributes."""
     del state
-    if func not in _REBUILDERS or not isinstance(new_type, _TensorClass) or not isinstance(args, tuple):
+    if func not in _REBUILDERS or not isinstance(new_type, _ClassMarker) or not isinstance(args, tuple):
         raise CheckpointError(
             f"corrupt or unsupported data.pkl: _rebuild_from_type_v2({func!r}, {new_type!r})"
         )
@@ -220,26 +221,62 @@ def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
-def _np_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    del copy
-    if not isinstance(spec, str | bytes):
-        raise CheckpointError(f"corrupt data.pkl: numpy dtype spec {spec!r} is not a string")
-    return np.dtype(spec, align=bool(align))
+class NumpyDtype:
+    """A pickled ``numpy.dtype`` built by us: plain bool/int/float/complex only, never object or struct."""
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False):
+        del align, copy
+        spec = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
+        try:
+            dtype = np.dtype(spec) if isinstance(spec, str) else None
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "biufc":
+            raise UnsafeCheckpointError(f"refused numpy dtype {spec!r}: only plain numeric dtypes allowed")
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"NumpyDtype({self.dtype.str!r})"
+
+    def __setstate__(self, state: Any) -> None:
+        """Protocol-2 state ``(version, byteorder, subarray, names, fields, ...)``: byte order only."""
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None)):
+            raise UnsafeCheckpointError(f"refused numpy dtype state {state!r}: only plain numeric dtypes")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
 
 
-def _np_reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
-    """Empty ndarray that the pickle's BUILD fills with ``ndarray.__setstate__``."""
-    if subtype is not np.ndarray:
-        raise CheckpointError(f"refused numpy array subclass {subtype!r}; only plain ndarrays are allowed")
-    return np.ndarray(_as_ints(shape, "shape"), _np_dtype(typecode))
+class PickledArray(np.ndarray):
+    """A pickled numpy array, filled only after its dtype and byte count are checked."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], NumpyDtype)
+                and isinstance(state[4], bytes)):
+            raise UnsafeCheckpointError("refused a numpy array that is not a plain numeric buffer")
+        version, shape, dtype, fortran, raw = state
+        shape = _as_ints(shape, "numpy array shape")
+        if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
+            raise CheckpointError(f"corrupt data.pkl: numpy array of shape {shape} with {len(raw)} bytes")
+        super().__setstate__((version, shape, dtype.dtype, bool(fortran), raw))
+
+
+_NDARRAY = _ClassMarker("numpy.ndarray")
+
+
+def _np_reconstruct(subtype: Any, shape: Any, typecode: Any) -> PickledArray:
+    """Empty array that the pickle's BUILD then fills through ``PickledArray.__setstate__``."""
+    del shape, typecode
+    if subtype is not _NDARRAY:
+        raise UnsafeCheckpointError(f"refused numpy array type {subtype!r}; only plain ndarrays are allowed")
+    return np.ndarray.__new__(PickledArray, (0,), np.uint8)
 
 
 def _np_scalar(dtype: Any, data: Any = None) -> Any:
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise CheckpointError(
-            f"refused numpy scalar of dtype {dtype!r}; only plain numeric scalars are allowed"
-        )
-    return np.frombuffer(data, dtype, count=1)[0]
+    if not isinstance(dtype, NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise UnsafeCheckpointError(f"refused numpy scalar ({dtype!r}, {type(data).__name__}); only plain "
+                                    "numeric scalars are allowed")
+    return np.frombuffer(data, dtype.dtype, count=1)[0]
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
@@ -251,9 +288,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Tensor"): _TensorClass("Tensor"),
-        ("torch._tensor", "Tensor"): _TensorClass("Tensor"),
-        ("torch.nn.parameter", "Parameter"): _TensorClass("Parameter"),
+        ("torch", "Tensor"): _ClassMarker("Tensor"),
+        ("torch._tensor", "Tensor"): _ClassMarker("Tensor"),
+        ("torch.nn.parameter", "Parameter"): _ClassMarker("Parameter"),
         ("torch", "Size"): tuple,
         ("torch", "device"): _device,
         ("torch", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
@@ -266,8 +303,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("builtins", "complex"): complex,
         ("builtins", "slice"): slice,
         ("_codecs", "encode"): _latin1_encode,
-        ("numpy", "dtype"): _np_dtype,
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): NumpyDtype,
+        ("numpy", "ndarray"): _NDARRAY,
     }
     paths = {"PosixPath": pathlib.PurePosixPath, "PurePosixPath": pathlib.PurePosixPath,
              "WindowsPath": pathlib.PureWindowsPath, "PureWindowsPath": pathlib.PureWindowsPath}

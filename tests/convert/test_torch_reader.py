@@ -108,6 +108,7 @@ def test_training_checkpoint_extras_are_inert_data(tmp_path):
         "param": torch.nn.Parameter(torch.ones(2)), "dtype": torch.bfloat16,
         "device": torch.device("cuda", 1), "size": torch.Size([2, 3]),
         "np_scalar": np.float64(0.75), "np_array": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "np_fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "np_big": np.arange(3, dtype=">f4"),
         "bytes": b"\x00\xffab", "set": {1, 2}, "conj": torch.randn(2, dtype=torch.complex64).conj(),
     }
     torch.save(ckpt, tmp_path / "c.pth")
@@ -124,7 +125,10 @@ def test_training_checkpoint_extras_are_inert_data(tmp_path):
                                  "out": pathlib.PurePosixPath("/tmp/run")}
     assert got["epoch"] == 3 and got["dtype"] == TorchDtype("bfloat16") and got["device"] == "cuda:1"
     assert got["np_scalar"] == 0.75 and got["np_scalar"].dtype == np.float64
-    np.testing.assert_array_equal(got["np_array"], ckpt["np_array"])
+    assert got["np_array"].tobytes() == ckpt["np_array"].tobytes() and got["np_array"].shape == (2, 3)
+    assert got["np_array"].dtype == np.int32
+    assert np.array_equal(got["np_fortran"], ckpt["np_fortran"]) and got["np_fortran"].flags.f_contiguous
+    assert np.array_equal(got["np_big"], [0, 1, 2])  # swapped to native order, as pickle.loads does
     assert got["bytes"] == b"\x00\xffab" and got["set"] == {1, 2} and got["size"] == (2, 3)
     assert _ours(got["param"]) == _raw(ref["param"].detach())
     assert _ours(got["conj"]) == _raw(ref["conj"])
@@ -171,6 +175,12 @@ def _evil_pickle(marker: pathlib.Path, how: str) -> bytes:
 
     good = {"model": collections.OrderedDict(w=1.0), "hook": Evil()}
     return pickle.dumps(good, protocol=2)
+
+
+def test_object_arrays_are_refused(tmp_path):
+    torch.save({"w": torch.ones(1), "objs": np.array([1, "a"], dtype=object)}, tmp_path / "o.pth")
+    with pytest.raises(UnsafeCheckpointError, match="refused numpy dtype 'O8'"):
+        read_torch_checkpoint(tmp_path / "o.pth")
 
 
 @pytest.mark.parametrize("how, name", [("exec", "builtins.exec"), ("system", "posix.system")])
