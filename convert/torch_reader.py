@@ -323,8 +323,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 
 
 _ALLOWED = _allowed_globals()
-# Protocol-2 pickles written by Python 3 use the Python 2 module names.
-_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+# Protocol-2 pickles written by Python 3 use the Python 2 module name.
+_MODULE_ALIASES = {"__builtin__": "builtins"}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -364,7 +364,9 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     if head.startswith(b"PK"):
         raise CheckpointError(f"{path}: the zip archive is truncated or corrupt (no readable central "
                               "directory); copy or download the checkpoint again")
-    if head[:1] == b"\x80" or head == b"":
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes); copy or download the checkpoint again")
+    if head[:1] == b"\x80":
         raise CheckpointError(
             f"{path}: not a zip archive. This looks like torch's legacy (pre-1.6) serialization or "
             "a plain pickle, which cannot be read safely; re-save it with a modern torch: "
@@ -433,7 +435,8 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
         data = _read_member(zf, prefix + "data.pkl", path)
         try:
             return _RestrictedUnpickler(data, path, load_storage).load()
-        except CheckpointError:
-            raise
+        except CheckpointError as e:
+            message = str(e)
+            raise type(e)(message if message.startswith(path) else f"{path}: {message}") from None
         except Exception as e:  # any malformed pickle: report it as what it is, a damaged file
             raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {e})") from None

@@ -262,6 +262,9 @@ def test_legacy_and_non_zip_files(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match=r"legacy \(pre-1.6\).*re-save it with a modern torch"):
         read_torch_checkpoint(tmp_path / "old.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        read_torch_checkpoint(tmp_path / "empty.pth")
     (tmp_path / "junk.bin").write_bytes(b"GIF89a not a checkpoint")
     with pytest.raises(CheckpointError, match="not a torch.save checkpoint .*not a zip archive"):
         read_checkpoint(tmp_path / "junk.bin")
