@@ -1,0 +1,246 @@
+"""The user-facing transform: ``quantize_params`` and ``quantized_apply``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ptq4vm_jax.calibrate.jlss import (
+    Path,
+    calibrate_blockwise,
+    flatten_layers,
+    get_path,
+    nest_layers,
+)
+from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprint
+from ptq4vm_jax.models import canonical_name, create_model, model_family
+from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.quant import quantizers as qz
+from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
+from ptq4vm_jax.quant.layer import intercept_dense
+
+
+@flax.struct.dataclass
+class QuantizedParams:
+    """A quantized model as one pytree: float params of what stays float + integer layer states.
+
+    ``qlayers`` mirrors the params tree; each quantized linear holds ``w_int`` (int8, smoothed and
+    rounded), ``w_scale`` (out,), ``smooth`` (in,), ``a_scale`` (L,), ``a_zero`` (L,) int32 and its
+    ``bias``; its float kernel is not kept. ``info`` is the calibration summary as JSON text.
+    """
+
+    params: Any
+    qlayers: Any
+    model_name: str = flax.struct.field(pytree_node=False)
+    config: QuantConfig = flax.struct.field(pytree_node=False)
+    model_overrides: tuple = flax.struct.field(pytree_node=False, default=())
+    info: str = flax.struct.field(pytree_node=False, default="{}")
+
+    def model(self) -> nn.Module:
+        return create_model(self.model_name, **dict(self.model_overrides))
+
+    @property
+    def summary(self) -> dict:
+        return json.loads(self.info)
+
+
+def blockwise(model: nn.Module) -> Blockwise:
+    from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
+
+    if isinstance(model, VisionMamba):
+        return vim_blockwise(model)
+    try:
+        from ptq4vm_jax.models.vmamba import VMamba, vmamba_blockwise
+    except ImportError:
+        VMamba = None
+    if VMamba is not None and isinstance(model, VMamba):
+        return vmamba_blockwise(model)
+    raise TypeError(f"no block-wise calibration for {type(model).__name__}")
+
+
+def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) -> list[Path]:
+    """Every ``nn.Dense`` call site of the model, found by an abstract (shape-only) forward."""
+    found: list[Path] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+            found.append(tuple(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    def run(p, x):
+        with nn.intercept_methods(interceptor):
+            return model.apply({"params": p}, x)
+
+    jax.eval_shape(run, params, jax.ShapeDtypeStruct(images_shape, jnp.float32))
+    return sorted(set(found))
+
+
+def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) -> tuple[dict, dict]:
+    """Train form -> integer form; the quantized kernels (and their biases) leave the params."""
+    qlayers: dict[Path, dict] = {}
+    float_params = jax.tree_util.tree_map(lambda a: a, dict(params))
+    for path, st in layers.items():
+        dense = get_path(params, path)
+        out = {
+            "w_int": qz.quantize_weight_int(dense["kernel"].astype(jnp.float32), st["smooth"],
+                                            st["w_scale"], cfg.w_bits),
+            "w_scale": st["w_scale"], "smooth": st["smooth"],
+            "a_scale": st["a_scale"], "a_zero": st["a_zero"].astype(jnp.int32),
+        }
+        if "bias" in dense:
+            out["bias"] = dense["bias"].astype(jnp.float32)
+        qlayers[path] = out
+        parent = get_path(float_params, path[:-1])
+        parent[path[-1]] = {}
+    return nest_layers(qlayers), _drop_empty(float_params)
+
+
+def _drop_empty(tree: Any) -> Any:
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {k: _drop_empty(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if not (isinstance(v, Mapping) and not v)}
+
+
+def _copy_nested(tree: Any) -> Any:
+    return {k: _copy_nested(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def quantize_params(
+    params: Any,
+    calib_ds: Any,
+    model: str = "vim_tiny",
+    config: QuantConfig | None = None,
+    *,
+    model_overrides: Mapping[str, Any] | None = None,
+    resume_dir: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> QuantizedParams:
+    """PTQ4VM: float params + calibration images -> ``QuantizedParams``.
+
+    ``calib_ds``: an array of preprocessed images (N, H, W, C), an iterable of batches (arrays or
+    dicts with "image"), a ``tfds.data_source`` or a grain dataset; the first ``config.num_calib``
+    images are used. ``resume_dir`` saves state after every block and continues a run that was
+    interrupted, ending with exactly the uninterrupted result.
+    """
+    from ptq4vm_jax.data import calibration_images
+
+    name = canonical_name(model)
+    overrides = dict(model_overrides or {})
+    family = model_family(name)
+    cfg = (config or QuantConfig()).resolve(family)
+    net = create_model(name, **overrides)
+    mcfg = net.cfg
+    images = jnp.asarray(calibration_images(
+        calib_ds, cfg.num_calib, image_size=mcfg.img_size, channels=mcfg.channels))
+    params = jax.tree_util.tree_map(jnp.asarray, _copy_nested(params))
+    _check_params(net, params, images.shape, name)
+
+    paths = [p for p in dense_paths(net, params, images.shape) if is_quantized(p, cfg.rules)]
+    if not paths:
+        raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
+    bw = blockwise(net)
+    loss_axis = -1 if cfg.loss_axis == "channel" else 2
+    if cfg.loss_axis == "width" and family != "vmamba":
+        raise ValueError("loss_axis='width' reproduces the VMamba code only; use 'channel' for Vim")
+    store = None
+    if resume_dir is not None:
+        carry = jax.eval_shape(bw.embed, params, images[:1])
+        fp = fingerprint(model=name, overrides=overrides, config=cfg.to_json(), params=params,
+                         images=images)
+        store = ResumeStore(resume_dir, fp, jax.tree_util.tree_structure(carry))
+
+    t0 = time.perf_counter()
+    in_stage = [p for p in paths if any(p[: len(s.path)] == s.path for s in bw.stages)]
+    outside = sorted(set(paths) - set(in_stage))
+    layers, reports = calibrate_blockwise(bw, params, images, in_stage, cfg, loss_axis=loss_axis,
+                                          resume=store, progress=progress, log=log)
+    if outside:
+        layers.update(_init_outside(net, params, images, outside, layers, cfg))
+    seconds = time.perf_counter() - t0
+    qlayers, float_params = _finalize(layers, params, cfg)
+    info = dict(
+        calibration_seconds=seconds,
+        num_calib=int(images.shape[0]),
+        quantized_layers=[path_str(p) for p in paths],
+        stages=[dataclasses.asdict(r) for r in reports],
+    )
+    return QuantizedParams(params=float_params, qlayers=qlayers, model_name=name, config=cfg,
+                           model_overrides=tuple(sorted(overrides.items())), info=json.dumps(info))
+
+
+def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:
+    """Layers outside every stage (e.g. the head, by a user rule): initialised, not learned.
+
+    Their inputs come from the float model with the already-calibrated layers quantized.
+    """
+    from ptq4vm_jax.calibrate.jlss import init_layer
+    from ptq4vm_jax.quant.layer import capture_dense_inputs
+
+    qtree = nest_layers(layers)
+    want = set(paths)
+
+    @jax.jit
+    def run(x):
+        store: dict = {}
+        with capture_dense_inputs(want, store), intercept_dense(qtree, cfg, "fake"):
+            net.apply({"params": params}, x)
+        return store
+
+    caps = [run(images[i : i + cfg.train_batch]) for i in range(0, images.shape[0], cfg.train_batch)]
+    out = {}
+    for p in paths:
+        x = jnp.concatenate([c[p] for c in caps], axis=0)
+        dense = get_path(params, p)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim != 3 else x
+        out[p] = init_layer(dense["kernel"], dense.get("bias"), x3, cfg)
+    return out
+
+
+def _check_params(net: nn.Module, params: Any, images_shape, name: str) -> None:
+    expected = jax.eval_shape(lambda x: net.init(jax.random.key(0), x)["params"],
+                              jax.ShapeDtypeStruct((1, *images_shape[1:]), jnp.float32))
+    leaves = lambda t: {jax.tree_util.keystr(k): v.shape
+                        for k, v in jax.tree_util.tree_leaves_with_path(t)}
+    got, want = leaves(params), leaves(expected)
+    if got != want:
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        bad = [(k, got[k], want[k]) for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+        raise ValueError(
+            f"params do not fit {name}: missing {missing[:8]}, unexpected {extra[:8]}, "
+            f"wrong shapes (path, got, expected) {bad[:8]}. "
+            "Did you pass the params of another model (see --model / model_overrides)?"
+        )
+
+
+def quantized_apply(
+    model: nn.Module | str | None,
+    qparams: QuantizedParams,
+    images: jax.Array,
+    mode: str = "fake",
+) -> jax.Array:
+    """Logits of the quantized model. ``mode``: "fake" (fp32 simulation, the accuracy reference)
+    or "int" (integer matmuls: Pallas kernels on GPU, an integer-exact jnp path elsewhere).
+
+    ``model`` may be None (built from ``qparams``), a name or the module itself.
+    """
+    if model is None or isinstance(model, str):
+        if isinstance(model, str) and canonical_name(model) != qparams.model_name:
+            raise ValueError(f"qparams were made for {qparams.model_name}, not {model}")
+        model = qparams.model()
+    with intercept_dense(qparams.qlayers, qparams.config, mode):
+        return model.apply({"params": qparams.params}, images)
+
+
+def quantized_layers(qparams: QuantizedParams) -> dict[Path, dict]:
+    return flatten_layers(qparams.qlayers)

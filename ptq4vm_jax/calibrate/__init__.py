@@ -1,0 +1,1 @@
+"""Block-wise calibration (PTS initialisation + JLSS) and its resume state."""

@@ -1,0 +1,331 @@
+"""Block-wise calibration: PTS initialisation, then JLSS (spec §4-§6).
+
+Two chains of activations flow through the model one stage at a time: the float chain
+gives each stage's input for statistics and its target output; the quantized chain gives
+the input the stage learns on. Each stage's state (sigma, weight steps, activation steps)
+is initialised on the float input, learned with AdamW against 1 - cosine, then the
+quantized chain is pushed through the learned stage. State is saved after every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ptq4vm_jax.calibrate.resume import ResumeStore
+from ptq4vm_jax.models.blockwise import Blockwise, Stage
+from ptq4vm_jax.quant import init as qinit
+from ptq4vm_jax.quant.config import QuantConfig
+from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
+
+Path = tuple[str, ...]
+TRAIN_KEYS = {"smooth": "s", "w_scale": "w", "a_scale": "a"}
+
+
+class CalibrationError(RuntimeError):
+    """Calibration cannot go on (non-finite values); the message names the stage."""
+
+
+@dataclasses.dataclass
+class StageReport:
+    name: str
+    loss_init: float
+    loss_final: float
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- tree helpers
+
+
+def get_path(tree: Mapping, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: Path, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def flatten_layers(qtree: Mapping, prefix: Path = ()) -> dict[Path, dict]:
+    """Nested qtree -> {path: layer state}."""
+    if "w_scale" in qtree:
+        return {prefix: dict(qtree)}
+    out = {}
+    for k, v in qtree.items():
+        out.update(flatten_layers(v, prefix + (k,)))
+    return out
+
+
+def nest_layers(flat: Mapping[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        set_path(tree, path, v)
+    return tree
+
+
+def take(tree: Any, start: int, size: int) -> Any:
+    """Rows [start, start + size) of every leaf (the batch axis)."""
+    return jax.tree_util.tree_map(lambda a: a[start : start + size], tree)
+
+
+def batch_size(tree: Any) -> int:
+    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+
+
+def chunked(fn: Callable, carry: Any, chunk: int) -> Any:
+    """Apply ``fn`` to the leading (batch) axis of ``carry`` in pieces of ``chunk``."""
+    outs = [fn(take(carry, i, chunk)) for i in range(0, batch_size(carry), chunk)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
+def cosine_loss(target: jax.Array, out: jax.Array, axis: int) -> jax.Array:
+    """Mean over everything else of 1 - cos(target, out) along ``axis``.
+
+    As torch's ``cosine_similarity`` (eps=1e-8): the product of squared norms is clamped before
+    the square root, so an all-zero quantized row has a finite gradient instead of NaN.
+    """
+    t = target.astype(jnp.float32)
+    o = out.astype(jnp.float32)
+    dot = jnp.sum(t * o, axis=axis)
+    denom = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=axis) * jnp.sum(o * o, axis=axis), 1e-16))
+    return jnp.mean(1.0 - dot / denom)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array,
+               cfg: QuantConfig) -> dict[str, jax.Array]:
+    """Train-form state of one linear from its float input ``x`` (N, L, C) (spec §4.2, §5)."""
+    kernel = kernel.astype(jnp.float32)
+    x = x.astype(jnp.float32).reshape(-1, x.shape[-2], x.shape[-1])
+    if cfg.smooths:
+        absmax = jnp.max(jnp.abs(x), axis=(0, 1))
+        smooth = qinit.smoothing_scale(absmax, kernel, cfg.alpha)
+    else:
+        smooth = jnp.ones((kernel.shape[0],), jnp.float32)
+    if cfg.method in ("ptq4vm", "pts_only"):
+        w_scale = qinit.init_weight_scale(kernel, smooth, cfg.w_bits, p=cfg.grid_p)
+        a_scale, a_zero = qinit.init_act_scale(x, smooth, cfg.a_bits, grid=cfg.act_grid, p=cfg.grid_p)
+    else:
+        w_scale = qinit.minmax_weight_scale(kernel, smooth, cfg.w_bits)
+        a_scale, a_zero = qinit.minmax_act_scale_per_tensor(x, smooth, cfg.a_bits)
+    state = {"kernel": kernel, "smooth": smooth, "w_scale": w_scale,
+             "a_scale": a_scale, "a_zero": a_zero.astype(jnp.int32)}
+    if bias is not None:
+        state["bias"] = bias.astype(jnp.float32)
+    for k, v in state.items():
+        if not bool(jnp.all(jnp.isfinite(v))):
+            raise CalibrationError(f"non-finite {k} while initialising a layer (input has NaN/inf?)")
+    return state
+
+
+def trainable_mask(rel_path: Path, cfg: QuantConfig) -> bool:
+    """Released Vim code trains only in_proj/out_proj (spec §6.4); ``train_inner_proj`` fixes that."""
+    if cfg.train_inner_proj:
+        return True
+    return not rel_path[-1].startswith(("x_proj", "dt_proj"))
+
+
+def split_state(layers: Mapping[Path, dict], cfg: QuantConfig) -> tuple[dict, dict]:
+    train, frozen = {}, {}
+    for path, st in layers.items():
+        learn = trainable_mask(path, cfg)
+        train[path] = {k: v for k, v in st.items() if learn and k in TRAIN_KEYS}
+        frozen[path] = {k: v for k, v in st.items() if not (learn and k in TRAIN_KEYS)}
+    return train, frozen
+
+
+def merge_state(train: Mapping, frozen: Mapping) -> dict:
+    return {p: {**frozen[p], **train.get(p, {})} for p in frozen}
+
+
+def make_optimizer(cfg: QuantConfig) -> optax.GradientTransformation:
+    adamw = lambda lr: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    labels = lambda tree: {p: {k: TRAIN_KEYS[k] for k in st} for p, st in tree.items()}
+    inner = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.multi_transform({"w": adamw(cfg.lr_w), "a": adamw(cfg.lr_a), "s": adamw(cfg.lr_s)},
+                              labels),
+    )
+    # GradScaler semantics (spec §6.2): a step whose gradients are not finite is skipped.
+    return optax.apply_if_finite(inner, max_consecutive_errors=10**9)
+
+
+# ----------------------------------------------------------------------------- compiled pieces
+
+
+@functools.cache
+def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
+    """Jitted forward/step functions, shared by every stage with an equal module."""
+    stage = Stage(path=(), module=stage_module, output=output)
+    optimizer = make_optimizer(cfg)
+
+    def qforward(state, params, carry):
+        with intercept_dense(nest_layers(state), cfg, "fake"):
+            return stage.apply(params, carry)
+
+    def loss_fn(train, frozen, params, carry, target):
+        out = qforward(merge_state(train, frozen), params, carry)
+        return cosine_loss(target, output(out), axis)
+
+    @jax.jit
+    def step(train, opt_state, frozen, params, carry, target):
+        loss, grads = jax.value_and_grad(loss_fn)(train, frozen, params, carry, target)
+        updates, opt_state = optimizer.update(grads, opt_state, train)
+        return optax.apply_updates(train, updates), opt_state, loss
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def fp_forward_capture(params, carry, paths):
+        store: dict = {}
+        with capture_dense_inputs(set(paths), store):
+            out = stage.apply(params, carry)
+        return out, {p: store[p] for p in paths}
+
+    return dict(
+        step=step,
+        optimizer=optimizer,
+        qforward=jax.jit(qforward),
+        loss=jax.jit(lambda state, params, carry, target: cosine_loss(
+            target, output(qforward(state, params, carry)), axis)),
+        fp_forward=jax.jit(lambda params, carry: stage.apply(params, carry)),
+        fp_capture=fp_forward_capture,
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def calibrate_blockwise(
+    bw: Blockwise,
+    params: Mapping,
+    images: jax.Array,
+    quant_paths: list[Path],
+    cfg: QuantConfig,
+    *,
+    loss_axis: int = -1,
+    resume: ResumeStore | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[Path, dict], list[StageReport]]:
+    """Returns the train-form state of every quantized layer (absolute paths) and a report."""
+    from tqdm.auto import tqdm
+
+    chunk = cfg.train_batch
+    layers: dict[Path, dict] = {}
+    reports: list[StageReport] = []
+    start = 0
+    if resume is not None and resume.exists():
+        start, layers, fp_carry, q_carry, reports = resume.load()
+        log(f"resuming after stage {start} of {len(bw.stages)} from {resume.directory}")
+    else:
+        fp_carry = chunked(lambda im: bw.embed(params, im), images, chunk)
+        q_carry = fp_carry
+
+    for idx in range(start, len(bw.stages)):
+        stage = bw.stages[idx]
+        name = "/".join(stage.path)
+        t0 = time.perf_counter()
+        n = len(stage.path)
+        rel = sorted(p[n:] for p in quant_paths if p[:n] == stage.path)
+        fns = _compiled(stage.module, stage.output, cfg, loss_axis)
+        sparams = get_path(params, stage.path)
+        if not rel:  # nothing to quantize here (e.g. a VMamba downsample): both chains go through
+            forward = functools.partial(fns["fp_forward"], sparams)
+            fp_carry = chunked(forward, fp_carry, chunk)
+            q_carry = chunked(forward, q_carry, chunk)
+            _check_finite(fp_carry, name, "float chain")
+            if resume is not None:
+                resume.save(idx + 1, layers, fp_carry, q_carry, reports)
+            continue
+
+        # Float pass: target + float inputs of every quantized linear (spec §5: init on FP inputs).
+        fp_out, captured = _capture(fns["fp_capture"], sparams, fp_carry, tuple(rel), chunk)
+        _check_finite(fp_out, name, "float chain")
+        target = stage.output(fp_out)
+        state = {}
+        for p in rel:
+            dense = get_path(sparams, p)
+            try:
+                state[p] = init_layer(dense["kernel"], dense.get("bias"), captured[p], cfg)
+            except CalibrationError as e:
+                raise CalibrationError(f"stage {name}, layer {'/'.join(p)}: {e}") from None
+        del captured
+
+        loss_init = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
+        if cfg.learns:
+            state = _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm)
+        loss_final = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
+        q_carry = chunked(functools.partial(fns["qforward"], state, sparams), q_carry, chunk)
+        _check_finite(q_carry, name, "quantized chain")
+        fp_carry = fp_out
+        for p, st in state.items():
+            layers[stage.path + p] = st
+        reports.append(StageReport(name, loss_init, loss_final, time.perf_counter() - t0))
+        if resume is not None:
+            resume.save(idx + 1, layers, fp_carry, q_carry, reports)
+        if progress:
+            log(f"{name}: loss {loss_init:.5f} -> {loss_final:.5f} ({reports[-1].seconds:.1f}s)")
+    return layers, reports
+
+
+def _capture(fp_capture, sparams, carry, rel, chunk):
+    outs, caps = [], []
+    for i in range(0, batch_size(carry), chunk):
+        out, cap = fp_capture(sparams, take(carry, i, chunk), rel)
+        outs.append(out)
+        caps.append(cap)
+    cat = lambda *xs: jnp.concatenate(xs, axis=0)
+    return jax.tree_util.tree_map(cat, *outs), {p: cat(*[c[p] for c in caps]) for p in rel}
+
+
+def _full_loss(loss, state, sparams, q_carry, target, chunk) -> float:
+    n = target.shape[0]
+    total = 0.0
+    for i in range(0, n, chunk):
+        piece_loss = loss(state, sparams, take(q_carry, i, chunk), target[i : i + chunk])
+        total += float(piece_loss) * min(chunk, n - i)
+    return total / n
+
+
+def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
+    train, frozen = split_state(state, cfg)
+    opt_state = fns["optimizer"].init(train)
+    n = target.shape[0]
+    batches = n // cfg.train_batch
+    steps = cfg.epochs * batches
+    bar = tqdm(total=steps, desc=f"JLSS {name}", leave=False, disable=not progress)
+    for k in range(steps):
+        j = (k % batches) * cfg.train_batch
+        train, opt_state, loss = fns["step"](train, opt_state, frozen, sparams,
+                                             take(q_carry, j, cfg.train_batch),
+                                             target[j : j + cfg.train_batch])
+        loss = float(loss)
+        if not np.isfinite(loss):
+            bar.close()
+            raise CalibrationError(
+                f"non-finite loss ({loss}) in stage {name} at step {k}: the learned scales diverged "
+                "(try a smaller lr_s/lr_a/lr_w) or the inputs contain NaN/inf. Stages before this one "
+                "are kept in the resume directory, if one was given."
+            )
+        bar.set_postfix(loss=f"{loss:.5f}")
+        bar.update()
+    bar.close()
+    return merge_state(train, frozen)
+
+
+def _check_finite(tree: Any, stage: str, what: str) -> None:
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise CalibrationError(f"non-finite values in the {what} after stage {stage}")

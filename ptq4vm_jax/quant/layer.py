@@ -1,0 +1,101 @@
+"""The quantized linear, and how it replaces ``nn.Dense`` calls in an unmodified model.
+
+A layer's quantization state is a dict of arrays, kept in a tree that mirrors the params
+tree (``qtree["layers_3"]["mixer"]["in_proj"]``). Two forms exist:
+
+* train form: ``kernel``, ``bias``?, ``smooth``, ``w_scale``, ``a_scale``, ``a_zero`` (JLSS
+  differentiates through it);
+* integer form: ``w_int`` (int8, already smoothed and rounded) instead of ``kernel``
+  (what ``quantize_params`` returns and checkpoints store).
+
+``intercept_dense`` swaps every ``nn.Dense.__call__`` whose module path has a state for
+``qlinear`` — the qwix idea, so the model definition knows nothing about quantization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptq4vm_jax.quant import quantizers as qz
+from ptq4vm_jax.quant.config import QuantConfig
+
+MODES = ("fake", "int")
+
+
+def lookup(tree: Mapping | None, path: tuple[str, ...]) -> Mapping | None:
+    node = tree
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, Mapping) and ("w_scale" in node) else None
+
+
+def dequantized_kernel(layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
+    """Ŵ: from the float kernel (differentiable in σ and s_w) or from the stored integers."""
+    if "w_int" in layer:
+        return layer["w_int"].astype(jnp.float32) * layer["w_scale"]
+    return qz.fake_quant_weight(layer["kernel"], layer["smooth"], layer["w_scale"], cfg.w_bits)
+
+
+def fake_quant_input(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
+    if cfg.method == "per_token_dynamic":
+        return qz.fake_quant_act_dynamic(x, layer["smooth"], cfg.a_bits)
+    return qz.fake_quant_act(x, layer["smooth"], layer["a_scale"], layer["a_zero"], cfg.a_bits)
+
+
+def qlinear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig, mode: str) -> jax.Array:
+    """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic."""
+    out_dtype = x.dtype
+    bias = layer.get("bias")
+    if mode == "int" and cfg.method != "per_token_dynamic":
+        from ptq4vm_jax.quant.integer import int_linear
+
+        return int_linear(x, layer, cfg).astype(out_dtype)
+    x_hat = fake_quant_input(x.astype(jnp.float32), layer, cfg)
+    y = jnp.einsum("...k,kn->...n", x_hat, dequantized_kernel(layer, cfg),
+                   precision=jax.lax.Precision.HIGHEST)
+    if bias is not None:
+        y = y + bias
+    return y.astype(out_dtype)
+
+
+@contextlib.contextmanager
+def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake") -> Iterator[None]:
+    """Within this context, ``nn.Dense`` calls at paths present in ``qtree`` are quantized."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+            return next_fun(*args, **kwargs)
+        layer = lookup(qtree, tuple(module.path))
+        if layer is None:
+            return next_fun(*args, **kwargs)
+        return qlinear(args[0], layer, cfg, mode)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+@contextlib.contextmanager
+def capture_dense_inputs(paths: set[tuple[str, ...]], store: dict) -> Iterator[None]:
+    """Record the input of every ``nn.Dense`` at ``paths`` into ``store`` (path -> array)."""
+
+    def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, nn.Dense):
+            path = tuple(module.path)
+            if path in paths:
+                store[path] = args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
