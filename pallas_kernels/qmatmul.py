@@ -352,6 +352,11 @@ def _gemm_call(x, smooth, w_q, w_scale, a_scale, a_zero, bias, colsum, *, a_bits
     m = batch * seq
     packed = _is_packed(w_bits)
     kq = k // 2 if packed else k
+    if max(m * k, m * n) >= 2**31:
+        raise ValueError(
+            f"qmatmul: {m} rows x max(K={k}, N={n}) elements overflow the kernel's int32 offsets; "
+            "split the batch into chunks"
+        )
     cfg = config or default_gemm_config(m, n, k, w_bits)
     fused = smooth is not None
     if colsum is None:

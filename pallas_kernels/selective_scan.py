@@ -124,6 +124,11 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
     for name, arr in (("D", D), ("delta_bias", delta_bias)):
         if arr is not None and arr.shape != (e,):
             raise ValueError(f"{name} must be (E,) = ({e},), got {arr.shape}")
+    if batch * seq * e >= 2**31:
+        raise ValueError(
+            f"selective_scan: B*L*E = {batch * seq * e} elements overflow the kernel's int32 offsets; "
+            "split the batch into chunks"
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus", "reverse", "interpret", "config"))

@@ -151,6 +151,11 @@ def test_bad_arguments_are_explained():
         qmatmul(inp["x"], inp["w_q"].astype(jnp.int32), **args)
     with pytest.raises(ValueError, match="block_k must be a power of two >= 32"):
         GemmConfig(block_k=16)
+    s = jax.ShapeDtypeStruct
+    huge = (s((2**16, SEQ, 256), jnp.bfloat16), s((256, 64), jnp.int8), s((64,), jnp.float32),
+            s((256,), jnp.float32), s((SEQ,), jnp.float32), s((SEQ,), jnp.int32))
+    with pytest.raises(ValueError, match="split the batch"):
+        jax.eval_shape(qmatmul, *huge)
 
 
 @pytest.mark.parametrize("k,n,w_bits", [(384, 1536, 8), (768, 56, 8), (24, 768, 4), (1536, 384, 4)])

@@ -83,6 +83,10 @@ def test_bad_arguments_are_explained():
         selective_scan(**{**inp, "D": inp["D"][:3]}, interpret=True)
     with pytest.raises(ValueError, match="block_e must be a power of two"):
         ScanConfig(block_e=24)
+    s = jax.ShapeDtypeStruct
+    row, state = s((4096, 3136, 192), jnp.float32), s((4096, 3136, 1), jnp.float32)
+    with pytest.raises(ValueError, match="split the batch"):
+        jax.eval_shape(selective_scan, row, row, s((192, 1), jnp.float32), state, state)
 
 
 @pytest.mark.parametrize("seq,e,n", [(197, 768, 16), (197, 1536, 16), (3136, 96, 1), (49, 768, 1)])

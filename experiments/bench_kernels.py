@@ -1,0 +1,488 @@
+"""Benchmark the Pallas kernels against XLA on one GPU: one run, one markdown table.
+
+    python experiments/bench_kernels.py            # full run, < 8 min on one H100
+    python experiments/bench_kernels.py --quick    # Vim-S GEMMs + two scans, ~1 min
+    python experiments/bench_kernels.py --quick --interpret   # CPU smoke test, tiny shapes
+
+Sections (rows stream to stdout as they finish; the full table is printed at the end):
+  gemm  Vim-T/S/B in_proj, x_proj, dt_proj, out_proj at batch 64 and 256 (M = batch * 197):
+        XLA bf16 dot | XLA s8 x s8 -> s32 dot alone | XLA W8A8 (quantize + s8 dot + dequant,
+        = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
+        GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA).
+  scan  Pallas selective scan vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan at
+        Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
+  e2e   model forward time through :func:`end_to_end_rows` (the hook for the W8A8 model).
+
+Every kernel is checked against its reference on the first input set before it is timed
+(``check`` column: int32 accumulators exact, float outputs as max |err| / max |ref|).
+Timing: compile + one warm-up call per input set, then ``repeats`` samples of ``inner``
+back-to-back calls (inputs rotate over several sets so the 50 MB L2 cannot hold them all),
+block_until_ready after each sample, median seconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels import (
+    GemmConfig,
+    ScanConfig,
+    pack_int4,
+    qmatmul,
+    qmatmul_codes,
+    qmatmul_int32,
+    qmatmul_int32_ref,
+    qmatmul_ref,
+    quantize_activations,
+    selective_scan,
+    weight_colsum,
+)
+from ptq4vm_jax.ops.scan import selective_scan_ref
+
+SEQ = 197
+L2_BYTES = 50e6
+# device_kind substring -> (dense bf16 TFLOPS, dense int8 TOPS, HBM TB/s): kernels-notes.md §3.
+PEAKS = {"H200": (989.4, 1978.9, 4.8), "H100 PCIe": (756.0, 1513.0, 2.0), "H100": (989.4, 1978.9, 3.35)}
+EXP_PEAK = 3.9e12  # special-function (exp) rate of H100/H200, an estimate (FA3 paper)
+VIM_DIMS = {"vim_t": 192, "vim_s": 384, "vim_b": 768, "smoke": 64}  # embed dim D
+VMAMBA_SCANS = [(3136, 96), (784, 192), (196, 384), (49, 768)]  # VMamba-T stages: (L, d_inner)
+
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    shape: str
+    variant: str
+    seconds: float | None
+    rate: str = "-"  # achieved TOPS / TFLOPS / T exp/s
+    rate_pct: str = "-"  # of the matching peak
+    gbs: str = "-"  # effective GB/s over the minimum bytes the op must move
+    hbm_pct: str = "-"
+    check: str = "-"
+
+
+def peaks(device_kind: str) -> tuple[float, float, float] | None:
+    for key, value in PEAKS.items():
+        if key in device_kind:
+            return value
+    return None
+
+
+def time_call(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int) -> float:
+    """Median seconds per call over ``repeats`` samples of ``inner`` back-to-back calls."""
+    for args in arg_sets:  # compile, then warm every input set once
+        jax.block_until_ready(fn(*args))
+    samples, i = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*arg_sets[i % len(arg_sets)])
+            i += 1
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def n_input_sets(set_bytes: float) -> int:
+    """Enough rotating input sets that together they overflow L2 (2..6)."""
+    return int(min(6, max(2, math.ceil(2 * L2_BYTES / max(set_bytes, 1)))))
+
+
+def rel_err(y, ref) -> float:
+    y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def rate_cells(work: float, seconds: float, peak: float | None, unit_scale: float = 1e12):
+    rate = work / seconds / unit_scale
+    return f"{rate:.3g}", (f"{100 * rate * unit_scale / peak:.0f}%" if peak else "-")
+
+
+def bw_cells(nbytes: float, seconds: float, hbm: float | None):
+    gbs = nbytes / seconds / 1e9
+    return f"{gbs:.3g}", (f"{100 * gbs / (hbm * 1e3):.0f}%" if hbm else "-")
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+
+def vim_layers(d: int, n_state: int = 16) -> list[tuple[str, int, int]]:
+    """(name, K, N) of the four quantized linears of a Vim block with embed dim d."""
+    e, r = 2 * d, math.ceil(d / 16)
+    return [("in_proj", d, 2 * e), ("x_proj", e, r + 2 * n_state), ("dt_proj", r, e), ("out_proj", e, d)]
+
+
+def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
+    """One input set; power-of-two scales on half the tokens/channels make exact rounding ties."""
+    ks = jax.random.split(key, 8)
+    ties_l = jnp.arange(SEQ) % 2 == 0
+    ties_k = jnp.arange(k) % 2 == 0
+    x = (4.0 * jax.random.normal(ks[0], (batch, SEQ, k))).astype(jnp.bfloat16)
+    smooth = jnp.where(ties_k, 1.0, jnp.exp(0.3 * jax.random.normal(ks[1], (k,))))
+    a_scale = jnp.where(ties_l, 0.0625, 0.06 * jnp.exp(0.2 * jax.random.normal(ks[2], (SEQ,))))
+    inp = dict(
+        x=x,
+        smooth=smooth,
+        a_scale=a_scale,
+        a_scale4=a_scale * 16.0,
+        a_zero=jax.random.randint(ks[3], (SEQ,), 96, 160, dtype=jnp.int32),
+        a_zero4=jax.random.randint(ks[3], (SEQ,), 4, 12, dtype=jnp.int32),
+        w=jax.random.randint(ks[4], (k, n), -127, 128, dtype=jnp.int32).astype(jnp.int8),
+        w4=pack_int4(jax.random.randint(ks[5], (k, n), -7, 8, dtype=jnp.int32).astype(jnp.int8)),
+        w_scale=0.01 * jnp.exp(jax.random.normal(ks[6], (n,))),
+        bias=jax.random.normal(ks[7], (n,)),
+        w_bf16=(0.05 * jax.random.normal(ks[6], (k, n))).astype(jnp.bfloat16),
+    )
+    inp["colsum"] = weight_colsum(inp["w"], 8)
+    inp["colsum4"] = weight_colsum(inp["w4"], 4)
+    inp["codes"] = quantize_activations(x, smooth, a_scale, inp["a_zero"])
+    return inp
+
+
+def gemm_variants(interpret: bool) -> dict[str, tuple[Callable, Callable, str]]:
+    """name -> (fn(inp), bytes(m, k, n), peak kind). Weights and scales are inputs, as at inference."""
+    bf16 = jnp.bfloat16
+
+    def w8a8_args(i):
+        return (i["x"], i["w"], i["w_scale"], i["smooth"], i["a_scale"], i["a_zero"], i["bias"])
+
+    def two_pass(i):
+        codes = quantize_activations(i["x"], i["smooth"], i["a_scale"], i["a_zero"])
+        return qmatmul_codes(codes, i["w"], i["w_scale"], i["a_scale"], i["a_zero"], i["bias"],
+                             out_dtype=bf16, interpret=interpret, colsum=i["colsum"])
+
+    return {
+        "xla bf16 dot": (lambda i: jnp.dot(i["x"], i["w_bf16"]),
+                         lambda m, k, n: 2 * m * k + 2 * k * n + 2 * m * n, "bf16"),
+        "xla s8 dot only (s32 out)": (
+            lambda i: lax.dot_general(i["codes"], i["w"], (((2,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.int32),
+            lambda m, k, n: m * k + k * n + 4 * m * n, "int8"),
+        "xla w8a8 3-pass (qmatmul_ref)": (
+            lambda i: qmatmul_ref(*w8a8_args(i), out_dtype=bf16),
+            lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
+        "pallas w8a8 fused": (
+            lambda i: qmatmul(*w8a8_args(i), interpret=interpret, colsum=i["colsum"]),
+            lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
+        "pallas w8a8 2-pass": (two_pass, lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
+        "pallas w4a4 fused": (
+            lambda i: qmatmul(i["x"], i["w4"], i["w_scale"], i["smooth"], i["a_scale4"], i["a_zero4"],
+                              i["bias"], a_bits=4, w_bits=4, interpret=interpret, colsum=i["colsum4"]),
+            lambda m, k, n: 2 * m * k + k * n // 2 + 2 * m * n, "int8"),
+    }
+
+
+def check_gemm(name: str, inp: dict, interpret: bool, exact: bool) -> str:
+    """Kernel vs reference on one input set; the int32 accumulator only where ``exact``."""
+    bf16 = jnp.bfloat16
+    if name.startswith("xla"):
+        return "ref" if "qmatmul_ref" in name else "-"
+    w4 = "w4a4" in name
+    a_bits = w_bits = 4 if w4 else 8
+    w, a_scale, a_zero = (inp["w4"], inp["a_scale4"], inp["a_zero4"]) if w4 else (
+        inp["w"], inp["a_scale"], inp["a_zero"])
+    notes = []
+    if exact and "fused" in name:
+        qargs = (inp["x"], w, inp["smooth"], a_scale, a_zero)
+        bits = dict(a_bits=a_bits, w_bits=w_bits)
+        acc = np.asarray(qmatmul_int32(*qargs, interpret=interpret, **bits))
+        ref = np.asarray(qmatmul_int32_ref(*qargs, **bits))
+        bad = int((acc != ref).sum())
+        notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
+    y_ref = qmatmul_ref(inp["x"], w, inp["w_scale"], inp["smooth"], a_scale, a_zero, inp["bias"],
+                        a_bits=a_bits, w_bits=w_bits, out_dtype=bf16)
+    y = gemm_variants(interpret)[name][0](inp)
+    err = rel_err(y, y_ref)
+    notes.append(f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL"))
+    return ", ".join(notes)
+
+
+def gemm_rows(models: Sequence[str], batches: Sequence[int], cfg) -> list[Row]:
+    rows = []
+    for model in models:
+        for lname, k, n in vim_layers(VIM_DIMS[model]):
+            for bi, batch in enumerate(batches):
+                m = batch * SEQ
+                nsets = 2 if cfg.interpret else n_input_sets(2 * m * k)
+                sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(nsets)]
+                shape = f"{model} {lname} M={m} K={k} N={n}"
+                for vname, (fn, nbytes, kind) in gemm_variants(cfg.interpret).items():
+                    if cfg.out_of_time():
+                        rows.append(Row("gemm", shape, vname, None, check="skipped: time budget"))
+                        continue
+                    check = check_gemm(vname, sets[0], cfg.interpret, exact=bi == 0)
+                    jfn = jax.jit(fn)
+                    secs = time_call(jfn, [(s,) for s in sets], repeats=cfg.repeats, inner=cfg.inner)
+                    peak = None if cfg.peaks is None else cfg.peaks[0 if kind == "bf16" else 1] * 1e12
+                    hbm = None if cfg.peaks is None else cfg.peaks[2]
+                    rate, rate_pct = rate_cells(2 * m * k * n, secs, peak)
+                    gbs, hbm_pct = bw_cells(nbytes(m, k, n), secs, hbm)
+                    rows.append(Row("gemm", shape, vname, secs, rate, rate_pct, gbs, hbm_pct, check))
+                    cfg.emit(rows[-1])
+    return rows
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+def selective_scan_assoc(u, delta, A, B, C, D, z, delta_bias):
+    """S6 via lax.associative_scan over materialised (B, L, E, N) decays and inputs."""
+    dt = jax.nn.softplus(delta + delta_bias)
+    decay = jnp.exp(dt[..., None] * A)
+    drive = (dt * u)[..., None] * B[:, :, None, :]
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    _, h = lax.associative_scan(combine, (decay, drive), axis=1)
+    y = jnp.einsum("blen,bln->ble", h, C) + u * D
+    return y * jax.nn.silu(z)
+
+
+def scan_inputs(key, batch: int, seq: int, e: int, n: int) -> tuple:
+    ks = jax.random.split(key, 8)
+    return (
+        jax.random.normal(ks[0], (batch, seq, e)),
+        0.5 * jax.random.normal(ks[1], (batch, seq, e)) - 1.0,
+        -jnp.exp(0.5 * jax.random.normal(ks[2], (e, n))),
+        jax.random.normal(ks[3], (batch, seq, n)),
+        jax.random.normal(ks[4], (batch, seq, n)),
+        jax.random.normal(ks[5], (e,)),
+        jax.random.normal(ks[6], (batch, seq, e)),
+        0.2 * jax.random.normal(ks[7], (e,)),
+    )
+
+
+def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
+    """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
+    variants = {
+        "pallas selective_scan": functools.partial(selective_scan, interpret=cfg.interpret),
+        "xla lax.scan (selective_scan_ref)": selective_scan_ref,
+        "xla lax.associative_scan": selective_scan_assoc,
+    }
+    rows = []
+    for label, batch, seq, e, n in shapes:
+        shape = f"{label} B={batch} L={seq} E={e} N={n}"
+        io_bytes = 4 * batch * seq * (4 * e + 2 * n)  # u, delta, z in; y out; B, C in
+        nsets = 2 if cfg.interpret else n_input_sets(io_bytes)
+        sets = [scan_inputs(jax.random.key(s), batch, seq, e, n) for s in range(nsets)]
+        y_ref = None
+        for vname, fn in variants.items():
+            if cfg.out_of_time():
+                rows.append(Row("scan", shape, vname, None, check="skipped: time budget"))
+                continue
+            if "associative" in vname and 4 * batch * seq * e * n > 4e9:
+                rows.append(Row("scan", shape, vname, None, check="skipped: > 4 GB of states"))
+                continue
+            jfn = jax.jit(fn)
+            if y_ref is None:
+                y_ref = jax.jit(selective_scan_ref)(*sets[0])
+            err = rel_err(jfn(*sets[0]), y_ref)
+            check = "ref" if "selective_scan_ref" in vname else f"rel {err:.1e}" + (
+                "" if err < 1e-4 else " FAIL")
+            secs = time_call(jfn, sets, repeats=cfg.repeats, inner=cfg.inner)
+            rate, pct = rate_cells(batch * seq * e * n, secs, EXP_PEAK if cfg.peaks else None)
+            gbs, hbm_pct = bw_cells(io_bytes, secs, None if cfg.peaks is None else cfg.peaks[2])
+            rows.append(Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check))
+            cfg.emit(rows[-1])
+    return rows
+
+
+def sweep_rows(cfg) -> list[Row]:
+    """Tile candidates for the defaults: fused GEMM at Vim-S in_proj / out_proj (batch 256) and the
+    scan at Vim-S / VMamba stage-1 shapes (batch 64); each config is checked before it is timed."""
+    configs = [GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
+               GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 64, 4, 3), GemmConfig(32, 256, 64, 4, 3)]
+    peak = None if cfg.peaks is None else cfg.peaks[1] * 1e12
+    rows = []
+    batch = 1 if cfg.interpret else 256
+    for lname, k, n in [vim_layers(VIM_DIMS["vim_s"])[i] for i in (0, 3)]:
+        m = batch * SEQ
+        sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
+        i0 = sets[0]
+        y_ref = qmatmul_ref(i0["x"], i0["w"], i0["w_scale"], i0["smooth"], i0["a_scale"], i0["a_zero"],
+                            i0["bias"])
+        for gc in configs:
+            if cfg.out_of_time():
+                break
+            fn = jax.jit(lambda i, gc=gc: qmatmul(i["x"], i["w"], i["w_scale"], i["smooth"], i["a_scale"],
+                                                  i["a_zero"], i["bias"], interpret=cfg.interpret,
+                                                  config=gc, colsum=i["colsum"]))
+            err = rel_err(fn(i0), y_ref)
+            secs = time_call(fn, [(x,) for x in sets], repeats=cfg.repeats, inner=cfg.inner)
+            rate, pct = rate_cells(2 * m * k * n, secs, peak)
+            tiles = f"{gc.block_m}x{gc.block_n}x{gc.block_k} w{gc.num_warps} s{gc.num_stages}"
+            rows.append(Row("sweep", f"vim_s {lname} M={m} K={k} N={n}", f"pallas w8a8 fused {tiles}", secs,
+                            rate, pct, check=f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL")))
+            cfg.emit(rows[-1])
+    scan_shapes = [(768, 16, SEQ), (96, 1, 49 if cfg.interpret else 3136)]
+    for e, n_state, seq in scan_shapes:
+        sets = [scan_inputs(jax.random.key(s), 1 if cfg.interpret else 64, seq, e, n_state) for s in range(2)]
+        y_ref = jax.jit(selective_scan_ref)(*sets[0])
+        for block_e, warps in [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)]:
+            if cfg.out_of_time():
+                break
+            sc = ScanConfig(block_e, warps, 2)
+            fn = jax.jit(functools.partial(selective_scan, interpret=cfg.interpret, config=sc))
+            err = rel_err(fn(*sets[0]), y_ref)
+            secs = time_call(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
+            label = f"pallas scan block_e={block_e} w{warps}"
+            rows.append(Row("sweep", f"scan L={seq} E={e} N={n_state}", label, secs,
+                            check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")))
+            cfg.emit(rows[-1])
+    return rows
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def end_to_end_rows(
+    forwards: Mapping[str, Callable[[jax.Array], jax.Array]],
+    image_sets: Sequence[jax.Array],
+    *,
+    label: str,
+    repeats: int = 10,
+    inner: int = 3,
+) -> list[Row]:
+    """Time whole-model forwards (name -> jit-able fn(images) -> logits) on the same images.
+
+    The hook for model-level numbers: pass e.g. {"bf16": ..., "w8a8 int (pallas)": ...} once the
+    integer model path exists; every forward is checked against the first one (top-1 agreement).
+    """
+    rows, first = [], None
+    for name, fwd in forwards.items():
+        jfwd = jax.jit(fwd)
+        logits = np.asarray(jfwd(image_sets[0]), np.float32)
+        if first is None:
+            first, check = logits, "baseline"
+        else:
+            agree = float((logits.argmax(-1) == first.argmax(-1)).mean())
+            check = f"top-1 agrees {100 * agree:.0f}%"
+        secs = time_call(jfwd, [(im,) for im in image_sets], repeats=repeats, inner=inner)
+        imgs = image_sets[0].shape[0] / secs
+        rows.append(Row("e2e", label, name, secs, rate=f"{imgs:.0f} img/s", check=check))
+    return rows
+
+
+def vim_forwards(model_name: str, batch: int, n_sets: int):
+    """bf16 and fp32 forwards of a randomly initialised Vim (selective_scan_ref inside)."""
+    from ptq4vm_jax import create_model
+
+    size = create_model(model_name).cfg.img_size
+    images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(n_sets)]
+    forwards = {}
+    for dname, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        model = create_model(model_name, dtype=dtype)
+        params = model.init(jax.random.key(0), images[0][:1])["params"]
+        forwards[f"{model_name} {dname} (scan: lax.scan)"] = functools.partial(
+            lambda p, mdl, im: mdl.apply({"params": p}, im), params, model)
+    return forwards, images
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@dataclasses.dataclass
+class RunConfig:
+    interpret: bool
+    repeats: int
+    inner: int
+    budget_s: float
+    peaks: tuple[float, float, float] | None
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def out_of_time(self, reserve_s: float = 0.0) -> bool:
+        return time.perf_counter() - self.start > self.budget_s - reserve_s
+
+    @staticmethod
+    def emit(row: Row) -> None:
+        t = "-" if row.seconds is None else f"{row.seconds * 1e6:.1f}"
+        print(f"  {row.section:4s} {row.shape:38s} {row.variant:34s} {t:>10s} us  {row.check}", flush=True)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    head = ("| section | shape | variant | median us | TOPS / T exp/s / img/s | % peak | GB/s | % HBM "
+            "| check |\n|---|---|---|---:|---:|---:|---:|---:|---|")
+    lines = [head]
+    for r in rows:
+        t = "-" if r.seconds is None else f"{r.seconds * 1e6:.1f}"
+        lines.append(f"| {r.section} | {r.shape} | {r.variant} | {t} | {r.rate} | {r.rate_pct} | {r.gbs} "
+                     f"| {r.hbm_pct} | {r.check} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="Vim-S GEMMs at batch 64 and two scans")
+    ap.add_argument("--interpret", action="store_true",
+                    help="run the Pallas kernels in interpret mode with tiny shapes (CPU smoke test)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model rows")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time a few GemmConfig / ScanConfig tiles (adds ~1 min)")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="stop starting new rows after this many seconds (default 420)")
+    args = ap.parse_args(argv)
+
+    dev = jax.devices()[0]
+    kind = dev.device_kind
+    if dev.platform != "gpu" and not args.interpret:
+        ap.error(f"no GPU (found {dev.platform}: {kind}); use --interpret for the CPU smoke test")
+    pk = None if args.interpret else peaks(kind)
+    quick = args.quick or args.interpret
+    cfg = RunConfig(args.interpret, repeats=3 if args.interpret else (10 if quick else 20),
+                    inner=1 if args.interpret else (5 if quick else 10), budget_s=args.budget_s, peaks=pk)
+    print(f"# Pallas kernel benchmark\n\n- device: {kind} ({dev.platform}), peaks (bf16 TFLOPS, int8 TOPS, "
+          f"HBM TB/s): {pk or 'unknown'}\n- jax {jax.__version__}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"argv: {' '.join(sys.argv[1:]) or '(full run)'}\n", flush=True)
+
+    if args.interpret:
+        models, batches = ["smoke"], [1]
+        scans = [("smoke", 1, SEQ, 128, 16), ("vmamba stage4", 1, 49, 96, 1)]
+        e2e = ("vim_micro", 2)
+    elif quick:
+        models, batches = ["vim_s"], [64]
+        scans = [("vim_s", 64, SEQ, 768, 16), ("vmamba stage1", 64, 3136, 96, 1)]
+        e2e = None
+    else:
+        models, batches = ["vim_s", "vim_t", "vim_b"], [64, 256]  # the first one runs before the scans
+        scans = [(m, 64, SEQ, 2 * VIM_DIMS[m], 16) for m in ("vim_t", "vim_s", "vim_b")]
+        scans += [("vim_b", 256, SEQ, 1536, 16)]
+        scans += [(f"vmamba stage{i + 1}", 64, s, e, 1) for i, (s, e) in enumerate(VMAMBA_SCANS)]
+        e2e = ("vim_tiny", 64)
+
+    # Most informative first, so a tight time budget drops the least: Vim-S GEMMs, scans, the rest.
+    rows = gemm_rows(models[:1], batches, cfg)
+    rows += scan_rows(scans, cfg)
+    rows += gemm_rows(models[1:], batches, cfg)
+    if args.sweep:
+        rows += sweep_rows(cfg)
+    if e2e and not args.no_e2e and not cfg.out_of_time(reserve_s=90.0):
+        forwards, images = vim_forwards(*e2e, n_sets=2)
+        e2e_rows = end_to_end_rows(forwards, images, label=f"batch {e2e[1]}", repeats=cfg.repeats,
+                                   inner=cfg.inner)
+        for r in e2e_rows:
+            cfg.emit(r)
+        rows += e2e_rows
+    print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
+    failed = [r for r in rows if "FAIL" in r.check or "MISMATCH" in r.check]
+    if failed:
+        print(f"{len(failed)} correctness check(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
