@@ -21,10 +21,11 @@ from ptq4vm_jax.calibrate.jlss import (
     nest_layers,
 )
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprint
-from ptq4vm_jax.models import canonical_name, create_model, model_family
+from ptq4vm_jax.models import canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.models.blockwise import Blockwise
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
+from ptq4vm_jax.quant.integer import store_weight
 from ptq4vm_jax.quant.layer import intercept_dense
 
 
@@ -90,8 +91,8 @@ def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) ->
     for path, st in layers.items():
         dense = get_path(params, path)
         out = {
-            "w_int": qz.quantize_weight_int(dense["kernel"].astype(jnp.float32), st["smooth"],
-                                            st["w_scale"], cfg.w_bits),
+            "w_int": store_weight(qz.quantize_weight_int(
+                dense["kernel"].astype(jnp.float32), st["smooth"], st["w_scale"], cfg.w_bits), cfg.w_bits),
             "w_scale": st["w_scale"], "smooth": st["smooth"],
             "a_scale": st["a_scale"], "a_zero": st["a_zero"].astype(jnp.int32),
         }
@@ -139,9 +140,9 @@ def quantize_params(
     family = model_family(name)
     cfg = (config or QuantConfig()).resolve(family)
     net = create_model(name, **overrides)
-    mcfg = net.cfg
-    images = jnp.asarray(calibration_images(
-        calib_ds, cfg.num_calib, image_size=mcfg.img_size, channels=mcfg.channels))
+    _, height, _, channels = image_shape(net)
+    images = jnp.asarray(calibration_images(calib_ds, cfg.num_calib, image_size=height,
+                                            channels=channels))
     params = jax.tree_util.tree_map(jnp.asarray, _copy_nested(params))
     _check_params(net, params, images.shape, name)
 

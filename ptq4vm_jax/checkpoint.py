@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ptq4vm_jax.models import canonical_name, create_model
+from ptq4vm_jax.models import canonical_name, create_model, image_shape
 
 FLOAT_FORMAT = "ptq4vm-jax/float-params"
 FLOAT_FORMAT_VERSION = 1
@@ -40,14 +40,7 @@ class CheckpointError(ValueError):
 def abstract_params(model_name: str, **overrides: Any) -> dict[str, Any]:
     """``ShapeDtypeStruct`` tree of ``create_model(model_name, **overrides)``'s params (no compute)."""
     model = create_model(model_name, **overrides)
-    cfg = getattr(model, "cfg", None)
-    size = getattr(cfg, "img_size", None)
-    channels = getattr(cfg, "channels", getattr(cfg, "in_chans", None))  # Vim / VMamba spelling
-    if size is None or channels is None:
-        raise TypeError(f"{type(model).__name__} has no cfg.img_size and cfg.channels (or in_chans), "
-                        "so its parameter shapes cannot be traced")
-    height, width = size if isinstance(size, tuple | list) else (size, size)
-    images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
+    images = jax.ShapeDtypeStruct(image_shape(model), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
 
@@ -240,3 +233,120 @@ def convert_checkpoint(checkpoint_path: str | os.PathLike, model_name: str, out_
     return save_params(out_dir, params, model_name=model_name, model_overrides=overrides,
                        source=os.path.basename(os.fspath(checkpoint_path)),
                        source_sha256=file_sha256(checkpoint_path), extra={"key": key})
+
+
+# ----------------------------------------------------------------------------- quantized models
+
+QUANT_FORMAT = "ptq4vm-jax/quantized"
+QUANT_FORMAT_VERSION = 1
+KNOWN_FORMATS[QUANT_FORMAT] = "ptq4vm_jax.checkpoint.load_quantized"
+
+
+def _quantized_abstract(name: str, overrides: Mapping[str, Any], layer_shapes: Mapping[str, Any]
+                        ) -> dict[str, Any]:
+    """Expected tree of a quantized checkpoint, derived from the model and checked against it."""
+    params = _copy_tree(abstract_params(name, **overrides))
+    qlayers: dict[str, Any] = {}
+    for path_s, shapes in layer_shapes.items():
+        path = tuple(path_s.split("/"))
+        node = params
+        for key in path:
+            if not isinstance(node, Mapping) or key not in node:
+                raise CheckpointError(f"quantized layer {path_s} does not exist in {name}")
+            node = node[key]
+        kernel = node.get("kernel")
+        if kernel is None or len(kernel.shape) != 2:
+            raise CheckpointError(f"{path_s} in {name} is not a linear layer")
+        k, n = kernel.shape
+        want = {"smooth": (k,), "w_scale": (n,)}
+        if "bias" in node:
+            want["bias"] = (n,)
+        for key, shape in want.items():
+            got = tuple(shapes[key][0]) if key in shapes else None
+            if got != shape:
+                raise CheckpointError(f"{path_s}/{key}: metadata says shape {got}, the model needs "
+                                      f"{shape}; the checkpoint does not belong to {name}")
+        q = {key: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+             for key, (shape, dtype) in shapes.items()}
+        parent = params
+        for key in path[:-1]:
+            parent = parent[key]
+        del parent[path[-1]]
+        node_q = qlayers
+        for key in path[:-1]:
+            node_q = node_q.setdefault(key, {})
+        node_q[path[-1]] = q
+    return {"params": _prune(params), "qlayers": qlayers}
+
+
+def _copy_tree(tree: Any) -> Any:
+    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _prune(tree: Any) -> Any:
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {k: _prune(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if not (isinstance(v, Mapping) and not v)}
+
+
+def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
+    flat = _flat(qlayers)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        path, _, leaf = key.rpartition("/")
+        arr = np.asarray(value)
+        out.setdefault(path, {})[leaf] = [list(arr.shape), arr.dtype.name]
+    return out
+
+
+def save_quantized(path: str | os.PathLike, qparams: Any, *, overwrite: bool = True) -> dict[str, Any]:
+    """Save a ``QuantizedParams`` (see README, "Quantized checkpoint layout"); returns the metadata."""
+    shapes = _layer_shapes(qparams.qlayers)
+    metadata = {
+        "format": QUANT_FORMAT, "format_version": QUANT_FORMAT_VERSION,
+        "model_name": qparams.model_name, "model_overrides": dict(qparams.model_overrides),
+        "config": qparams.config.to_json(), "calibration": qparams.summary, "layers": shapes,
+    }
+    tree = {"params": qparams.params, "qlayers": qparams.qlayers}
+    return write_checkpoint(path, tree, metadata, overwrite=overwrite)
+
+
+def load_quantized(path: str | os.PathLike) -> Any:
+    """Read a quantized checkpoint back into a ``QuantizedParams``, validating it on the way."""
+    from ptq4vm_jax.api import QuantizedParams
+    from ptq4vm_jax.quant.config import QuantConfig
+    from ptq4vm_jax.quant.quantizers import act_qmax, weight_qmax
+
+    path = os.path.abspath(os.fspath(path))
+    meta = read_metadata(path)
+    require_format(meta, path, format=QUANT_FORMAT, version=QUANT_FORMAT_VERSION, loader="load_quantized")
+    try:
+        name = canonical_name(meta["model_name"])
+        overrides = dict(meta.get("model_overrides") or {})
+        config = QuantConfig.from_json(meta["config"])
+        shapes = meta["layers"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{METADATA_FILE} is incomplete or invalid ({e}); re-create the "
+                              "checkpoint") from None
+    tree = restore_tree(path, _quantized_abstract(name, overrides, shapes))
+    a_max, w_max = act_qmax(config.a_bits), weight_qmax(config.w_bits)
+    for key, value in _flat(tree["qlayers"]).items():
+        layer, _, leaf = key.rpartition("/")
+        value = np.asarray(value)
+        bad = None
+        positive = np.all(np.isfinite(value)) and np.all(value > 0)
+        if leaf in ("smooth", "w_scale", "a_scale") and not positive:
+            bad = "must be finite and positive"
+        elif leaf == "a_zero" and (value.min() < 0 or value.max() > a_max):
+            bad = f"must lie in [0, {a_max}] for {config.a_bits}-bit activations"
+        elif leaf == "w_int" and config.w_bits > 4 and np.abs(value.astype(np.int32)).max() > w_max:
+            bad = f"must lie in [-{w_max}, {w_max}] for {config.w_bits}-bit weights"
+        if bad:
+            raise CheckpointError(f"{path}: {layer}/{leaf} {bad}; the checkpoint is corrupt")
+    return QuantizedParams(
+        params=jax.tree.map(jnp.asarray, tree["params"]),
+        qlayers=jax.tree.map(jnp.asarray, tree["qlayers"]),
+        model_name=name, config=config, model_overrides=tuple(sorted(overrides.items())),
+        info=json.dumps(meta.get("calibration", {})),
+    )

@@ -1,5 +1,11 @@
-from ptq4vm_jax.models.registry import canonical_name, create_model, list_models, model_family
+from ptq4vm_jax.models.registry import (
+    canonical_name,
+    create_model,
+    image_shape,
+    list_models,
+    model_family,
+)
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba
 
-__all__ = ["VimConfig", "VisionMamba", "canonical_name", "create_model", "list_models",
+__all__ = ["VimConfig", "VisionMamba", "canonical_name", "create_model", "image_shape", "list_models",
            "model_family"]

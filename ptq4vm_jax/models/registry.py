@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba
+from ptq4vm_jax.models.vmamba import VSSM, VMambaConfig
 
 _VIM_ALIASES = {
     "vim_tiny": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
@@ -49,11 +50,44 @@ for _short, _long in _VIM_ALIASES.items():
     _REGISTRY[_long] = _REGISTRY[_short]
 
 
+def _vmamba(**defaults: Any) -> Callable[..., nn.Module]:
+    def build(**overrides: Any) -> nn.Module:
+        fields = {f.name for f in dataclasses.fields(VMambaConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown VMamba argument(s) {unknown}; accepted: {sorted(fields)}")
+        return VSSM(VMambaConfig(**{**defaults, **overrides}))
+
+    return build
+
+
+# VMamba v2: vmamba_{tiny,small,base} are the vmambav2v_*_224 configs PTQ4VM quantizes.
+register("vmamba_tiny", "vmamba", _vmamba(depths=(2, 2, 8, 2), dims=96))
+register("vmamba_small", "vmamba", _vmamba(depths=(2, 2, 20, 2), dims=96))
+register("vmamba_base", "vmamba", _vmamba(depths=(2, 2, 20, 2), dims=128))
+register("vmambav2_tiny_224", "vmamba", _vmamba(depths=(2, 2, 5, 2), dims=96, ssm_ratio=2.0))
+register("vmambav2_small_224", "vmamba", _vmamba(depths=(2, 2, 15, 2), dims=96, ssm_ratio=2.0))
+register("vmambav2_base_224", "vmamba", _vmamba(depths=(2, 2, 15, 2), dims=128, ssm_ratio=2.0))
+register("vmamba_micro", "vmamba", _vmamba(img_size=32, depths=(1, 1, 2, 1), dims=16, num_classes=10))
+# Official config files, builder functions and MODEL.NAMEs -> our names.
+_VMAMBA_ALIASES = {
+    **{f"vmambav2v_{s}_224": f"vmamba_{s}" for s in ("tiny", "small", "base")},
+    "vmamba_tiny_s1l8": "vmamba_tiny", "vmamba_small_s1l20": "vmamba_small",
+    "vmamba_base_s1l20": "vmamba_base", "vmamba_tiny_s2l5": "vmambav2_tiny_224",
+    "vmamba_small_s2l15": "vmambav2_small_224", "vmamba_base_s2l15": "vmambav2_base_224",
+    "vssm1_tiny_0230s": "vmamba_tiny", "vssm1_small_0229s": "vmamba_small", "vssm1_base_0229s": "vmamba_base",
+    "vssm1_tiny_0230": "vmambav2_tiny_224", "vssm1_small_0229": "vmambav2_small_224",
+    "vssm1_base_0229": "vmambav2_base_224",
+}
+
+
 def canonical_name(name: str) -> str:
     """Official long names map to our short ones; unknown names raise with the list."""
     for short, long in _VIM_ALIASES.items():
         if name == long:
             return short
+    if name in _VMAMBA_ALIASES:
+        return _VMAMBA_ALIASES[name]
     if name not in _REGISTRY:
         known = sorted(n for n in _REGISTRY if n not in _VIM_ALIASES.values())
         raise ValueError(f"unknown model name {name!r}; known models: {', '.join(known)}")
@@ -71,3 +105,12 @@ def list_models() -> list[str]:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a model by name; ``overrides`` are the official constructor's size arguments."""
     return _REGISTRY[canonical_name(name)][1](**overrides)
+
+
+def image_shape(model: nn.Module, batch: int = 1) -> tuple[int, int, int, int]:
+    """NHWC input shape the model was built for (Vim says ``channels``, VMamba ``in_chans``)."""
+    cfg = model.cfg
+    size = cfg.img_size
+    channels = getattr(cfg, "channels", None) or cfg.in_chans
+    h, w = size if isinstance(size, tuple | list) else (size, size)
+    return (batch, h, w, channels)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig
+from ptq4vm_jax.quant.integer import int_linear, weight_codes
 
 MODES = ("fake", "int")
 
@@ -40,7 +41,8 @@ def lookup(tree: Mapping | None, path: tuple[str, ...]) -> Mapping | None:
 def dequantized_kernel(layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
     """Ŵ: from the float kernel (differentiable in σ and s_w) or from the stored integers."""
     if "w_int" in layer:
-        return layer["w_int"].astype(jnp.float32) * layer["w_scale"]
+        codes = weight_codes(layer["w_int"], cfg.w_bits, layer["smooth"].shape[0])
+        return codes.astype(jnp.float32) * layer["w_scale"]
     return qz.fake_quant_weight(layer["kernel"], layer["smooth"], layer["w_scale"], cfg.w_bits)
 
 
@@ -51,18 +53,21 @@ def fake_quant_input(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantCon
 
 
 def qlinear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig, mode: str) -> jax.Array:
-    """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic."""
-    out_dtype = x.dtype
-    bias = layer.get("bias")
-    if mode == "int" and cfg.method != "per_token_dynamic":
-        from ptq4vm_jax.quant.integer import int_linear
+    """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic.
 
+    A 2-D input (batch, features), e.g. the classifier head, is one token per example.
+    Integer mode needs static activation scales, so ``per_token_dynamic`` always runs fake.
+    """
+    if x.ndim == 2:
+        return qlinear(x[:, None, :], layer, cfg, mode)[:, 0, :]
+    out_dtype = x.dtype
+    if mode == "int" and "w_int" in layer and cfg.method != "per_token_dynamic":
         return int_linear(x, layer, cfg).astype(out_dtype)
     x_hat = fake_quant_input(x.astype(jnp.float32), layer, cfg)
     y = jnp.einsum("...k,kn->...n", x_hat, dequantized_kernel(layer, cfg),
                    precision=jax.lax.Precision.HIGHEST)
-    if bias is not None:
-        y = y + bias
+    if "bias" in layer:
+        y = y + layer["bias"]
     return y.astype(out_dtype)
 
 

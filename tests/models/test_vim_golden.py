@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert import load_torch_checkpoint
-from ptq4vm_jax import create_model
+from ptq4vm_jax import create_model, load_torch_checkpoint
 
 # Official constructor sizes of the registered full-size models.
 OFFICIAL_SIZES: dict[str, dict[str, int]] = {
