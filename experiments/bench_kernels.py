@@ -172,7 +172,7 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[Callable, Callable, str]]:
                                       preferred_element_type=jnp.int32),
             lambda m, k, n: m * k + k * n + 4 * m * n, "int8"),
         "xla w8a8 3-pass (qmatmul_ref)": (
-            lambda i: qmatmul_ref(*w8a8_args(i), out_dtype=bf16),
+            lambda i: qmatmul_ref(*w8a8_args(i), out_dtype=bf16, colsum=i["colsum"]),
             lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
         "pallas w8a8 fused": (
             lambda i: qmatmul(*w8a8_args(i), interpret=interpret, colsum=i["colsum"]),

@@ -335,9 +335,9 @@ def load_quantized(path: str | os.PathLike) -> Any:
         layer, _, leaf = key.rpartition("/")
         value = np.asarray(value)
         bad = None
-        positive = np.all(np.isfinite(value)) and np.all(value > 0)
-        if leaf in ("smooth", "w_scale", "a_scale") and not positive:
-            bad = "must be finite and positive"
+        usable = np.all(np.isfinite(value)) and np.all(value != 0)  # learned values carry no sign rule
+        if leaf in ("smooth", "w_scale", "a_scale") and not usable:
+            bad = "must be finite and non-zero"
         elif leaf == "a_zero" and (value.min() < 0 or value.max() > a_max):
             bad = f"must lie in [0, {a_max}] for {config.a_bits}-bit activations"
         elif leaf == "w_int" and config.w_bits > 4 and np.abs(value.astype(np.int32)).max() > w_max:
