@@ -149,10 +149,12 @@ def _zero_correction(a_zero: jax.Array, colsum: jax.Array, a_bits: int) -> jax.A
     return shift * colsum[None, :]
 
 
-def _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits):
+def _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum=None):
     w = _dense_weight(w_q, w_bits)
     acc = lax.dot_general(codes, w, (((2,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return acc + _zero_correction(a_zero, weight_colsum(w_q, w_bits), a_bits)
+    if colsum is None:
+        colsum = weight_colsum(w_q, w_bits)
+    return acc + _zero_correction(a_zero, colsum.astype(jnp.int32), a_bits)
 
 
 def _dequantize(acc, a_scale, w_scale, bias):
@@ -190,10 +192,15 @@ def qmatmul_ref(
     a_bits: int = 8,
     w_bits: int = 8,
     out_dtype=None,
+    colsum: jax.Array | None = None,
 ) -> jax.Array:
-    """Plain-XLA integer linear (quantize -> s8 x s8 -> s32 dot -> dequant); the non-Pallas path."""
+    """Plain-XLA integer linear (quantize -> s8 x s8 -> s32 dot -> dequant); the non-Pallas path.
+
+    ``colsum`` = :func:`weight_colsum` (precompute it once per layer); computed here when not given.
+    """
     _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
-    acc = qmatmul_int32_ref(x, w_q, smooth, a_scale, a_zero, a_bits=a_bits, w_bits=w_bits)
+    codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
+    acc = _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum)
     return _dequantize(acc, a_scale, w_scale, bias).astype(out_dtype or x.dtype)
 
 

@@ -122,7 +122,8 @@ def test_two_pass_codes_path_matches_reference():
     y = qmatmul_codes(codes, inp["w_q"], inp["w_scale"], inp["a_scale"], inp["a_zero"], inp["bias"],
                       interpret=True)
     y_ref = qmatmul_ref(inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"],
-                        inp["a_zero"], inp["bias"], out_dtype=jnp.float32)
+                        inp["a_zero"], inp["bias"], out_dtype=jnp.float32,
+                        colsum=weight_colsum(inp["w_q"], 8))
     r = np.asarray(y_ref)
     np.testing.assert_allclose(np.asarray(y), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
 
