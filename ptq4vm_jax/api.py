@@ -23,6 +23,7 @@ from ptq4vm_jax.calibrate.jlss import (
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprint
 from ptq4vm_jax.models import canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
 from ptq4vm_jax.quant.integer import store_weight
@@ -239,7 +240,7 @@ def quantized_apply(
         if isinstance(model, str) and canonical_name(model) != qparams.model_name:
             raise ValueError(f"qparams were made for {qparams.model_name}, not {model}")
         model = qparams.model()
-    with intercept_dense(qparams.qlayers, qparams.config, mode):
+    with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(mode == "int"):
         return model.apply({"params": qparams.params}, images)
 
 

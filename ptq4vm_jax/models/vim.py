@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
-from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan_ref
+from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ class BiMambaMixer(nn.Module):
         dt, b, cc = jnp.split(x_dbl, [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
         dt = dt_proj(dt)
         a = -jnp.exp(a_log.astype(jnp.float32))
-        return selective_scan_ref(x, dt, a, b, cc, D=d, z=z, delta_softplus=True)
+        return selective_scan(x, dt, a, b, cc, D=d, z=z, delta_softplus=True)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         xz = self.in_proj(hidden.astype(self.cfg.dtype))

@@ -6,6 +6,10 @@ against, and the path every non-GPU backend runs.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -60,6 +64,35 @@ def selective_scan_ref(
     if z is not None:
         y = y * jax.nn.silu(z.astype(jnp.float32))
     return y.astype(out_dtype)
+
+
+_USE_KERNEL = contextvars.ContextVar("ptq4vm_scan_kernel", default=False)
+
+
+@contextlib.contextmanager
+def scan_kernel(enabled: bool = True) -> Iterator[None]:
+    """Within this context (at trace time), ``selective_scan`` runs the Pallas kernel on GPU.
+
+    Off by default because the kernel is forward-only: calibration differentiates through the
+    scan, inference (``quantized_apply(mode="int")``, benchmarks) turns it on.
+    """
+    token = _USE_KERNEL.set(enabled)
+    try:
+        yield
+    finally:
+        _USE_KERNEL.reset(token)
+
+
+def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                   D: jax.Array | None = None, z: jax.Array | None = None,
+                   delta_bias: jax.Array | None = None, delta_softplus: bool = True,
+                   reverse: bool = False) -> jax.Array:
+    """The scan every model calls: the Pallas kernel on GPU inside ``scan_kernel()``, else the reference."""
+    if _USE_KERNEL.get() and jax.default_backend() == "gpu":
+        from pallas_kernels.selective_scan import selective_scan as kernel
+
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
 def causal_depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
