@@ -1,0 +1,267 @@
+"""``ptq4vm``: demo, convert, quantize, eval. Argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """Fixed-width table; cols are (key, header, format)."""
+    cells = [[h for _, h, _ in cols]] + [
+        [("-" if r.get(k) is None else format(r[k], f)) for k, _, f in cols] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    line = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def _data_source(spec: str, data_dir: str | None) -> Any:
+    """``tfds:NAME:SPLIT`` (array_record data source, no TensorFlow) or ``digits:SPLIT`` (built in)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "digits":
+        from ptq4vm_jax.data import load_digits_dataset
+
+        return load_digits_dataset(rest or "test")
+    if kind == "tfds":
+        name, _, split = rest.partition(":")
+        if not name or not split:
+            raise SystemExit(f"--data/--calib {spec!r}: expected tfds:NAME:SPLIT, e.g. "
+                             "tfds:imagenet2012:validation")
+        import tensorflow_datasets as tfds
+
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir)
+        except Exception as e:  # tfds raises many types; the user needs the path advice
+            raise SystemExit(
+                f"could not open {spec} (data_dir={data_dir}): {e}\nPrepare the dataset with tfds "
+                "(array_record format) under --data-dir; nothing is downloaded at run time."
+            ) from None
+    raise SystemExit(f"unknown data spec {spec!r}: use tfds:NAME:SPLIT or digits:train|test")
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``--model-arg embed_dim=64`` -> {"embed_dim": 64} (values parsed as Python literals)."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. embed_dim=384")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
+    """(model name, model overrides, float params) from --checkpoint or --params."""
+    from ptq4vm_jax import load_params, load_torch_checkpoint
+
+    if bool(args.checkpoint) == bool(args.params):
+        raise SystemExit("give exactly one of --checkpoint (official .pth/.safetensors) or --params "
+                         "(an Orbax dir written by `ptq4vm convert`)")
+    if args.checkpoint:
+        if not args.model:
+            raise SystemExit("--checkpoint needs --model (e.g. vim_tiny)")
+        overrides = _overrides(args.model_arg)
+        return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model, key=args.key,
+                                                            **overrides)
+    params, meta = load_params(args.params, model_name=args.model)
+    return meta["model_name"], dict(meta.get("model_overrides") or {}), params
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from ptq4vm_jax.checkpoint import convert_checkpoint
+
+    meta = convert_checkpoint(args.checkpoint, args.model, args.out, key=args.key,
+                              **_overrides(args.model_arg))
+    print(f"wrote {args.out}: {meta['model_name']} from {meta['source']} (sha256 {meta['source_sha256']})")
+
+
+def _config(args: argparse.Namespace):
+    from ptq4vm_jax import QuantConfig
+
+    return QuantConfig(
+        w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, num_calib=args.num_calib,
+        epochs=args.epochs, train_batch=args.train_batch, alpha=args.alpha,
+        train_inner_proj=not args.official_inner_proj, act_grid=args.act_grid,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from ptq4vm_jax import quantize_params, save_quantized
+
+    name, overrides, params = _load_float(args)
+    calib = _data_source(args.calib, args.data_dir)
+    if isinstance(calib, tuple):
+        calib = calib[0]
+    qp = quantize_params(params, calib, model=name, config=_config(args), model_overrides=overrides,
+                         resume_dir=args.resume)
+    save_quantized(args.out, qp)
+    s = qp.summary
+    print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s; "
+          f"wrote {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ptq4vm_jax import create_model, load_quantized, quantized_apply
+    from ptq4vm_jax.data import eval_batches
+    from ptq4vm_jax.distributed import data_parallel, maybe_initialize_distributed
+    from ptq4vm_jax.evaluate import evaluate
+    from ptq4vm_jax.models import image_shape
+
+    maybe_initialize_distributed()
+    if args.quantized:
+        qp = load_quantized(args.quantized)
+        model = qp.model()
+        logits_fn = data_parallel(lambda q, x: quantized_apply(model, q, x, mode=args.mode), qp)
+    else:
+        name, overrides, params = _load_float(args)
+        model = create_model(name, **overrides)
+        logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
+    source = _data_source(args.data, args.data_dir)
+    batches = eval_batches(source, args.batch_size, image_size=image_shape(model)[1])
+    metrics = evaluate(logits_fn, batches, num_examples=args.limit)
+    print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']})")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import jax
+    import numpy as np
+
+    from ptq4vm_jax import (
+        QuantConfig,
+        create_model,
+        load_params,
+        quantize_params,
+        quantized_apply,
+        save_quantized,
+    )
+    from ptq4vm_jax.data import load_digits_dataset
+    from ptq4vm_jax.evaluate import compare_logits
+
+    t_start = time.perf_counter()
+    params, meta = load_params(ASSETS / args.model, model_name=args.model)
+    model = create_model(args.model)
+    size = model.cfg.img_size
+    calib, _ = load_digits_dataset("train", image_size=size)
+    test_x, test_y = load_digits_dataset("test", image_size=size)
+    fp_logits = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(test_x))
+    rows = [dict(name="float32", top1=100 * float(np.mean(fp_logits.argmax(-1) == test_y)),
+                 agreement=100.0, kl=0.0)]
+    runs = [("RTN W8A8", QuantConfig(8, 8, method="rtn")),
+            ("PTQ4VM W8A8", QuantConfig(8, 8)),
+            ("RTN W4A8", QuantConfig(4, 8, method="rtn")),
+            ("PTQ4VM W4A8", QuantConfig(4, 8))]
+    out = Path(args.out).absolute()
+    for label, cfg in runs:
+        if args.epochs is not None:
+            cfg = dataclasses.replace(cfg, epochs=args.epochs)
+        print(f"== {label}")
+        t0 = time.perf_counter()
+        qp = quantize_params(params, calib, model=args.model, config=cfg, progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        logits = np.asarray(jax.jit(lambda x, qp=qp: quantized_apply(model, qp, x))(test_x))
+        cmp = compare_logits(fp_logits, logits)
+        target = out / label.lower().replace(" ", "_")
+        save_quantized(target, qp)
+        rows.append(dict(name=label, top1=100 * float(np.mean(logits.argmax(-1) == test_y)),
+                         agreement=100 * cmp["agreement"], kl=cmp["mean_kl"], seconds=seconds))
+    print(f"\n{args.model} on the digits test split ({len(test_y)} images); calibration on the "
+          f"first {runs[0][1].num_calib} train images")
+    print(_table(rows, [("name", "model", "s"), ("top1", "top-1 %", ".2f"),
+                        ("agreement", "agree w/ FP %", ".2f"), ("kl", "KL to FP", ".2e"),
+                        ("seconds", "calib s", ".1f")]))
+    print(f"\nquantized checkpoints in {out}; total {time.perf_counter() - t_start:.0f}s")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptq4vm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")
+    d.add_argument("--model", default="vim_micro")
+    d.add_argument("--out", default="ptq4vm_demo_out", help="where the quantized checkpoints go")
+    d.add_argument("--epochs", type=int, default=None, help="JLSS steps per block (default: recipe)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="official .pth/.safetensors -> Orbax float params")
+    c.add_argument("--model", required=True)
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--key", default="model", help="sub-dict of the checkpoint (model, model_ema)")
+    c.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="official constructor size argument, e.g. embed_dim=384 (repeatable)")
+    c.set_defaults(func=cmd_convert)
+
+    def source_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", help="model name (required with --checkpoint)")
+        sp.add_argument("--checkpoint", help="official .pth/.safetensors")
+        sp.add_argument("--params", help="Orbax float params dir (ptq4vm convert)")
+        sp.add_argument("--key", default="model")
+        sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                        help="official constructor size argument for --checkpoint (repeatable)")
+        sp.add_argument("--data-dir", default=None, help="tfds data_dir")
+
+    q = sub.add_parser("quantize", help="PTQ4VM-quantize a model and save an Orbax checkpoint")
+    source_args(q)
+    q.add_argument("--calib", default="tfds:imagenet2012:train")
+    q.add_argument("--num-calib", type=int, default=256)
+    q.add_argument("--w-bits", type=int, default=8)
+    q.add_argument("--a-bits", type=int, default=8)
+    q.add_argument("--method", default="ptq4vm",
+                   choices=["ptq4vm", "pts_only", "rtn", "per_token_dynamic"])
+    q.add_argument("--epochs", type=int, default=None)
+    q.add_argument("--train-batch", type=int, default=None)
+    q.add_argument("--alpha", type=float, default=None)
+    q.add_argument("--act-grid", default="fixed", choices=["fixed", "official"])
+    q.add_argument("--official-inner-proj", action="store_true",
+                   help="train only in_proj/out_proj like the released Vim code")
+    q.add_argument("--resume", default=None, help="directory for per-block resume state")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model")
+    e.add_argument("--model", default=None)
+    e.add_argument("--checkpoint")
+    e.add_argument("--params")
+    e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize`")
+    e.add_argument("--key", default="model")
+    e.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    e.add_argument("--mode", default="fake", choices=["fake", "int"])
+    e.add_argument("--data", default="tfds:imagenet2012:validation")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
