@@ -15,9 +15,12 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
 
 Every kernel is checked against its reference on the first input set before it is timed
 (``check`` column: int32 accumulators exact, float outputs as max |err| / max |ref|).
-Timing: compile + one warm-up call per input set, then ``repeats`` samples of ``inner``
-back-to-back calls (inputs rotate over several sets so the 50 MB L2 cannot hold them all),
-block_until_ready after each sample, median seconds per call.
+Timing (kernels): one jitted call runs the op once on each of 2..16 distinct input sets
+(together larger than the 50 MB L2; several ops per call also amortise host dispatch, which
+would otherwise dominate few-microsecond kernels). After compile + warm-up, ``repeats``
+samples of ``inner`` back-to-back calls, block_until_ready per sample; median seconds per op.
+XLA may fuse small elementwise passes of different sets horizontally, which can only flatter
+the XLA variants. Model forwards are timed per call (milliseconds each).
 """
 
 from __future__ import annotations
@@ -81,8 +84,27 @@ def peaks(device_kind: str) -> tuple[float, float, float] | None:
     return None
 
 
+def time_ops(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int) -> float:
+    """Median seconds per op: each timed call runs ``fn`` once per input set inside one jit.
+
+    Kernels of a few microseconds would otherwise measure host dispatch; ``inner`` calls are
+    queued back to back and ``block_until_ready`` closes each of the ``repeats`` samples.
+    """
+    batched = jax.jit(lambda sets: [fn(*args) for args in sets])
+    sets = [tuple(args) for args in arg_sets]
+    jax.block_until_ready(batched(sets))  # compile + warm every set
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = batched(sets)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / (inner * len(sets)))
+    return statistics.median(samples)
+
+
 def time_call(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int) -> float:
-    """Median seconds per call over ``repeats`` samples of ``inner`` back-to-back calls."""
+    """Median seconds per call of a jitted ``fn`` (for millisecond-scale model forwards)."""
     for args in arg_sets:  # compile, then warm every input set once
         jax.block_until_ready(fn(*args))
     samples, i = [], 0
@@ -97,8 +119,8 @@ def time_call(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: i
 
 
 def n_input_sets(set_bytes: float) -> int:
-    """Enough rotating input sets that together they overflow L2 (2..6)."""
-    return int(min(6, max(2, math.ceil(2 * L2_BYTES / max(set_bytes, 1)))))
+    """Enough distinct input sets that together they overflow L2 (2..16)."""
+    return int(min(16, max(2, math.ceil(2 * L2_BYTES / max(set_bytes, 1)))))
 
 
 def rel_err(y, ref) -> float:
@@ -152,60 +174,53 @@ def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
     return inp
 
 
-def gemm_variants(interpret: bool) -> dict[str, tuple[Callable, Callable, str]]:
-    """name -> (fn(inp), bytes(m, k, n), peak kind). Weights and scales are inputs, as at inference."""
+def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable, Callable, str]]:
+    """name -> (input keys, fn(*inputs), bytes(m, k, n), peak kind). Weights, scales and column
+    sums are inputs, as at inference; only the arrays a variant reads are passed to it."""
     bf16 = jnp.bfloat16
+    w8a8 = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias", "colsum")
+    w4a4 = ("x", "w4", "w_scale", "smooth", "a_scale4", "a_zero4", "bias", "colsum4")
+    fused_bytes = lambda m, k, n: 2 * m * k + k * n + 2 * m * n  # bf16 x in, int8 w, bf16 y out
 
-    def w8a8_args(i):
-        return (i["x"], i["w"], i["w_scale"], i["smooth"], i["a_scale"], i["a_zero"], i["bias"])
+    def two_pass(x, w, w_scale, smooth, a_scale, a_zero, bias, colsum):
+        codes = quantize_activations(x, smooth, a_scale, a_zero)
+        return qmatmul_codes(codes, w, w_scale, a_scale, a_zero, bias, out_dtype=bf16,
+                             interpret=interpret, colsum=colsum)
 
-    def two_pass(i):
-        codes = quantize_activations(i["x"], i["smooth"], i["a_scale"], i["a_zero"])
-        return qmatmul_codes(codes, i["w"], i["w_scale"], i["a_scale"], i["a_zero"], i["bias"],
-                             out_dtype=bf16, interpret=interpret, colsum=i["colsum"])
+    def fused(a_bits, w_bits):
+        return lambda *a: qmatmul(*a[:7], a_bits=a_bits, w_bits=w_bits, interpret=interpret, colsum=a[7])
 
     return {
-        "xla bf16 dot": (lambda i: jnp.dot(i["x"], i["w_bf16"]),
+        "xla bf16 dot": (("x", "w_bf16"), jnp.dot,
                          lambda m, k, n: 2 * m * k + 2 * k * n + 2 * m * n, "bf16"),
         "xla s8 dot only (s32 out)": (
-            lambda i: lax.dot_general(i["codes"], i["w"], (((2,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.int32),
+            ("codes", "w"),
+            lambda q, w: lax.dot_general(q, w, (((2,), (0,)), ((), ())), preferred_element_type=jnp.int32),
             lambda m, k, n: m * k + k * n + 4 * m * n, "int8"),
         "xla w8a8 3-pass (qmatmul_ref)": (
-            lambda i: qmatmul_ref(*w8a8_args(i), out_dtype=bf16, colsum=i["colsum"]),
-            lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
-        "pallas w8a8 fused": (
-            lambda i: qmatmul(*w8a8_args(i), interpret=interpret, colsum=i["colsum"]),
-            lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
-        "pallas w8a8 2-pass": (two_pass, lambda m, k, n: 2 * m * k + k * n + 2 * m * n, "int8"),
-        "pallas w4a4 fused": (
-            lambda i: qmatmul(i["x"], i["w4"], i["w_scale"], i["smooth"], i["a_scale4"], i["a_zero4"],
-                              i["bias"], a_bits=4, w_bits=4, interpret=interpret, colsum=i["colsum4"]),
-            lambda m, k, n: 2 * m * k + k * n // 2 + 2 * m * n, "int8"),
+            w8a8, lambda *a: qmatmul_ref(*a[:7], out_dtype=bf16, colsum=a[7]), fused_bytes, "int8"),
+        "pallas w8a8 fused": (w8a8, fused(8, 8), fused_bytes, "int8"),
+        "pallas w8a8 2-pass": (w8a8, two_pass, fused_bytes, "int8"),
+        "pallas w4a4 fused": (w4a4, fused(4, 4), lambda m, k, n: 2 * m * k + k * n // 2 + 2 * m * n, "int8"),
     }
 
 
 def check_gemm(name: str, inp: dict, interpret: bool, exact: bool) -> str:
     """Kernel vs reference on one input set; the int32 accumulator only where ``exact``."""
-    bf16 = jnp.bfloat16
     if name.startswith("xla"):
         return "ref" if "qmatmul_ref" in name else "-"
-    w4 = "w4a4" in name
-    a_bits = w_bits = 4 if w4 else 8
-    w, a_scale, a_zero = (inp["w4"], inp["a_scale4"], inp["a_zero4"]) if w4 else (
-        inp["w"], inp["a_scale"], inp["a_zero"])
+    keys, fn, _, _ = gemm_variants(interpret)[name]
+    x, w, w_scale, smooth, a_scale, a_zero, bias, _ = (inp[k] for k in keys)
+    bits = dict(a_bits=4, w_bits=4) if "w4a4" in name else dict(a_bits=8, w_bits=8)
     notes = []
     if exact and "fused" in name:
-        qargs = (inp["x"], w, inp["smooth"], a_scale, a_zero)
-        bits = dict(a_bits=a_bits, w_bits=w_bits)
+        qargs = (x, w, smooth, a_scale, a_zero)
         acc = np.asarray(qmatmul_int32(*qargs, interpret=interpret, **bits))
         ref = np.asarray(qmatmul_int32_ref(*qargs, **bits))
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
-    y_ref = qmatmul_ref(inp["x"], w, inp["w_scale"], inp["smooth"], a_scale, a_zero, inp["bias"],
-                        a_bits=a_bits, w_bits=w_bits, out_dtype=bf16)
-    y = gemm_variants(interpret)[name][0](inp)
-    err = rel_err(y, y_ref)
+    y_ref = qmatmul_ref(x, w, w_scale, smooth, a_scale, a_zero, bias, out_dtype=jnp.bfloat16, **bits)
+    err = rel_err(fn(*(inp[k] for k in keys)), y_ref)
     notes.append(f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL"))
     return ", ".join(notes)
 
@@ -219,13 +234,13 @@ def gemm_rows(models: Sequence[str], batches: Sequence[int], cfg) -> list[Row]:
                 nsets = 2 if cfg.interpret else n_input_sets(2 * m * k)
                 sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(nsets)]
                 shape = f"{model} {lname} M={m} K={k} N={n}"
-                for vname, (fn, nbytes, kind) in gemm_variants(cfg.interpret).items():
+                for vname, (keys, fn, nbytes, kind) in gemm_variants(cfg.interpret).items():
                     if cfg.out_of_time():
                         rows.append(Row("gemm", shape, vname, None, check="skipped: time budget"))
                         continue
                     check = check_gemm(vname, sets[0], cfg.interpret, exact=bi == 0)
-                    jfn = jax.jit(fn)
-                    secs = time_call(jfn, [(s,) for s in sets], repeats=cfg.repeats, inner=cfg.inner)
+                    arg_sets = [tuple(st[key] for key in keys) for st in sets]
+                    secs = time_ops(fn, arg_sets, repeats=cfg.repeats, inner=cfg.inner)
                     peak = None if cfg.peaks is None else cfg.peaks[0 if kind == "bf16" else 1] * 1e12
                     hbm = None if cfg.peaks is None else cfg.peaks[2]
                     rate, rate_pct = rate_cells(2 * m * k * n, secs, peak)
@@ -293,7 +308,7 @@ def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row
             err = rel_err(jfn(*sets[0]), y_ref)
             check = "ref" if "selective_scan_ref" in vname else f"rel {err:.1e}" + (
                 "" if err < 1e-4 else " FAIL")
-            secs = time_call(jfn, sets, repeats=cfg.repeats, inner=cfg.inner)
+            secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
             rate, pct = rate_cells(batch * seq * e * n, secs, EXP_PEAK if cfg.peaks else None)
             gbs, hbm_pct = bw_cells(io_bytes, secs, None if cfg.peaks is None else cfg.peaks[2])
             rows.append(Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check))
@@ -318,11 +333,11 @@ def sweep_rows(cfg) -> list[Row]:
         for gc in configs:
             if cfg.out_of_time():
                 break
-            fn = jax.jit(lambda i, gc=gc: qmatmul(i["x"], i["w"], i["w_scale"], i["smooth"], i["a_scale"],
-                                                  i["a_zero"], i["bias"], interpret=cfg.interpret,
-                                                  config=gc, colsum=i["colsum"]))
-            err = rel_err(fn(i0), y_ref)
-            secs = time_call(fn, [(x,) for x in sets], repeats=cfg.repeats, inner=cfg.inner)
+            fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
+            keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
+            err = rel_err(fn(*(i0[key] for key in keys), colsum=i0["colsum"]), y_ref)
+            arg_sets = [tuple(st[key] for key in keys) for st in sets]
+            secs = time_ops(fn, arg_sets, repeats=cfg.repeats, inner=cfg.inner)
             rate, pct = rate_cells(2 * m * k * n, secs, peak)
             tiles = f"{gc.block_m}x{gc.block_n}x{gc.block_k} w{gc.num_warps} s{gc.num_stages}"
             rows.append(Row("sweep", f"vim_s {lname} M={m} K={k} N={n}", f"pallas w8a8 fused {tiles}", secs,
@@ -336,9 +351,9 @@ def sweep_rows(cfg) -> list[Row]:
             if cfg.out_of_time():
                 break
             sc = ScanConfig(block_e, warps, 2)
-            fn = jax.jit(functools.partial(selective_scan, interpret=cfg.interpret, config=sc))
+            fn = functools.partial(selective_scan, interpret=cfg.interpret, config=sc)
             err = rel_err(fn(*sets[0]), y_ref)
-            secs = time_call(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
+            secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
             label = f"pallas scan block_e={block_e} w{warps}"
             rows.append(Row("sweep", f"scan L={seq} E={e} N={n_state}", label, secs,
                             check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")))
