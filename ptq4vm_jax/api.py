@@ -12,6 +12,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ptq4vm_jax.calibrate.jlss import (
     Path,
@@ -146,6 +147,7 @@ def quantize_params(
                                             channels=channels))
     params = jax.tree_util.tree_map(jnp.asarray, _copy_nested(params))
     _check_params(net, params, images.shape, name)
+    images = _spread_over_devices(images, cfg.train_batch, log)
 
     paths = [p for p in dense_paths(net, params, images.shape) if is_quantized(p, cfg.rules)]
     if not paths:
@@ -173,11 +175,26 @@ def quantize_params(
     info = dict(
         calibration_seconds=seconds,
         num_calib=int(images.shape[0]),
+        devices=len(images.sharding.device_set),
         quantized_layers=[path_str(p) for p in paths],
         stages=[dataclasses.asdict(r) for r in reports],
     )
     return QuantizedParams(params=float_params, qlayers=qlayers, model_name=name, config=cfg,
                            model_overrides=tuple(sorted(overrides.items())), info=json.dumps(info))
+
+
+def _spread_over_devices(images: jax.Array, train_batch: int, log: Callable[[str], None]) -> jax.Array:
+    """Shard the calibration batch over local devices; every chain and step follows (GSPMD)."""
+    n = jax.local_device_count()
+    if n == 1:
+        return images
+    if train_batch % n:
+        log(f"train_batch {train_batch} is not a multiple of the {n} local devices: calibrating on one")
+        return images
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    return jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
 
 
 def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:

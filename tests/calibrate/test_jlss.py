@@ -161,3 +161,35 @@ def test_bad_inputs_are_explained(setup):
         quantize_params(params, images[:, :16, :16], model=MODEL, config=BASE, progress=False)
     with pytest.raises(ValueError, match="w_bits must be an integer from 2 to 8"):
         QuantConfig(w_bits=1)
+
+
+def test_calibration_runs_data_parallel_over_local_devices():
+    """Four virtual CPU devices calibrate to the same state as one (up to reduction order)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import jax, numpy as np
+        from ptq4vm_jax import create_model, quantize_params, QuantConfig
+        from ptq4vm_jax.api import quantized_layers
+        m = create_model("vim_nano")
+        x = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
+        p = m.init(jax.random.key(1), x[:1])["params"]
+        qp = quantize_params(p, x, model="vim_nano", config=QuantConfig(4, 4, num_calib=8, epochs=3),
+                             progress=False)
+        print("devices", jax.local_device_count(), qp.summary["devices"])
+        layer = quantized_layers(qp)[("layers_1", "mixer", "out_proj")]
+        print(" ".join(f"{v:.5e}" for v in np.asarray(layer["a_scale"])[:6]))
+    """)
+    outs = {}
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = r.stdout.strip().splitlines()
+        assert lines[-2] == f"devices {n} {n}"  # calibration really used every device
+        outs[n] = np.array([float(v) for v in lines[-1].split()])
+    np.testing.assert_allclose(outs[4], outs[1], rtol=1e-3)
