@@ -112,6 +112,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                          resume_dir=args.resume)
     save_quantized(args.out, qp)
     s = qp.summary
+    print(_table(s["stages"], [("name", "block", "s"), ("loss_init", "loss (PTS init)", ".5f"),
+                               ("loss_final", "loss (learned)", ".5f"), ("seconds", "seconds", ".1f")]))
     print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s; "
           f"wrote {args.out}")
 

@@ -31,7 +31,8 @@ def model_params_images():
     return model, params, images
 
 
-@pytest.fixture(scope="module", params=[(8, 8), (4, 4)], ids=["w8a8", "w4a4"])
+@pytest.fixture(scope="module", params=[(8, 8), (6, 6), (4, 8), (4, 4)],
+                ids=["w8a8", "w6a6", "w4a8", "w4a4"])
 def qparams(request, model_params_images):
     _, params, images = model_params_images
     w, a = request.param
@@ -66,7 +67,7 @@ def test_four_bit_weights_are_packed(qparams):
     layer = qparams.qlayers["layers_0"]["mixer"]["in_proj"]
     k = layer["smooth"].shape[0]
     rows = layer["w_int"].shape[0]
-    assert rows == (k + 1) // 2 if qparams.config.w_bits == 4 else rows == k
+    assert rows == ((k + 1) // 2 if qparams.config.w_bits == 4 else k)
 
 
 def test_metadata_describes_the_layout(qparams, tmp_path):
