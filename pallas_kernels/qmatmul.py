@@ -3,10 +3,13 @@
 Quantization scheme (ptq4vm-method.md §3, §11.6): activations per token position, static,
 asymmetric, unsigned; weights per output channel, symmetric, already smoothed and rounded.
 
-    q[b,l,k]  = clip(round((x[b,l,k] / smooth[k]) / a_scale[l]) + a_zero[l], 0, 2^a_bits - 1)
+    q[b,l,k]  = clip(round((x[b,l,k] * (1/smooth[k])) * (1/a_scale[l])) + a_zero[l], 0, 2^a_bits - 1)
     y[b,l,n]  = a_scale[l] * w_scale[n] * sum_k (q[b,l,k] - a_zero[l]) * w_q[k,n] + bias[n]
 
-``round`` is round-half-to-even (``jnp.round``). The product runs in int8 with an int32
+``round`` is round-half-to-even (``jnp.round``). The division is written as multiplication by
+IEEE reciprocals because that is what XLA computes for the fake-quant ``(x / smooth) / a_scale``
+(its algebraic simplifier turns a divide by a broadcast into a multiply by the reciprocal), so
+fake-quant, reference and kernel agree bit for bit. The product runs in int8 with an int32
 accumulator: codes ``q - c`` with ``c = 2^(a_bits-1)`` fit int8, and the zero point is
 restored exactly with the weight column sums,
 ``sum_k (q - z) w = sum_k (q - c) w + (c - z) * colsum(w)``.
@@ -133,11 +136,17 @@ def _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits) 
         raise ValueError(f"bias must be (N,) = ({n},), got {bias.shape}")
 
 
+def _reciprocal(v: jax.Array) -> jax.Array:
+    """IEEE f32 1/v, computed once per layer; the quantizer multiplies by it (see module doc)."""
+    return 1.0 / v.astype(jnp.float32)
+
+
 def quantize_activations(
     x: jax.Array, smooth: jax.Array, a_scale: jax.Array, a_zero: jax.Array, *, a_bits: int = 8
 ) -> jax.Array:
     """Signed int8 codes ``q - 2^(a_bits-1)`` of (B, L, K) activations (fuses into the producer in XLA)."""
-    v = x.astype(jnp.float32) / smooth.astype(jnp.float32) / a_scale.astype(jnp.float32)[:, None]
+    inv_smooth, inv_scale = _reciprocal(smooth), _reciprocal(a_scale)
+    v = x.astype(jnp.float32) * inv_smooth * inv_scale[:, None]
     qmax = 2**a_bits - 1
     q = jnp.clip(jnp.round(v) + a_zero.astype(jnp.float32)[:, None], 0, qmax)
     return (q.astype(jnp.int32) - 2 ** (a_bits - 1)).astype(jnp.int8)
@@ -262,7 +271,7 @@ def _load(ref, mask, other):
 
 
 def _ptx(asm: str, *args: jax.Array) -> jax.Array:
-    """Elementwise PTX on f32 (exact IEEE ops that Triton's defaults replace by approximations)."""
+    """Elementwise f32 PTX instruction (for operations Triton does not lower)."""
     args = jnp.broadcast_arrays(*args)
     constraints = ",".join(["=f"] + ["f"] * len(args))
     (out,) = plt.elementwise_inline_asm(
@@ -275,28 +284,22 @@ def _ptx(asm: str, *args: jax.Array) -> jax.Array:
     return out
 
 
-def _quantize_tile(x, smooth, a_scale, zero_f, a_bits, exact_ptx):
+def _quantize_tile(x, inv_smooth, inv_scale, zero_f, a_bits, exact_ptx):
     """Prologue: int8 codes of one (bm, bk) tile, bit-identical to :func:`quantize_activations`.
 
-    Triton lowers f32 ``/`` to the approximate ``div.full.f32`` and has no ``round``; on the GPU
-    we emit IEEE ``div.rn.f32`` and ``cvt.rni`` (round half to even) so codes match XLA exactly.
+    Triton has no ``round`` lowering; on the GPU the kernel emits PTX ``cvt.rni.f32.f32``
+    (round half to even, one instruction), in interpret mode ``jnp.round`` (same IEEE rule).
     """
-    x = x.astype(jnp.float32)
-    if exact_ptx:
-        v = _ptx("div.rn.f32 $0, $1, $2;", _ptx("div.rn.f32 $0, $1, $2;", x, smooth), a_scale)
-        r = _ptx("cvt.rni.f32.f32 $0, $1;", v)
-    else:
-        r = jnp.round(x / smooth / a_scale)
+    v = (x.astype(jnp.float32) * inv_smooth) * inv_scale
+    r = _ptx("cvt.rni.f32.f32 $0, $1;", v) if exact_ptx else jnp.round(v)
     q = jnp.clip(r + zero_f, 0.0, float(2**a_bits - 1))
     return (q.astype(jnp.int32) - 2 ** (a_bits - 1)).astype(jnp.int8)
 
 
 def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits, cfg, exact_ptx):
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    sm_ref = refs.pop(0) if fused else None
-    w_ref, as_ref, az_ref, cs_ref = refs[:4]
-    refs = refs[4:]
+    # Operand order of _gemm_call: x, w, a_scale, a_zero, colsum, then the optional ones.
+    x_ref, w_ref, as_ref, az_ref, cs_ref, *refs = refs
+    sm_ref, inv_as_ref = (refs.pop(0), refs.pop(0)) if fused else (None, None)  # 1/smooth, 1/a_scale
     ws_ref = None if int_out else refs.pop(0)
     b_ref = refs.pop(0) if has_bias and not int_out else None
     (o_ref,) = refs
@@ -312,6 +315,7 @@ def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits,
     a_scale = as_ref[tok]
     a_zero = az_ref[tok]
     a_scale_col = a_scale[:, None]
+    inv_scale_col = inv_as_ref[tok][:, None] if fused else None
     zero_col = a_zero.astype(jnp.float32)[:, None]
 
     def codes_at(k0, k_ok):
@@ -320,8 +324,8 @@ def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits,
         x = _load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], xm, jnp.zeros((), x_ref.dtype))
         if not fused:
             return x
-        smooth = _load(sm_ref.at[pl.ds(k0, bk)], k_ok, jnp.float32(1.0))[None, :]
-        return _quantize_tile(x, smooth, a_scale_col, zero_col, a_bits, exact_ptx)
+        inv_smooth = _load(sm_ref.at[pl.ds(k0, bk)], k_ok, jnp.float32(1.0))[None, :]
+        return _quantize_tile(x, inv_smooth, inv_scale_col, zero_col, a_bits, exact_ptx)
 
     def body(step, acc):
         k0 = step * bk
@@ -368,10 +372,10 @@ def _gemm_call(x, smooth, w_q, w_scale, a_scale, a_zero, bias, colsum, *, a_bits
     fused = smooth is not None
     if colsum is None:
         colsum = weight_colsum(w_q, w_bits)
-    operands = [x.reshape(m, k)]
+    operands = [x.reshape(m, k), w_q, a_scale.astype(jnp.float32), a_zero.astype(jnp.int32),
+                colsum.astype(jnp.int32)]
     if fused:
-        operands.append(smooth.astype(jnp.float32))
-    operands += [w_q, a_scale.astype(jnp.float32), a_zero.astype(jnp.int32), colsum.astype(jnp.int32)]
+        operands += [_reciprocal(smooth), _reciprocal(a_scale)]
     if not int_out:
         operands.append(w_scale.astype(jnp.float32))
         if bias is not None:

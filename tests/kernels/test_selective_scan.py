@@ -37,7 +37,7 @@ CASES = [
     (1, 197, 384, 16, True, True, True, True, False),  # Vim-T forward branch
     (2, 197, 384, 16, True, True, False, True, True),  # Vim backward branch, reverse in place
     (2, 49, 96, 1, True, False, True, True, True),  # VMamba d_state=1, E=96 masked to a 128 tile
-    (1, 196, 96, 1, False, False, False, False, False),  # VMamba stage-3 length, bare scan
+    (1, 196, 384, 1, False, False, False, False, False),  # VMamba-T stage 3 (L=196, E=384), bare scan
 ]
 
 
