@@ -33,6 +33,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -138,6 +139,20 @@ def bw_cells(nbytes: float, seconds: float, hbm: float | None):
     return f"{gbs:.3g}", (f"{100 * gbs / (hbm * 1e3):.0f}%" if hbm else "-")
 
 
+def run_row(cfg, section: str, shape: str, variant: str, body: Callable[[], Row]) -> Row:
+    """One table row; a row that raises (e.g. a kernel that fails to compile) is recorded, not fatal."""
+    if cfg.out_of_time():
+        row = Row(section, shape, variant, None, check="skipped: time budget")
+    else:
+        try:
+            row = body()
+        except Exception as err:  # one GPU session must still report every other row
+            traceback.print_exc()
+            row = Row(section, shape, variant, None, check=f"ERROR {type(err).__name__}: {str(err)[:80]}")
+    cfg.emit(row)
+    return row
+
+
 # ----------------------------------------------------------------------------- GEMM
 
 
@@ -225,6 +240,18 @@ def check_gemm(name: str, inp: dict, interpret: bool, exact: bool) -> str:
     return ", ".join(notes)
 
 
+def gemm_row(cfg, shape: str, vname: str, sets: list[dict], m: int, k: int, n: int, exact: bool) -> Row:
+    keys, fn, nbytes, kind = gemm_variants(cfg.interpret)[vname]
+    check = check_gemm(vname, sets[0], cfg.interpret, exact=exact)
+    arg_sets = [tuple(st[key] for key in keys) for st in sets]
+    secs = time_ops(fn, arg_sets, repeats=cfg.repeats, inner=cfg.inner)
+    peak = None if cfg.peaks is None else cfg.peaks[0 if kind == "bf16" else 1] * 1e12
+    hbm = None if cfg.peaks is None else cfg.peaks[2]
+    rate, rate_pct = rate_cells(2 * m * k * n, secs, peak)
+    gbs, hbm_pct = bw_cells(nbytes(m, k, n), secs, hbm)
+    return Row("gemm", shape, vname, secs, rate, rate_pct, gbs, hbm_pct, check)
+
+
 def gemm_rows(models: Sequence[str], batches: Sequence[int], cfg) -> list[Row]:
     rows = []
     for model in models:
@@ -234,19 +261,9 @@ def gemm_rows(models: Sequence[str], batches: Sequence[int], cfg) -> list[Row]:
                 nsets = 2 if cfg.interpret else n_input_sets(2 * m * k)
                 sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(nsets)]
                 shape = f"{model} {lname} M={m} K={k} N={n}"
-                for vname, (keys, fn, nbytes, kind) in gemm_variants(cfg.interpret).items():
-                    if cfg.out_of_time():
-                        rows.append(Row("gemm", shape, vname, None, check="skipped: time budget"))
-                        continue
-                    check = check_gemm(vname, sets[0], cfg.interpret, exact=bi == 0)
-                    arg_sets = [tuple(st[key] for key in keys) for st in sets]
-                    secs = time_ops(fn, arg_sets, repeats=cfg.repeats, inner=cfg.inner)
-                    peak = None if cfg.peaks is None else cfg.peaks[0 if kind == "bf16" else 1] * 1e12
-                    hbm = None if cfg.peaks is None else cfg.peaks[2]
-                    rate, rate_pct = rate_cells(2 * m * k * n, secs, peak)
-                    gbs, hbm_pct = bw_cells(nbytes(m, k, n), secs, hbm)
-                    rows.append(Row("gemm", shape, vname, secs, rate, rate_pct, gbs, hbm_pct, check))
-                    cfg.emit(rows[-1])
+                for vname in gemm_variants(cfg.interpret):
+                    body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, bi == 0)
+                    rows.append(run_row(cfg, "gemm", shape, vname, body))
     return rows
 
 
@@ -281,6 +298,16 @@ def scan_inputs(key, batch: int, seq: int, e: int, n: int) -> tuple:
     )
 
 
+def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref, io_bytes: int,
+             work: int) -> Row:
+    err = rel_err(jax.jit(fn)(*sets[0]), y_ref)
+    check = "ref" if "selective_scan_ref" in vname else f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
+    secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
+    rate, pct = rate_cells(work, secs, EXP_PEAK if cfg.peaks else None)
+    gbs, hbm_pct = bw_cells(io_bytes, secs, None if cfg.peaks is None else cfg.peaks[2])
+    return Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check)
+
+
 def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
     """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
     variants = {
@@ -294,26 +321,35 @@ def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row
         io_bytes = 4 * batch * seq * (4 * e + 2 * n)  # u, delta, z in; y out; B, C in
         nsets = 2 if cfg.interpret else n_input_sets(io_bytes)
         sets = [scan_inputs(jax.random.key(s), batch, seq, e, n) for s in range(nsets)]
-        y_ref = None
+        y_ref = jax.jit(selective_scan_ref)(*sets[0])
         for vname, fn in variants.items():
-            if cfg.out_of_time():
-                rows.append(Row("scan", shape, vname, None, check="skipped: time budget"))
-                continue
             if "associative" in vname and 4 * batch * seq * e * n > 4e9:
                 rows.append(Row("scan", shape, vname, None, check="skipped: > 4 GB of states"))
+                cfg.emit(rows[-1])
                 continue
-            jfn = jax.jit(fn)
-            if y_ref is None:
-                y_ref = jax.jit(selective_scan_ref)(*sets[0])
-            err = rel_err(jfn(*sets[0]), y_ref)
-            check = "ref" if "selective_scan_ref" in vname else f"rel {err:.1e}" + (
-                "" if err < 1e-4 else " FAIL")
-            secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
-            rate, pct = rate_cells(batch * seq * e * n, secs, EXP_PEAK if cfg.peaks else None)
-            gbs, hbm_pct = bw_cells(io_bytes, secs, None if cfg.peaks is None else cfg.peaks[2])
-            rows.append(Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check))
-            cfg.emit(rows[-1])
+            work = batch * seq * e * n
+            body = functools.partial(scan_row, cfg, shape, vname, fn, sets, y_ref, io_bytes, work)
+            rows.append(run_row(cfg, "scan", shape, vname, body))
     return rows
+
+
+def sweep_gemm_row(cfg, shape: str, gc: GemmConfig, sets: list[dict], y_ref, work: int) -> Row:
+    fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
+    keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
+    err = rel_err(fn(*(sets[0][key] for key in keys), colsum=sets[0]["colsum"]), y_ref)
+    secs = time_ops(fn, [tuple(st[key] for key in keys) for st in sets], repeats=cfg.repeats, inner=cfg.inner)
+    rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
+    tiles = f"{gc.block_m}x{gc.block_n}x{gc.block_k} w{gc.num_warps} s{gc.num_stages}"
+    return Row("sweep", shape, f"pallas w8a8 fused {tiles}", secs, rate, pct,
+               check=f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL"))
+
+
+def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) -> Row:
+    fn = functools.partial(selective_scan, interpret=cfg.interpret, config=sc)
+    err = rel_err(fn(*sets[0]), y_ref)
+    secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
+    return Row("sweep", shape, f"pallas scan block_e={sc.block_e} w{sc.num_warps}", secs,
+               check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
 
 def sweep_rows(cfg) -> list[Row]:
@@ -321,7 +357,6 @@ def sweep_rows(cfg) -> list[Row]:
     scan at Vim-S / VMamba stage-1 shapes (batch 64); each config is checked before it is timed."""
     configs = [GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
                GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 64, 4, 3), GemmConfig(32, 256, 64, 4, 3)]
-    peak = None if cfg.peaks is None else cfg.peaks[1] * 1e12
     rows = []
     batch = 1 if cfg.interpret else 256
     for lname, k, n in [vim_layers(VIM_DIMS["vim_s"])[i] for i in (0, 3)]:
@@ -330,34 +365,18 @@ def sweep_rows(cfg) -> list[Row]:
         i0 = sets[0]
         y_ref = qmatmul_ref(i0["x"], i0["w"], i0["w_scale"], i0["smooth"], i0["a_scale"], i0["a_zero"],
                             i0["bias"])
+        shape = f"vim_s {lname} M={m} K={k} N={n}"
         for gc in configs:
-            if cfg.out_of_time():
-                break
-            fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
-            keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
-            err = rel_err(fn(*(i0[key] for key in keys), colsum=i0["colsum"]), y_ref)
-            arg_sets = [tuple(st[key] for key in keys) for st in sets]
-            secs = time_ops(fn, arg_sets, repeats=cfg.repeats, inner=cfg.inner)
-            rate, pct = rate_cells(2 * m * k * n, secs, peak)
-            tiles = f"{gc.block_m}x{gc.block_n}x{gc.block_k} w{gc.num_warps} s{gc.num_stages}"
-            rows.append(Row("sweep", f"vim_s {lname} M={m} K={k} N={n}", f"pallas w8a8 fused {tiles}", secs,
-                            rate, pct, check=f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL")))
-            cfg.emit(rows[-1])
-    scan_shapes = [(768, 16, SEQ), (96, 1, 49 if cfg.interpret else 3136)]
-    for e, n_state, seq in scan_shapes:
+            body = functools.partial(sweep_gemm_row, cfg, shape, gc, sets, y_ref, 2 * m * k * n)
+            rows.append(run_row(cfg, "sweep", shape, str(gc), body))
+    for e, n_state, seq in [(768, 16, SEQ), (96, 1, 49 if cfg.interpret else 3136)]:
         sets = [scan_inputs(jax.random.key(s), 1 if cfg.interpret else 64, seq, e, n_state) for s in range(2)]
         y_ref = jax.jit(selective_scan_ref)(*sets[0])
+        shape = f"scan L={seq} E={e} N={n_state}"
         for block_e, warps in [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)]:
-            if cfg.out_of_time():
-                break
             sc = ScanConfig(block_e, warps, 2)
-            fn = functools.partial(selective_scan, interpret=cfg.interpret, config=sc)
-            err = rel_err(fn(*sets[0]), y_ref)
-            secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
-            label = f"pallas scan block_e={block_e} w{warps}"
-            rows.append(Row("sweep", f"scan L={seq} E={e} N={n_state}", label, secs,
-                            check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")))
-            cfg.emit(rows[-1])
+            body = functools.partial(sweep_scan_row, cfg, shape, sc, sets, y_ref)
+            rows.append(run_row(cfg, "sweep", shape, str(sc), body))
     return rows
 
 
@@ -486,14 +505,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep:
         rows += sweep_rows(cfg)
     if e2e and not args.no_e2e and not cfg.out_of_time(reserve_s=90.0):
-        forwards, images = vim_forwards(*e2e, n_sets=2)
-        e2e_rows = end_to_end_rows(forwards, images, label=f"batch {e2e[1]}", repeats=cfg.repeats,
-                                   inner=cfg.inner)
+        try:
+            forwards, images = vim_forwards(*e2e, n_sets=2)
+            e2e_rows = end_to_end_rows(forwards, images, label=f"batch {e2e[1]}", repeats=cfg.repeats,
+                                       inner=cfg.inner)
+        except Exception as err:  # keep the kernel rows of this run
+            traceback.print_exc()
+            e2e_rows = [Row("e2e", f"batch {e2e[1]}", e2e[0], None,
+                            check=f"ERROR {type(err).__name__}: {str(err)[:80]}")]
         for r in e2e_rows:
             cfg.emit(r)
         rows += e2e_rows
     print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
-    failed = [r for r in rows if "FAIL" in r.check or "MISMATCH" in r.check]
+    failed = [r for r in rows if any(word in r.check for word in ("FAIL", "MISMATCH", "ERROR"))]
     if failed:
         print(f"{len(failed)} correctness check(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba
-from ptq4vm_jax.models.vmamba import VSSM, VMambaConfig
+from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig
 
 _VIM_ALIASES = {
     "vim_tiny": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
@@ -56,7 +56,7 @@ def _vmamba(**defaults: Any) -> Callable[..., nn.Module]:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise TypeError(f"unknown VMamba argument(s) {unknown}; accepted: {sorted(fields)}")
-        return VSSM(VMambaConfig(**{**defaults, **overrides}))
+        return VMamba(VMambaConfig(**{**defaults, **overrides}))
 
     return build
 
