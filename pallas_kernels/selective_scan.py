@@ -39,9 +39,15 @@ def _next_pow2(v: int) -> int:
     return 1 << (max(v, 1) - 1).bit_length()
 
 
-def default_scan_config(e: int, n_state: int) -> ScanConfig:
-    """~512 state elements per program: 32 channels x 16 states, 128 channels x 1 state (VMamba)."""
+MIN_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100: the token loop is latency-bound
+
+
+def default_scan_config(batch: int, e: int, n_state: int) -> ScanConfig:
+    """Up to 512 state elements per program (32 channels x 16 states, 128 x 1), halved down to
+    16 channels while fewer than MIN_PROGRAMS programs would run (long VMamba scans, small E)."""
     block_e = max(1, min(_next_pow2(e), 512 // _next_pow2(n_state)))
+    while block_e > 16 and batch * -(-e // block_e) < MIN_PROGRAMS:
+        block_e //= 2
     num_warps = max(1, min(4, block_e * _next_pow2(n_state) // 256))
     return ScanConfig(block_e, num_warps, 2)
 
@@ -154,7 +160,7 @@ def selective_scan(
     _check(u, delta, A, B, C, D, z, delta_bias)
     batch, seq, e = u.shape
     n_state = A.shape[1]
-    cfg = config or default_scan_config(e, n_state)
+    cfg = config or default_scan_config(batch, e, n_state)
     optional = [arr for arr in (D, z, delta_bias) if arr is not None]
     kernel = functools.partial(
         _scan_kernel, seq=seq, e=e, n_state=n_state, cfg=cfg, reverse=reverse,

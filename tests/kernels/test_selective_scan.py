@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.selective_scan import ScanConfig, selective_scan
+from pallas_kernels.selective_scan import ScanConfig, default_scan_config, selective_scan
 from ptq4vm_jax.ops.scan import selective_scan_ref
 
 
@@ -36,7 +36,7 @@ def assert_close(y, y_ref, rel):
 CASES = [
     (1, 197, 384, 16, True, True, True, True, False),  # Vim-T forward branch
     (2, 197, 384, 16, True, True, False, True, True),  # Vim backward branch, reverse in place
-    (2, 49, 96, 1, True, False, True, True, True),  # VMamba d_state=1, E=96 masked to a 128 tile
+    (2, 49, 96, 1, True, False, True, True, True),  # VMamba d_state=1, E=96 (6 tiles of 16)
     (1, 196, 384, 1, False, False, False, False, False),  # VMamba-T stage 3 (L=196, E=384), bare scan
 ]
 
@@ -71,6 +71,14 @@ def test_bf16_inputs_odd_state_and_small_tiles():
     y_ref = selective_scan_ref(**inp, reverse=True)
     assert y.dtype == jnp.bfloat16
     assert_close(y, y_ref, 1e-2)
+
+
+@pytest.mark.parametrize("batch,e,n", [(64, 768, 16), (64, 96, 1), (1, 384, 16), (256, 1536, 16)])
+def test_default_tiles_fill_the_gpu(batch, e, n):
+    cfg = default_scan_config(batch, e, n)
+    programs = batch * -(-e // cfg.block_e)
+    assert cfg.block_e * max(n, 1) <= 512  # the state stays in registers
+    assert programs >= 512 or cfg.block_e == 16  # enough programs, or the smallest tile
 
 
 def test_bad_arguments_are_explained():
