@@ -1,7 +1,13 @@
+import importlib.util
+from pathlib import Path
+
+import jax
 import numpy as np
 import pytest
 
-from ptq4vm_jax.data import eval_batches
+from ptq4vm_jax import create_model
+from ptq4vm_jax.checkpoint import load_params
+from ptq4vm_jax.data import eval_batches, load_digits_dataset
 from ptq4vm_jax.evaluate import compare_logits, evaluate
 
 
@@ -84,3 +90,38 @@ def test_compare_logits_mask_and_errors():
         compare_logits(ref, q, mask=[False, False])
     with pytest.raises(ValueError, match="non-finite"):
         compare_logits(ref, q * np.nan)
+
+
+# ------------------------------------------------------------------ micro models end to end
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _digits_top1(model_name, params):
+    model = create_model(model_name)
+    fwd = jax.jit(lambda x: model.apply({"params": params}, x))
+    x, y = load_digits_dataset("test", image_size=model.cfg.img_size)
+    return evaluate(fwd, eval_batches((x, y), 128, image_size=model.cfg.img_size), progress=False)
+
+
+def test_bundled_vim_micro_reaches_its_logged_accuracy():
+    params, meta = load_params(REPO / "ptq4vm_jax" / "assets" / "vim_micro", model_name="vim_micro")
+    out = _digits_top1("vim_micro", params)
+    assert out["n"] == 355
+    assert out["top1"] == pytest.approx(meta["extra"]["test_top1"], abs=0.3)
+    assert out["top1"] >= 95.0
+
+
+def test_train_micro_script_trains_saves_and_logs(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_micro", REPO / "experiments" / "train_micro.py")
+    train_micro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_micro)
+    result = train_micro.main(["--model", "vim_nano", "--batch-size", "16", "--max-steps", "2",
+                               "--out", str(tmp_path)])
+    assert result["steps"] == 2 and result["epochs"] == 1 and 0.0 <= result["test_top1"] <= 100.0
+    params, meta = load_params(tmp_path / "vim_nano", model_name="vim_nano")
+    assert meta["extra"]["test_top1"] == result["test_top1"]
+    assert _digits_top1("vim_nano", params)["top1"] == pytest.approx(result["test_top1"])
+    log = (tmp_path / "vim_nano" / "train_log.txt").read_text()
+    assert "command: python experiments/train_micro.py --model vim_nano" in log
+    assert "final: test top-1" in log and "jax " in log
