@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
-from ptq4vm_jax.ops.scan import selective_scan_ref
+from ptq4vm_jax.ops.scan import selective_scan
 
 NUM_DIRECTIONS = 4  # cross-scan: row-major, column-major, and both reversed
 LN_EPS = 1e-5  # torch nn.LayerNorm default, used by every norm of the official model
@@ -205,10 +205,10 @@ class SS2D(nn.Module):
             bs.append(b_k)
             cs.append(c_k)
         a = -jnp.exp(self.A_logs.astype(jnp.float32))
-        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan_ref(
-            u.astype(jnp.float32), dt, a_k, b_k, c_k, D=d_k, delta_softplus=True
-        ).astype(jnp.float32)
-        ys = jax.vmap(scan)(*(jnp.stack(t) for t in (us, dts)), a, jnp.stack(bs), jnp.stack(cs), self.Ds)
+        # The four directions run as one vmapped fp32 scan (reference, or the Pallas kernel on GPU).
+        f32 = lambda ts: jnp.stack(ts).astype(jnp.float32)
+        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k)
+        ys = jax.vmap(scan)(f32(us), f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32))
         y = self.out_norm(cross_merge(list(ys), h, w))
         return self.out_proj(y.astype(c.dtype)).reshape(b, h, w, self.dim)
 
