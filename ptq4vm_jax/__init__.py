@@ -7,7 +7,6 @@
     ptq4vm_jax.save_quantized("/abs/path/vim_t_w4a8", qparams)
 """
 
-from convert import load_torch_checkpoint
 from ptq4vm_jax.api import QuantizedParams, quantize_params, quantized_apply
 from ptq4vm_jax.calibrate.jlss import CalibrationError
 from ptq4vm_jax.checkpoint import (
@@ -38,3 +37,12 @@ __all__ = [
     "save_quantized",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # convert/ builds on ptq4vm_jax.checkpoint, so importing it eagerly here would be a cycle.
+    if name == "load_torch_checkpoint":
+        from convert import load_torch_checkpoint
+
+        return load_torch_checkpoint
+    raise AttributeError(f"module 'ptq4vm_jax' has no attribute {name!r}")
