@@ -102,6 +102,16 @@ def cosine_loss(target: jax.Array, out: jax.Array, axis: int) -> jax.Array:
     return jnp.mean(1.0 - dot / denom)
 
 
+def relative_mse_loss(target: jax.Array, out: jax.Array, axis: int) -> jax.Array:
+    """mean |target - out|^2 / mean |target|^2: unlike the cosine, it sees the output's scale."""
+    del axis
+    t = target.astype(jnp.float32)
+    return jnp.mean(jnp.square(t - out.astype(jnp.float32))) / jnp.maximum(jnp.mean(t * t), 1e-30)
+
+
+LOSSES = {"cosine": cosine_loss, "mse": relative_mse_loss}
+
+
 # ----------------------------------------------------------------------------- initialisation
 
 
@@ -171,6 +181,7 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
     """Jitted forward/step functions, shared by every stage with an equal module."""
     stage = Stage(path=(), module=stage_module, output=output)
     optimizer = make_optimizer(cfg)
+    block_loss = LOSSES[cfg.loss]
 
     def qforward(state, params, carry):
         with intercept_dense(nest_layers(state), cfg, "fake"):
@@ -178,7 +189,7 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
 
     def loss_fn(train, frozen, params, carry, target):
         out = qforward(merge_state(train, frozen), params, carry)
-        return cosine_loss(target, output(out), axis)
+        return block_loss(target, output(out), axis)
 
     @jax.jit
     def step(train, opt_state, frozen, params, carry, target):
@@ -197,7 +208,7 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
         step=step,
         optimizer=optimizer,
         qforward=jax.jit(qforward),
-        loss=jax.jit(lambda state, params, carry, target: cosine_loss(
+        loss=jax.jit(lambda state, params, carry, target: block_loss(
             target, output(qforward(state, params, carry)), axis)),
         fp_forward=jax.jit(lambda params, carry: stage.apply(params, carry)),
         fp_capture=fp_forward_capture,

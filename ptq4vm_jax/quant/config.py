@@ -70,6 +70,7 @@ class QuantConfig:
     act_grid: str = "fixed"  # "fixed": full range included (spec bug #8); "official": the released grid
     grid_p: float = 2.4
     train_inner_proj: bool = True  # False reproduces the released Vim code (spec §6.4)
+    loss: str = "cosine"  # block loss: "cosine" (the paper: 1 - cos over channels) or "mse" (relative MSE)
     loss_axis: str = "channel"  # VMamba only: "width" reproduces the released VMamba loss (spec bug #12)
     rules: tuple[QuantRule, ...] | None = None
 
@@ -82,6 +83,8 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.act_grid not in ("fixed", "official"):
             raise ValueError(f"act_grid must be 'fixed' or 'official', got {self.act_grid!r}")
+        if self.loss not in ("cosine", "mse"):
+            raise ValueError(f"loss must be 'cosine' or 'mse', got {self.loss!r}")
         if self.loss_axis not in ("channel", "width"):
             raise ValueError(f"loss_axis must be 'channel' or 'width', got {self.loss_axis!r}")
         if self.num_calib < 1:

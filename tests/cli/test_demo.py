@@ -1,0 +1,59 @@
+"""The README's first command: `ptq4vm demo` on the bundled vim_micro, with the issue's criteria."""
+
+import re
+
+import pytest
+
+from ptq4vm_jax import load_quantized
+from ptq4vm_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["demo", "--out", str(out), "--quiet"])
+    text = buf.getvalue()
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"^(float32|RTN W\dA\d|PTQ4VM W\dA\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.e+-]+)", line)
+        if m:
+            rows[m.group(1)] = dict(top1=float(m.group(2)), agree=float(m.group(3)), kl=float(m.group(4)))
+    return out, rows, text
+
+
+def test_demo_prints_every_row_and_saves_checkpoints(demo):
+    out, rows, _ = demo
+    assert set(rows) == {"float32", "RTN W8A8", "PTQ4VM W8A8", "RTN W4A8", "PTQ4VM W4A8"}
+    for name in ("rtn_w8a8", "ptq4vm_w8a8", "rtn_w4a8", "ptq4vm_w4a8"):
+        assert (out / name / "metadata.json").exists()
+
+
+def test_float_model_is_accurate(demo):
+    assert demo[1]["float32"]["top1"] >= 95.0
+
+
+def test_ptq4vm_w8a8_keeps_the_float_model(demo):
+    rows = demo[1]
+    assert abs(rows["PTQ4VM W8A8"]["top1"] - rows["float32"]["top1"]) <= 0.5
+    assert rows["PTQ4VM W8A8"]["agree"] >= 99.0
+
+
+def test_ptq4vm_w4a8_beats_round_to_nearest(demo):
+    rows = demo[1]
+    assert rows["PTQ4VM W4A8"]["kl"] < rows["RTN W4A8"]["kl"]
+    assert rows["PTQ4VM W4A8"]["agree"] > rows["RTN W4A8"]["agree"]
+    assert rows["PTQ4VM W4A8"]["top1"] >= rows["RTN W4A8"]["top1"]
+
+
+def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
+    out = demo[0]
+    for name in ("ptq4vm_w8a8", "ptq4vm_w4a8"):
+        stages = load_quantized(out / name).summary["stages"]
+        assert len(stages) == 4
+        for s in stages:
+            assert s["loss_final"] < s["loss_init"], (name, s)
