@@ -61,14 +61,32 @@ def qlinear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig, mode
     if x.ndim == 2:
         return qlinear(x[:, None, :], layer, cfg, mode)[:, 0, :]
     out_dtype = x.dtype
-    if mode == "int" and "w_int" in layer and cfg.method != "per_token_dynamic":
-        return int_linear(x, layer, cfg).astype(out_dtype)
+    static = cfg.method != "per_token_dynamic"
+    if "w_int" in layer and static:
+        if mode == "int":
+            return int_linear(x, layer, cfg).astype(out_dtype)
+        return simulate_int_linear(x.astype(jnp.float32), layer, cfg).astype(out_dtype)
     x_hat = fake_quant_input(x.astype(jnp.float32), layer, cfg)
     y = jnp.einsum("...k,kn->...n", x_hat, dequantized_kernel(layer, cfg),
                    precision=jax.lax.Precision.HIGHEST)
     if "bias" in layer:
         y = y + layer["bias"]
     return y.astype(out_dtype)
+
+
+def simulate_int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
+    """Fake-quant of a stored (integer-form) layer in the integer kernel's association order.
+
+    (s_a (q - z)) @ (s_w w) == s_a s_w ((q - z) @ w) exactly in real numbers; summing the integer
+    codes first (exact in fp32 while partial sums stay below 2^24) and scaling after, as the
+    kernels do, makes this simulation agree with ``mode="int"`` to the last bit in practice.
+    """
+    codes = qz.quantize_act_int(x, layer["smooth"], layer["a_scale"], layer["a_zero"], cfg.a_bits)
+    centered = (codes - layer["a_zero"][:, None]).astype(jnp.float32)
+    w = weight_codes(layer["w_int"], cfg.w_bits, layer["smooth"].shape[0]).astype(jnp.float32)
+    acc = jnp.einsum("...k,kn->...n", centered, w, precision=jax.lax.Precision.HIGHEST)
+    y = acc * layer["a_scale"][:, None] * layer["w_scale"]
+    return y + layer["bias"] if "bias" in layer else y
 
 
 @contextlib.contextmanager

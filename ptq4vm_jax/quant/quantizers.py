@@ -143,7 +143,7 @@ def quantize_weight_int(kernel: jax.Array, smooth: jax.Array, w_scale: jax.Array
 
 def _fake_quant_asym(xt: jax.Array, s: jax.Array, z: jax.Array, qmax: int) -> jax.Array:
     """s · (clip(round(xt/s) + z, 0, qmax) − z), written in shifted form clip(round(v), −z, qmax−z)."""
-    return s * _clipped_round_ste(xt / s, -z, qmax - z)
+    return s * _clipped_round_ste(xt * (1.0 / s), -z, qmax - z)
 
 
 @_jit_bits
@@ -151,6 +151,9 @@ def fake_quant_act(
     x: jax.Array, smooth: jax.Array, a_scale: jax.Array, a_zero: jax.Array, bits: int
 ) -> jax.Array:
     """PTS: x̂ = s·(clip(round(x/σ/s) + z, 0, qmax) − z) with (s, z) per token position (axis -2).
+
+    The divisions are written as products with the reciprocals 1/σ and 1/s, bit for bit what
+    the integer kernels compute, so fake-quant and integer inference pick the same codes.
 
     Gradients as the official torch code: wrt s, round(v) − v inside, qmax − z above, −z below;
     wrt x, 1/σ strictly inside the range and 0 outside. z is a constant.
@@ -161,7 +164,7 @@ def fake_quant_act(
     check_act_shapes(x, smooth, a_scale, a_zero)
     s = a_scale[:, None]
     z = lax.stop_gradient(a_zero.astype(jnp.float32))[:, None]
-    return _fake_quant_asym(x / smooth, s, z, qmax)
+    return _fake_quant_asym(x * (1.0 / smooth), s, z, qmax)
 
 
 @_jit_bits
@@ -173,7 +176,7 @@ def quantize_act_int(
     x, smooth, a_scale = _as_f32(x, smooth, a_scale)
     a_zero = jnp.asarray(a_zero)
     check_act_shapes(x, smooth, a_scale, a_zero)
-    v = (x / smooth) / a_scale[:, None]
+    v = (x * (1.0 / smooth)) * (1.0 / a_scale)[:, None]
     codes = jnp.clip(jnp.round(v) + a_zero.astype(jnp.float32)[:, None], 0, qmax)
     return codes.astype(jnp.int32)
 
@@ -197,7 +200,7 @@ def fake_quant_act_dynamic(x: jax.Array, smooth: jax.Array, bits: int) -> jax.Ar
     qmax = act_qmax(bits)
     x, smooth = _as_f32(x, smooth)
     check_act_shapes(x, smooth)
-    xt = x / smooth
+    xt = x * (1.0 / smooth)
     stats = lax.stop_gradient(xt)
     s, z = asym_scale_zero(stats.min(axis=-1, keepdims=True), stats.max(axis=-1, keepdims=True), qmax)
     return _fake_quant_asym(xt, s, z.astype(jnp.float32), qmax)

@@ -11,6 +11,7 @@ from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
 from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss, get_path, set_path
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
+from ptq4vm_jax.quant.integer import weight_codes
 from ptq4vm_jax.quant.layer import intercept_dense
 
 MODEL = "vim_nano"  # 2 blocks, 17 tokens
@@ -62,7 +63,9 @@ def test_default_placement_is_the_six_mixer_linears(ptq4vm):
 def test_integer_state_layout(ptq4vm):
     layer = ptq4vm.qlayers["layers_1"]["mixer"]["dt_proj"]
     assert layer["w_int"].dtype == jnp.int8 and layer["a_zero"].dtype == jnp.int32
-    assert int(jnp.max(jnp.abs(layer["w_int"]))) <= 7  # 4-bit symmetric
+    codes = weight_codes(layer["w_int"], 4, layer["smooth"].shape[0])  # 4-bit weights are packed
+    assert layer["w_int"].shape[0] == (layer["smooth"].shape[0] + 1) // 2
+    assert int(jnp.max(jnp.abs(codes))) == 7  # symmetric grid, -8 unused
     assert layer["a_scale"].shape == (17,) and "bias" in layer
     a_codes_max = 15
     assert int(layer["a_zero"].min()) >= 0 and int(layer["a_zero"].max()) <= a_codes_max
