@@ -197,6 +197,21 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
         updates, opt_state = optimizer.update(grads, opt_state, train)
         return optax.apply_updates(train, updates), opt_state, loss
 
+    return dict(
+        step=step,
+        optimizer=optimizer,
+        qforward=jax.jit(qforward),
+        loss=jax.jit(lambda state, params, carry, target: block_loss(
+            target, output(qforward(state, params, carry)), axis)),
+        **_compiled_float(stage_module),
+    )
+
+
+@functools.cache
+def _compiled_float(stage_module: Any):
+    """The float forwards do not depend on the config: one compilation serves every run."""
+    stage = Stage(path=(), module=stage_module, output=lambda out: out)
+
     @functools.partial(jax.jit, static_argnums=2)
     def fp_forward_capture(params, carry, paths):
         store: dict = {}
@@ -204,15 +219,8 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
             out = stage.apply(params, carry)
         return out, {p: store[p] for p in paths}
 
-    return dict(
-        step=step,
-        optimizer=optimizer,
-        qforward=jax.jit(qforward),
-        loss=jax.jit(lambda state, params, carry, target: block_loss(
-            target, output(qforward(state, params, carry)), axis)),
-        fp_forward=jax.jit(lambda params, carry: stage.apply(params, carry)),
-        fp_capture=fp_forward_capture,
-    )
+    return dict(fp_forward=jax.jit(lambda params, carry: stage.apply(params, carry)),
+                fp_capture=fp_forward_capture)
 
 
 # ----------------------------------------------------------------------------- the loop
