@@ -44,10 +44,15 @@ def test_ptq4vm_w8a8_keeps_the_float_model(demo):
 
 
 def test_ptq4vm_w4a8_beats_round_to_nearest(demo):
+    """On KL to the float logits and on agreement with the float predictions.
+
+    Top-1 is not compared: on 355 test images one image is 0.28 points, and the two W4A8 models
+    differ from the float one by a handful of images (measured: PTQ4VM 96.90-97.46, RTN 97.18),
+    so the top-1 order is decided by single images. KL and agreement resolve the difference.
+    """
     rows = demo[1]
-    assert rows["PTQ4VM W4A8"]["kl"] < rows["RTN W4A8"]["kl"]
+    assert rows["PTQ4VM W4A8"]["kl"] < 0.5 * rows["RTN W4A8"]["kl"]
     assert rows["PTQ4VM W4A8"]["agree"] > rows["RTN W4A8"]["agree"]
-    assert rows["PTQ4VM W4A8"]["top1"] >= rows["RTN W4A8"]["top1"]
 
 
 def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
