@@ -339,3 +339,35 @@ def test_w4a8_beats_round_to_nearest(trained, w4a8_logits):
     assert top1(trained, ours) >= top1(trained, base)
     assert (compare_logits(trained.fp_logits, ours)["mean_kl"]
             < compare_logits(trained.fp_logits, base)["mean_kl"])
+
+
+def test_vmamba_checkpoint_round_trip_and_resume(trained, tmp_path):
+    """Quantized checkpoints and interrupted-run resume work for VMamba's NHWC chains too."""
+    from ptq4vm_jax import load_quantized, save_quantized
+
+    cfg = QuantConfig(4, 8, num_calib=32, epochs=1)
+    calib = trained.calib[:32]
+    whole = quantize_params(trained.params, calib, model=MODEL, config=cfg, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def log(msg):
+        if msg.startswith("layers_1/blocks_0"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        quantize_params(trained.params, calib, model=MODEL, config=cfg, resume_dir=str(tmp_path / "r"),
+                        progress=True, log=log)
+    resumed = quantize_params(trained.params, calib, model=MODEL, config=cfg,
+                              resume_dir=str(tmp_path / "r"), progress=False, log=lambda _: None)
+    a, b = quantized_layers(resumed), quantized_layers(whole)
+    assert a.keys() == b.keys()
+    for path in a:
+        for k in a[path]:
+            np.testing.assert_array_equal(a[path][k], b[path][k], err_msg=f"{path} {k}")
+
+    save_quantized(tmp_path / "q", resumed)
+    back = load_quantized(tmp_path / "q")
+    for mode in ("fake", "int"):
+        np.testing.assert_array_equal(logits_of(trained, back, mode), logits_of(trained, resumed, mode))
