@@ -29,6 +29,7 @@ from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
 from ptq4vm_jax.quant.integer import store_weight
 from ptq4vm_jax.quant.layer import intercept_dense
+from ptq4vm_jax.trees import copy_tree, prune_empty
 
 
 @flax.struct.dataclass
@@ -89,7 +90,7 @@ def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) ->
 def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) -> tuple[dict, dict]:
     """Train form -> integer form; the quantized kernels (and their biases) leave the params."""
     qlayers: dict[Path, dict] = {}
-    float_params = jax.tree_util.tree_map(lambda a: a, dict(params))
+    float_params = copy_tree(params)
     for path, st in layers.items():
         dense = get_path(params, path)
         out = {
@@ -103,18 +104,7 @@ def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) ->
         qlayers[path] = out
         parent = get_path(float_params, path[:-1])
         parent[path[-1]] = {}
-    return nest_layers(qlayers), _drop_empty(float_params)
-
-
-def _drop_empty(tree: Any) -> Any:
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {k: _drop_empty(v) for k, v in tree.items()}
-    return {k: v for k, v in out.items() if not (isinstance(v, Mapping) and not v)}
-
-
-def _copy_nested(tree: Any) -> Any:
-    return {k: _copy_nested(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+    return nest_layers(qlayers), prune_empty(float_params)
 
 
 def quantize_params(
@@ -145,7 +135,7 @@ def quantize_params(
     _, height, _, channels = image_shape(net)
     images = jnp.asarray(calibration_images(calib_ds, cfg.num_calib, image_size=height,
                                             channels=channels))
-    params = jax.tree_util.tree_map(jnp.asarray, _copy_nested(params))
+    params = jax.tree_util.tree_map(jnp.asarray, copy_tree(params))
     _check_params(net, params, images.shape, name)
     images = _spread_over_devices(images, cfg.train_batch, log)
 

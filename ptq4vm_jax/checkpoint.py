@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ptq4vm_jax.models import canonical_name, create_model, image_shape
+from ptq4vm_jax.trees import copy_tree, prune_empty
 
 FLOAT_FORMAT = "ptq4vm-jax/float-params"
 FLOAT_FORMAT_VERSION = 1
@@ -245,7 +246,7 @@ KNOWN_FORMATS[QUANT_FORMAT] = "ptq4vm_jax.checkpoint.load_quantized"
 def _quantized_abstract(name: str, overrides: Mapping[str, Any], layer_shapes: Mapping[str, Any]
                         ) -> dict[str, Any]:
     """Expected tree of a quantized checkpoint, derived from the model and checked against it."""
-    params = _copy_tree(abstract_params(name, **overrides))
+    params = copy_tree(abstract_params(name, **overrides))
     qlayers: dict[str, Any] = {}
     for path_s, shapes in layer_shapes.items():
         path = tuple(path_s.split("/"))
@@ -276,18 +277,7 @@ def _quantized_abstract(name: str, overrides: Mapping[str, Any], layer_shapes: M
         for key in path[:-1]:
             node_q = node_q.setdefault(key, {})
         node_q[path[-1]] = q
-    return {"params": _prune(params), "qlayers": qlayers}
-
-
-def _copy_tree(tree: Any) -> Any:
-    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
-
-
-def _prune(tree: Any) -> Any:
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {k: _prune(v) for k, v in tree.items()}
-    return {k: v for k, v in out.items() if not (isinstance(v, Mapping) and not v)}
+    return {"params": prune_empty(params), "qlayers": qlayers}
 
 
 def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
