@@ -33,4 +33,3 @@ class Blockwise:
     embed: Callable[[Any, jax.Array], Carry]
     stages: tuple[Stage, ...]
     classify: Callable[[Any, Carry], jax.Array]
-    seq_len: int | None = None

@@ -233,5 +233,4 @@ def vim_blockwise(model: VisionMamba) -> Blockwise:
         embed=lambda params, images: model.apply({"params": params}, images, method="embed"),
         stages=stages,
         classify=lambda params, carry: model.apply({"params": params}, *carry, method="classify"),
-        seq_len=cfg.seq_len,
     )
