@@ -11,7 +11,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA).
   scan  Pallas selective scan vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan at
         Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
-  e2e   model forward time through :func:`end_to_end_rows` (the hook for the W8A8 model).
+  e2e   images/s of Vim-S/B/T at batch 256: bf16 float (lax.scan reference scan; Pallas scan) vs
+        W8A8 ``quantized_apply(mode="int")`` in bf16 (Pallas qmatmul + Pallas scan).
 
 Every kernel is checked against its reference on the first input set before it is timed
 (``check`` column: int32 accumulators exact, float outputs as max |err| / max |ref|).
@@ -391,14 +392,12 @@ def end_to_end_rows(
     repeats: int = 10,
     inner: int = 3,
 ) -> list[Row]:
-    """Time whole-model forwards (name -> jit-able fn(images) -> logits) on the same images.
+    """Time whole-model forwards (name -> jitted fn(images) -> logits) on the same images.
 
-    The hook for model-level numbers: pass e.g. {"bf16": ..., "w8a8 int (pallas)": ...} once the
-    integer model path exists; every forward is checked against the first one (top-1 agreement).
+    Every forward is checked against the first one (top-1 agreement).
     """
     rows, first = [], None
-    for name, fwd in forwards.items():
-        jfwd = jax.jit(fwd)
+    for name, jfwd in forwards.items():
         logits = np.asarray(jfwd(image_sets[0]), np.float32)
         if first is None:
             first, check = logits, "baseline"
@@ -411,19 +410,58 @@ def end_to_end_rows(
     return rows
 
 
-def vim_forwards(model_name: str, batch: int, n_sets: int):
-    """bf16 and fp32 forwards of a randomly initialised Vim (selective_scan_ref inside)."""
-    from ptq4vm_jax import create_model
+def vim_forwards(model_name: str, batch: int, n_sets: int, *, with_int: bool = True):
+    """bf16 float forwards (lax.scan reference; Pallas scan) and the W8A8 integer forward of a
+    randomly initialised Vim. The W8A8 scales come from a quick RTN calibration on 16 random
+    images: the arithmetic, not the accuracy, is what is timed."""
+    import ptq4vm_jax as pq
+    from ptq4vm_jax.ops.scan import scan_kernel
 
-    size = create_model(model_name).cfg.img_size
+    size = pq.create_model(model_name).cfg.img_size
     images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(n_sets)]
-    forwards = {}
-    for dname, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        model = create_model(model_name, dtype=dtype)
-        params = model.init(jax.random.key(0), images[0][:1])["params"]
-        forwards[f"{model_name} {dname} (scan: lax.scan)"] = functools.partial(
-            lambda p, mdl, im: mdl.apply({"params": p}, im), params, model)
+    model = pq.create_model(model_name, dtype=jnp.bfloat16)
+    params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def float_fwd(use_kernel: bool, p, im):
+        with scan_kernel(use_kernel):
+            return model.apply({"params": p}, im)
+
+    # Weights are jit arguments, not constants folded into the program.
+    forwards = {
+        f"{model_name} bf16 (scan: lax.scan)": functools.partial(float_fwd, False, params),
+        f"{model_name} bf16 (scan: pallas)": functools.partial(float_fwd, True, params),
+    }
+    if with_int:
+        cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
+        calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
+        qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
+                                log=lambda _: None)
+        int_fwd = jax.jit(lambda q, im: pq.quantized_apply(model, q, im, mode="int"))
+        forwards[f"{model_name} W8A8 int bf16 (pallas qmatmul + scan)"] = functools.partial(int_fwd, qp)
     return forwards, images
+
+
+def e2e_rows(models: Sequence[tuple[str, int]], cfg) -> list[Row]:
+    """End-to-end rows per (model, batch); a model that fails is recorded and the run goes on."""
+    rows = []
+    for name, batch in models:
+        if cfg.out_of_time(reserve_s=60.0):
+            rows.append(Row("e2e", f"batch {batch}", name, None, check="skipped: time budget"))
+            cfg.emit(rows[-1])
+            continue
+        try:
+            forwards, images = vim_forwards(name, batch, n_sets=2)
+            new = end_to_end_rows(forwards, images, label=f"batch {batch}", repeats=cfg.repeats,
+                                  inner=cfg.inner)
+        except Exception as err:  # keep the kernel rows of this run
+            traceback.print_exc()
+            new = [Row("e2e", f"batch {batch}", name, None,
+                       check=f"ERROR {type(err).__name__}: {str(err)[:80]}")]
+        for r in new:
+            cfg.emit(r)
+        rows += new
+    return rows
 
 
 # ----------------------------------------------------------------------------- main
@@ -486,36 +524,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.interpret:
         models, batches = ["smoke"], [1]
         scans = [("smoke", 1, SEQ, 128, 16), ("vmamba stage4", 1, 49, 96, 1)]
-        e2e = ("vim_micro", 2)
+        e2e = [("vim_micro", 2)]
     elif quick:
         models, batches = ["vim_s"], [64]
         scans = [("vim_s", 64, SEQ, 768, 16), ("vmamba stage1", 64, 3136, 96, 1)]
-        e2e = None
+        e2e = [("vim_small", 64)]
     else:
         models, batches = ["vim_s", "vim_t", "vim_b"], [64, 256]  # the first one runs before the scans
         scans = [(m, 64, SEQ, 2 * VIM_DIMS[m], 16) for m in ("vim_t", "vim_s", "vim_b")]
         scans += [("vim_b", 256, SEQ, 1536, 16)]
         scans += [(f"vmamba stage{i + 1}", 64, s, e, 1) for i, (s, e) in enumerate(VMAMBA_SCANS)]
-        e2e = ("vim_tiny", 64)
+        e2e = [("vim_small", 256), ("vim_base", 256), ("vim_tiny", 256)]
 
-    # Most informative first, so a tight time budget drops the least: Vim-S GEMMs, scans, the rest.
+    # Most informative first, so a tight time budget drops the least: Vim-S GEMMs, scans, the
+    # Vim-S end-to-end target, the other GEMMs (Vim-B in_proj holds the GEMM target), the rest.
+    e2e = [] if args.no_e2e else e2e
     rows = gemm_rows(models[:1], batches, cfg)
     rows += scan_rows(scans, cfg)
+    rows += e2e_rows(e2e[:1], cfg)
     rows += gemm_rows(models[1:], batches, cfg)
+    rows += e2e_rows(e2e[1:], cfg)
     if args.sweep:
         rows += sweep_rows(cfg)
-    if e2e and not args.no_e2e and not cfg.out_of_time(reserve_s=90.0):
-        try:
-            forwards, images = vim_forwards(*e2e, n_sets=2)
-            e2e_rows = end_to_end_rows(forwards, images, label=f"batch {e2e[1]}", repeats=cfg.repeats,
-                                       inner=cfg.inner)
-        except Exception as err:  # keep the kernel rows of this run
-            traceback.print_exc()
-            e2e_rows = [Row("e2e", f"batch {e2e[1]}", e2e[0], None,
-                            check=f"ERROR {type(err).__name__}: {str(err)[:80]}")]
-        for r in e2e_rows:
-            cfg.emit(r)
-        rows += e2e_rows
     print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
     failed = [r for r in rows if any(word in r.check for word in ("FAIL", "MISMATCH", "ERROR"))]
     if failed:

@@ -1,4 +1,5 @@
-"""selective_scan: Pallas kernel (interpret mode) vs selective_scan_ref, and CUDA lowering."""
+"""selective_scan: Pallas kernel (compiled on GPU, interpret mode elsewhere) vs selective_scan_ref,
+and CUDA lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,9 @@ import pytest
 
 from pallas_kernels.selective_scan import ScanConfig, default_scan_config, selective_scan
 from ptq4vm_jax.ops.scan import selective_scan_ref
+
+# On a GPU the same cases run the compiled kernels; elsewhere Pallas interpret mode.
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def make_inputs(seed, batch, seq, e, n, dtype=jnp.float32):
@@ -49,7 +53,7 @@ def test_kernel_matches_reference(batch, seq, e, n, use_d, use_z, use_bias, soft
             inp[name] = None
     if not softplus:  # the caller passes a ready step size: keep it positive so the state decays
         inp["delta"] = jax.nn.softplus(inp["delta"])
-    y = selective_scan(**inp, delta_softplus=softplus, reverse=reverse, interpret=True)
+    y = selective_scan(**inp, delta_softplus=softplus, reverse=reverse, interpret=INTERPRET)
     y_ref = selective_scan_ref(**inp, delta_softplus=softplus, reverse=reverse)
     assert y.shape == (batch, seq, e) and y.dtype == jnp.float32
     assert_close(y, y_ref, 2e-5)
@@ -57,9 +61,9 @@ def test_kernel_matches_reference(batch, seq, e, n, use_d, use_z, use_bias, soft
 
 def test_reverse_equals_forward_on_flipped_tokens():
     inp = make_inputs(1, 1, 64, 32, 16)
-    y_rev = selective_scan(**inp, reverse=True, interpret=True)
+    y_rev = selective_scan(**inp, reverse=True, interpret=INTERPRET)
     flipped = {k: (jnp.flip(v, axis=1) if v is not None and v.ndim == 3 else v) for k, v in inp.items()}
-    y_fwd = selective_scan(**flipped, reverse=False, interpret=True)
+    y_fwd = selective_scan(**flipped, reverse=False, interpret=INTERPRET)
     assert_close(y_rev, jnp.flip(y_fwd, axis=1), 1e-6)
 
 
@@ -67,7 +71,7 @@ def test_bf16_inputs_odd_state_and_small_tiles():
     # N = 5 is padded to 8 states; E = 40 is split into 16-wide tiles (the last one masked).
     inp = make_inputs(2, 1, 33, 40, 5, jnp.bfloat16)
     cfg = ScanConfig(block_e=16, num_warps=1, num_stages=2)
-    y = selective_scan(**inp, reverse=True, interpret=True, config=cfg)
+    y = selective_scan(**inp, reverse=True, interpret=INTERPRET, config=cfg)
     y_ref = selective_scan_ref(**inp, reverse=True)
     assert y.dtype == jnp.bfloat16
     assert_close(y, y_ref, 1e-2)
@@ -84,11 +88,11 @@ def test_default_tiles_fill_the_gpu(batch, e, n):
 def test_bad_arguments_are_explained():
     inp = make_inputs(0, 1, 8, 16, 4)
     with pytest.raises(ValueError, match=r"A must be \(E, N\)"):
-        selective_scan(**{**inp, "A": inp["A"].T}, interpret=True)
+        selective_scan(**{**inp, "A": inp["A"].T}, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"B must be \(B, L, N\)"):
-        selective_scan(**{**inp, "B": inp["B"][:, :-1]}, interpret=True)
+        selective_scan(**{**inp, "B": inp["B"][:, :-1]}, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"D must be \(E,\)"):
-        selective_scan(**{**inp, "D": inp["D"][:3]}, interpret=True)
+        selective_scan(**{**inp, "D": inp["D"][:3]}, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_e must be a power of two"):
         ScanConfig(block_e=24)
     s = jax.ShapeDtypeStruct

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One prepared call on a lent GPU machine: what it has, the GPU code paths checked, then timed.
+#
+#   bash experiments/device_check.sh [TOTAL_SECONDS]   (default 500; logs go to $OUT or /tmp)
+#
+# Steps, each under its own time limit so that one failure still leaves the others' results:
+#   env     GPU, driver, versions of jax / flax / optax / orbax
+#   tests   the kernel tests run the compiled kernels on a GPU (interpret mode elsewhere), and
+#           quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU)
+#   kernels experiments/bench_kernels.py (GEMMs, scans, end-to-end W8A8 vs bf16)
+#   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block
+# Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
+set -u
+TOTAL=${1:-500}
+OUT=${OUT:-/tmp/ptq4vm_device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+START=$(date +%s)
+
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2 left
+  shift 2
+  left=$((TOTAL - ($(date +%s) - START) - 5))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then echo "=== $name skipped: no time left"; return; fi
+  echo "=== $name (limit ${limit}s, t=$(($(date +%s) - START))s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name exit $? after $(($(date +%s) - START))s"
+  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| \*\*total|^# |exit" "$OUT/$name.log" | tail -n 25
+}
+
+step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+  --format=csv; $PY -c 'import sys, jax, flax, optax, orbax.checkpoint as o, numpy; \
+  print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", \
+  optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
+  \"numpy\", numpy.__version__, jax.devices())'"
+step tests 100 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/test_int_mode.py -s
+step kernels 230 $PY experiments/bench_kernels.py --budget-s 180
+step calib 160 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
+echo "=== done after $(($(date +%s) - START))s"
