@@ -42,7 +42,7 @@ def main() -> None:
                          epochs=args.epochs, train_batch=args.train_batch)
     t0 = time.perf_counter()
     qp = pq.quantize_params(params, images, model=args.model, config=cfg, model_overrides=overrides,
-                            progress=False, log=lambda m: print(m, flush=True))
+                            progress=True, log=lambda m: print(m, flush=True))
     jax.block_until_ready(qp.qlayers)
     total = time.perf_counter() - t0
     steps = cfg.resolve("vim").epochs * (args.num_calib // cfg.resolve("vim").train_batch)

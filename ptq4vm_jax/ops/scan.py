@@ -74,7 +74,7 @@ def scan_kernel(enabled: bool = True) -> Iterator[None]:
     """Within this context (at trace time), ``selective_scan`` runs the Pallas kernel on GPU.
 
     Off by default because the kernel is forward-only: calibration differentiates through the
-    scan, inference (``quantized_apply(mode="int")``, benchmarks) turns it on.
+    scan, inference (``quantized_apply``, benchmarks) turns it on.
     """
     token = _USE_KERNEL.set(enabled)
     try:

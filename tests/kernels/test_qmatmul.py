@@ -77,19 +77,47 @@ def test_reference_accumulator_equals_naive_numpy(a_bits, w_bits):
     np.testing.assert_array_equal(acc, naive_int32(inp, a_bits))
 
 
-def test_fake_quant_division_is_what_xla_computes():
-    # The fake-quant path writes (x / smooth) / a_scale; XLA evaluates it as x * (1/smooth) *
-    # (1/a_scale), the kernels' definition. If XLA ever computes IEEE quotients instead, about a
-    # third of these values change in the last bit and this fails: then fake-quant and the
-    # integer path would disagree on rare codes.
-    inp = make_inputs(9, 4, 384, 8, 8, 8)
-    x, smooth, a_scale = inp["x"], inp["smooth"], inp["a_scale"]
-    v_xla = np.asarray(jax.jit(lambda x, s, a: x / s / a[:, None])(x, smooth, a_scale))
-    one = np.float32(1.0)
-    v_recip = (np.asarray(x) * (one / np.asarray(smooth))) * (one / np.asarray(a_scale))[:, None]
-    v_ieee = np.asarray(x) / np.asarray(smooth) / np.asarray(a_scale)[:, None]
-    assert (v_recip != v_ieee).mean() > 0.05  # the two definitions really differ on this input
-    np.testing.assert_array_equal(v_xla, v_recip)
+def test_reference_accumulator_is_exact_for_tiny_k():
+    inp = make_inputs(21, 2, 3, 96, 8, 8)  # vim_micro's dt_proj: K = dt_rank = 3
+    acc = qmatmul_int32_ref(inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    np.testing.assert_array_equal(acc, naive_int32(inp, 8))
+
+
+def _reciprocal_ties(a: np.float32, count: int) -> np.ndarray:
+    """Inputs x where x * (1/a) is exactly k + 0.5 but the IEEE quotient x / a is not a tie."""
+    r = np.float32(1) / a
+    out = []
+    for k in range(-120, 120):
+        target = np.float32(k + 0.5)
+        x0 = np.float32(target / r)
+        steps = np.arange(-64, 65, dtype=np.int32)
+        cands = (np.asarray(x0).view(np.int32) + steps).view(np.float32)  # x0 +- 64 ulps
+        hit = (cands * r == target) & (cands / a != target)
+        out.extend(cands[hit][:2])
+        if len(out) >= count:
+            break
+    return np.asarray(out[:count], np.float32)
+
+
+def test_fake_quant_codes_use_reciprocal_products_on_every_backend():
+    # The kernels quantize x * (1/smooth) * (1/a_scale). The fake-quant path must compute the
+    # same products on CPU and GPU alike (XLA must not turn them back into IEEE quotients), or
+    # fake and integer mode disagree on codes at rounding ties. These inputs are ties under the
+    # reciprocal definition and not under the quotient one.
+    from ptq4vm_jax.quant.quantizers import quantize_act_int
+
+    a = np.float32(0.0371)
+    ties = _reciprocal_ties(a, 64)
+    assert ties.size == 64
+    x = jnp.asarray(np.tile(ties, (SEQ, 1))[None])  # (1, L, 64)
+    smooth, a_scale, a_zero = jnp.ones(64), jnp.full(SEQ, a), jnp.full(SEQ, 128, jnp.int32)
+    codes = np.asarray(jax.jit(quantize_act_int, static_argnums=4)(x, smooth, a_scale, a_zero, 8))
+    host = np.clip(np.round(np.asarray(x) * (np.float32(1) / a)) + 128, 0, 255)
+    ieee = np.clip(np.round(np.asarray(x) / a) + 128, 0, 255)
+    assert (host != ieee).mean() > 0.2  # the definitions really differ on these inputs
+    np.testing.assert_array_equal(codes, host)
+    kernel_codes = np.asarray(quantize_activations(x, smooth, a_scale, a_zero), np.int64) + 128
+    np.testing.assert_array_equal(kernel_codes, host)
 
 
 def test_reference_rounds_ties_to_even():
@@ -112,6 +140,7 @@ KERNEL_CASES = [
     (1, 384, 192, 8, 8, jnp.bfloat16, False),  # bf16 input and output
     (1, 768, 80, 4, 4, jnp.float32, True),  # W4A4, packed weights
     (1, 24, 384, 8, 4, jnp.float32, True),  # dt_proj-like K = R = 24 (masked K chunk), W4A8
+    (2, 3, 96, 8, 8, jnp.float32, True),  # vim_micro dt_proj, K = 3 (XLA's GPU s8 GEMM got it wrong)
 ]
 
 
