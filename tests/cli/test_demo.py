@@ -49,6 +49,9 @@ def test_ptq4vm_w4a8_beats_round_to_nearest(demo):
     Top-1 is not compared: on 355 test images one image is 0.28 points, and the two W4A8 models
     differ from the float one by a handful of images (measured: PTQ4VM 96.90-97.46, RTN 97.18),
     so the top-1 order is decided by single images. KL and agreement resolve the difference.
+    Measured on all 1797 digits: FP 1758 correct, RTN W4A8 1755, PTQ4VM W4A8 1755; the test
+    images that flip are borderline for the float model too (probability margin < 0.17). RTN's
+    single 8-bit activation range is nearly lossless on a model without activation outliers.
     """
     rows = demo[1]
     assert rows["PTQ4VM W4A8"]["kl"] < 0.5 * rows["RTN W4A8"]["kl"]
