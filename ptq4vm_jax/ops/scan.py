@@ -66,31 +66,36 @@ def selective_scan_ref(
     return y.astype(out_dtype)
 
 
-_USE_KERNEL = contextvars.ContextVar("ptq4vm_scan_kernel", default=False)
+_KERNEL_MODE = contextvars.ContextVar("ptq4vm_scan_kernel", default=None)  # None, "forward", "trainable"
 
 
 @contextlib.contextmanager
-def scan_kernel(enabled: bool = True) -> Iterator[None]:
-    """Within this context (at trace time), ``selective_scan`` runs the Pallas kernel on GPU.
+def scan_kernel(enabled: bool = True, *, trainable: bool = False) -> Iterator[None]:
+    """Within this context (at trace time), ``selective_scan`` runs a Pallas kernel on GPU.
 
-    Off by default because the kernel is forward-only: calibration differentiates through the
-    scan, inference (``quantized_apply``, benchmarks) turns it on.
+    ``trainable=False`` (inference: ``quantized_apply``, benchmarks): the forward kernel, which
+    has no VJP. ``trainable=True`` (calibration, which differentiates through the scan):
+    ``selective_scan_trainable``, the same forward plus a Pallas backward. Off by default; other
+    backends always run the reference.
     """
-    token = _USE_KERNEL.set(enabled)
+    token = _KERNEL_MODE.set(("trainable" if trainable else "forward") if enabled else None)
     try:
         yield
     finally:
-        _USE_KERNEL.reset(token)
+        _KERNEL_MODE.reset(token)
 
 
 def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                    D: jax.Array | None = None, z: jax.Array | None = None,
                    delta_bias: jax.Array | None = None, delta_softplus: bool = True,
                    reverse: bool = False) -> jax.Array:
-    """The scan every model calls: the Pallas kernel on GPU inside ``scan_kernel()``, else the reference."""
-    if _USE_KERNEL.get() and jax.default_backend() == "gpu":
-        from pallas_kernels.selective_scan import selective_scan as kernel
+    """The scan every model calls: a Pallas kernel on GPU inside ``scan_kernel()``, else the reference."""
+    mode = _KERNEL_MODE.get()
+    if mode is not None and jax.default_backend() == "gpu":
+        from pallas_kernels.selective_scan import selective_scan as forward
+        from pallas_kernels.selective_scan import selective_scan_trainable
 
+        kernel = selective_scan_trainable if mode == "trainable" else forward
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
