@@ -22,6 +22,7 @@ import optax
 
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
+from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import QuantConfig
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
@@ -184,7 +185,8 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
     block_loss = LOSSES[cfg.loss]
 
     def qforward(state, params, carry):
-        with intercept_dense(nest_layers(state), cfg, "fake"):
+        # trainable scan kernel on GPU (traced inside step/loss/qforward); the reference elsewhere
+        with intercept_dense(nest_layers(state), cfg, "fake"), scan_kernel(trainable=True):
             return stage.apply(params, carry)
 
     def loss_fn(train, frozen, params, carry, target):
