@@ -1,4 +1,5 @@
-"""Pallas GPU kernels for PTQ4VM inference: the W(4|8)A(4..8) integer linear and the S6 scan.
+"""Pallas GPU kernels for PTQ4VM: the W(4|8)A(4..8) integer linear and the S6 scan (forward for
+inference, forward + backward for calibration).
 
 Both use the Pallas Triton backend (see README.md here for why) and run on the CPU in
 ``interpret=True`` mode; their plain-XLA references are ``qmatmul_ref`` and
@@ -18,7 +19,12 @@ from pallas_kernels.qmatmul import (
     unpack_int4,
     weight_colsum,
 )
-from pallas_kernels.selective_scan import ScanConfig, default_scan_config, selective_scan
+from pallas_kernels.selective_scan import (
+    ScanConfig,
+    default_scan_config,
+    selective_scan,
+    selective_scan_trainable,
+)
 
 __all__ = [
     "GemmConfig",
@@ -33,6 +39,7 @@ __all__ = [
     "qmatmul_ref",
     "quantize_activations",
     "selective_scan",
+    "selective_scan_trainable",
     "unpack_int4",
     "weight_colsum",
 ]

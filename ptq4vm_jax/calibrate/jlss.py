@@ -214,15 +214,20 @@ def _compiled_float(stage_module: Any):
     """The float forwards do not depend on the config: one compilation serves every run."""
     stage = Stage(path=(), module=stage_module, output=lambda out: out)
 
+    # No gradients flow here: on GPU the forward-only Pallas scan, elsewhere the reference.
     @functools.partial(jax.jit, static_argnums=2)
     def fp_forward_capture(params, carry, paths):
         store: dict = {}
-        with capture_dense_inputs(set(paths), store):
+        with capture_dense_inputs(set(paths), store), scan_kernel():
             out = stage.apply(params, carry)
         return out, {p: store[p] for p in paths}
 
-    return dict(fp_forward=jax.jit(lambda params, carry: stage.apply(params, carry)),
-                fp_capture=fp_forward_capture)
+    @jax.jit
+    def fp_forward(params, carry):
+        with scan_kernel():
+            return stage.apply(params, carry)
+
+    return dict(fp_forward=fp_forward, fp_capture=fp_forward_capture)
 
 
 # ----------------------------------------------------------------------------- the loop
