@@ -11,6 +11,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA).
   scan  Pallas selective scan vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan at
         Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
+  scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
+        jax.grad through lax.scan and through lax.associative_scan.
   e2e   images/s of Vim-S/B/T at batch 256: bf16 float (lax.scan reference scan; Pallas scan) vs
         W8A8 ``quantized_apply(mode="int")`` in bf16 (Pallas qmatmul + Pallas scan).
 
@@ -56,6 +58,7 @@ from pallas_kernels import (
     qmatmul_ref,
     quantize_activations,
     selective_scan,
+    selective_scan_trainable,
     weight_colsum,
 )
 from ptq4vm_jax.ops.scan import selective_scan_ref
@@ -338,6 +341,44 @@ def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row
     return rows
 
 
+def scan_value_and_grad(fn: Callable) -> Callable:
+    """Forward + backward as calibration runs it: the value and all 8 input gradients."""
+    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(8)))
+
+
+def scan_train_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
+    """Differentiable scans (value + gradients) at calibration shapes: the Pallas custom_vjp vs
+    ``jax.grad`` through ``lax.scan`` and through ``lax.associative_scan``."""
+    variants = {
+        "pallas selective_scan_trainable": functools.partial(selective_scan_trainable,
+                                                             interpret=cfg.interpret),
+        "xla grad lax.scan (selective_scan_ref)": selective_scan_ref,
+        "xla grad lax.associative_scan": selective_scan_assoc,
+    }
+    rows = []
+    for label, batch, seq, e, n in shapes:
+        shape = f"{label} B={batch} L={seq} E={e} N={n} fwd+bwd"
+        sets = [scan_inputs(jax.random.key(s), batch, seq, e, n) for s in range(2)]
+        _, g_ref = jax.jit(scan_value_and_grad(selective_scan_ref))(*sets[0])
+        for vname, fn in variants.items():
+            if "associative" in vname and 4 * batch * seq * e * n > 1e9:  # grad keeps several copies
+                rows.append(Row("scan-train", shape, vname, None, check="skipped: > 1 GB of states"))
+                cfg.emit(rows[-1])
+                continue
+
+            def body(vname=vname, fn=fn, shape=shape, sets=sets, g_ref=g_ref):
+                f = scan_value_and_grad(fn)
+                _, g = jax.jit(f)(*sets[0])
+                err = max(rel_err(a, b) for a, b in zip(g, g_ref, strict=True))
+                check = "ref" if "selective_scan_ref" in vname else (
+                    f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
+                secs = time_ops(f, sets, repeats=cfg.repeats, inner=cfg.inner)
+                return Row("scan-train", shape, vname, secs, check=check)
+
+            rows.append(run_row(cfg, "scan-train", shape, vname, body))
+    return rows
+
+
 def sweep_gemm_row(cfg, shape: str, gc: GemmConfig, sets: list[dict], y_ref, work: int) -> Row:
     fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
     keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
@@ -528,16 +569,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.interpret:
         models, batches = ["smoke"], [1]
         scans = [("smoke", 1, SEQ, 128, 16), ("vmamba stage4", 1, 49, 96, 1)]
+        train_scans = [("smoke", 1, 33, 32, 16)]
         e2e = [("vim_micro", 2)]
     elif quick:
         models, batches = ["vim_s"], [64]
         scans = [("vim_s", 64, SEQ, 768, 16), ("vmamba stage1", 64, 3136, 96, 1)]
+        train_scans = [("vim_t calib", 256, SEQ, 384, 16)]
         e2e = [("vim_small", 64)]
     else:
         models, batches = ["vim_b", "vim_s", "vim_t"], [256, 64]
         scans = [(m, 64, SEQ, 2 * VIM_DIMS[m], 16) for m in ("vim_t", "vim_s", "vim_b")]
         scans += [("vim_b", 256, SEQ, 1536, 16)]
         scans += [(f"vmamba stage{i + 1}", 64, s, e, 1) for i, (s, e) in enumerate(VMAMBA_SCANS)]
+        train_scans = [("vim_t calib", 256, SEQ, 384, 16), ("vim_t", 64, SEQ, 384, 16),
+                       ("vmamba stage1", 32, 3136, 96, 1)]
         e2e = [("vim_small", 256), ("vim_base", 256), ("vim_tiny", 256)]
     layers = ["in_proj", "x_proj", "dt_proj", "out_proj"]
     jobs = [(mdl, lname, b) for mdl in models for b in batches for lname in layers]
@@ -548,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = gemm_rows(first, cfg)
     rows += e2e_rows(e2e[:1], cfg)
     rows += scan_rows(scans, cfg)
+    rows += scan_train_rows(train_scans, cfg)
     rows += gemm_rows([j for j in jobs if j not in first], cfg)
     rows += e2e_rows(e2e[1:], cfg)
     if args.sweep:
