@@ -1,0 +1,307 @@
+"""Hopper (sm_90a) int8 GEMM for PTQ4VM linears: Mosaic GPU ``wgmma`` s8 x s8 -> s32 + fused epilogue.
+
+Same arithmetic as :func:`pallas_kernels.qmatmul.qmatmul_codes` (read its module doc): int8
+codes ``q - c`` (``c = 2^(a_bits-1)``) from :func:`~pallas_kernels.qmatmul.quantize_activations`
+times the int8 weight, summed exactly in int32, the zero point restored with the weight column
+sums, then ``(f32(acc) * a_scale[l]) * w_scale[n] + bias[n]`` with ``l = row mod L``.
+
+Why a second kernel: the Triton backend cannot issue Hopper's asynchronous warpgroup MMA, and
+reached 10 % of the int8 peak on an H200 (BENCHMARKS.md). This one feeds ``wgmma`` from shared
+memory filled by TMA through a multi-stage ``plgpu.emit_pipeline`` over K.
+
+Layout contract. int8 ``wgmma`` only reads K-major operands (PTX supports transposed operands
+for 16-bit types only), so the weight is passed transposed, ``w_t`` (N, K) int8, K contiguous:
+:func:`prepare_weight_wgmma` builds it once per layer (unpacking 4-bit storage; Hopper has no
+int4 MMA rate anyway, so W4 saves storage, not MMA time).
+
+Edges. M (= batch x 197) needs no multiple of the tile: TMA zero-fills the rows of the last M
+tile that lie beyond M and drops them on the store. K and N must be multiples of 64 (every
+Vim/VMamba in_proj/out_proj size); small or ragged layers (x_proj N = 56, dt_proj K = 24) stay
+on the Triton :func:`~pallas_kernels.qmatmul.qmatmul`; :func:`supports_wgmma` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.qmatmul import _check_bits, _dense_weight
+
+__all__ = [
+    "WgmmaConfig",
+    "default_wgmma_config",
+    "prepare_weight_wgmma",
+    "qmatmul_codes_wgmma",
+    "supports_wgmma",
+    "WGMMA_SWEEP",
+]
+
+_ALIGN = 64  # K and N granularity: 64-byte swizzle of int8 K rows, 64-column N tiles
+_MAX_ACC_REGS = 128  # int32 accumulator registers per thread of the one compute warpgroup
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaConfig:
+    """Tile sizes of one CTA (one compute warpgroup) and the depth of the TMA pipeline over K.
+
+    ``tile_m`` is a multiple of 64 (the wgmma M), ``tile_n`` a multiple of 64 up to 256 (wgmma
+    N limit), ``tile_k`` a multiple of 64 (the 64-byte swizzle; 128-byte when ``tile_k % 128 ==
+    0``). The accumulator lives in registers: ``tile_m * tile_n / 128 <= 128`` int32 per thread.
+    SMEM per CTA ~ ``stages * (tile_m + tile_n) * tile_k`` bytes plus the output tile; below
+    ~110 KB two CTAs share an SM, so one CTA's epilogue overlaps the other's main loop.
+    ``m_fastest`` launches consecutive CTAs along M instead of N (N fastest reuses an activation
+    tile from L2 across the N tiles; the weight is at most a few MB and stays in L2 either way).
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 4
+    m_fastest: bool = False
+
+    def __post_init__(self):
+        for name in ("tile_m", "tile_n", "tile_k"):
+            v = getattr(self, name)
+            if v < 64 or v % 64:
+                raise ValueError(f"WgmmaConfig.{name} must be a positive multiple of 64, got {v}")
+        if self.tile_n > 256:
+            raise ValueError(f"WgmmaConfig.tile_n must be <= 256 (wgmma N limit), got {self.tile_n}")
+        if self.tile_m * self.tile_n // 128 > _MAX_ACC_REGS:
+            raise ValueError(
+                f"WgmmaConfig tile_m x tile_n = {self.tile_m} x {self.tile_n} needs "
+                f"{self.tile_m * self.tile_n // 128} accumulator registers per thread (> "
+                f"{_MAX_ACC_REGS}); use 128 x 128 or 64 x 256"
+            )
+        if self.stages < 2:
+            raise ValueError(f"WgmmaConfig.stages must be >= 2 (a wgmma stays in flight), got {self.stages}")
+
+
+def _largest_tile(dim: int, candidates: tuple[int, ...]) -> int:
+    return next(t for t in candidates if dim % t == 0)
+
+
+def default_wgmma_config(m: int, k: int, n: int) -> WgmmaConfig:
+    """128 x 128 tiles (the best Triton shape on the H200, and what one warpgroup's registers
+    hold); K tiles of 128 bytes, 4 stages; narrower tiles only where K or N require them."""
+    _check_shape(m, k, n)
+    del m
+    return WgmmaConfig(tile_m=128, tile_n=_largest_tile(n, (128, 64)),
+                       tile_k=_largest_tile(k, (128, 64)), stages=4)
+
+
+#: Configurations for a first tile sweep on an H100/H200 (all fit 227 KB of SMEM).
+WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
+    WgmmaConfig(128, 128, 128, 4),  # default: 128 KB SMEM, one CTA per SM
+    WgmmaConfig(128, 128, 128, 2),  # 96 KB: two CTAs per SM
+    WgmmaConfig(128, 128, 64, 4),  # 96 KB: two CTAs per SM, deeper pipeline
+    WgmmaConfig(64, 256, 128, 4),  # 128 KB: wide N, A tile reused by 256 columns
+    WgmmaConfig(64, 256, 64, 3),  # 64 KB + out: two CTAs per SM
+    WgmmaConfig(128, 128, 128, 4, m_fastest=True),
+)
+
+
+def _check_shape(m: int, k: int, n: int) -> None:
+    if not supports_wgmma(m, k, n):
+        raise ValueError(
+            f"qmatmul_codes_wgmma needs K and N to be multiples of {_ALIGN} and M >= 1 (got M={m}, "
+            f"K={k}, N={n}); use the Triton pallas_kernels.qmatmul / qmatmul_codes for this layer"
+        )
+
+
+def supports_wgmma(m: int, k: int, n: int) -> bool:
+    """Whether the wgmma kernel takes an (m, k) x (k, n) problem (any M; K, N multiples of 64)."""
+    return (
+        m >= 1 and k >= _ALIGN and n >= _ALIGN and k % _ALIGN == 0 and n % _ALIGN == 0
+        and m * max(k, n) < 2**31
+    )
+
+
+def prepare_weight_wgmma(w_q: jax.Array, w_bits: int) -> jax.Array:
+    """(N, K) int8, K contiguous, from a (K, N) int8 or (K/2, N) packed 4-bit weight; once per layer."""
+    if w_q.ndim != 2 or w_q.dtype != jnp.int8:
+        raise ValueError(f"w_q must be a 2-D int8 array, got {w_q.dtype}{list(w_q.shape)}")
+    _check_bits(8, w_bits)
+    return _dense_weight(w_q, w_bits).T  # XLA materialises the transpose: a row-major (N, K) array
+
+
+def _smem_transforms(minor_bytes: int, itemsize: int) -> tuple:
+    """(8, swizzle) tiling + the largest swizzle that divides a row of ``minor_bytes``."""
+    swizzle = next(s for s in (128, 64, 32) if minor_bytes % s == 0)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gmem, *refs,
+            cfg: WgmmaConfig, k_steps: int, has_bias: bool, interpret: bool):
+    """One (tile_m, tile_n) output tile: TMA-pipelined K loop of wgmma, then the epilogue.
+
+    ``interpret`` changes two things, because jax 0.10.2's Mosaic GPU interpreter cannot apply
+    ``transpose_ref`` to a wgmma operand nor run ``plgpu.load``: the weight comes as (K, N) and
+    wgmma reads its tile directly, and the epilogue vectors are read with ``ref[...]``.
+    """
+    bias_gmem = refs[0] if has_bias else None
+    out_gmem, shift_smem, rscale_smem, colsum_smem, wscale_smem, bias_smem, out_smem, vec_bar = (
+        refs[1:] if has_bias else refs
+    )
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    m_sl = pl.ds(lax.axis_index("m") * tm, tm)
+    n_sl = pl.ds(lax.axis_index("n") * tn, tn)
+
+    # Epilogue vectors first: their copies overlap the main loop. Row vectors are padded to the
+    # tile grid by the wrapper, so these copies never leave their arrays.
+    vec_copies = [(shift_gmem.at[m_sl], shift_smem), (rscale_gmem.at[m_sl], rscale_smem),
+                  (colsum_gmem.at[n_sl], colsum_smem), (wscale_gmem.at[n_sl], wscale_smem)]
+    if has_bias:
+        vec_copies.append((bias_gmem.at[n_sl], bias_smem))
+    for src, dst in vec_copies:
+        plgpu.copy_gmem_to_smem(src, dst, vec_bar.at[0])
+
+    in_flight = 1 if k_steps > 1 else 0  # wgmmas left running while the next tile loads
+
+    a_tf = _smem_transforms(tk, 1)
+    specs = [
+        plgpu.BlockSpec((tm, tk), lambda k: (0, k), transforms=a_tf, delay_release=in_flight),
+        plgpu.BlockSpec((tk, tn), lambda k: (k, 0), transforms=_smem_transforms(tn, 1),
+                        delay_release=in_flight)
+        if interpret else
+        plgpu.BlockSpec((tn, tk), lambda k: (0, k), transforms=a_tf, delay_release=in_flight),
+    ]
+    w_tile = w_gmem.at[:, n_sl] if interpret else w_gmem.at[n_sl]
+
+    def main_loop(acc_ref):
+        def step(_, a_smem, b_smem):
+            b = b_smem if interpret else plgpu.transpose_ref(b_smem, (1, 0))
+            plgpu.wgmma(acc_ref, a_smem, b)
+            plgpu.wgmma_wait(in_flight)
+
+        plgpu.emit_pipeline(
+            step, grid=(k_steps,), in_specs=specs,
+            max_concurrent_steps=min(cfg.stages, k_steps) if k_steps > 1 else 1,
+        )(codes_gmem.at[m_sl], w_tile)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.int32))
+
+    plgpu.barrier_wait(vec_bar.at[0])
+
+    def load(ref, axis):
+        """A row (axis 0) or column (axis 1) vector in the accumulator's register layout."""
+        if interpret:  # the interpreter evaluates ``plgpu.load`` on values, not refs (jax 0.10.2)
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+    rows = lambda ref: lax.broadcast_in_dim(load(ref, 0), (tm, tn), [0])
+    cols = lambda ref: lax.broadcast_in_dim(load(ref, 1), (tm, tn), [1])
+    acc = acc + rows(shift_smem) * cols(colsum_smem)  # exact zero-point restore, int32
+    if out_smem.dtype == jnp.int32:  # the exact accumulator sum_k (q - z) w, for tests
+        y = acc
+    else:
+        y = acc.astype(jnp.float32) * rows(rscale_smem) * cols(wscale_smem)
+        if has_bias:
+            y = y + cols(bias_smem)
+    out_smem[...] = y.astype(out_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[m_sl, n_sl])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _interpret_params():
+    """Mosaic GPU interpreter (private in jax 0.10/0.11) with TMA's zero fill beyond the array."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "out_dtype", "config", "interpret"))
+def qmatmul_codes_wgmma(
+    codes: jax.Array,
+    w_t: jax.Array,
+    w_scale: jax.Array,
+    a_scale: jax.Array,
+    a_zero: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    a_bits: int = 8,
+    out_dtype=jnp.bfloat16,
+    colsum: jax.Array | None = None,
+    config: WgmmaConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`~pallas_kernels.qmatmul.qmatmul_codes` on Hopper ``wgmma``; same result.
+
+    ``codes`` (B, L, K) int8 from ``quantize_activations``; ``w_t`` (N, K) int8 from
+    :func:`prepare_weight_wgmma`; ``w_scale`` (N,); ``a_scale``, ``a_zero`` (L,); ``bias`` (N,);
+    ``colsum`` (N,) int32 = ``weight_colsum`` of the same weight (computed here when not given).
+    Output (B, L, N) ``out_dtype``; ``out_dtype=jnp.int32`` returns the exact accumulator
+    ``sum_k (q - z) w`` instead (no scales, no bias), for tests. ``interpret=True`` runs jax's
+    Mosaic GPU interpreter on the CPU (slow; small shapes only) with the deviations listed in
+    :func:`_kernel` and a whole-tile output cut after the kernel.
+    """
+    _check_bits(a_bits, 8)
+    if codes.ndim != 3 or codes.dtype != jnp.int8:
+        raise ValueError(f"codes must be (B, L, K) int8 from quantize_activations, got "
+                         f"{codes.dtype}{list(codes.shape)}")
+    batch, seq, k = codes.shape
+    if w_t.ndim != 2 or w_t.dtype != jnp.int8 or w_t.shape[1] != k:
+        raise ValueError(f"w_t must be (N, K) = (N, {k}) int8 from prepare_weight_wgmma (the "
+                         f"transposed weight), got {w_t.dtype}{list(w_t.shape)}")
+    n = w_t.shape[0]
+    for name, v, size in (("a_scale", a_scale, seq), ("a_zero", a_zero, seq), ("w_scale", w_scale, n),
+                          ("bias", bias, n), ("colsum", colsum, n)):
+        if v is not None and v.shape != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {v.shape}")
+    if not jnp.issubdtype(a_zero.dtype, jnp.integer):
+        raise ValueError(f"a_zero must be an integer array, got {a_zero.dtype}")
+    m = batch * seq
+    _check_shape(m, k, n)
+    cfg = config or default_wgmma_config(m, k, n)
+    if k % cfg.tile_k or n % cfg.tile_n:
+        raise ValueError(f"K={k} and N={n} must be multiples of the config's tile_k={cfg.tile_k} "
+                         f"and tile_n={cfg.tile_n}; see default_wgmma_config")
+
+    if colsum is None:
+        colsum = jnp.sum(w_t.astype(jnp.int32), axis=1)
+    m_tiles = pl.cdiv(m, cfg.tile_m)
+    tok = jnp.arange(m_tiles * cfg.tile_m, dtype=jnp.int32) % seq  # token of each (padded) row
+    shift = (2 ** (a_bits - 1) - a_zero.astype(jnp.int32))[tok]
+    row_scale = a_scale.astype(jnp.float32)[tok]
+    w_op = w_t.T if interpret else w_t
+    operands = [codes.reshape(m, k), w_op, shift, row_scale, colsum.astype(jnp.int32),
+                w_scale.astype(jnp.float32)]
+    if bias is not None:
+        operands.append(bias.astype(jnp.float32))
+
+    tm, tn = cfg.tile_m, cfg.tile_n
+    out_itemsize = jnp.dtype(out_dtype).itemsize
+    grid, names = ((m_tiles, n // tn), ("m", "n"))
+    if cfg.m_fastest:
+        grid, names = grid[::-1], names[::-1]
+    kernel = functools.partial(_kernel, cfg=cfg, k_steps=k // cfg.tile_k, has_bias=bias is not None,
+                               interpret=interpret)
+    # On the GPU the last tile's TMA store drops rows >= M. The interpreter drops a partially
+    # out-of-bounds store entirely, so there the output has whole tiles and is cut after.
+    out_rows = m_tiles * tm if interpret else m
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
+        scratch_types=[
+            plgpu.SMEM((tm,), jnp.int32),
+            plgpu.SMEM((tm,), jnp.float32),
+            plgpu.SMEM((tn,), jnp.int32),
+            plgpu.SMEM((tn,), jnp.float32),
+            plgpu.SMEM((tn,), jnp.float32),
+            plgpu.SMEM((tm, tn), out_dtype, transforms=_smem_transforms(tn * out_itemsize, out_itemsize)),
+            plgpu.Barrier(num_arrivals=5 if bias is not None else 4),
+        ],
+        grid=grid,
+        grid_names=names,
+        compiler_params=plgpu.CompilerParams(),
+        interpret=_interpret_params() if interpret else None,
+        kernel_name="ptq4vm_qmatmul_wgmma",
+    )(*operands)
+    return out[:m].reshape(batch, seq, n)

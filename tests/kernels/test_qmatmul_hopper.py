@@ -1,0 +1,181 @@
+"""qmatmul_codes_wgmma (Mosaic GPU, Hopper wgmma) vs the XLA integer reference of qmatmul_codes.
+
+On a GPU the correctness cases run the compiled kernel (needs sm_90: H100/H200). Elsewhere they
+run jax's Mosaic GPU interpreter, which differs from the GPU build in three documented places
+(weight tile read as (K, N), epilogue vectors read with ``ref[...]``, whole-tile output cut after
+the kernel): the K-major weight view and the partial TMA store of the last M tile are therefore
+verified only on a GPU. The CUDA lowering tests check the int8 wgmma instruction on the CPU.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.qmatmul import _codes_matmul_int32, _dequantize, pack_int4, weight_colsum
+from pallas_kernels.qmatmul_hopper import (
+    WGMMA_SWEEP,
+    WgmmaConfig,
+    default_wgmma_config,
+    prepare_weight_wgmma,
+    qmatmul_codes_wgmma,
+    supports_wgmma,
+)
+
+SEQ = 197
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def make_layer(seed, batch, k, n, a_bits=8, seq=SEQ):
+    """Random codes over the full int8 range of ``a_bits``, every zero point, int8 weights."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    half = 2 ** (a_bits - 1)
+    codes = jax.random.randint(ks[0], (batch, seq, k), -half, half, jnp.int32).astype(jnp.int8)
+    w = jax.random.randint(ks[1], (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    a_scale = jnp.exp(0.3 * jax.random.normal(ks[2], (seq,))) * (12.0 / 2**a_bits)
+    a_zero = jax.random.randint(ks[3], (seq,), 0, 2**a_bits, jnp.int32)
+    w_scale = 0.02 * jnp.exp(jax.random.normal(ks[4], (n,)))
+    bias = jax.random.normal(ks[5], (n,))
+    return dict(codes=codes, w=w, a_scale=a_scale, a_zero=a_zero, w_scale=w_scale, bias=bias)
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "out_dtype"))
+def reference(lay, a_bits, bias, out_dtype):
+    """qmatmul_codes' XLA path: int32 accumulator and its dequantization (jitted, as in qmatmul_ref)."""
+    acc = _codes_matmul_int32(lay["codes"], lay["w"], lay["a_zero"], a_bits, 8)
+    if out_dtype == jnp.int32:
+        return acc
+    return _dequantize(acc, lay["a_scale"], lay["w_scale"], bias).astype(out_dtype)
+
+
+def run(lay, a_bits, bias, out_dtype, config):
+    return qmatmul_codes_wgmma(
+        lay["codes"], prepare_weight_wgmma(lay["w"], 8), lay["w_scale"], lay["a_scale"],
+        lay["a_zero"], bias, a_bits=a_bits, out_dtype=out_dtype, config=config, interpret=INTERPRET,
+    )
+
+
+CASES = [
+    # batch, k, n, a_bits, bias, out_dtype, config
+    (1, 128, 128, 8, True, jnp.float32, WgmmaConfig(64, 64, 64, 2)),  # 4 x 2 tiles, last M tile 5 rows
+    (1, 128, 128, 8, False, jnp.int32, WgmmaConfig(64, 64, 64, 2, m_fastest=True)),
+    (1, 192, 64, 4, False, jnp.bfloat16, None),  # K = 192: three 64-wide K steps; A4 codes
+    (2, 384, 256, 8, True, jnp.float32, None),  # Vim-T-like in_proj K, M = 394: ragged 128-row tiles
+]
+
+
+@pytest.mark.parametrize("batch,k,n,a_bits,use_bias,out_dtype,config", CASES)
+def test_kernel_matches_reference(batch, k, n, a_bits, use_bias, out_dtype, config):
+    lay = make_layer(batch + k + n + a_bits, batch, k, n, a_bits)
+    bias = lay["bias"] if use_bias else None
+    y = run(lay, a_bits, bias, out_dtype, config)
+    ref = reference(lay, a_bits, bias, out_dtype)
+    assert y.shape == (batch, SEQ, n) and y.dtype == out_dtype
+    r = np.asarray(ref, np.float32)
+    assert np.abs(r).max() > 0
+    if out_dtype == jnp.int32 or INTERPRET:
+        # The interpreter's epilogue is the same f32 operations in the same order, compiled by
+        # XLA on the CPU like the jitted reference (eager op-by-op evaluation of the reference
+        # differs from both by up to ~60 ulps on the CPU; unexplained, not investigated).
+        np.testing.assert_array_equal(np.asarray(y, np.float32), r)
+    elif out_dtype == jnp.float32:  # the GPU build may contract (acc*s)*w + b into an FMA
+        np.testing.assert_allclose(np.asarray(y), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
+    else:  # one bf16 ulp where the f32 values round differently
+        np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=8e-3, atol=1e-2 * np.abs(r).max())
+
+
+def test_accumulator_is_exact_and_colsum_is_reused():
+    lay = make_layer(3, 1, 128, 64)
+    colsum = weight_colsum(lay["w"], 8)
+    acc = qmatmul_codes_wgmma(lay["codes"], prepare_weight_wgmma(lay["w"], 8), lay["w_scale"],
+                              lay["a_scale"], lay["a_zero"], out_dtype=jnp.int32, colsum=colsum,
+                              config=WgmmaConfig(64, 64, 64, 2), interpret=INTERPRET)
+    q_minus_z = (np.asarray(lay["codes"], np.int64) + 128 - np.asarray(lay["a_zero"])[:, None])
+    naive = np.einsum("blk,kn->bln", q_minus_z, np.asarray(lay["w"], np.int64))
+    np.testing.assert_array_equal(np.asarray(acc), naive)
+
+
+def test_prepare_weight_transposes_and_unpacks_4bit():
+    w = jax.random.randint(jax.random.key(1), (128, 64), -8, 8, jnp.int32).astype(jnp.int8)
+    for stored, bits in ((w, 8), (pack_int4(w), 4)):
+        w_t = prepare_weight_wgmma(stored, bits)
+        assert w_t.shape == (64, 128) and w_t.dtype == jnp.int8
+        np.testing.assert_array_equal(w_t, np.asarray(w).T)
+    with pytest.raises(ValueError, match="2-D int8"):
+        prepare_weight_wgmma(w.astype(jnp.int32), 8)
+
+
+def test_supports_wgmma_covers_vim_in_and_out_proj_only():
+    for k, n in [(192, 768), (384, 1536), (768, 3072), (1536, 768), (3072, 384), (768, 192)]:
+        assert supports_wgmma(64 * SEQ, k, n), (k, n)
+    for k, n in [(768, 56), (24, 768), (3, 96), (100, 128), (128, 32)]:  # x_proj, dt_proj, ragged
+        assert not supports_wgmma(64 * SEQ, k, n), (k, n)
+    assert not supports_wgmma(0, 128, 128)
+    assert not supports_wgmma(2**22, 768, 1536)  # int32 offsets
+
+
+def test_default_config_fits_every_target_shape():
+    for k, n in [(192, 768), (384, 1536), (768, 3072), (1536, 768), (3072, 384), (768, 192)]:
+        cfg = default_wgmma_config(256 * SEQ, k, n)
+        assert k % cfg.tile_k == 0 and n % cfg.tile_n == 0
+        assert cfg.tile_m * cfg.tile_n <= 128 * 128
+    assert default_wgmma_config(SEQ, 192, 192) == WgmmaConfig(128, 64, 64, 4)
+
+
+def test_bad_arguments_are_explained():
+    lay = make_layer(5, 1, 128, 64)
+    w_t = prepare_weight_wgmma(lay["w"], 8)
+    args = (lay["w_scale"], lay["a_scale"], lay["a_zero"])
+    with pytest.raises(ValueError, match="use the Triton"):
+        qmatmul_codes_wgmma(lay["codes"][..., :24], w_t[:, :24], *args)
+    with pytest.raises(ValueError, match=r"w_t must be \(N, K\)"):
+        qmatmul_codes_wgmma(lay["codes"], lay["w"], *args)  # (K, N) instead of (N, K)
+    with pytest.raises(ValueError, match="codes must be"):
+        qmatmul_codes_wgmma(lay["codes"].astype(jnp.int32), w_t, *args)
+    with pytest.raises(ValueError, match="a_zero must be an integer"):
+        qmatmul_codes_wgmma(lay["codes"], w_t, lay["w_scale"], lay["a_scale"], lay["a_scale"])
+    with pytest.raises(ValueError, match=r"a_scale must have shape \(197,\)"):
+        qmatmul_codes_wgmma(lay["codes"], w_t, lay["w_scale"], lay["a_scale"][:-1], lay["a_zero"])
+    with pytest.raises(ValueError, match="multiples of the config's tile_k=128"):
+        qmatmul_codes_wgmma(lay["codes"][..., :64], w_t[:, :64], *args, config=WgmmaConfig())
+    with pytest.raises(ValueError, match="multiple of 64"):
+        WgmmaConfig(tile_k=32)
+    with pytest.raises(ValueError, match="accumulator registers"):
+        WgmmaConfig(tile_m=256, tile_n=128)
+    with pytest.raises(ValueError, match="wgmma N limit"):
+        WgmmaConfig(tile_m=64, tile_n=320)
+
+
+VIM_SHAPES = [  # (batch, K, N): Vim-S in_proj, Vim-B in_proj, Vim-B out_proj
+    (64, 384, 1536),
+    (256, 768, 3072),
+    (256, 1536, 768),
+]
+
+
+@pytest.mark.parametrize("batch,k,n", VIM_SHAPES)
+def test_lowers_for_cuda_to_int8_wgmma(batch, k, n):
+    s = jax.ShapeDtypeStruct
+    args = (s((batch, SEQ, k), jnp.int8), s((n, k), jnp.int8), s((n,), jnp.float32),
+            s((SEQ,), jnp.float32), s((SEQ,), jnp.int32), s((n,), jnp.float32))
+    text = jax.jit(qmatmul_codes_wgmma).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @mosaic_gpu" in text  # Mosaic GPU, not the Triton custom call
+    assert "ptq4vm_qmatmul_wgmma" in text
+    cfg = default_wgmma_config(batch * SEQ, k, n)
+    # s8 x s8 -> s32 warpgroup MMA, 64 x tile_n x 32 per instruction, fed by TMA tensor copies
+    assert f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_n}k32.s32.s8.s8" in text
+    assert "cp.async.bulk.tensor" in text
+    assert not re.search(r"__gpu\$xla\.gpu\.triton", text)
+
+
+def test_sweep_configs_lower_within_shared_memory():
+    s = jax.ShapeDtypeStruct
+    batch, k, n = 256, 768, 3072
+    args = (s((batch, SEQ, k), jnp.int8), s((n, k), jnp.int8), s((n,), jnp.float32),
+            s((SEQ,), jnp.float32), s((SEQ,), jnp.int32), s((n,), jnp.float32))
+    for cfg in WGMMA_SWEEP:  # Mosaic checks the SMEM budget while lowering
+        fn = jax.jit(lambda *a, cfg=cfg: qmatmul_codes_wgmma(*a, config=cfg))
+        assert "wgmma.mma_async" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
