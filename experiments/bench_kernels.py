@@ -8,7 +8,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
   gemm  Vim-B/S/T in_proj, x_proj, dt_proj, out_proj at batch 256 and 64 (M = batch * 197):
         XLA bf16 dot | XLA s8 x s8 -> s32 dot alone | XLA W8A8 (quantize + s8 dot + dequant,
         = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
-        GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA).
+        GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on GPU also the Mosaic
+        GPU wgmma GEMM on codes (Hopper only; K, N multiples of 64), listed first.
   scan  Pallas selective scan vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan at
         Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
   scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
@@ -51,14 +52,17 @@ from pallas_kernels import (
     GemmConfig,
     ScanConfig,
     pack_int4,
+    prepare_weight_wgmma,
     qmatmul,
     qmatmul_codes,
+    qmatmul_codes_wgmma,
     qmatmul_int32,
     qmatmul_int32_ref,
     qmatmul_ref,
     quantize_activations,
     selective_scan,
     selective_scan_trainable,
+    supports_wgmma,
     weight_colsum,
 )
 from ptq4vm_jax.ops.scan import selective_scan_ref
@@ -194,6 +198,7 @@ def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
     inp["colsum"] = weight_colsum(inp["w"], 8)
     inp["colsum4"] = weight_colsum(inp["w4"], 4)
     inp["codes"] = quantize_activations(x, smooth, a_scale, inp["a_zero"])
+    inp["w_t"] = prepare_weight_wgmma(inp["w"], 8)
     return inp
 
 
@@ -213,7 +218,14 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
     def fused(a_bits, w_bits):
         return lambda *a: qmatmul(*a[:7], a_bits=a_bits, w_bits=w_bits, interpret=interpret, colsum=a[7])
 
-    return {
+    def wgmma_two_pass(x, w, w_scale, smooth, a_scale, a_zero, bias, colsum, w_t):
+        codes = quantize_activations(x, smooth, a_scale, a_zero)
+        return qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, out_dtype=bf16,
+                                   colsum=colsum)
+
+    hopper = {} if interpret else {
+        "mosaic wgmma w8a8 2-pass": ((*w8a8, "w_t"), wgmma_two_pass, fused_bytes, "int8")}
+    return hopper | {
         "xla bf16 dot": (("x", "w_bf16"), jnp.dot,
                          lambda m, k, n: 2 * m * k + 2 * k * n + 2 * m * n, "bf16"),
         "xla s8 dot only (s32 out)": (
@@ -233,13 +245,19 @@ def check_gemm(name: str, inp: dict, interpret: bool, exact: bool) -> str:
     if name.startswith("xla"):
         return "ref" if "qmatmul_ref" in name else "-"
     keys, fn, _, _ = gemm_variants(interpret)[name]
-    x, w, w_scale, smooth, a_scale, a_zero, bias, _ = (inp[k] for k in keys)
+    x, w, w_scale, smooth, a_scale, a_zero, bias, *_ = (inp[k] for k in keys)
     bits = dict(a_bits=4, w_bits=4) if "w4a4" in name else dict(a_bits=8, w_bits=8)
     notes = []
     if exact and "fused" in name:
         qargs = (x, w, smooth, a_scale, a_zero)
         acc = np.asarray(qmatmul_int32(*qargs, interpret=interpret, **bits))
         ref = np.asarray(qmatmul_int32_ref(*qargs, **bits))
+        bad = int((acc != ref).sum())
+        notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
+    if exact and "wgmma" in name:
+        acc = np.asarray(qmatmul_codes_wgmma(inp["codes"], inp["w_t"], w_scale, a_scale, a_zero,
+                                             out_dtype=jnp.int32))
+        ref = np.asarray(qmatmul_int32_ref(x, w, smooth, a_scale, a_zero))
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
     y_ref = qmatmul_ref(x, w, w_scale, smooth, a_scale, a_zero, bias, out_dtype=jnp.bfloat16, **bits)
@@ -270,7 +288,11 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg) -> list[Row]:
         sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(nsets)]
         shape = f"{model} {lname} M={m} K={k} N={n}"
         for vname in gemm_variants(cfg.interpret):
-            body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, batch <= 64)
+            if "wgmma" in vname and not supports_wgmma(m, k, n):
+                rows.append(Row("gemm", shape, vname, None, check="n/a: K, N not multiples of 64"))
+                cfg.emit(rows[-1])
+                continue
+            body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, batch <= 256)
             rows.append(run_row(cfg, "gemm", shape, vname, body))
     return rows
 

@@ -2,7 +2,8 @@
 inference, forward + backward for calibration).
 
 Both use the Pallas Triton backend (see README.md here for why) and run on the CPU in
-``interpret=True`` mode; their plain-XLA references are ``qmatmul_ref`` and
+``interpret=True`` mode; ``qmatmul_codes_wgmma`` is a Hopper-only Mosaic GPU GEMM, not yet run
+on a GPU; their plain-XLA references are ``qmatmul_ref`` and
 ``ptq4vm_jax.ops.scan.selective_scan_ref``.
 """
 
@@ -19,6 +20,12 @@ from pallas_kernels.qmatmul import (
     unpack_int4,
     weight_colsum,
 )
+from pallas_kernels.qmatmul_hopper import (
+    WgmmaConfig,
+    prepare_weight_wgmma,
+    qmatmul_codes_wgmma,
+    supports_wgmma,
+)
 from pallas_kernels.selective_scan import (
     ScanConfig,
     default_scan_config,
@@ -29,17 +36,21 @@ from pallas_kernels.selective_scan import (
 __all__ = [
     "GemmConfig",
     "ScanConfig",
+    "WgmmaConfig",
     "default_gemm_config",
     "default_scan_config",
     "pack_int4",
+    "prepare_weight_wgmma",
     "qmatmul",
     "qmatmul_codes",
+    "qmatmul_codes_wgmma",
     "qmatmul_int32",
     "qmatmul_int32_ref",
     "qmatmul_ref",
     "quantize_activations",
     "selective_scan",
     "selective_scan_trainable",
+    "supports_wgmma",
     "unpack_int4",
     "weight_colsum",
 ]

@@ -271,8 +271,13 @@ def qmatmul_codes_wgmma(
     shift = (2 ** (a_bits - 1) - a_zero.astype(jnp.int32))[tok]
     row_scale = a_scale.astype(jnp.float32)[tok]
     w_op = w_t.T if interpret else w_t
-    operands = [codes.reshape(m, k), w_op, shift, row_scale, colsum.astype(jnp.int32),
-                w_scale.astype(jnp.float32)]
+    # TMA needs the row count of a tiled global array to be a multiple of 8: an odd batch
+    # (M = batch * 197) gets up to 7 zero rows, cut from the output below.
+    m8 = -(-m // 8) * 8
+    rows = codes.reshape(m, k)
+    if m8 != m:
+        rows = jnp.pad(rows, ((0, m8 - m), (0, 0)))
+    operands = [rows, w_op, shift, row_scale, colsum.astype(jnp.int32), w_scale.astype(jnp.float32)]
     if bias is not None:
         operands.append(bias.astype(jnp.float32))
 
@@ -285,7 +290,7 @@ def qmatmul_codes_wgmma(
                                interpret=interpret)
     # On the GPU the last tile's TMA store drops rows >= M. The interpreter drops a partially
     # out-of-bounds store entirely, so there the output has whole tiles and is cut after.
-    out_rows = m_tiles * tm if interpret else m
+    out_rows = m_tiles * tm if interpret else m8
     out = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),

@@ -149,10 +149,11 @@ def test_bad_arguments_are_explained():
         WgmmaConfig(tile_m=64, tile_n=320)
 
 
-VIM_SHAPES = [  # (batch, K, N): Vim-S in_proj, Vim-B in_proj, Vim-B out_proj
+VIM_SHAPES = [  # (batch, K, N): Vim-S in_proj, Vim-B in_proj, Vim-B out_proj, odd batch
     (64, 384, 1536),
     (256, 768, 3072),
     (256, 1536, 768),
+    (3, 768, 3072),  # M = 591 is no multiple of 8, which TMA needs: rows are padded
 ]
 
 
