@@ -5,8 +5,9 @@
 #
 # Steps, each under its own time limit so that one failure still leaves the others' results:
 #   env     GPU, driver, versions of jax / flax / optax / orbax
-#   tests   the kernel tests run the compiled kernels on a GPU (interpret mode elsewhere), and
-#           quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU)
+#   ktests  the kernel tests run the compiled kernels on a GPU (interpret mode elsewhere): Triton
+#           qmatmul, Mosaic GPU wgmma GEMM (Hopper), selective scan forward and backward
+#   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU)
 #   kernels experiments/bench_kernels.py (GEMMs, scans, end-to-end W8A8 vs bf16)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
@@ -37,7 +38,8 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", \
   optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
   \"numpy\", numpy.__version__, jax.devices())'"
-step tests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels tests/test_int_mode.py -s
-step kernels 230 $PY experiments/bench_kernels.py --budget-s 190
-step calib 150 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
+step ktests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
+step itests 70 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
+step kernels 190 $PY experiments/bench_kernels.py --budget-s 160
+step calib 120 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 echo "=== done after $(($(date +%s) - START))s"
