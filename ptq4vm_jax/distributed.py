@@ -100,11 +100,15 @@ def data_parallel(
 
     The returned callable replicates ``params`` once, shards each batch (padding it), runs one
     jitted ``fn`` and returns this process's unpadded rows, e.g. as ``logits_fn`` for
-    ``ptq4vm_jax.evaluate.evaluate``.
+    ``ptq4vm_jax.evaluate.evaluate``. ``fn`` runs per device on its shard (``shard_map``): the
+    Pallas kernels inside are opaque to XLA's partitioner, which would otherwise gather the
+    whole batch onto every device. ``fn`` must therefore treat examples independently.
     """
     mesh = data_mesh() if mesh is None else mesh
     params = replicate(params, mesh)
-    jitted = jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+    per_device = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+                               out_specs=PartitionSpec(DATA_AXIS), check_vma=False)
+    jitted = jax.jit(per_device, out_shardings=NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
     def call(images: Any) -> np.ndarray:
         x, n = shard_batch(images, mesh)
