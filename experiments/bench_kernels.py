@@ -465,7 +465,9 @@ def end_to_end_rows(
     """
     rows, first = [], None
     for name, jfwd in forwards.items():
+        t0 = time.perf_counter()
         logits = np.asarray(jfwd(image_sets[0]), np.float32)
+        print(f"  e2e  {name}: first call (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
         if first is None:
             first, check = logits, "baseline"
         else:
@@ -502,8 +504,10 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, with_int: bool = T
     if with_int:
         cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
+        t0 = time.perf_counter()
         qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
                                 log=lambda _: None)
+        print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
         int_fwd = jax.jit(lambda q, im: pq.quantized_apply(model, q, im, mode="int"))
         forwards[f"{model_name} W8A8 int bf16 (pallas qmatmul + scan)"] = functools.partial(int_fwd, qp)
     return forwards, images
