@@ -10,8 +10,9 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
         GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on GPU also the Mosaic
         GPU wgmma GEMM on codes (Hopper only; K, N multiples of 64), listed first.
-  scan  Pallas selective scan vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan at
-        Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
+  scan  Pallas selective scan (default; 4 tokens per loop trip) vs ``selective_scan_ref``
+        (lax.scan) vs lax.associative_scan at Vim (L=197, N=16) and VMamba (N=1, one scan
+        direction) shapes.
   scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
         jax.grad through lax.scan and through lax.associative_scan.
   e2e   images/s of Vim-S/B/T at batch 256: bf16 float (lax.scan reference scan; Pallas scan) vs
@@ -51,6 +52,7 @@ from jax import lax
 from pallas_kernels import (
     GemmConfig,
     ScanConfig,
+    default_scan_config,
     pack_int4,
     prepare_weight_wgmma,
     qmatmul,
@@ -338,10 +340,18 @@ def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref
     return Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check)
 
 
+def unrolled_scan(u, delta, A, B, C, D, z, delta_bias, *, interpret: bool):
+    """The Pallas scan with default tiles and 4 tokens per loop trip (ScanConfig.unroll)."""
+    d = default_scan_config(u.shape[0], u.shape[2], A.shape[1])
+    cfg = ScanConfig(d.block_e, d.num_warps, d.num_stages, unroll=4)
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, interpret=interpret, config=cfg)
+
+
 def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
     """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
     variants = {
         "pallas selective_scan": functools.partial(selective_scan, interpret=cfg.interpret),
+        "pallas selective_scan unroll 4": functools.partial(unrolled_scan, interpret=cfg.interpret),
         "xla lax.scan (selective_scan_ref)": selective_scan_ref,
         "xla lax.associative_scan": selective_scan_assoc,
     }

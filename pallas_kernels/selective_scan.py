@@ -29,15 +29,21 @@ __all__ = ["ScanConfig", "default_scan_config", "selective_scan", "selective_sca
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """Channel tile (a power of two; E is masked to it) and Triton launch parameters."""
+    """Channel tile (a power of two; E is masked to it), Triton launch parameters, and how many
+    tokens one loop trip handles in the forward (``unroll``): their loads do not depend on the
+    state, so issuing them together can hide memory latency in this latency-bound loop. The
+    default 1 is what the H200 measured; ``bench_kernels.py`` times 4 beside it."""
 
     block_e: int = 32
     num_warps: int = 2
     num_stages: int = 2
+    unroll: int = 1
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
             raise ValueError(f"ScanConfig.block_e must be a power of two, got {self.block_e}")
+        if self.unroll < 1:
+            raise ValueError(f"ScanConfig.unroll must be >= 1, got {self.unroll}")
 
 
 def _next_pow2(v: int) -> int:
@@ -114,26 +120,38 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
     d = _load(d_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_d else None
     bias = _load(bias_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_bias else None
 
-    def step(i, h):
+    def load(i):
+        """Everything token i needs that does not depend on the state."""
         t = seq - 1 - i if reverse else i
-        u = row(u_ref, t)
         dt = row(dt_ref, t)
         if has_bias:
             dt = dt + bias
         if softplus:
             dt = jax.nn.softplus(dt)
-        h = jnp.exp(dt[:, None] * a) * h + (dt * u)[:, None] * state_row(b_ref, t)[None, :]
-        y = jnp.sum(h * state_row(c_ref, t)[None, :], axis=1)
+        z = row(z_ref, t) if has_z else None
+        return t, row(u_ref, t), dt, state_row(b_ref, t), state_row(c_ref, t), z
+
+    def update(h, inputs):
+        t, u, dt, b, c, z = inputs
+        h = jnp.exp(dt[:, None] * a) * h + (dt * u)[:, None] * b[None, :]
+        y = jnp.sum(h * c[None, :], axis=1)
         if has_d:
             y = y + u * d
         if has_z:
-            y = y * jax.nn.silu(row(z_ref, t))
+            y = y * jax.nn.silu(z)
         _store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
         if states:  # padded (E_pad, N_pad) rows: no mask
             h_ref.at[batch, t, pl.ds(e0, be)][...] = h
         return h
 
-    lax.fori_loop(0, seq, step, jnp.zeros((be, _next_pow2(n_state)), f32))
+    def trip(j, h):  # cfg.unroll tokens: all loads first, then the dependent updates
+        for inputs in [load(j * cfg.unroll + k) for k in range(cfg.unroll)]:
+            h = update(h, inputs)
+        return h
+
+    h = jnp.zeros((be, _next_pow2(n_state)), f32)
+    h = lax.fori_loop(0, seq // cfg.unroll, trip, h)
+    lax.fori_loop(seq - seq % cfg.unroll, seq, lambda i, h: update(h, load(i)), h)
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):

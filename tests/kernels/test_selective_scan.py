@@ -73,6 +73,15 @@ def test_reverse_equals_forward_on_flipped_tokens():
     assert_close(y_rev, jnp.flip(y_fwd, axis=1), 1e-6)
 
 
+@pytest.mark.parametrize("unroll,reverse", [(4, False), (4, True), (8, True)])
+def test_unrolled_token_loop_matches_reference(unroll, reverse):
+    # L = 33 leaves a remainder after the unrolled trips (33 = 8 * 4 + 1 = 4 * 8 + 1).
+    inp = make_inputs(3, 2, 33, 48, 16)
+    cfg = ScanConfig(block_e=16, num_warps=1, num_stages=2, unroll=unroll)
+    y = selective_scan(**inp, reverse=reverse, interpret=INTERPRET, config=cfg)
+    assert_close(y, selective_scan_ref(**inp, reverse=reverse), 2e-5)
+
+
 def test_bf16_inputs_odd_state_and_small_tiles():
     # N = 5 is padded to 8 states; E = 40 is split into 16-wide tiles (the last one masked).
     inp = make_inputs(2, 1, 33, 40, 5, jnp.bfloat16)
@@ -101,6 +110,8 @@ def test_bad_arguments_are_explained():
         selective_scan(**{**inp, "D": inp["D"][:3]}, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_e must be a power of two"):
         ScanConfig(block_e=24)
+    with pytest.raises(ValueError, match="unroll must be >= 1"):
+        ScanConfig(unroll=0)
     s = jax.ShapeDtypeStruct
     row, state = s((4096, 3136, 192), jnp.float32), s((4096, 3136, 1), jnp.float32)
     with pytest.raises(ValueError, match="split the batch"):
