@@ -1,7 +1,8 @@
-"""Diagnostics for one short GPU call: why int mode differs from fake mode, which GEMM tiles are
-fastest, which differentiable scan calibration should use, and a reduced calibration timing.
+"""Diagnostics for one short GPU call: where int mode differs from fake mode (per scan and per
+layer), and which tiles the int8 GEMM runs fastest with. Timings of everything else live in
+bench_kernels.py (scans, scan gradients, end to end) and bench_calibration.py.
 
-    python experiments/gpu_probe.py [--sections int gemm scan_grad calib e2e]
+    python experiments/gpu_probe.py [--sections int gemm]
 
 Each section prints its own lines and is independent: one that fails does not stop the others.
 Runs on the CPU too (interpret mode, tiny shapes) so that it is checked before a GPU session.
@@ -25,7 +26,6 @@ import bench_kernels as bk  # noqa: E402
 
 import ptq4vm_jax as pq  # noqa: E402
 from pallas_kernels import GemmConfig, qmatmul_codes, qmatmul_int32, qmatmul_int32_ref  # noqa: E402
-from ptq4vm_jax.ops.scan import selective_scan_ref  # noqa: E402
 
 GPU = jax.default_backend() == "gpu"
 
@@ -114,67 +114,7 @@ def section_gemm() -> None:
                 print(f"gemm: {label}  {gc} ERROR {type(err).__name__}: {str(err)[:200]}", flush=True)
 
 
-def section_scan_grad() -> None:
-    """Forward + backward time of the differentiable scans calibration could use (Vim-T, B=256)."""
-    batch, e = (256, 384) if GPU else (2, 32)
-    inp = bk.scan_inputs(jax.random.key(0), batch, bk.SEQ, e, 16)
-
-    def unrolled(u, delta, A, B, C, D, z, db, unroll):
-        return selective_scan_unrolled(u, delta, A, B, C, D, z, db, unroll)
-
-    variants = {
-        "lax.scan (ref)": selective_scan_ref,
-        "lax.associative_scan": bk.selective_scan_assoc,
-        "lax.scan unroll 8": functools.partial(unrolled, unroll=8),
-    }
-    for name, fn in variants.items():
-        grad = jax.jit(jax.grad(lambda *a, f=fn: jnp.sum(f(*a) ** 2), argnums=(0, 1, 3, 4)))
-        try:
-            t = bk.time_call(grad, [inp], repeats=5 if GPU else 1, inner=3 if GPU else 1)
-            print(f"scan_grad: B={batch} E={e} N=16 {name:22s} fwd+bwd {t * 1e3:8.2f} ms", flush=True)
-        except Exception as err:
-            print(f"scan_grad: {name} ERROR {type(err).__name__}: {str(err)[:200]}", flush=True)
-
-
-def selective_scan_unrolled(u, delta, A, B, C, D, z, delta_bias, unroll):
-    """selective_scan_ref's recurrence with ``lax.scan(unroll=...)`` (fewer loop trips on GPU)."""
-    dt = jax.nn.softplus(delta + delta_bias)
-
-    def step(h, inp):
-        dt_t, u_t, b_t, c_t = inp
-        h = jnp.exp(dt_t[:, :, None] * A[None]) * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-        return h, jnp.einsum("ben,bn->be", h, c_t)
-
-    xs = tuple(jnp.swapaxes(t, 0, 1) for t in (dt, u, B, C))
-    h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), jnp.float32)
-    _, ys = jax.lax.scan(step, h0, xs, unroll=unroll)
-    return (jnp.swapaxes(ys, 0, 1) + u * D) * jax.nn.silu(z)
-
-
-def section_calib() -> None:
-    """Reduced official-recipe calibration: vim_tiny with 2 blocks, 256 images, 100 steps per block."""
-    depth, n, epochs = (2, 256, 100) if GPU else (1, 8, 2)
-    model = pq.create_model("vim_tiny", depth=depth)
-    images = np.asarray(jax.random.normal(jax.random.key(0), (n, 224, 224, 3)), np.float32)
-    params = jax.jit(model.init)(jax.random.key(1), images[:1])["params"]
-    t0 = time.perf_counter()
-    qp = pq.quantize_params(params, images, model="vim_tiny", model_overrides={"depth": depth},
-                            config=pq.QuantConfig(4, 8, num_calib=n, epochs=epochs), progress=True,
-                            log=lambda msg: print(f"calib: {msg}", flush=True))
-    jax.block_until_ready(qp.qlayers)
-    print(f"calib: vim_tiny depth {depth}, {n} images, {epochs} steps/block: total "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def section_e2e() -> None:
-    name, batch = ("vim_small", 256) if GPU else ("vim_micro", 2)
-    forwards, images = bk.vim_forwards(name, batch, n_sets=2)
-    for r in bk.end_to_end_rows(forwards, images, label=f"batch {batch}", repeats=5, inner=3):
-        print(f"e2e: {r.variant:50s} {r.seconds * 1e3:8.2f} ms  {r.rate}  {r.check}", flush=True)
-
-
-SECTIONS = {"int": section_int, "gemm": section_gemm, "e2e": section_e2e, "scan_grad": section_scan_grad,
-            "calib": section_calib}
+SECTIONS = {"int": section_int, "gemm": section_gemm}
 
 
 def main() -> int:
