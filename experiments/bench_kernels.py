@@ -15,8 +15,9 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         direction) shapes.
   scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
         jax.grad through lax.scan and through lax.associative_scan.
-  e2e   images/s of Vim-S/B/T at batch 256: bf16 float (lax.scan reference scan; Pallas scan) vs
-        W8A8 ``quantized_apply(mode="int")`` in bf16 (Pallas qmatmul + Pallas scan).
+  e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; lax.scan reference scan) vs
+        W8A8 ``quantized_apply(mode="int")`` in bf16 with the Pallas scan and each integer GEMM
+        backend (``gemm=``: wgmma on Hopper, XLA's s8 dot, the Triton ``qmatmul``).
 
 The whole table is compile-bound: on an H200 (2026-11-27) 180 s covered the Vim-S GEMM rows and
 five scan shapes, hence the priority order and ``--budget-s``.
@@ -489,10 +490,11 @@ def end_to_end_rows(
     return rows
 
 
-def vim_forwards(model_name: str, batch: int, n_sets: int, *, with_int: bool = True):
-    """bf16 float forwards (lax.scan reference; Pallas scan) and the W8A8 integer forward of a
-    randomly initialised Vim. The W8A8 scales come from a quick RTN calibration on 16 random
-    images: the arithmetic, not the accuracy, is what is timed."""
+def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool):
+    """bf16 float forwards (Pallas scan; lax.scan reference) and W8A8 integer forwards of a
+    randomly initialised Vim, one per integer GEMM backend (``quantized_apply(gemm=...)``), the
+    most promising first. The W8A8 scales come from a quick RTN calibration on 16 random images:
+    the arithmetic, not the accuracy, is what is timed."""
     import ptq4vm_jax as pq
     from ptq4vm_jax.ops.scan import scan_kernel
 
@@ -506,20 +508,25 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, with_int: bool = T
         with scan_kernel(use_kernel):
             return model.apply({"params": p}, im)
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def int_fwd(gemm: str, q, im):
+        return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
+
     # Weights are jit arguments, not constants folded into the program.
-    forwards = {
-        f"{model_name} bf16 (scan: lax.scan)": functools.partial(float_fwd, False, params),
-        f"{model_name} bf16 (scan: pallas)": functools.partial(float_fwd, True, params),
-    }
-    if with_int:
-        cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
-        calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
-        t0 = time.perf_counter()
-        qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
-                                log=lambda _: None)
-        print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
-        int_fwd = jax.jit(lambda q, im: pq.quantized_apply(model, q, im, mode="int"))
-        forwards[f"{model_name} W8A8 int bf16 (pallas qmatmul + scan)"] = functools.partial(int_fwd, qp)
+    forwards = {f"{model_name} bf16 (scan: pallas)": functools.partial(float_fwd, True, params)}
+    cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
+    calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
+    t0 = time.perf_counter()
+    qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
+                            log=lambda _: None)
+    print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+    hopper = not interpret and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+    for gemm, what in (("wgmma", "wgmma in/out_proj, Triton rest"), ("xla", "XLA s8 dot"),
+                       ("pallas", "Triton qmatmul")):
+        if gemm != "wgmma" or hopper:
+            forwards[f"{model_name} W8A8 int bf16 ({what}; pallas scan)"] = functools.partial(
+                int_fwd, gemm, qp)
+    forwards[f"{model_name} bf16 (scan: lax.scan)"] = functools.partial(float_fwd, False, params)
     return forwards, images
 
 
@@ -532,7 +539,7 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg) -> list[Row]:
             cfg.emit(rows[-1])
             continue
         try:
-            forwards, images = vim_forwards(name, batch, n_sets=2)
+            forwards, images = vim_forwards(name, batch, n_sets=2, interpret=cfg.interpret)
             new = end_to_end_rows(forwards, images, label=f"batch {batch}", repeats=cfg.repeats,
                                   inner=cfg.inner)
         except Exception as err:  # keep the kernel rows of this run

@@ -7,7 +7,8 @@
 #   env     GPU, driver, versions of jax / flax / optax / orbax
 #   ktests  the kernel tests run the compiled kernels on a GPU (interpret mode elsewhere): Triton
 #           qmatmul, Mosaic GPU wgmma GEMM (Hopper), selective scan forward and backward
-#   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU)
+#   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
+#           every integer GEMM backend (xla, Triton, wgmma: compiled on Hopper) against the others
 #   kernels experiments/bench_kernels.py (GEMMs, scans, end-to-end W8A8 vs bf16)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
@@ -39,7 +40,7 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
   \"numpy\", numpy.__version__, jax.devices())'"
 step ktests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
-step itests 70 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
+step itests 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step kernels 190 $PY experiments/bench_kernels.py --budget-s 160
 step calib 120 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 echo "=== done after $(($(date +%s) - START))s"

@@ -217,7 +217,6 @@ def _interpret_params():
     return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
-@functools.partial(jax.jit, static_argnames=("a_bits", "out_dtype", "config", "interpret"))
 def qmatmul_codes_wgmma(
     codes: jax.Array,
     w_t: jax.Array,
@@ -242,6 +241,19 @@ def qmatmul_codes_wgmma(
     Mosaic GPU interpreter on the CPU (slow; small shapes only) with the deviations listed in
     :func:`_kernel` and a whole-tile output cut after the kernel.
     """
+    out = _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, a_bits=a_bits,
+                               out_dtype=out_dtype, colsum=colsum, config=config,
+                               interpret=interpret)
+    if interpret and not isinstance(out, jax.core.Tracer):
+        # The interpreter runs jax ops from a callback thread; an eager caller that dispatches
+        # more work before it finishes can deadlock the CPU runtime (seen in jax 0.10.2).
+        out.block_until_ready()
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "out_dtype", "config", "interpret"))
+def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, out_dtype, colsum,
+                         config, interpret):
     _check_bits(a_bits, 8)
     if codes.ndim != 3 or codes.dtype != jnp.int8:
         raise ValueError(f"codes must be (B, L, K) int8 from quantize_activations, got "

@@ -27,7 +27,7 @@ from ptq4vm_jax.models.blockwise import Blockwise
 from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
-from ptq4vm_jax.quant.integer import store_weight
+from ptq4vm_jax.quant.integer import int_gemm, store_weight
 from ptq4vm_jax.quant.layer import intercept_dense
 from ptq4vm_jax.trees import copy_tree, prune_empty
 
@@ -237,10 +237,13 @@ def quantized_apply(
     qparams: QuantizedParams,
     images: jax.Array,
     mode: str = "fake",
+    *,
+    gemm: str = "auto",
 ) -> jax.Array:
     """Logits of the quantized model (inference only). ``mode``: "fake" (fp32 simulation, the
     accuracy reference) or "int" (integer matmuls: Pallas kernels on GPU, an integer-exact jnp
-    path elsewhere).
+    path elsewhere). ``gemm`` picks the integer GEMM of ``mode="int"``: "auto", "xla", "pallas"
+    or "wgmma" (Hopper), all integer-exact; see ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``.
 
     On GPU both modes run the Pallas selective scan, so they differ only in the linears. The
     kernel's float rounding differs from ``lax.scan``'s by ~1e-7, but quantization turns such
@@ -253,7 +256,7 @@ def quantized_apply(
         if isinstance(model, str) and canonical_name(model) != qparams.model_name:
             raise ValueError(f"qparams were made for {qparams.model_name}, not {model}")
         model = qparams.model()
-    with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(True):
+    with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(True), int_gemm(gemm):
         return model.apply({"params": qparams.params}, images)
 
 

@@ -129,7 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.quantized:
         qp = load_quantized(args.quantized)
         model = qp.model()
-        logits_fn = data_parallel(lambda q, x: quantized_apply(model, q, x, mode=args.mode), qp)
+        logits_fn = data_parallel(
+            lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
     else:
         name, overrides, params = _load_float(args)
         model = create_model(name, **overrides)
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--key", default="model")
     e.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     e.add_argument("--mode", default="fake", choices=["fake", "int"])
+    e.add_argument("--gemm", default="auto", choices=["auto", "xla", "pallas", "wgmma"],
+                   help="integer GEMM of --mode int (auto: Pallas on GPU, XLA elsewhere; "
+                        "wgmma: Hopper)")
     e.add_argument("--data", default="tfds:imagenet2012:validation")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--batch-size", type=int, default=64)

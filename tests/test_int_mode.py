@@ -1,5 +1,6 @@
 """Integer inference (`mode="int"`) against fake-quant on the bundled micro model's test split."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +8,9 @@ import pytest
 import ptq4vm_jax as pq
 from ptq4vm_jax.cli import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
+from ptq4vm_jax.quant import integer
+from ptq4vm_jax.quant.integer import gemm_backend_for, int_gemm, int_linear, store_weight
+from ptq4vm_jax.quant.layer import simulate_int_linear
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +44,94 @@ def test_bf16_int_mode_error_is_small(micro):
     agree = np.mean(fake.argmax(-1) == real.argmax(-1))
     print(f"bf16 int mode vs fp32 fake: max rel error {rel:.2e}, agreement {100 * agree:.2f}%")
     assert 0 < rel < 5e-2 and agree >= 0.99
+
+
+# ----------------------------------------------------------------------------- GEMM backends
+
+ON_GPU = jax.default_backend() == "gpu"
+# wgmma runs compiled on Hopper, in the Mosaic GPU interpreter off the GPU, not on other GPUs.
+BACKENDS = ("xla", "pallas") + (("wgmma",) if not ON_GPU or integer.is_hopper() else ())
+
+
+def make_layer(seed, k, n, w_bits, a_bits, seq=13):
+    """A stored integer layer with random scales, every zero point and full-range weight codes."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    qmax = 2 ** (w_bits - 1) - 1
+    codes = jax.random.randint(ks[0], (k, n), -qmax, qmax + 1, jnp.int32).astype(jnp.int8)
+    return {
+        "w_int": store_weight(codes, w_bits),
+        "w_scale": 0.02 * jnp.exp(jax.random.normal(ks[1], (n,))),
+        "smooth": jnp.exp(0.5 * jax.random.normal(ks[2], (k,))),
+        "a_scale": jnp.exp(0.3 * jax.random.normal(ks[3], (seq,))) * (8.0 / 2**a_bits),
+        "a_zero": jax.random.randint(ks[4], (seq,), 0, 2**a_bits, jnp.int32),
+        "bias": jax.random.normal(ks[5], (n,)),
+    }
+
+
+@pytest.mark.parametrize("k,n,w_bits,a_bits", [(128, 64, 8, 8), (128, 128, 4, 4), (48, 192, 8, 8),
+                                               (47, 64, 4, 8)])
+def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
+    """xla, the Triton kernel and wgmma (Mosaic GPU interpreter off the GPU; K = 48 and 47 fall
+    back to Triton) give the same outputs, and they equal fake quantization of the layer."""
+    layer = make_layer(k + n + w_bits, k, n, w_bits, a_bits)
+    cfg = pq.QuantConfig(w_bits, a_bits)
+    x = 3.0 * jax.random.normal(jax.random.key(k), (2, 13, k))
+    outs = {}
+    for backend in BACKENDS:
+        with int_gemm(backend):
+            outs[backend] = np.asarray(int_linear(x, layer, cfg))
+    assert np.abs(outs["xla"]).max() > 0
+    for backend in BACKENDS[1:]:
+        if ON_GPU:  # a GPU build may contract the epilogue's (acc * s_a) * s_w + b into an FMA
+            np.testing.assert_allclose(outs[backend], outs["xla"], rtol=2e-6,
+                                       atol=2e-6 * np.abs(outs["xla"]).max(), err_msg=backend)
+        else:
+            np.testing.assert_array_equal(outs[backend], outs["xla"], err_msg=backend)
+    sim = np.asarray(simulate_int_linear(x, layer, cfg))
+    np.testing.assert_allclose(outs["xla"], sim, rtol=1e-5, atol=1e-5 * np.abs(sim).max())
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """RTN W8A8 of a randomly initialised vim_micro with embed_dim 64 (the arithmetic, not
+    accuracy): its in_proj (64 -> 256) and out_proj (128 -> 64) fit wgmma, the rest Triton."""
+    embed_dim = 64
+    images = jax.random.normal(jax.random.key(7), (8, 32, 32, 3))
+    model = pq.create_model("vim_micro", embed_dim=embed_dim)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    cfg = pq.QuantConfig(8, 8, method="rtn", num_calib=8, train_batch=8)
+    return pq.quantize_params(params, np.asarray(images), model="vim_micro", config=cfg,
+                              model_overrides={"embed_dim": embed_dim}, progress=False,
+                              log=lambda _: None)
+
+
+def test_gemm_backend_choice_and_bad_names(tiny64):
+    assert gemm_backend_for(394, 768, 3072, "auto") == ("pallas" if ON_GPU else "xla")
+    if "wgmma" in BACKENDS:
+        assert gemm_backend_for(394, 768, 3072, "wgmma") == "wgmma"
+        assert gemm_backend_for(394, 768, 56, "wgmma") == "pallas"  # x_proj: N not a multiple of 64
+        assert gemm_backend_for(394, 24, 768, "wgmma") == "pallas"  # dt_proj: K = 24
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        with int_gemm("cutlass"):
+            pass
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        pq.quantized_apply(None, tiny64, jnp.zeros((1, 32, 32, 3)), mode="int", gemm="tc")
+
+
+def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
+    qp = tiny64
+    calls = []
+    wgmma = integer.qmatmul_codes_wgmma
+    monkeypatch.setattr(integer, "qmatmul_codes_wgmma",
+                        lambda codes, *a, **kw: calls.append(codes.shape) or wgmma(codes, *a, **kw))
+    images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    logits = {g: np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
+              for g in BACKENDS}
+    for g in BACKENDS[1:]:
+        if ON_GPU:  # an FMA-rounded output may flip a code of the next quantized linear
+            assert np.abs(logits[g] - logits["xla"]).max() <= 1e-3 * np.abs(logits["xla"]).max(), g
+            np.testing.assert_array_equal(logits[g].argmax(-1), logits["xla"].argmax(-1))
+        else:
+            np.testing.assert_array_equal(logits[g], logits["xla"], err_msg=g)
+    if "wgmma" in BACKENDS:
+        assert sorted({c[-1] for c in calls}) == [64, 128]  # in_proj and out_proj inputs

@@ -7,13 +7,25 @@ zero row first), so memory and checkpoints hold 4-bit weights at half the int8 s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qmatmul import pack_int4, qmatmul, qmatmul_ref, unpack_int4
+from pallas_kernels.qmatmul import pack_int4, qmatmul, qmatmul_ref, quantize_activations, unpack_int4
+from pallas_kernels.qmatmul_hopper import prepare_weight_wgmma, qmatmul_codes_wgmma, supports_wgmma
 from ptq4vm_jax.quant.config import QuantConfig
+
+#: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
+#:   auto    "pallas" on a GPU, "xla" elsewhere
+#:   xla     quantize, ``dot_general(s8, s8 -> s32)``, dequantize as XLA ops (``qmatmul_ref``)
+#:   pallas  the fused Triton kernel ``qmatmul`` (any GPU; interpret mode off the GPU)
+#:   wgmma   Hopper only: XLA quantize + the Mosaic GPU ``qmatmul_codes_wgmma`` where K and N are
+#:           multiples of 64, "pallas" for the other layers (interpret mode off the GPU)
+GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma")
+_GEMM = contextvars.ContextVar("ptq4vm_int_gemm", default="auto")
 
 
 def packs(w_bits: int) -> bool:
@@ -34,18 +46,57 @@ def weight_codes(w_int: jax.Array, w_bits: int, k: int) -> jax.Array:
     return unpack_int4(w_int)[:k] if packs(w_bits) else w_int
 
 
-def use_pallas() -> bool:
-    return jax.default_backend() == "gpu"
+@contextlib.contextmanager
+def int_gemm(backend: str) -> Iterator[None]:
+    """Within this context, ``mode="int"`` linears use ``backend`` (one of ``GEMM_BACKENDS``)."""
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"gemm must be one of {GEMM_BACKENDS}, got {backend!r}")
+    token = _GEMM.set(backend)
+    try:
+        yield
+    finally:
+        _GEMM.reset(token)
+
+
+def is_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (H100/H200), the one wgmma runs on."""
+    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+
+
+def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
+    """The implementation one (M, K) x (K, N) integer linear runs on."""
+    backend = backend or _GEMM.get()
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "auto":
+        return "pallas" if on_gpu else "xla"
+    if backend == "wgmma":
+        if on_gpu and not is_hopper():
+            raise ValueError(f"gemm='wgmma' needs a Hopper GPU (sm_90: H100/H200), not "
+                             f"{jax.devices()[0].device_kind}; use gemm='pallas' or 'xla'")
+        return "wgmma" if supports_wgmma(m, k, n) else "pallas"
+    return backend
 
 
 def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
-    """Integer-arithmetic linear: the fused Pallas kernel on GPU, integer-exact XLA elsewhere."""
+    """Integer-arithmetic linear of a (B, L, K) input on the backend chosen by :func:`int_gemm`;
+    every backend gives the same int32 accumulators and the same float epilogue."""
     smooth = layer["smooth"]
     if packs(cfg.w_bits) and smooth.shape[0] % 2:
         # The packed weight carries one zero row: a zero input column quantizes to the zero point
         # and adds nothing.
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
         smooth = jnp.pad(smooth, (0, 1), constant_values=1.0)
-    fn = qmatmul if use_pallas() else qmatmul_ref
-    return fn(x, layer["w_int"], layer["w_scale"], smooth, layer["a_scale"], layer["a_zero"],
-              layer.get("bias"), a_bits=cfg.a_bits, w_bits=cfg.w_bits, out_dtype=x.dtype)
+    k, n = smooth.shape[0], layer["w_scale"].shape[0]
+    backend = gemm_backend_for(x.shape[0] * x.shape[1], k, n)
+    interpret = jax.default_backend() != "gpu"
+    args = (layer["w_scale"], smooth, layer["a_scale"], layer["a_zero"], layer.get("bias"))
+    if backend == "xla":
+        return qmatmul_ref(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
+                           out_dtype=x.dtype)
+    if backend == "pallas":
+        return qmatmul(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
+                       out_dtype=x.dtype, interpret=interpret)
+    codes = quantize_activations(x, smooth, layer["a_scale"], layer["a_zero"], a_bits=cfg.a_bits)
+    return qmatmul_codes_wgmma(codes, prepare_weight_wgmma(layer["w_int"], cfg.w_bits),
+                               layer["w_scale"], layer["a_scale"], layer["a_zero"], layer.get("bias"),
+                               a_bits=cfg.a_bits, out_dtype=x.dtype, interpret=interpret)

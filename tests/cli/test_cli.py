@@ -46,11 +46,17 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
         main(["eval", "--quantized", str(qdir), "--data", "tfds:imagenet2012:validation",
               "--batch-size", "5"])
         q_line = capsys.readouterr().out.strip().splitlines()[-1]
+        int_lines = []
+        for gemm in ("xla", "pallas"):  # the Triton kernel runs in interpret mode off the GPU
+            main(["eval", "--quantized", str(qdir), "--data", "tfds:imagenet2012:validation",
+                  "--batch-size", "5", "--limit", "5", "--mode", "int", "--gemm", gemm])
+            int_lines.append(capsys.readouterr().out.strip().splitlines()[-1])
         main(["eval", "--params", str(converted), "--data", "tfds:imagenet2012:validation",
               "--batch-size", "5", "--limit", "7"])
         f_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert q_line.startswith("top-1 ") and "(n=12)" in q_line
     assert "(n=7)" in f_line
+    assert int_lines[0] == int_lines[1] and "(n=5)" in int_lines[0]
 
 
 def test_errors_are_explained(converted, tmp_path, capsys):
