@@ -29,15 +29,18 @@ __all__ = ["ScanConfig", "default_scan_config", "selective_scan", "selective_sca
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """Channel tile (a power of two; E is masked to it), Triton launch parameters, and how many
-    tokens one loop trip handles in the forward (``unroll``): their loads do not depend on the
-    state, so issuing them together can hide memory latency in this latency-bound loop. The
-    default 1 is what the H200 measured; ``bench_kernels.py`` times 4 beside it."""
+    """Channel tile (a power of two; E is masked to it), Triton launch parameters, and two ways
+    to hide memory latency in the forward's latency-bound token loop, whose loads do not depend
+    on the state: ``unroll`` tokens per loop trip with their loads issued together, and
+    ``prefetch`` (software pipelining: the next trip's loads are issued before this trip's
+    updates and carried through the loop). The defaults (1, off) are what the H200 measured;
+    ``bench_kernels.py`` times the alternatives beside them."""
 
     block_e: int = 32
     num_warps: int = 2
     num_stages: int = 2
     unroll: int = 1
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
@@ -144,14 +147,29 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
             h_ref.at[batch, t, pl.ds(e0, be)][...] = h
         return h
 
+    unroll, trips = cfg.unroll, seq // cfg.unroll
+
+    def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row
+        return tuple(load(jnp.minimum(j * unroll + k, seq - 1)) for k in range(unroll))
+
     def trip(j, h):  # cfg.unroll tokens: all loads first, then the dependent updates
-        for inputs in [load(j * cfg.unroll + k) for k in range(cfg.unroll)]:
+        for inputs in trip_loads(j):
             h = update(h, inputs)
         return h
 
+    def pipelined_trip(j, carry):  # this trip's inputs arrive in the carry; fetch the next's
+        h, current = carry
+        upcoming = trip_loads(j + 1)
+        for inputs in current:
+            h = update(h, inputs)
+        return h, upcoming
+
     h = jnp.zeros((be, _next_pow2(n_state)), f32)
-    h = lax.fori_loop(0, seq // cfg.unroll, trip, h)
-    lax.fori_loop(seq - seq % cfg.unroll, seq, lambda i, h: update(h, load(i)), h)
+    if cfg.prefetch and trips > 0:
+        h, _ = lax.fori_loop(0, trips, pipelined_trip, (h, trip_loads(0)))
+    else:
+        h = lax.fori_loop(0, trips, trip, h)
+    lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):

@@ -73,11 +73,12 @@ def test_reverse_equals_forward_on_flipped_tokens():
     assert_close(y_rev, jnp.flip(y_fwd, axis=1), 1e-6)
 
 
-@pytest.mark.parametrize("unroll,reverse", [(4, False), (4, True), (8, True)])
-def test_unrolled_token_loop_matches_reference(unroll, reverse):
+@pytest.mark.parametrize("unroll,prefetch,reverse", [(4, False, False), (4, True, True), (8, False, True),
+                                                    (1, True, False), (8, True, False)])
+def test_unrolled_and_prefetching_token_loops_match_reference(unroll, prefetch, reverse):
     # L = 33 leaves a remainder after the unrolled trips (33 = 8 * 4 + 1 = 4 * 8 + 1).
     inp = make_inputs(3, 2, 33, 48, 16)
-    cfg = ScanConfig(block_e=16, num_warps=1, num_stages=2, unroll=unroll)
+    cfg = ScanConfig(block_e=16, num_warps=1, num_stages=2, unroll=unroll, prefetch=prefetch)
     y = selective_scan(**inp, reverse=reverse, interpret=INTERPRET, config=cfg)
     assert_close(y, selective_scan_ref(**inp, reverse=reverse), 2e-5)
 
@@ -118,14 +119,16 @@ def test_bad_arguments_are_explained():
         jax.eval_shape(selective_scan, row, row, s((192, 1), jnp.float32), state, state)
 
 
-@pytest.mark.parametrize("seq,e,n", [(197, 768, 16), (197, 1536, 16), (3136, 96, 1), (49, 768, 1)])
-def test_lowers_for_cuda_at_model_shapes(seq, e, n):
+@pytest.mark.parametrize("seq,e,n,config", [(197, 768, 16, None), (197, 1536, 16, None),
+                                            (3136, 96, 1, None), (49, 768, 1, None),
+                                            (197, 1536, 16, ScanConfig(32, 2, 2, unroll=4, prefetch=True))])
+def test_lowers_for_cuda_at_model_shapes(seq, e, n, config):
     s = jax.ShapeDtypeStruct
     batch = 64
     row, state = s((batch, seq, e), jnp.bfloat16), s((batch, seq, n), jnp.bfloat16)
     args = (row, row, s((e, n), jnp.float32), state, state, s((e,), jnp.float32), row,
             s((e,), jnp.float32))
-    text = jax.jit(lambda *a: selective_scan(*a, reverse=True)).trace(*args).lower(
+    text = jax.jit(lambda *a: selective_scan(*a, reverse=True, config=config)).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_selective_scan" in text
 
