@@ -302,6 +302,15 @@ def save_quantized(path: str | os.PathLike, qparams: Any, *, overwrite: bool = T
     return write_checkpoint(path, tree, metadata, overwrite=overwrite)
 
 
+def _weight_codes(stored: np.ndarray, w_bits: int) -> np.ndarray:
+    """int32 weight codes of a stored ``w_int``: both sign-extended nibbles when packed (w_bits <= 4)."""
+    v = stored.astype(np.int32)
+    if w_bits > 4:
+        return v
+    low = ((v & 0xF) ^ 8) - 8
+    return np.concatenate([low, v >> 4])
+
+
 def load_quantized(path: str | os.PathLike) -> Any:
     """Read a quantized checkpoint back into a ``QuantizedParams``, validating it on the way."""
     from ptq4vm_jax.api import QuantizedParams
@@ -330,7 +339,7 @@ def load_quantized(path: str | os.PathLike) -> Any:
             bad = "must be finite and non-zero"
         elif leaf == "a_zero" and (value.min() < 0 or value.max() > a_max):
             bad = f"must lie in [0, {a_max}] for {config.a_bits}-bit activations"
-        elif leaf == "w_int" and config.w_bits > 4 and np.abs(value.astype(np.int32)).max() > w_max:
+        elif leaf == "w_int" and np.abs(_weight_codes(value, config.w_bits)).max() > w_max:
             bad = f"must lie in [-{w_max}, {w_max}] for {config.w_bits}-bit weights"
         if bad:
             raise CheckpointError(f"{path}: {layer}/{leaf} {bad}; the checkpoint is corrupt")

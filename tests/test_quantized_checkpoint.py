@@ -110,6 +110,19 @@ def test_corrupt_values_are_refused(qparams, tmp_path):
         load_quantized(tmp_path / "bad")
 
 
+def test_out_of_range_weight_codes_are_refused(qparams, tmp_path):
+    """One code just outside [-qmax, qmax]; for packed 4-bit weights a low nibble of -8."""
+    w_bits = qparams.config.w_bits
+    bad_code = 8 if w_bits <= 4 else (-128 if w_bits == 8 else 2 ** (w_bits - 1))
+    qlayers = jax.tree.map(lambda a: a, qparams.qlayers)
+    layer = dict(qlayers["layers_1"]["mixer"]["in_proj"])
+    layer["w_int"] = layer["w_int"].at[2, 3].set(bad_code)
+    qlayers["layers_1"]["mixer"]["in_proj"] = layer
+    save_quantized(tmp_path / "bad", dataclasses.replace(qparams, qlayers=qlayers))
+    with pytest.raises(CheckpointError, match=f"in_proj/w_int must lie in .* for {w_bits}-bit"):
+        load_quantized(tmp_path / "bad")
+
+
 def test_vim_tiny_w8a8_checkpoint_is_well_under_half_the_float_size(tmp_path):
     model = create_model("vim_tiny")
     images = np.asarray(jax.random.normal(jax.random.key(0), (2, 224, 224, 3)))
