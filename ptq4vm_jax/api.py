@@ -19,16 +19,19 @@ from ptq4vm_jax.calibrate.jlss import (
     calibrate_blockwise,
     flatten_layers,
     get_path,
+    init_layer,
     nest_layers,
 )
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprint
 from ptq4vm_jax.models import canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
+from ptq4vm_jax.models.vmamba import VMamba, vmamba_blockwise
 from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
 from ptq4vm_jax.quant.integer import int_gemm, store_weight
-from ptq4vm_jax.quant.layer import intercept_dense
+from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
 from ptq4vm_jax.trees import copy_tree, prune_empty
 
 
@@ -37,8 +40,9 @@ class QuantizedParams:
     """A quantized model as one pytree: float params of what stays float + integer layer states.
 
     ``qlayers`` mirrors the params tree; each quantized linear holds ``w_int`` (int8, smoothed and
-    rounded), ``w_scale`` (out,), ``smooth`` (in,), ``a_scale`` (L,), ``a_zero`` (L,) int32 and its
-    ``bias``; its float kernel is not kept. ``info`` is the calibration summary as JSON text.
+    rounded; packed two per byte, (ceil(in/2), out), for w_bits <= 4), ``w_scale`` (out,),
+    ``smooth`` (in,), ``a_scale`` (L,), ``a_zero`` (L,) int32 and its ``bias``; its float kernel
+    is not kept. ``info`` is the calibration summary as JSON text.
     """
 
     params: Any
@@ -57,15 +61,9 @@ class QuantizedParams:
 
 
 def blockwise(model: nn.Module) -> Blockwise:
-    from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
-
     if isinstance(model, VisionMamba):
         return vim_blockwise(model)
-    try:
-        from ptq4vm_jax.models.vmamba import VMamba, vmamba_blockwise
-    except ImportError:
-        VMamba = None
-    if VMamba is not None and isinstance(model, VMamba):
+    if isinstance(model, VMamba):
         return vmamba_blockwise(model)
     raise TypeError(f"no block-wise calibration for {type(model).__name__}")
 
@@ -121,9 +119,10 @@ def quantize_params(
     """PTQ4VM: float params + calibration images -> ``QuantizedParams``.
 
     ``calib_ds``: an array of preprocessed images (N, H, W, C), an iterable of batches (arrays or
-    dicts with "image"), a ``tfds.data_source`` or a grain dataset; the first ``config.num_calib``
-    images are used. ``resume_dir`` saves state after every block and continues a run that was
-    interrupted, ending with exactly the uninterrupted result.
+    dicts with "image"), a ``tfds.data_source`` or a grain dataset. Arrays and iterables give their
+    first ``config.num_calib`` images, random-access sources a fixed random sample (seed 0).
+    ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
+    with exactly the uninterrupted result.
     """
     from ptq4vm_jax.data import calibration_images
 
@@ -144,8 +143,6 @@ def quantize_params(
         raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
     bw = blockwise(net)
     loss_axis = -1 if cfg.loss_axis == "channel" else 2
-    if cfg.loss_axis == "width" and family != "vmamba":
-        raise ValueError("loss_axis='width' reproduces the VMamba code only; use 'channel' for Vim")
     store = None
     if resume_dir is not None:
         carry = jax.eval_shape(bw.embed, params, images[:1])
@@ -192,9 +189,6 @@ def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:
 
     Their inputs come from the float model with the already-calibrated layers quantized.
     """
-    from ptq4vm_jax.calibrate.jlss import init_layer
-    from ptq4vm_jax.quant.layer import capture_dense_inputs
-
     qtree = nest_layers(layers)
     want = set(paths)
 
@@ -252,10 +246,18 @@ def quantized_apply(
     linears matched fake-quant exactly. ``model`` may be None (built from ``qparams``), a name or
     the module itself.
     """
+    if not isinstance(qparams, QuantizedParams):
+        raise TypeError(f"qparams must be a QuantizedParams (from quantize_params or load_quantized), "
+                        f"got {type(qparams).__name__}")
     if model is None or isinstance(model, str):
         if isinstance(model, str) and canonical_name(model) != qparams.model_name:
             raise ValueError(f"qparams were made for {qparams.model_name}, not {model}")
         model = qparams.model()
+    elif getattr(model, "cfg", None) is not None:
+        made_for = dataclasses.replace(qparams.model().cfg, dtype=model.cfg.dtype)
+        if model.cfg != made_for:
+            raise ValueError(f"qparams were made for {qparams.model_name} with config {made_for}, but "
+                             f"the model passed has config {model.cfg}; pass model=None to build it")
     with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(True), int_gemm(gemm):
         return model.apply({"params": qparams.params}, images)
 

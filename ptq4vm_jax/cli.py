@@ -75,6 +75,8 @@ def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
         overrides = _overrides(args.model_arg)
         return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model, key=args.key,
                                                             **overrides)
+    if args.model_arg:
+        raise SystemExit("--model-arg applies to --checkpoint; --params already records its model's sizes")
     params, meta = load_params(args.params, model_name=args.model)
     return meta["model_name"], dict(meta.get("model_overrides") or {}), params
 
@@ -126,6 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.models import image_shape
 
     maybe_initialize_distributed()
+    if args.quantized and (args.checkpoint or args.params or args.model_arg):
+        raise SystemExit("--quantized carries its model: drop --checkpoint, --params and --model-arg")
     if args.quantized:
         qp = load_quantized(args.quantized)
         model = qp.model()
@@ -205,11 +209,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptq4vm_jax.quant.config import ACT_GRIDS, LOSSES, METHODS
+    from ptq4vm_jax.quant.integer import GEMM_BACKENDS
+    from ptq4vm_jax.quant.layer import MODES
+
     p = argparse.ArgumentParser(prog="ptq4vm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")
-    d.add_argument("--model", default="vim_micro")
+    bundled = sorted(m.parent.name for m in ASSETS.glob("*/metadata.json"))
+    d.add_argument("--model", default="vim_micro", choices=bundled, help="a bundled micro model")
     d.add_argument("--out", default="ptq4vm_demo_out", help="where the quantized checkpoints go")
     d.add_argument("--epochs", type=int, default=None,
                    help="JLSS epochs over the 256 images (default: 12 in batches of 32 for Vim, the "
@@ -241,13 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-calib", type=int, default=256)
     q.add_argument("--w-bits", type=int, default=8)
     q.add_argument("--a-bits", type=int, default=8)
-    q.add_argument("--method", default="ptq4vm",
-                   choices=["ptq4vm", "pts_only", "rtn", "per_token_dynamic"])
+    q.add_argument("--method", default="ptq4vm", choices=METHODS)
     q.add_argument("--epochs", type=int, default=None)
     q.add_argument("--train-batch", type=int, default=None)
     q.add_argument("--alpha", type=float, default=None)
-    q.add_argument("--act-grid", default="fixed", choices=["fixed", "official"])
-    q.add_argument("--loss", default="cosine", choices=["cosine", "mse"],
+    q.add_argument("--act-grid", default="fixed", choices=ACT_GRIDS)
+    q.add_argument("--loss", default="cosine", choices=LOSSES,
                    help="block loss: cosine (the paper) or relative MSE")
     q.add_argument("--lr-w", type=float, default=None, help="weight-step learning rate")
     q.add_argument("--lr-a", type=float, default=None, help="activation-step learning rate")
@@ -259,18 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model")
-    e.add_argument("--model", default=None)
-    e.add_argument("--checkpoint")
-    e.add_argument("--params")
-    e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize`")
-    e.add_argument("--key", default="model")
-    e.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
-    e.add_argument("--mode", default="fake", choices=["fake", "int"])
-    e.add_argument("--gemm", default="auto", choices=["auto", "xla", "pallas", "wgmma"],
+    source_args(e)
+    e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize` (instead of a float "
+                                       "--checkpoint / --params)")
+    e.add_argument("--mode", default="fake", choices=MODES, help="for --quantized: fp32 fake-quant "
+                                                                  "or integer arithmetic")
+    e.add_argument("--gemm", default="auto", choices=GEMM_BACKENDS,
                    help="integer GEMM of --mode int (auto: Pallas on GPU, XLA elsewhere; "
                         "wgmma: Hopper)")
     e.add_argument("--data", default="tfds:imagenet2012:validation")
-    e.add_argument("--data-dir", default=None)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     e.set_defaults(func=cmd_eval)
@@ -278,12 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ptq4vm_jax.calibrate.jlss import CalibrationError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except CalibrationError as e:
+        resume = getattr(args, "resume", None)
+        hint = (f"; the completed blocks are saved in {resume}: fix the cause and rerun with the same "
+                "--resume to continue" if resume else "; rerun with --resume DIR to keep completed "
+                "blocks across attempts")
+        print(f"ptq4vm {args.command}: calibration failed: {e}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

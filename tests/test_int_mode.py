@@ -135,3 +135,14 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
             np.testing.assert_array_equal(logits[g], logits["xla"], err_msg=g)
     if "wgmma" in BACKENDS:
         assert sorted({c[-1] for c in calls}) == [64, 128]  # in_proj and out_proj inputs
+
+
+def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):
+    params = micro[0]
+    images = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(TypeError, match="qparams must be a QuantizedParams .* got dict"):
+        pq.quantized_apply(None, params, images)
+    with pytest.raises(ValueError, match="made for vim_micro with config .*embed_dim=64"):
+        pq.quantized_apply(pq.create_model("vim_micro"), tiny64, images)
+    with pytest.raises(ValueError, match="made for vim_micro, not vim_nano"):
+        pq.quantized_apply("vim_nano", tiny64, images)

@@ -30,9 +30,7 @@ def _vim(**defaults: Any) -> Callable[..., nn.Module]:
         fields = {f.name for f in dataclasses.fields(VimConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise TypeError(
-                f"unknown Vim argument(s) {unknown}; accepted: {sorted(fields)}"
-            )
+            raise ValueError(f"unknown Vim argument(s) {unknown}; accepted: {sorted(fields)}")
         return VisionMamba(VimConfig(**{**defaults, **overrides}))
 
     return build
@@ -55,7 +53,7 @@ def _vmamba(**defaults: Any) -> Callable[..., nn.Module]:
         fields = {f.name for f in dataclasses.fields(VMambaConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise TypeError(f"unknown VMamba argument(s) {unknown}; accepted: {sorted(fields)}")
+            raise ValueError(f"unknown VMamba argument(s) {unknown}; accepted: {sorted(fields)}")
         return VMamba(VMambaConfig(**{**defaults, **overrides}))
 
     return build
@@ -108,9 +106,6 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def image_shape(model: nn.Module, batch: int = 1) -> tuple[int, int, int, int]:
-    """NHWC input shape the model was built for (Vim says ``channels``, VMamba ``in_chans``)."""
+    """NHWC input shape the model was built for."""
     cfg = model.cfg
-    size = cfg.img_size
-    channels = getattr(cfg, "channels", None) or cfg.in_chans
-    h, w = size if isinstance(size, tuple | list) else (size, size)
-    return (batch, h, w, channels)
+    return (batch, cfg.img_size, cfg.img_size, cfg.channels)

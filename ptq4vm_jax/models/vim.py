@@ -39,6 +39,18 @@ class VimConfig:
     norm_epsilon: float = 1e-5
     dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
 
+    def __post_init__(self) -> None:
+        sizes = ("img_size", "patch_size", "stride", "channels", "embed_dim", "depth", "d_state",
+                 "d_conv", "expand", "num_classes")
+        problems = [f"{name} must be a positive int, got {getattr(self, name)!r}" for name in sizes
+                    if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        if not problems and self.patch_size > self.img_size:
+            problems.append(f"patch_size {self.patch_size} is larger than img_size {self.img_size}")
+        if not self.norm_epsilon > 0:
+            problems.append(f"norm_epsilon must be > 0, got {self.norm_epsilon!r}")
+        if problems:
+            raise ValueError("invalid Vim config: " + "; ".join(problems))
+
     @property
     def d_inner(self) -> int:
         return self.expand * self.embed_dim

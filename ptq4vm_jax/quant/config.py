@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Literal
-
-Method = Literal["ptq4vm", "pts_only", "rtn", "per_token_dynamic"]
 
 METHODS: tuple[str, ...] = ("ptq4vm", "pts_only", "rtn", "per_token_dynamic")
+ACT_GRIDS: tuple[str, ...] = ("fixed", "official")
+LOSSES: tuple[str, ...] = ("cosine", "mse")
+LOSS_AXES: tuple[str, ...] = ("channel", "width")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +78,38 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
             b = getattr(self, name)
-            if not isinstance(b, int) or not 2 <= b <= 8:
+            if not _is_int(b) or not 2 <= b <= 8:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {b!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.act_grid not in ("fixed", "official"):
-            raise ValueError(f"act_grid must be 'fixed' or 'official', got {self.act_grid!r}")
-        if self.loss not in ("cosine", "mse"):
-            raise ValueError(f"loss must be 'cosine' or 'mse', got {self.loss!r}")
-        if self.loss_axis not in ("channel", "width"):
-            raise ValueError(f"loss_axis must be 'channel' or 'width', got {self.loss_axis!r}")
-        if self.num_calib < 1:
-            raise ValueError(f"num_calib must be positive, got {self.num_calib}")
+        for name, value, choices in (("method", self.method, METHODS), ("act_grid", self.act_grid, ACT_GRIDS),
+                                     ("loss", self.loss, LOSSES), ("loss_axis", self.loss_axis, LOSS_AXES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not _is_int(self.num_calib) or self.num_calib < 1:
+            raise ValueError(f"num_calib must be a positive integer, got {self.num_calib!r}")
+        if self.train_batch is not None and (not _is_int(self.train_batch) or self.train_batch < 1):
+            raise ValueError(f"train_batch must be a positive integer or None, got {self.train_batch!r}")
+        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 0):
+            raise ValueError(f"epochs must be an integer >= 0 or None, got {self.epochs!r}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha (SmoothQuant migration strength) must lie in [0, 1], got {self.alpha!r}")
+        for name in ("lr_w", "lr_a", "lr_s", "grad_clip", "grid_p"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.rules is not None:
-            object.__setattr__(self, "rules", tuple(self.rules))
+            rules = tuple(self.rules)
+            bad = [r for r in rules if not isinstance(r, QuantRule)]
+            if bad:
+                raise ValueError(f"rules must be QuantRule objects, got {bad[0]!r}; e.g. "
+                                 "(QuantRule(r'^head$'), *DEFAULT_RULES['vim'])")
+            object.__setattr__(self, "rules", rules)
 
     def resolve(self, family: str) -> QuantConfig:
         """Fill the ``None`` fields with ``family``'s official recipe; check batch divisibility."""
+        if self.loss_axis == "width" and family != "vmamba":
+            raise ValueError("loss_axis='width' reproduces the VMamba code only; use 'channel' for Vim")
         fill = {k: v for k, v in FAMILY_DEFAULTS[family].items() if getattr(self, k) is None}
         if self.rules is None:
             fill["rules"] = DEFAULT_RULES[family]
@@ -126,6 +142,10 @@ class QuantConfig:
         if d.get("rules") is not None:
             d["rules"] = tuple(QuantRule(**r) for r in d["rules"])
         return cls(**d)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def path_str(path: tuple[str, ...]) -> str:

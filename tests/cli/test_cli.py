@@ -72,6 +72,30 @@ def test_errors_are_explained(converted, tmp_path, capsys):
     assert "embed_dim" in capsys.readouterr().err  # the shapes say which model this is
     with pytest.raises(SystemExit, match="tfds:NAME:SPLIT"):
         main(["eval", "--params", str(converted), "--data", "tfds:imagenet2012"])
+    with pytest.raises(SystemExit, match="--quantized carries its model"):
+        main(["eval", "--quantized", str(tmp_path / "q"), "--params", str(converted)])
+    with pytest.raises(SystemExit, match="--model-arg applies to --checkpoint"):
+        main(["eval", "--params", str(converted), "--model-arg", "depth=2"])
+
+
+def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsys):
+    """Float params that produce NaN: the block is named, the completed blocks are kept."""
+    import jax
+    import numpy as np
+
+    from ptq4vm_jax import create_model, save_params
+
+    model = create_model("vim_nano")
+    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    params["layers_1"]["mixer"]["A_log"] = params["layers_1"]["mixer"]["A_log"] * np.nan
+    save_params(tmp_path / "nan", params, model_name="vim_nano")
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--params", str(tmp_path / "nan"), "--calib", "digits:train",
+              "--num-calib", "8", "--method", "rtn", "--resume", str(tmp_path / "resume"),
+              "--out", str(tmp_path / "q")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "calibration failed" in err and "layers_1" in err and "--resume" in err
 
 
 def test_eval_is_data_parallel_over_local_devices(converted):

@@ -27,8 +27,19 @@ def test_wrong_model_name_lists_known_models():
 
 
 def test_unknown_override_is_rejected():
-    with pytest.raises(TypeError, match="unknown Vim argument"):
+    with pytest.raises(ValueError, match="unknown Vim argument"):
         create_model("vim_tiny", embed_dims=3)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(embed_dim=0), "embed_dim must be a positive int, got 0"),
+    (dict(patch_size=0), "patch_size must be a positive int"),
+    (dict(img_size=4, patch_size=8, stride=8), "patch_size 8 is larger than img_size 4"),
+    (dict(depth=2.5), "depth must be a positive int"),
+])
+def test_invalid_sizes_are_explained(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("vim_micro", **overrides)
 
 
 def test_wrong_image_size_is_explained():

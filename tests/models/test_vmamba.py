@@ -172,7 +172,7 @@ def test_official_names_are_aliases(alias, name):
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(TypeError, match="unknown VMamba argument.*embed_dim"):
+    with pytest.raises(ValueError, match="unknown VMamba argument.*embed_dim"):
         create_model("vmamba_tiny", embed_dim=96)
     with pytest.raises(ValueError, match="dims .* one width per stage"):
         VMambaConfig(dims=(16, 32), depths=(1, 1, 1))

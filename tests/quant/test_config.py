@@ -1,0 +1,43 @@
+"""QuantConfig refuses invalid settings up front, with the field and a fix in the message."""
+
+import pytest
+
+from ptq4vm_jax import QuantConfig, QuantRule
+from ptq4vm_jax.quant.config import DEFAULT_RULES
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(w_bits=1), "w_bits must be an integer from 2 to 8"),
+    (dict(a_bits=8.0), "a_bits must be an integer from 2 to 8"),
+    (dict(a_bits=True), "a_bits must be an integer"),
+    (dict(method="gptq"), "method must be one of"),
+    (dict(act_grid="full"), "act_grid must be one of"),
+    (dict(loss="l1"), "loss must be one of"),
+    (dict(num_calib=0), "num_calib must be a positive integer"),
+    (dict(train_batch=0), "train_batch must be a positive integer or None"),
+    (dict(train_batch=-4), "train_batch must be a positive integer or None"),
+    (dict(epochs=-1), "epochs must be an integer >= 0"),
+    (dict(alpha=2.0), r"alpha \(SmoothQuant migration strength\) must lie in \[0, 1\]"),
+    (dict(lr_w=-1e-3), "lr_w must be a finite number > 0"),
+    (dict(lr_s=float("nan")), "lr_s must be a finite number > 0"),
+    (dict(grad_clip=0.0), "grad_clip must be a finite number > 0"),
+    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
+    (dict(rules=["^head$"]), "rules must be QuantRule objects, got '\\^head\\$'"),
+])
+def test_invalid_settings_are_explained(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_width_loss_is_vmamba_only():
+    cfg = QuantConfig(loss_axis="width")
+    assert cfg.resolve("vmamba").loss_axis == "width"
+    with pytest.raises(ValueError, match="loss_axis='width' reproduces the VMamba code only"):
+        cfg.resolve("vim")
+
+
+def test_valid_settings_resolve_to_the_family_recipe():
+    rules = (QuantRule(r"^head$"), *DEFAULT_RULES["vim"])
+    cfg = QuantConfig(w_bits=4, a_bits=8, epochs=0, alpha=0.0, rules=list(rules)).resolve("vim")
+    assert cfg.rules == rules and cfg.epochs == 0 and not cfg.learns
+    assert (cfg.lr_w, cfg.lr_a, cfg.lr_s, cfg.train_batch) == (5e-4, 5e-4, 1e-2, 256)
