@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ import orbax.checkpoint as ocp
 
 from ptq4vm_jax.models import canonical_name, create_model, image_shape
 from ptq4vm_jax.trees import copy_tree, prune_empty
+
+if TYPE_CHECKING:
+    from ptq4vm_jax.api import QuantizedParams
 
 FLOAT_FORMAT = "ptq4vm-jax/float-params"
 FLOAT_FORMAT_VERSION = 1
@@ -211,6 +214,27 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any], *, model_nam
     return write_checkpoint(path, params, metadata, overwrite=overwrite)
 
 
+def _invalid(path: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}/{METADATA_FILE} is invalid ({problem}); re-create the checkpoint")
+
+
+def _model_from_metadata(meta: Mapping[str, Any], path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Model name, overrides and abstract params that ``metadata.json`` names, or why they are unusable.
+
+    A hand-edited or damaged file must not surface as a registry or model-builder error.
+    """
+    name, overrides = meta.get("model_name"), meta.get("model_overrides", {})
+    if not isinstance(name, str):
+        raise _invalid(path, f"'model_name' must be a model name string, got {name!r}")
+    if not isinstance(overrides, dict):
+        raise _invalid(path, f"'model_overrides' must be an object of model arguments, got {overrides!r}")
+    try:
+        name = canonical_name(name)
+        return name, overrides, abstract_params(name, **overrides)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # TypeError: unknown builder argument
+        raise _invalid(path, f"model {name!r} with overrides {overrides}: {e}") from None
+
+
 def load_params(
     path: str | os.PathLike, *, model_name: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,11 +242,11 @@ def load_params(
     path = os.path.abspath(os.fspath(path))
     meta = read_metadata(path)
     require_format(meta, path, format=FLOAT_FORMAT, version=FLOAT_FORMAT_VERSION, loader="load_params")
-    held = meta.get("model_name")
+    held, _, abstract = _model_from_metadata(meta, path)
     if model_name is not None and canonical_name(model_name) != held:
         raise CheckpointError(f"{path} holds {held}, you asked for {canonical_name(model_name)}; pass "
                               f"model_name={held!r} or convert a {canonical_name(model_name)} checkpoint")
-    return restore_tree(path, abstract_params(held, **meta.get("model_overrides", {}))), meta
+    return restore_tree(path, abstract), meta
 
 
 def convert_checkpoint(checkpoint_path: str | os.PathLike, model_name: str, out_dir: str | os.PathLike, *,
@@ -243,40 +267,101 @@ QUANT_FORMAT_VERSION = 1
 KNOWN_FORMATS[QUANT_FORMAT] = "ptq4vm_jax.checkpoint.load_quantized"
 
 
-def _quantized_abstract(name: str, overrides: Mapping[str, Any], layer_shapes: Mapping[str, Any]
-                        ) -> dict[str, Any]:
-    """Expected tree of a quantized checkpoint, derived from the model and checked against it."""
-    params = copy_tree(abstract_params(name, **overrides))
+_LEAF_FORM = "[shape (list of non-negative ints), dtype name]"
+# leaf -> its dtype ("floating": any float dtype); the integer ones are what the int GEMMs read
+_LEAF_DTYPES = {"w_int": "int8", "a_zero": "int32", "smooth": "floating", "w_scale": "floating",
+                "a_scale": "floating", "bias": "floating"}
+
+
+def _leaf_spec(value: Any) -> jax.ShapeDtypeStruct:
+    """``[shape, dtype]`` from ``metadata.json`` -> its abstract array; ValueError if malformed."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"must be {_LEAF_FORM}, got {value!r}")
+    shape, dtype = value
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype must be a dtype name, got {dtype!r}")
+    try:
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+def _layer_specs(layers: Any, path: str) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    """``metadata.json``'s "layers" -> {layer path: {leaf: abstract array}}, refusing any other form."""
+    if not isinstance(layers, dict):
+        raise _invalid(path, f"'layers' must map each layer path to {{leaf: {_LEAF_FORM}}}, got "
+                             f"{type(layers).__name__} {str(layers)[:80]}")
+    specs: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
+    for layer, leaves in layers.items():
+        if not isinstance(leaves, dict) or not leaves:
+            raise _invalid(path, f"'layers' entry {layer!r} must map leaf names to {_LEAF_FORM}, got "
+                                 f"{leaves!r}")
+        specs[layer] = {}
+        for leaf, value in leaves.items():
+            try:
+                spec = _leaf_spec(value)
+            except ValueError as e:
+                raise _invalid(path, f"layer {layer}/{leaf}: {e}") from None
+            want = _LEAF_DTYPES.get(leaf)
+            if want is None:
+                raise _invalid(path, f"layer {layer} has an unknown leaf {leaf!r}; a quantized layer holds "
+                                     f"{sorted(_LEAF_DTYPES)}")
+            ok = jnp.issubdtype(spec.dtype, jnp.floating) if want == "floating" else spec.dtype == want
+            if not ok:
+                raise _invalid(path, f"layer {layer}/{leaf} has dtype {spec.dtype}, it must be {want}")
+            specs[layer][leaf] = spec
+    return specs
+
+
+def _quantized_abstract(params: Mapping[str, Any], name: str, specs: Mapping[str, Mapping[str, Any]],
+                        packed: bool, path: str) -> dict[str, Any]:
+    """Expected tree of a quantized checkpoint: ``params`` (the model's) with ``specs``' layers moved out.
+
+    Each layer is checked against the model's linear layer, so a restored tree has the shapes
+    ``quantized_apply`` expects (bar the token count, set by the calibration input); ``packed``: two
+    4-bit codes per stored ``w_int`` byte.
+    """
+    params = copy_tree(params)
+
+    def wrong(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}/{METADATA_FILE} does not match {name}: {problem}; the checkpoint "
+                               "is corrupt or was written for another model: re-create it")
+
     qlayers: dict[str, Any] = {}
-    for path_s, shapes in layer_shapes.items():
-        path = tuple(path_s.split("/"))
+    for path_s, q in specs.items():
+        keys = tuple(path_s.split("/"))
         node = params
-        for key in path:
+        for key in keys:
             if not isinstance(node, Mapping) or key not in node:
-                raise CheckpointError(f"quantized layer {path_s} does not exist in {name}")
+                raise wrong(f"quantized layer {path_s} does not exist in {name}")
             node = node[key]
-        kernel = node.get("kernel")
+        kernel = node.get("kernel") if isinstance(node, Mapping) else None
         if kernel is None or len(kernel.shape) != 2:
-            raise CheckpointError(f"{path_s} in {name} is not a linear layer")
+            raise wrong(f"{path_s} in {name} is not a linear layer")
+        leaves = {"w_int", "smooth", "w_scale", "a_scale", "a_zero"} | ({"bias"} if "bias" in node else set())
+        if leaves - q.keys():
+            raise wrong(f"{path_s} lacks {sorted(leaves - q.keys())}")
+        if q.keys() - leaves:
+            raise wrong(f"{path_s} has a bias, the model's layer has none")
         k, n = kernel.shape
-        want = {"smooth": (k,), "w_scale": (n,)}
-        if "bias" in node:
-            want["bias"] = (n,)
-        for key, shape in want.items():
-            got = tuple(shapes[key][0]) if key in shapes else None
-            if got != shape:
-                raise CheckpointError(f"{path_s}/{key}: metadata says shape {got}, the model needs "
-                                      f"{shape}; the checkpoint does not belong to {name}")
-        q = {key: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
-             for key, (shape, dtype) in shapes.items()}
+        tokens = q["a_scale"].shape
+        if len(tokens) != 1 or tokens[0] < 1:
+            raise wrong(f"{path_s}/a_scale must have shape (tokens,), got {tokens}")
+        want = {"w_int": ((k + 1) // 2 if packed else k, n), "smooth": (k,), "w_scale": (n,),
+                "a_scale": tokens, "a_zero": tokens, "bias": (n,)}
+        for key in sorted(leaves):
+            if q[key].shape != want[key]:
+                raise wrong(f"{path_s}/{key} has shape {q[key].shape}, the model needs {want[key]}")
         parent = params
-        for key in path[:-1]:
+        for key in keys[:-1]:
             parent = parent[key]
-        del parent[path[-1]]
+        del parent[keys[-1]]
         node_q = qlayers
-        for key in path[:-1]:
+        for key in keys[:-1]:
             node_q = node_q.setdefault(key, {})
-        node_q[path[-1]] = q
+        node_q[keys[-1]] = dict(q)
     return {"params": prune_empty(params), "qlayers": qlayers}
 
 
@@ -290,8 +375,14 @@ def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_quantized(path: str | os.PathLike, qparams: Any, *, overwrite: bool = True) -> dict[str, Any]:
+def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *, overwrite: bool = True
+                   ) -> dict[str, Any]:
     """Save a ``QuantizedParams`` (see README, "Quantized checkpoint layout"); returns the metadata."""
+    from ptq4vm_jax.api import QuantizedParams
+
+    if not isinstance(qparams, QuantizedParams):
+        raise TypeError(f"save_quantized needs a QuantizedParams (from quantize_params or load_quantized), "
+                        f"got {type(qparams).__name__}; float params are saved with save_params")
     shapes = _layer_shapes(qparams.qlayers)
     metadata = {
         "format": QUANT_FORMAT, "format_version": QUANT_FORMAT_VERSION,
@@ -311,24 +402,28 @@ def _weight_codes(stored: np.ndarray, w_bits: int) -> np.ndarray:
     return np.concatenate([low, v >> 4])
 
 
-def load_quantized(path: str | os.PathLike) -> Any:
+def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     """Read a quantized checkpoint back into a ``QuantizedParams``, validating it on the way."""
     from ptq4vm_jax.api import QuantizedParams
     from ptq4vm_jax.quant.config import QuantConfig
+    from ptq4vm_jax.quant.integer import packs
     from ptq4vm_jax.quant.quantizers import act_qmax, weight_qmax
 
     path = os.path.abspath(os.fspath(path))
     meta = read_metadata(path)
     require_format(meta, path, format=QUANT_FORMAT, version=QUANT_FORMAT_VERSION, loader="load_quantized")
+    name, overrides, abstract = _model_from_metadata(meta, path)
+    if not isinstance(meta.get("config"), dict):
+        raise _invalid(path, f"'config' must be the QuantConfig as an object, got {meta.get('config')!r}")
     try:
-        name = canonical_name(meta["model_name"])
-        overrides = dict(meta.get("model_overrides") or {})
         config = QuantConfig.from_json(meta["config"])
-        shapes = meta["layers"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/{METADATA_FILE} is incomplete or invalid ({e}); re-create the "
-                              "checkpoint") from None
-    tree = restore_tree(path, _quantized_abstract(name, overrides, shapes))
+    except (TypeError, ValueError) as e:
+        raise _invalid(path, f"'config': {e}") from None
+    calibration = meta.get("calibration", {})
+    if not isinstance(calibration, dict):
+        raise _invalid(path, f"'calibration' must be an object, got {calibration!r}")
+    specs = _layer_specs(meta.get("layers"), path)
+    tree = restore_tree(path, _quantized_abstract(abstract, name, specs, packs(config.w_bits), path))
     a_max, w_max = act_qmax(config.a_bits), weight_qmax(config.w_bits)
     for key, value in _flat(tree["qlayers"]).items():
         layer, _, leaf = key.rpartition("/")
@@ -347,5 +442,5 @@ def load_quantized(path: str | os.PathLike) -> Any:
         params=jax.tree.map(jnp.asarray, tree["params"]),
         qlayers=jax.tree.map(jnp.asarray, tree["qlayers"]),
         model_name=name, config=config, model_overrides=tuple(sorted(overrides.items())),
-        info=json.dumps(meta.get("calibration", {})),
+        info=json.dumps(calibration),
     )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -28,10 +29,12 @@ def _same(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def _edit_metadata(path, **changes):
+def _edit_metadata(path, drop=(), **changes):
     meta_path = path / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta.update(changes)
+    for key in drop:
+        del meta[key]
     meta_path.write_text(json.dumps(meta))
 
 
@@ -142,3 +145,36 @@ def test_damaged_tree(tmp_path, params):
             os.remove(tree / f)
     with pytest.raises(CheckpointError, match="cannot read the parameter tree .*incomplete or corrupt"):
         load_params(tmp_path / "ck")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, params):
+    path = tmp_path_factory.mktemp("saved") / "ck"
+    save_params(path, params, model_name="vim_micro")
+    return path
+
+
+@pytest.mark.parametrize("drop, changes, want", [
+    (("model_name",), {}, "'model_name' must be a model name string, got None"),
+    ((), {"model_name": 5}, "'model_name' must be a model name string, got 5"),
+    ((), {"model_name": "vim_nope"}, "unknown model name 'vim_nope'"),
+    ((), {"model_overrides": None}, "'model_overrides' must be an object of model arguments, got None"),
+    ((), {"model_overrides": [1]}, "'model_overrides' must be an object"),
+    ((), {"model_overrides": {"embed_dimm": 3}}, r"'vim_micro' with overrides .*embed_dimm"),
+    ((), {"model_overrides": {"embed_dim": "wide"}}, "embed_dim must be a positive int, got 'wide'"),
+], ids=["no-name", "int-name", "unknown-name", "null-overrides", "list-overrides", "unknown-override",
+        "bad-override-value"])
+def test_invalid_model_metadata(tmp_path, saved, drop, changes, want):
+    shutil.copytree(saved, tmp_path / "ck")
+    _edit_metadata(tmp_path / "ck", drop=drop, **changes)
+    with pytest.raises(CheckpointError, match=rf"ck/metadata.json is invalid \(.*{want}.*\); re-create the "
+                                              "checkpoint"):
+        load_params(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="metadata.json is invalid"):
+        load_params(tmp_path / "ck", model_name="vim_micro")
+
+
+def test_missing_overrides_mean_none(tmp_path, saved, params):
+    shutil.copytree(saved, tmp_path / "ck")
+    _edit_metadata(tmp_path / "ck", drop=("model_overrides",))
+    assert _same(load_params(tmp_path / "ck")[0], params)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -121,6 +122,123 @@ def test_out_of_range_weight_codes_are_refused(qparams, tmp_path):
     save_quantized(tmp_path / "bad", dataclasses.replace(qparams, qlayers=qlayers))
     with pytest.raises(CheckpointError, match=f"in_proj/w_int must lie in .* for {w_bits}-bit"):
         load_quantized(tmp_path / "bad")
+
+
+@pytest.fixture(scope="module")
+def saved_w4a8(tmp_path_factory, model_params_images):
+    _, params, images = model_params_images
+    cfg = QuantConfig(w_bits=4, a_bits=8, method="rtn", num_calib=8)
+    path = tmp_path_factory.mktemp("saved") / "q"
+    save_quantized(path, quantize_params(params, images, model=MODEL, config=cfg, progress=False))
+    return path
+
+
+def _set(key, value):
+    return lambda meta: meta.update({key: value})
+
+
+def _del(key):
+    return lambda meta: meta.pop(key)
+
+
+def _set_leaf(layer, leaf, value):
+    return lambda meta: meta["layers"][layer].update({leaf: value})
+
+
+IN_PROJ = "layers_0/mixer/in_proj"
+BAD_METADATA = {  # edit of metadata.json -> what the error must say
+    "layers-list": (_set("layers", []), r"'layers' must map each layer path to \{leaf: \[shape"),
+    "layers-missing": (_del("layers"), r"'layers' must map each layer path .*got NoneType"),
+    "layer-not-object": (lambda m: m["layers"].update({IN_PROJ: [[4], "int8"]}),
+                         f"'layers' entry '{IN_PROJ}' must map leaf names"),
+    "dtype-int99": (_set_leaf(IN_PROJ, "w_int", [[16, 128], "int99"]),
+                    f"layer {IN_PROJ}/w_int: unknown dtype 'int99'"),
+    "dtype-not-str": (_set_leaf(IN_PROJ, "w_int", [[16, 128], 8]), "dtype must be a dtype name, got 8"),
+    "dtype-wrong-kind": (_set_leaf(IN_PROJ, "w_int", [[16, 128], "float32"]),
+                         f"layer {IN_PROJ}/w_int has dtype float32, it must be int8"),
+    "a_scale-int": (_set_leaf(IN_PROJ, "a_scale", [[17], "int32"]),
+                    "a_scale has dtype int32, it must be floating"),
+    "shape-float": (_set_leaf(IN_PROJ, "smooth", [[32.0], "float32"]),
+                    r"smooth: shape must be a list of non-negative ints, got \[32.0\]"),
+    "shape-negative": (_set_leaf(IN_PROJ, "smooth", [[-1], "float32"]), "non-negative ints"),
+    "leaf-not-pair": (_set_leaf(IN_PROJ, "smooth", "float32"), r"smooth: must be \[shape"),
+    "unknown-leaf": (_set_leaf(IN_PROJ, "kernel", [[32, 128], "float32"]), "unknown leaf 'kernel'"),
+    "model-name-missing": (_del("model_name"), "'model_name' must be a model name string, got None"),
+    "overrides-null": (_set("model_overrides", None), "'model_overrides' must be an object"),
+    "overrides-unknown": (_set("model_overrides", {"embed_dimm": 3}),
+                          r"'vim_nano' with overrides .*embed_dimm"),
+    "config-null": (_set("config", None), "'config' must be the QuantConfig as an object, got None"),
+    "config-bad-bits": (lambda m: m["config"].update(w_bits=99),
+                        "'config': w_bits must be an integer from 2 to 8"),
+    "config-unknown-key": (lambda m: m["config"].update(bitz=3), "'config': .*bitz"),
+    "calibration-list": (_set("calibration", []), "'calibration' must be an object"),
+}
+NOT_THE_MODEL = {  # well-formed metadata that does not fit the model
+    "no-such-layer": (lambda m: m["layers"].update({"layers_0/mixer/nope": m["layers"][IN_PROJ]}),
+                      "quantized layer layers_0/mixer/nope does not exist in vim_nano"),
+    "not-linear": (lambda m: m["layers"].update({"norm_f/weight": m["layers"][IN_PROJ]}),
+                   "norm_f/weight in vim_nano is not a linear layer"),
+    "w_int-shape": (_set_leaf(IN_PROJ, "w_int", [[32, 128], "int8"]),
+                    rf"{IN_PROJ}/w_int has shape \(32, 128\), the model needs \(16, 128\)"),
+    "no-a_scale": (lambda m: m["layers"][IN_PROJ].pop("a_scale"), rf"{IN_PROJ} lacks \['a_scale'\]"),
+    "a_scale-2d": (_set_leaf(IN_PROJ, "a_scale", [[17, 1], "float32"]),
+                   r"a_scale must have shape \(tokens,\), got \(17, 1\)"),
+    "a_zero-length": (_set_leaf(IN_PROJ, "a_zero", [[5], "int32"]),
+                      r"a_zero has shape \(5,\), the model needs \(17,\)"),
+    "no-bias": (lambda m: m["layers"]["layers_0/mixer/dt_proj"].pop("bias"), r"dt_proj lacks \['bias'\]"),
+    "extra-bias": (_set_leaf(IN_PROJ, "bias", [[128], "float32"]),
+                   "in_proj has a bias, the model's layer has none"),
+}
+
+
+def _edited_copy(saved, tmp_path, edit):
+    shutil.copytree(saved, tmp_path / "q")
+    meta_path = tmp_path / "q" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    return tmp_path / "q"
+
+
+@pytest.mark.parametrize("edit, want", BAD_METADATA.values(), ids=BAD_METADATA.keys())
+def test_invalid_metadata_is_named(saved_w4a8, tmp_path, edit, want):
+    path = _edited_copy(saved_w4a8, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=rf"q/metadata.json is invalid \(.*{want}.*\); re-create the "
+                                              "checkpoint"):
+        load_quantized(path)
+
+
+@pytest.mark.parametrize("edit, want", NOT_THE_MODEL.values(), ids=NOT_THE_MODEL.keys())
+def test_metadata_that_does_not_fit_the_model(saved_w4a8, tmp_path, edit, want):
+    path = _edited_copy(saved_w4a8, tmp_path, edit)
+    want = rf"q/metadata.json does not match vim_nano: .*{want}; .*re-create it"
+    with pytest.raises(CheckpointError, match=want):
+        load_quantized(path)
+
+
+def test_metadata_and_stored_tree_must_agree(saved_w4a8, tmp_path):
+    """Consistent, plausible metadata (another token count) still meets the stored arrays."""
+    def edit(meta):
+        meta["layers"][IN_PROJ].update(a_scale=[[5], "float32"], a_zero=[[5], "int32"])
+
+    path = _edited_copy(saved_w4a8, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=rf"does not match the model:\n.*{IN_PROJ}/a_scale: \(17,\)"):
+        load_quantized(path)
+
+
+def test_unedited_copy_loads(saved_w4a8, tmp_path):
+    back = load_quantized(_edited_copy(saved_w4a8, tmp_path, lambda meta: None))
+    assert back.config.w_bits == 4
+    assert back.qlayers["layers_0"]["mixer"]["in_proj"]["w_int"].shape == (16, 128)
+
+
+def test_save_quantized_refuses_float_params(model_params_images, tmp_path):
+    _, params, _ = model_params_images
+    want = (r"save_quantized needs a QuantizedParams \(from quantize_params or load_quantized\), got dict; "
+            "float params are saved with save_params")
+    with pytest.raises(TypeError, match=want):
+        save_quantized(tmp_path / "q", params)
+    assert not (tmp_path / "q").exists()
 
 
 def test_vim_tiny_w8a8_checkpoint_is_well_under_half_the_float_size(tmp_path):
