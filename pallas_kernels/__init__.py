@@ -9,7 +9,10 @@ on a GPU; their plain-XLA references are ``qmatmul_ref`` and
 
 from pallas_kernels.qmatmul import (
     GemmConfig,
+    check_bits,
     default_gemm_config,
+    dense_weight,
+    is_packed,
     pack_int4,
     qmatmul,
     qmatmul_codes,
@@ -37,8 +40,11 @@ __all__ = [
     "GemmConfig",
     "ScanConfig",
     "WgmmaConfig",
+    "check_bits",
     "default_gemm_config",
+    "dense_weight",
     "default_scan_config",
+    "is_packed",
     "pack_int4",
     "prepare_weight_wgmma",
     "qmatmul",

@@ -35,7 +35,10 @@ from jax.experimental.pallas import triton as plt
 
 __all__ = [
     "GemmConfig",
+    "check_bits",
     "default_gemm_config",
+    "dense_weight",
+    "is_packed",
     "pack_int4",
     "unpack_int4",
     "weight_colsum",
@@ -81,23 +84,29 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
     return jnp.concatenate([low, high], axis=0)
 
 
-def _is_packed(w_bits: int) -> bool:
+def is_packed(w_bits: int) -> bool:
+    """Whether ``w_bits`` weights are stored two per byte (:func:`pack_int4`)."""
     return w_bits <= 4
 
 
-def _dense_weight(w_q: jax.Array, w_bits: int) -> jax.Array:
-    return unpack_int4(w_q) if _is_packed(w_bits) else w_q
+def dense_weight(w_q: jax.Array, w_bits: int) -> jax.Array:
+    """(K, N) int8 codes of a stored weight: unpacked when ``w_bits <= 4``."""
+    return unpack_int4(w_q) if is_packed(w_bits) else w_q
 
 
 def weight_colsum(w_q: jax.Array, w_bits: int) -> jax.Array:
     """Column sums (N,) int32 of the integer weight; precompute once per layer for inference."""
-    return jnp.sum(_dense_weight(w_q, w_bits).astype(jnp.int32), axis=0)
+    return jnp.sum(dense_weight(w_q, w_bits).astype(jnp.int32), axis=0)
 
 
 # ----------------------------------------------------------------------------- references
 
 
-def _check_bits(a_bits: int, w_bits: int) -> None:
+def check_bits(a_bits: int, w_bits: int) -> None:
+    """Both widths must be Python ints in 2..8 (int8 codes / int8 or packed int4 storage)."""
+    for name, bits in (("a_bits", a_bits), ("w_bits", w_bits)):
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise ValueError(f"{name} must be a Python int in 2..8, got {bits!r}")
     if not 2 <= a_bits <= 8:
         raise ValueError(f"a_bits must be in 2..8 (int8 codes), got {a_bits}")
     if not 2 <= w_bits <= 8:
@@ -106,13 +115,13 @@ def _check_bits(a_bits: int, w_bits: int) -> None:
 
 def _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits) -> None:
     """Shape/dtype validation shared by every entry point (all checks are static)."""
-    _check_bits(a_bits, w_bits)
+    check_bits(a_bits, w_bits)
     if x.ndim != 3:
         raise ValueError(f"x must be (B, L, K), got shape {x.shape}")
     _, seq, k = x.shape
     if w_q.ndim != 2 or w_q.dtype != jnp.int8:
         raise ValueError(f"w_q must be a 2-D int8 array, got {w_q.dtype}{list(w_q.shape)}")
-    if _is_packed(w_bits):
+    if is_packed(w_bits):
         if k % 2 or w_q.shape[0] != k // 2:
             raise ValueError(
                 f"w_bits={w_bits} expects packed weights of shape (K/2, N) = ({k / 2}, N) from "
@@ -159,7 +168,7 @@ def _zero_correction(a_zero: jax.Array, colsum: jax.Array, a_bits: int) -> jax.A
 
 
 def _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum=None):
-    w = _dense_weight(w_q, w_bits)
+    w = dense_weight(w_q, w_bits)
     k = w.shape[0]
     if k % 16:
         # XLA's GPU int8 GEMM returned wrong int32 sums for K = 3 (vim_micro's dt_proj) on an
@@ -249,7 +258,7 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(v, 1))))))
 
 
-def default_gemm_config(m: int, n: int, k: int, w_bits: int = 8) -> GemmConfig:
+def default_gemm_config(m: int, k: int, n: int, w_bits: int = 8) -> GemmConfig:
     """Tiles for an (m, k) x (k, n) problem, from a sweep on an H200 (BENCHMARKS.md).
 
     128 x 128 x 64 tiles with 4 warps ran the int8 GEMM of Vim-S in_proj at batch 256 in 393 us
@@ -257,7 +266,7 @@ def default_gemm_config(m: int, n: int, k: int, w_bits: int = 8) -> GemmConfig:
     wide N tiles were the slowest of the eight tried (256 x 128 / 8 warps was 12-19 % faster
     still, but was measured without the fused prologue's extra registers).
     """
-    k_eff = k // 2 if _is_packed(w_bits) else k
+    k_eff = k // 2 if is_packed(w_bits) else k
     block_n = _pow2_at_least(n, 16, 128)
     block_m = _pow2_at_least(m, 16, 128)
     block_k = _pow2_at_least(k_eff, 32, 64)
@@ -370,14 +379,14 @@ def _gemm_call(x, smooth, w_q, w_scale, a_scale, a_zero, bias, colsum, *, a_bits
     batch, seq, k = x.shape
     n = w_q.shape[1]
     m = batch * seq
-    packed = _is_packed(w_bits)
+    packed = is_packed(w_bits)
     kq = k // 2 if packed else k
     if max(m * k, m * n) >= 2**31:
         raise ValueError(
             f"qmatmul: {m} rows x max(K={k}, N={n}) elements overflow the kernel's int32 offsets; "
             "split the batch into chunks"
         )
-    cfg = config or default_gemm_config(m, n, k, w_bits)
+    cfg = config or default_gemm_config(m, k, n, w_bits)
     fused = smooth is not None
     if colsum is None:
         colsum = weight_colsum(w_q, w_bits)

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.qmatmul import _check_bits, _dense_weight
+from pallas_kernels.qmatmul import check_bits, dense_weight
 
 __all__ = [
     "WgmmaConfig",
@@ -126,8 +126,8 @@ def prepare_weight_wgmma(w_q: jax.Array, w_bits: int) -> jax.Array:
     """(N, K) int8, K contiguous, from a (K, N) int8 or (K/2, N) packed 4-bit weight; once per layer."""
     if w_q.ndim != 2 or w_q.dtype != jnp.int8:
         raise ValueError(f"w_q must be a 2-D int8 array, got {w_q.dtype}{list(w_q.shape)}")
-    _check_bits(8, w_bits)
-    return _dense_weight(w_q, w_bits).T  # XLA materialises the transpose: a row-major (N, K) array
+    check_bits(8, w_bits)
+    return dense_weight(w_q, w_bits).T  # XLA materialises the transpose: a row-major (N, K) array
 
 
 def _smem_transforms(minor_bytes: int, itemsize: int) -> tuple:
@@ -254,7 +254,7 @@ def qmatmul_codes_wgmma(
 @functools.partial(jax.jit, static_argnames=("a_bits", "out_dtype", "config", "interpret"))
 def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, out_dtype, colsum,
                          config, interpret):
-    _check_bits(a_bits, 8)
+    check_bits(a_bits, 8)
     if codes.ndim != 3 or codes.dtype != jnp.int8:
         raise ValueError(f"codes must be (B, L, K) int8 from quantize_activations, got "
                          f"{codes.dtype}{list(codes.shape)}")

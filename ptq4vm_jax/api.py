@@ -131,11 +131,11 @@ def quantize_params(
     family = model_family(name)
     cfg = (config or QuantConfig()).resolve(family)
     net = create_model(name, **overrides)
+    params = jax.tree_util.tree_map(jnp.asarray, copy_tree(params))
+    _check_params(net, params, name)
     _, height, _, channels = image_shape(net)
     images = jnp.asarray(calibration_images(calib_ds, cfg.num_calib, image_size=height,
                                             channels=channels))
-    params = jax.tree_util.tree_map(jnp.asarray, copy_tree(params))
-    _check_params(net, params, images.shape, name)
     images = _spread_over_devices(images, cfg.train_batch, log)
 
     paths = [p for p in dense_paths(net, params, images.shape) if is_quantized(p, cfg.rules)]
@@ -209,21 +209,29 @@ def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:
     return out
 
 
-def _check_params(net: nn.Module, params: Any, images_shape, name: str) -> None:
-    expected = jax.eval_shape(lambda x: net.init(jax.random.key(0), x)["params"],
-                              jax.ShapeDtypeStruct((1, *images_shape[1:]), jnp.float32))
-    leaves = lambda t: {jax.tree_util.keystr(k): v.shape
-                        for k, v in jax.tree_util.tree_leaves_with_path(t)}
-    got, want = leaves(params), leaves(expected)
-    if got != want:
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        bad = [(k, got[k], want[k]) for k in sorted(set(got) & set(want)) if got[k] != want[k]]
-        raise ValueError(
-            f"params do not fit {name}: missing {missing[:8]}, unexpected {extra[:8]}, "
-            f"wrong shapes (path, got, expected) {bad[:8]}. "
-            "Did you pass the params of another model (see --model / model_overrides)?"
-        )
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_params(net: nn.Module, params: Any, name: str) -> None:
+    """Shapes of ``params`` against the model's (before any data is read); every problem named."""
+    images = jax.ShapeDtypeStruct(image_shape(net), jnp.float32)
+    want = _leaf_shapes(jax.eval_shape(net.init, jax.random.key(0), images)["params"])
+    got = _leaf_shapes(params)
+    if got == want:
+        return
+    if got and all(p.startswith("params/") for p in got):
+        raise ValueError(f"params for {name} are wrapped in {{'params': ...}}: pass variables['params']")
+    problems = [f"{p}: {got[p]}, expected {want[p]}" for p in sorted(got.keys() & want.keys())
+                if got[p] != want[p]]
+    problems += [f"missing {p} {want[p]}" for p in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {p} {got[p]}" for p in sorted(got.keys() - want.keys())]
+    more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+    raise ValueError(
+        f"params do not fit {name} ({len(problems)} problems):\n  " + "\n  ".join(problems[:12]) + more
+        + "\nDid you pass the params of another model (see --model / model_overrides)?"
+    )
 
 
 def quantized_apply(

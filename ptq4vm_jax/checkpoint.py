@@ -393,20 +393,11 @@ def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *, overwri
     return write_checkpoint(path, tree, metadata, overwrite=overwrite)
 
 
-def _weight_codes(stored: np.ndarray, w_bits: int) -> np.ndarray:
-    """int32 weight codes of a stored ``w_int``: both sign-extended nibbles when packed (w_bits <= 4)."""
-    v = stored.astype(np.int32)
-    if w_bits > 4:
-        return v
-    low = ((v & 0xF) ^ 8) - 8
-    return np.concatenate([low, v >> 4])
-
-
 def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     """Read a quantized checkpoint back into a ``QuantizedParams``, validating it on the way."""
+    from pallas_kernels.qmatmul import dense_weight, is_packed
     from ptq4vm_jax.api import QuantizedParams
     from ptq4vm_jax.quant.config import QuantConfig
-    from ptq4vm_jax.quant.integer import packs
     from ptq4vm_jax.quant.quantizers import act_qmax, weight_qmax
 
     path = os.path.abspath(os.fspath(path))
@@ -423,7 +414,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     if not isinstance(calibration, dict):
         raise _invalid(path, f"'calibration' must be an object, got {calibration!r}")
     specs = _layer_specs(meta.get("layers"), path)
-    tree = restore_tree(path, _quantized_abstract(abstract, name, specs, packs(config.w_bits), path))
+    tree = restore_tree(path, _quantized_abstract(abstract, name, specs, is_packed(config.w_bits), path))
     a_max, w_max = act_qmax(config.a_bits), weight_qmax(config.w_bits)
     for key, value in _flat(tree["qlayers"]).items():
         layer, _, leaf = key.rpartition("/")
@@ -434,7 +425,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
             bad = "must be finite and non-zero"
         elif leaf == "a_zero" and (value.min() < 0 or value.max() > a_max):
             bad = f"must lie in [0, {a_max}] for {config.a_bits}-bit activations"
-        elif leaf == "w_int" and np.abs(_weight_codes(value, config.w_bits)).max() > w_max:
+        elif leaf == "w_int" and np.abs(np.asarray(dense_weight(value, config.w_bits), int)).max() > w_max:
             bad = f"must lie in [-{w_max}, {w_max}] for {config.w_bits}-bit weights"
         if bad:
             raise CheckpointError(f"{path}: {layer}/{leaf} {bad}; the checkpoint is corrupt")

@@ -14,7 +14,14 @@ from collections.abc import Iterator, Mapping
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qmatmul import pack_int4, qmatmul, qmatmul_ref, quantize_activations, unpack_int4
+from pallas_kernels.qmatmul import (
+    dense_weight,
+    is_packed,
+    pack_int4,
+    qmatmul,
+    qmatmul_ref,
+    quantize_activations,
+)
 from pallas_kernels.qmatmul_hopper import prepare_weight_wgmma, qmatmul_codes_wgmma, supports_wgmma
 from ptq4vm_jax.quant.config import QuantConfig
 
@@ -28,13 +35,9 @@ GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma")
 _GEMM = contextvars.ContextVar("ptq4vm_int_gemm", default="auto")
 
 
-def packs(w_bits: int) -> bool:
-    return w_bits <= 4
-
-
 def store_weight(w_codes: jax.Array, w_bits: int) -> jax.Array:
     """(K, N) int8 codes -> the stored ``w_int``."""
-    if not packs(w_bits):
+    if not is_packed(w_bits):
         return w_codes.astype(jnp.int8)
     if w_codes.shape[0] % 2:
         w_codes = jnp.pad(w_codes, ((0, 1), (0, 0)))
@@ -43,7 +46,7 @@ def store_weight(w_codes: jax.Array, w_bits: int) -> jax.Array:
 
 def weight_codes(w_int: jax.Array, w_bits: int, k: int) -> jax.Array:
     """The stored ``w_int`` -> (K, N) int8 codes."""
-    return unpack_int4(w_int)[:k] if packs(w_bits) else w_int
+    return dense_weight(w_int, w_bits)[:k]
 
 
 @contextlib.contextmanager
@@ -81,7 +84,7 @@ def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -
     """Integer-arithmetic linear of a (B, L, K) input on the backend chosen by :func:`int_gemm`;
     every backend gives the same int32 accumulators and the same float epilogue."""
     smooth = layer["smooth"]
-    if packs(cfg.w_bits) and smooth.shape[0] % 2:
+    if is_packed(cfg.w_bits) and smooth.shape[0] % 2:
         # The packed weight carries one zero row: a zero input column quantizes to the zero point
         # and adds nothing.
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
