@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -131,7 +132,8 @@ def load_torch_checkpoint(
     Strict: every missing, unexpected or mis-shaped parameter is reported in one error.
     """
     path = os.fspath(path)
-    state_dict = select_state_dict(read_checkpoint(path), key, path)
+    checkpoint = read_checkpoint(path)
+    state_dict = select_state_dict(checkpoint, key, path)
     spec = family_spec(model_family(model_name))
     expected = {p: tuple(s.shape) for p, s in flatten_tree(abstract_params(model_name, **overrides)).items()}
     mapped, mismatch = map_state_dict(spec.preprocess(state_dict), spec.rules, expected)
@@ -141,4 +143,27 @@ def load_torch_checkpoint(
             f"{path} does not fit {shown}:\n{mismatch.describe()}\n"
             f"{_size_hint(spec, state_dict, model_name, overrides)}"
         )
+    if spec.config_overrides is not None and isinstance(checkpoint, Mapping) \
+            and isinstance(checkpoint.get("config"), Mapping):
+        _check_training_config(spec, checkpoint["config"], model_name, overrides, path)
     return unflatten_tree(mapped)
+
+
+def _check_training_config(spec: FamilySpec, config: Mapping[str, Any], model_name: str,
+                           overrides: dict[str, Any], path: str) -> None:
+    """The checkpoint's own training config must describe the model we convert into.
+
+    Shapes cannot tell every setting apart (an activation, a forward type, the image size), so a
+    checkpoint that carries its config is also checked against ``create_model(model_name,
+    **overrides)``; settings the port does not implement raise inside ``config_overrides``.
+    """
+    official = spec.config_overrides(config)
+    ours = create_model(model_name, **overrides).cfg
+    differ = {k: v for k, v in official.items() if getattr(ours, k) != v}
+    if differ:
+        given = ", ".join(f"{k}={getattr(ours, k)!r}" for k in differ)
+        wanted = " ".join(f"--model-arg {shlex.quote(f'{k}={v!r}')}" for k, v in differ.items())
+        raise CheckpointMismatchError(
+            f"{path} was trained with {', '.join(f'{k}={v!r}' for k, v in differ.items())}, but "
+            f"{model_name} has {given}; pass those as overrides ({wanted})"
+        )

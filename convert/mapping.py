@@ -78,12 +78,16 @@ class FamilySpec:
     ``infer_overrides`` reads constructor sizes (``embed_dim``, ``depth``, ...) off the
     state_dict's shapes so a mismatch can say which model the checkpoint is. ``preprocess``
     rewrites the state_dict before the rules apply (legacy renames, splitting stacked tensors).
+    ``config_overrides``, where a family's checkpoints carry their training config
+    (``checkpoint["config"]``), turns it into constructor arguments and refuses settings the port
+    does not implement.
     """
 
     family: str
     rules: tuple[Rule, ...]
     infer_overrides: Callable[[Mapping[str, Any]], dict[str, Any]]
     preprocess: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict
+    config_overrides: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

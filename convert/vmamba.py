@@ -152,7 +152,6 @@ def infer_overrides(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return found
 
 
-SPEC = FamilySpec(family="vmamba", rules=RULES, infer_overrides=infer_overrides, preprocess=preprocess)
 
 # The official yacs config (checkpoint["config"]) settings this port implements.
 _SUPPORTED = {
@@ -205,3 +204,7 @@ def config_overrides(official_config: Mapping[str, Any]) -> dict[str, Any]:
     if img is not None:
         overrides["img_size"] = int(img)
     return overrides
+
+
+SPEC = FamilySpec(family="vmamba", rules=RULES, infer_overrides=infer_overrides, preprocess=preprocess,
+                  config_overrides=config_overrides)

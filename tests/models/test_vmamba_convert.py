@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -106,3 +107,19 @@ def test_unsupported_official_configs_are_refused(official):
         config_overrides(changed)
     with pytest.raises(CheckpointError, match="not an official VMamba config"):
         config_overrides({"MODEL": {"TYPE": "vssm"}})
+
+
+def test_the_checkpoints_training_config_is_checked(official, tmp_path):
+    """Settings shapes cannot show: an unsupported one, or one our model would differ in."""
+    sd, config, name, overrides = official
+    plain = lambda c: {k: plain(v) for k, v in c.items()} if isinstance(c, Mapping) else c
+    config = plain(config)  # torch.save of plain dicts, as yacs configs unpickle to
+    vssm = dict(config["MODEL"]["VSSM"], SSM_FORWARDTYPE="v2")
+    path = save(tmp_path, sd, config={**config, "MODEL": {**config["MODEL"], "VSSM": vssm}})
+    with pytest.raises(CheckpointError, match=r"FORWARDTYPE='v2' \(supported: 'v05_noz'\)"):
+        load_torch_checkpoint(path, name, **overrides)
+    path = save(tmp_path, sd, config=config)
+    with pytest.raises(CheckpointMismatchError, match=r"trained with img_size=48, but vmamba_tiny has "
+                                                      r"img_size=64; .*--model-arg img_size=48"):
+        load_torch_checkpoint(path, name, **{**overrides, "img_size": 64})  # no shape shows it
+    load_torch_checkpoint(path, name, **overrides)
