@@ -1,9 +1,12 @@
 """Calibration state after each stage, so an interrupted run continues where it stopped.
 
-Internal format (not a user checkpoint): ``state.npz`` (learned layer states and both
-activation chains, written to a temp file then renamed, so a kill never leaves half a file)
-and ``progress.json`` (next stage, per-stage report, and a fingerprint of model, params,
-calibration images and config: resuming with anything different is refused).
+Internal format (not a user checkpoint): ``state.npz`` is the single source of truth. It holds
+the learned layer states, both activation chains and a ``meta`` entry (format version, next
+stage, per-stage report, and a fingerprint of model, params, calibration images and config:
+resuming with anything different is refused). It is written to a temp file, synced and renamed
+over the old one in one ``os.replace``, so a kill at any moment leaves either the previous stage's
+state or the new one, never a mix. ``progress.json`` repeats ``meta`` for people to read; it is
+written after the rename and never read back.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path as FsPath
 from typing import Any
 
 import jax
 import numpy as np
 
-RESUME_VERSION = 1
+RESUME_VERSION = 2
+# What a damaged state.npz raises from zipfile/np.load/json/tree_unflatten: a truncated zip, a
+# garbled entry, a file that is not a zip at all, an entry or key that is missing or malformed.
+_CORRUPT = (zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError, EOFError)
 
 
 def fingerprint(**parts: Any) -> str:
@@ -52,28 +59,45 @@ class ResumeStore:
     def _npz(self) -> FsPath:
         return self.directory / "state.npz"
 
-    def exists(self) -> bool:
-        if not self._json.exists():
-            return False
-        meta = json.loads(self._json.read_text())
-        if meta.get("version") != RESUME_VERSION:
+    def _corrupt(self, e: Exception) -> ValueError:
+        return ValueError(f"{self.directory}: resume state is corrupt ({type(e).__name__}: {e}); "
+                          "delete the directory to start afresh")
+
+    def _read(self, arrays: bool) -> tuple[dict, dict[str, np.ndarray]]:
+        """``meta`` of state.npz, checked for the format version, and its arrays if asked."""
+        try:
+            with np.load(self._npz) as data:
+                # no meta entry: written by the first format, which kept it in progress.json
+                meta = json.loads(str(data["meta"])) if "meta" in data.files else {"version": 1}
+                version = meta["version"]
+                content = {k: data[k] for k in data.files if k != "meta"} if arrays else {}
+        except _CORRUPT as e:
+            raise self._corrupt(e) from e
+        if version != RESUME_VERSION:
             raise ValueError(
                 f"{self.directory} holds calibration state of another format version "
-                f"({meta.get('version')}); delete it or pick another --resume directory"
+                f"({version}); delete it or pick another --resume directory"
             )
+        return meta, content
+
+    def exists(self) -> bool:
+        """True when this directory holds state of this very run; refuses another run's state."""
+        if not self._npz.exists():
+            return False
+        meta, _ = self._read(arrays=False)
         if meta.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"{self.directory} holds calibration state of a different run (model, params, "
                 "calibration images or config differ); resume only with the exact same inputs, or "
                 "delete the directory to start afresh"
             )
-        if not self._npz.exists():
-            raise ValueError(f"{self.directory}: progress.json present but state.npz missing; delete it")
         return True
 
     def save(self, next_stage: int, layers: dict, fp_carry: Any, q_carry: Any, reports: list) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        arrays = {}
+        meta = dict(version=RESUME_VERSION, fingerprint=self.fingerprint, next_stage=next_stage,
+                    reports=[dataclasses.asdict(r) for r in reports])
+        arrays = {"meta": np.array(json.dumps(meta))}
         for path, st in layers.items():
             for k, v in st.items():
                 if k != "kernel" and k != "bias":  # float weights come from params again
@@ -84,29 +108,38 @@ class ResumeStore:
         tmp = self.directory / "state.tmp.npz"
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, self._npz)
-        meta = dict(version=RESUME_VERSION, fingerprint=self.fingerprint, next_stage=next_stage,
-                    reports=[dataclasses.asdict(r) for r in reports])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._npz)  # the commit point
         tmpj = self.directory / "progress.tmp.json"
         tmpj.write_text(json.dumps(meta, indent=1))
         os.replace(tmpj, self._json)
 
     def load(self) -> tuple[int, dict, Any, Any, list]:
+        """(next stage, layer states without kernel/bias, float chain, quantized chain, reports).
+
+        The chains come back as arrays on the default device; the caller places them.
+        """
+        meta, arrays = self._read(arrays=True)
+        try:
+            return self._unpack(meta, arrays)
+        except _CORRUPT as e:
+            raise self._corrupt(e) from e
+
+    def _unpack(self, meta: dict, arrays: dict[str, np.ndarray]) -> tuple[int, dict, Any, Any, list]:
         from ptq4vm_jax.calibrate.jlss import StageReport
 
-        meta = json.loads(self._json.read_text())
-        data = np.load(self._npz)
         layers: dict = {}
         chains: dict[str, dict[int, np.ndarray]] = {"fp": {}, "q": {}}
-        for key in data.files:
+        for key, value in arrays.items():
             parts = key.split("|")
             if parts[0] == "layer":
-                layers.setdefault(tuple(parts[1].split("/")), {})[parts[2]] = jax.numpy.asarray(data[key])
+                layers.setdefault(tuple(parts[1].split("/")), {})[parts[2]] = jax.numpy.asarray(value)
             else:
-                chains[parts[0]][int(parts[1])] = jax.numpy.asarray(data[key])
+                chains[parts[0]][int(parts[1])] = jax.numpy.asarray(value)
         carry = {
             name: jax.tree_util.tree_unflatten(self.carry_treedef, [c[i] for i in range(len(c))])
             for name, c in chains.items()
         }
         reports = [StageReport(**r) for r in meta["reports"]]
-        return meta["next_stage"], layers, carry["fp"], carry["q"], reports
+        return int(meta["next_stage"]), layers, carry["fp"], carry["q"], reports
