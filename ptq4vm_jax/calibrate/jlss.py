@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
@@ -254,6 +255,8 @@ def calibrate_blockwise(
     start = 0
     if resume is not None and resume.exists():
         start, layers, fp_carry, q_carry, reports = resume.load()
+        layers = with_float_weights(layers, params)
+        fp_carry, q_carry = (_batch_sharded_like(images, c) for c in (fp_carry, q_carry))
         log(f"resuming after stage {start} of {len(bw.stages)} from {resume.directory}")
     else:
         fp_carry = chunked(lambda im: bw.embed(params, im), images, chunk)
@@ -304,6 +307,29 @@ def calibrate_blockwise(
         if progress:
             log(f"{name}: loss {loss_init:.5f} -> {loss_final:.5f} ({reports[-1].seconds:.1f}s)")
     return layers, reports
+
+
+def with_float_weights(layers: Mapping[Path, dict], params: Mapping) -> dict[Path, dict]:
+    """Put back the float kernel (and bias) that the resume store leaves out, as ``init_layer``
+    holds them, so resumed states are the train form every later use expects."""
+    out = {}
+    for path, st in layers.items():
+        dense = get_path(params, path)
+        weights = {"kernel": dense["kernel"].astype(jnp.float32)}
+        if dense.get("bias") is not None:
+            weights["bias"] = dense["bias"].astype(jnp.float32)
+        out[path] = {**st, **weights}
+    return out
+
+
+def _batch_sharded_like(images: Any, carry: Any) -> Any:
+    """Loaded chains are on one device; shard their batch axis over the images' mesh, like a
+    fresh chain computed from the (data-sharded) images, so the run goes on data-parallel."""
+    sharding = getattr(images, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return carry
+    batch = sharding.spec[0] if sharding.spec else None
+    return jax.device_put(carry, NamedSharding(sharding.mesh, PartitionSpec(batch)))
 
 
 def _capture(fp_capture, sparams, carry, rel, chunk):
