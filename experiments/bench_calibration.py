@@ -30,9 +30,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=8)
-    ap.add_argument("--depth", type=int, default=None, help="fewer blocks for a reduced run")
+    ap.add_argument("--depth", type=int, default=None, help="fewer blocks for a reduced run (Vim)")
     args = ap.parse_args()
 
+    family = pq.models.model_family(args.model)
+    if args.depth is not None and family != "vim":
+        ap.error("--depth is a Vim size; VMamba stages are set by the model name")
     overrides = {} if args.depth is None else {"depth": args.depth}
     model = pq.create_model(args.model, **overrides)
     shape = image_shape(model, args.num_calib)
@@ -45,7 +48,8 @@ def main() -> None:
                             progress=True, log=lambda m: print(m, flush=True))
     jax.block_until_ready(qp.qlayers)
     total = time.perf_counter() - t0
-    steps = cfg.resolve("vim").epochs * (args.num_calib // cfg.resolve("vim").train_batch)
+    resolved = cfg.resolve(family)
+    steps = resolved.epochs * (args.num_calib // resolved.train_batch)
 
     dev = jax.devices()[0]
     print(f"# {args.model} {overrides or ''} W{args.w_bits}A{args.a_bits}, {args.num_calib} images, "

@@ -54,6 +54,7 @@ from jax import lax
 from pallas_kernels import (
     GemmConfig,
     ScanConfig,
+    WgmmaConfig,
     default_scan_config,
     pack_int4,
     prepare_weight_wgmma,
@@ -69,6 +70,7 @@ from pallas_kernels import (
     supports_wgmma,
     weight_colsum,
 )
+from pallas_kernels.qmatmul_hopper import WGMMA_SWEEP
 from ptq4vm_jax.ops.scan import selective_scan_ref
 from ptq4vm_jax.quant.integer import is_hopper
 
@@ -438,13 +440,37 @@ def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) ->
                check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
 
+def sweep_wgmma_row(cfg, shape: str, wc: WgmmaConfig, sets: list[dict], work: int) -> Row:
+    i0 = sets[0]
+    keys = ("codes", "w_t", "w_scale", "a_scale", "a_zero", "bias")
+    acc = qmatmul_codes_wgmma(*(i0[k] for k in keys[:5]), out_dtype=jnp.int32, colsum=i0["colsum"],
+                              config=wc, interpret=cfg.interpret)
+    ref = qmatmul_int32_ref(i0["x"], i0["w"], i0["smooth"], i0["a_scale"], i0["a_zero"])
+    bad = int((np.asarray(acc) != np.asarray(ref)).sum())
+    fn = functools.partial(qmatmul_codes_wgmma, config=wc, interpret=cfg.interpret)
+    secs = time_ops(fn, [tuple(st[k] for k in keys) for st in sets], repeats=cfg.repeats, inner=cfg.inner)
+    rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
+    return Row("sweep", shape, f"mosaic wgmma on codes {wc}", secs, rate, pct,
+               check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
+
+
 def sweep_rows(cfg) -> list[Row]:
-    """Tile candidates for the defaults: fused GEMM at Vim-S in_proj / out_proj (batch 256) and the
-    scan at Vim-S / VMamba stage-1 shapes (batch 64); each config is checked before it is timed."""
+    """Tile candidates for the defaults: the wgmma GEMM (Hopper) at Vim-B in_proj, the fused GEMM
+    at Vim-S in_proj / out_proj (batch 256) and the scan at Vim-S / VMamba stage-1 shapes (batch
+    64); each config is checked before it is timed."""
     configs = [GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
                GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 64, 4, 3), GemmConfig(32, 256, 64, 4, 3)]
     rows = []
     batch = 1 if cfg.interpret else 256
+    if cfg.interpret or is_hopper():  # the interpreter: one small config, as a smoke test
+        model = "smoke" if cfg.interpret else "vim_b"
+        _, k, n = vim_layers(VIM_DIMS[model])[0]
+        m = batch * SEQ
+        sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
+        shape = f"{model} in_proj M={m} K={k} N={n}"
+        for wc in (WgmmaConfig(64, 64, 64, 2),) if cfg.interpret else WGMMA_SWEEP:
+            body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
+            rows.append(run_row(cfg, "sweep", shape, str(wc), body))
     for lname, k, n in [vim_layers(VIM_DIMS["vim_s"])[i] for i in (0, 3)]:
         m = batch * SEQ
         sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
@@ -600,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run the Pallas kernels in interpret mode with tiny shapes (CPU smoke test)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model rows")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time a few GemmConfig / ScanConfig tiles (adds ~1 min)")
+                    help="also time a few WgmmaConfig (Hopper) / GemmConfig / ScanConfig tiles")
+    ap.add_argument("--sweep-only", action="store_true", help="only the tile sweep")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting new rows after this many seconds (default 420)")
     args = ap.parse_args(argv)
@@ -643,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # in_proj, batch 256), the Vim-S end-to-end target, the scans, then everything else.
     first = [j for j in jobs if j[:2] == (models[0], "in_proj")][:1]
     e2e = [] if args.no_e2e else e2e
+    if args.sweep_only:
+        rows = sweep_rows(cfg)
+        print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
+        return 1 if any("FAIL" in r.check or "MISMATCH" in r.check for r in rows) else 0
     rows = gemm_rows(first, cfg)
     rows += e2e_rows(e2e[:1], cfg)
     rows += scan_rows(scans, cfg)

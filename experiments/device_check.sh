@@ -11,6 +11,7 @@
 #           every integer GEMM backend (xla, Triton, wgmma: compiled on Hopper) against the others
 #   kernels experiments/bench_kernels.py (GEMMs, scans, end-to-end W8A8 vs bf16)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block
+#   sweep   tile sweeps (wgmma on Hopper, Triton GEMM, scan): whatever time is left
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
 # Sized for one call of a 15-minute device budget (machine start measured at ~30 s, 2026-11-27),
 # leaving time for a second, shorter call: run it with timeout_s = TOTAL + 30.
@@ -43,4 +44,5 @@ step ktests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step itests 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step kernels 190 $PY experiments/bench_kernels.py --budget-s 160
 step calib 120 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
+step sweep 120 $PY experiments/bench_kernels.py --sweep-only
 echo "=== done after $(($(date +%s) - START))s"

@@ -4,7 +4,7 @@ One program per (batch element, tile of ``block_e`` channels) holds its (block_e
 state in registers and walks the tokens sequentially with a ``fori_loop``, reading one row
 of u / delta / z / B / C per step through refs and writing one row of y. The state never
 touches HBM and no (B, L, E, N) tensor exists. ``reverse=True`` walks from the last token to
-the first (Vim's backward branch) without flipped copies. Semantics are those of
+the first without flipped copies. Semantics are those of
 ``ptq4vm_jax.ops.scan.selective_scan_ref`` (the reference and the non-GPU path).
 
 ``selective_scan_trainable`` adds a ``custom_vjp`` for calibration, which differentiates

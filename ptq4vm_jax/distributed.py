@@ -1,7 +1,8 @@
 """Data parallelism over every device with ``jax.sharding``: batch split on a 1-D 'data' mesh.
 
 Params are replicated, images are split along the batch; nothing else is needed for
-evaluation and calibration statistics because every example is independent. One process per
+evaluation because every example is independent (calibration shards its chains itself,
+``ptq4vm_jax.api``). One process per
 host: call ``maybe_initialize_distributed()`` first, and every process passes its own
 (host-local) batch of the same size to ``shard_batch`` / ``data_parallel``.
 """

@@ -235,7 +235,7 @@ def mixer_output(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 
 def vim_blockwise(model: VisionMamba) -> Blockwise:
-    """Vim as stem -> 24 x (hidden, residual) blocks -> head; JLSS compares the mixer output."""
+    """Vim as stem -> ``depth`` x (hidden, residual) blocks -> head; JLSS compares the mixer output."""
     cfg = model.cfg
     stages = tuple(
         Stage(path=(f"layers_{i}",), module=VimBlock(cfg), output=mixer_output)

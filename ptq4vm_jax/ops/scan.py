@@ -32,7 +32,8 @@ def selective_scan_ref(
     Shapes: ``u, delta, z`` (B, L, E); ``A`` (E, N); ``B, C`` (B, L, N); ``D, delta_bias`` (E,).
     The state (B, E, N) is carried in fp32 by ``lax.scan``; no (B, L, E, N) tensor is
     ever built. ``reverse=True`` runs from the last token to the first (outputs stay at
-    their own positions), which is the backward branch of Vim without flipping copies.
+    their own positions) without flipped copies. (Vim's backward branch flips its input instead:
+    its conv and per-token activation scales live in flipped order.)
     """
     out_dtype = u.dtype
     u32 = u.astype(jnp.float32)

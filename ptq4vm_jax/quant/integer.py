@@ -2,7 +2,7 @@
 
 ``w_int`` holds the smoothed, rounded weight codes. For ``w_bits <= 4`` they are packed two per
 byte as ``pallas_kernels.pack_int4`` defines (rows i and i + K/2 share a byte; an odd K gets a
-zero row first), so memory and checkpoints hold 4-bit weights at half the int8 size.
+zero row appended first), so memory and checkpoints hold 4-bit weights at half the int8 size.
 """
 
 from __future__ import annotations
