@@ -166,6 +166,20 @@ def test_bad_inputs_are_explained(setup):
         QuantConfig(w_bits=1)
 
 
+def test_wrong_params_are_refused_before_any_data_is_read(setup):
+    _, params, _ = setup
+
+    def never_read():
+        raise AssertionError("the calibration data was read")
+        yield
+
+    first = r"params do not fit vim_micro \(\d+ problems\):\n  cls_token: \(1, 1, 32\), expected \(1, 1, 48\)"
+    with pytest.raises(ValueError, match=first):
+        quantize_params(params, never_read(), model="vim_micro", config=BASE, progress=False)
+    with pytest.raises(ValueError, match=r"wrapped in \{'params': \.\.\.\}: pass variables\['params'\]"):
+        quantize_params({"params": params}, never_read(), model=MODEL, config=BASE, progress=False)
+
+
 def test_calibration_runs_data_parallel_over_local_devices():
     """Four virtual CPU devices calibrate to the same state as one (up to reduction order)."""
     import os
