@@ -121,9 +121,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import jax
+
     from ptq4vm_jax import create_model, load_quantized, quantized_apply
-    from ptq4vm_jax.data import eval_batches
-    from ptq4vm_jax.distributed import data_parallel, maybe_initialize_distributed
+    from ptq4vm_jax.data import eval_batches, process_share
+    from ptq4vm_jax.distributed import data_parallel, lockstep, maybe_initialize_distributed
     from ptq4vm_jax.evaluate import evaluate
     from ptq4vm_jax.models import image_shape
 
@@ -140,8 +142,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model = create_model(name, **overrides)
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
     source = _data_source(args.data, args.data_dir)
-    batches = eval_batches(source, args.batch_size, image_size=image_shape(model)[1])
-    metrics = evaluate(logits_fn, batches, num_examples=args.limit)
+    shape = image_shape(model, args.batch_size)
+    if jax.process_count() == 1:
+        batches = eval_batches(source, args.batch_size, image_size=shape[1])
+        metrics = evaluate(logits_fn, batches, num_examples=args.limit)
+    else:  # each host evaluates its own share; the counts are summed
+        share = process_share(source, jax.process_index(), jax.process_count(), limit=args.limit)
+        batches = lockstep(eval_batches(share, args.batch_size, image_size=shape[1], allow_empty=True),
+                           shape)
+        metrics = evaluate(logits_fn, batches, progress=jax.process_index() == 0, across_processes=True)
+        print(f"process {jax.process_index()} of {jax.process_count()}: {metrics['local_n']} images")
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']})")
 
 

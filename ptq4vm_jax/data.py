@@ -296,6 +296,44 @@ def calibration_images(
     return np.concatenate(got)[:num_images]
 
 
+class _IndexView:
+    """Random access to ``source`` at ``indices`` only (a per-process share, read lazily)."""
+
+    def __init__(self, source: Any, indices: range) -> None:
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[self.indices[i]]
+
+
+def process_share(source: Any, index: int, count: int, *, limit: int | None = None) -> Any:
+    """Elements ``index, index + count, ...`` of the first ``limit`` of ``source``: disjoint shares
+    that together cover it, one per process of a multi-host evaluation.
+
+    Arrays, ``(images, labels)`` pairs and dicts of arrays are sliced; random-access sources
+    (tfds, grain) become a lazy index view, so each host decodes only its own images; other
+    iterables are filtered by position (their elements may be examples or whole batches).
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} is not in [0, {count})")
+    cut = slice(None, limit)
+    if _is_array(source):
+        return source[cut][index::count]
+    if _is_pair(source) or isinstance(source, Mapping):
+        images, labels = source if _is_pair(source) else _split_element(source)
+        share = lambda a: None if a is None else a[cut][index::count]
+        return (share(images), share(labels))
+    if _is_random_access(source):
+        total = len(source) if limit is None else min(len(source), limit)
+        return _IndexView(source, range(index, total, count))
+    if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
+        return (e for i, e in enumerate(source) if (limit is None or i < limit) and i % count == index)
+    return source  # eval_batches explains what is wrong with it
+
+
 def eval_batches(
     source: Any,
     batch_size: int,
@@ -303,11 +341,13 @@ def eval_batches(
     image_size: int,
     channels: int = 3,
     preprocess: Preprocess | None = None,
+    allow_empty: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Labelled source -> ``(images, labels, mask)`` batches of one fixed shape.
 
     A fixed shape means one compilation of a jitted model; the last batch is zero-padded and
-    ``mask`` marks its real rows. Random-access sources are read in index order.
+    ``mask`` marks its real rows. Random-access sources are read in index order. An empty source
+    is an error unless ``allow_empty`` (one host's share of a tiny multi-host evaluation).
     """
     where = "eval data"
     if int(batch_size) != batch_size or batch_size < 1:
@@ -336,7 +376,7 @@ def eval_batches(
             yield xs[:batch_size], ys[:batch_size], np.ones(batch_size, bool)
             buf_x, buf_y = [xs[batch_size:]], [ys[batch_size:]]
             pending -= batch_size
-    if seen == 0:
+    if seen == 0 and not allow_empty:
         raise ValueError(f"{where}: the dataset is empty (no images found)")
     if pending:
         xs, ys = np.concatenate(buf_x), np.concatenate(buf_y)

@@ -2,16 +2,17 @@
 
 Params are replicated, images are split along the batch; nothing else is needed for
 evaluation because every example is independent (calibration shards its chains itself,
-``ptq4vm_jax.api``). One process per
-host: call ``maybe_initialize_distributed()`` first, and every process passes its own
-(host-local) batch of the same size to ``shard_batch`` / ``data_parallel``.
+``ptq4vm_jax.api``). One process per host: call ``maybe_initialize_distributed()`` first; each
+process evaluates its own share of the data (``ptq4vm_jax.data.process_share``), passes its own
+(host-local) batch of the same size to ``shard_batch`` / ``data_parallel`` and keeps in step
+with the others through ``lockstep``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -116,3 +117,23 @@ def data_parallel(
         return local_rows(jitted(params, x), n)
 
     return call
+
+
+def lockstep(batches: Iterable[tuple[Any, ...]], image_shape: tuple[int, ...]) -> Iterator[tuple[Any, ...]]:
+    """This process's ``(images, labels, mask)`` batches, then all-masked zero batches of
+    ``image_shape`` until every process has run out.
+
+    A data-parallel call spans every process, so all of them must make the same number of calls
+    even when their shares differ by a batch. One tiny all-gather per batch keeps them in step.
+    """
+    from jax.experimental import multihost_utils
+
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if not multihost_utils.process_allgather(np.array(batch is not None)).any():
+            return
+        if batch is None:
+            batch = (np.zeros(image_shape, np.float32), np.zeros(image_shape[0], np.int32),
+                     np.zeros(image_shape[0], bool))
+        yield batch

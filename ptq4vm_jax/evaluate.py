@@ -20,13 +20,16 @@ def evaluate(
     *,
     num_examples: int | None = None,
     progress: bool = True,
+    across_processes: bool = False,
 ) -> dict[str, float]:
     """Accuracy of ``logits_fn(images) -> (B, classes)`` over ``(images, labels[, mask])`` batches.
 
     ``mask`` (from ``ptq4vm_jax.data.eval_batches``) drops the padding rows of the last batch.
     ``num_examples``, when given, is the progress bar's total and a cap: evaluation stops after
     that many real examples. Returns ``top1``/``top5`` in percent (top-5 is top-``classes`` when
-    there are fewer than 5 classes) and ``n``, the number of examples counted.
+    there are fewer than 5 classes) and ``n``, the number of examples counted; with
+    ``across_processes`` the counts of every process are summed first (multi-host evaluation,
+    each process having evaluated its own share) and ``local_n`` is this process's count.
     """
     from tqdm.auto import tqdm
 
@@ -62,9 +65,16 @@ def evaluate(
                 break
     finally:
         bar.close()
+    local_n = n
+    if across_processes:
+        from jax.experimental import multihost_utils
+
+        totals = multihost_utils.process_allgather(np.array([hits1, hits5, n], np.int64)).reshape(-1, 3)
+        hits1, hits5, n = (int(v) for v in totals.sum(axis=0))
     if n == 0:
         raise ValueError("no examples were evaluated: the batches were empty or fully masked")
-    return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "n": n}
+    metrics = {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "n": n}
+    return metrics | ({"local_n": local_n} if across_processes else {})
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -320,3 +320,32 @@ def test_digits_bad_arguments():
         load_digits_dataset("val")
     with pytest.raises(ValueError, match="image_size must be an integer >= 8"):
         load_digits_dataset("train", image_size=4)
+
+
+def test_process_shares_are_disjoint_and_cover_the_source():
+    from ptq4vm_jax.data import process_share
+
+    x = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)
+    y = np.arange(11)
+
+    class RandomAccess:  # a tfds/grain-like source: len + getitem of examples
+        def __len__(self):
+            return 11
+
+        def __getitem__(self, i):
+            return {"image": x[i], "label": y[i]}
+
+    for limit in (None, 7):
+        want = list(y[:limit])
+        for source, labels_of in [
+            (x, lambda share: [int(r[0]) // 2 for r in share]),
+            ((x, y), lambda share: list(share[1])),
+            ({"image": x, "label": y}, lambda share: list(share[1])),
+            (RandomAccess(), lambda share: [share[i]["label"] for i in range(len(share))]),
+            ([{"image": x[i], "label": y[i]} for i in range(11)], lambda share: [e["label"] for e in share]),
+        ]:
+            shares = [labels_of(process_share(source, i, 3, limit=limit)) for i in range(3)]
+            assert sorted(v for s in shares for v in s) == want, (type(source), limit)
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match=r"process index 3 is not in \[0, 3\)"):
+        process_share(x, 3, 3)

@@ -59,6 +59,14 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
+TWO_PROCESS_EVAL = textwrap.dedent("""
+    import sys
+    from ptq4vm_jax.cli import ASSETS, main
+    main(["eval", "--params", str(ASSETS / "vim_micro"), "--data", "digits:test", "--batch-size", "32",
+          "--limit", sys.argv[1]])
+""")
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and k != "XLA_FLAGS"}
     return {**env, **extra}
@@ -122,3 +130,34 @@ def test_single_device_default_needs_no_padding():
     np.testing.assert_array_equal(np.asarray(replicate({"w": x}, mesh)["w"]), x)
     with pytest.raises(ValueError, match="leading batch dimension"):
         shard_batch(np.float32(1.0), mesh)
+
+
+@pytest.mark.parametrize("limit", ["300", "1"])  # "1": one host's share is empty
+def test_two_process_eval_splits_the_data_and_sums_the_counts(limit, capsys):
+    """Each host evaluates its own half; both print the metrics of the whole, as one process does."""
+    from ptq4vm_jax.cli import ASSETS, main
+
+    main(["eval", "--params", str(ASSETS / "vim_micro"), "--data", "digits:test", "--batch-size", "32",
+          "--limit", limit])
+    single = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"(n={limit})" in single
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_EVAL, limit], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                     JAX_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    counts = []
+    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, err[-3000:]
+        *_, share, metrics = out.strip().splitlines()
+        assert metrics == single
+        assert share.startswith(f"process {i} of 2: ")
+        counts.append(int(share.split(": ")[1].split()[0]))
+    assert sum(counts) == int(limit) and max(counts) - min(counts) <= 1  # disjoint halves
