@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
-from convert.mapping import FamilySpec, Rule, flatten_tree, map_state_dict, unflatten_tree
+from convert.mapping import FamilySpec, Rule, map_state_dict
 from convert.safetensors_reader import read_safetensors
 from convert.torch_reader import read_torch_checkpoint
 from ptq4vm_jax.checkpoint import abstract_params
 from ptq4vm_jax.models import create_model, list_models, model_family
+from ptq4vm_jax.trees import flatten_tree, unflatten_tree
 
 __all__ = [
     "CheckpointError",

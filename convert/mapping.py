@@ -123,28 +123,6 @@ def strip_module_prefix(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
-def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        path = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_tree(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def map_state_dict(
     state_dict: Mapping[str, Any], rules: tuple[Rule, ...], expected: Mapping[str, tuple[int, ...]]
 ) -> tuple[dict[str, np.ndarray], Mismatch]:

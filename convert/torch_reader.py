@@ -224,7 +224,7 @@ def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
 class NumpyDtype:
     """A pickled ``numpy.dtype`` built by us: plain bool/int/float/complex only, never object or struct."""
 
-    def __init__(self, spec: Any, align: Any = False, copy: Any = False):
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False) -> None:
         del align, copy
         spec = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
         try:
@@ -328,7 +328,7 @@ _MODULE_ALIASES = {"__builtin__": "builtins"}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, path: str, load_storage: Callable[[Any], _Storage]):
+    def __init__(self, data: bytes, path: str, load_storage: Callable[[Any], _Storage]) -> None:
         super().__init__(io.BytesIO(data))
         self._path = path
         self._load_storage = load_storage

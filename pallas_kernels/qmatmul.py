@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+from jax.typing import DTypeLike
 
 __all__ = [
     "GemmConfig",
@@ -217,7 +218,7 @@ def qmatmul_ref(
     *,
     a_bits: int = 8,
     w_bits: int = 8,
-    out_dtype=None,
+    out_dtype: DTypeLike | None = None,
     colsum: jax.Array | None = None,
 ) -> jax.Array:
     """Plain-XLA integer linear (quantize -> s8 x s8 -> s32 dot -> dequant); the non-Pallas path.
@@ -428,7 +429,7 @@ def qmatmul(
     *,
     a_bits: int = 8,
     w_bits: int = 8,
-    out_dtype=None,
+    out_dtype: DTypeLike | None = None,
     interpret: bool = False,
     config: GemmConfig | None = None,
     colsum: jax.Array | None = None,
@@ -479,7 +480,7 @@ def qmatmul_codes(
     *,
     a_bits: int = 8,
     w_bits: int = 8,
-    out_dtype=jnp.float32,
+    out_dtype: DTypeLike = jnp.float32,
     interpret: bool = False,
     config: GemmConfig | None = None,
     colsum: jax.Array | None = None,

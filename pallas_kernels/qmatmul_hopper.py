@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.typing import DTypeLike
 
 from pallas_kernels.qmatmul import check_bits, dense_weight
 
@@ -226,7 +227,7 @@ def qmatmul_codes_wgmma(
     bias: jax.Array | None = None,
     *,
     a_bits: int = 8,
-    out_dtype=jnp.bfloat16,
+    out_dtype: DTypeLike = jnp.bfloat16,
     colsum: jax.Array | None = None,
     config: WgmmaConfig | None = None,
     interpret: bool = False,

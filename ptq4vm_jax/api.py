@@ -18,7 +18,6 @@ from ptq4vm_jax.calibrate.jlss import (
     Path,
     calibrate_blockwise,
     flatten_layers,
-    get_path,
     init_layer,
     nest_layers,
 )
@@ -32,7 +31,7 @@ from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
 from ptq4vm_jax.quant.integer import int_gemm, store_weight
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
-from ptq4vm_jax.trees import copy_tree, prune_empty
+from ptq4vm_jax.trees import copy_tree, get_path, prune_empty
 
 
 @flax.struct.dataclass

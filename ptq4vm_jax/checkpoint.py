@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ptq4vm_jax.models import canonical_name, create_model, image_shape
-from ptq4vm_jax.trees import copy_tree, prune_empty
+from ptq4vm_jax.trees import copy_tree, flatten_tree, prune_empty
 
 if TYPE_CHECKING:
     from ptq4vm_jax.api import QuantizedParams
@@ -48,19 +48,9 @@ def abstract_params(model_name: str, **overrides: Any) -> dict[str, Any]:
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{name}/"))
-        else:
-            out[f"{prefix}{name}"] = value
-    return out
-
-
 def tree_mismatches(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> list[str]:
     """Every leaf of ``tree`` (anything with .shape/.dtype) that differs from ``abstract``, by path."""
-    have, want = _flat(tree), _flat(abstract)
+    have, want = flatten_tree(tree), flatten_tree(abstract)
     problems = [f"missing {p} {tuple(want[p].shape)}" for p in want if p not in have]
     problems += [f"unexpected {p} {tuple(have[p].shape)}" for p in have if p not in want]
     for p in have.keys() & want.keys():
@@ -366,7 +356,7 @@ def _quantized_abstract(params: Mapping[str, Any], name: str, specs: Mapping[str
 
 
 def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
-    flat = _flat(qlayers)
+    flat = flatten_tree(qlayers)
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         path, _, leaf = key.rpartition("/")
@@ -416,7 +406,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     specs = _layer_specs(meta.get("layers"), path)
     tree = restore_tree(path, _quantized_abstract(abstract, name, specs, is_packed(config.w_bits), path))
     a_max, w_max = act_qmax(config.a_bits), weight_qmax(config.w_bits)
-    for key, value in _flat(tree["qlayers"]).items():
+    for key, value in flatten_tree(tree["qlayers"]).items():
         layer, _, leaf = key.rpartition("/")
         value = np.asarray(value)
         bad = None

@@ -27,6 +27,7 @@ from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import QuantConfig
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
+from ptq4vm_jax.trees import get_path, set_path
 
 Path = tuple[str, ...]
 TRAIN_KEYS = {"smooth": "s", "w_scale": "w", "a_scale": "a"}
@@ -45,18 +46,6 @@ class StageReport:
 
 
 # ----------------------------------------------------------------------------- tree helpers
-
-
-def get_path(tree: Mapping, path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def set_path(tree: dict, path: Path, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def flatten_layers(qtree: Mapping, prefix: Path = ()) -> dict[Path, dict]:

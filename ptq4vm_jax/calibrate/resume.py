@@ -46,7 +46,7 @@ def fingerprint(**parts: Any) -> str:
 
 
 class ResumeStore:
-    def __init__(self, directory: str | os.PathLike, fingerprint: str, carry_treedef: Any):
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, carry_treedef: Any) -> None:
         self.directory = FsPath(directory).absolute()
         self.fingerprint = fingerprint
         self.carry_treedef = carry_treedef

@@ -9,6 +9,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from ptq4vm_jax.trees import get_path
+
 Carry = Any  # a pytree of (batch, ...) arrays passed from stage to stage
 
 
@@ -21,11 +23,8 @@ class Stage:
     output: Callable[[Carry], jax.Array]
 
     def apply(self, params: Any, carry: Carry) -> Carry:
-        node = params
-        for key in self.path:
-            node = node[key]
         args = carry if isinstance(carry, tuple) else (carry,)
-        return self.module.apply({"params": node}, *args)
+        return self.module.apply({"params": get_path(params, self.path)}, *args)
 
 
 @dataclasses.dataclass(frozen=True)

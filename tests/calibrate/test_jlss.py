@@ -9,10 +9,12 @@ import pytest
 
 from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
-from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss, get_path, set_path
+from ptq4vm_jax.calibrate import jlss
+from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 from ptq4vm_jax.quant.integer import weight_codes
 from ptq4vm_jax.quant.layer import intercept_dense
+from ptq4vm_jax.trees import get_path, set_path
 
 MODEL = "vim_nano"  # 2 blocks, 17 tokens
 BASE = QuantConfig(w_bits=4, a_bits=4, num_calib=16, train_batch=8, epochs=10)
@@ -143,9 +145,13 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm,
                         resume_dir=str(tmp_path), progress=False)
 
 
-def test_nan_during_learning_names_the_block(setup):
+def test_nan_during_learning_names_the_block(setup, monkeypatch):
     _, params, images = setup
-    cfg = dataclasses.replace(BASE, lr_s=float("nan"))
+    # Divergence simulated by updates that poison the scales: step 0's loss is finite, step 1's NaN.
+    # (A config of its own, so no training step compiled by another test is reused.)
+    cfg = dataclasses.replace(BASE, lr_s=0.0123)
+    monkeypatch.setattr(jlss.optax, "apply_updates",
+                        lambda params, updates: jax.tree.map(lambda a: a * jnp.nan, params))
     with pytest.raises(CalibrationError, match="stage layers_0 at step 1"):
         quantize_params(params, images, model=MODEL, config=cfg, progress=False)
 

@@ -16,7 +16,7 @@ import pytest
 
 from ptq4vm_jax import create_model
 from ptq4vm_jax.api import blockwise, quantize_params, quantized_apply, quantized_layers
-from ptq4vm_jax.calibrate.jlss import cosine_loss, get_path, set_path
+from ptq4vm_jax.calibrate.jlss import cosine_loss
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.checkpoint import load_params
 from ptq4vm_jax.data import load_digits_dataset
@@ -24,6 +24,7 @@ from ptq4vm_jax.evaluate import compare_logits
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import DEFAULT_RULES, FAMILY_DEFAULTS, QuantConfig, QuantRule
 from ptq4vm_jax.quant.layer import intercept_dense
+from ptq4vm_jax.trees import get_path, set_path
 
 MODEL = "vmamba_micro"
 ASSET = Path(__file__).resolve().parents[2] / "ptq4vm_jax" / "assets" / MODEL

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from convert import CheckpointMismatchError, family_spec, load_torch_checkpoint, read_checkpoint
-from convert.mapping import flatten_tree, map_state_dict, unflatten_tree
+from convert.mapping import map_state_dict
 from convert.vmamba import config_overrides, infer_overrides
 from ptq4vm_jax import create_model
 from ptq4vm_jax.checkpoint import abstract_params
@@ -33,6 +33,7 @@ from ptq4vm_jax.models.vmamba import (
     VSSBlock,
     vmamba_blockwise,
 )
+from ptq4vm_jax.trees import flatten_tree, unflatten_tree
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vmamba_golden"
 META = json.loads((GOLDEN / "configs.json").read_text())
