@@ -2,6 +2,7 @@
 # One prepared call on a lent GPU machine: what it has, the GPU code paths checked, then timed.
 #
 #   bash experiments/device_check.sh [TOTAL_SECONDS]   (default 540; logs go to $OUT or /tmp)
+#   STEPS="calib sweep" bash experiments/device_check.sh 300   # only those steps (a second call)
 #
 # Steps, each under its own time limit so that one failure still leaves the others' results:
 #   env     GPU, driver, versions of jax / flax / optax / orbax
@@ -13,8 +14,9 @@
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block
 #   sweep   tile sweeps (wgmma on Hopper, Triton GEMM, scan): whatever time is left
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
-# Sized for one call of a 15-minute device budget (machine start measured at ~30 s, 2026-11-27),
-# leaving time for a second, shorter call: run it with timeout_s = TOTAL + 30.
+# For a 15-minute device budget (machine start measured at ~30 s, 2026-11-27), two calls:
+#   bash experiments/device_check.sh 480                          (timeout_s 510: env .. kernels)
+#   STEPS="calib sweep" bash experiments/device_check.sh 300      (timeout_s 330)
 set -u
 TOTAL=${1:-540}
 OUT=${OUT:-/tmp/ptq4vm_device}
@@ -23,9 +25,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 START=$(date +%s)
 
+STEPS=${STEPS:-}
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print its tail
   local name=$1 limit=$2 left
   shift 2
+  if [[ -n $STEPS && " $STEPS " != *" $name "* ]]; then return; fi
   left=$((TOTAL - ($(date +%s) - START) - 5))
   ((limit > left)) && limit=$left
   if ((limit < 20)); then echo "=== $name skipped: no time left"; return; fi
