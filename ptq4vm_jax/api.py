@@ -188,17 +188,18 @@ def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:
 
     Their inputs come from the float model with the already-calibrated layers quantized.
     """
-    qtree = nest_layers(layers)
     want = set(paths)
 
     @jax.jit
-    def run(x):
+    def run(params, qtree, x):  # weights as arguments, not constants folded into the program
         store: dict = {}
         with capture_dense_inputs(want, store), intercept_dense(qtree, cfg, "fake"):
             net.apply({"params": params}, x)
         return store
 
-    caps = [run(images[i : i + cfg.train_batch]) for i in range(0, images.shape[0], cfg.train_batch)]
+    qtree = nest_layers(layers)
+    caps = [run(params, qtree, images[i : i + cfg.train_batch])
+            for i in range(0, images.shape[0], cfg.train_batch)]
     out = {}
     for p in paths:
         x = jnp.concatenate([c[p] for c in caps], axis=0)
