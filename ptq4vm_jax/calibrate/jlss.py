@@ -3,8 +3,9 @@
 Two chains of activations flow through the model one stage at a time: the float chain
 gives each stage's input for statistics and its target output; the quantized chain gives
 the input the stage learns on. Each stage's state (sigma, weight steps, activation steps)
-is initialised on the float input, learned with AdamW against 1 - cosine, then the
-quantized chain is pushed through the learned stage. State is saved after every stage.
+is initialised on the float input, learned with AdamW against the block loss (1 - cosine by
+default, ``QuantConfig.loss``), then the quantized chain is pushed through the learned stage.
+State is saved after every stage.
 """
 
 from __future__ import annotations
