@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +40,15 @@ __all__ = [
     "default_wgmma_config",
     "prepare_weight_wgmma",
     "qmatmul_codes_wgmma",
+    "smem_bytes",
     "supports_wgmma",
     "WGMMA_SWEEP",
 ]
 
 _ALIGN = 64  # K and N granularity: 64-byte swizzle of int8 K rows, 64-column N tiles
+_SMEM_BYTES = 232448  # an sm_90 CTA's shared memory limit (227 KB), as Mosaic GPU checks it
+# plgpu.load's ``idx``: a required positional argument in jax 0.10, deprecated (optional) in 0.11.
+_LOAD_IDX_OPTIONAL = inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty
 _MAX_ACC_REGS = 128  # int32 accumulator registers per thread of the one compute warpgroup
 
 
@@ -58,6 +63,9 @@ class WgmmaConfig:
     ~110 KB two CTAs share an SM, so one CTA's epilogue overlaps the other's main loop.
     ``m_fastest`` launches consecutive CTAs along M instead of N (N fastest reuses an activation
     tile from L2 across the N tiles; the weight is at most a few MB and stays in L2 either way).
+    ``warpgroup`` picks Mosaic GPU's warpgroup lowering, the default from jax 0.11 on; the
+    default here is the lane lowering, the one checked on the CPU (jax 0.10.2's default), so the
+    GPU builds what the tests lowered whatever the jax version.
     """
 
     tile_m: int = 128
@@ -65,6 +73,7 @@ class WgmmaConfig:
     tile_k: int = 128
     stages: int = 4
     m_fastest: bool = False
+    warpgroup: bool = False
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k"):
@@ -96,15 +105,25 @@ def default_wgmma_config(m: int, k: int, n: int) -> WgmmaConfig:
                        tile_k=_largest_tile(k, (128, 64)), stages=4)
 
 
-#: Configurations for a first tile sweep on an H100/H200 (all fit 227 KB of SMEM).
+#: Configurations for a first tile sweep on an H100/H200 (all fit 227 KB of SMEM with any
+#: output dtype, see ``smem_bytes``), and the default in the warpgroup lowering.
 WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
     WgmmaConfig(128, 128, 128, 4),  # default: 128 KB SMEM, one CTA per SM
     WgmmaConfig(128, 128, 128, 2),  # 96 KB: two CTAs per SM
     WgmmaConfig(128, 128, 64, 4),  # 96 KB: two CTAs per SM, deeper pipeline
-    WgmmaConfig(64, 256, 128, 4),  # 128 KB: wide N, A tile reused by 256 columns
+    WgmmaConfig(64, 256, 128, 3),  # 120 KB + out: wide N, A tile reused by 256 columns
     WgmmaConfig(64, 256, 64, 3),  # 64 KB + out: two CTAs per SM
     WgmmaConfig(128, 128, 128, 4, m_fastest=True),
+    WgmmaConfig(128, 128, 128, 4, warpgroup=True),
 )
+
+
+def smem_bytes(cfg: WgmmaConfig, out_itemsize: int) -> int:
+    """Shared memory of one CTA: pipeline buffers, output tile, epilogue vectors and Mosaic's
+    reserve; a slight over-estimate (235 008 bytes where Mosaic GPU's own check counted 234 536
+    for ``WgmmaConfig(64, 256, 128, 4)`` with f32 output)."""
+    pipeline = cfg.stages * (cfg.tile_m + cfg.tile_n) * cfg.tile_k
+    return pipeline + cfg.tile_m * cfg.tile_n * out_itemsize + 4 * (2 * cfg.tile_m + 3 * cfg.tile_n) + 2048
 
 
 def _check_shape(m: int, k: int, n: int) -> None:
@@ -194,7 +213,8 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
         """A row (axis 0) or column (axis 1) vector in the accumulator's register layout."""
         if interpret:  # the interpreter evaluates ``plgpu.load`` on values, not refs (jax 0.10.2)
             return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+        layout = plgpu.Layout.WGMMA.reduce(1 - axis)
+        return plgpu.load(ref, layout=layout) if _LOAD_IDX_OPTIONAL else plgpu.load(ref, (), layout=layout)
 
     rows = lambda ref: lax.broadcast_in_dim(load(ref, 0), (tm, tn), [0])
     cols = lambda ref: lax.broadcast_in_dim(load(ref, 1), (tm, tn), [1])
@@ -276,6 +296,10 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
     if k % cfg.tile_k or n % cfg.tile_n:
         raise ValueError(f"K={k} and N={n} must be multiples of the config's tile_k={cfg.tile_k} "
                          f"and tile_n={cfg.tile_n}; see default_wgmma_config")
+    smem = smem_bytes(cfg, jnp.dtype(out_dtype).itemsize)
+    if smem > _SMEM_BYTES:
+        raise ValueError(f"{cfg} with {jnp.dtype(out_dtype).name} output needs {smem} bytes of shared "
+                         f"memory (> {_SMEM_BYTES}); use fewer stages or smaller tiles")
 
     if colsum is None:
         colsum = jnp.sum(w_t.astype(jnp.int32), axis=1)
@@ -318,7 +342,8 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
         ],
         grid=grid,
         grid_names=names,
-        compiler_params=plgpu.CompilerParams(),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+                                             if cfg.warpgroup else plgpu.LoweringSemantics.Lane),
         interpret=_interpret_params() if interpret else None,
         kernel_name="ptq4vm_qmatmul_wgmma",
     )(*operands)

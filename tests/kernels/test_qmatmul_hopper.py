@@ -22,6 +22,7 @@ from pallas_kernels.qmatmul_hopper import (
     default_wgmma_config,
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
+    smem_bytes,
     supports_wgmma,
 )
 
@@ -177,6 +178,29 @@ def test_sweep_configs_lower_within_shared_memory():
     batch, k, n = 256, 768, 3072
     args = (s((batch, SEQ, k), jnp.int8), s((n, k), jnp.int8), s((n,), jnp.float32),
             s((SEQ,), jnp.float32), s((SEQ,), jnp.int32), s((n,), jnp.float32))
-    for cfg in WGMMA_SWEEP:  # Mosaic checks the SMEM budget while lowering
-        fn = jax.jit(lambda *a, cfg=cfg: qmatmul_codes_wgmma(*a, config=cfg))
-        assert "wgmma.mma_async" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    for cfg in WGMMA_SWEEP:  # Mosaic checks the SMEM budget while lowering; int32 is the widest output
+        for out_dtype in (jnp.bfloat16, jnp.int32):
+            fn = jax.jit(lambda *a, cfg=cfg, o=out_dtype: qmatmul_codes_wgmma(*a, config=cfg, out_dtype=o))
+            text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert "wgmma.mma_async" in text, (cfg, out_dtype)
+            assert smem_bytes(cfg, jnp.dtype(out_dtype).itemsize) <= 232448
+
+
+@pytest.mark.parametrize("warpgroup", [False, True], ids=["lane", "warpgroup"])
+def test_both_mosaic_lowerings_emit_int8_wgmma(warpgroup):
+    """jax 0.11 lowers through the warpgroup path by default; the kernel pins its choice."""
+    s = jax.ShapeDtypeStruct
+    args = (s((2, SEQ, 384), jnp.int8), s((1536, 384), jnp.int8), s((1536,), jnp.float32),
+            s((SEQ,), jnp.float32), s((SEQ,), jnp.int32), s((1536,), jnp.float32))
+    cfg = WgmmaConfig(warpgroup=warpgroup)
+    fn = jax.jit(lambda *a: qmatmul_codes_wgmma(*a, config=cfg, out_dtype=jnp.float32))
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in fn.trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+def test_shared_memory_overflow_is_explained():
+    lay = make_layer(9, 1, 256, 256)
+    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory \(> 232448\); use fewer stages"):
+        qmatmul_codes_wgmma(lay["codes"], prepare_weight_wgmma(lay["w"], 8), lay["w_scale"],
+                            lay["a_scale"], lay["a_zero"], out_dtype=jnp.float32,
+                            config=WgmmaConfig(64, 256, 128, 4), interpret=INTERPRET)
