@@ -28,26 +28,15 @@ import optax
 from ptq4vm_jax import create_model
 from ptq4vm_jax.data import eval_batches, load_digits_dataset
 from ptq4vm_jax.evaluate import evaluate
+from ptq4vm_jax.models import image_shape
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ptq4vm_jax" / "assets"
 
 
 def input_spec(model) -> tuple[int, int, int]:
     """(image size, channels, classes) from the model's config, whatever the family."""
-    cfg = getattr(model, "cfg", None)
-    size = getattr(cfg, "img_size", None)
-    channels = getattr(cfg, "channels", getattr(cfg, "in_chans", None))  # Vim / VMamba names
-    classes = getattr(cfg, "num_classes", None)
-    if size is None or channels is None or classes is None:
-        raise TypeError(
-            f"{type(model).__name__} has no cfg with img_size, channels (or in_chans) and "
-            "num_classes; train_micro.py needs them to size the digits data"
-        )
-    if isinstance(size, tuple):
-        if size[0] != size[1]:
-            raise ValueError(f"the digits data is square; the model wants {size[0]}x{size[1]} images")
-        size = size[0]
-    return int(size), int(channels), int(classes)
+    _, size, _, channels = image_shape(model)
+    return size, channels, model.cfg.num_classes
 
 
 def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:

@@ -127,13 +127,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.data import eval_batches, process_share
     from ptq4vm_jax.distributed import data_parallel, lockstep, maybe_initialize_distributed
     from ptq4vm_jax.evaluate import evaluate
-    from ptq4vm_jax.models import image_shape
+    from ptq4vm_jax.models import canonical_name, image_shape
 
     maybe_initialize_distributed()
     if args.quantized and (args.checkpoint or args.params or args.model_arg):
         raise SystemExit("--quantized carries its model: drop --checkpoint, --params and --model-arg")
     if args.quantized:
         qp = load_quantized(args.quantized)
+        if args.model and canonical_name(args.model) != qp.model_name:
+            raise SystemExit(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
         model = qp.model()
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)

@@ -54,6 +54,8 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
         main(["eval", "--params", str(converted), "--data", "tfds:imagenet2012:validation",
               "--batch-size", "5", "--limit", "7"])
         f_line = capsys.readouterr().out.strip().splitlines()[-1]
+    with pytest.raises(SystemExit, match="holds vim_base, not vim_tiny"):
+        main(["eval", "--quantized", str(qdir), "--model", "vim_tiny"])
     assert q_line.startswith("top-1 ") and "(n=12)" in q_line
     assert "(n=7)" in f_line
     assert int_lines[0] == int_lines[1] and "(n=5)" in int_lines[0]
