@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernels as bk  # noqa: E402
+import ptq4vm_jax as pq
+from pallas_kernels import GemmConfig, qmatmul_codes, qmatmul_int32, qmatmul_int32_ref
 
-import ptq4vm_jax as pq  # noqa: E402
-from pallas_kernels import GemmConfig, qmatmul_codes, qmatmul_int32, qmatmul_int32_ref  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script
+import bench_kernels as bk  # noqa: E402
 
 GPU = jax.default_backend() == "gpu"
 
