@@ -27,7 +27,8 @@ Every kernel is checked against its reference on the first input set before it i
 (``check`` column: int32 accumulators exact, float outputs as max |err| / max |ref|).
 Timing (kernels): one jitted call runs the op once on each of 2..4 distinct input sets
 (together larger than the 50 MB L2 where 4 suffice; several ops per call also amortise host dispatch, which
-would otherwise dominate few-microsecond kernels). After compile + warm-up, ``repeats``
+would otherwise dominate few-microsecond kernels). After compile + warm-up (>= 0.1 s of calls, so
+that the clock has left its idle state; the SM clock is printed at the start and end), ``repeats``
 samples of ``inner`` back-to-back calls, block_until_ready per sample; median seconds per op.
 XLA may fuse small elementwise passes of different sets horizontally, which can only flatter
 the XLA variants. Model forwards are timed per call (milliseconds each).
@@ -41,6 +42,7 @@ import datetime
 import functools
 import math
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -103,7 +105,26 @@ def peaks(device_kind: str) -> tuple[float, float, float] | None:
     return None
 
 
-def time_ops(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int) -> float:
+def sm_clocks() -> str:
+    """Current / max SM clock from nvidia-smi (to tell a throttled or idle-clocked card apart)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no nvidia-smi)"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def warm(call: Callable[[], object], seconds: float) -> None:
+    """Keep the device busy for ``seconds`` before sampling: a GPU that idled while the row
+    compiled runs at its idle clock (345 MHz on the H200, 2026-11-27) until load ramps it up."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        jax.block_until_ready(call())
+
+
+def time_ops(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int,
+             warm_s: float = 0.1) -> float:
     """Median seconds per op: each timed call runs ``fn`` once per input set inside one jit.
 
     Kernels of a few microseconds would otherwise measure host dispatch; ``inner`` calls are
@@ -112,6 +133,7 @@ def time_ops(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: in
     batched = jax.jit(lambda sets: [fn(*args) for args in sets])
     sets = [tuple(args) for args in arg_sets]
     jax.block_until_ready(batched(sets))  # compile + warm every set
+    warm(lambda: batched(sets), warm_s)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -122,10 +144,12 @@ def time_ops(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: in
     return statistics.median(samples)
 
 
-def time_call(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int) -> float:
+def time_call(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: int,
+              warm_s: float = 0.1) -> float:
     """Median seconds per call of a jitted ``fn`` (for millisecond-scale model forwards)."""
     for args in arg_sets:  # compile, then warm every input set once
         jax.block_until_ready(fn(*args))
+    warm(lambda: fn(*arg_sets[0]), warm_s)
     samples, i = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -277,7 +301,7 @@ def gemm_row(cfg, shape: str, vname: str, sets: list[dict], m: int, k: int, n: i
     keys, fn, nbytes, kind = gemm_variants(cfg.interpret)[vname]
     check = check_gemm(vname, sets[0], cfg.interpret)
     arg_sets = [tuple(st[key] for key in keys) for st in sets]
-    secs = time_ops(fn, arg_sets, repeats=cfg.repeats, inner=cfg.inner)
+    secs = time_ops(fn, arg_sets, **cfg.timing)
     peak = None if cfg.peaks is None else cfg.peaks[0 if kind == "bf16" else 1] * 1e12
     hbm = None if cfg.peaks is None else cfg.peaks[2]
     rate, rate_pct = rate_cells(2 * m * k * n, secs, peak)
@@ -339,7 +363,7 @@ def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref
              work: int) -> Row:
     err = rel_err(jax.jit(fn)(*sets[0]), y_ref)
     check = "ref" if "selective_scan_ref" in vname else f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
-    secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
+    secs = time_ops(fn, sets, **cfg.timing)
     rate, pct = rate_cells(work, secs, EXP_PEAK if cfg.peaks else None)
     gbs, hbm_pct = bw_cells(io_bytes, secs, None if cfg.peaks is None else cfg.peaks[2])
     return Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check)
@@ -414,7 +438,7 @@ def scan_train_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> li
                 err = max(rel_err(a, b) for a, b in zip(g, g_ref, strict=True))
                 check = "ref" if "selective_scan_ref" in vname else (
                     f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
-                secs = time_ops(f, sets, repeats=cfg.repeats, inner=cfg.inner)
+                secs = time_ops(f, sets, **cfg.timing)
                 return Row("scan-train", shape, vname, secs, check=check)
 
             rows.append(run_row(cfg, "scan-train", shape, vname, body))
@@ -425,7 +449,7 @@ def sweep_gemm_row(cfg, shape: str, gc: GemmConfig, sets: list[dict], y_ref, wor
     fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
     keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
     err = rel_err(fn(*(sets[0][key] for key in keys), colsum=sets[0]["colsum"]), y_ref)
-    secs = time_ops(fn, [tuple(st[key] for key in keys) for st in sets], repeats=cfg.repeats, inner=cfg.inner)
+    secs = time_ops(fn, [tuple(st[key] for key in keys) for st in sets], **cfg.timing)
     rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
     tiles = f"{gc.block_m}x{gc.block_n}x{gc.block_k} w{gc.num_warps} s{gc.num_stages}"
     return Row("sweep", shape, f"pallas w8a8 fused {tiles}", secs, rate, pct,
@@ -435,7 +459,7 @@ def sweep_gemm_row(cfg, shape: str, gc: GemmConfig, sets: list[dict], y_ref, wor
 def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) -> Row:
     fn = functools.partial(selective_scan, interpret=cfg.interpret, config=sc)
     err = rel_err(fn(*sets[0]), y_ref)
-    secs = time_ops(fn, sets, repeats=cfg.repeats, inner=cfg.inner)
+    secs = time_ops(fn, sets, **cfg.timing)
     return Row("sweep", shape, f"pallas scan block_e={sc.block_e} w{sc.num_warps}", secs,
                check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
@@ -448,7 +472,7 @@ def sweep_wgmma_row(cfg, shape: str, wc: WgmmaConfig, sets: list[dict], work: in
     ref = qmatmul_int32_ref(i0["x"], i0["w"], i0["smooth"], i0["a_scale"], i0["a_zero"])
     bad = int((np.asarray(acc) != np.asarray(ref)).sum())
     fn = functools.partial(qmatmul_codes_wgmma, config=wc, interpret=cfg.interpret)
-    secs = time_ops(fn, [tuple(st[k] for k in keys) for st in sets], repeats=cfg.repeats, inner=cfg.inner)
+    secs = time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)
     rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
     return Row("sweep", shape, f"mosaic wgmma on codes {wc}", secs, rate, pct,
                check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
@@ -502,6 +526,7 @@ def end_to_end_rows(
     label: str,
     repeats: int = 10,
     inner: int = 3,
+    warm_s: float = 0.1,
 ) -> list[Row]:
     """Time whole-model forwards (name -> jitted fn(images) -> logits) on the same images.
 
@@ -517,7 +542,7 @@ def end_to_end_rows(
         else:
             agree = float((logits.argmax(-1) == first.argmax(-1)).mean())
             check = f"top-1 agrees {100 * agree:.0f}%"
-        secs = time_call(jfwd, [(im,) for im in image_sets], repeats=repeats, inner=inner)
+        secs = time_call(jfwd, [(im,) for im in image_sets], repeats=repeats, inner=inner, warm_s=warm_s)
         imgs = image_sets[0].shape[0] / secs
         rows.append(Row("e2e", label, name, secs, rate=f"{imgs:.0f} img/s", check=check))
     return rows
@@ -573,8 +598,7 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg) -> list[Row]:
             continue
         try:
             forwards, images = vim_forwards(name, batch, n_sets=2, interpret=cfg.interpret)
-            new = end_to_end_rows(forwards, images, label=f"batch {batch}", repeats=cfg.repeats,
-                                  inner=cfg.inner)
+            new = end_to_end_rows(forwards, images, label=f"batch {batch}", **cfg.timing)
         except Exception as err:  # keep the kernel rows of this run
             traceback.print_exc()
             new = [Row("e2e", f"batch {batch}", name, None,
@@ -597,6 +621,10 @@ class RunConfig:
     peaks: tuple[float, float, float] | None
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
+    @property
+    def timing(self) -> dict:
+        return {"repeats": self.repeats, "inner": self.inner, "warm_s": 0.0 if self.interpret else 0.1}
+
     def out_of_time(self, reserve_s: float = 0.0) -> bool:
         return time.perf_counter() - self.start > self.budget_s - reserve_s
 
@@ -615,6 +643,11 @@ def markdown_table(rows: Sequence[Row]) -> str:
         lines.append(f"| {r.section} | {r.shape} | {r.variant} | {t} | {r.rate} | {r.rate_pct} | {r.gbs} "
                      f"| {r.hbm_pct} | {r.check} |")
     return "\n".join(lines)
+
+
+def report_clock(interpret: bool) -> None:
+    if not interpret:
+        print(f"SM clock (current, max) at the end: {sm_clocks()}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -643,7 +676,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# Pallas kernel benchmark\n\n- device: {kind} ({dev.platform}), peaks (bf16 TFLOPS, int8 TOPS, "
           f"HBM TB/s): {pk or 'unknown'}\n- jax {jax.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"argv: {' '.join(sys.argv[1:]) or '(full run)'}\n", flush=True)
+          f"argv: {' '.join(sys.argv[1:]) or '(full run)'}", flush=True)
+    if not args.interpret:
+        print(f"- SM clock (current, max) at start: {sm_clocks()}", flush=True)
+    print(flush=True)
 
     if args.interpret:
         models, batches = ["smoke"], [1]
@@ -673,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep_only:
         rows = sweep_rows(cfg)
         print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
+        report_clock(args.interpret)
         return 1 if any("FAIL" in r.check or "MISMATCH" in r.check for r in rows) else 0
     rows = gemm_rows(first, cfg)
     rows += e2e_rows(e2e[:1], cfg)
@@ -683,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep:
         rows += sweep_rows(cfg)
     print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
+    report_clock(args.interpret)
     failed = [r for r in rows if any(word in r.check for word in ("FAIL", "MISMATCH", "ERROR"))]
     if failed:
         print(f"{len(failed)} correctness check(s) failed", file=sys.stderr)
