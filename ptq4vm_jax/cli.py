@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         save_quantized,
     )
     from ptq4vm_jax.data import load_digits_dataset
-    from ptq4vm_jax.evaluate import compare_logits
+    from ptq4vm_jax.evaluate import compare_logits, paired_top1
     from ptq4vm_jax.models import image_shape, model_family
 
     t_start = time.perf_counter()
@@ -197,6 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             ("RTN W4A8", QuantConfig(4, 8, method="rtn")),
             ("PTQ4VM W4A8", QuantConfig(4, 8, **recipe))]
     out = Path(args.out).absolute()
+    preds = {}
     for label, cfg in runs:
         print(f"== {label}", flush=True)
         t0 = time.perf_counter()
@@ -205,6 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t0
         logits = np.asarray(jax.jit(lambda x, qp=qp: quantized_apply(model, qp, x))(test_x))
         cmp = compare_logits(fp_logits, logits)
+        preds[label] = logits.argmax(-1)
         save_quantized(out / label.lower().replace(" ", "_"), qp)
         rows.append(dict(name=label, top1=100 * float(np.mean(logits.argmax(-1) == test_y)),
                          agreement=cmp["agreement"], kl=cmp["mean_kl"], seconds=seconds))
@@ -214,6 +216,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(_table(rows, [("name", "model", "s"), ("top1", "top-1 %", ".2f"),
                         ("agreement", "agree w/ FP %", ".2f"), ("kl", "KL to FP", ".2e"),
                         ("seconds", "calib s", ".1f")]))
+    for bits in ("W8A8", "W4A8"):
+        pair = paired_top1(test_y, preds[f"PTQ4VM {bits}"], preds[f"RTN {bits}"])
+        print(f"{bits} top-1, PTQ4VM vs RTN: PTQ4VM alone right on {pair['only_a']}, RTN alone right "
+              f"on {pair['only_b']}; exact McNemar p = {pair['p_value']:.3f}")
     print(f"\nquantized checkpoints in {out}; total {time.perf_counter() - t_start:.0f}s")
 
 

@@ -8,7 +8,7 @@ import pytest
 from ptq4vm_jax import create_model
 from ptq4vm_jax.checkpoint import load_params
 from ptq4vm_jax.data import eval_batches, load_digits_dataset
-from ptq4vm_jax.evaluate import compare_logits, evaluate
+from ptq4vm_jax.evaluate import compare_logits, evaluate, paired_top1
 
 
 def one_hot_logits(pred, classes=10):
@@ -102,6 +102,30 @@ def _digits_top1(model_name, params):
     fwd = jax.jit(lambda x: model.apply({"params": params}, x))
     x, y = load_digits_dataset("test", image_size=model.cfg.img_size)
     return evaluate(fwd, eval_batches((x, y), 128, image_size=model.cfg.img_size), progress=False)
+
+
+def test_paired_top1_counts_discordant_images_and_exact_p():
+    y = np.array([0, 1, 2, 3, 4, 5])
+    a = np.array([0, 1, 9, 9, 4, 9])  # right on 0, 1, 4
+    b = np.array([0, 9, 2, 3, 9, 9])  # right on 0, 2, 3
+    r = paired_top1(y, a, b)
+    assert (r["only_a"], r["only_b"]) == (2, 2)  # images 1, 4 vs 2, 3; 0 and 5 carry nothing
+    assert r["p_value"] == 1.0
+    # 1 vs 2 (the demo's W4A8 case): 2 * (C(3,0) + C(3,1)) / 2^3 = 1.0 exactly
+    assert paired_top1([0, 1, 2], [0, 9, 9], [9, 1, 2])["p_value"] == 1.0
+    # 0 vs 6: 2 / 2^6; 1 vs 9: 2 * (1 + 10) / 2^10
+    six = np.arange(6)
+    assert paired_top1(six, six + 1, six)["p_value"] == pytest.approx(2 / 64)
+    ten = np.arange(10)
+    assert paired_top1(ten, np.r_[0, ten[1:] + 1], np.r_[1, ten[1:]])["p_value"] == pytest.approx(22 / 1024)
+    assert paired_top1(ten, ten, ten) == {"only_a": 0, "only_b": 0, "p_value": 1.0}
+
+
+def test_paired_top1_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="same non-zero number of images"):
+        paired_top1([0, 1], [0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="same non-zero number"):
+        paired_top1([], [], [])
 
 
 def test_bundled_vim_micro_reaches_its_logged_accuracy():

@@ -58,6 +58,18 @@ def test_ptq4vm_w4a8_beats_round_to_nearest(demo):
     assert rows["PTQ4VM W4A8"]["agree"] > rows["RTN W4A8"]["agree"]
 
 
+def test_demo_reports_a_paired_top1_test_consistent_with_its_table(demo):
+    _, rows, text = demo
+    for bits in ("W8A8", "W4A8"):
+        m = re.search(rf"^{bits} top-1, PTQ4VM vs RTN: PTQ4VM alone right on (\d+), RTN alone right "
+                      rf"on (\d+); exact McNemar p = ([\d.]+)$", text, re.M)
+        assert m, f"no paired test line for {bits}"
+        only_ptq, only_rtn, p = int(m.group(1)), int(m.group(2)), float(m.group(3))
+        gap = rows[f"PTQ4VM {bits}"]["top1"] - rows[f"RTN {bits}"]["top1"]
+        assert gap == pytest.approx(100 * (only_ptq - only_rtn) / 355, abs=0.01)
+        assert 0.0 < p <= 1.0
+
+
 def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
     out = demo[0]
     for name in ("ptq4vm_w8a8", "ptq4vm_w4a8"):
