@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
+from ptq4vm_jax.models.inputs import check_images
 from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan
 
 
@@ -200,13 +201,7 @@ class VisionMamba(nn.Module):
 
     def check_images(self, images: jax.Array) -> None:
         c = self.cfg
-        want = (c.img_size, c.img_size, c.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(
-                f"Vim expects NHWC images of shape (batch, {want[0]}, {want[1]}, {want[2]}); "
-                f"got {tuple(images.shape)}. Resize/crop to {c.img_size}px (see "
-                "ptq4vm_jax.data.imagenet_eval_preprocess) or build the model with img_size=..."
-            )
+        check_images(images, (c.img_size, c.img_size, c.channels), "Vim")
 
     def embed(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Patch embed, middle class token, position embedding -> (hidden, zero residual)."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
+from ptq4vm_jax.models.inputs import check_images
 from ptq4vm_jax.ops.scan import selective_scan
 
 NUM_DIRECTIONS = 4  # cross-scan: row-major, column-major, and both reversed
@@ -299,13 +300,7 @@ class VMamba(nn.Module):
 
     def check_images(self, images: jax.Array) -> None:
         c = self.cfg
-        want = (c.img_size, c.img_size, c.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(
-                f"VMamba expects NHWC images of shape (batch, {want[0]}, {want[1]}, {want[2]}); "
-                f"got {tuple(images.shape)}. Resize/crop to {c.img_size}px (see "
-                "ptq4vm_jax.data.imagenet_eval_preprocess) or build the model with img_size=..."
-            )
+        check_images(images, (c.img_size, c.img_size, c.in_chans), "VMamba")
 
     def embed(self, images: jax.Array) -> jax.Array:
         """Patch embed: NHWC images -> (B, H/4, W/4, dims[0]) fp32 tokens."""

@@ -1,0 +1,40 @@
+"""One check of the images a model is given, shared by every architecture."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_images(images: jax.Array, want: tuple[int, int, int], arch: str) -> None:
+    """Refuse images the model would silently misread: wrong layout or size, raw integer pixels,
+    an empty batch, and (outside jit, where values are known) NaN/inf pixels."""
+    shape = tuple(images.shape)
+    size = want[0]
+    if len(shape) != 4 or shape[1:] != want:
+        if len(shape) == 4 and shape[1:] == (want[2], want[0], want[1]):
+            hint = "They look channels-first (NCHW): transpose to NHWC, e.g. x.transpose(0, 2, 3, 1)."
+        elif len(shape) == 3 and shape == want:
+            hint = "That is one image: add a batch axis, e.g. x[None]."
+        else:
+            hint = (f"Resize/crop to {size}px (see ptq4vm_jax.data.imagenet_eval_preprocess) or "
+                    "build the model with img_size=...")
+        raise ValueError(f"{arch} expects NHWC images of shape (batch, {want[0]}, {want[1]}, "
+                         f"{want[2]}); got {shape}. {hint}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(
+            f"{arch} expects normalised float images, got dtype {images.dtype}; preprocess raw "
+            "pixels first (ptq4vm_jax.data.imagenet_eval_preprocess: resize, crop, ImageNet "
+            "mean/std)"
+        )
+    if shape[0] == 0:
+        raise ValueError(f"{arch} got an empty batch (0 images)")
+    try:
+        values = np.asarray(images, np.float32)
+    except jax.errors.TracerArrayConversionError:  # under jit: values unknown until run time
+        return
+    finite = np.isfinite(values).reshape(shape[0], -1).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"{arch}: image(s) #{np.flatnonzero(~finite)[:10].tolist()} of the "
+                         "batch hold NaN/inf pixels; fix the preprocessing or drop them")

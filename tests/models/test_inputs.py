@@ -1,0 +1,40 @@
+"""Images a model would silently misread are refused with the cause and the fix."""
+
+import jax
+import numpy as np
+import pytest
+
+from ptq4vm_jax import create_model
+
+
+@pytest.fixture(scope="module", params=["vim_nano", "vmamba_micro"])
+def model_and_params(request):
+    model = create_model(request.param)
+    size, ch = model.cfg.img_size, getattr(model.cfg, "channels", None) or model.cfg.in_chans
+    x = np.zeros((2, size, size, ch), np.float32)
+    return model, model.init(jax.random.key(0), x)["params"], x
+
+
+def test_bad_images_are_refused(model_and_params):
+    model, params, x = model_and_params
+    apply = lambda images: model.apply({"params": params}, images)  # noqa: E731
+    nan = x.copy()
+    nan[1, 0, 0, 0] = np.nan
+    cases = [
+        (x.astype(np.uint8), TypeError, "normalised float images, got dtype uint8"),
+        (x[:0], ValueError, "empty batch"),
+        (nan, ValueError, r"image\(s\) #\[1\] of the batch hold NaN/inf"),
+        (x.transpose(0, 3, 1, 2), ValueError, "channels-first"),
+        (x[0], ValueError, "one image: add a batch axis"),
+        (x[:, :8, :8], ValueError, "Resize/crop"),
+    ]
+    for images, error, message in cases:
+        with pytest.raises(error, match=message):
+            apply(images)
+
+
+def test_good_images_pass_eagerly_and_under_jit(model_and_params):
+    model, params, x = model_and_params
+    eager = model.apply({"params": params}, x)
+    jitted = jax.jit(lambda p, im: model.apply({"params": p}, im))(params, x)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)
