@@ -28,7 +28,7 @@ from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
 from ptq4vm_jax.models.vmamba import VMamba, vmamba_blockwise
 from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import quantizers as qz
-from ptq4vm_jax.quant.config import QuantConfig, is_quantized, path_str
+from ptq4vm_jax.quant.config import QuantConfig, QuantRule, deciding_rule, is_quantized, path_str
 from ptq4vm_jax.quant.integer import int_gemm, store_weight
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
 from ptq4vm_jax.trees import copy_tree, get_path, prune_empty
@@ -132,14 +132,15 @@ def quantize_params(
     net = create_model(name, **overrides)
     params = jax.tree_util.tree_map(jnp.asarray, copy_tree(params))
     _check_params(net, params, name)
+    linears = dense_paths(net, params, image_shape(net))  # rules checked before data is read
+    _check_rules(cfg.rules, linears, name)
+    paths = [p for p in linears if is_quantized(p, cfg.rules)]
+    if not paths:
+        raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
     _, height, _, channels = image_shape(net)
     images = jnp.asarray(calibration_images(calib_ds, cfg.num_calib, image_size=height,
                                             channels=channels))
     images = _spread_over_devices(images, cfg.train_batch, log)
-
-    paths = [p for p in dense_paths(net, params, images.shape) if is_quantized(p, cfg.rules)]
-    if not paths:
-        raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
     bw = blockwise(net)
     loss_axis = -1 if cfg.loss_axis == "channel" else 2
     store = None
@@ -167,6 +168,20 @@ def quantize_params(
     )
     return QuantizedParams(params=float_params, qlayers=qlayers, model_name=name, config=cfg,
                            model_overrides=tuple(sorted(overrides.items())), info=json.dumps(info))
+
+
+def _check_rules(rules: tuple[QuantRule, ...], linears: list[Path], name: str) -> None:
+    """A rule that decides no layer is a typo or is shadowed by an earlier rule; running anyway
+    would quantize other layers than the user believes."""
+    decided = {deciding_rule(p, rules) for p in linears}
+    idle = [r for i, r in enumerate(rules) if i not in decided]
+    if idle:
+        examples = ", ".join(path_str(p) for p in linears[:3])
+        raise ValueError(
+            f"quantization rule(s) {idle} decide no linear layer of {name}: no layer path matches "
+            f"them, or an earlier rule matches first. Layer paths look like {examples} (first "
+            f"match wins, in order: {[r.pattern for r in rules]}); fix or drop those rules"
+        )
 
 
 def _spread_over_devices(images: jax.Array, train_batch: int, log: Callable[[str], None]) -> jax.Array:

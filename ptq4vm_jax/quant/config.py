@@ -23,6 +23,9 @@ class QuantRule:
     quantize: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.quantize, bool):
+            raise TypeError(f"QuantRule quantize must be True or False, got {self.quantize!r} "
+                            f"(for pattern {self.pattern!r})")
         try:
             re.compile(self.pattern)
         except re.error as e:
@@ -152,9 +155,15 @@ def path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-def is_quantized(path: tuple[str, ...] | str, rules: tuple[QuantRule, ...]) -> bool:
+def deciding_rule(path: tuple[str, ...] | str, rules: tuple[QuantRule, ...]) -> int | None:
+    """Index of the first rule whose pattern matches ``path`` (None: no rule, the layer stays float)."""
     s = path if isinstance(path, str) else path_str(path)
-    for rule in rules:
+    for i, rule in enumerate(rules):
         if re.search(rule.pattern, s):
-            return rule.quantize
-    return False
+            return i
+    return None
+
+
+def is_quantized(path: tuple[str, ...] | str, rules: tuple[QuantRule, ...]) -> bool:
+    i = deciding_rule(path, rules)
+    return i is not None and rules[i].quantize

@@ -186,6 +186,24 @@ def test_wrong_params_are_refused_before_any_data_is_read(setup):
         quantize_params({"params": params}, never_read(), model=MODEL, config=BASE, progress=False)
 
 
+def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
+    _, params, _ = setup
+
+    def never_read():
+        raise AssertionError("the calibration data was read")
+        yield
+
+    typo = (QuantRule(r"^layer_0/", quantize=False), *DEFAULT_RULES["vim"])  # layers_0
+    with pytest.raises(ValueError, match=r"'\^layer_0/'.*decide no linear layer of vim_nano.*"
+                                         r"layers_0/mixer/dt_proj"):
+        quantize_params(params, never_read(), model=MODEL,
+                        config=dataclasses.replace(BASE, rules=typo), progress=False)
+    shadowed = (*DEFAULT_RULES["vim"], QuantRule(r"^layers_0/mixer/in_proj$", quantize=False))
+    with pytest.raises(ValueError, match="an earlier rule matches first"):
+        quantize_params(params, never_read(), model=MODEL,
+                        config=dataclasses.replace(BASE, rules=shadowed), progress=False)
+
+
 def test_calibration_runs_data_parallel_over_local_devices():
     """Four virtual CPU devices calibrate to the same state as one (up to reduction order)."""
     import os

@@ -3,7 +3,7 @@
 import pytest
 
 from ptq4vm_jax import QuantConfig, QuantRule
-from ptq4vm_jax.quant.config import DEFAULT_RULES
+from ptq4vm_jax.quant.config import DEFAULT_RULES, deciding_rule, is_quantized
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -41,3 +41,14 @@ def test_valid_settings_resolve_to_the_family_recipe():
     cfg = QuantConfig(w_bits=4, a_bits=8, epochs=0, alpha=0.0, rules=list(rules)).resolve("vim")
     assert cfg.rules == rules and cfg.epochs == 0 and not cfg.learns
     assert (cfg.lr_w, cfg.lr_a, cfg.lr_s, cfg.train_batch) == (5e-4, 5e-4, 1e-2, 256)
+
+
+def test_rules_decide_by_first_match_and_quantize_must_be_a_bool():
+    rules = (QuantRule(r"^layers_0/", quantize=False), *DEFAULT_RULES["vim"])
+    assert deciding_rule("layers_0/mixer/in_proj", rules) == 0
+    assert deciding_rule("layers_3/mixer/x_proj_b", rules) == 1
+    assert deciding_rule("head", rules) is None
+    assert not is_quantized("layers_0/mixer/in_proj", rules)
+    assert is_quantized("layers_3/mixer/x_proj_b", rules) and not is_quantized("head", rules)
+    with pytest.raises(TypeError, match="quantize must be True or False, got 'no'"):
+        QuantRule(r"^head$", quantize="no")
