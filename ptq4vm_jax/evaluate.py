@@ -37,7 +37,7 @@ def evaluate(
 
     if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
         raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
-    hits1 = hits5 = n = 0
+    hits1 = hits5 = n = nonfinite = 0
     bar = tqdm(total=num_examples, disable=not progress, unit="img", desc="eval")
     try:
         for batch in batches:
@@ -56,6 +56,10 @@ def evaluate(
                 )
             if num_examples is not None:
                 mask = mask & (np.cumsum(mask) <= num_examples - n)
+            broken = ~np.isfinite(logits).all(axis=1) & mask
+            nonfinite += int(broken.sum())
+            if nonfinite and not across_processes:  # (other processes would wait in the gather)
+                raise ValueError(_nonfinite_message(nonfinite, n + np.flatnonzero(broken)))
             k = min(5, logits.shape[1])
             hits1 += int((_topk_hits(logits, labels, 1) & mask).sum())
             hits5 += int((_topk_hits(logits, labels, k) & mask).sum())
@@ -71,12 +75,22 @@ def evaluate(
     if across_processes:
         from jax.experimental import multihost_utils
 
-        totals = multihost_utils.process_allgather(np.array([hits1, hits5, n], np.int64)).reshape(-1, 3)
-        hits1, hits5, n = (int(v) for v in totals.sum(axis=0))
+        totals = multihost_utils.process_allgather(
+            np.array([hits1, hits5, n, nonfinite], np.int64)).reshape(-1, 4)
+        hits1, hits5, n, nonfinite = (int(v) for v in totals.sum(axis=0))
+        if nonfinite:
+            raise ValueError(_nonfinite_message(nonfinite, None))
     if n == 0:
         raise ValueError("no examples were evaluated: the batches were empty or fully masked")
     metrics = {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "n": n}
     return metrics | ({"local_n": local_n} if across_processes else {})
+
+
+def _nonfinite_message(count: int, where: np.ndarray | None) -> str:
+    at = "" if where is None else f" (example #{where[:10].tolist()})"
+    return (f"the model returned NaN/inf logits for {count} image(s){at}: an accuracy over them would "
+            "be meaningless. Check the weights (a non-finite value in the checkpoint) and the "
+            "images' preprocessing")
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

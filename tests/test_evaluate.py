@@ -64,6 +64,21 @@ def test_evaluate_errors():
         evaluate(lambda _: np.zeros((2, 3)), [], num_examples=0, progress=False)
 
 
+def test_nonfinite_logits_are_refused_unless_masked_out():
+    def logits_fn(images):
+        out = np.zeros((images.shape[0], 3))
+        out[images[:, 0] < 0] = np.nan  # rows of negative images break
+        return out
+
+    x = np.array([[1.0], [1.0], [-1.0], [1.0]])
+    y = np.zeros(4, int)
+    with pytest.raises(ValueError, match=r"NaN/inf logits for 1 image\(s\) \(example #\[2\]\)"):
+        evaluate(logits_fn, [(x[:2], y[:2]), (x[2:], y[2:])] * 2, progress=False)
+    # A broken padding row (mask False) is not an image and does not count.
+    ok = evaluate(logits_fn, [(x, y, np.array([True, True, False, True]))], progress=False)
+    assert ok["n"] == 3 and ok["top1"] == 100.0
+
+
 def test_compare_logits_agreement_and_kl():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(8, 5))
