@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,13 +24,14 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
-def _data_source(spec: str, data_dir: str | None) -> Any:
-    """``tfds:NAME:SPLIT`` (array_record data source, no TensorFlow) or ``digits:SPLIT`` (built in)."""
+def _data_source(spec: str, data_dir: str | None, image_size: int) -> Any:
+    """``tfds:NAME:SPLIT`` (array_record data source, no TensorFlow) or ``digits:SPLIT`` (built in,
+    made at the model's ``image_size``)."""
     kind, _, rest = spec.partition(":")
     if kind == "digits":
         from ptq4vm_jax.data import load_digits_dataset
 
-        return load_digits_dataset(rest or "test")
+        return load_digits_dataset(rest or "test", image_size=image_size)
     if kind == "tfds":
         name, _, split = rest.partition(":")
         if not name or not split:
@@ -37,10 +40,13 @@ def _data_source(spec: str, data_dir: str | None) -> Any:
         import tensorflow_datasets as tfds
 
         try:
-            return tfds.data_source(name, split=split, data_dir=data_dir)
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises many types; the user needs the path advice
+            root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+            cause = (f"there is no prepared {name} under {root}" if not (root / name.split("/")[0]).is_dir()
+                     else str(e))  # (tfds's own message for a missing dataset blames the file format)
             raise SystemExit(
-                f"could not open {spec} (data_dir={data_dir}): {e}\nPrepare the dataset with tfds "
+                f"could not open {spec} (data_dir={data_dir}): {cause}\nPrepare the dataset with tfds "
                 "(array_record format) under --data-dir; nothing is downloaded at run time."
             ) from None
     raise SystemExit(f"unknown data spec {spec!r}: use tfds:NAME:SPLIT or digits:train|test")
@@ -81,12 +87,46 @@ def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     return meta["model_name"], dict(meta.get("model_overrides") or {}), params
 
 
+def _check_out(out: str, *, replaces: str, inputs: dict[str, str | None]) -> None:
+    """Refuse, before any long work, an --out that would fail or destroy something at the end:
+    one of the run's inputs, a file, a directory that holds anything but a ``replaces``
+    checkpoint (which is replaced), or a place that cannot be written."""
+    target = Path(out).expanduser().absolute()
+    for flag, path in inputs.items():
+        if path and Path(path).expanduser().absolute() == target:
+            raise SystemExit(f"--out {out} is the same directory as {flag}: writing the result would "
+                             f"destroy {flag}; choose another --out")
+    if target.exists():
+        if not target.is_dir():
+            raise SystemExit(f"--out {out} is an existing file; give a directory path")
+        if any(target.iterdir()):
+            try:
+                found = json.loads((target / "metadata.json").read_text()).get("format")
+            except (OSError, ValueError, AttributeError):
+                found = None
+            if found != replaces:
+                raise SystemExit(
+                    f"--out {out} exists and holds something other than a {replaces} checkpoint "
+                    f"({found or 'not a ptq4vm-jax checkpoint'}); refusing to replace it: choose "
+                    "another --out or remove it yourself"
+                )
+        return
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SystemExit(f"--out {out}: {parent} is a file, so no directory can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: no permission to create directories in {parent}")
+
+
 # ----------------------------------------------------------------------------- subcommands
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from ptq4vm_jax.checkpoint import convert_checkpoint
+    from ptq4vm_jax.checkpoint import FLOAT_FORMAT, convert_checkpoint
 
+    _check_out(args.out, replaces=FLOAT_FORMAT, inputs={"--checkpoint": args.checkpoint})
     meta = convert_checkpoint(args.checkpoint, args.model, args.out, key=args.key,
                               **_overrides(args.model_arg))
     print(f"wrote {args.out}: {meta['model_name']} from {meta['source']} (sha256 {meta['source_sha256']})")
@@ -104,10 +144,17 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from ptq4vm_jax import quantize_params, save_quantized
+    from ptq4vm_jax import create_model, quantize_params, save_quantized
+    from ptq4vm_jax.checkpoint import QUANT_FORMAT
+    from ptq4vm_jax.models import image_shape
 
+    _check_out(args.out, replaces=QUANT_FORMAT,
+               inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
+    if args.resume and Path(args.resume).exists() and not Path(args.resume).is_dir():
+        raise SystemExit(f"--resume {args.resume} is a file; give a directory for the resume state")
     name, overrides, params = _load_float(args)
-    calib = _data_source(args.calib, args.data_dir)
+    size = image_shape(create_model(name, **overrides))[1]
+    calib = _data_source(args.calib, args.data_dir, size)
     if isinstance(calib, tuple):
         calib = calib[0]
     qp = quantize_params(params, calib, model=name, config=_config(args), model_overrides=overrides,
@@ -132,6 +179,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     maybe_initialize_distributed()
     if args.quantized and (args.checkpoint or args.params or args.model_arg):
         raise SystemExit("--quantized carries its model: drop --checkpoint, --params and --model-arg")
+    if not args.quantized and (args.mode or args.gemm):
+        raise SystemExit("--mode and --gemm choose how a --quantized model runs; a float model "
+                         "(--params / --checkpoint) has neither")
+    args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
     if args.quantized:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
@@ -139,12 +190,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model = qp.model()
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
+        what = (f"{qp.model_name} {qp.config.method} W{qp.config.w_bits}A{qp.config.a_bits}, "
+                f"{args.mode} mode" + (f" ({args.gemm} GEMM)" if args.mode == "int" else ""))
     else:
         name, overrides, params = _load_float(args)
         model = create_model(name, **overrides)
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
-    source = _data_source(args.data, args.data_dir)
+        what = f"{name} float"
     shape = image_shape(model, args.batch_size)
+    source = _data_source(args.data, args.data_dir, shape[1])
     if jax.process_count() == 1:
         batches = eval_batches(source, args.batch_size, image_size=shape[1])
         metrics = evaluate(logits_fn, batches, num_examples=args.limit)
@@ -154,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            shape)
         metrics = evaluate(logits_fn, batches, progress=jax.process_index() == 0, across_processes=True)
         print(f"process {jax.process_index()} of {jax.process_count()}: {metrics['local_n']} images")
-    print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']})")
+    print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']}; {what})")
 
 
 # The Vim demo recipe: the official step count (~100 Adam steps per block) in mini-batches of 32
@@ -197,6 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
             ("RTN W4A8", QuantConfig(4, 8, method="rtn")),
             ("PTQ4VM W4A8", QuantConfig(4, 8, **recipe))]
     out = Path(args.out).absolute()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {args.out} is an existing file; give a directory path")
     preds = {}
     for label, cfg in runs:
         print(f"== {label}", flush=True)
@@ -288,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     source_args(e)
     e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize` (instead of a float "
                                        "--checkpoint / --params)")
-    e.add_argument("--mode", default="fake", choices=MODES, help="for --quantized: fp32 fake-quant "
-                                                                  "or integer arithmetic")
-    e.add_argument("--gemm", default="auto", choices=GEMM_BACKENDS,
+    e.add_argument("--mode", default=None, choices=MODES, help="for --quantized: fp32 fake-quant "
+                                                                "(default) or integer arithmetic")
+    e.add_argument("--gemm", default=None, choices=GEMM_BACKENDS,
                    help="integer GEMM of --mode int (auto: Pallas on GPU, XLA elsewhere; "
                         "wgmma: Hopper)")
     e.add_argument("--data", default="tfds:imagenet2012:validation")
@@ -306,9 +362,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        resume = getattr(args, "resume", None)
+        hint = (f"; the completed blocks are saved in {resume}: rerun the same command to continue"
+                if resume else "" if args.command != "quantize" else
+                "; nothing was saved (rerun with --resume DIR to keep completed blocks next time)")
+        print(f"ptq4vm {args.command}: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
     except CalibrationError as e:
         resume = getattr(args, "resume", None)
         hint = (f"; the completed blocks are saved in {resume}: fix the cause and rerun with the same "

@@ -15,6 +15,7 @@ from ptq4vm_jax.cli import main
 
 GOLDEN = Path(__file__).parents[1] / "data" / "vim_golden"
 CKPT = GOLDEN / "base_d32_l3_n16_img48.pth"
+MICRO = Path(__file__).parents[2] / "ptq4vm_jax" / "assets" / "vim_micro"
 MODEL_ARGS = ["--model-arg", "img_size=48", "--model-arg", "embed_dim=32", "--model-arg", "depth=3",
               "--model-arg", "num_classes=12"]
 
@@ -56,9 +57,10 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
         f_line = capsys.readouterr().out.strip().splitlines()[-1]
     with pytest.raises(SystemExit, match="holds vim_base, not vim_tiny"):
         main(["eval", "--quantized", str(qdir), "--model", "vim_tiny"])
-    assert q_line.startswith("top-1 ") and "(n=12)" in q_line
-    assert "(n=7)" in f_line
-    assert int_lines[0] == int_lines[1] and "(n=5)" in int_lines[0]
+    assert q_line.startswith("top-1 ") and "(n=12; vim_base ptq4vm W4A8, fake mode)" in q_line
+    assert "(n=7; vim_base float)" in f_line
+    assert "(n=5; vim_base ptq4vm W4A8, int mode (xla GEMM))" in int_lines[0]
+    assert int_lines[0].split("(n=")[0] == int_lines[1].split("(n=")[0]  # same metrics
 
 
 def test_errors_are_explained(converted, tmp_path, capsys):
@@ -80,24 +82,93 @@ def test_errors_are_explained(converted, tmp_path, capsys):
         main(["eval", "--params", str(converted), "--model-arg", "depth=2"])
 
 
-def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsys):
-    """Float params that produce NaN: the block is named, the completed blocks are kept."""
+def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsys, monkeypatch):
+    """Learning that diverges (updates that poison the scales; step 1's loss is NaN): the block
+    and step are named in one line with the resume hint, and no checkpoint is written."""
+    import jax
+
+    from ptq4vm_jax.calibrate import jlss
+
+    monkeypatch.setattr(jlss.optax, "apply_updates",
+                        lambda params, updates: jax.tree.map(lambda a: a * jax.numpy.nan, params))
+    with pytest.raises(SystemExit) as e:  # (--lr-s of its own: no training step is reused)
+        main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+              "--train-batch", "8", "--epochs", "2", "--lr-s", "0.0321",
+              "--resume", str(tmp_path / "resume"), "--out", str(tmp_path / "q")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "calibration failed" in err and "stage layers_0 at step 1" in err and "--resume" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_nan_in_the_float_checkpoint_is_named_before_calibration():
     import jax
     import numpy as np
 
-    from ptq4vm_jax import create_model, save_params
+    from ptq4vm_jax import create_model, quantize_params
 
-    model = create_model("vim_nano")
-    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    params = create_model("vim_nano").init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
     params["layers_1"]["mixer"]["A_log"] = params["layers_1"]["mixer"]["A_log"] * np.nan
-    save_params(tmp_path / "nan", params, model_name="vim_nano")
-    with pytest.raises(SystemExit) as e:
-        main(["quantize", "--params", str(tmp_path / "nan"), "--calib", "digits:train",
-              "--num-calib", "8", "--method", "rtn", "--resume", str(tmp_path / "resume"),
-              "--out", str(tmp_path / "q")])
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "calibration failed" in err and "layers_1" in err and "--resume" in err
+
+    def never_read():
+        raise AssertionError("the calibration data was read")
+        yield
+
+    with pytest.raises(ValueError, match=r"NaN/inf values in \['layers_1/mixer/A_log'\]: the "
+                                         "checkpoint itself is broken"):
+        quantize_params(params, never_read(), model="vim_nano", progress=False)
+
+
+def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, capsys):
+    import shutil
+
+    fc = tmp_path / "float"
+    shutil.copytree(MICRO, fc)
+    base = ["quantize", "--params", str(fc), "--calib", "digits:train", "--num-calib", "8",
+            "--method", "rtn"]
+    with pytest.raises(SystemExit, match="same directory as --params"):
+        main([*base, "--out", str(fc)])
+    with pytest.raises(SystemExit, match="same directory as --resume"):
+        main([*base, "--resume", str(tmp_path / "r"), "--out", str(tmp_path / "r")])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds something other than a ptq4vm-jax/quantized "
+                                         "checkpoint .not a ptq4vm-jax checkpoint.; refusing"):
+        main([*base, "--out", str(tmp_path / "notes")])
+    with pytest.raises(SystemExit, match="ptq4vm-jax/float-params"):  # a float checkpoint as --out
+        main([*base, "--out", str(MICRO)])
+    with pytest.raises(SystemExit, match="is a file, so no directory can be made under it"):
+        main([*base, "--out", str(tmp_path / "notes" / "keep.txt" / "q")])
+    with pytest.raises(SystemExit, match="--resume .* is a file"):
+        main([*base, "--resume", str(tmp_path / "notes" / "keep.txt"), "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match="a float model .--params / --checkpoint. has neither"):
+        main(["eval", "--params", str(fc), "--data", "digits:test", "--mode", "int"])
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    assert json.loads((fc / "metadata.json").read_text())["format"] == "ptq4vm-jax/float-params"
+
+
+def test_interrupt_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    import ptq4vm_jax
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptq4vm_jax, "quantize_params", interrupted)
+    base = ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+            "--out", str(tmp_path / "q")]
+    for extra, said in (([], "nothing was saved"), (["--resume", str(tmp_path / "r")],
+                                                     "completed blocks are saved in")):
+        with pytest.raises(SystemExit) as e:
+            main([*base, *extra])
+        assert e.value.code == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ptq4vm quantize: interrupted") and said in err[0]
+
+
+def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
+    with pytest.raises(SystemExit, match=r"(?s)there is no prepared mnist under .*nothing is downloaded"):
+        main(["eval", "--params", str(MICRO), "--data", "tfds:mnist:test", "--data-dir",
+              str(tmp_path / "tfds")])
 
 
 def test_eval_is_data_parallel_over_local_devices(converted):
@@ -119,4 +190,4 @@ def test_eval_is_data_parallel_over_local_devices(converted):
         got = out.stdout.strip().splitlines()
         assert got[0] == f"devices {n}"
         lines[n] = got[-1]
-    assert lines[1] == lines[4] and "(n=10)" in lines[1]
+    assert lines[1] == lines[4] and "(n=10;" in lines[1]
