@@ -235,6 +235,12 @@ def _check_params(net: nn.Module, params: Any, name: str) -> None:
     want = _leaf_shapes(jax.eval_shape(net.init, jax.random.key(0), images)["params"])
     got = _leaf_shapes(params)
     if got == want:
+        broken = [path_str(tuple(str(getattr(k, "key", k)) for k in kp))
+                  for kp, leaf in jax.tree_util.tree_leaves_with_path(params)
+                  if not bool(jnp.isfinite(leaf).all())]
+        if broken:
+            raise ValueError(f"the float params of {name} hold NaN/inf values in {broken[:5]}: the "
+                             "checkpoint itself is broken, calibration cannot fix it")
         return
     if got and all(p.startswith("params/") for p in got):
         raise ValueError(f"params for {name} are wrapped in {{'params': ...}}: pass variables['params']")

@@ -18,6 +18,7 @@ images are taken as already preprocessed (``preprocess``, when given, is applied
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -160,7 +161,12 @@ def _prepare(
     if type(images).__module__.startswith("PIL"):
         images = np.asarray(images)
     arr = images if _is_array(images) else np.asarray(images)
-    kind = _pixel_kind(np.dtype(arr.dtype), where)
+    try:
+        dtype = np.dtype(arr.dtype)
+    except TypeError:  # an array type numpy cannot name the dtype of (e.g. a torch tensor)
+        arr = np.asarray(arr)
+        dtype = arr.dtype
+    kind = _pixel_kind(dtype, where)
     single = arr.ndim in (2, 3)
     if not single and arr.ndim != 4:
         raise ValueError(
@@ -293,7 +299,16 @@ def calibration_images(
         )
     if used:
         logger.info("calibration images read from source indices %s (seed=%s)", used, seed)
-    return np.concatenate(got)[:num_images]
+    out = np.concatenate(got)[:num_images]
+    if out.min() >= 0.0:
+        warnings.warn(
+            f"{where}: every pixel value is >= 0 (range {out.min():.3g}..{out.max():.3g}): these look "
+            "like raw pixels (0..1 or 0..255), not normalised images, and calibrating on them sets "
+            "wrong activation ranges. Normalise them as the model was trained (ImageNet: "
+            "ptq4vm_jax.data.imagenet_eval_preprocess, or pass uint8 pixels and it is applied)",
+            stacklevel=3,
+        )
+    return out
 
 
 class _IndexView:

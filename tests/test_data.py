@@ -97,6 +97,25 @@ def test_calibration_from_numpy_and_jax_arrays_takes_first_images():
     np.testing.assert_array_equal(calibration_images(jnp.asarray(x), 10, image_size=32), x)
 
 
+def test_calibration_from_a_torch_tensor():
+    import torch  # a dev dependency (pyproject.toml [dev])
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(calibration_images(torch.from_numpy(x), 3, image_size=8), x)
+
+
+def test_calibration_warns_about_raw_pixels_but_not_normalised_images():
+    rng = np.random.default_rng(0)
+    for raw in (rng.uniform(0, 1, (4, 8, 8, 3)), rng.uniform(0, 255, (4, 8, 8, 3))):
+        with pytest.warns(UserWarning, match="look like raw pixels"):
+            calibration_images(raw.astype(np.float32), 4, image_size=8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration_images(rng.normal(size=(4, 8, 8, 3)).astype(np.float32), 4, image_size=8)
+        calibration_images(rng.integers(0, 256, (4, 300, 260, 3)).astype(np.uint8), 4, image_size=224)
+
+
 def test_calibration_from_iterables_of_batches_and_dicts():
     x = np.random.default_rng(0).normal(size=(10, 8, 8, 3)).astype(np.float32)
     batches = [x[:3], x[3:6], x[6:]]
