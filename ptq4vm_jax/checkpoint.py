@@ -75,27 +75,55 @@ def _json_default(value: Any) -> Any:
             from None
 
 
-def _is_checkpoint_dir(path: str) -> bool:
+def _held_model(meta: Mapping[str, Any]) -> str | None:
+    """Canonical model name in a checkpoint's metadata, or the raw value if it names no model."""
+    name = meta.get("model_name")
     try:
-        return read_metadata(path).get("format") in KNOWN_FORMATS
+        return canonical_name(name)
+    except (TypeError, ValueError):
+        return name
+
+
+def _check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
+    """Overwriting replaces only a checkpoint of the same format, and float params only by the same model.
+
+    A mistyped output path must neither wipe unrelated files nor turn a float checkpoint (the
+    expensive, converted or trained one) into a quantized one or into another model's params.
+    """
+    if os.path.isdir(path) and not os.listdir(path):
+        return
+    try:
+        found = read_metadata(path)
     except CheckpointError:
-        return False
+        found = None
+    if found is None or found["format"] not in KNOWN_FORMATS:
+        raise CheckpointError(f"{path} exists and is not a ptq4vm-jax checkpoint; refusing to replace "
+                              "it. Choose a new directory or remove it yourself")
+    held, new = _held_model(found), _held_model(metadata)
+    fix = f"choose another output path (CLI: --out) or delete {path} yourself if it is no longer needed"
+    if found["format"] != metadata["format"]:
+        raise CheckpointError(f"{path} holds a {found['format']!r} checkpoint of {held}; refusing to replace "
+                              f"it with a {metadata['format']!r} checkpoint: overwriting only replaces a "
+                              f"checkpoint of the same format. To keep it, {fix}")
+    if found["format"] == FLOAT_FORMAT and held != new:
+        raise CheckpointError(f"{path} holds float params of {held}; refusing to replace them with float "
+                              f"params of {new}: a float checkpoint is only replaced by one of the same "
+                              f"model. To keep it, {fix}")
 
 
 def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata: Mapping[str, Any], *,
                      overwrite: bool = True) -> dict[str, Any]:
     """Write ``tree`` + ``metadata.json`` to a temporary sibling, then swap it into place.
 
-    An existing directory is only replaced if it is one of our checkpoints, so a mistyped
-    path cannot wipe unrelated files. Returns the metadata as written.
+    An existing directory is only replaced if it is one of our checkpoints of the same format
+    (and, for float params, of the same model), so a mistyped path cannot wipe unrelated files
+    or another checkpoint. Returns the metadata as written.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         if not overwrite:
             raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it")
-        if not os.path.isdir(path) or (os.listdir(path) and not _is_checkpoint_dir(path)):
-            raise CheckpointError(f"{path} exists and is not a ptq4vm-jax checkpoint; refusing to replace "
-                                  "it. Choose a new directory or remove it yourself")
+        _check_replaceable(path, metadata)
     meta = {**metadata, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax_version": jax.__version__}
     text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)

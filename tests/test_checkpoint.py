@@ -68,6 +68,36 @@ def test_overwrite_replaces_everything(tmp_path, params):
         save_params(tmp_path / "ck", params, model_name="vim_micro", overwrite=False)
 
 
+def test_float_params_are_only_replaced_by_the_same_model(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    nano = _random_params("vim_nano")
+    want = (r"ck holds float params of vim_micro; refusing to replace them with float params of vim_nano: "
+            r"a float checkpoint is only replaced by one of the same model. To keep it, choose another "
+            r"output path \(CLI: --out\) or delete .*ck yourself")
+    with pytest.raises(CheckpointError, match=want):
+        save_params(tmp_path / "ck", nano, model_name="vim_nano")
+    assert _same(load_params(tmp_path / "ck")[0], params)
+    long = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+    tiny = _random_params("vim_tiny", embed_dim=16, depth=1)
+    save_params(tmp_path / "t", tiny, model_name="vim_tiny", model_overrides={"embed_dim": 16, "depth": 1})
+    save_params(tmp_path / "t", tiny, model_name=long, model_overrides={"embed_dim": 16, "depth": 1})
+
+
+def test_a_checkpoint_is_not_replaced_by_another_format(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    quantized = {"format": checkpoint.QUANT_FORMAT, "format_version": 1, "model_name": "vim_micro"}
+    want = (r"ck holds a 'ptq4vm-jax/float-params' checkpoint of vim_micro; refusing to replace it with a "
+            r"'ptq4vm-jax/quantized' checkpoint: overwriting only replaces a checkpoint of the same format")
+    with pytest.raises(CheckpointError, match=want):
+        checkpoint.write_checkpoint(tmp_path / "ck", {"w": np.ones(2, np.float32)}, quantized)
+    assert _same(load_params(tmp_path / "ck")[0], params)
+    checkpoint.write_checkpoint(tmp_path / "q", {"w": np.ones(2, np.float32)}, quantized)
+    with pytest.raises(CheckpointError, match="q holds a 'ptq4vm-jax/quantized' checkpoint of vim_micro; "
+                                              "refusing to replace it with a 'ptq4vm-jax/float-params'"):
+        save_params(tmp_path / "q", params, model_name="vim_micro")
+    assert checkpoint.read_metadata(tmp_path / "q")["format"] == checkpoint.QUANT_FORMAT
+
+
 def test_refuses_to_replace_a_foreign_directory(tmp_path, params):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")

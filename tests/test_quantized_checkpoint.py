@@ -251,3 +251,17 @@ def test_vim_tiny_w8a8_checkpoint_is_well_under_half_the_float_size(tmp_path):
     save_quantized(tmp_path / "w8a8", qp)
     ratio = _dir_bytes(tmp_path / "w8a8") / _dir_bytes(tmp_path / "float")
     assert ratio < 0.4, ratio
+
+
+def test_quantizing_onto_the_float_checkpoint_is_refused(model_params_images, saved_w4a8, tmp_path):
+    """``quantize --params fc --out fc`` must not turn the float checkpoint into a quantized one."""
+    _, params, _ = model_params_images
+    save_params(tmp_path / "fc", params, model_name=MODEL)
+    qp = load_quantized(saved_w4a8)
+    with pytest.raises(CheckpointError, match="fc holds a 'ptq4vm-jax/float-params' checkpoint of vim_nano; "
+                                              "refusing to replace it with a 'ptq4vm-jax/quantized'"):
+        save_quantized(tmp_path / "fc", qp)
+    load_params(tmp_path / "fc", model_name=MODEL)
+    shutil.copytree(saved_w4a8, tmp_path / "q")
+    save_quantized(tmp_path / "q", qp)  # quantized replaces quantized
+    assert load_quantized(tmp_path / "q").config == qp.config
