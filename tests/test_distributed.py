@@ -140,7 +140,7 @@ def test_two_process_eval_splits_the_data_and_sums_the_counts(limit, capsys):
     main(["eval", "--params", str(ASSETS / "vim_micro"), "--data", "digits:test", "--batch-size", "32",
           "--limit", limit])
     single = capsys.readouterr().out.strip().splitlines()[-1]
-    assert f"(n={limit})" in single
+    assert f"(n={limit}; vim_micro float)" in single
     port = _free_port()
     procs = [
         subprocess.Popen(
