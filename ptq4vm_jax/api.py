@@ -146,9 +146,11 @@ def quantize_params(
     store = None
     if resume_dir is not None:
         carry = jax.eval_shape(bw.embed, params, images[:1])
-        fp = fingerprint(model=name, overrides=overrides, config=cfg.to_json(), params=params,
-                         images=images)
-        store = ResumeStore(resume_dir, fp, jax.tree_util.tree_structure(carry))
+        settings = dict(model=name, overrides=overrides, config=cfg.to_json())
+        parts = dict(settings, params=params, images=images)
+        store = ResumeStore(resume_dir, fingerprint(**parts), jax.tree_util.tree_structure(carry),
+                            digests={k: fingerprint(**{k: v}) for k, v in parts.items()},
+                            settings=settings)
 
     t0 = time.perf_counter()
     in_stage = [p for p in paths if any(p[: len(s.path)] == s.path for s in bw.stages)]

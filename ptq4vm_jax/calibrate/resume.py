@@ -46,10 +46,35 @@ def fingerprint(**parts: Any) -> str:
 
 
 class ResumeStore:
-    def __init__(self, directory: str | os.PathLike, fingerprint: str, carry_treedef: Any) -> None:
+    """``digests`` (one fingerprint per input) and ``settings`` (the small JSON inputs: model,
+    overrides, config) are kept beside the fingerprint so that a refusal can say what differs."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, carry_treedef: Any, *,
+                 digests: dict[str, str] | None = None, settings: dict[str, Any] | None = None) -> None:
         self.directory = FsPath(directory).absolute()
         self.fingerprint = fingerprint
         self.carry_treedef = carry_treedef
+        self.digests = dict(digests or {})
+        self.settings = json.loads(json.dumps(settings or {}, default=str))  # as stored and read back
+
+    def _differences(self, meta: dict) -> str:
+        theirs, their_settings = meta.get("digests") or {}, meta.get("settings") or {}
+        if not theirs:
+            return "model, params, calibration images or config differ"
+        out = []
+        for key in sorted(self.digests):
+            if theirs.get(key) == self.digests[key]:
+                continue
+            mine, old = self.settings.get(key), their_settings.get(key)
+            if isinstance(mine, dict) and isinstance(old, dict):
+                fields = [f"{k} {old.get(k)!r} -> {mine.get(k)!r}" for k in sorted(mine.keys() | old.keys())
+                          if old.get(k) != mine.get(k)]
+                out.append(f"{key}: {', '.join(fields)}")
+            elif key in self.settings:
+                out.append(f"{key}: {old!r} -> {mine!r}")
+            else:
+                out.append(f"{key} differ" if key.endswith("s") else f"{key} differs")
+        return "; ".join(out) or "the combined fingerprint differs"
 
     @property
     def _json(self) -> FsPath:
@@ -87,16 +112,16 @@ class ResumeStore:
         meta, _ = self._read(arrays=False)
         if meta.get("fingerprint") != self.fingerprint:
             raise ValueError(
-                f"{self.directory} holds calibration state of a different run (model, params, "
-                "calibration images or config differ); resume only with the exact same inputs, or "
-                "delete the directory to start afresh"
+                f"{self.directory} holds calibration state of a different run ({self._differences(meta)}); "
+                "resume only with the exact same inputs, or delete the directory to start afresh"
             )
         return True
 
     def save(self, next_stage: int, layers: dict, fp_carry: Any, q_carry: Any, reports: list) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = dict(version=RESUME_VERSION, fingerprint=self.fingerprint, next_stage=next_stage,
-                    reports=[dataclasses.asdict(r) for r in reports])
+                    reports=[dataclasses.asdict(r) for r in reports], digests=self.digests,
+                    settings=self.settings)
         arrays = {"meta": np.array(json.dumps(meta))}
         for path, st in layers.items():
             for k, v in st.items():

@@ -143,9 +143,18 @@ def test_state_of_the_first_format_is_refused_by_version(setup, tmp_path):
 def test_state_of_another_run_is_refused(setup, tmp_path):
     run(setup, tmp_path)
     params, images, _ = setup
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match=r"different run \(config: alpha 0\.5 -> 0\.6\)"):
         quantize_params(params, images, model=MODEL, config=dataclasses.replace(CFG, alpha=0.6),
                         resume_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"different run \(config: a_bits 4 -> 8, w_bits 4 -> 8\)"):
+        quantize_params(params, images, model=MODEL, config=dataclasses.replace(CFG, w_bits=8, a_bits=8),
+                        resume_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"different run \(images differ\)"):
+        quantize_params(params, images[::-1], model=MODEL, config=CFG, resume_dir=str(tmp_path),
+                        progress=False)
+    other = jax.tree_util.tree_map(lambda a: a * 1.01, params)
+    with pytest.raises(ValueError, match=r"different run \(params differ\)"):
+        quantize_params(other, images, model=MODEL, config=CFG, resume_dir=str(tmp_path), progress=False)
 
 
 def test_a_resumed_run_gives_the_uninterrupted_logits(setup, tmp_path, monkeypatch):
