@@ -79,10 +79,11 @@ def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
         if not args.model:
             raise SystemExit("--checkpoint needs --model (e.g. vim_tiny)")
         overrides = _overrides(args.model_arg)
-        return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model, key=args.key,
-                                                            **overrides)
-    if args.model_arg:
-        raise SystemExit("--model-arg applies to --checkpoint; --params already records its model's sizes")
+        return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model,
+                                                            key=args.key or "model", **overrides)
+    if args.model_arg or args.key:
+        raise SystemExit("--model-arg and --key apply to --checkpoint; --params already records its "
+                         "model's sizes and holds one set of weights")
     params, meta = load_params(args.params, model_name=args.model)
     return meta["model_name"], dict(meta.get("model_overrides") or {}), params
 
@@ -152,6 +153,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
     if args.resume and Path(args.resume).exists() and not Path(args.resume).is_dir():
         raise SystemExit(f"--resume {args.resume} is a file; give a directory for the resume state")
+    if args.resume and (Path(args.resume) / "metadata.json").exists():
+        raise SystemExit(f"--resume {args.resume} is a checkpoint directory; give the resume state a "
+                         "directory of its own")
     name, overrides, params = _load_float(args)
     size = image_shape(create_model(name, **overrides))[1]
     calib = _data_source(args.calib, args.data_dir, size)
@@ -177,12 +181,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.models import canonical_name, image_shape
 
     maybe_initialize_distributed()
-    if args.quantized and (args.checkpoint or args.params or args.model_arg):
-        raise SystemExit("--quantized carries its model: drop --checkpoint, --params and --model-arg")
+    if args.quantized and (args.checkpoint or args.params or args.model_arg or args.key):
+        raise SystemExit("--quantized carries its model: drop --checkpoint, --params, --model-arg "
+                         "and --key")
     if not args.quantized and (args.mode or args.gemm):
         raise SystemExit("--mode and --gemm choose how a --quantized model runs; a float model "
                          "(--params / --checkpoint) has neither")
     args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
+    if args.mode == "int" and args.gemm in ("pallas", "wgmma") and jax.default_backend() != "gpu":
+        print(f"note: off the GPU --gemm {args.gemm} runs its kernel in the Pallas interpreter: exact "
+              "but slow, meant for testing (--gemm auto/xla is the fast CPU path)", file=sys.stderr)
     if args.quantized:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
@@ -313,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="model name (required with --checkpoint)")
         sp.add_argument("--checkpoint", help="official .pth/.safetensors")
         sp.add_argument("--params", help="Orbax float params dir (ptq4vm convert)")
-        sp.add_argument("--key", default="model")
+        sp.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
         sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                         help="official constructor size argument for --checkpoint (repeatable)")
         sp.add_argument("--data-dir", default=None, help="tfds data_dir")

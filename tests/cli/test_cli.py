@@ -51,7 +51,9 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
         for gemm in ("xla", "pallas"):  # the Triton kernel runs in interpret mode off the GPU
             main(["eval", "--quantized", str(qdir), "--data", "tfds:imagenet2012:validation",
                   "--batch-size", "5", "--limit", "5", "--mode", "int", "--gemm", gemm])
-            int_lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+            captured = capsys.readouterr()
+            int_lines.append(captured.out.strip().splitlines()[-1])
+            assert ("Pallas interpreter" in captured.err) == (gemm == "pallas")
         main(["eval", "--params", str(converted), "--data", "tfds:imagenet2012:validation",
               "--batch-size", "5", "--limit", "7"])
         f_line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -78,7 +80,7 @@ def test_errors_are_explained(converted, tmp_path, capsys):
         main(["eval", "--params", str(converted), "--data", "tfds:imagenet2012"])
     with pytest.raises(SystemExit, match="--quantized carries its model"):
         main(["eval", "--quantized", str(tmp_path / "q"), "--params", str(converted)])
-    with pytest.raises(SystemExit, match="--model-arg applies to --checkpoint"):
+    with pytest.raises(SystemExit, match="--model-arg and --key apply to --checkpoint"):
         main(["eval", "--params", str(converted), "--model-arg", "depth=2"])
 
 
@@ -143,6 +145,10 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
         main([*base, "--resume", str(tmp_path / "notes" / "keep.txt"), "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit, match="a float model .--params / --checkpoint. has neither"):
         main(["eval", "--params", str(fc), "--data", "digits:test", "--mode", "int"])
+    with pytest.raises(SystemExit, match="--resume .* is a checkpoint directory"):
+        main([*base, "--resume", str(MICRO), "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match="--model-arg and --key apply to --checkpoint"):
+        main([*base, "--key", "model_ema", "--out", str(tmp_path / "q")])
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert json.loads((fc / "metadata.json").read_text())["format"] == "ptq4vm-jax/float-params"
 
