@@ -94,13 +94,34 @@ def family_spec(family: str) -> FamilySpec:
     return spec
 
 
-def _size_hint(spec: FamilySpec, state_dict: Mapping[str, Any], model_name: str, overrides: dict) -> str:
-    """Which model (or overrides) the checkpoint's shapes point to."""
+def _recorded(spec: FamilySpec, checkpoint: Any) -> dict[str, Any]:
+    """What the checkpoint records beside its weights, for a hint: unreadable records give ``{}``."""
+    try:
+        return spec.recorded_overrides(checkpoint) if spec.recorded_overrides is not None else {}
+    except CheckpointError:
+        return {}
+
+
+def _pairs(sizes: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any], model_name: str,
+               overrides: dict) -> str:
+    """Which model (or overrides) the checkpoint's shapes, and the training args it records, point to."""
     inferred = spec.infer_overrides(state_dict)
     if not inferred:
         return (f"hint: none of the {spec.family} parameter names were found: is this a {spec.family} "
                 "checkpoint, and is key= the entry holding its weights?")
-    sizes = ", ".join(f"{k}={v}" for k, v in inferred.items())
+    said, options = "the shapes say", []
+    if spec.settle_sizes is not None:
+        recorded = _recorded(spec, checkpoint)
+        inferred, options = spec.settle_sizes(inferred, recorded, create_model(model_name, **overrides).cfg)
+        said = "the shapes and the checkpoint's training args say" if recorded else said
+    sizes = _pairs(inferred)
+    either = (" plus either " + " or ".join(f"({_pairs(o)})" for o in options)
+              + " (the token count fits both and the checkpoint records no input size: pass the pair it "
+              "was trained with)") if options else ""
 
     def differing(name: str, extra: dict) -> dict[str, Any]:
         cfg = create_model(name, **extra).cfg
@@ -108,7 +129,10 @@ def _size_hint(spec: FamilySpec, state_dict: Mapping[str, Any], model_name: str,
 
     own = differing(model_name, overrides)
     if not own:
-        return (f"hint: the shapes say {sizes}, as {model_name} has; only key names differ: is this an "
+        if options:
+            return f"hint: {said} {sizes}, as {model_name} has, but not its image size and stride: " \
+                f"pass{either}"
+        return (f"hint: {said} {sizes}, as {model_name} has; only key names differ: is this an "
                 f"official {spec.family} checkpoint of this architecture?")
     candidates = sorted((len(d), n, d) for n in list_models() if model_family(n) == spec.family
                         for d in [differing(n, {})])
@@ -116,13 +140,13 @@ def _size_hint(spec: FamilySpec, state_dict: Mapping[str, Any], model_name: str,
     stale = [k for k in overrides if k in inferred]
     drop = f" without the overrides {', '.join(stale)}" if stale else ""
     if count == 0:
-        return f"hint: the shapes say {sizes}: that is {best}; pass model_name={best!r}{drop} " \
-            f"(CLI: --model {best})"
+        return f"hint: {said} {sizes}: that is {best}; pass model_name={best!r}{drop} " \
+            f"(CLI: --model {best}){either}"
     if count <= 2:
-        args = ", ".join(f"{k}={v}" for k, v in diff.items())
-        return f"hint: the shapes say {sizes}: closest is {best} with {args} (CLI: --model {best} plus those)"
-    args = ", ".join(f"{k}={v}" for k, v in own.items())
-    return f"hint: the shapes say {sizes}; no registered model has them: keep {model_name} and pass {args}"
+        return (f"hint: {said} {sizes}: closest is {best} with {_pairs(diff)} (CLI: --model {best} plus "
+                f"those){either}")
+    return (f"hint: {said} {sizes}; no registered model has them: keep {model_name} and pass "
+            f"{_pairs(own)}{either}")
 
 
 def load_torch_checkpoint(
@@ -142,23 +166,26 @@ def load_torch_checkpoint(
         shown = model_name + (f"({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
         raise CheckpointMismatchError(
             f"{path} does not fit {shown}:\n{mismatch.describe()}\n"
-            f"{_size_hint(spec, state_dict, model_name, overrides)}"
+            f"{_size_hint(spec, checkpoint, state_dict, model_name, overrides)}"
         )
-    if spec.config_overrides is not None and isinstance(checkpoint, Mapping) \
-            and isinstance(checkpoint.get("config"), Mapping):
-        _check_training_config(spec, checkpoint["config"], model_name, overrides, path)
+    recorded = spec.recorded_overrides(checkpoint) if spec.recorded_overrides is not None else {}
+    if recorded and spec.settle_sizes is not None:  # what the recorded args imply for the rest
+        settled, _ = spec.settle_sizes(spec.infer_overrides(state_dict), recorded,
+                                       create_model(model_name, **overrides).cfg)
+        recorded = {**settled, **recorded}
+    _check_training_config(recorded, model_name, overrides, path)
     return unflatten_tree(mapped)
 
 
-def _check_training_config(spec: FamilySpec, config: Mapping[str, Any], model_name: str,
-                           overrides: dict[str, Any], path: str) -> None:
-    """The checkpoint's own training config must describe the model we convert into.
+def _check_training_config(official: Mapping[str, Any], model_name: str, overrides: dict[str, Any],
+                           path: str) -> None:
+    """What the checkpoint records about its training must describe the model we convert into.
 
-    Shapes cannot tell every setting apart (an activation, a forward type, the image size), so a
-    checkpoint that carries its config is also checked against ``create_model(model_name,
-    **overrides)``; settings the port does not implement raise inside ``config_overrides``.
+    Shapes cannot tell every setting apart (an activation, a forward type, the image size and
+    stride behind a token count), so the settings a checkpoint records (``official``, from
+    ``FamilySpec.recorded_overrides``, which refuses ones the port lacks) are also checked against
+    ``create_model(model_name, **overrides)``.
     """
-    official = spec.config_overrides(config)
     ours = create_model(model_name, **overrides).cfg
     differ = {k: v for k, v in official.items() if getattr(ours, k) != v}
     if differ:

@@ -78,16 +78,22 @@ class FamilySpec:
     ``infer_overrides`` reads constructor sizes (``embed_dim``, ``depth``, ...) off the
     state_dict's shapes so a mismatch can say which model the checkpoint is. ``preprocess``
     rewrites the state_dict before the rules apply (legacy renames, splitting stacked tensors).
-    ``config_overrides``, where a family's checkpoints carry their training config
-    (``checkpoint["config"]``), turns it into constructor arguments and refuses settings the port
-    does not implement.
+    ``recorded_overrides`` reads the constructor arguments a checkpoint records beside its
+    weights (VMamba: its yacs config; Vim: its training args), ``{}`` if none, and refuses
+    settings the port does not implement; a converted model must agree with them.
+    ``settle_sizes(inferred, recorded, cfg)`` resolves what the shapes alone leave open (Vim:
+    image size vs stride behind a token count) from the recorded args or, failing those, the
+    requested model's ``cfg``; it returns the settled sizes and, if still open, the alternative
+    override sets to name in a hint.
     """
 
     family: str
     rules: tuple[Rule, ...]
     infer_overrides: Callable[[Mapping[str, Any]], dict[str, Any]]
     preprocess: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict
-    config_overrides: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    recorded_overrides: Callable[[Any], dict[str, Any]] | None = None
+    settle_sizes: Callable[[dict[str, Any], Mapping[str, Any], Any],
+                           tuple[dict[str, Any], list[dict[str, Any]]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

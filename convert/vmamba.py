@@ -206,5 +206,11 @@ def config_overrides(official_config: Mapping[str, Any]) -> dict[str, Any]:
     return overrides
 
 
+def recorded_overrides(checkpoint: Any) -> dict[str, Any]:
+    """``config_overrides`` of the training config an official checkpoint carries, ``{}`` without one."""
+    config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    return config_overrides(config) if isinstance(config, Mapping) else {}
+
+
 SPEC = FamilySpec(family="vmamba", rules=RULES, infer_overrides=infer_overrides, preprocess=preprocess,
-                  config_overrides=config_overrides)
+                  recorded_overrides=recorded_overrides)

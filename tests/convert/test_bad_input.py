@@ -1,0 +1,61 @@
+"""Converter inputs that used to give a wrong hint or a silently wrong model."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert import CheckpointMismatchError, load_torch_checkpoint, read_checkpoint
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vim_golden"
+STRIDE8 = GOLDEN / "small_d96_l2_n8_img48_stride8.pth"  # patch 16, stride 8, 48 px: a 5x5 token grid
+SIZES = {"embed_dim": 96, "depth": 2, "d_state": 8, "num_classes": 10}
+
+
+def _resave(tmp_path, **entries) -> Path:
+    """The stride-8 golden weights, saved with ``entries`` (e.g. other training args) beside them."""
+    sd = read_checkpoint(STRIDE8)["model"]
+    path = tmp_path / "ck.pth"
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in sd.items()}, **entries}, path)
+    return path
+
+
+def _hint(path, **overrides) -> str:
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_torch_checkpoint(path, "vim_tiny", **SIZES, **overrides)
+    msg = str(err.value)
+    return msg[msg.index("hint:"):]
+
+
+def test_recorded_input_size_settles_the_stride():
+    """args.input_size=48 with a 5x5 grid of 16-px patches means stride 8, not 80 px at stride 16."""
+    hint = _hint(STRIDE8, img_size=48)
+    assert "training args say" in hint and "img_size=48" in hint
+    assert hint.endswith("keep vim_tiny and pass stride=8")
+    assert _hint(STRIDE8).endswith("keep vim_tiny and pass img_size=48, stride=8")
+
+
+def test_stride_in_the_recorded_model_name_settles_the_image_size(tmp_path):
+    name = "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+    path = _resave(tmp_path, args=argparse.Namespace(model=name, nb_classes=10))
+    assert _hint(path).endswith("keep vim_tiny and pass img_size=48, stride=8")
+
+
+def test_without_recorded_args_both_readings_of_the_token_count_are_named(tmp_path):
+    hint = _hint(_resave(tmp_path))
+    assert "img_size=80" not in hint.split("either")[0]
+    assert "either (img_size=80, stride=16) or (img_size=48, stride=8)" in hint
+    assert "checkpoint records no input size" in hint
+    # what the user asked for, if it fits the grid, is taken as the reading
+    load_torch_checkpoint(_resave(tmp_path), "vim_tiny", **SIZES, img_size=80)
+
+
+def test_shapes_that_fit_but_recorded_args_that_do_not_are_refused():
+    """80 px at stride 16 gives the same 26 tokens as 48 px at stride 8: only the args tell."""
+    want = (r"was trained with img_size=48, stride=8, but vim_tiny has img_size=80, stride=16; pass those as "
+            r"overrides \(--model-arg img_size=48 --model-arg stride=8\)")
+    with pytest.raises(CheckpointMismatchError, match=want):
+        load_torch_checkpoint(STRIDE8, "vim_tiny", **SIZES, img_size=80)
+    params = load_torch_checkpoint(STRIDE8, "vim_tiny", **SIZES, img_size=48, stride=8)
+    assert params["pos_embed"].shape == (1, 26, 96)
