@@ -18,7 +18,7 @@ from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheck
 from convert.mapping import FamilySpec, Rule, map_state_dict
 from convert.safetensors_reader import read_safetensors
 from convert.torch_reader import read_torch_checkpoint
-from ptq4vm_jax.checkpoint import abstract_params
+from ptq4vm_jax.checkpoint import abstract_params, nonfinite_report
 from ptq4vm_jax.models import create_model, list_models, model_family
 from ptq4vm_jax.trees import flatten_tree, unflatten_tree
 
@@ -168,6 +168,15 @@ def load_torch_checkpoint(
             f"{path} does not fit {shown}:\n{mismatch.describe()}\n"
             f"{_size_hint(spec, checkpoint, state_dict, model_name, overrides)}"
         )
+    bad = nonfinite_report(state_dict)
+    if bad:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) of {'the' if state_dict is checkpoint else f'entry {key!r}:'} "
+            "state_dict hold NaN "
+            "or infinite weights (float64 values beyond float32's range count as inf), so the converted "
+            "model would compute garbage:\n  " + "\n  ".join(bad[:10]) + more
+            + "\nconvert a checkpoint of a healthy run, or another entry of this one (key=, CLI: --key)")
     recorded = spec.recorded_overrides(checkpoint) if spec.recorded_overrides is not None else {}
     if recorded and spec.settle_sizes is not None:  # what the recorded args imply for the rest
         settled, _ = spec.settle_sizes(spec.infer_overrides(state_dict), recorded,

@@ -161,7 +161,8 @@ def map_state_dict(
         if array.shape != want:
             wrong.append(f"{key} {value.shape} -> {path} {array.shape}, the model expects {want}")
             continue
-        mapped[path] = np.ascontiguousarray(array, dtype=np.float32)
+        with np.errstate(over="ignore"):  # out-of-range float64 values become inf: the caller refuses those
+            mapped[path] = np.ascontiguousarray(array, dtype=np.float32)
     missing = [(path, _official_key(rules, path)) for path in expected if path not in seen]
     return mapped, Mismatch(tuple(missing), tuple(unexpected), tuple(wrong))
 

@@ -61,10 +61,36 @@ def tree_mismatches(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> lis
     return sorted(problems)
 
 
+def _raise_nonfinite(what: str, lines: list[str], fix: str) -> NoReturn:
+    more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ""
+    raise CheckpointError(f"{what} (a model with them computes garbage):\n  " + "\n  ".join(lines[:10])
+                          + f"{more}\n{fix}")
+
+
 def _raise_mismatch(what: str, problems: list[str], fix: str) -> NoReturn:
     more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
     shown = "\n  ".join(problems[:25]) + more
     raise CheckpointError(f"{what}:\n  {shown}\n{fix}")
+
+
+def nonfinite_report(arrays: Mapping[str, Any]) -> list[str]:
+    """One line per floating-point array that holds NaN or inf, by name (others are skipped).
+
+    Values are judged as float32, what our params hold: a wider value beyond its range counts
+    as inf. Such params still run, so a checkpoint holding them would evaluate to garbage.
+    """
+    lines = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            continue
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32, copy=False)
+        if np.isfinite(array).all():
+            continue
+        nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        lines.append(f"{name}: {nan + inf} of {array.size} values ({nan} NaN, {inf} inf)")
+    return lines
 
 
 def _json_default(value: Any) -> Any:
@@ -124,10 +150,15 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
         if not overwrite:
             raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it")
         _check_replaceable(path, metadata)
+    arrays = jax.tree.map(np.asarray, dict(tree))  # every leaf an array: numpy scalars break restores
+    bad = nonfinite_report(flatten_tree(arrays))
+    if bad:
+        _raise_nonfinite(f"refusing to write {path}: the parameters hold NaN or infinite values", bad,
+                         "find where they came from (a diverged run, a broken source checkpoint) and save "
+                         "finite parameters")
     meta = {**metadata, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax_version": jax.__version__}
     text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
-    arrays = jax.tree.map(np.asarray, dict(tree))  # every leaf an array: numpy scalars break restores
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -264,7 +295,16 @@ def load_params(
     if model_name is not None and canonical_name(model_name) != held:
         raise CheckpointError(f"{path} holds {held}, you asked for {canonical_name(model_name)}; pass "
                               f"model_name={held!r} or convert a {canonical_name(model_name)} checkpoint")
-    return restore_tree(path, abstract), meta
+    params = restore_tree(path, abstract)
+    _refuse_nonfinite(path, params)
+    return params, meta
+
+
+def _refuse_nonfinite(path: str, tree: Mapping[str, Any]) -> None:
+    bad = nonfinite_report(flatten_tree(tree))
+    if bad:
+        _raise_nonfinite(f"{path} holds NaN or infinite parameters", bad,
+                         "the checkpoint is damaged or was saved from a diverged run: re-create it")
 
 
 def convert_checkpoint(checkpoint_path: str | os.PathLike, model_name: str, out_dir: str | os.PathLike, *,
@@ -433,6 +473,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
         raise _invalid(path, f"'calibration' must be an object, got {calibration!r}")
     specs = _layer_specs(meta.get("layers"), path)
     tree = restore_tree(path, _quantized_abstract(abstract, name, specs, is_packed(config.w_bits), path))
+    _refuse_nonfinite(path, tree)
     a_max, w_max = act_qmax(config.a_bits), weight_qmax(config.w_bits)
     for key, value in flatten_tree(tree["qlayers"]).items():
         layer, _, leaf = key.rpartition("/")

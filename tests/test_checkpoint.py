@@ -116,6 +116,24 @@ def test_wrong_params_are_caught_at_save(tmp_path, params):
     assert not (tmp_path / "ck").exists()
 
 
+def test_nonfinite_params_are_neither_saved_nor_loaded(tmp_path, params, monkeypatch):
+    bad = jax.tree.map(np.copy, params)
+    bad["layers_1"]["mixer"]["A_log"][0, :2] = np.nan
+    bad["head"]["bias"][3] = np.inf
+    want = (r"refusing to write .*nan: the parameters hold NaN or infinite values \(a model with them "
+            r"computes garbage\):\n  head/bias: 1 of 10 values \(0 NaN, 1 inf\)\n  layers_1/mixer/A_log: "
+            r"2 of 1536 values \(2 NaN, 0 inf\)\nfind where they came from")
+    with pytest.raises(CheckpointError, match=want):
+        save_params(tmp_path / "nan", bad, model_name="vim_micro")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(checkpoint, "nonfinite_report", lambda arrays: [])  # a damaged checkpoint on disk
+    save_params(tmp_path / "nan", bad, model_name="vim_micro")
+    monkeypatch.undo()
+    want = r"nan holds NaN or infinite parameters .*:\n  head/bias: 1 of 10 (.|\n)*the checkpoint is damaged"
+    with pytest.raises(CheckpointError, match=want):
+        load_params(tmp_path / "nan")
+
+
 def test_wrong_model_name(tmp_path, params):
     save_params(tmp_path / "ck", params, model_name="vim_micro")
     with pytest.raises(CheckpointError, match="holds vim_micro, you asked for vim_nano"):

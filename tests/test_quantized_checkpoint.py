@@ -265,3 +265,13 @@ def test_quantizing_onto_the_float_checkpoint_is_refused(model_params_images, sa
     shutil.copytree(saved_w4a8, tmp_path / "q")
     save_quantized(tmp_path / "q", qp)  # quantized replaces quantized
     assert load_quantized(tmp_path / "q").config == qp.config
+
+
+def test_nonfinite_values_are_not_saved(saved_w4a8, tmp_path):
+    qp = load_quantized(saved_w4a8)
+    params = jax.tree.map(np.array, qp.params)
+    params["norm_f"]["weight"][0] = np.nan
+    want = r"refusing to write .*q: the parameters hold NaN .*:\n  params/norm_f/weight: 1 of 32 values"
+    with pytest.raises(CheckpointError, match=want):
+        save_quantized(tmp_path / "q", dataclasses.replace(qp, params=params))
+    assert not (tmp_path / "q").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import CheckpointMismatchError, load_torch_checkpoint, read_checkpoint
+from convert import CheckpointError, CheckpointMismatchError, load_torch_checkpoint, read_checkpoint
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vim_golden"
 STRIDE8 = GOLDEN / "small_d96_l2_n8_img48_stride8.pth"  # patch 16, stride 8, 48 px: a 5x5 token grid
@@ -59,3 +59,20 @@ def test_shapes_that_fit_but_recorded_args_that_do_not_are_refused():
         load_torch_checkpoint(STRIDE8, "vim_tiny", **SIZES, img_size=80)
     params = load_torch_checkpoint(STRIDE8, "vim_tiny", **SIZES, img_size=48, stride=8)
     assert params["pos_embed"].shape == (1, 26, 96)
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["entry", "bare"])
+def test_nonfinite_weights_are_refused_by_name(tmp_path, vim_micro_official, bare):
+    sd = {k: torch.from_numpy(v.copy()).double() for k, v in vim_micro_official.items()}
+    sd["layers.0.mixer.in_proj.weight"][0, :3] = float("nan")
+    sd["head.bias"][1] = float("-inf")
+    sd["layers.2.mixer.D"][0] = 1e39  # finite in float64, inf as our float32
+    torch.save(sd if bare else {"model": sd}, tmp_path / "nan.pth")
+    where = "the state_dict" if bare else "entry 'model': state_dict"
+    with pytest.raises(CheckpointError, match=rf"nan.pth: 3 tensor\(s\) of {where} hold NaN or infinite "
+                                              "weights") as err:
+        load_torch_checkpoint(tmp_path / "nan.pth", "vim_micro")
+    msg = str(err.value)
+    assert "layers.0.mixer.in_proj.weight: 3 of 9216 values (3 NaN, 0 inf)" in msg
+    assert "head.bias: 1 of 10 values (0 NaN, 1 inf)" in msg
+    assert "layers.2.mixer.D: 1 of 96 values (0 NaN, 1 inf)" in msg
