@@ -8,13 +8,16 @@ tree with shapes checked) serve every checkpoint format; float params are one fo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
@@ -160,8 +163,13 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
             "jax_version": jax.__version__}
     text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:  # first, so an unwritable place fails here, not in Orbax's background threads (minutes later)
+        os.makedirs(tmp)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: cannot create a directory in {parent} "
+                              f"({e.strerror or e}); choose an output path in a directory you can write to"
+                              ) from None
     try:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, TREE_DIR), arrays)
@@ -177,6 +185,8 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
                 os.rename(old, path)
             raise
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"writing {path} failed ({e}); nothing was replaced") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(text)
@@ -189,6 +199,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint directory {path} does not exist" if not os.path.exists(path)
                               else f"{path} is a file, not a checkpoint directory")
     meta_path = os.path.join(path, METADATA_FILE)
+    parent = os.path.dirname(path)
+    if not os.path.isfile(meta_path) and os.path.basename(path) == TREE_DIR \
+            and os.path.isfile(os.path.join(parent, METADATA_FILE)):
+        raise CheckpointError(f"{path} is the {TREE_DIR}/ subdirectory of a checkpoint; pass the checkpoint "
+                              f"itself, its parent {parent}")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it is not a ptq4vm-jax checkpoint, or its "
                               "save was interrupted; re-create it")
@@ -218,14 +233,45 @@ def require_format(metadata: Mapping[str, Any], path: str, *, format: str, versi
                               f"versions 1 to {version}: upgrade ptq4vm-jax or re-create the checkpoint")
 
 
+def _drop_closed_loop_noise(unraisable: Any, *, previous: Any) -> None:
+    if unraisable.object is None and unraisable.exc_type is RuntimeError \
+            and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    previous(unraisable)
+
+
+@contextlib.contextmanager
+def _quiet_late_orbax_callbacks() -> Iterator[None]:
+    """Drop the "Event loop is closed" tracebacks a failed Orbax read leaves behind.
+
+    Orbax runs each operation on a fresh asyncio loop and closes it as soon as one read fails;
+    TensorStore reads still in flight then complete onto the closed loop from TensorStore's own
+    threads, later than the error reaches the caller, each printing a traceback (up to dozens)
+    under our one-line error. Those callbacks have nothing left to do, so after a failure the
+    filter stays (anything else still reaches the previous hook); after a success none are pending.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "func", None) is not _drop_closed_loop_noise:
+        sys.unraisablehook = functools.partial(_drop_closed_loop_noise, previous=previous)
+    yield
+    sys.unraisablehook = previous
+
+
 def restore_tree(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
     """Restore ``path/params`` into the structure, shapes and dtypes of ``abstract`` (checked first)."""
     tree_path = os.path.join(os.path.abspath(os.fspath(path)), TREE_DIR)
-    corrupt = f"cannot read the parameter tree in {tree_path}"
+    redo = "the checkpoint is incomplete or corrupt: re-create it"
+    if not os.path.isdir(tree_path):
+        raise CheckpointError(f"{tree_path} is missing; {redo}")
+    if not os.path.isfile(os.path.join(tree_path, "_METADATA")):
+        raise CheckpointError(f"{tree_path}/_METADATA (the parameter tree's layout) is missing; {redo}")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            stored = ckptr.metadata(tree_path).item_metadata.tree
-            problems = tree_mismatches(stored, abstract)
+        with _quiet_late_orbax_callbacks(), ocp.StandardCheckpointer() as ckptr:
+            stored = ckptr.metadata(tree_path).item_metadata
+            if stored is None:
+                raise CheckpointError(f"cannot read the parameter tree's metadata in {tree_path} (its "
+                                      f"_METADATA or the array metadata it refers to is damaged); {redo}")
+            problems = tree_mismatches(stored.tree, abstract)
             if problems:
                 _raise_mismatch(f"{tree_path} does not match the model", problems,
                                 "the checkpoint was written for another model or with other overrides")
@@ -234,8 +280,8 @@ def restore_tree(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[s
     except CheckpointError:
         raise
     except Exception as e:  # orbax/tensorstore raise many types for missing or damaged files
-        raise CheckpointError(f"{corrupt} ({type(e).__name__}: {str(e)[:300]}); the checkpoint is incomplete "
-                              "or corrupt: re-create it") from None
+        raise CheckpointError(f"cannot read the parameter tree in {tree_path} ({type(e).__name__}: "
+                              f"{str(e)[:300]}); {redo}") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

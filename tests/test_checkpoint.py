@@ -3,6 +3,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -178,21 +181,77 @@ def test_missing_and_corrupt_metadata(tmp_path, params):
         load_params(tmp_path / "ck")
 
 
-def test_damaged_tree(tmp_path, params):
-    save_params(tmp_path / "ck", params, model_name="vim_micro")
-    tree = tmp_path / "ck" / "params"
-    data_files = [os.path.join(d, f) for d, _, fs in os.walk(tree / "d") for f in fs]
-    assert data_files
-    for f in data_files:
+def _truncate_files(folder):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    assert files
+    for f in files:
         with open(f, "r+b") as fh:
             fh.truncate(os.path.getsize(f) // 2)
-    with pytest.raises(CheckpointError, match="cannot read the parameter tree .*incomplete or corrupt"):
+
+
+def test_damaged_tree(tmp_path, params):
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    shutil.copytree(tmp_path / "ck", tmp_path / "data")
+    _truncate_files(tmp_path / "ck" / "params" / "d")  # the array metadata
+    redo = "the checkpoint is incomplete or corrupt: re-create it"
+    want = (r"cannot read the parameter tree's metadata in .*ck/params \(its _METADATA or the array "
+            rf"metadata it refers to is damaged\); {redo}")
+    with pytest.raises(CheckpointError, match=want):
         load_params(tmp_path / "ck")
-    for f in os.listdir(tree):
-        if f.endswith("METADATA"):
-            os.remove(tree / f)
-    with pytest.raises(CheckpointError, match="cannot read the parameter tree .*incomplete or corrupt"):
+    _truncate_files(tmp_path / "data" / "params" / "ocdbt.process_0" / "d")  # the arrays
+    want = rf"cannot read the parameter tree in .*data/params \(ValueError: .*\); {redo}"
+    with pytest.raises(CheckpointError, match=want):
+        load_params(tmp_path / "data")
+    os.remove(tmp_path / "ck" / "params" / "_METADATA")
+    with pytest.raises(CheckpointError, match=rf"ck/params/_METADATA \(the parameter tree's layout\) is "
+                                              rf"missing; {redo}"):
         load_params(tmp_path / "ck")
+    shutil.rmtree(tmp_path / "ck" / "params")
+    with pytest.raises(CheckpointError, match=r"ck/params is missing; the checkpoint is incomplete"):
+        load_params(tmp_path / "ck")
+
+
+def test_a_damaged_tree_gives_one_error_and_no_tracebacks(tmp_path, params):
+    """Orbax left TensorStore reads running onto a closed event loop: dozens of tracebacks after the
+    error. Both damage kinds reproduced them on every run before the fix."""
+    save_params(tmp_path / "meta", params, model_name="vim_micro")
+    shutil.copytree(tmp_path / "meta", tmp_path / "data")
+    _truncate_files(tmp_path / "meta" / "params" / "d")
+    _truncate_files(tmp_path / "data" / "params" / "ocdbt.process_0" / "d")
+    code = textwrap.dedent(f"""
+        import time
+        from ptq4vm_jax.checkpoint import CheckpointError, load_params
+        for path in ({str(tmp_path / "meta")!r}, {str(tmp_path / "data")!r}):
+            try:
+                load_params(path)
+            except CheckpointError as e:
+                print("refused", path)
+        time.sleep(0.5)  # let late TensorStore callbacks arrive before the interpreter exits
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("refused") == 2, out.stdout
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr[-2000:]
+
+
+def test_a_good_load_leaves_the_unraisable_hook_alone(saved):
+    before = sys.unraisablehook
+    load_params(saved)
+    assert sys.unraisablehook is before
+
+
+def test_the_params_subdirectory_is_named_as_such(saved):
+    with pytest.raises(CheckpointError, match=rf"ck/params is the params/ subdirectory of a checkpoint; pass "
+                                              rf"the checkpoint itself, its parent {saved}$"):
+        load_params(saved / "params")
+
+
+def test_an_unwritable_place_is_named_at_once(tmp_path, params):
+    (tmp_path / "file").write_text("x")
+    want = (r"cannot write .*file/sub/ck: cannot create a directory in .*file/sub \(Not a directory\); "
+            "choose an output path in a directory you can write to")
+    with pytest.raises(CheckpointError, match=want):
+        save_params(tmp_path / "file" / "sub" / "ck", params, model_name="vim_micro")
 
 
 @pytest.fixture(scope="module")
