@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -80,15 +81,29 @@ _VMAMBA_ALIASES = {
 
 
 def canonical_name(name: str) -> str:
-    """Official long names map to our short ones; unknown names raise with the list."""
+    """Official long names map to our short ones; unknown names raise with the list and a close match.
+
+    Names are exact (no case folding), so one spelling reaches each checkpoint's metadata.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"a model name must be a string such as 'vim_tiny', got {name!r}")
     for short, long in _VIM_ALIASES.items():
         if name == long:
             return short
     if name in _VMAMBA_ALIASES:
         return _VMAMBA_ALIASES[name]
     if name not in _REGISTRY:
-        known = sorted(n for n in _REGISTRY if n not in _VIM_ALIASES.values())
-        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(known)}")
+        known = list_models()
+        spellings = {n.lower(): n for n in (*_REGISTRY, *_VMAMBA_ALIASES)}
+        close = difflib.get_close_matches(name.lower(), spellings, n=1, cutoff=0.8)
+        guess = ""
+        if close:
+            spelled = spellings[close[0]]
+            short = canonical_name(spelled)
+            same = f", i.e. {short}" if short != spelled else ""
+            case = " Names are case-sensitive." if close[0] == name.lower() else ""
+            guess = f" (did you mean {spelled!r}{same}?{case})"
+        raise ValueError(f"unknown model name {name!r}{guess}; known models: {', '.join(known)}")
     return name
 
 

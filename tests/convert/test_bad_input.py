@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from convert import CheckpointError, CheckpointMismatchError, load_torch_checkpoint, read_checkpoint
+from ptq4vm_jax.models import create_model
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vim_golden"
 STRIDE8 = GOLDEN / "small_d96_l2_n8_img48_stride8.pth"  # patch 16, stride 8, 48 px: a 5x5 token grid
@@ -76,3 +77,17 @@ def test_nonfinite_weights_are_refused_by_name(tmp_path, vim_micro_official, bar
     assert "layers.0.mixer.in_proj.weight: 3 of 9216 values (3 NaN, 0 inf)" in msg
     assert "head.bias: 1 of 10 values (0 NaN, 1 inf)" in msg
     assert "layers.2.mixer.D: 1 of 96 values (0 NaN, 1 inf)" in msg
+
+
+@pytest.mark.parametrize("name, want", [
+    ("Vim_Tiny", r"unknown model name 'Vim_Tiny' \(did you mean 'vim_tiny'\? Names are case-sensitive.\)"),
+    ("vim_tinny", r"unknown model name 'vim_tinny' \(did you mean 'vim_tiny'\?\); known models: vim_base"),
+    ("VSSM1_TINY_0230", r"did you mean 'vssm1_tiny_0230', i.e. vmambav2_tiny_224\? Names are case-sensitive"),
+    ("resnet50", r"unknown model name 'resnet50'; known models: vim_base"),
+    (None, r"a model name must be a string such as 'vim_tiny', got None"),
+])
+def test_model_names_are_exact_with_a_suggestion(name, want):
+    with pytest.raises(ValueError, match=want):
+        create_model(name)
+    with pytest.raises(ValueError, match=want):
+        load_torch_checkpoint(STRIDE8, name)
