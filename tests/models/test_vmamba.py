@@ -181,5 +181,7 @@ def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="ssm_dt_rank must be 'auto' or a positive int"):
         VMambaConfig(ssm_dt_rank="big")
     model = create_model("vmamba_micro")
-    with pytest.raises(ValueError, match=r"NHWC images of shape \(batch, 32, 32, 3\).*img_size"):
+    with pytest.raises(ValueError, match=r"NHWC images of shape \(batch, 32, 32, 3\).*channels-first"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 3, 32, 32)))
+    with pytest.raises(ValueError, match=r"NHWC images of shape \(batch, 32, 32, 3\).*img_size"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 16, 16, 3)))
