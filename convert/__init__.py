@@ -170,12 +170,12 @@ def load_torch_checkpoint(
         )
     bad = nonfinite_report(state_dict)
     if bad:
+        where = "the state_dict" if state_dict is checkpoint else f"entry {key!r}"
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise CheckpointError(
-            f"{path}: {len(bad)} tensor(s) of {'the' if state_dict is checkpoint else f'entry {key!r}:'} "
-            "state_dict hold NaN "
-            "or infinite weights (float64 values beyond float32's range count as inf), so the converted "
-            "model would compute garbage:\n  " + "\n  ".join(bad[:10]) + more
+            f"{path}: NaN or infinite weights in {len(bad)} tensor(s) of {where} (float64 values beyond "
+            "float32's range count as inf), so the converted model would compute garbage:\n  "
+            + "\n  ".join(bad[:10]) + more
             + "\nconvert a checkpoint of a healthy run, or another entry of this one (key=, CLI: --key)")
     recorded = spec.recorded_overrides(checkpoint) if spec.recorded_overrides is not None else {}
     if recorded and spec.settle_sizes is not None:  # what the recorded args imply for the rest
