@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 FLOAT_FORMAT = "ptq4vm-jax/float-params"
 FLOAT_FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+METADATA_HASH = "metadata_sha256"  # guards the settings that decide how the arrays are read
 TREE_DIR = "params"
 
 # format name -> the function that loads it, for "wrong loader" errors.
@@ -161,7 +162,9 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
                          "finite parameters")
     meta = {**metadata, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax_version": jax.__version__}
-    text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
+    meta = json.loads(json.dumps(meta, default=_json_default))
+    meta[METADATA_HASH] = _metadata_digest(meta)
+    text = json.dumps(meta, indent=2, sort_keys=True)
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
     try:  # first, so an unwritable place fails here, not in Orbax's background threads (minutes later)
@@ -217,7 +220,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             or not isinstance(meta.get("format_version"), int):
         raise CheckpointError(f"{meta_path} lacks a 'format' string and an integer 'format_version'; "
                               "the checkpoint is corrupt or not from ptq4vm-jax")
+    if METADATA_HASH in meta and meta[METADATA_HASH] != _metadata_digest(meta):
+        raise CheckpointError(
+            f"{meta_path} was changed after it was written (its {METADATA_HASH} no longer matches): "
+            "its model sizes and quantization settings decide how the stored arrays are read, so an "
+            "edit silently changes the model. Restore the file or re-create the checkpoint"
+        )
     return meta
+
+
+def _metadata_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything in the metadata but the digest itself."""
+    body = {k: v for k, v in meta.items() if k != METADATA_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def require_format(metadata: Mapping[str, Any], path: str, *, format: str, version: int, loader: str) -> None:

@@ -33,8 +33,11 @@ def _same(a, b):
 
 
 def _edit_metadata(path, drop=(), **changes):
+    """Edit as a checkpoint from before metadata was sealed (no digest): each field is still
+    validated on its own. (A sealed file refuses any edit: test_edited_metadata_is_refused.)"""
     meta_path = path / "metadata.json"
     meta = json.loads(meta_path.read_text())
+    meta.pop("metadata_sha256", None)  # (absent when edited twice)
     meta.update(changes)
     for key in drop:
         del meta[key]
@@ -52,6 +55,21 @@ def test_round_trip_with_metadata(tmp_path, params):
     assert meta["source_sha256"] == "ab" * 32 and meta["extra"] == {"note": "test"}
     assert meta["jax_version"] == jax.__version__ and meta["created"].endswith("+00:00")
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directories left behind
+
+
+def test_edited_metadata_is_refused(tmp_path, params):
+    """The sizes in metadata.json decide how the arrays are read: a valid-looking edit (here a
+    norm epsilon, which no shape check can see) would silently change the model."""
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    meta_path = tmp_path / "ck" / "metadata.json"
+    sealed = meta_path.read_text()
+    assert len(json.loads(sealed)["metadata_sha256"]) == 64
+    meta_path.write_text(json.dumps({**json.loads(sealed), "model_overrides": {"norm_epsilon": 1.0}}))
+    with pytest.raises(CheckpointError, match=r"metadata.json was changed after it was written .*"
+                                              "Restore the file or re-create the checkpoint"):
+        load_params(tmp_path / "ck")
+    meta_path.write_text(json.dumps(json.loads(sealed), indent=4))  # formatting is not content
+    assert _same(load_params(tmp_path / "ck")[0], params)
 
 
 def test_overrides_are_stored_and_used(tmp_path):

@@ -90,7 +90,12 @@ def test_loading_explains_what_is_wrong(qparams, model_params_images, tmp_path):
     with pytest.raises(CheckpointError, match="load_quantized"):
         load_params(tmp_path / "q")
     meta_path = tmp_path / "q" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
+    sealed = json.loads(meta_path.read_text())
+    edited = {**sealed, "config": {**sealed["config"], "method": "per_token_dynamic"}}
+    meta_path.write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match="was changed after it was written"):
+        load_quantized(tmp_path / "q")
+    meta = {k: v for k, v in sealed.items() if k != "metadata_sha256"}  # as written before sealing
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(CheckpointError, match="version 99"):
         load_quantized(tmp_path / "q")
@@ -192,9 +197,12 @@ NOT_THE_MODEL = {  # well-formed metadata that does not fit the model
 
 
 def _edited_copy(saved, tmp_path, edit):
+    """A copy with edited metadata, unsealed (no digest, as written before sealing) so that each
+    field's own validation is what answers."""
     shutil.copytree(saved, tmp_path / "q")
     meta_path = tmp_path / "q" / "metadata.json"
     meta = json.loads(meta_path.read_text())
+    meta.pop("metadata_sha256")
     edit(meta)
     meta_path.write_text(json.dumps(meta))
     return tmp_path / "q"
