@@ -249,6 +249,8 @@ def calibrate_blockwise(
         fp_carry, q_carry = (_batch_sharded_like(images, c) for c in (fp_carry, q_carry))
         log(f"resuming after stage {start} of {len(bw.stages)} from {resume.directory}")
     else:
+        if resume is not None and (resume.directory / "progress.json").exists():
+            log(f"{resume.directory} has progress.json but no state.npz (deleted?): starting afresh")
         fp_carry = chunked(lambda im: bw.embed(params, im), images, chunk)
         q_carry = fp_carry
 

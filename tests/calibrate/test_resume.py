@@ -134,6 +134,14 @@ def test_damaged_state_is_reported_as_corrupt(setup, tmp_path, damage):
         run(setup, tmp_path)
 
 
+def test_a_deleted_state_file_is_said_and_the_run_starts_afresh(setup, tmp_path):
+    run(setup, tmp_path)
+    (tmp_path / "state.npz").unlink()
+    logs = []
+    assert_same_result(run(setup, tmp_path, log=logs.append), setup[2])
+    assert any("has progress.json but no state.npz (deleted?): starting afresh" in m for m in logs)
+
+
 def test_state_of_the_first_format_is_refused_by_version(setup, tmp_path):
     np.savez(tmp_path / "state.npz", **{"fp|0": np.zeros(3), "q|0": np.zeros(3)})
     with pytest.raises(ValueError, match=r"another format version \(1\)"):
