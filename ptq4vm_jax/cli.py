@@ -364,6 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Library wording in error messages -> the flags a command-line user has.
+_CLI_WORDS = (
+    (r"pass num_images<=(\d+)", r"pass --num-calib \1 (or fewer)"),
+    (r"num_examples must be a positive integer or None", "--limit must be a positive integer"),
+    (r"Pass key=<([^>]+)>", r"Pass --key <\1>"),
+    (r"pass model_name='([\w.-]+)'", r"pass --model \1"),
+    (r"load it with ptq4vm_jax\.checkpoint\.load_params", "give it as --params"),
+    (r"load it with ptq4vm_jax\.checkpoint\.load_quantized", "give it as --quantized"),
+)
+
+
+def _cli_words(message: str) -> str:
+    import re
+
+    for pattern, replacement in _CLI_WORDS:
+        message = re.sub(pattern, replacement, message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> None:
     from ptq4vm_jax.calibrate.jlss import CalibrationError
 
@@ -371,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ValueError, TypeError, OSError) as e:
-        print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
+        print(f"ptq4vm {args.command}: error: {_cli_words(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         resume = getattr(args, "resume", None)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -169,6 +170,25 @@ def test_interrupt_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeyp
         assert e.value.code == 130
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ptq4vm quantize: interrupted") and said in err[0]
+
+
+def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
+    cases = [
+        (["eval", "--params", str(MICRO), "--data", "digits:test", "--limit", "0"],
+         "--limit must be a positive integer"),
+        (["eval", "--quantized", str(MICRO), "--data", "digits:test"], "give it as --params"),
+        (["eval", "--params", str(MICRO), "--model", "vim_nano", "--data", "digits:test"],
+         "pass --model vim_micro or convert"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
+          "--train-batch", "256", "--method", "rtn", "--out", str(tmp_path / "q")],
+         r"has only 1442; pass --num-calib 1442 \(or fewer\)"),
+    ]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(said, err), err
 
 
 def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
