@@ -141,10 +141,10 @@ def test_calibration_from_tfds_source_uses_seeded_permutation(imagenet_src, capl
 
 
 def test_calibration_custom_preprocess(imagenet_src):
-    pre = lambda im: np.full((16, 16, 3), im.shape[0], np.float32)
+    pre = lambda im: np.full((16, 16, 3), -im.shape[0], np.float32)  # (negative: normalised-looking)
     got = calibration_images(imagenet_src, 3, image_size=16, preprocess=pre, seed=None)
     heights = [imagenet_src[i]["image"].shape[0] for i in range(3)]
-    np.testing.assert_array_equal(got[:, 0, 0, 0], heights)
+    np.testing.assert_array_equal(-got[:, 0, 0, 0], heights)
 
 
 def test_calibration_from_grain_map_and_iter_datasets(imagenet_src):
@@ -210,7 +210,7 @@ def test_calibration_channels_first_and_wrong_channel_count():
 
 
 def test_calibration_non_finite_pixels_are_located():
-    x = np.zeros((6, 8, 8, 3), np.float32)
+    x = np.full((6, 8, 8, 3), -0.5, np.float32)
     x[4, 1, 2, 0] = np.nan
     x[5, 0, 0, 1] = np.inf
     with pytest.raises(ValueError, match=r"2 non-finite .* image\(s\) #\[4, 5\]"):
