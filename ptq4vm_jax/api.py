@@ -22,6 +22,7 @@ from ptq4vm_jax.calibrate.jlss import (
     nest_layers,
 )
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprint
+from ptq4vm_jax.checkpoint import nonfinite_report
 from ptq4vm_jax.models import canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.models.blockwise import Blockwise
 from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
@@ -31,7 +32,7 @@ from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, QuantRule, deciding_rule, is_quantized, path_str
 from ptq4vm_jax.quant.integer import int_gemm, store_weight
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
-from ptq4vm_jax.trees import copy_tree, get_path, prune_empty
+from ptq4vm_jax.trees import copy_tree, flatten_tree, get_path, prune_empty
 
 
 @flax.struct.dataclass
@@ -237,12 +238,10 @@ def _check_params(net: nn.Module, params: Any, name: str) -> None:
     want = _leaf_shapes(jax.eval_shape(net.init, jax.random.key(0), images)["params"])
     got = _leaf_shapes(params)
     if got == want:
-        broken = [path_str(tuple(str(getattr(k, "key", k)) for k in kp))
-                  for kp, leaf in jax.tree_util.tree_leaves_with_path(params)
-                  if not bool(jnp.isfinite(leaf).all())]
+        broken = nonfinite_report(flatten_tree(params))
         if broken:
-            raise ValueError(f"the float params of {name} hold NaN/inf values in {broken[:5]}: the "
-                             "checkpoint itself is broken, calibration cannot fix it")
+            raise ValueError(f"the float params of {name} hold NaN/inf values ({'; '.join(broken[:5])}): "
+                             "the checkpoint itself is broken, calibration cannot fix it")
         return
     if got and all(p.startswith("params/") for p in got):
         raise ValueError(f"params for {name} are wrapped in {{'params': ...}}: pass variables['params']")

@@ -17,7 +17,10 @@ def model_and_params(request):
 
 def test_bad_images_are_refused(model_and_params):
     model, params, x = model_and_params
-    apply = lambda images: model.apply({"params": params}, images)  # noqa: E731
+
+    def apply(images):
+        return model.apply({"params": params}, images)
+
     nan = x.copy()
     nan[1, 0, 0, 0] = np.nan
     cases = [
