@@ -114,7 +114,7 @@ def _held_model(meta: Mapping[str, Any]) -> str | None:
         return name
 
 
-def _check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
+def check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
     """Overwriting replaces only a checkpoint of the same format, and float params only by the same model.
 
     A mistyped output path must neither wipe unrelated files nor turn a float checkpoint (the
@@ -153,7 +153,7 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
     if os.path.exists(path):
         if not overwrite:
             raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it")
-        _check_replaceable(path, metadata)
+        check_replaceable(path, metadata)
     arrays = jax.tree.map(np.asarray, dict(tree))  # every leaf an array: numpy scalars break restores
     bad = nonfinite_report(flatten_tree(arrays))
     if bad:
@@ -230,8 +230,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _metadata_digest(meta: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of everything in the metadata but the digest itself."""
-    body = {k: v for k, v in meta.items() if k != METADATA_HASH}
+    """sha256 of the canonical JSON of everything in the metadata but the digest itself.
+
+    Whole-number floats count as integers: JSON tools (jq, JavaScript) rewrite ``2.0`` as ``2``,
+    which changes no value a loader reads.
+    """
+    def canonical(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [canonical(v) for v in value]
+        return value
+
+    body = canonical({k: v for k, v in meta.items() if k != METADATA_HASH})
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

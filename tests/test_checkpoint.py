@@ -60,7 +60,7 @@ def test_round_trip_with_metadata(tmp_path, params):
 def test_edited_metadata_is_refused(tmp_path, params):
     """The sizes in metadata.json decide how the arrays are read: a valid-looking edit (here a
     norm epsilon, which no shape check can see) would silently change the model."""
-    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    save_params(tmp_path / "ck", params, model_name="vim_micro", extra={"train_seconds": 495.0})
     meta_path = tmp_path / "ck" / "metadata.json"
     sealed = meta_path.read_text()
     assert len(json.loads(sealed)["metadata_sha256"]) == 64
@@ -69,6 +69,9 @@ def test_edited_metadata_is_refused(tmp_path, params):
                                               "Restore the file or re-create the checkpoint"):
         load_params(tmp_path / "ck")
     meta_path.write_text(json.dumps(json.loads(sealed), indent=4))  # formatting is not content
+    assert _same(load_params(tmp_path / "ck")[0], params)
+    assert '"train_seconds": 495.0' in sealed  # jq and JavaScript write whole floats as integers
+    meta_path.write_text(sealed.replace('"train_seconds": 495.0', '"train_seconds": 495'))
     assert _same(load_params(tmp_path / "ck")[0], params)
 
 

@@ -1,4 +1,5 @@
 import importlib.util
+import math
 from pathlib import Path
 
 import jax
@@ -134,6 +135,16 @@ def test_paired_top1_counts_discordant_images_and_exact_p():
     ten = np.arange(10)
     assert paired_top1(ten, np.r_[0, ten[1:] + 1], np.r_[1, ten[1:]])["p_value"] == pytest.approx(22 / 1024)
     assert paired_top1(ten, ten, ten) == {"only_a": 0, "only_b": 0, "p_value": 1.0}
+    # ImageNet scale (n > 1024 overflowed a float 2^n): 1000 vs 1200 of 2200, against the normal
+    # approximation with continuity correction, z = (|1000 - 1100| - 0.5) / sqrt(2200 / 4)
+    y = np.zeros(50_000, int)
+    a, b = y.copy(), y.copy()
+    a[:1200], b[1200:2200] = 1, 1  # a wrong on the first 1200 (b right), b wrong on the next 1000
+    r = paired_top1(y, a, b)
+    z = (100 - 0.5) / np.sqrt(2200 / 4)
+    normal = math.erfc(z / math.sqrt(2))
+    assert (r["only_a"], r["only_b"]) == (1000, 1200)
+    assert r["p_value"] == pytest.approx(normal, rel=0.02) and 1e-6 < r["p_value"] < 1e-4
 
 
 def test_paired_top1_rejects_mismatched_lengths():
