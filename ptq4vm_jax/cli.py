@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,9 +41,11 @@ def _data_source(spec: str, data_dir: str | None, image_size: int) -> Any:
         try:
             return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises many types; the user needs the path advice
-            root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-            cause = (f"there is no prepared {name} under {root}" if not (root / name.split("/")[0]).is_dir()
-                     else str(e))  # (tfds's own message for a missing dataset blames the file format)
+            where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+            root = Path(where).expanduser()
+            missing = "://" not in where and not (root / name.split("/")[0]).is_dir()
+            # (tfds's own message for a missing local dataset blames the file format)
+            cause = f"there is no prepared {name} under {root}" if missing else str(e)
             raise SystemExit(
                 f"could not open {spec} (data_dir={data_dir}): {cause}\nPrepare the dataset with tfds "
                 "(array_record format) under --data-dir; nothing is downloaded at run time."
@@ -88,31 +89,22 @@ def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     return meta["model_name"], dict(meta.get("model_overrides") or {}), params
 
 
-def _check_out(out: str, *, replaces: str, inputs: dict[str, str | None]) -> None:
+def _check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str | None]) -> None:
     """Refuse, before any long work, an --out that would fail or destroy something at the end:
-    one of the run's inputs, a file, a directory that holds anything but a ``replaces``
-    checkpoint (which is replaced), or a place that cannot be written."""
+    one of the run's inputs, a file, anything ``write_checkpoint`` would refuse to replace, or a
+    place that cannot be written."""
+    from ptq4vm_jax.checkpoint import check_replaceable
+
     target = Path(out).expanduser().absolute()
     for flag, path in inputs.items():
         if path and Path(path).expanduser().absolute() == target:
             raise SystemExit(f"--out {out} is the same directory as {flag}: writing the result would "
                              f"destroy {flag}; choose another --out")
+    if target.exists() and not target.is_dir():
+        raise SystemExit(f"--out {out} is an existing file; give a directory path")
     if target.exists():
-        if not target.is_dir():
-            raise SystemExit(f"--out {out} is an existing file; give a directory path")
-        if any(target.iterdir()):
-            try:
-                found = json.loads((target / "metadata.json").read_text()).get("format")
-            except (OSError, ValueError, AttributeError):
-                found = None
-            if found != replaces:
-                raise SystemExit(
-                    f"--out {out} exists and holds something other than a {replaces} checkpoint "
-                    f"({found or 'not a ptq4vm-jax checkpoint'}); refusing to replace it: choose "
-                    "another --out or remove it yourself"
-                )
-        return
-    parent = target.parent
+        check_replaceable(str(target), {"format": format, "model_name": model})
+    parent = target.parent  # the result is written beside --out first, then renamed into place
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -127,7 +119,7 @@ def _check_out(out: str, *, replaces: str, inputs: dict[str, str | None]) -> Non
 def cmd_convert(args: argparse.Namespace) -> None:
     from ptq4vm_jax.checkpoint import FLOAT_FORMAT, convert_checkpoint
 
-    _check_out(args.out, replaces=FLOAT_FORMAT, inputs={"--checkpoint": args.checkpoint})
+    _check_out(args.out, format=FLOAT_FORMAT, model=args.model, inputs={"--checkpoint": args.checkpoint})
     meta = convert_checkpoint(args.checkpoint, args.model, args.out, key=args.key,
                               **_overrides(args.model_arg))
     print(f"wrote {args.out}: {meta['model_name']} from {meta['source']} (sha256 {meta['source_sha256']})")
@@ -149,7 +141,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ptq4vm_jax.checkpoint import QUANT_FORMAT
     from ptq4vm_jax.models import image_shape
 
-    _check_out(args.out, replaces=QUANT_FORMAT,
+    _check_out(args.out, format=QUANT_FORMAT, model=None,
                inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
     if args.resume and Path(args.resume).exists() and not Path(args.resume).is_dir():
         raise SystemExit(f"--resume {args.resume} is a file; give a directory for the resume state")
@@ -383,28 +375,38 @@ def _cli_words(message: str) -> str:
     return message
 
 
+def _resume_hint(resume: str | None, action: str) -> str:
+    if not resume:
+        return "; rerun with --resume DIR to keep completed blocks across attempts"
+    if not (Path(resume) / "state.npz").exists():
+        return f"; no block had completed, so {resume} holds nothing to continue from"
+    return f"; the blocks completed so far are saved in {resume}: {action} with the same --resume to continue"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Errors a user can act on print as one line; PTQ4VM_DEBUG=1 shows their tracebacks."""
     from ptq4vm_jax.calibrate.jlss import CalibrationError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, TypeError, OSError) as e:
-        print(f"ptq4vm {args.command}: error: {_cli_words(str(e))}", file=sys.stderr)
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        more = "" if isinstance(e, ValueError) else " (PTQ4VM_DEBUG=1 shows the traceback)"
+        print(f"ptq4vm {args.command}: error: {_cli_words(str(e))}{more}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        resume = getattr(args, "resume", None)
-        hint = (f"; the completed blocks are saved in {resume}: rerun the same command to continue"
-                if resume else "" if args.command != "quantize" else
-                "; nothing was saved (rerun with --resume DIR to keep completed blocks next time)")
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        hint = _resume_hint(args.resume, "rerun") if args.command == "quantize" else ""  # (has --resume)
         print(f"ptq4vm {args.command}: interrupted{hint}", file=sys.stderr)
         raise SystemExit(130) from None
     except CalibrationError as e:
-        resume = getattr(args, "resume", None)
-        hint = (f"; the completed blocks are saved in {resume}: fix the cause and rerun with the same "
-                "--resume to continue" if resume else "; rerun with --resume DIR to keep completed "
-                "blocks across attempts")
-        print(f"ptq4vm {args.command}: calibration failed: {e}{hint}", file=sys.stderr)
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        print(f"ptq4vm {args.command}: calibration failed: {e}"
+              f"{_resume_hint(getattr(args, 'resume', None), 'fix the cause and rerun')}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -100,7 +100,9 @@ def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsy
               "--resume", str(tmp_path / "resume"), "--out", str(tmp_path / "q")])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "calibration failed" in err and "stage layers_0 at step 1" in err and "--resume" in err
+    assert "calibration failed" in err and "stage layers_0 at step 1" in err
+    assert err.endswith("no block had completed, so " + str(tmp_path / "resume") + " holds nothing to "
+                        "continue from")
     assert not (tmp_path / "q").exists()
 
 
@@ -135,11 +137,11 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
         main([*base, "--resume", str(tmp_path / "r"), "--out", str(tmp_path / "r")])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="holds something other than a ptq4vm-jax/quantized "
-                                         "checkpoint .not a ptq4vm-jax checkpoint.; refusing"):
-        main([*base, "--out", str(tmp_path / "notes")])
-    with pytest.raises(SystemExit, match="ptq4vm-jax/float-params"):  # a float checkpoint as --out
-        main([*base, "--out", str(MICRO)])
+    for out, said in ((tmp_path / "notes", "exists and is not a ptq4vm-jax checkpoint; refusing"),
+                      (MICRO, "holds a 'ptq4vm-jax/float-params' checkpoint of vim_micro; refusing")):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--out", str(out)])
+        assert e.value.code == 2 and said in capsys.readouterr().err
     with pytest.raises(SystemExit, match="is a file, so no directory can be made under it"):
         main([*base, "--out", str(tmp_path / "notes" / "keep.txt" / "q")])
     with pytest.raises(SystemExit, match="--resume .* is a file"):
@@ -163,13 +165,19 @@ def test_interrupt_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeyp
     monkeypatch.setattr(ptq4vm_jax, "quantize_params", interrupted)
     base = ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
             "--out", str(tmp_path / "q")]
-    for extra, said in (([], "nothing was saved"), (["--resume", str(tmp_path / "r")],
-                                                     "completed blocks are saved in")):
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "state.npz").write_bytes(b"")  # only its presence matters here
+    for extra, said in (([], "rerun with --resume DIR to keep completed blocks"),
+                        (["--resume", str(tmp_path / "r")], "no block had completed, so"),
+                        (["--resume", str(tmp_path / "done")], "the blocks completed so far are saved in")):
         with pytest.raises(SystemExit) as e:
             main([*base, *extra])
         assert e.value.code == 130
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ptq4vm quantize: interrupted") and said in err[0]
+    monkeypatch.setenv("PTQ4VM_DEBUG", "1")  # the traceback, for bug reports
+    with pytest.raises(KeyboardInterrupt):
+        main(base)
 
 
 def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
