@@ -164,6 +164,9 @@ def _prepare(
     try:
         dtype = np.dtype(arr.dtype)
     except TypeError:  # an array type numpy cannot name the dtype of (e.g. a torch tensor)
+        if hasattr(arr, "detach"):  # torch: off the graph and the GPU; bf16 has no numpy twin
+            arr = arr.detach().cpu()
+            arr = arr.float() if arr.is_floating_point() else arr
         arr = np.asarray(arr)
         dtype = arr.dtype
     kind = _pixel_kind(dtype, where)
@@ -305,7 +308,8 @@ def calibration_images(
             f"{where}: every pixel value is >= 0 (range {out.min():.3g}..{out.max():.3g}): these look "
             "like raw pixels (0..1 or 0..255), not normalised images, and calibrating on them sets "
             "wrong activation ranges. Normalise them as the model was trained (ImageNet: "
-            "ptq4vm_jax.data.imagenet_eval_preprocess, or pass uint8 pixels and it is applied)",
+            "ptq4vm_jax.data.imagenet_eval_preprocess, which uint8 pixels get automatically when no "
+            "preprocess is given)",
             stacklevel=3,
         )
     return out

@@ -101,6 +101,10 @@ def test_calibration_from_a_torch_tensor():
     import torch  # a dev dependency (pyproject.toml [dev])
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(calibration_images(torch.from_numpy(x), 3, image_size=8), x)
+    grad = torch.from_numpy(x).requires_grad_(True)  # np.asarray alone refuses these two
+    np.testing.assert_array_equal(calibration_images(grad, 3, image_size=8), x)
+    half = torch.from_numpy(x).bfloat16()
+    np.testing.assert_array_equal(calibration_images(half, 3, image_size=8), half.float().numpy())
 
 
 def test_calibration_warns_about_raw_pixels_but_not_normalised_images():
