@@ -21,7 +21,7 @@ from ptq4vm_jax.calibrate.jlss import (
     init_layer,
     nest_layers,
 )
-from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprint
+from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
 from ptq4vm_jax.checkpoint import nonfinite_report
 from ptq4vm_jax.models import canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.models.blockwise import Blockwise
@@ -149,8 +149,8 @@ def quantize_params(
         carry = jax.eval_shape(bw.embed, params, images[:1])
         settings = dict(model=name, overrides=overrides, config=cfg.to_json())
         parts = dict(settings, params=params, images=images)
-        store = ResumeStore(resume_dir, fingerprint(**parts), jax.tree_util.tree_structure(carry),
-                            digests={k: fingerprint(**{k: v}) for k, v in parts.items()},
+        whole, digests = fingerprints(**parts)
+        store = ResumeStore(resume_dir, whole, jax.tree_util.tree_structure(carry), digests=digests,
                             settings=settings)
 
     t0 = time.perf_counter()

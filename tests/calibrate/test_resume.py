@@ -9,6 +9,7 @@ import pytest
 
 from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
+from ptq4vm_jax.calibrate.resume import fingerprints
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 
 MODEL = "vim_nano"  # 2 blocks: two saves, each replacing state.npz then progress.json
@@ -146,6 +147,15 @@ def test_state_of_the_first_format_is_refused_by_version(setup, tmp_path):
     np.savez(tmp_path / "state.npz", **{"fp|0": np.zeros(3), "q|0": np.zeros(3)})
     with pytest.raises(ValueError, match=r"another format version \(1\)"):
         run(setup, tmp_path)
+
+
+def test_each_part_digest_is_that_part_fingerprinted_alone():
+    parts = dict(model="vim_nano", config={"alpha": 0.5, "rules": None},
+                 params={"w": np.arange(6.0).reshape(2, 3)}, images=np.ones((2, 2), np.float32))
+    whole, digests = fingerprints(**parts)
+    assert digests == {k: fingerprints(**{k: v})[0] for k, v in parts.items()}
+    assert whole not in digests.values() and len(set(digests.values())) == 4
+    assert fingerprints(**{**parts, "images": np.zeros((2, 2), np.float32)})[0] != whole
 
 
 def test_state_of_another_run_is_refused(setup, tmp_path):
