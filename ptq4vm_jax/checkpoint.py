@@ -13,6 +13,7 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -268,21 +269,60 @@ def _drop_closed_loop_noise(unraisable: Any, *, previous: Any) -> None:
     previous(unraisable)
 
 
+class _LateReadFailures(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" for reads of trees already refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(("Task exception was never retrieved",
+                                           "Future exception was never retrieved")):
+            return True
+        text = record.getMessage()
+        return not any(f'"{path}/"' in text or f'"{path}"' in text for path in self.refused)
+
+
+_late_read_failures = _LateReadFailures()
+
+
+class _NoMetadataWarning(logging.Filter):
+    """Orbax's warning before the damaged-metadata error we raise ourselves says the same, less clearly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to get item metadata from directory")
+
+
 @contextlib.contextmanager
-def _quiet_late_orbax_callbacks() -> Iterator[None]:
-    """Drop the "Event loop is closed" tracebacks a failed Orbax read leaves behind.
+def _quiet_late_orbax_callbacks(tree_path: str) -> Iterator[None]:
+    """Keep a failed Orbax read of ``tree_path`` to our one-line error.
 
     Orbax runs each operation on a fresh asyncio loop and closes it as soon as one read fails;
-    TensorStore reads still in flight then complete onto the closed loop from TensorStore's own
-    threads, later than the error reaches the caller, each printing a traceback (up to dozens)
-    under our one-line error. Those callbacks have nothing left to do, so after a failure the
-    filter stays (anything else still reaches the previous hook); after a success none are pending.
+    TensorStore reads still in flight then complete later than the error reaches the caller, from
+    TensorStore's threads: onto the closed loop ("Event loop is closed" unraisables) or as failed
+    tasks and futures nobody awaits (asyncio logs each "... exception was never retrieved" when
+    it is collected). Up to dozens of tracebacks would follow our error. Those reads have nothing left
+    to do, so after a failure both filters stay, for this tree only (anything else still reaches
+    the previous hook and the log); after a success none are pending.
     """
     previous = sys.unraisablehook
     if getattr(previous, "func", None) is not _drop_closed_loop_noise:
         sys.unraisablehook = functools.partial(_drop_closed_loop_noise, previous=previous)
-    yield
-    sys.unraisablehook = previous
+    absl_log, quiet_metadata = logging.getLogger("absl"), _NoMetadataWarning()
+    absl_log.addFilter(quiet_metadata)
+    try:
+        yield
+    except BaseException:
+        _late_read_failures.refused.add(tree_path.rstrip("/"))
+        asyncio_log = logging.getLogger("asyncio")
+        if _late_read_failures not in asyncio_log.filters:
+            asyncio_log.addFilter(_late_read_failures)
+        raise
+    else:
+        sys.unraisablehook = previous
+    finally:
+        absl_log.removeFilter(quiet_metadata)
 
 
 def restore_tree(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,7 +334,7 @@ def restore_tree(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[s
     if not os.path.isfile(os.path.join(tree_path, "_METADATA")):
         raise CheckpointError(f"{tree_path}/_METADATA (the parameter tree's layout) is missing; {redo}")
     try:
-        with _quiet_late_orbax_callbacks(), ocp.StandardCheckpointer() as ckptr:
+        with _quiet_late_orbax_callbacks(tree_path), ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(tree_path).item_metadata
             if stored is None:
                 raise CheckpointError(f"cannot read the parameter tree's metadata in {tree_path} (its "
