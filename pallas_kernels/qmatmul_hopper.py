@@ -195,7 +195,7 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
 
     def main_loop(acc_ref):
         def step(_, a_smem, b_smem):
-            b = b_smem if interpret else plgpu.transpose_ref(b_smem, (1, 0))
+            b = b_smem if interpret else b_smem.transpose((1, 0))
             plgpu.wgmma(acc_ref, a_smem, b)
             plgpu.wgmma_wait(in_flight)
 
@@ -338,7 +338,7 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
             plgpu.SMEM((tn,), jnp.float32),
             plgpu.SMEM((tn,), jnp.float32),
             plgpu.SMEM((tm, tn), out_dtype, transforms=_smem_transforms(tn * out_itemsize, out_itemsize)),
-            plgpu.Barrier(num_arrivals=5 if bias is not None else 4),
+            plgpu.Barrier(num_arrivals=5 if bias is not None else 4, num_barriers=1),  # (1,) in 0.10 and 0.11
         ],
         grid=grid,
         grid_names=names,

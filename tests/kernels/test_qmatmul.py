@@ -210,7 +210,7 @@ def test_bad_arguments_are_explained():
 
 
 @pytest.mark.parametrize("k,n,w_bits", [(384, 1536, 8), (768, 56, 8), (24, 768, 4), (1536, 384, 4)])
-def test_lowers_for_cuda_at_vim_shapes(k, n, w_bits):
+def test_lowers_for_cuda_at_vim_shapes(k, n, w_bits, cuda_target):
     s = jax.ShapeDtypeStruct
     batch = 64
     args = (s((batch, SEQ, k), jnp.bfloat16), s((k // 2 if w_bits <= 4 else k, n), jnp.int8),

@@ -122,7 +122,7 @@ def test_bad_arguments_are_explained():
 @pytest.mark.parametrize("seq,e,n,config", [(197, 768, 16, None), (197, 1536, 16, None),
                                             (3136, 96, 1, None), (49, 768, 1, None),
                                             (197, 1536, 16, ScanConfig(32, 2, 2, unroll=4, prefetch=True))])
-def test_lowers_for_cuda_at_model_shapes(seq, e, n, config):
+def test_lowers_for_cuda_at_model_shapes(seq, e, n, config, cuda_target):
     s = jax.ShapeDtypeStruct
     batch = 64
     row, state = s((batch, seq, e), jnp.bfloat16), s((batch, seq, n), jnp.bfloat16)
@@ -221,7 +221,7 @@ def test_trainable_state_buffer_overflow_is_explained():
 
 
 @pytest.mark.parametrize("directions,seq,e,n", [(1, 197, 384, 16), (4, 3136, 96, 1)])
-def test_backward_lowers_for_cuda_at_model_shapes(directions, seq, e, n):
+def test_backward_lowers_for_cuda_at_model_shapes(directions, seq, e, n, cuda_target):
     # Vim-T (one direction, gated, reverse) and VMamba-T stage 1 (four vmapped directions).
     s = jax.ShapeDtypeStruct
     lead = (directions, 64)
