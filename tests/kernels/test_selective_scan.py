@@ -1,6 +1,8 @@
 """selective_scan and selective_scan_trainable: Pallas kernels (compiled on GPU, interpret mode
 elsewhere) vs selective_scan_ref and its jax.grad, the dispatcher, and CUDA lowering."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,17 +201,52 @@ def test_trainable_gradients_bf16_and_vmapped_directions():
         assert_close(gk, gr, 2e-2)
 
 
-def test_dispatcher_trainable_context():
-    # On a GPU, grad through the dispatcher runs the Pallas VJP; elsewhere it is the reference,
-    # bit for bit.
+class _ReportsGpu:
+    """jax as ``ptq4vm_jax.ops.scan`` sees it when the backend check is faked to say "gpu"."""
+
+    def default_backend(self):
+        return "gpu"
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["forward", "trainable"])
+def test_dispatcher_runs_the_kernel_its_context_names(trainable, monkeypatch):
+    """Inside ``scan_kernel()`` on a GPU the models' scan is the Pallas kernel (the forward one,
+    or the one with the Pallas VJP), every argument in its place; outside it, the reference.
+    Off the GPU the backend check is faked and the kernels run in interpret mode, so the
+    routing is tested on every machine, not compared reference against reference."""
+    kernels = importlib.import_module("pallas_kernels.selective_scan")  # the package's
+    calls = []  # attribute of that name is the function
+    for name in ("selective_scan", "selective_scan_trainable"):
+        def spy(*args, _fn=getattr(kernels, name), _name=name, **kw):
+            if "interpret" not in kw:  # the dispatcher's call (the VJP calls the forward itself)
+                calls.append(_name)
+                kw["interpret"] = INTERPRET
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, spy)
+    if INTERPRET:
+        monkeypatch.setattr(scan_ops, "jax", _ReportsGpu())
+    # D, z and delta_bias all differ, delta_softplus=False and reverse=True are not the defaults:
+    # a dropped or misplaced argument changes the output.
     inp = make_inputs(5, 1, 16, 32, 16)
-    with scan_kernel(trainable=True):
-        value, g = grads(scan_ops.selective_scan, inp, True, True)
-    value_ref, g_ref = grads(selective_scan_ref, inp, True, True)
-    for k in g:
-        if INTERPRET:
-            np.testing.assert_array_equal(np.asarray(g[k]), np.asarray(g_ref[k]), err_msg=k)
-        else:
+    inp["delta"] = jax.nn.softplus(inp["delta"])
+    kw = dict(delta_softplus=False, reverse=True)
+    y_ref = selective_scan_ref(**inp, **kw)
+    np.testing.assert_array_equal(scan_ops.selective_scan(**inp, **kw), y_ref)
+    assert calls == []
+    with scan_kernel(trainable=trainable):
+        y = scan_ops.selective_scan(**inp, **kw)
+    assert calls == ["selective_scan_trainable" if trainable else "selective_scan"]
+    assert_close(y, y_ref, 2e-5)
+    if trainable:
+        with scan_kernel(trainable=True):
+            value, g = grads(scan_ops.selective_scan, inp, False, True)
+        value_ref, g_ref = grads(selective_scan_ref, inp, False, True)
+        assert set(g) == set(ARGS)
+        for k in g:
             assert_close(g[k], g_ref[k], 1e-5)
 
 
