@@ -56,6 +56,10 @@ def test_pack_int4_round_trip_halves_memory():
     w = jax.random.randint(jax.random.key(0), (24, 40), -8, 8, dtype=jnp.int32).astype(jnp.int8)
     packed = pack_int4(w)
     assert packed.shape == (12, 40) and packed.dtype == jnp.int8
+    # The stored layout (checkpoints depend on it), built independently: row i of the first half
+    # of K in the low nibble, row i + K/2 in the high nibble, two's complement.
+    nibbles = np.asarray(w).astype(np.uint8) & 0x0F
+    np.testing.assert_array_equal(np.asarray(packed).view(np.uint8), nibbles[:12] | (nibbles[12:] << 4))
     assert packed.nbytes * 2 == w.nbytes
     np.testing.assert_array_equal(unpack_int4(packed), w)
     np.testing.assert_array_equal(weight_colsum(packed, 4), np.asarray(w, np.int64).sum(0))
