@@ -103,9 +103,12 @@ def test_float_params_are_only_replaced_by_the_same_model(tmp_path, params):
         save_params(tmp_path / "ck", nano, model_name="vim_nano")
     assert _same(load_params(tmp_path / "ck")[0], params)
     long = "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
-    tiny = _random_params("vim_tiny", embed_dim=16, depth=1)
-    save_params(tmp_path / "t", tiny, model_name="vim_tiny", model_overrides={"embed_dim": 16, "depth": 1})
-    save_params(tmp_path / "t", tiny, model_name=long, model_overrides={"embed_dim": 16, "depth": 1})
+    sizes = {"embed_dim": 16, "depth": 1}
+    save_params(tmp_path / "t", _random_params("vim_tiny", **sizes), model_name="vim_tiny",
+                model_overrides=sizes)
+    tiny = _random_params("vim_tiny", seed=1, **sizes)  # the official long name is the same model
+    save_params(tmp_path / "t", tiny, model_name=long, model_overrides=sizes)
+    assert _same(load_params(tmp_path / "t", model_name="vim_tiny")[0], tiny)
 
 
 def test_a_checkpoint_is_not_replaced_by_another_format(tmp_path, params):
