@@ -125,8 +125,10 @@ def test_single_device_default_needs_no_padding():
     assert mesh.axis_names == ("data",)
     x = np.arange(6.0).reshape(3, 2)
     xs, n = shard_batch(x, mesh)
-    assert n == 3 and xs.shape[0] % len(mesh.devices.flat) == 0
+    devices = len(mesh.devices.flat)
+    assert n == 3 and xs.shape == (-(-3 // devices) * devices, 2)  # (3, 2) on one device: no padding
     np.testing.assert_array_equal(np.asarray(xs)[:3], x)
+    np.testing.assert_array_equal(np.asarray(xs)[3:], 0)
     np.testing.assert_array_equal(np.asarray(replicate({"w": x}, mesh)["w"]), x)
     with pytest.raises(ValueError, match="leading batch dimension"):
         shard_batch(np.float32(1.0), mesh)
