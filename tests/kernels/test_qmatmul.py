@@ -122,6 +122,11 @@ def test_fake_quant_codes_use_reciprocal_products_on_every_backend():
     np.testing.assert_array_equal(codes, host)
     kernel_codes = np.asarray(quantize_activations(x, smooth, a_scale, a_zero), np.int64) + 128
     np.testing.assert_array_equal(kernel_codes, host)
+    # The fused kernel's prologue too (a kernel dividing by smooth and a_scale passes every other case).
+    w = jax.random.randint(jax.random.key(8), (64, 32), -127, 128, dtype=jnp.int32).astype(jnp.int8)
+    acc = qmatmul_int32(x, w, smooth, a_scale, a_zero, interpret=INTERPRET)
+    naive = naive_int32(dict(x=x, w=w, smooth=smooth, a_scale=a_scale, a_zero=a_zero), 8)
+    np.testing.assert_array_equal(acc, naive)
 
 
 def test_reference_and_kernel_round_ties_to_even():
