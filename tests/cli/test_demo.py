@@ -1,5 +1,6 @@
 """The README's first command: `ptq4vm demo` on the bundled vim_micro, with the issue's criteria."""
 
+import math
 import re
 
 import pytest
@@ -67,7 +68,10 @@ def test_demo_reports_a_paired_top1_test_consistent_with_its_table(demo):
         only_ptq, only_rtn, p = int(m.group(1)), int(m.group(2)), float(m.group(3))
         gap = rows[f"PTQ4VM {bits}"]["top1"] - rows[f"RTN {bits}"]["top1"]
         assert gap == pytest.approx(100 * (only_ptq - only_rtn) / 355, abs=0.01)
-        assert 0.0 < p <= 1.0
+        # exact two-sided McNemar: twice the binomial(n, 1/2) tail at the smaller count, at most 1
+        n = only_ptq + only_rtn
+        tail = sum(math.comb(n, i) for i in range(min(only_ptq, only_rtn) + 1)) / 2**n
+        assert p == pytest.approx(min(1.0, 2 * tail), abs=5e-4)  # printed with 3 decimals
 
 
 def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
