@@ -266,7 +266,7 @@ def test_a_damaged_tree_gives_one_error_and_no_tracebacks(tmp_path, params):
 def test_only_the_refused_trees_late_failures_are_dropped(tmp_path, params, caplog):
     save_params(tmp_path / "ck", params, model_name="vim_micro")
     _truncate_files(tmp_path / "ck" / "params" / "ocdbt.process_0" / "d")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"cannot read the parameter tree in .*ck/params"):
         load_params(tmp_path / "ck")
     log = logging.getLogger("asyncio")
     with caplog.at_level(logging.ERROR, logger="asyncio"):
