@@ -126,13 +126,21 @@ def quantize_params(
     """
     from ptq4vm_jax.data import calibration_images
 
+    if isinstance(model, nn.Module):
+        raise TypeError(f"quantize_params takes the model's name (model='vim_tiny', with model_overrides="
+                        f"{{...}} for a resized one), not a {type(model).__name__} module: the name and "
+                        "overrides are saved with the quantized params")
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
+                        "QuantConfig(w_bits=4, a_bits=8)" + (", or QuantConfig(**d) for a dict d"
+                                                             if isinstance(config, Mapping) else ""))
     name = canonical_name(model)
     overrides = dict(model_overrides or {})
     family = model_family(name)
     cfg = (config or QuantConfig()).resolve(family)
     net = create_model(name, **overrides)
-    params = jax.tree_util.tree_map(jnp.asarray, copy_tree(params))
     _check_params(net, params, name)
+    params = _uncommitted(copy_tree(params))
     linears = dense_paths(net, params, image_shape(net))  # rules checked before data is read
     _check_rules(cfg.rules, linears, name)
     paths = [p for p in linears if is_quantized(p, cfg.rules)]
@@ -162,6 +170,7 @@ def quantize_params(
         layers.update(_init_outside(net, params, images, outside, layers, cfg))
     seconds = time.perf_counter() - t0
     qlayers, float_params = _finalize(layers, params, cfg)
+    qlayers = _uncommitted(qlayers)
     info = dict(
         calibration_seconds=seconds,
         num_calib=int(images.shape[0]),
@@ -171,6 +180,13 @@ def quantize_params(
     )
     return QuantizedParams(params=float_params, qlayers=qlayers, model_name=name, config=cfg,
                            model_overrides=tuple(sorted(overrides.items())), info=json.dumps(info))
+
+
+def _uncommitted(tree: Any) -> Any:
+    """Arrays tied to no device follow their operands wherever those are. Params committed to one
+    device clash with calibration images spread over several, and results computed on that mesh
+    are committed to every local device, so applying them to images put on one would fail."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), tree)
 
 
 def _check_rules(rules: tuple[QuantRule, ...], linears: list[Path], name: str) -> None:
@@ -234,11 +250,25 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _check_params(net: nn.Module, params: Any, name: str) -> None:
     """Shapes of ``params`` against the model's (before any data is read); every problem named."""
+    if not isinstance(params, Mapping):
+        loaded = (isinstance(params, tuple) and len(params) == 2 and isinstance(params[1], Mapping)
+                  and "format" in params[1])
+        hint = ("; load_params returns (params, metadata): params, meta = load_params(path)" if loaded
+                else "")
+        raise TypeError(f"params must be the param tree of {name} (a dict, e.g. variables['params']), "
+                        f"got {type(params).__name__}{hint}")
     images = jax.ShapeDtypeStruct(image_shape(net), jnp.float32)
     want = _leaf_shapes(jax.eval_shape(net.init, jax.random.key(0), images)["params"])
     got = _leaf_shapes(params)
     if got == want:
-        broken = nonfinite_report(flatten_tree(params))
+        flat = flatten_tree(params)
+        dtypes = {p: getattr(v, "dtype", None) or np.asarray(v).dtype for p, v in flat.items()}
+        integer = [f"{p} ({d})" for p, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating)]
+        if integer:
+            raise TypeError(f"the params of {name} must be floating point; {len(integer)} are not: "
+                            f"{', '.join(integer[:5])}. quantize_params needs the float model's weights "
+                            "(e.g. from load_torch_checkpoint or load_params)")
+        broken = nonfinite_report(flat)
         if broken:
             raise ValueError(f"the float params of {name} hold NaN/inf values ({'; '.join(broken[:5])}): "
                              "the checkpoint itself is broken, calibration cannot fix it")

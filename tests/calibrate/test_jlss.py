@@ -184,6 +184,17 @@ def test_wrong_params_are_refused_before_any_data_is_read(setup):
         quantize_params(params, never_read(), model="vim_micro", config=BASE, progress=False)
     with pytest.raises(ValueError, match=r"wrapped in \{'params': \.\.\.\}: pass variables\['params'\]"):
         quantize_params({"params": params}, never_read(), model=MODEL, config=BASE, progress=False)
+    metadata = {"format": "ptq4vm-jax/float-params", "model_name": MODEL}
+    with pytest.raises(TypeError, match=r"got tuple; load_params returns \(params, metadata\): params, "
+                                        r"meta = load_params\(path\)"):
+        quantize_params((params, metadata), never_read(), model=MODEL, config=BASE, progress=False)
+    codes = jax.tree_util.tree_map(lambda a: np.asarray(a, np.int32), params)
+    with pytest.raises(TypeError, match=r"must be floating point; \d+ are not: cls_token \(int32\)"):
+        quantize_params(codes, never_read(), model=MODEL, config=BASE, progress=False)
+    with pytest.raises(TypeError, match="takes the model's name.*not a VisionMamba module"):
+        quantize_params(params, never_read(), model=create_model(MODEL), config=BASE, progress=False)
+    with pytest.raises(TypeError, match=r"config must be a QuantConfig, got dict.*QuantConfig\(\*\*d\)"):
+        quantize_params(params, never_read(), model=MODEL, config={"w_bits": 4}, progress=False)
 
 
 def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
@@ -213,14 +224,16 @@ def test_calibration_runs_data_parallel_over_local_devices():
 
     code = textwrap.dedent("""
         import jax, numpy as np
-        from ptq4vm_jax import create_model, quantize_params, QuantConfig
+        from ptq4vm_jax import create_model, quantize_params, quantized_apply, QuantConfig
         from ptq4vm_jax.api import quantized_layers
         m = create_model("vim_nano")
         x = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
         p = m.init(jax.random.key(1), x[:1])["params"]
-        qp = quantize_params(p, x, model="vim_nano", config=QuantConfig(4, 4, num_calib=8, epochs=3),
-                             progress=False)
+        last = jax.devices()[-1]  # params committed to one device, images spread over all
+        qp = quantize_params(jax.device_put(p, last), x, model="vim_nano",
+                             config=QuantConfig(4, 4, num_calib=8, epochs=3), progress=False)
         print("devices", jax.local_device_count(), qp.summary["devices"])
+        quantized_apply(None, qp, jax.device_put(x[:2], last))  # the result runs on any one device
         layer = quantized_layers(qp)[("layers_1", "mixer", "out_proj")]
         print(" ".join(f"{v:.5e}" for v in np.asarray(layer["a_scale"])[:6]))
     """)
