@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 
 METHODS: tuple[str, ...] = ("ptq4vm", "pts_only", "rtn", "per_token_dynamic")
@@ -23,6 +24,9 @@ class QuantRule:
     quantize: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"QuantRule pattern must be a regex string such as r'^head$', got "
+                            f"{self.pattern!r}")
         if not isinstance(self.quantize, bool):
             raise TypeError(f"QuantRule quantize must be True or False, got {self.quantize!r} "
                             f"(for pattern {self.pattern!r})")
@@ -93,6 +97,14 @@ class QuantConfig:
             raise ValueError(f"train_batch must be a positive integer or None, got {self.train_batch!r}")
         if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 0):
             raise ValueError(f"epochs must be an integer >= 0 or None, got {self.epochs!r}")
+        optional = ("alpha", "lr_w", "lr_a", "lr_s")
+        for name in (*optional, "weight_decay", "grad_clip", "grid_p"):
+            value = getattr(self, name)
+            if not (_is_number(value) or (value is None and name in optional)):
+                raise ValueError(f"{name} must be a number{' or None' if name in optional else ''}, got "
+                                 f"{value!r} ({type(value).__name__})")
+        if not isinstance(self.train_inner_proj, bool):
+            raise ValueError(f"train_inner_proj must be True or False, got {self.train_inner_proj!r}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha (SmoothQuant migration strength) must lie in [0, 1], got {self.alpha!r}")
         for name in ("lr_w", "lr_a", "lr_s", "grad_clip", "grid_p"):
@@ -101,6 +113,10 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if isinstance(self.rules, (QuantRule, str)):
+            one = self.rules if isinstance(self.rules, QuantRule) else QuantRule(self.rules)
+            raise ValueError(f"rules must be a sequence of QuantRule objects, got the single {self.rules!r}; "
+                             f"write rules=({one!r},)")
         if self.rules is not None:
             rules = tuple(self.rules)
             bad = [r for r in rules if not isinstance(r, QuantRule)]
@@ -149,6 +165,10 @@ class QuantConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def path_str(path: tuple[str, ...]) -> str:

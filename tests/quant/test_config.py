@@ -23,6 +23,16 @@ from ptq4vm_jax.quant.config import DEFAULT_RULES, deciding_rule, is_quantized
     (dict(grad_clip=0.0), "grad_clip must be a finite number > 0"),
     (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
     (dict(rules=["^head$"]), "rules must be QuantRule objects, got '\\^head\\$'"),
+    (dict(rules=QuantRule("^head$")), r"got the single QuantRule\(pattern='\^head\$', quantize=True\); "
+                                      r"write rules=\(QuantRule\(pattern='\^head\$', quantize=True\),\)"),
+    (dict(rules="^head$"), r"got the single '\^head\$'; write rules=\(QuantRule\(pattern='\^head\$'"),
+    (dict(alpha="0.5"), r"alpha must be a number or None, got '0.5' \(str\)"),
+    (dict(alpha=True), r"alpha must be a number or None, got True \(bool\)"),
+    (dict(lr_a="1e-4"), r"lr_a must be a number or None, got '1e-4'"),
+    (dict(weight_decay=None), r"weight_decay must be a number, got None"),
+    (dict(grid_p="2"), r"grid_p must be a number, got '2'"),
+    (dict(train_inner_proj="no"), "train_inner_proj must be True or False, got 'no'"),
+    (dict(train_inner_proj=0), "train_inner_proj must be True or False, got 0"),
 ])
 def test_invalid_settings_are_explained(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -52,3 +62,5 @@ def test_rules_decide_by_first_match_and_quantize_must_be_a_bool():
     assert is_quantized("layers_3/mixer/x_proj_b", rules) and not is_quantized("head", rules)
     with pytest.raises(TypeError, match="quantize must be True or False, got 'no'"):
         QuantRule(r"^head$", quantize="no")
+    with pytest.raises(TypeError, match=r"pattern must be a regex string such as r'\^head\$', got b'head'"):
+        QuantRule(b"head")
