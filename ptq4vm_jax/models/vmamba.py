@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,8 +60,19 @@ class VMambaConfig:
         for name in ("depths", "dims"):
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(int(v) for v in value))
-        problems = []
+                object.__setattr__(self, name, tuple(int(v) if _is_int(v) else v for v in value))
+        sizes = ("img_size", "patch_size", "in_chans", "num_classes", "ssm_d_state", "ssm_conv")
+        problems = [f"{name} must be a positive int, got {getattr(self, name)!r}" for name in sizes
+                    if not _positive_int(getattr(self, name))]
+        if not (isinstance(self.depths, tuple) and self.depths and all(map(_positive_int, self.depths))):
+            problems.append(f"depths must be positive ints, one per stage, got {self.depths!r}")
+        per_stage = isinstance(self.dims, tuple) and all(map(_positive_int, self.dims))
+        if not (_positive_int(self.dims) or per_stage):
+            problems.append(f"dims must be a positive int or one per stage, got {self.dims!r}")
+        problems += [f"{name} must be a number > 0, got {getattr(self, name)!r}"
+                     for name in ("ssm_ratio", "mlp_ratio") if not _positive_number(getattr(self, name))]
+        if problems:
+            raise ValueError("invalid VMamba config: " + "; ".join(problems))
         if isinstance(self.dims, tuple) and len(self.dims) != len(self.depths):
             problems.append(f"dims {self.dims} needs one width per stage of depths {self.depths}")
         if self.ssm_conv < 3 or self.ssm_conv % 2 == 0:
@@ -105,6 +117,18 @@ class VMambaConfig:
 
     def mlp_hidden(self, dim: int) -> int:
         return int(dim * self.mlp_ratio)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(value: object) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _conv_out(n: int, kernel: int, stride: int, pad: int) -> int:

@@ -180,6 +180,19 @@ def test_bad_arguments_are_explained():
         VMambaConfig(ssm_conv=4)
     with pytest.raises(ValueError, match="ssm_dt_rank must be 'auto' or a positive int"):
         VMambaConfig(ssm_dt_rank="big")
+    for bad, message in ((dict(dims=-16), "dims must be a positive int or one per stage, got -16"),
+                         (dict(dims="96"), "dims must be a positive int or one per stage, got '96'"),
+                         (dict(depths=2), "depths must be positive ints, one per stage, got 2"),
+                         (dict(depths=[2, 0]), r"depths must be positive ints, one per stage, got \(2, 0\)"),
+                         (dict(ssm_ratio=0), "ssm_ratio must be a number > 0, got 0"),
+                         (dict(mlp_ratio=-1.0), "mlp_ratio must be a number > 0, got -1.0"),
+                         (dict(num_classes=0), "num_classes must be a positive int, got 0"),
+                         (dict(img_size=224.0), "img_size must be a positive int, got 224.0"),
+                         (dict(ssm_d_state=0), "ssm_d_state must be a positive int, got 0")):
+        with pytest.raises(ValueError, match="invalid VMamba config: " + message):
+            create_model("vmamba_micro", **bad)
+    listed = create_model("vmamba_micro", depths=[1, 1, 2, 1], dims=[16, 32, 64, 128]).cfg
+    assert (listed.depths, listed.dims) == ((1, 1, 2, 1), (16, 32, 64, 128))
     model = create_model("vmamba_micro")
     with pytest.raises(ValueError, match=r"NHWC images of shape \(batch, 32, 32, 3\).*channels-first"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 3, 32, 32)))
