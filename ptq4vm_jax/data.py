@@ -143,6 +143,26 @@ def _split_element(elem: Any) -> tuple[Any, Any]:
     )
 
 
+def class_labels(labels: Any, where: str) -> np.ndarray:
+    """Labels as integer class indices (N,). One-hot rows, fractions, strings, booleans or negative
+    values would each be compared with predicted indices and count as wrong, silently."""
+    arr = np.asarray(labels)
+    if arr.ndim == 2 and arr.shape[1] > 1:
+        raise ValueError(f"{where}: labels of shape {arr.shape} look one-hot (or per-class scores); pass "
+                         "one class index per image, e.g. labels.argmax(-1)")
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+        arr = arr.astype(np.int64)  # whole numbers stored as floats
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{where}: labels must be integer class indices, got dtype {arr.dtype} "
+                         f"(first values {arr[:3].tolist()}); map them to 0..num_classes-1")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{where}: label {arr.min()} is negative; labels are class indices from 0 (a split "
+                         "without labels, such as imagenet2012's test split, marks them -1: evaluate on a "
+                         "labelled split such as validation)")
+    return arr.astype(np.int64)
+
+
 def _pixel_kind(dtype: np.dtype, where: str) -> str:
     if dtype.kind in "ui":
         return "int"
@@ -188,7 +208,7 @@ def _prepare(
         out = np.asarray(np.asarray(arr), np.float32)
         out = out[None] if single else out
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
+        labels = class_labels(labels, where)
         if labels.shape[0] != out.shape[0]:
             raise ValueError(
                 f"{where}: {out.shape[0]} image(s) but {labels.shape[0]} label(s)"
@@ -223,10 +243,33 @@ def _check_images(images: np.ndarray, *, image_size: int, channels: int, offset:
         )
 
 
-def _elements(source: Any, order: Iterable[int] | None, *, chunk: int) -> Iterator[Any]:
+def _check_batch_axes(images: Any, where: str) -> None:
+    """A whole-dataset array is (N, H, W, C); anything else would be cut into wrong "images"."""
+    shape = tuple(np.shape(images))
+    if len(shape) == 4:
+        return
+    if len(shape) == 3:
+        hint = ("one image (H, W, C)? add a batch axis: x[None]. A batch of single-channel images "
+                "(N, H, W)? add a channel axis: x[..., None]")
+    elif len(shape) == 1:
+        hint = "a 1-D array looks like labels; for an (images, labels) pair put the images first"
+    else:
+        hint = "pass the images as one (N, H, W, C) array"
+    raise ValueError(f"{where}: expected images as an array (N, H, W, C); got shape {shape}: {hint}")
+
+
+def _empty(source: Any, where: str) -> ValueError:
+    consumed = isinstance(source, Iterator)
+    return ValueError(f"{where}: the dataset is empty (no images found)" + (
+        "; an iterator or generator can be read once: was it used up by an earlier call? Pass a list "
+        "or a fresh generator" if consumed else ""))
+
+
+def _elements(source: Any, order: Iterable[int] | None, *, chunk: int, where: str) -> Iterator[Any]:
     """Elements of any accepted source; arrays are cut into slices of ``chunk`` images."""
     if _is_array(source) or _is_pair(source) or isinstance(source, Mapping):
         images, labels = source if _is_pair(source) else _split_element(source)
+        _check_batch_axes(images, where)
         n = len(images)
         if labels is not None and len(labels) != n:
             raise ValueError(f"{n} images but {len(labels)} labels")
@@ -281,7 +324,7 @@ def calibration_images(
     got: list[np.ndarray] = []
     count = 0
     used: list[int] = []
-    for k, elem in enumerate(_elements(calib_ds, order, chunk=num_images)):
+    for k, elem in enumerate(_elements(calib_ds, order, chunk=num_images, where=where)):
         images, _ = _split_element(elem)
         x, _ = _prepare(images, None, image_size=image_size, preprocess=preprocess, where=where)
         if order is not None:
@@ -294,7 +337,7 @@ def calibration_images(
         if count >= num_images:
             break
     if count == 0:
-        raise ValueError(f"{where}: the dataset is empty (no images found)")
+        raise _empty(calib_ds, where)
     if count < num_images:
         raise ValueError(
             f"{where}: asked for {num_images} calibration images but the dataset has only "
@@ -375,7 +418,7 @@ def eval_batches(
     buf_y: list[np.ndarray] = []
     pending = 0
     seen = 0
-    for elem in _elements(source, None, chunk=batch_size):
+    for elem in _elements(source, None, chunk=batch_size, where=where):
         images, labels = _split_element(elem)
         if labels is None:
             raise ValueError(
@@ -396,7 +439,7 @@ def eval_batches(
             buf_x, buf_y = [xs[batch_size:]], [ys[batch_size:]]
             pending -= batch_size
     if seen == 0 and not allow_empty:
-        raise ValueError(f"{where}: the dataset is empty (no images found)")
+        raise _empty(source, where)
     if pending:
         xs, ys = np.concatenate(buf_x), np.concatenate(buf_y)
         pad = batch_size - pending

@@ -3,7 +3,8 @@ test of two models' top-1 on one test set."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -38,22 +39,24 @@ def evaluate(
     if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
         raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
     hits1 = hits5 = n = nonfinite = 0
+    warned = False
     bar = tqdm(total=num_examples, disable=not progress, unit="img", desc="eval")
     try:
-        for batch in batches:
-            if len(batch) not in (2, 3):
-                raise ValueError(
-                    f"each batch must be (images, labels) or (images, labels, mask); got "
-                    f"{len(batch)} items"
-                )
-            images, labels = batch[0], np.asarray(batch[1]).reshape(-1)
-            mask = np.ones(labels.shape[0], bool) if len(batch) == 2 else np.asarray(batch[2], bool)
+        for k, batch in enumerate(batches):
+            images, labels, mask = _split_batch(batch, k, batches)
             logits = np.asarray(logits_fn(images), np.float32)
             if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
                 raise ValueError(
                     f"logits_fn returned shape {logits.shape} for a batch of {labels.shape[0]} "
                     "labels; expected (batch, num_classes)"
                 )
+            beyond = labels[mask] >= logits.shape[1]
+            if beyond.any() and not warned:  # (a warning: tests run small models on ImageNet labels)
+                warnings.warn(
+                    f"batch #{k}: label {labels[mask][beyond].max()} but the model has {logits.shape[1]} "
+                    "classes, so such images always count as wrong; the labels belong to another label "
+                    "set, or the model was built with another num_classes", stacklevel=2)
+                warned = True
             if num_examples is not None:
                 mask = mask & (np.cumsum(mask) <= num_examples - n)
             broken = ~np.isfinite(logits).all(axis=1) & mask
@@ -84,6 +87,32 @@ def evaluate(
         raise ValueError("no examples were evaluated: the batches were empty or fully masked")
     metrics = {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "n": n}
     return metrics | ({"local_n": local_n} if across_processes else {})
+
+
+def _split_batch(batch: Any, k: int, batches: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """One batch -> (images, integer labels, mask), checked against each other."""
+    from ptq4vm_jax.data import class_labels
+
+    if isinstance(batch, Mapping):
+        raise ValueError(f"batch #{k} is a dict (keys {sorted(map(str, batch))}); batches are (images, "
+                         "labels[, mask]) tuples: ptq4vm_jax.data.eval_batches(source, batch_size, "
+                         "image_size=...) makes them from dicts with 'image' and 'label'")
+    if len(batch) not in (2, 3):
+        single = (" (a single (images, labels) pair must be wrapped in a list: [(images, labels)])"
+                  if isinstance(batches, tuple) and len(batches) == 2 else "")
+        raise ValueError(
+            f"each batch must be (images, labels) or (images, labels, mask); got "
+            f"{len(batch)} items{single}"
+        )
+    labels = class_labels(batch[1], f"batch #{k}")
+    count = np.shape(batch[0])[0] if np.ndim(batch[0]) else None
+    if count is not None and count != labels.shape[0]:
+        raise ValueError(f"batch #{k}: {count} images but {labels.shape[0]} labels; give one class index "
+                         "per image")
+    mask = np.ones(labels.shape[0], bool) if len(batch) == 2 else np.asarray(batch[2], bool).reshape(-1)
+    if mask.shape != labels.shape:
+        raise ValueError(f"batch #{k}: mask has {mask.shape[0]} entries for {labels.shape[0]} labels")
+    return batch[0], labels, mask
 
 
 def _nonfinite_message(count: int, where: np.ndarray | None) -> str:

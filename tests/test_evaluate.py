@@ -65,6 +65,36 @@ def test_evaluate_errors():
         evaluate(lambda _: np.zeros((2, 3)), [], num_examples=0, progress=False)
 
 
+def test_labels_that_would_silently_count_as_wrong_are_refused():
+    fn = lambda images: one_hot_logits(np.zeros(len(images), int))
+    x, y = np.zeros((4, 2, 2, 3), np.float32), np.array([0, 1, 2, 3])
+    for labels, message in ((np.eye(10)[y], r"labels of shape \(4, 10\) look one-hot.*labels\.argmax\(-1\)"),
+                            (y + 0.5, r"labels must be integer class indices, got dtype float64"),
+                            (y.astype(str), r"labels must be integer class indices, got dtype <U"),
+                            (y > 1, r"labels must be integer class indices, got dtype bool"),
+                            (y - 1, r"label -1 is negative.*imagenet2012's test split")):
+        with pytest.raises(ValueError, match="batch #0: " + message):
+            evaluate(fn, [(x, labels)], progress=False)
+        with pytest.raises(ValueError, match="eval data: " + message):
+            next(eval_batches((x, labels), 4, image_size=2))
+    assert evaluate(fn, [(x, y.astype(np.float32))], progress=False)["top1"] == 25.0  # whole numbers
+    with pytest.raises(ValueError, match=r"batch #1: 4 images but 3 labels; give one class index per image"):
+        evaluate(fn, [(x, y), (x, y[:3])], progress=False)
+    with pytest.raises(ValueError, match=r"batch #0: mask has 3 entries for 4 labels"):
+        evaluate(fn, [(x, y, np.ones(3, bool))], progress=False)
+    with pytest.warns(UserWarning, match="batch #0: label 12 but the model has 10 classes"):
+        assert evaluate(fn, [(x, y + 9)], progress=False)["top1"] == 0.0
+
+
+def test_batches_in_the_wrong_form_are_explained():
+    fn = lambda images: one_hot_logits(np.zeros(len(images), int))
+    x, y = np.zeros((4, 2, 2, 3), np.float32), np.array([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"batch #0 is a dict \(keys \['image', 'label'\]\).*eval_batches"):
+        evaluate(fn, [{"image": x, "label": y}], progress=False)
+    with pytest.raises(ValueError, match=r"got 4 items \(a single \(images, labels\) pair must be wrapped"):
+        evaluate(fn, (x, y), progress=False)
+
+
 def test_nonfinite_logits_are_refused_unless_masked_out():
     def logits_fn(images):
         out = np.zeros((images.shape[0], 3))

@@ -197,6 +197,22 @@ def test_wrong_params_are_refused_before_any_data_is_read(setup):
         quantize_params(params, never_read(), model=MODEL, config={"w_bits": 4}, progress=False)
 
 
+def test_calibration_data_in_the_wrong_form_is_explained(setup):
+    _, params, images = setup
+    labels = np.arange(16)
+    run = lambda data: quantize_params(params, data, model=MODEL, config=BASE, progress=False)
+    with pytest.raises(ValueError, match=r"shape \(32, 32, 3\): one image \(H, W, C\)\? add a batch axis"):
+        run(images[0])
+    with pytest.raises(ValueError, match=r"got shape \(16,\): a 1-D array looks like labels; for an "
+                                         r"\(images, labels\) pair put the images first"):
+        run((labels, images))
+    stream = iter(list(images))
+    list(stream)  # as an earlier quantize_params call would
+    with pytest.raises(ValueError, match="the dataset is empty .*an iterator or generator can be read "
+                                         "once: was it used up by an earlier call"):
+        run(stream)
+
+
 def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
     _, params, _ = setup
 
