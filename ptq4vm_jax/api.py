@@ -316,8 +316,16 @@ def quantized_apply(
     elif getattr(model, "cfg", None) is not None:
         made_for = dataclasses.replace(qparams.model().cfg, dtype=model.cfg.dtype)
         if model.cfg != made_for:
-            raise ValueError(f"qparams were made for {qparams.model_name} with config {made_for}, but "
-                             f"the model passed has config {model.cfg}; pass model=None to build it")
+            if type(model.cfg) is type(made_for):
+                pairs = [(f.name, getattr(model.cfg, f.name), getattr(made_for, f.name))
+                         for f in dataclasses.fields(made_for)]
+                differ = "has " + ", ".join(f"{k}={got!r} (qparams: {want!r})" for k, got, want in pairs
+                                            if got != want)
+            else:
+                differ = f"is a {type(model).__name__}"
+            raise ValueError(f"qparams were made for {qparams.model_name} ({type(made_for).__name__}), but "
+                             f"the model passed {differ}; pass model=None to build the model the qparams "
+                             "describe")
     with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(True), int_gemm(gemm):
         return model.apply({"params": qparams.params}, images)
 

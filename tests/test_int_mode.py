@@ -142,7 +142,12 @@ def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):
     images = jnp.zeros((1, 32, 32, 3))
     with pytest.raises(TypeError, match="qparams must be a QuantizedParams .* got dict"):
         pq.quantized_apply(None, params, images)
-    with pytest.raises(ValueError, match="made for vim_micro with config .*embed_dim=64"):
+    with pytest.raises(ValueError, match=r"made for vim_micro \(VimConfig\), but the model passed has "
+                                         r"embed_dim=48 \(qparams: 64\); pass model=None"):
         pq.quantized_apply(pq.create_model("vim_micro"), tiny64, images)
+    with pytest.raises(ValueError, match=r"has embed_dim=48 \(qparams: 64\), num_classes=5 \(qparams: 10\);"):
+        pq.quantized_apply(pq.create_model("vim_micro", num_classes=5), tiny64, images)
+    with pytest.raises(ValueError, match=r"\(VimConfig\), but the model passed is a VMamba;"):
+        pq.quantized_apply(pq.create_model("vmamba_micro"), tiny64, images)
     with pytest.raises(ValueError, match="made for vim_micro, not vim_nano"):
         pq.quantized_apply("vim_nano", tiny64, images)
