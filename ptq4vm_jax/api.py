@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +30,14 @@ from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
 from ptq4vm_jax.models.vmamba import VMamba, vmamba_blockwise
 from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import quantizers as qz
-from ptq4vm_jax.quant.config import QuantConfig, QuantRule, deciding_rule, is_quantized, path_str
+from ptq4vm_jax.quant.config import (
+    DEFAULT_RULES,
+    QuantConfig,
+    QuantRule,
+    deciding_rule,
+    is_quantized,
+    path_str,
+)
 from ptq4vm_jax.quant.integer import int_gemm, store_weight
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
 from ptq4vm_jax.trees import copy_tree, flatten_tree, get_path, prune_empty
@@ -142,7 +150,7 @@ def quantize_params(
     _check_params(net, params, name)
     params = _uncommitted(copy_tree(params))
     linears = dense_paths(net, params, image_shape(net))  # rules checked before data is read
-    _check_rules(cfg.rules, linears, name)
+    _check_rules(cfg.rules, linears, name, params)
     paths = [p for p in linears if is_quantized(p, cfg.rules)]
     if not paths:
         raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
@@ -189,17 +197,29 @@ def _uncommitted(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), tree)
 
 
-def _check_rules(rules: tuple[QuantRule, ...], linears: list[Path], name: str) -> None:
+def _check_rules(rules: tuple[QuantRule, ...], linears: list[Path], name: str, params: Mapping) -> None:
     """A rule that decides no layer is a typo or is shadowed by an earlier rule; running anyway
     would quantize other layers than the user believes."""
     decided = {deciding_rule(p, rules) for p in linears}
     idle = [r for i, r in enumerate(rules) if i not in decided]
     if idle:
         examples = ", ".join(path_str(p) for p in linears[:3])
+        linear_params = {path_str(p) + "/" for p in linears}
+        others = [k for k in flatten_tree(params) if not any(k.startswith(p) for p in linear_params)]
+        hits = sorted({k for r in idle for k in others  # (a parameter, or the module holding it)
+                       if re.search(r.pattern, k) or re.search(r.pattern, k.rsplit("/", 1)[0])})
+        hint = (f". They match parameters that are not linear layers ({', '.join(hits[:3])}): only "
+                "linear (nn.Dense) layers are quantized; norms, convolutions, A_log/D and the scan "
+                "stay float" if hits else "")
+        family = model_family(name)
+        foreign = [f for f, own in DEFAULT_RULES.items() if f != family and any(r in own for r in idle)]
+        if foreign:
+            hint += (f". DEFAULT_RULES[{foreign[0]!r}] are for {foreign[0]} models; {name} needs "
+                     f"DEFAULT_RULES[{family!r}]")
         raise ValueError(
             f"quantization rule(s) {idle} decide no linear layer of {name}: no layer path matches "
             f"them, or an earlier rule matches first. Layer paths look like {examples} (first "
-            f"match wins, in order: {[r.pattern for r in rules]}); fix or drop those rules"
+            f"match wins, in order: {[r.pattern for r in rules]}); fix or drop those rules{hint}"
         )
 
 

@@ -229,6 +229,16 @@ def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
     with pytest.raises(ValueError, match="an earlier rule matches first"):
         quantize_params(params, never_read(), model=MODEL,
                         config=dataclasses.replace(BASE, rules=shadowed), progress=False)
+    for not_linear, found in ((r"A_log$", "layers_0/mixer/A_log, layers_1/mixer/A_log"),
+                              (r"^layers_\d+/norm$", "layers_0/norm/weight, layers_1/norm/weight")):
+        with pytest.raises(ValueError, match=f"They match parameters that are not linear layers \\({found}"
+                                             r".*: only linear \(nn\.Dense\) layers are quantized"):
+            quantize_params(params, never_read(), model=MODEL, progress=False, config=dataclasses.replace(
+                BASE, rules=(QuantRule(not_linear), *DEFAULT_RULES["vim"])))
+    with pytest.raises(ValueError, match=r"DEFAULT_RULES\['vmamba'\] are for vmamba models; vim_nano needs "
+                                         r"DEFAULT_RULES\['vim'\]"):
+        quantize_params(params, never_read(), model=MODEL, progress=False,
+                        config=dataclasses.replace(BASE, rules=DEFAULT_RULES["vmamba"]))
 
 
 def test_calibration_runs_data_parallel_over_local_devices():
