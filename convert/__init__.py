@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
-from convert.mapping import FamilySpec, Rule, map_state_dict
+from convert.mapping import FamilySpec, Mismatch, Rule, map_state_dict
 from convert.safetensors_reader import read_safetensors
 from convert.torch_reader import read_torch_checkpoint
 from ptq4vm_jax.checkpoint import abstract_params, nonfinite_report
@@ -107,17 +107,19 @@ def _pairs(sizes: Mapping[str, Any]) -> str:
 
 
 def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any], model_name: str,
-               overrides: dict) -> str:
+               overrides: dict, mismatch: Mismatch) -> str:
     """Which model (or overrides) the checkpoint's shapes, and the training args it records, point to."""
     inferred = spec.infer_overrides(state_dict)
     if not inferred:
         return (f"hint: none of the {spec.family} parameter names were found: is this a {spec.family} "
                 "checkpoint, and is key= the entry holding its weights?")
-    said, options = "the shapes say", []
+    options: list[dict[str, Any]] = []
+    recorded = _recorded(spec, checkpoint)
     if spec.settle_sizes is not None:
-        recorded = _recorded(spec, checkpoint)
         inferred, options = spec.settle_sizes(inferred, recorded, create_model(model_name, **overrides).cfg)
-        said = "the shapes and the checkpoint's training args say" if recorded else said
+    else:  # the recorded args add what shapes cannot show (VMamba: the input size); shapes win
+        inferred = {**inferred, **{k: v for k, v in recorded.items() if k not in inferred}}
+    said = "the shapes and the checkpoint's training args say" if recorded else "the shapes say"
     sizes = _pairs(inferred)
     either = (" plus either " + " or ".join(f"({_pairs(o)})" for o in options)
               + " (the token count fits both and the checkpoint records no input size: pass the pair it "
@@ -132,7 +134,10 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
         if options:
             return f"hint: {said} {sizes}, as {model_name} has, but not its image size and stride: " \
                 f"pass{either}"
-        return (f"hint: {said} {sizes}, as {model_name} has; only key names differ: is this an "
+        renamed = bool(mismatch.missing or mismatch.unexpected)
+        differ = {(True, False): "only key names differ", (False, True): "only tensor shapes/dtypes differ",
+                  (True, True): "key names and tensor shapes/dtypes differ"}[renamed, bool(mismatch.wrong)]
+        return (f"hint: {said} {sizes}, as {model_name} has; {differ}: is this an "
                 f"official {spec.family} checkpoint of this architecture?")
     candidates = sorted((len(d), n, d) for n in list_models() if model_family(n) == spec.family
                         for d in [differing(n, {})])
@@ -166,7 +171,7 @@ def load_torch_checkpoint(
         shown = model_name + (f"({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
         raise CheckpointMismatchError(
             f"{path} does not fit {shown}:\n{mismatch.describe()}\n"
-            f"{_size_hint(spec, checkpoint, state_dict, model_name, overrides)}"
+            f"{_size_hint(spec, checkpoint, state_dict, model_name, overrides, mismatch)}"
         )
     bad = nonfinite_report(state_dict)
     if bad:

@@ -91,6 +91,17 @@ def test_every_problem_is_reported_by_name(official, tmp_path):
                      r"layers_2/blocks_0/mlp/fc1/kernel \(31, 128\), the model expects \(32, 128\)", msg)
 
 
+def test_the_size_hint_includes_what_the_recorded_config_says_and_can_be_followed(official, tmp_path):
+    sd, _, name, overrides = official
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_torch_checkpoint(GOLDEN / "reduced_v2v.pth", "vmamba_micro")
+    assert "closest is vmamba_micro with dims=(16, 24, 32, 48), img_size=48 " in str(err.value)
+    load_torch_checkpoint(GOLDEN / "reduced_v2v.pth", "vmamba_micro", dims=(16, 24, 32, 48), img_size=48)
+    broken = {k: v[:-1] if k.endswith("A_logs") else v for k, v in sd.items()}
+    with pytest.raises(CheckpointMismatchError, match=r"vmamba_tiny has; only tensor shapes/dtypes differ"):
+        load_torch_checkpoint(save(tmp_path, broken), name, **overrides)
+
+
 def test_key_picks_model_or_model_ema(official):
     sd, _, name, overrides = official
     ema = load_torch_checkpoint(GOLDEN / "reduced_v2v.pth", name, key="model_ema", **overrides)
