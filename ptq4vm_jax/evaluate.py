@@ -163,9 +163,11 @@ def paired_top1(labels: Any, preds_a: Any, preds_b: Any) -> dict[str, float]:
     evidence; ``p_value`` is the exact two-sided McNemar (sign) test on them. Small test sets
     (the digits split: one image is 0.28 points) need it before reading a top-1 gap as a win.
     """
-    y = np.asarray(labels).reshape(-1)
-    a = np.asarray(preds_a).reshape(-1)
-    b = np.asarray(preds_b).reshape(-1)
+    from ptq4vm_jax.data import class_labels
+
+    y = class_labels(labels, "paired_top1")
+    a = class_labels(preds_a, "paired_top1", "preds_a")
+    b = class_labels(preds_b, "paired_top1", "preds_b")
     if not (y.shape == a.shape == b.shape) or y.size == 0:
         raise ValueError(
             f"labels and both prediction arrays must hold the same non-zero number of images; "

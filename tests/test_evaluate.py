@@ -182,6 +182,11 @@ def test_paired_top1_rejects_mismatched_lengths():
         paired_top1([0, 1], [0, 1, 2], [0, 1])
     with pytest.raises(ValueError, match="same non-zero number"):
         paired_top1([], [], [])
+    y = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"preds_b of shape \(3, 4\) look one-hot .*preds_b\.argmax\(-1\)"):
+        paired_top1(y, y, np.eye(4)[y])  # logits instead of predictions
+    with pytest.raises(ValueError, match="paired_top1: labels must be integer class indices"):
+        paired_top1(y + 0.5, y, y)
 
 
 def test_bundled_vim_micro_reaches_its_logged_accuracy():
