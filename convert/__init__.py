@@ -205,7 +205,8 @@ def _check_training_config(official: Mapping[str, Any], model_name: str, overrid
     if differ:
         given = ", ".join(f"{k}={getattr(ours, k)!r}" for k in differ)
         wanted = " ".join(f"--model-arg {shlex.quote(f'{k}={v!r}')}" for k, v in differ.items())
+        trained = ", ".join(f"{k}={v!r}" for k, v in differ.items())
         raise CheckpointMismatchError(
-            f"{path} was trained with {', '.join(f'{k}={v!r}' for k, v in differ.items())}, but "
-            f"{model_name} has {given}; pass those as overrides ({wanted})"
+            f"{path} was trained with {trained}, but {model_name} has {given}; pass those as overrides "
+            f"({trained}; CLI: {wanted})"
         )

@@ -55,7 +55,7 @@ def test_without_recorded_args_both_readings_of_the_token_count_are_named(tmp_pa
 def test_shapes_that_fit_but_recorded_args_that_do_not_are_refused():
     """80 px at stride 16 gives the same 26 tokens as 48 px at stride 8: only the args tell."""
     want = (r"was trained with img_size=48, stride=8, but vim_tiny has img_size=80, stride=16; pass those as "
-            r"overrides \(--model-arg img_size=48 --model-arg stride=8\)")
+            r"overrides \(img_size=48, stride=8; CLI: --model-arg img_size=48 --model-arg stride=8\)")
     with pytest.raises(CheckpointMismatchError, match=want):
         load_torch_checkpoint(STRIDE8, "vim_tiny", **SIZES, img_size=80)
     params = load_torch_checkpoint(STRIDE8, "vim_tiny", **SIZES, img_size=48, stride=8)
