@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Library wording in error messages -> the flags a command-line user has.
 _CLI_WORDS = (
-    (r"pass num_images<=(\d+)", r"pass --num-calib \1 (or fewer)"),
+    (r"pass (?:num_images|QuantConfig\.num_calib)<=(\d+)", r"pass --num-calib \1 (or fewer)"),
     (r"num_examples must be a positive integer or None", "--limit must be a positive integer"),
     (r"Pass key=<([^>]+)>", r"Pass --key <\1>"),
     (r"pass model_name='([\w.-]+)'", r"pass --model \1"),

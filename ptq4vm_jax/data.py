@@ -296,6 +296,7 @@ def calibration_images(
     channels: int = 3,
     preprocess: Preprocess | None = None,
     seed: int | None = 0,
+    count_name: str = "num_images",
 ) -> np.ndarray:
     """The calibration set as one float32 ``(num_images, H, W, C)`` array, validated.
 
@@ -303,6 +304,7 @@ def calibration_images(
     sources (tfds data sources, grain MapDatasets) are read along a fixed permutation drawn with
     ``np.random.default_rng(seed)`` (``seed=None``: indices 0, 1, 2, ...), like the official
     code's shuffled train loader but reproducible; the indices used are logged at INFO.
+    ``count_name`` is what the caller's user sets for ``num_images``, named when data runs short.
     """
     where = "calibration data"
     if int(num_images) != num_images or num_images < 1:
@@ -341,7 +343,7 @@ def calibration_images(
     if count < num_images:
         raise ValueError(
             f"{where}: asked for {num_images} calibration images but the dataset has only "
-            f"{count}; pass num_images<={count} or a larger dataset"
+            f"{count}; pass {count_name}<={count} or a larger dataset"
         )
     if used:
         logger.info("calibration images read from source indices %s (seed=%s)", used, seed)

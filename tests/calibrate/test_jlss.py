@@ -158,7 +158,8 @@ def test_nan_during_learning_names_the_block(setup, monkeypatch):
 
 def test_bad_inputs_are_explained(setup):
     _, params, images = setup
-    with pytest.raises(ValueError, match="16"):
+    with pytest.raises(ValueError, match=r"asked for 32 calibration images but the dataset has only 16; "
+                                         r"pass QuantConfig\.num_calib<=16 or a larger dataset"):
         quantize_params(params, images, model=MODEL,
                         config=dataclasses.replace(BASE, num_calib=32), progress=False)
     with pytest.raises(ValueError, match="multiple of train_batch"):
@@ -166,7 +167,8 @@ def test_bad_inputs_are_explained(setup):
                         config=dataclasses.replace(BASE, num_calib=12), progress=False)
     with pytest.raises(ValueError, match="params do not fit vim_micro"):
         quantize_params(params, images, model="vim_micro", config=BASE, progress=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected images of shape \(H, W, C\) = \(32, 32, 3\), got "
+                                         r"\(16, 16, 3\) \(image #0\); resize/crop them to 32x32"):
         quantize_params(params, images[:, :16, :16], model=MODEL, config=BASE, progress=False)
     with pytest.raises(ValueError, match="w_bits must be an integer from 2 to 8"):
         QuantConfig(w_bits=1)

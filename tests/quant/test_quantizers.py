@@ -244,3 +244,11 @@ def test_dynamic_per_token_minmax():
     np.testing.assert_array_equal(out, np.stack([expected, 2.0 * expected]))
     smooth = np.array([1.0, 1.0, 2.0, 0.5], np.float32)
     np.testing.assert_array_equal(qz.fake_quant_act_dynamic(x * smooth, smooth, 2), out)
+
+
+def test_integer_activation_codes_round_ties_to_even():
+    """Exact ties (x / (smooth * a_scale) = k + 0.5) go to the even neighbour, as jnp.round and the
+    kernels do; half-up would give [9, 10, 11, 8, 7]."""
+    x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5]], np.float32)
+    codes = qz.quantize_act_int(x, np.ones(5, np.float32), np.ones(1, np.float32), np.array([8]), 4)
+    np.testing.assert_array_equal(codes, [[8, 10, 10, 8, 6]])
