@@ -11,7 +11,7 @@ from ptq4vm_jax import create_model
 def model_and_params(request):
     model = create_model(request.param)
     size, ch = model.cfg.img_size, getattr(model.cfg, "channels", None) or model.cfg.in_chans
-    x = np.zeros((2, size, size, ch), np.float32)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, size, size, ch)))  # a real forward pass
     return model, model.init(jax.random.key(0), x)["params"], x
 
 
@@ -40,4 +40,5 @@ def test_good_images_pass_eagerly_and_under_jit(model_and_params):
     model, params, x = model_and_params
     eager = model.apply({"params": params}, x)
     jitted = jax.jit(lambda p, im: model.apply({"params": p}, im))(params, x)
+    assert np.ptp(np.asarray(eager), axis=0).max() > 1e-3  # the two images give different logits
     np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)
