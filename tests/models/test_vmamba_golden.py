@@ -198,7 +198,7 @@ def test_wrong_model_for_a_checkpoint_is_explained() -> None:
         load_torch_checkpoint(GOLDEN / "reduced_v2.pth", "vmamba_tiny", **overrides)
     msg = str(err.value)
     assert "layers_0/blocks_0/op/in_proj/kernel" in msg and "the model expects (16, 16)" in msg
-    hint = msg[msg.index("hint: the shapes say"):]
+    hint = msg[msg.index("hint: the shapes and the checkpoint's training args say"):]
     assert all(f in hint for f in ("ssm_ratio=2.0", "ssm_d_state=2", "mlp_ratio=3.0", "num_classes=7"))
 
 
