@@ -157,9 +157,9 @@ def class_labels(labels: Any, where: str, what: str = "labels") -> np.ndarray:
         raise ValueError(f"{where}: {what} must be integer class indices, got dtype {arr.dtype} "
                          f"(first values {arr[:3].tolist()}); map them to 0..num_classes-1")
     if arr.size and arr.min() < 0:
-        raise ValueError(f"{where}: label {arr.min()} is negative; {what} are class indices from 0 (a split "
-                         "without labels, such as imagenet2012's test split, marks them -1: evaluate on a "
-                         "labelled split such as validation)")
+        unlabelled = (" (a split without labels, such as imagenet2012's test split, marks them -1: "
+                      "evaluate on a labelled split such as validation)") if what == "labels" else ""
+        raise ValueError(f"{where}: {what} hold {arr.min()}; class indices start at 0{unlabelled}")
     return arr.astype(np.int64)
 
 

@@ -72,7 +72,7 @@ def test_labels_that_would_silently_count_as_wrong_are_refused():
                             (y + 0.5, r"labels must be integer class indices, got dtype float64"),
                             (y.astype(str), r"labels must be integer class indices, got dtype <U"),
                             (y > 1, r"labels must be integer class indices, got dtype bool"),
-                            (y - 1, r"label -1 is negative.*imagenet2012's test split")):
+                            (y - 1, r"labels hold -1; class indices start at 0.*imagenet2012's test split")):
         with pytest.raises(ValueError, match="batch #0: " + message):
             evaluate(fn, [(x, labels)], progress=False)
         with pytest.raises(ValueError, match="eval data: " + message):
@@ -187,6 +187,8 @@ def test_paired_top1_rejects_mismatched_lengths():
         paired_top1(y, y, np.eye(4)[y])  # logits instead of predictions
     with pytest.raises(ValueError, match="paired_top1: labels must be integer class indices"):
         paired_top1(y + 0.5, y, y)
+    with pytest.raises(ValueError, match=r"paired_top1: preds_a hold -1; class indices start at 0$"):
+        paired_top1(y, y - 1, y)  # predictions get no hint about unlabelled splits
 
 
 def test_bundled_vim_micro_reaches_its_logged_accuracy():
