@@ -3,6 +3,8 @@
     python experiments/bench_kernels.py --budget-s 360   # rows in priority order until the budget
     python experiments/bench_kernels.py --quick    # Vim-S at batch 64: GEMMs, scans, e2e; ~minutes
     python experiments/bench_kernels.py --quick --interpret   # CPU smoke test, tiny shapes
+    python experiments/bench_kernels.py --sections sweep-wgmma scan e2e --scan-shapes vim_b:256 \
+        --e2e-models vim_small:256 --e2e-variants bf16 int-wgmma   # chosen sections, in order
 
 Sections (rows stream to stdout as they finish; the full table is printed at the end):
   gemm  Vim-B/S/T in_proj, x_proj, dt_proj, out_proj at batch 256 and 64 (M = batch * 197):
@@ -19,6 +21,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
   e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; lax.scan reference scan) vs
         W8A8 ``quantized_apply(mode="int")`` in bf16 with the Pallas scan and each integer GEMM
         backend (``gemm=``: wgmma on Hopper, XLA's s8 dot, the Triton ``qmatmul``).
+  sweep-wgmma / sweep-scan / sweep-gemm  tile sweeps (only with ``--sections``): the wgmma GEMM
+        (Hopper) beside XLA's bf16 and s8 dots, the scan's tiles and token loops, the Triton GEMM.
 
 The whole table is compile-bound: on an H200 (2026-11-27) 180 s covered the Vim-S GEMM rows and
 five scan shapes, hence the priority order and ``--budget-s``.
@@ -479,37 +483,51 @@ def sweep_wgmma_row(cfg, shape: str, wc: WgmmaConfig, sets: list[dict], work: in
                check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
 
 
-def sweep_rows(cfg) -> list[Row]:
-    """Candidates for the defaults, most open question first: the wgmma GEMM (Hopper) at Vim-B
-    in_proj, the scan's tiles and token loops at Vim-B (batch 256) / VMamba stage-1 (batch 64),
-    then the Triton GEMM's tiles at Vim-S in_proj / out_proj (batch 256). Each config is checked
-    before it is timed."""
-    configs = [GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
-               GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 64, 4, 3), GemmConfig(32, 256, 64, 4, 3)]
+def sweep_wgmma_rows(cfg) -> list[Row]:
+    """The wgmma GEMM's tile configs (Hopper; one small config in the interpreter) at Vim-B
+    in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run."""
+    if not (cfg.interpret or is_hopper()):
+        return []
+    batch, model = (1, "smoke") if cfg.interpret else (256, "vim_b")
+    _, k, n = vim_layers(VIM_DIMS[model])[0]
+    m = batch * SEQ
+    sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
+    shape = f"{model} in_proj M={m} K={k} N={n}"
     rows = []
-    batch = 1 if cfg.interpret else 256
-    if cfg.interpret or is_hopper():  # the interpreter: one small config, as a smoke test
-        model = "smoke" if cfg.interpret else "vim_b"
-        _, k, n = vim_layers(VIM_DIMS[model])[0]
-        m = batch * SEQ
-        sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
-        shape = f"{model} in_proj M={m} K={k} N={n}"
-        for wc in (WgmmaConfig(64, 64, 64, 2),) if cfg.interpret else WGMMA_SWEEP:
-            body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
-            rows.append(run_row(cfg, "sweep", shape, str(wc), body))
-    # Vim-B at batch 256 first: the one scan shape below its target on the H200 (2.9x lax.scan).
+    for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
+        body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n)
+        rows.append(run_row(cfg, "sweep", shape, vname, body))
+    for wc in (WgmmaConfig(64, 64, 64, 2),) if cfg.interpret else WGMMA_SWEEP:
+        body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
+        rows.append(run_row(cfg, "sweep", shape, str(wc), body))
+    return rows
+
+
+def sweep_scan_rows(cfg) -> list[Row]:
+    """The scan's tiles and token loops at Vim-B (batch 256: the shape below its target on the
+    H200) and VMamba stage 1 (batch 64: 3136 sequential steps)."""
     scan_configs = [(16, 1, 1, False), (32, 1, 1, False), (32, 2, 1, False), (64, 2, 1, False),
                     (64, 4, 1, False), (16, 1, 4, False), (32, 1, 4, True), (32, 2, 8, True)]
-    for batch_s, e, n_state, seq in [(256, 1536, 16, SEQ), (64, 96, 1, 3136)]:
+    rows = []
+    for batch, e, n_state, seq in [(256, 1536, 16, SEQ), (64, 96, 1, 3136)]:
         if cfg.interpret:
-            batch_s, e, seq = 1, min(e, 96), min(seq, 49)
-        sets = [scan_inputs(jax.random.key(s), batch_s, seq, e, n_state) for s in range(2)]
+            batch, e, seq = 1, min(e, 96), min(seq, 49)
+        sets = [scan_inputs(jax.random.key(s), batch, seq, e, n_state) for s in range(2)]
         y_ref = jax.jit(selective_scan_ref)(*sets[0])
-        shape = f"scan B={batch_s} L={seq} E={e} N={n_state}"
+        shape = f"scan B={batch} L={seq} E={e} N={n_state}"
         for block_e, warps, unroll, prefetch in scan_configs[::6] if cfg.interpret else scan_configs:
             sc = ScanConfig(block_e, warps, 2, unroll=unroll, prefetch=prefetch)
             body = functools.partial(sweep_scan_row, cfg, shape, sc, sets, y_ref)
             rows.append(run_row(cfg, "sweep", shape, str(sc), body))
+    return rows
+
+
+def sweep_gemm_rows(cfg) -> list[Row]:
+    """The Triton GEMM's tiles at Vim-S in_proj and out_proj, batch 256."""
+    configs = [GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
+               GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 64, 4, 3), GemmConfig(32, 256, 64, 4, 3)]
+    batch = 1 if cfg.interpret else 256
+    rows = []
     for lname, k, n in [vim_layers(VIM_DIMS["vim_s"])[i] for i in (0, 3)]:
         m = batch * SEQ
         sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
@@ -517,7 +535,7 @@ def sweep_rows(cfg) -> list[Row]:
         y_ref = qmatmul_ref(i0["x"], i0["w"], i0["w_scale"], i0["smooth"], i0["a_scale"], i0["a_zero"],
                             i0["bias"])
         shape = f"vim_s {lname} M={m} K={k} N={n}"
-        for gc in configs:
+        for gc in configs[:1] if cfg.interpret else configs:
             body = functools.partial(sweep_gemm_row, cfg, shape, gc, sets, y_ref, 2 * m * k * n)
             rows.append(run_row(cfg, "sweep", shape, str(gc), body))
     return rows
@@ -555,11 +573,16 @@ def end_to_end_rows(
     return rows
 
 
-def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool):
+E2E_VARIANTS = ("bf16", "int-wgmma", "int-xla", "int-pallas", "bf16-lax-scan")
+
+
+def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
+                 variants: Sequence[str] = E2E_VARIANTS):
     """bf16 float forwards (Pallas scan; lax.scan reference) and W8A8 integer forwards of a
     randomly initialised Vim, one per integer GEMM backend (``quantized_apply(gemm=...)``), the
-    most promising first. The W8A8 scales come from a quick RTN calibration on 16 random images:
-    the arithmetic, not the accuracy, is what is timed."""
+    most promising first; ``variants`` picks among ``E2E_VARIANTS`` (wgmma only on Hopper). The
+    W8A8 scales come from a quick RTN calibration on 16 random images: the arithmetic, not the
+    accuracy, is what is timed."""
     import ptq4vm_jax as pq
     from ptq4vm_jax.ops.scan import scan_kernel
 
@@ -578,24 +601,29 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool):
         return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
 
     # Weights are jit arguments, not constants folded into the program.
-    forwards = {f"{model_name} bf16 (scan: pallas)": functools.partial(float_fwd, True, params)}
-    cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
-    calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
-    t0 = time.perf_counter()
-    qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
-                            log=lambda _: None)
-    print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+    forwards = {}
+    if "bf16" in variants:
+        forwards[f"{model_name} bf16 (scan: pallas)"] = functools.partial(float_fwd, True, params)
     hopper = not interpret and is_hopper()
-    for gemm, what in (("wgmma", "wgmma in/out_proj, Triton rest"), ("xla", "XLA s8 dot"),
-                       ("pallas", "Triton qmatmul")):
-        if gemm != "wgmma" or hopper:
+    gemms = [(g, what) for g, what in (("wgmma", "wgmma in/out_proj, Triton rest"), ("xla", "XLA s8 dot"),
+                                       ("pallas", "Triton qmatmul"))
+             if f"int-{g}" in variants and (g != "wgmma" or hopper)]
+    if gemms:
+        cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
+        calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
+        t0 = time.perf_counter()
+        qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
+                                log=lambda _: None)
+        print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+        for gemm, what in gemms:
             forwards[f"{model_name} W8A8 int bf16 ({what}; pallas scan)"] = functools.partial(
                 int_fwd, gemm, qp)
-    forwards[f"{model_name} bf16 (scan: lax.scan)"] = functools.partial(float_fwd, False, params)
+    if "bf16-lax-scan" in variants:
+        forwards[f"{model_name} bf16 (scan: lax.scan)"] = functools.partial(float_fwd, False, params)
     return forwards, images
 
 
-def e2e_rows(models: Sequence[tuple[str, int]], cfg) -> list[Row]:
+def e2e_rows(models: Sequence[tuple[str, int]], cfg, variants: Sequence[str] = E2E_VARIANTS) -> list[Row]:
     """End-to-end rows per (model, batch); a model that fails is recorded and the run goes on."""
     rows = []
     for name, batch in models:
@@ -604,7 +632,8 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg) -> list[Row]:
             cfg.emit(rows[-1])
             continue
         try:
-            forwards, images = vim_forwards(name, batch, n_sets=2, interpret=cfg.interpret)
+            forwards, images = vim_forwards(name, batch, n_sets=2, interpret=cfg.interpret,
+                                            variants=variants)
             new = end_to_end_rows(forwards, images, label=f"batch {batch}", **cfg.timing)
         except Exception as err:  # keep the kernel rows of this run
             traceback.print_exc()
@@ -657,6 +686,28 @@ def report_clock(interpret: bool) -> None:
         print(f"SM clock (current, max) at the end: {sm_clocks()}", flush=True)
 
 
+SECTIONS = ("gemm", "e2e", "scan", "scan-train", "sweep-wgmma", "sweep-scan", "sweep-gemm")
+
+
+def model_batch(text: str) -> tuple[str, int]:
+    """argparse type for NAME:BATCH."""
+    name, sep, batch = text.partition(":")
+    if not sep or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME:BATCH such as vim_small:256, got {text!r}")
+    return name, int(batch)
+
+
+def scan_shape(name: str, batch: int) -> tuple[str, int, int, int, int]:
+    """(label, batch, L, E, N) of a Vim model's scan or one VMamba-T stage's scan."""
+    if name in VIM_DIMS:
+        return name, batch, SEQ, 2 * VIM_DIMS[name], 16
+    stages = {f"vmamba-stage{i + 1}": (i, s, e) for i, (s, e) in enumerate(VMAMBA_SCANS)}
+    if name not in stages:
+        raise SystemExit(f"unknown scan shape {name!r}: use one of {', '.join([*VIM_DIMS, *stages])}")
+    i, seq, e = stages[name]
+    return f"vmamba stage{i + 1}", batch, seq, e, 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -665,9 +716,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--interpret", action="store_true",
                     help="run the Pallas kernels in interpret mode with tiny shapes (CPU smoke test)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model rows")
-    ap.add_argument("--sweep", action="store_true",
-                    help="also time a few WgmmaConfig (Hopper) / GemmConfig / ScanConfig tiles")
-    ap.add_argument("--sweep-only", action="store_true", help="only the tile sweep")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="SECTION",
+                    help=f"run only these sections, in this order (choices: {', '.join(SECTIONS)}); "
+                         "default: gemm, e2e, scan, scan-train interleaved by priority, no sweeps")
+    ap.add_argument("--scan-shapes", nargs="+", type=model_batch, metavar="NAME:BATCH",
+                    help="scan section shapes: vim_t / vim_s / vim_b (L=197, E=2D, N=16) or "
+                         "vmamba-stage1..4 (N=1), e.g. vim_b:256")
+    ap.add_argument("--e2e-models", nargs="+", type=model_batch, metavar="MODEL:BATCH",
+                    help="end-to-end models, e.g. vim_small:256")
+    ap.add_argument("--e2e-variants", nargs="+", choices=E2E_VARIANTS, default=list(E2E_VARIANTS),
+                    help="end-to-end forwards (default: all)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting new rows after this many seconds (default 420)")
     args = ap.parse_args(argv)
@@ -713,19 +771,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # in_proj, batch 256), the Vim-S end-to-end target, the scans, then everything else.
     first = [j for j in jobs if j[:2] == (models[0], "in_proj")][:1]
     e2e = [] if args.no_e2e else e2e
-    if args.sweep_only:
-        rows = sweep_rows(cfg)
-        print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
-        report_clock(args.interpret)
-        return 1 if any("FAIL" in r.check or "MISMATCH" in r.check for r in rows) else 0
-    rows = gemm_rows(first, cfg)
-    rows += e2e_rows(e2e[:1], cfg)
-    rows += scan_rows(scans, cfg)
-    rows += scan_train_rows(train_scans, cfg)
-    rows += gemm_rows([j for j in jobs if j not in first], cfg)
-    rows += e2e_rows(e2e[1:], cfg)
-    if args.sweep:
-        rows += sweep_rows(cfg)
+    if args.scan_shapes:
+        scans = [scan_shape(*nb) for nb in args.scan_shapes]
+    if args.e2e_models:
+        e2e = args.e2e_models
+    if args.sections:
+        run = {
+            "gemm": lambda: gemm_rows(first + [j for j in jobs if j not in first], cfg),
+            "e2e": lambda: e2e_rows(e2e, cfg, args.e2e_variants),
+            "scan": lambda: scan_rows(scans, cfg),
+            "scan-train": lambda: scan_train_rows(train_scans, cfg),
+            "sweep-wgmma": lambda: sweep_wgmma_rows(cfg),
+            "sweep-scan": lambda: sweep_scan_rows(cfg),
+            "sweep-gemm": lambda: sweep_gemm_rows(cfg),
+        }
+        rows = [row for section in args.sections for row in run[section]()]
+    else:
+        rows = gemm_rows(first, cfg)
+        rows += e2e_rows(e2e[:1], cfg, args.e2e_variants)
+        rows += scan_rows(scans, cfg)
+        rows += scan_train_rows(train_scans, cfg)
+        rows += gemm_rows([j for j in jobs if j not in first], cfg)
+        rows += e2e_rows(e2e[1:], cfg, args.e2e_variants)
     print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - cfg.start:.0f} s", flush=True)
     report_clock(args.interpret)
     failed = [r for r in rows if any(word in r.check for word in ("FAIL", "MISMATCH", "ERROR"))]

@@ -48,5 +48,5 @@ step ktests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step itests 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step kernels 190 $PY experiments/bench_kernels.py --budget-s 160
 step calib 200 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
-step sweep 120 $PY experiments/bench_kernels.py --sweep-only
+step sweep 120 $PY experiments/bench_kernels.py --sections sweep-wgmma sweep-scan sweep-gemm
 echo "=== done after $(($(date +%s) - START))s"
