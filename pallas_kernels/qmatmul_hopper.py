@@ -70,7 +70,7 @@ class WgmmaConfig:
 
     tile_m: int = 128
     tile_n: int = 128
-    tile_k: int = 128
+    tile_k: int = 64
     stages: int = 4
     m_fastest: bool = False
     warpgroup: bool = False
@@ -97,24 +97,24 @@ def _largest_tile(dim: int, candidates: tuple[int, ...]) -> int:
 
 
 def default_wgmma_config(m: int, k: int, n: int) -> WgmmaConfig:
-    """128 x 128 tiles (the best Triton shape on the H200, and what one warpgroup's registers
-    hold); K tiles of 128 bytes, 4 stages; narrower tiles only where K or N require them."""
+    """128 x 128 tiles, K tiles of 64 bytes, 4 stages (96 KB of SMEM: two CTAs per SM): the
+    fastest of ``WGMMA_SWEEP`` on an H200 (Vim-B in_proj at batch 256: 293 us vs 333 us for
+    K tiles of 128, 2026-11-27, BENCHMARKS.md); 64-column N tiles where N requires them."""
     _check_shape(m, k, n)
     del m
-    return WgmmaConfig(tile_m=128, tile_n=_largest_tile(n, (128, 64)),
-                       tile_k=_largest_tile(k, (128, 64)), stages=4)
+    return WgmmaConfig(tile_m=128, tile_n=_largest_tile(n, (128, 64)), tile_k=64, stages=4)
 
 
-#: Configurations for a first tile sweep on an H100/H200 (all fit 227 KB of SMEM with any
-#: output dtype, see ``smem_bytes``), and the default in the warpgroup lowering.
+#: Configurations of the tile sweep on an H100/H200 (all fit 227 KB of SMEM with any output
+#: dtype, see ``smem_bytes``), and the default in the warpgroup lowering.
 WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
-    WgmmaConfig(128, 128, 128, 4),  # default: 128 KB SMEM, one CTA per SM
+    WgmmaConfig(128, 128, 64, 4),  # default: 96 KB, two CTAs per SM
+    WgmmaConfig(128, 128, 128, 4),  # 128 KB SMEM, one CTA per SM
     WgmmaConfig(128, 128, 128, 2),  # 96 KB: two CTAs per SM
-    WgmmaConfig(128, 128, 64, 4),  # 96 KB: two CTAs per SM, deeper pipeline
     WgmmaConfig(64, 256, 128, 3),  # 120 KB + out: wide N, A tile reused by 256 columns
     WgmmaConfig(64, 256, 64, 3),  # 64 KB + out: two CTAs per SM
-    WgmmaConfig(128, 128, 128, 4, m_fastest=True),
-    WgmmaConfig(128, 128, 128, 4, warpgroup=True),
+    WgmmaConfig(128, 128, 64, 4, m_fastest=True),
+    WgmmaConfig(128, 128, 64, 4, warpgroup=True),
 )
 
 

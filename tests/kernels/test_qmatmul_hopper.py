@@ -124,6 +124,8 @@ def test_default_config_fits_every_target_shape():
         assert k % cfg.tile_k == 0 and n % cfg.tile_n == 0
         assert cfg.tile_m * cfg.tile_n <= 128 * 128
     assert default_wgmma_config(SEQ, 192, 192) == WgmmaConfig(128, 64, 64, 4)
+    # The H200 sweep's fastest at Vim-B in_proj (BENCHMARKS.md), also WgmmaConfig's defaults.
+    assert default_wgmma_config(256 * SEQ, 768, 3072) == WgmmaConfig(128, 128, 64, 4) == WgmmaConfig()
 
 
 def test_bad_arguments_are_explained():
@@ -141,7 +143,7 @@ def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match=r"a_scale must have shape \(197,\)"):
         qmatmul_codes_wgmma(lay["codes"], w_t, lay["w_scale"], lay["a_scale"][:-1], lay["a_zero"])
     with pytest.raises(ValueError, match="multiples of the config's tile_k=128"):
-        qmatmul_codes_wgmma(lay["codes"][..., :64], w_t[:, :64], *args, config=WgmmaConfig())
+        qmatmul_codes_wgmma(lay["codes"][..., :64], w_t[:, :64], *args, config=WgmmaConfig(tile_k=128))
     with pytest.raises(ValueError, match="multiple of 64"):
         WgmmaConfig(tile_k=32)
     with pytest.raises(ValueError, match="accumulator registers"):
@@ -155,6 +157,8 @@ VIM_SHAPES = [  # (batch, K, N): Vim-S in_proj, Vim-B in_proj, Vim-B out_proj, o
     (256, 768, 3072),
     (256, 1536, 768),
     (3, 768, 3072),  # M = 591 is no multiple of 8, which TMA needs: rows are padded
+    (256, 1536, 64),  # Vim-B x_proj, N = 56 padded to 64 by integer inference
+    (256, 64, 1536),  # Vim-B dt_proj, K = 48 padded to 64: one K step, nothing left in flight
 ]
 
 
