@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", default=None, choices=MODES, help="for --quantized: fp32 fake-quant "
                                                                 "(default) or integer arithmetic")
     e.add_argument("--gemm", default=None, choices=GEMM_BACKENDS,
-                   help="integer GEMM of --mode int (auto: Pallas on GPU, XLA elsewhere; "
-                        "wgmma: Hopper)")
+                   help="integer GEMM of --mode int (auto: wgmma on Hopper, the Triton kernel on "
+                        "other GPUs, XLA elsewhere)")
     e.add_argument("--data", default="tfds:imagenet2012:validation")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")

@@ -9,7 +9,7 @@ import ptq4vm_jax as pq
 from ptq4vm_jax.cli import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import integer
-from ptq4vm_jax.quant.integer import gemm_backend_for, int_gemm, int_linear, store_weight
+from ptq4vm_jax.quant.integer import gemm_backend_for, int_gemm, int_linear, is_hopper, store_weight
 from ptq4vm_jax.quant.layer import simulate_int_linear
 
 
@@ -69,10 +69,11 @@ def make_layer(seed, k, n, w_bits, a_bits, seq=13):
 
 
 @pytest.mark.parametrize("k,n,w_bits,a_bits", [(128, 64, 8, 8), (128, 128, 4, 4), (48, 192, 8, 8),
-                                               (47, 64, 4, 8)])
+                                               (47, 64, 4, 8), (128, 56, 8, 8), (24, 128, 4, 4)])
 def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
-    """xla, the Triton kernel and wgmma (Mosaic GPU interpreter off the GPU; K = 48 and 47 fall
-    back to Triton) give the same outputs, and they equal fake quantization of the layer."""
+    """xla, the Triton kernel and wgmma (Mosaic GPU interpreter off the GPU; K = 48, 47, 24 and
+    N = 56, as in x_proj / dt_proj, zero-padded to 64) give the same outputs, and they equal
+    fake quantization of the layer."""
     layer = make_layer(k + n + w_bits, k, n, w_bits, a_bits)
     cfg = pq.QuantConfig(w_bits, a_bits)
     x = 3.0 * jax.random.normal(jax.random.key(k), (2, 13, k))
@@ -105,12 +106,28 @@ def tiny64():
                               log=lambda _: None)
 
 
+@pytest.mark.parametrize("platform,hopper,want", [
+    ("gpu", True, ["wgmma"] * 3),
+    ("gpu", False, ["pallas"] * 3),
+    ("cpu", False, ["xla"] * 3),
+])
+def test_auto_gemm_picks_wgmma_on_hopper_only(monkeypatch, platform, hopper, want):
+    # in_proj, x_proj (N = 56) and dt_proj (K = 24): wgmma pads K and N to multiples of 64.
+    monkeypatch.setattr(integer.jax, "default_backend", lambda: platform)
+    monkeypatch.setattr(integer, "is_hopper", lambda: hopper)
+    got = [gemm_backend_for(394, k, n, "auto") for k, n in [(768, 3072), (768, 56), (24, 768)]]
+    assert got == want
+
+
 def test_gemm_backend_choice_and_bad_names(tiny64):
-    assert gemm_backend_for(394, 768, 3072, "auto") == ("pallas" if ON_GPU else "xla")
+    auto = "wgmma" if ON_GPU and is_hopper() else "pallas" if ON_GPU else "xla"
+    assert gemm_backend_for(394, 768, 3072, "auto") == auto
+    assert gemm_backend_for(394, 768, 56, "auto") == auto  # x_proj: N padded to 64 on wgmma
     if "wgmma" in BACKENDS:
         assert gemm_backend_for(394, 768, 3072, "wgmma") == "wgmma"
-        assert gemm_backend_for(394, 768, 56, "wgmma") == "pallas"  # x_proj: N not a multiple of 64
-        assert gemm_backend_for(394, 24, 768, "wgmma") == "pallas"  # dt_proj: K = 24
+        assert gemm_backend_for(394, 24, 768, "wgmma") == "wgmma"  # dt_proj: K padded to 64
+        # Beyond the kernel's int32 offsets only the Triton kernel's masked tiles go.
+        assert gemm_backend_for(2**22, 768, 768, "wgmma") == "pallas"
     with pytest.raises(ValueError, match="gemm must be one of"):
         with int_gemm("cutlass"):
             pass
@@ -120,10 +137,11 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
 
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
     qp = tiny64
-    calls = []
-    wgmma = integer.qmatmul_codes_wgmma
+    calls, triton = [], []
+    wgmma, qmatmul = integer.qmatmul_codes_wgmma, integer.qmatmul
     monkeypatch.setattr(integer, "qmatmul_codes_wgmma",
-                        lambda codes, *a, **kw: calls.append(codes.shape) or wgmma(codes, *a, **kw))
+                        lambda codes, w_t, *a, **kw: calls.append(w_t.shape) or wgmma(codes, w_t, *a, **kw))
+    monkeypatch.setattr(integer, "qmatmul", lambda *a, **kw: triton.append(1) or qmatmul(*a, **kw))
     images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
     logits = {g: np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
               for g in BACKENDS}
@@ -133,8 +151,10 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
             np.testing.assert_array_equal(logits[g].argmax(-1), logits["xla"].argmax(-1))
         else:
             np.testing.assert_array_equal(logits[g], logits["xla"], err_msg=g)
-    if "wgmma" in BACKENDS:
-        assert sorted({c[-1] for c in calls}) == [64, 128]  # in_proj and out_proj inputs
+    if "wgmma" in BACKENDS:  # (N, K) of the padded weights; the Triton kernel ran for "pallas" only
+        # in_proj 64 -> 256, out_proj 128 -> 64, x_proj 128 -> 36 (padded to 64), dt_proj 4 -> 128
+        assert sorted(set(calls)) == [(64, 128), (128, 64), (256, 64)]
+        assert len(calls) == len(triton) > 0  # every linear of one forward, on each backend
 
 
 def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):
