@@ -12,8 +12,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
         GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on GPU also the Mosaic
         GPU wgmma GEMM on codes (Hopper only; K, N multiples of 64), listed first.
-  scan  Pallas selective scan (default; 4 tokens per loop trip; the next token(s)' loads
-        prefetched; both) vs ``selective_scan_ref``
+  scan  Pallas selective scan (default: 4 tokens per loop trip, the next trip's loads
+        prefetched; the same with exp2 decays; the plain one-token loop) vs ``selective_scan_ref``
         (lax.scan) vs lax.associative_scan at Vim (L=197, N=16) and VMamba (N=1, one scan
         direction) shapes.
   scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
@@ -373,23 +373,24 @@ def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref
     return Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check)
 
 
-def tuned_scan(u, delta, A, B, C, D, z, delta_bias, *, unroll: int, prefetch: bool, interpret: bool):
-    """The Pallas scan with default tiles and another token loop (ScanConfig.unroll / prefetch)."""
+def tuned_scan(u, delta, A, B, C, D, z, delta_bias, *, unroll: int, prefetch: bool, exp2: bool,
+               interpret: bool):
+    """The Pallas scan with default tiles and another token loop (ScanConfig.unroll / prefetch /
+    exp2)."""
     d = default_scan_config(u.shape[0], u.shape[2], A.shape[1])
-    cfg = ScanConfig(d.block_e, d.num_warps, d.num_stages, unroll=unroll, prefetch=prefetch)
+    cfg = ScanConfig(d.block_e, d.num_warps, d.num_stages, unroll=unroll, prefetch=prefetch, exp2=exp2)
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, interpret=interpret, config=cfg)
 
 
 def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
     """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
     variants = {
-        "pallas selective_scan": functools.partial(selective_scan, interpret=cfg.interpret),
-        "pallas selective_scan unroll 4": functools.partial(
-            tuned_scan, unroll=4, prefetch=False, interpret=cfg.interpret),
-        "pallas selective_scan prefetch": functools.partial(
-            tuned_scan, unroll=1, prefetch=True, interpret=cfg.interpret),
-        "pallas selective_scan unroll 4 + prefetch": functools.partial(
-            tuned_scan, unroll=4, prefetch=True, interpret=cfg.interpret),
+        "pallas selective_scan (unroll 4 + prefetch)": functools.partial(selective_scan,
+                                                                         interpret=cfg.interpret),
+        "pallas selective_scan + exp2": functools.partial(
+            tuned_scan, unroll=4, prefetch=True, exp2=True, interpret=cfg.interpret),
+        "pallas selective_scan plain loop": functools.partial(
+            tuned_scan, unroll=1, prefetch=False, exp2=False, interpret=cfg.interpret),
         "xla lax.scan (selective_scan_ref)": selective_scan_ref,
         "xla lax.associative_scan": selective_scan_assoc,
     }
@@ -464,7 +465,8 @@ def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) ->
     fn = functools.partial(selective_scan, interpret=cfg.interpret, config=sc)
     err = rel_err(fn(*sets[0]), y_ref)
     secs = time_ops(fn, sets, **cfg.timing)
-    loop = (f" unroll {sc.unroll}" if sc.unroll > 1 else "") + (" prefetch" if sc.prefetch else "")
+    loop = ((f" unroll {sc.unroll}" if sc.unroll > 1 else "") + (" prefetch" if sc.prefetch else "")
+            + (" exp2" if sc.exp2 else ""))
     return Row("sweep", shape, f"pallas scan block_e={sc.block_e} w{sc.num_warps}{loop}", secs,
                check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
@@ -506,8 +508,10 @@ def sweep_wgmma_rows(cfg) -> list[Row]:
 def sweep_scan_rows(cfg) -> list[Row]:
     """The scan's tiles and token loops at Vim-B (batch 256: the shape below its target on the
     H200) and VMamba stage 1 (batch 64: 3136 sequential steps)."""
-    scan_configs = [(16, 1, 1, False), (32, 1, 1, False), (32, 2, 1, False), (64, 2, 1, False),
-                    (64, 4, 1, False), (16, 1, 4, False), (32, 1, 4, True), (32, 2, 8, True)]
+    # (block_e, num_warps, unroll, prefetch, exp2); the default loop first, at the default tiles.
+    scan_configs = [(32, 2, 4, True, False), (32, 2, 4, True, True), (16, 1, 4, True, False),
+                    (16, 1, 4, True, True), (64, 2, 4, True, False), (64, 4, 4, True, True),
+                    (32, 1, 4, True, True), (32, 2, 8, True, True), (32, 2, 1, False, False)]
     rows = []
     for batch, e, n_state, seq in [(256, 1536, 16, SEQ), (64, 96, 1, 3136)]:
         if cfg.interpret:
@@ -515,8 +519,8 @@ def sweep_scan_rows(cfg) -> list[Row]:
         sets = [scan_inputs(jax.random.key(s), batch, seq, e, n_state) for s in range(2)]
         y_ref = jax.jit(selective_scan_ref)(*sets[0])
         shape = f"scan B={batch} L={seq} E={e} N={n_state}"
-        for block_e, warps, unroll, prefetch in scan_configs[::6] if cfg.interpret else scan_configs:
-            sc = ScanConfig(block_e, warps, 2, unroll=unroll, prefetch=prefetch)
+        for block_e, warps, unroll, prefetch, exp2 in scan_configs[::6] if cfg.interpret else scan_configs:
+            sc = ScanConfig(block_e, warps, 2, unroll=unroll, prefetch=prefetch, exp2=exp2)
             body = functools.partial(sweep_scan_row, cfg, shape, sc, sets, y_ref)
             rows.append(run_row(cfg, "sweep", shape, str(sc), body))
     return rows

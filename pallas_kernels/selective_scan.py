@@ -35,13 +35,19 @@ class ScanConfig:
     ``prefetch`` (software pipelining: the next trip's loads are issued before this trip's
     updates and carried through the loop). The defaults (4, on) were the fastest loop on an
     H200 at every shape timed (2026-11-27, BENCHMARKS.md): 8 % faster than the plain loop at
-    Vim-B batch 256, 11 % at Vim-S batch 256, 2.3x at VMamba stage 1 (3136 tokens)."""
+    Vim-B batch 256, 11 % at Vim-S batch 256, 2.3x at VMamba stage 1 (3136 tokens).
+
+    ``exp2`` computes the decay exp(Δ·A) as exp2(Δ·(A·log2 e)), A scaled once per program:
+    libdevice's ``exp2f`` is the ``ex2.approx`` instruction alone where ``expf`` adds a range
+    reduction, and at N = 16 per-state instructions may bound the loop more than memory does
+    (18 % of the exp rate, 14 % of HBM at Vim-B). Off until a GPU has timed it."""
 
     block_e: int = 32
     num_warps: int = 2
     num_stages: int = 2
     unroll: int = 4
     prefetch: bool = True
+    exp2: bool = False
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
@@ -121,6 +127,9 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
     batch, e0, be, e_ok, a, row, state_row = _tile(a_ref, e, n_state, cfg)
     f32 = jnp.float32
     zero = f32(0.0)
+    if cfg.exp2:
+        a = a * f32(1.4426950408889634)  # log2(e): exp(Δ a) = exp2(Δ a log2 e)
+    decay_of = jnp.exp2 if cfg.exp2 else jnp.exp
     d = _load(d_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_d else None
     bias = _load(bias_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_bias else None
 
@@ -137,7 +146,7 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
 
     def update(h, inputs):
         t, u, dt, b, c, z = inputs
-        h = jnp.exp(dt[:, None] * a) * h + (dt * u)[:, None] * b[None, :]
+        h = decay_of(dt[:, None] * a) * h + (dt * u)[:, None] * b[None, :]
         y = jnp.sum(h * c[None, :], axis=1)
         if has_d:
             y = y + u * d

@@ -85,6 +85,14 @@ def test_unrolled_and_prefetching_token_loops_match_reference(unroll, prefetch, 
     assert_close(y, selective_scan_ref(**inp, reverse=reverse), 2e-5)
 
 
+@pytest.mark.parametrize("n,reverse", [(16, False), (1, True)])
+def test_exp2_decays_match_reference(n, reverse):
+    inp = make_inputs(4, 2, 33, 48, n)
+    cfg = ScanConfig(block_e=16, num_warps=1, num_stages=2, exp2=True)
+    y = selective_scan(**inp, reverse=reverse, interpret=INTERPRET, config=cfg)
+    assert_close(y, selective_scan_ref(**inp, reverse=reverse), 2e-5)
+
+
 def test_bf16_inputs_odd_state_and_small_tiles():
     # N = 5 is padded to 8 states; E = 40 is split into 16-wide tiles (the last one masked).
     inp = make_inputs(2, 1, 33, 40, 5, jnp.bfloat16)
@@ -124,7 +132,8 @@ def test_bad_arguments_are_explained():
 
 @pytest.mark.parametrize("seq,e,n,config", [(197, 768, 16, None), (197, 1536, 16, None),
                                             (3136, 96, 1, None), (49, 768, 1, None),
-                                            (197, 1536, 16, ScanConfig(32, 2, 2, unroll=1, prefetch=False))])
+                                            (197, 1536, 16, ScanConfig(32, 2, 2, unroll=1, prefetch=False)),
+                                            (197, 1536, 16, ScanConfig(32, 2, 2, exp2=True))])
 def test_lowers_for_cuda_at_model_shapes(seq, e, n, config, cuda_target):
     s = jax.ShapeDtypeStruct
     batch = 64
@@ -134,6 +143,7 @@ def test_lowers_for_cuda_at_model_shapes(seq, e, n, config, cuda_target):
     text = jax.jit(lambda *a: selective_scan(*a, reverse=True, config=config)).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_selective_scan" in text
+    assert ("__nv_exp2f" in text) == (config is not None and config.exp2)  # libdevice exp2 for decays
 
 
 # ----------------------------------------------------------------------------- gradients
