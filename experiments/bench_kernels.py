@@ -10,8 +10,10 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
   gemm  Vim-B/S/T in_proj, x_proj, dt_proj, out_proj at batch 256 and 64 (M = batch * 197):
         XLA bf16 dot | XLA s8 x s8 -> s32 dot alone | XLA W8A8 (quantize + s8 dot + dequant,
         = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
-        GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on GPU also the Mosaic
-        GPU wgmma GEMM on codes (Hopper only; K, N multiples of 64), listed first.
+        GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on Hopper (and in
+        the interpreter) also ``qmatmul_wgmma``, as integer inference runs it: XLA quantize +
+        the Mosaic GPU wgmma GEMM, K and N zero-padded to multiples of 64; listed first.
+        ``--gemm-shapes vim_s:256`` / ``--gemm-variants wgmma bf16`` narrow it.
   scan  Pallas selective scan (default: 4 tokens per loop trip, the next trip's loads
         prefetched; the same with exp2 decays; the plain one-token loop) vs ``selective_scan_ref``
         (lax.scan) vs lax.associative_scan at Vim (L=197, N=16) and VMamba (N=1, one scan
@@ -70,6 +72,7 @@ from pallas_kernels import (
     qmatmul_int32,
     qmatmul_int32_ref,
     qmatmul_ref,
+    qmatmul_wgmma,
     quantize_activations,
     selective_scan,
     selective_scan_trainable,
@@ -253,13 +256,10 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
     def fused(a_bits, w_bits):
         return lambda *a: qmatmul(*a[:7], a_bits=a_bits, w_bits=w_bits, interpret=interpret, colsum=a[7])
 
-    def wgmma_two_pass(x, w, w_scale, smooth, a_scale, a_zero, bias, colsum, w_t):
-        codes = quantize_activations(x, smooth, a_scale, a_zero)
-        return qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, out_dtype=bf16,
-                                   colsum=colsum)
-
-    hopper = {} if interpret else {
-        "mosaic wgmma w8a8 2-pass": ((*w8a8, "w_t"), wgmma_two_pass, fused_bytes, "int8")}
+    wgmma = lambda *a: qmatmul_wgmma(*a[:7], interpret=interpret)  # quantize, weight prep, padding
+    hopper = {"mosaic wgmma w8a8 2-pass": (w8a8, wgmma, fused_bytes, "int8")}
+    if not (interpret or is_hopper()):
+        hopper = {}
     return hopper | {
         "xla bf16 dot": (("x", "w_bf16"), jnp.dot,
                          lambda m, k, n: 2 * m * k + 2 * k * n + 2 * m * n, "bf16"),
@@ -289,9 +289,9 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
         ref = np.asarray(qmatmul_int32_ref(*qargs, **bits))
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
-    if "wgmma" in name:
+    if "wgmma" in name and supports_wgmma(x.shape[0] * x.shape[1], *w.shape):  # else padded
         acc = np.asarray(qmatmul_codes_wgmma(inp["codes"], inp["w_t"], w_scale, a_scale, a_zero,
-                                             out_dtype=jnp.int32))
+                                             out_dtype=jnp.int32, interpret=interpret))
         ref = np.asarray(qmatmul_int32_ref(x, w, smooth, a_scale, a_zero))
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
@@ -299,6 +299,13 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
     err = rel_err(fn(*(inp[k] for k in keys)), y_ref)
     notes.append(f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL"))
     return ", ".join(notes)
+
+
+GEMM_VARIANTS = {  # --gemm-variants key -> row name
+    "wgmma": "mosaic wgmma w8a8 2-pass", "bf16": "xla bf16 dot", "s8": "xla s8 dot only (s32 out)",
+    "xla": "xla w8a8 3-pass (qmatmul_ref)", "pallas": "pallas w8a8 fused",
+    "pallas-2pass": "pallas w8a8 2-pass", "pallas-w4a4": "pallas w4a4 fused",
+}
 
 
 def gemm_row(cfg, shape: str, vname: str, sets: list[dict], m: int, k: int, n: int) -> Row:
@@ -323,9 +330,7 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg) -> list[Row]:
         sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(nsets)]
         shape = f"{model} {lname} M={m} K={k} N={n}"
         for vname in gemm_variants(cfg.interpret):
-            if "wgmma" in vname and not supports_wgmma(m, k, n):
-                rows.append(Row("gemm", shape, vname, None, check="n/a: K, N not multiples of 64"))
-                cfg.emit(rows[-1])
+            if vname not in cfg.gemm_variants:
                 continue
             body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n)
             rows.append(run_row(cfg, "gemm", shape, vname, body))
@@ -609,7 +614,7 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
     if "bf16" in variants:
         forwards[f"{model_name} bf16 (scan: pallas)"] = functools.partial(float_fwd, True, params)
     hopper = not interpret and is_hopper()
-    gemms = [(g, what) for g, what in (("wgmma", "wgmma in/out_proj, Triton rest"), ("xla", "XLA s8 dot"),
+    gemms = [(g, what) for g, what in (("wgmma", "wgmma, every linear"), ("xla", "XLA s8 dot"),
                                        ("pallas", "Triton qmatmul"))
              if f"int-{g}" in variants and (g != "wgmma" or hopper)]
     if gemms:
@@ -659,6 +664,7 @@ class RunConfig:
     inner: int
     budget_s: float
     peaks: tuple[float, float, float] | None
+    gemm_variants: tuple[str, ...] = tuple(GEMM_VARIANTS.values())
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -726,6 +732,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scan-shapes", nargs="+", type=model_batch, metavar="NAME:BATCH",
                     help="scan section shapes: vim_t / vim_s / vim_b (L=197, E=2D, N=16) or "
                          "vmamba-stage1..4 (N=1), e.g. vim_b:256")
+    ap.add_argument("--gemm-shapes", nargs="+", type=model_batch, metavar="MODEL:BATCH",
+                    help="gemm section: the four linears of vim_t / vim_s / vim_b at a batch, e.g. vim_s:256")
+    ap.add_argument("--gemm-variants", nargs="+", choices=GEMM_VARIANTS, default=list(GEMM_VARIANTS),
+                    help="gemm section variants (default: all)")
     ap.add_argument("--e2e-models", nargs="+", type=model_batch, metavar="MODEL:BATCH",
                     help="end-to-end models, e.g. vim_small:256")
     ap.add_argument("--e2e-variants", nargs="+", choices=E2E_VARIANTS, default=list(E2E_VARIANTS),
@@ -741,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pk = None if args.interpret else peaks(kind)
     quick = args.quick or args.interpret
     cfg = RunConfig(args.interpret, repeats=3 if args.interpret else (10 if quick else 20),
-                    inner=1 if args.interpret else (5 if quick else 10), budget_s=args.budget_s, peaks=pk)
+                    inner=1 if args.interpret else (5 if quick else 10), budget_s=args.budget_s, peaks=pk,
+                    gemm_variants=tuple(GEMM_VARIANTS[v] for v in args.gemm_variants))
     print(f"# Pallas kernel benchmark\n\n- device: {kind} ({dev.platform}), peaks (bf16 TFLOPS, int8 TOPS, "
           f"HBM TB/s): {pk or 'unknown'}\n- jax {jax.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
@@ -777,6 +788,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     e2e = [] if args.no_e2e else e2e
     if args.scan_shapes:
         scans = [scan_shape(*nb) for nb in args.scan_shapes]
+    if args.gemm_shapes:
+        unknown = [name for name, _ in args.gemm_shapes if name not in VIM_DIMS]
+        if unknown:
+            ap.error(f"--gemm-shapes takes {', '.join(VIM_DIMS)}, got {', '.join(unknown)}")
+        jobs = [(mdl, lname, b) for mdl, b in args.gemm_shapes for lname in layers]
+        first = jobs[:1]
     if args.e2e_models:
         e2e = args.e2e_models
     if args.sections:

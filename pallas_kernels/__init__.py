@@ -27,6 +27,7 @@ from pallas_kernels.qmatmul_hopper import (
     WgmmaConfig,
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
+    qmatmul_wgmma,
     supports_wgmma,
 )
 from pallas_kernels.selective_scan import (
@@ -53,6 +54,7 @@ __all__ = [
     "qmatmul_int32",
     "qmatmul_int32_ref",
     "qmatmul_ref",
+    "qmatmul_wgmma",
     "quantize_activations",
     "selective_scan",
     "selective_scan_trainable",

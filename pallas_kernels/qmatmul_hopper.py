@@ -15,9 +15,9 @@ for 16-bit types only), so the weight is passed transposed, ``w_t`` (N, K) int8,
 int4 MMA rate anyway, so W4 saves storage, not MMA time).
 
 Edges. M (= batch x 197) needs no multiple of the tile: TMA zero-fills the rows of the last M
-tile that lie beyond M and drops them on the store. K and N must be multiples of 64 (every
-Vim/VMamba in_proj/out_proj size); small or ragged layers (x_proj N = 56, dt_proj K = 24) stay
-on the Triton :func:`~pallas_kernels.qmatmul.qmatmul`; :func:`supports_wgmma` says which.
+tile that lie beyond M and drops them on the store. The kernel takes K and N multiples of 64
+(every Vim/VMamba in_proj/out_proj size); :func:`qmatmul_wgmma`, the entry point with
+``qmatmul``'s contract, zero-pads the others (x_proj N = 56, dt_proj K = 24).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.typing import DTypeLike
 
-from pallas_kernels.qmatmul import check_bits, dense_weight
+from pallas_kernels.qmatmul import _check_args, check_bits, dense_weight, quantize_activations
 
 __all__ = [
     "WgmmaConfig",
     "default_wgmma_config",
     "prepare_weight_wgmma",
     "qmatmul_codes_wgmma",
+    "qmatmul_wgmma",
     "smem_bytes",
     "supports_wgmma",
     "WGMMA_SWEEP",
@@ -348,3 +349,43 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
         kernel_name="ptq4vm_qmatmul_wgmma",
     )(*operands)
     return out[:m].reshape(batch, seq, n)
+
+
+def qmatmul_wgmma(
+    x: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    smooth: jax.Array,
+    a_scale: jax.Array,
+    a_zero: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    a_bits: int = 8,
+    w_bits: int = 8,
+    out_dtype: DTypeLike | None = None,
+    config: WgmmaConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`~pallas_kernels.qmatmul.qmatmul`'s contract and result on Hopper, any K and N.
+
+    ``quantize_activations`` (an XLA op that fuses into x's producer) + ``qmatmul_codes_wgmma``
+    on the weight from ``w_q`` (K, N) int8 or packed 4-bit, dense, transposed and zero-padded to
+    multiples of 64 in K and N. Zero weight rows add nothing to the sums (whatever the padded
+    codes hold) nor to the column sums; padded output columns are cut. The weight preparation is
+    part of the traced graph: a few MB per layer, against the activations' tens of MB.
+    """
+    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    k, n = x.shape[-1], w_scale.shape[0]
+    kp, np_ = -(-k // _ALIGN) * _ALIGN, -(-n // _ALIGN) * _ALIGN
+    codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
+    w = dense_weight(w_q, w_bits)[:k]
+    if kp != k:
+        codes = jnp.pad(codes, ((0, 0), (0, 0), (0, kp - k)))
+    w = jnp.pad(w, ((0, kp - k), (0, np_ - n)))
+    if np_ != n:
+        w_scale = jnp.pad(w_scale, (0, np_ - n))
+        bias = None if bias is None else jnp.pad(bias, (0, np_ - n))
+    y = qmatmul_codes_wgmma(codes, prepare_weight_wgmma(w, 8), w_scale, a_scale, a_zero, bias,
+                            a_bits=a_bits, out_dtype=out_dtype or x.dtype, config=config,
+                            interpret=interpret)
+    return y[..., :n]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ptq4vm_jax as pq
+from pallas_kernels import qmatmul_hopper
 from ptq4vm_jax.cli import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import integer
@@ -138,8 +139,8 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
     qp = tiny64
     calls, triton = [], []
-    wgmma, qmatmul = integer.qmatmul_codes_wgmma, integer.qmatmul
-    monkeypatch.setattr(integer, "qmatmul_codes_wgmma",
+    wgmma, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul
+    monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma",
                         lambda codes, w_t, *a, **kw: calls.append(w_t.shape) or wgmma(codes, w_t, *a, **kw))
     monkeypatch.setattr(integer, "qmatmul", lambda *a, **kw: triton.append(1) or qmatmul(*a, **kw))
     images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))

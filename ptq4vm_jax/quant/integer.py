@@ -20,9 +20,8 @@ from pallas_kernels.qmatmul import (
     pack_int4,
     qmatmul,
     qmatmul_ref,
-    quantize_activations,
 )
-from pallas_kernels.qmatmul_hopper import prepare_weight_wgmma, qmatmul_codes_wgmma, supports_wgmma
+from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, supports_wgmma
 from ptq4vm_jax.quant.config import QuantConfig
 
 #: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
@@ -30,7 +29,7 @@ from ptq4vm_jax.quant.config import QuantConfig
 #:           other GPUs, "xla" elsewhere
 #:   xla     quantize, ``dot_general(s8, s8 -> s32)``, dequantize as XLA ops (``qmatmul_ref``)
 #:   pallas  the fused Triton kernel ``qmatmul`` (any GPU; interpret mode off the GPU)
-#:   wgmma   Hopper only: XLA quantize + the Mosaic GPU ``qmatmul_codes_wgmma``; K and N are
+#:   wgmma   Hopper only: ``qmatmul_wgmma`` (XLA quantize + the Mosaic GPU wgmma GEMM), K and N
 #:           zero-padded to multiples of 64 (x_proj's N = 56, dt_proj's K = 24), which adds no
 #:           term to any sum (interpret mode off the GPU)
 GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma")
@@ -83,34 +82,11 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
     return backend
 
 
-WGMMA_ALIGN = 64  # K and N granularity of qmatmul_codes_wgmma
+WGMMA_ALIGN = 64  # K and N granularity of qmatmul_codes_wgmma (qmatmul_wgmma pads to it)
 
 
 def _round_up(v: int, to: int) -> int:
     return -(-v // to) * to
-
-
-def _wgmma_linear(x: jax.Array, smooth: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig,
-                  interpret: bool) -> jax.Array:
-    """Quantize (XLA) + the wgmma GEMM with K and N zero-padded to multiples of 64: padded weight
-    rows multiply whatever the padded codes hold by 0 and leave the column sums alone; padded
-    columns are cut from the output."""
-    k, n = smooth.shape[0], layer["w_scale"].shape[0]
-    kp, np_ = _round_up(k, WGMMA_ALIGN), _round_up(n, WGMMA_ALIGN)
-    codes = quantize_activations(x, smooth, layer["a_scale"], layer["a_zero"], a_bits=cfg.a_bits)
-    w = weight_codes(layer["w_int"], cfg.w_bits, k)
-    w_scale, bias = layer["w_scale"], layer.get("bias")
-    if kp != k:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, kp - k)])
-        w = jnp.pad(w, ((0, kp - k), (0, 0)))
-    if np_ != n:
-        w = jnp.pad(w, ((0, 0), (0, np_ - n)))
-        w_scale = jnp.pad(w_scale, (0, np_ - n))
-        bias = None if bias is None else jnp.pad(bias, (0, np_ - n))
-    y = qmatmul_codes_wgmma(codes, prepare_weight_wgmma(w, 8), w_scale, layer["a_scale"],
-                            layer["a_zero"], bias, a_bits=cfg.a_bits, out_dtype=x.dtype,
-                            interpret=interpret)
-    return y[..., :n]
 
 
 def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
@@ -132,4 +108,5 @@ def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -
     if backend == "pallas":
         return qmatmul(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                        out_dtype=x.dtype, interpret=interpret)
-    return _wgmma_linear(x, smooth, layer, cfg, interpret)
+    return qmatmul_wgmma(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
+                         out_dtype=x.dtype, interpret=interpret)

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.qmatmul import _codes_matmul_int32, _dequantize, pack_int4, weight_colsum
+from pallas_kernels.qmatmul import _codes_matmul_int32, _dequantize, pack_int4, qmatmul_ref, weight_colsum
 from pallas_kernels.qmatmul_hopper import (
     WGMMA_SWEEP,
     WgmmaConfig,
     default_wgmma_config,
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
+    qmatmul_wgmma,
     smem_bytes,
     supports_wgmma,
 )
@@ -86,6 +87,32 @@ def test_kernel_matches_reference(batch, k, n, a_bits, use_bias, out_dtype, conf
         np.testing.assert_allclose(np.asarray(y), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
     else:  # one bf16 ulp (< 2^-7) where the f32 values round differently
         np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=2**-7, atol=1e-5 * np.abs(r).max())
+
+
+@pytest.mark.parametrize("k,n,a_bits,w_bits", [(24, 128, 8, 8), (128, 56, 8, 8), (46, 72, 4, 4)],
+                         ids=["dt_proj-like K", "x_proj-like N", "packed w4, both padded"])
+def test_qmatmul_wgmma_pads_any_k_and_n_to_qmatmuls_result(k, n, a_bits, w_bits):
+    """qmatmul's contract (float activations in, stored weight) on wgmma with K, N zero-padded."""
+    ks = jax.random.split(jax.random.key(k + n), 7)
+    x = 3.0 * jax.random.normal(ks[0], (2, SEQ, k))
+    qmax = 2 ** (w_bits - 1) - 1
+    codes = jax.random.randint(ks[1], (k, n), -qmax, qmax + 1, jnp.int32).astype(jnp.int8)
+    w_q = pack_int4(codes) if w_bits == 4 else codes
+    args = (w_q, 0.02 * jnp.exp(jax.random.normal(ks[2], (n,))),
+            jnp.exp(0.3 * jax.random.normal(ks[3], (k,))),
+            jnp.exp(0.3 * jax.random.normal(ks[4], (SEQ,))) * (8.0 / 2**a_bits),
+            jax.random.randint(ks[5], (SEQ,), 0, 2**a_bits, jnp.int32), jax.random.normal(ks[6], (n,)))
+    y = qmatmul_wgmma(x, *args, a_bits=a_bits, w_bits=w_bits, config=WgmmaConfig(64, 64, 64, 2),
+                      interpret=INTERPRET)
+    ref = np.asarray(jax.jit(functools.partial(qmatmul_ref, a_bits=a_bits, w_bits=w_bits))(x, *args))
+    assert y.shape == (2, SEQ, n) and y.dtype == x.dtype and np.abs(ref).max() > 0
+    if INTERPRET:
+        np.testing.assert_array_equal(np.asarray(y), ref)
+    else:  # the GPU build may contract the epilogue into an FMA
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+    wrong_k = r"w_q must be \(K, N\) with K=" if w_bits == 8 else "K must be even"
+    with pytest.raises(ValueError, match=wrong_k):
+        qmatmul_wgmma(x[..., :-1], *args, a_bits=a_bits, w_bits=w_bits, interpret=INTERPRET)
 
 
 def test_accumulator_is_exact_and_colsum_is_reused():
