@@ -42,6 +42,7 @@ __all__ = [
     "qmatmul_codes_wgmma",
     "qmatmul_wgmma",
     "smem_bytes",
+    "supports_qmatmul_wgmma",
     "supports_wgmma",
     "WGMMA_SWEEP",
 ]
@@ -141,6 +142,16 @@ def supports_wgmma(m: int, k: int, n: int) -> bool:
         m >= 1 and k >= _ALIGN and n >= _ALIGN and k % _ALIGN == 0 and n % _ALIGN == 0
         and m * max(k, n) < 2**31
     )
+
+
+def _padded(dim: int) -> int:
+    return -(-dim // _ALIGN) * _ALIGN
+
+
+def supports_qmatmul_wgmma(m: int, k: int, n: int) -> bool:
+    """Whether :func:`qmatmul_wgmma` takes the problem: any K and N (padded to 64), M within the
+    kernel's int32 offsets."""
+    return supports_wgmma(m, _padded(k), _padded(n))
 
 
 def prepare_weight_wgmma(w_q: jax.Array, w_bits: int) -> jax.Array:
@@ -376,7 +387,7 @@ def qmatmul_wgmma(
     """
     _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     k, n = x.shape[-1], w_scale.shape[0]
-    kp, np_ = -(-k // _ALIGN) * _ALIGN, -(-n // _ALIGN) * _ALIGN
+    kp, np_ = _padded(k), _padded(n)
     codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
     w = dense_weight(w_q, w_bits)[:k]
     if kp != k:

@@ -21,7 +21,7 @@ from pallas_kernels.qmatmul import (
     qmatmul,
     qmatmul_ref,
 )
-from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, supports_wgmma
+from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, supports_qmatmul_wgmma
 from ptq4vm_jax.quant.config import QuantConfig
 
 #: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
@@ -77,16 +77,8 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
         if on_gpu and not is_hopper():
             raise ValueError(f"gemm='wgmma' needs a Hopper GPU (sm_90: H100/H200), not "
                              f"{jax.devices()[0].device_kind}; use gemm='pallas' or 'xla'")
-        padded = _round_up(k, WGMMA_ALIGN), _round_up(n, WGMMA_ALIGN)
-        return "wgmma" if supports_wgmma(m, *padded) else "pallas"
+        return "wgmma" if supports_qmatmul_wgmma(m, k, n) else "pallas"
     return backend
-
-
-WGMMA_ALIGN = 64  # K and N granularity of qmatmul_codes_wgmma (qmatmul_wgmma pads to it)
-
-
-def _round_up(v: int, to: int) -> int:
-    return -(-v // to) * to
 
 
 def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:

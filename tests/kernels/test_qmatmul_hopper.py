@@ -24,6 +24,7 @@ from pallas_kernels.qmatmul_hopper import (
     qmatmul_codes_wgmma,
     qmatmul_wgmma,
     smem_bytes,
+    supports_qmatmul_wgmma,
     supports_wgmma,
 )
 
@@ -143,6 +144,10 @@ def test_supports_wgmma_covers_vim_in_and_out_proj_only():
         assert not supports_wgmma(64 * SEQ, k, n), (k, n)
     assert not supports_wgmma(0, 128, 128)
     assert not supports_wgmma(2**22, 768, 1536)  # int32 offsets
+    # qmatmul_wgmma pads K and N to 64: every Vim linear, within the int32 offsets
+    for k, n in [(768, 56), (24, 768), (3, 96), (100, 128)]:
+        assert supports_qmatmul_wgmma(64 * SEQ, k, n), (k, n)
+    assert not supports_qmatmul_wgmma(2**22, 700, 1536)
 
 
 def test_default_config_fits_every_target_shape():
