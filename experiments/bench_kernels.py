@@ -387,6 +387,16 @@ def tuned_scan(u, delta, A, B, C, D, z, delta_bias, *, unroll: int, prefetch: bo
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, interpret=interpret, config=cfg)
 
 
+def channel_major_scan_fn(interpret: bool) -> Callable:
+    """The Pallas scan with ``default_scan_config(..., channel_major=True)``."""
+
+    def fn(u, delta, A, B, C, D, z, delta_bias):
+        sc = default_scan_config(u.shape[0], u.shape[2], A.shape[1], channel_major=True)
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, interpret=interpret, config=sc)
+
+    return fn
+
+
 def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
     """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
     variants = {
@@ -396,6 +406,7 @@ def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row
             tuned_scan, unroll=4, prefetch=True, exp2=True, interpret=cfg.interpret),
         "pallas selective_scan plain loop": functools.partial(
             tuned_scan, unroll=1, prefetch=False, exp2=False, interpret=cfg.interpret),
+        "pallas selective_scan channel-major": channel_major_scan_fn(cfg.interpret),
         "xla lax.scan (selective_scan_ref)": selective_scan_ref,
         "xla lax.associative_scan": selective_scan_assoc,
     }
@@ -471,7 +482,7 @@ def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) ->
     err = rel_err(fn(*sets[0]), y_ref)
     secs = time_ops(fn, sets, **cfg.timing)
     loop = ((f" unroll {sc.unroll}" if sc.unroll > 1 else "") + (" prefetch" if sc.prefetch else "")
-            + (" exp2" if sc.exp2 else ""))
+            + (" exp2" if sc.exp2 else "") + (" channel-major" if sc.channel_major else ""))
     return Row("sweep", shape, f"pallas scan block_e={sc.block_e} w{sc.num_warps}{loop}", secs,
                check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
@@ -510,22 +521,30 @@ def sweep_wgmma_rows(cfg) -> list[Row]:
     return rows
 
 
-def sweep_scan_rows(cfg) -> list[Row]:
-    """The scan's tiles and token loops at Vim-B (batch 256: the shape below its target on the
-    H200) and VMamba stage 1 (batch 64: 3136 sequential steps)."""
-    # (block_e, num_warps, unroll, prefetch, exp2); the default loop first, at the default tiles.
-    scan_configs = [(32, 2, 4, True, False), (32, 2, 4, True, True), (16, 1, 4, True, False),
-                    (16, 1, 4, True, True), (64, 2, 4, True, False), (64, 4, 4, True, True),
-                    (32, 1, 4, True, True), (32, 2, 8, True, True), (32, 2, 1, False, False)]
+SCAN_SWEEP_SHAPES = (("vim_b", 256, SEQ, 1536, 16), ("vim_s", 256, SEQ, 768, 16),
+                     ("vmamba stage1", 64, 3136, 96, 1))
+
+# (block_e, num_warps, unroll, prefetch, exp2, channel_major); the default first.
+SCAN_SWEEP = (
+    (32, 2, 4, True, False, False), (32, 2, 4, True, True, False),
+    (32, 1, 4, True, True, True), (32, 1, 4, True, False, True), (32, 1, 2, True, True, True),
+    (32, 1, 8, True, True, True), (32, 1, 1, False, True, True), (64, 2, 4, True, True, True),
+    (128, 4, 4, True, True, True), (64, 1, 4, True, True, True), (128, 1, 2, True, True, True),
+)
+
+
+def sweep_scan_rows(cfg, shapes: Sequence[tuple[str, int, int, int, int]] = SCAN_SWEEP_SHAPES) -> list[Row]:
+    """The scan's tiles, token loops and state layouts at Vim-B and Vim-S (batch 256: below
+    the 5x target on the H200) and VMamba stage 1 (batch 64: 3136 sequential steps)."""
     rows = []
-    for batch, e, n_state, seq in [(256, 1536, 16, SEQ), (64, 96, 1, 3136)]:
+    for label, batch, seq, e, n_state in shapes:
         if cfg.interpret:
             batch, e, seq = 1, min(e, 96), min(seq, 49)
         sets = [scan_inputs(jax.random.key(s), batch, seq, e, n_state) for s in range(2)]
         y_ref = jax.jit(selective_scan_ref)(*sets[0])
-        shape = f"scan B={batch} L={seq} E={e} N={n_state}"
-        for block_e, warps, unroll, prefetch, exp2 in scan_configs[::6] if cfg.interpret else scan_configs:
-            sc = ScanConfig(block_e, warps, 2, unroll=unroll, prefetch=prefetch, exp2=exp2)
+        shape = f"{label} B={batch} L={seq} E={e} N={n_state}"
+        for block_e, warps, unroll, prefetch, exp2, cm in SCAN_SWEEP[::5] if cfg.interpret else SCAN_SWEEP:
+            sc = ScanConfig(block_e, warps, 2, unroll=unroll, prefetch=prefetch, exp2=exp2, channel_major=cm)
             body = functools.partial(sweep_scan_row, cfg, shape, sc, sets, y_ref)
             rows.append(run_row(cfg, "sweep", shape, str(sc), body))
     return rows
@@ -584,7 +603,7 @@ def end_to_end_rows(
     return rows
 
 
-E2E_VARIANTS = ("bf16", "int-wgmma", "int-xla", "int-pallas", "bf16-lax-scan")
+E2E_VARIANTS = ("bf16", "int-wgmma", "int-xla", "int-pallas", "bf16-lax-scan", "bf16-cm", "int-wgmma-cm")
 
 
 def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
@@ -595,31 +614,40 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
     W8A8 scales come from a quick RTN calibration on 16 random images: the arithmetic, not the
     accuracy, is what is timed."""
     import ptq4vm_jax as pq
-    from ptq4vm_jax.ops.scan import scan_kernel
+    from ptq4vm_jax.ops.scan import scan_kernel, scan_tiles
 
     size = pq.create_model(model_name).cfg.img_size
     images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(n_sets)]
     model = pq.create_model(model_name, dtype=jnp.bfloat16)
     params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def float_fwd(use_kernel: bool, p, im):
-        with scan_kernel(use_kernel):
+    def tiles(channel_major: bool):  # "-cm" variants: the channel-major scan (scan_tiles)
+        cm = functools.partial(default_scan_config, channel_major=True)
+        return scan_tiles(cm if channel_major else None)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def float_fwd(use_kernel: bool, channel_major: bool, p, im):
+        with scan_kernel(use_kernel), tiles(channel_major):
             return model.apply({"params": p}, im)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def int_fwd(gemm: str, q, im):
-        return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def int_fwd(gemm: str, channel_major: bool, q, im):
+        with tiles(channel_major):
+            return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
 
     # Weights are jit arguments, not constants folded into the program.
     forwards = {}
     if "bf16" in variants:
-        forwards[f"{model_name} bf16 (scan: pallas)"] = functools.partial(float_fwd, True, params)
+        forwards[f"{model_name} bf16 (scan: pallas)"] = functools.partial(float_fwd, True, False, params)
+    if "bf16-cm" in variants:
+        forwards[f"{model_name} bf16 (scan: pallas channel-major)"] = functools.partial(
+            float_fwd, True, True, params)
     hopper = not interpret and is_hopper()
     gemms = [(g, what) for g, what in (("wgmma", "wgmma, every linear"), ("xla", "XLA s8 dot"),
                                        ("pallas", "Triton qmatmul"))
              if f"int-{g}" in variants and (g != "wgmma" or hopper)]
-    if gemms:
+    cm_int = "int-wgmma-cm" in variants and hopper
+    if gemms or cm_int:
         cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
         t0 = time.perf_counter()
@@ -628,9 +656,12 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
         print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
         for gemm, what in gemms:
             forwards[f"{model_name} W8A8 int bf16 ({what}; pallas scan)"] = functools.partial(
-                int_fwd, gemm, qp)
+                int_fwd, gemm, False, qp)
+        if cm_int:
+            forwards[f"{model_name} W8A8 int bf16 (wgmma; channel-major scan)"] = functools.partial(
+                int_fwd, "wgmma", True, qp)
     if "bf16-lax-scan" in variants:
-        forwards[f"{model_name} bf16 (scan: lax.scan)"] = functools.partial(float_fwd, False, params)
+        forwards[f"{model_name} bf16 (scan: lax.scan)"] = functools.partial(float_fwd, False, False, params)
     return forwards, images
 
 
@@ -805,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scan": lambda: scan_rows(scans, cfg),
             "scan-train": lambda: scan_train_rows(train_scans, cfg),
             "sweep-wgmma": lambda: sweep_wgmma_rows(cfg),
-            "sweep-scan": lambda: sweep_scan_rows(cfg),
+            "sweep-scan": lambda: sweep_scan_rows(cfg, scans if args.scan_shapes else SCAN_SWEEP_SHAPES),
             "sweep-gemm": lambda: sweep_gemm_rows(cfg),
         }
         rows = [row for section in args.sections for row in run[section]()]

@@ -40,7 +40,13 @@ class ScanConfig:
     ``exp2`` computes the decay exp(Δ·A) as exp2(Δ·(A·log2 e)), A scaled once per program:
     libdevice's ``exp2f`` is the ``ex2.approx`` instruction alone where ``expf`` adds a range
     reduction, and at N = 16 per-state instructions may bound the loop more than memory does
-    (18 % of the exp rate, 14 % of HBM at Vim-B). Off until a GPU has timed it."""
+    (18 % of the exp rate, 14 % of HBM at Vim-B). Off until a GPU has timed it.
+
+    ``channel_major`` (forward only) holds the state as N separate (block_e,) vectors instead
+    of one (block_e, N) tile: every thread owns whole channels, B_t and C_t are read as
+    scalars, the sum over N is N in-thread adds and every value of the loop shares the layout
+    of the loaded rows, so Triton inserts no shuffles or shared-memory layout conversions into
+    the token loop. Off until a GPU has timed it."""
 
     block_e: int = 32
     num_warps: int = 2
@@ -48,6 +54,7 @@ class ScanConfig:
     unroll: int = 4
     prefetch: bool = True
     exp2: bool = False
+    channel_major: bool = False
 
     def __post_init__(self):
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
@@ -63,9 +70,13 @@ def _next_pow2(v: int) -> int:
 MIN_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100: the token loop is latency-bound
 
 
-def default_scan_config(batch: int, e: int, n_state: int) -> ScanConfig:
+def default_scan_config(batch: int, e: int, n_state: int, *, channel_major: bool = False) -> ScanConfig:
     """Up to 512 state elements per program (32 channels x 16 states, 128 x 1), halved down to
-    16 channels while fewer than MIN_PROGRAMS programs would run (long VMamba scans, small E)."""
+    16 channels while fewer than MIN_PROGRAMS programs would run (long VMamba scans, small E).
+
+    ``channel_major``: one warp of 32 channels, one per thread, exp2 decays (untimed guess)."""
+    if channel_major:
+        return ScanConfig(32, 1, 2, exp2=True, channel_major=True)
     block_e = max(1, min(_next_pow2(e), 512 // _next_pow2(n_state)))
     while block_e > 16 and batch * -(-e // block_e) < MIN_PROGRAMS:
         block_e //= 2
@@ -182,6 +193,89 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
     lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
 
 
+def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias):
+    """The forward with the state as ``n_state`` (block_e,) vectors (``ScanConfig.channel_major``).
+
+    ``a_ref`` holds A transposed, (N, E), so each state's decay rates are one contiguous row.
+    """
+    refs = list(refs)
+    u_ref, dt_ref, a_ref, b_ref, c_ref = refs[:5]
+    refs = refs[5:]
+    d_ref = refs.pop(0) if has_d else None
+    z_ref = refs.pop(0) if has_z else None
+    bias_ref = refs.pop(0) if has_bias else None
+    (o_ref,) = refs
+
+    f32 = jnp.float32
+    be = cfg.block_e
+    batch = pl.program_id(0)
+    e0 = pl.program_id(1) * be
+    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+
+    def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
+        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+
+    scale = f32(1.4426950408889634) if cfg.exp2 else None  # log2(e): exp(Δa) = exp2(Δ a log2 e)
+    a = [vec(a_ref.at[jnp.int32(n), pl.ds(e0, be)]) for n in range(n_state)]
+    if scale is not None:
+        a = [a_n * scale for a_n in a]
+    decay_of = jnp.exp2 if cfg.exp2 else jnp.exp
+    d = vec(d_ref.at[pl.ds(e0, be)]) if has_d else None
+    bias = vec(bias_ref.at[pl.ds(e0, be)]) if has_bias else None
+
+    def load(i):
+        """The token's (block_e,) rows; B_t and C_t scalars are read in ``update``."""
+        t = seq - 1 - i if reverse else i
+        dt = vec(dt_ref.at[batch, t, pl.ds(e0, be)])
+        if has_bias:
+            dt = dt + bias
+        if softplus:
+            dt = jax.nn.softplus(dt)
+        z = vec(z_ref.at[batch, t, pl.ds(e0, be)]) if has_z else None
+        return t, vec(u_ref.at[batch, t, pl.ds(e0, be)]), dt, z
+
+    def update(h, inputs):
+        t, u, dt, z = inputs
+        dtu = dt * u
+        new_h, y = [], None
+        for n in range(n_state):
+            b_n = b_ref[batch, t, jnp.int32(n)].astype(f32)
+            c_n = c_ref[batch, t, jnp.int32(n)].astype(f32)
+            h_n = decay_of(dt * a[n]) * h[n] + dtu * b_n
+            y = h_n * c_n if y is None else y + h_n * c_n
+            new_h.append(h_n)
+        if has_d:
+            y = y + u * d
+        if has_z:
+            y = y * jax.nn.silu(z)
+        _store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
+        return tuple(new_h)
+
+    unroll, trips = cfg.unroll, seq // cfg.unroll
+
+    def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row
+        return tuple(load(jnp.minimum(j * unroll + k, seq - 1)) for k in range(unroll))
+
+    def trip(j, h):
+        for inputs in trip_loads(j):
+            h = update(h, inputs)
+        return h
+
+    def pipelined_trip(j, carry):
+        h, current = carry
+        upcoming = trip_loads(j + 1)
+        for inputs in current:
+            h = update(h, inputs)
+        return h, upcoming
+
+    h = tuple(jnp.zeros((be,), f32) for _ in range(n_state))
+    if cfg.prefetch and trips > 0:
+        h, _ = lax.fori_loop(0, trips, pipelined_trip, (h, trip_loads(0)))
+    else:
+        h = lax.fori_loop(0, trips, trip, h)
+    lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
+
+
 def _check(u, delta, A, B, C, D, z, delta_bias):
     if u.ndim != 3:
         raise ValueError(f"u must be (B, L, E), got shape {u.shape}")
@@ -230,10 +324,11 @@ def selective_scan(
     cfg = config or default_scan_config(batch, e, n_state)
     optional = [arr for arr in (D, z, delta_bias) if arr is not None]
     kernel = functools.partial(
-        _scan_kernel, seq=seq, e=e, n_state=n_state, cfg=cfg, reverse=reverse,
-        softplus=delta_softplus, has_d=D is not None, has_z=z is not None,
-        has_bias=delta_bias is not None,
+        _scan_kernel_channels if cfg.channel_major else _scan_kernel, seq=seq, e=e,
+        n_state=n_state, cfg=cfg, reverse=reverse, softplus=delta_softplus, has_d=D is not None,
+        has_z=z is not None, has_bias=delta_bias is not None,
     )
+    a = A.astype(jnp.float32)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
@@ -241,7 +336,7 @@ def selective_scan(
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="ptq4vm_selective_scan",
-    )(u, delta, A.astype(jnp.float32), B, C, *optional)
+    )(u, delta, a.T if cfg.channel_major else a, B, C, *optional)
 
 
 # ----------------------------------------------------------------------------- training (VJP)

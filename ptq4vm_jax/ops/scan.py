@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,22 @@ def scan_kernel(enabled: bool = True, *, trainable: bool = False) -> Iterator[No
         _KERNEL_MODE.reset(token)
 
 
+_TILES = contextvars.ContextVar("ptq4vm_scan_tiles", default=None)
+
+
+@contextlib.contextmanager
+def scan_tiles(config_for: Callable[[int, int, int], Any] | None) -> Iterator[None]:
+    """Within this context (at trace time) the Pallas scan takes its ``ScanConfig`` from
+    ``config_for(batch, E, N)`` instead of ``default_scan_config``: for tuning and benchmarks.
+    Independent of ``scan_kernel``, so it also reaches the scans of ``quantized_apply``. A
+    function jitted under one setting keeps its trace: give it a static argument per setting."""
+    token = _TILES.set(config_for)
+    try:
+        yield
+    finally:
+        _TILES.reset(token)
+
+
 def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                    D: jax.Array | None = None, z: jax.Array | None = None,
                    delta_bias: jax.Array | None = None, delta_softplus: bool = True,
@@ -97,7 +114,9 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
         from pallas_kernels.selective_scan import selective_scan_trainable
 
         kernel = selective_scan_trainable if mode == "trainable" else forward
-        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        config_for = _TILES.get()
+        config = None if config_for is None else config_for(u.shape[0], u.shape[2], A.shape[1])
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, config=config)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 

@@ -93,6 +93,53 @@ def test_exp2_decays_match_reference(n, reverse):
     assert_close(y, selective_scan_ref(**inp, reverse=reverse), 2e-5)
 
 
+# (batch, seq, E, N, block_e, warps, unroll, prefetch, exp2, reverse, dtype): E = 40 and 72 leave a
+# masked last tile; N = 1 (VMamba), 5 (odd) and 16 (Vim); L = 33 leaves a remainder after the trips.
+CHANNEL_CASES = [
+    (2, 33, 72, 16, 32, 1, 4, True, True, True, jnp.float32),
+    (1, 197, 384, 16, 128, 4, 2, True, False, False, jnp.float32),
+    (2, 40, 96, 1, 64, 2, 8, True, True, True, jnp.float32),
+    (1, 33, 40, 5, 16, 1, 1, False, False, False, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("batch,seq,e,n,block_e,warps,unroll,prefetch,exp2,reverse,dtype", CHANNEL_CASES)
+def test_channel_major_state_matches_reference(batch, seq, e, n, block_e, warps, unroll, prefetch, exp2,
+                                               reverse, dtype):
+    inp = make_inputs(5 + n, batch, seq, e, n, dtype)
+    if dtype == jnp.bfloat16:
+        inp["D"] = inp["delta_bias"] = None
+    cfg = ScanConfig(block_e, warps, 2, unroll=unroll, prefetch=prefetch, exp2=exp2, channel_major=True)
+    y = selective_scan(**inp, reverse=reverse, interpret=INTERPRET, config=cfg)
+    y_ref = selective_scan_ref(**inp, reverse=reverse)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, 1e-2 if dtype == jnp.bfloat16 else 2e-5)
+
+
+def test_scan_tiles_reach_the_dispatched_kernel(monkeypatch):
+    """``scan_tiles`` hands its config to the kernel that ``scan_kernel`` dispatches to."""
+    kernels = importlib.import_module("pallas_kernels.selective_scan")
+    seen = []
+
+    def spy(*args, _fn=kernels.selective_scan, **kw):
+        seen.append(kw.get("config"))
+        return _fn(*args, **{**kw, "interpret": INTERPRET})
+
+    monkeypatch.setattr(kernels, "selective_scan", spy)
+    if INTERPRET:
+        monkeypatch.setattr(scan_ops, "jax", _ReportsGpu())
+    inp = make_inputs(6, 2, 9, 48, 16)
+    def config_for(b, e, n):  # channel-major only if it gets the right shape
+        return ScanConfig(16, 1, 2, channel_major=(b, e, n) == (2, 48, 16))
+
+    with scan_kernel(), scan_ops.scan_tiles(config_for):
+        y = scan_ops.selective_scan(**inp)
+    with scan_kernel():
+        scan_ops.selective_scan(**inp)
+    assert seen == [ScanConfig(16, 1, 2, channel_major=True), None]
+    assert_close(y, selective_scan_ref(**inp), 2e-5)
+
+
 def test_bf16_inputs_odd_state_and_small_tiles():
     # N = 5 is padded to 8 states; E = 40 is split into 16-wide tiles (the last one masked).
     inp = make_inputs(2, 1, 33, 40, 5, jnp.bfloat16)
@@ -130,10 +177,13 @@ def test_bad_arguments_are_explained():
         jax.eval_shape(selective_scan, row, row, s((192, 1), jnp.float32), state, state)
 
 
-@pytest.mark.parametrize("seq,e,n,config", [(197, 768, 16, None), (197, 1536, 16, None),
-                                            (3136, 96, 1, None), (49, 768, 1, None),
-                                            (197, 1536, 16, ScanConfig(32, 2, 2, unroll=1, prefetch=False)),
-                                            (197, 1536, 16, ScanConfig(32, 2, 2, exp2=True))])
+@pytest.mark.parametrize("seq,e,n,config", [
+    (197, 768, 16, None), (197, 1536, 16, None), (3136, 96, 1, None), (49, 768, 1, None),
+    (197, 1536, 16, ScanConfig(32, 2, 2, unroll=1, prefetch=False)),
+    (197, 1536, 16, ScanConfig(32, 2, 2, exp2=True)),
+    (197, 1536, 16, default_scan_config(64, 1536, 16, channel_major=True)),
+    (3136, 96, 1, ScanConfig(64, 2, 2, unroll=8, channel_major=True)),
+])
 def test_lowers_for_cuda_at_model_shapes(seq, e, n, config, cuda_target):
     s = jax.ShapeDtypeStruct
     batch = 64
