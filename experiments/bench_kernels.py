@@ -14,17 +14,19 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         the interpreter) also ``qmatmul_wgmma``, as integer inference runs it: XLA quantize +
         the Mosaic GPU wgmma GEMM, K and N zero-padded to multiples of 64; listed first.
         ``--gemm-shapes vim_s:256`` / ``--gemm-variants wgmma bf16`` narrow it.
-  scan  Pallas selective scan (default: 4 tokens per loop trip, the next trip's loads
-        prefetched; the same with exp2 decays; the plain one-token loop) vs ``selective_scan_ref``
-        (lax.scan) vs lax.associative_scan at Vim (L=197, N=16) and VMamba (N=1, one scan
-        direction) shapes.
+  scan  Pallas selective scan (default config; the tile layout with 4 tokens per loop trip and
+        the next trip's loads prefetched, the same with exp2 decays, the plain one-token loop;
+        the channel-major layout) vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan
+        at Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
   scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
         jax.grad through lax.scan and through lax.associative_scan.
-  e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; lax.scan reference scan) vs
+  e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; the same with the scan's
+        tile layout; lax.scan reference scan) vs
         W8A8 ``quantized_apply(mode="int")`` in bf16 with the Pallas scan and each integer GEMM
         backend (``gemm=``: wgmma on Hopper, XLA's s8 dot, the Triton ``qmatmul``).
   sweep-wgmma / sweep-scan / sweep-gemm  tile sweeps (only with ``--sections``): the wgmma GEMM
-        (Hopper) beside XLA's bf16 and s8 dots, the scan's tiles and token loops, the Triton GEMM.
+        (Hopper) beside XLA's bf16 and s8 dots, the scan's tiles, token loops and state layouts
+        (at ``--scan-shapes`` when given), the Triton GEMM.
 
 The whole table is compile-bound: on an H200 (2026-11-27) 180 s covered the Vim-S GEMM rows and
 five scan shapes, hence the priority order and ``--budget-s``.
@@ -380,9 +382,9 @@ def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref
 
 def tuned_scan(u, delta, A, B, C, D, z, delta_bias, *, unroll: int, prefetch: bool, exp2: bool,
                interpret: bool):
-    """The Pallas scan with default tiles and another token loop (ScanConfig.unroll / prefetch /
-    exp2)."""
-    d = default_scan_config(u.shape[0], u.shape[2], A.shape[1])
+    """The Pallas scan in the tile layout with its default tiles and a given token loop
+    (ScanConfig.unroll / prefetch / exp2)."""
+    d = default_scan_config(u.shape[0], u.shape[2], A.shape[1], channel_major=False)
     cfg = ScanConfig(d.block_e, d.num_warps, d.num_stages, unroll=unroll, prefetch=prefetch, exp2=exp2)
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, interpret=interpret, config=cfg)
 
@@ -400,13 +402,15 @@ def channel_major_scan_fn(interpret: bool) -> Callable:
 def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
     """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
     variants = {
-        "pallas selective_scan (unroll 4 + prefetch)": functools.partial(selective_scan,
-                                                                         interpret=cfg.interpret),
-        "pallas selective_scan + exp2": functools.partial(
+        "pallas selective_scan (default config)": functools.partial(selective_scan,
+                                                                    interpret=cfg.interpret),
+        "pallas tile layout, unroll 4 + prefetch": functools.partial(
+            tuned_scan, unroll=4, prefetch=True, exp2=False, interpret=cfg.interpret),
+        "pallas tile layout + exp2": functools.partial(
             tuned_scan, unroll=4, prefetch=True, exp2=True, interpret=cfg.interpret),
-        "pallas selective_scan plain loop": functools.partial(
+        "pallas tile layout, plain loop": functools.partial(
             tuned_scan, unroll=1, prefetch=False, exp2=False, interpret=cfg.interpret),
-        "pallas selective_scan channel-major": channel_major_scan_fn(cfg.interpret),
+        "pallas channel-major": channel_major_scan_fn(cfg.interpret),
         "xla lax.scan (selective_scan_ref)": selective_scan_ref,
         "xla lax.associative_scan": selective_scan_assoc,
     }
@@ -603,7 +607,7 @@ def end_to_end_rows(
     return rows
 
 
-E2E_VARIANTS = ("bf16", "int-wgmma", "int-xla", "int-pallas", "bf16-lax-scan", "bf16-cm", "int-wgmma-cm")
+E2E_VARIANTS = ("bf16", "int-wgmma", "int-xla", "int-pallas", "bf16-tile-scan", "bf16-lax-scan")
 
 
 def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
@@ -621,33 +625,29 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
     model = pq.create_model(model_name, dtype=jnp.bfloat16)
     params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
 
-    def tiles(channel_major: bool):  # "-cm" variants: the channel-major scan (scan_tiles)
-        cm = functools.partial(default_scan_config, channel_major=True)
-        return scan_tiles(cm if channel_major else None)
+    tile_layout = functools.partial(default_scan_config, channel_major=False)
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def float_fwd(use_kernel: bool, channel_major: bool, p, im):
-        with scan_kernel(use_kernel), tiles(channel_major):
+    def float_fwd(use_kernel: bool, tile_scan: bool, p, im):
+        with scan_kernel(use_kernel), scan_tiles(tile_layout if tile_scan else None):
             return model.apply({"params": p}, im)
 
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def int_fwd(gemm: str, channel_major: bool, q, im):
-        with tiles(channel_major):
-            return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
+    @functools.partial(jax.jit, static_argnums=0)
+    def int_fwd(gemm: str, q, im):
+        return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
 
     # Weights are jit arguments, not constants folded into the program.
     forwards = {}
     if "bf16" in variants:
         forwards[f"{model_name} bf16 (scan: pallas)"] = functools.partial(float_fwd, True, False, params)
-    if "bf16-cm" in variants:
-        forwards[f"{model_name} bf16 (scan: pallas channel-major)"] = functools.partial(
+    if "bf16-tile-scan" in variants:  # the scan before the channel-major layout (N > 1)
+        forwards[f"{model_name} bf16 (scan: pallas tile layout)"] = functools.partial(
             float_fwd, True, True, params)
     hopper = not interpret and is_hopper()
     gemms = [(g, what) for g, what in (("wgmma", "wgmma, every linear"), ("xla", "XLA s8 dot"),
                                        ("pallas", "Triton qmatmul"))
              if f"int-{g}" in variants and (g != "wgmma" or hopper)]
-    cm_int = "int-wgmma-cm" in variants and hopper
-    if gemms or cm_int:
+    if gemms:
         cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
         t0 = time.perf_counter()
@@ -656,10 +656,7 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
         print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
         for gemm, what in gemms:
             forwards[f"{model_name} W8A8 int bf16 ({what}; pallas scan)"] = functools.partial(
-                int_fwd, gemm, False, qp)
-        if cm_int:
-            forwards[f"{model_name} W8A8 int bf16 (wgmma; channel-major scan)"] = functools.partial(
-                int_fwd, "wgmma", True, qp)
+                int_fwd, gemm, qp)
     if "bf16-lax-scan" in variants:
         forwards[f"{model_name} bf16 (scan: lax.scan)"] = functools.partial(float_fwd, False, False, params)
     return forwards, images

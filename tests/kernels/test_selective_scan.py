@@ -154,9 +154,32 @@ def test_bf16_inputs_odd_state_and_small_tiles():
 def test_default_tiles_fill_the_gpu(batch, e, n):
     cfg = default_scan_config(batch, e, n)
     assert (cfg.unroll, cfg.prefetch) == (4, True)  # the fastest token loop on the H200
-    programs = batch * -(-e // cfg.block_e)
-    assert cfg.block_e * max(n, 1) <= 512  # the state stays in registers
-    assert programs >= 512 or cfg.block_e == 16  # enough programs, or the smallest tile
+    assert cfg.channel_major == (n > 1)  # the faster layout at N = 16 and at N = 1 on the H200
+    tile = default_scan_config(batch, e, n, channel_major=False)
+    assert not tile.channel_major
+    programs = batch * -(-e // tile.block_e)
+    assert tile.block_e * max(n, 1) <= 512  # the state stays in registers
+    assert programs >= 512 or tile.block_e == 16  # enough programs, or the smallest tile
+    # Channel-major: each thread holds whole channels, N states each, in registers.
+    cm = default_scan_config(batch, e, n, channel_major=True)
+    assert cm.channel_major and cm.block_e // (32 * cm.num_warps) * n <= 32
+
+
+def test_trainable_keeps_the_tile_layout_its_backward_needs(monkeypatch):
+    """The backward kernels hold (block_e, N) tiles, so the trainable scan's default config is
+    the tile layout's even where the forward's default is channel-major."""
+    kernels = importlib.import_module("pallas_kernels.selective_scan")
+    seen = []
+    real = kernels._trainable
+
+    def spy(softplus, reverse, interpret, cfg, *args):
+        seen.append(cfg)
+        return real(softplus, reverse, interpret, cfg, *args)
+
+    monkeypatch.setattr(kernels, "_trainable", spy)
+    inp = make_inputs(8, 1, 9, 32, 16)
+    kernels.selective_scan_trainable(**inp, interpret=INTERPRET)
+    assert seen == [default_scan_config(1, 32, 16, channel_major=False)]
 
 
 def test_bad_arguments_are_explained():
@@ -193,7 +216,8 @@ def test_lowers_for_cuda_at_model_shapes(seq, e, n, config, cuda_target):
     text = jax.jit(lambda *a: selective_scan(*a, reverse=True, config=config)).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_selective_scan" in text
-    assert ("__nv_exp2f" in text) == (config is not None and config.exp2)  # libdevice exp2 for decays
+    effective = config or default_scan_config(batch, e, n)
+    assert ("__nv_exp2f" in text) == effective.exp2  # libdevice exp2 for decays
 
 
 # ----------------------------------------------------------------------------- gradients
