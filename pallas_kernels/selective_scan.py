@@ -438,17 +438,19 @@ def _core_bwd(u, dt, A, B, C, dy, h, reverse, interpret, cfg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _trainable(softplus, reverse, interpret, cfg, u, delta, A, B, C, D, z, delta_bias):
+def _trainable(softplus, reverse, interpret, cfgs, u, delta, A, B, C, D, z, delta_bias):
+    """``cfgs``: (the forward's config, the backward's tile-layout config)."""
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
-                          interpret=interpret, config=cfg)
+                          interpret=interpret, config=cfgs[0])
 
 
-def _trainable_fwd(softplus, reverse, interpret, cfg, *args):
-    return _trainable(softplus, reverse, interpret, cfg, *args), args
+def _trainable_fwd(softplus, reverse, interpret, cfgs, *args):
+    return _trainable(softplus, reverse, interpret, cfgs, *args), args
 
 
-def _trainable_bwd(softplus, reverse, interpret, cfg, res, g):
+def _trainable_bwd(softplus, reverse, interpret, cfgs, res, g):
     """The elementwise parts (softplus, D·u, SiLU(z) gate) by hand in jnp around the two kernels."""
+    cfg = cfgs[1]
     u, delta, A, B, C, D, z, delta_bias = res
     f32 = jnp.float32
     u32, g32 = u.astype(f32), g.astype(f32)
@@ -495,7 +497,9 @@ def selective_scan_trainable(
     """``selective_scan`` with a Pallas VJP: gradients for u, delta, A, B, C, D, z, delta_bias.
 
     The forward is ``selective_scan`` itself (identical outputs); nothing but the inputs is
-    saved. The backward recomputes the states with the forward kernel, storing them as a
+    saved. The backward recomputes the states with the forward kernel in the tile layout (its
+    kernels hold (block_e, N) tiles; a channel-major ``config`` applies to the forward only),
+    storing them as a
     (B, L, E, N) fp32 buffer (pass 1; 1.2 GB for Vim-T at batch 256), then walks time
     backwards (pass 2). Keeping the states instead of recomputing them in-register from
     checkpoints trades memory for simplicity: Triton cannot index registers by a loop counter,
@@ -504,12 +508,16 @@ def selective_scan_trainable(
     _check(u, delta, A, B, C, D, z, delta_bias)
     batch, seq, e = u.shape
     n_state = A.shape[1]
-    # The backward kernels hold (block_e, N) tiles: the tile layout (its tiles, and its forward).
-    cfg = config or default_scan_config(batch, e, n_state, channel_major=False)
+    # The forward runs ``config`` (default: the faster forward, channel-major for N > 1); the
+    # backward kernels hold (block_e, N) tiles, so they run the tile layout: ``config``'s tiles
+    # if it is a tile-layout config, else the tile layout's defaults.
+    fwd_cfg = config or default_scan_config(batch, e, n_state)
+    cfg = default_scan_config(batch, e, n_state, channel_major=False) if fwd_cfg.channel_major else fwd_cfg
     states = batch * seq * pl.cdiv(e, cfg.block_e) * cfg.block_e * _next_pow2(n_state)
     if states >= 2**31:
         raise ValueError(
             f"selective_scan_trainable: the backward's (B, L, E, N) state buffer has {states} elements, "
             "which overflows the kernel's int32 offsets; split the batch into chunks"
         )
-    return _trainable(delta_softplus, reverse, interpret, cfg, u, delta, A, B, C, D, z, delta_bias)
+    return _trainable(delta_softplus, reverse, interpret, (fwd_cfg, cfg), u, delta, A, B, C, D, z,
+                      delta_bias)

@@ -165,21 +165,25 @@ def test_default_tiles_fill_the_gpu(batch, e, n):
     assert cm.channel_major and cm.block_e // (32 * cm.num_warps) * n <= 32
 
 
-def test_trainable_keeps_the_tile_layout_its_backward_needs(monkeypatch):
-    """The backward kernels hold (block_e, N) tiles, so the trainable scan's default config is
-    the tile layout's even where the forward's default is channel-major."""
+@pytest.mark.parametrize("config", [None, ScanConfig(16, 1, 2), ScanConfig(32, 1, 2, channel_major=True)])
+def test_trainable_backward_keeps_the_tile_layout(config, monkeypatch):
+    """The trainable scan's forward runs the given (or default, channel-major at N > 1) config;
+    its backward kernels hold (block_e, N) tiles, so they get the given tile-layout config or
+    the tile layout's defaults."""
     kernels = importlib.import_module("pallas_kernels.selective_scan")
     seen = []
     real = kernels._trainable
 
-    def spy(softplus, reverse, interpret, cfg, *args):
-        seen.append(cfg)
-        return real(softplus, reverse, interpret, cfg, *args)
+    def spy(softplus, reverse, interpret, cfgs, *args):
+        seen.append(cfgs)
+        return real(softplus, reverse, interpret, cfgs, *args)
 
     monkeypatch.setattr(kernels, "_trainable", spy)
     inp = make_inputs(8, 1, 9, 32, 16)
-    kernels.selective_scan_trainable(**inp, interpret=INTERPRET)
-    assert seen == [default_scan_config(1, 32, 16, channel_major=False)]
+    kernels.selective_scan_trainable(**inp, interpret=INTERPRET, config=config)
+    fwd = config or default_scan_config(1, 32, 16)
+    bwd = default_scan_config(1, 32, 16, channel_major=False) if fwd.channel_major else fwd
+    assert seen == [(fwd, bwd)] and not bwd.channel_major
 
 
 def test_bad_arguments_are_explained():
