@@ -18,8 +18,9 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         the next trip's loads prefetched, the same with exp2 decays, the plain one-token loop;
         the channel-major layout) vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan
         at Vim (L=197, N=16) and VMamba (N=1, one scan direction) shapes.
-  scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan vs
-        jax.grad through lax.scan and through lax.associative_scan.
+  scan-train  value + gradients (as calibration needs them) of the Pallas custom_vjp scan (its
+        default, and with both passes channel-major) vs jax.grad through lax.scan and through
+        lax.associative_scan.
   e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; the same with the scan's
         tile layout; lax.scan reference scan) vs
         W8A8 ``quantized_apply(mode="int")`` in bf16 with the Pallas scan and each integer GEMM
@@ -440,9 +441,15 @@ def scan_value_and_grad(fn: Callable) -> Callable:
 def scan_train_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
     """Differentiable scans (value + gradients) at calibration shapes: the Pallas custom_vjp vs
     ``jax.grad`` through ``lax.scan`` and through ``lax.associative_scan``."""
+    def channel_major_trainable(u, delta, A, B, C, D, z, delta_bias):  # both passes channel-major
+        sc = default_scan_config(u.shape[0], u.shape[2], A.shape[1], channel_major=True)
+        return selective_scan_trainable(u, delta, A, B, C, D, z, delta_bias, interpret=cfg.interpret,
+                                        config=sc)
+
     variants = {
-        "pallas selective_scan_trainable": functools.partial(selective_scan_trainable,
-                                                             interpret=cfg.interpret),
+        "pallas selective_scan_trainable (default: tile-layout backward)": functools.partial(
+            selective_scan_trainable, interpret=cfg.interpret),
+        "pallas trainable, channel-major backward": channel_major_trainable,
         "xla grad lax.scan (selective_scan_ref)": selective_scan_ref,
         "xla grad lax.associative_scan": selective_scan_assoc,
     }

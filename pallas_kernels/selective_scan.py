@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -202,10 +203,12 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
     lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
 
 
-def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias):
+def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias,
+                          states=False):
     """The forward with the state as ``n_state`` (block_e,) vectors (``ScanConfig.channel_major``).
 
     ``a_ref`` holds A transposed, (N, E), so each state's decay rates are one contiguous row.
+    ``states=True`` (the backward's pass 1) also writes every h_t to a (B, L, N, E) buffer.
     """
     refs = list(refs)
     u_ref, dt_ref, a_ref, b_ref, c_ref = refs[:5]
@@ -213,7 +216,7 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
     d_ref = refs.pop(0) if has_d else None
     z_ref = refs.pop(0) if has_z else None
     bias_ref = refs.pop(0) if has_bias else None
-    (o_ref,) = refs
+    o_ref, h_ref = refs if states else (refs[0], None)
 
     f32 = jnp.float32
     be = cfg.block_e
@@ -253,6 +256,8 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
             h_n = decay_of(dt * a[n]) * h[n] + dtu * b_n
             y = h_n * c_n if y is None else y + h_n * c_n
             new_h.append(h_n)
+            if states:
+                _store(h_ref.at[batch, t, jnp.int32(n), pl.ds(e0, be)], h_n, e_ok)
         if has_d:
             y = y + u * d
         if has_z:
@@ -393,47 +398,117 @@ def _scan_bwd_kernel(u_ref, dt_ref, a_ref, b_ref, c_ref, dy_ref, h_ref,
     da_ref.at[batch, pl.ds(e0, be)][...] = da
 
 
+def _scan_bwd_kernel_channels(u_ref, dt_ref, a_ref, b_ref, c_ref, dy_ref, h_ref,
+                              du_ref, ddt_ref, da_ref, db_ref, dc_ref, *, seq, e, n_state, cfg, reverse):
+    """``_scan_bwd_kernel``'s arithmetic with the state as N (block_e,) vectors: A as (N, E), the
+    states as (B, L, N, E), ∂A written as (B, N, E); the sums over N run in-thread, and the
+    per-tile ∂B_t, ∂C_t are N scalar reductions each."""
+    f32 = jnp.float32
+    be = cfg.block_e
+    batch, tile = pl.program_id(0), pl.program_id(1)
+    e0 = tile * be
+    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+
+    def vec(ref):  # zero beyond E: padded channels carry zero state and gradients
+        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+
+    idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
+    a = [vec(a_ref.at[idx(n), pl.ds(e0, be)]) for n in range(n_state)]
+
+    def time_of(k):  # the k-th step of the forward scan
+        return seq - 1 - k if reverse else k
+
+    def states(t):
+        return tuple(vec(h_ref.at[batch, idx(t), idx(n), pl.ds(e0, be)]) for n in range(n_state))
+
+    def row(ref, t):
+        return vec(ref.at[batch, t, pl.ds(e0, be)])
+
+    def step(i, carry):
+        g, h_t, da = carry
+        k = seq - 1 - i
+        t = time_of(k)
+        h_prev = tuple(jnp.where(k > 0, h, f32(0.0)) for h in states(time_of(jnp.maximum(k - 1, 0))))
+        u, dt, dy = row(u_ref, t), row(dt_ref, t), row(dy_ref, t)
+        dtu = dt * u
+        s = dadt = None
+        new_g, new_da = [], []
+        for n in range(n_state):
+            b_n = b_ref[batch, t, idx(n)].astype(f32)
+            c_n = c_ref[batch, t, idx(n)].astype(f32)
+            dh = g[n] + dy * c_n
+            decay = jnp.exp(dt * a[n])
+            dh_ah = dh * (decay * h_prev[n])
+            s = dh * b_n if s is None else s + dh * b_n
+            dadt = dh_ah * a[n] if dadt is None else dadt + dh_ah * a[n]
+            db_ref[batch, t, tile, idx(n)] = jnp.sum(dh * dtu)
+            dc_ref[batch, t, tile, idx(n)] = jnp.sum(dy * h_t[n])
+            new_g.append(decay * dh)
+            new_da.append(da[n] + dh_ah * dt)
+        _store(du_ref.at[batch, t, pl.ds(e0, be)], dt * s, e_ok)
+        _store(ddt_ref.at[batch, t, pl.ds(e0, be)], dadt + u * s, e_ok)
+        return tuple(new_g), h_prev, tuple(new_da)
+
+    zeros = tuple(jnp.zeros((be,), f32) for _ in range(n_state))
+    _, _, da = lax.fori_loop(0, seq, step, (zeros, states(time_of(seq - 1)), zeros))
+    for n, da_n in enumerate(da):
+        _store(da_ref.at[batch, idx(n), pl.ds(e0, be)], da_n, e_ok)
+
+
 def _launch(cfg, interpret, name):
     return dict(compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                 interpret=interpret, name=name)
 
 
+def _states_shape(batch, seq, e, n_state, cfg):
+    """The backward's state buffer: (B, L, E_pad, N_pad) in the tile layout, (B, L, N, E) channel-major."""
+    if cfg.channel_major:
+        return batch, seq, n_state, e
+    return batch, seq, pl.cdiv(e, cfg.block_e) * cfg.block_e, _next_pow2(n_state)
+
+
 def _core_states(u, dt, A, B, C, reverse, interpret, cfg):
-    """Pass 1: the core outputs <h_t, C_t> (B, L, E) and every state h_t, (B, L, E_pad, N_pad) fp32."""
+    """Pass 1: the core outputs <h_t, C_t> (B, L, E) and every state h_t (``_states_shape``), fp32."""
     batch, seq, e = u.shape
     n_state = A.shape[1]
-    tiles = pl.cdiv(e, cfg.block_e)
     kernel = functools.partial(
-        _scan_kernel, seq=seq, e=e, n_state=n_state, cfg=cfg, reverse=reverse, softplus=False,
-        has_d=False, has_z=False, has_bias=False, states=True,
+        _scan_kernel_channels if cfg.channel_major else _scan_kernel, seq=seq, e=e,
+        n_state=n_state, cfg=cfg, reverse=reverse, softplus=False, has_d=False, has_z=False,
+        has_bias=False, states=True,
     )
     f32 = jnp.float32
+    a = A.astype(f32)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(u.shape, f32),
-                   jax.ShapeDtypeStruct((batch, seq, tiles * cfg.block_e, _next_pow2(n_state)), f32)),
-        grid=(batch, tiles),
+                   jax.ShapeDtypeStruct(_states_shape(batch, seq, e, n_state, cfg), f32)),
+        grid=(batch, pl.cdiv(e, cfg.block_e)),
         **_launch(cfg, interpret, "ptq4vm_selective_scan_states"),
-    )(u, dt, A.astype(f32), B, C)
+    )(u, dt, a.T if cfg.channel_major else a, B, C)
 
 
 def _core_bwd(u, dt, A, B, C, dy, h, reverse, interpret, cfg):
     """Pass 2: ∂u, ∂Δ (B, L, E), ∂A (E, N), ∂B, ∂C (B, L, N) of the core scan, fp32."""
     batch, seq, e = u.shape
     n_state = A.shape[1]
-    tiles, npow = pl.cdiv(e, cfg.block_e), _next_pow2(n_state)
-    kernel = functools.partial(_scan_bwd_kernel, seq=seq, e=e, n_state=n_state, cfg=cfg, reverse=reverse)
+    cm = cfg.channel_major
+    tiles, npow = pl.cdiv(e, cfg.block_e), n_state if cm else _next_pow2(n_state)
+    kernel = functools.partial(_scan_bwd_kernel_channels if cm else _scan_bwd_kernel, seq=seq, e=e,
+                               n_state=n_state, cfg=cfg, reverse=reverse)
     f32 = jnp.float32
     sds = jax.ShapeDtypeStruct
+    a = A.astype(f32)
     du, ddt, da, db, dc = pl.pallas_call(
         kernel,
-        out_shape=(sds(u.shape, f32), sds(u.shape, f32), sds((batch, tiles * cfg.block_e, npow), f32),
+        out_shape=(sds(u.shape, f32), sds(u.shape, f32),
+                   sds((batch, n_state, e) if cm else (batch, tiles * cfg.block_e, npow), f32),
                    sds((batch, seq, tiles, npow), f32), sds((batch, seq, tiles, npow), f32)),
         grid=(batch, tiles),
         **_launch(cfg, interpret, "ptq4vm_selective_scan_bwd"),
-    )(u, dt, A.astype(f32), B, C, dy, h)
+    )(u, dt, a.T if cm else a, B, C, dy, h)
     # Cross-program reductions (over batch for ∂A, over E tiles for ∂B, ∂C) in XLA: no atomics.
-    return (du, ddt, jnp.sum(da, axis=0)[:e, :n_state],
+    da = jnp.sum(da, axis=0)
+    return (du, ddt, da.T if cm else da[:e, :n_state],
             jnp.sum(db, axis=2)[..., :n_state], jnp.sum(dc, axis=2)[..., :n_state])
 
 
@@ -496,11 +571,14 @@ def selective_scan_trainable(
 ) -> jax.Array:
     """``selective_scan`` with a Pallas VJP: gradients for u, delta, A, B, C, D, z, delta_bias.
 
+    ``config`` runs both passes in its layout; by default the forward takes
+    ``default_scan_config`` (channel-major for N > 1) and the backward the tile layout, the one
+    timed on a GPU so far.
+
     The forward is ``selective_scan`` itself (identical outputs); nothing but the inputs is
-    saved. The backward recomputes the states with the forward kernel in the tile layout (its
-    kernels hold (block_e, N) tiles; a channel-major ``config`` applies to the forward only),
-    storing them as a
-    (B, L, E, N) fp32 buffer (pass 1; 1.2 GB for Vim-T at batch 256), then walks time
+    saved. The backward recomputes the states with the forward kernel, storing them as an fp32
+    (B, L, E, N) buffer (pass 1; 1.2 GB for Vim-T at batch 256; (B, L, N, E) channel-major),
+    then walks time
     backwards (pass 2). Keeping the states instead of recomputing them in-register from
     checkpoints trades memory for simplicity: Triton cannot index registers by a loop counter,
     and one program cannot reread its own global stores without a barrier, hence two calls.
@@ -508,12 +586,11 @@ def selective_scan_trainable(
     _check(u, delta, A, B, C, D, z, delta_bias)
     batch, seq, e = u.shape
     n_state = A.shape[1]
-    # The forward runs ``config`` (default: the faster forward, channel-major for N > 1); the
-    # backward kernels hold (block_e, N) tiles, so they run the tile layout: ``config``'s tiles
-    # if it is a tile-layout config, else the tile layout's defaults.
+    # A given config runs both passes. By default the forward is the faster one (channel-major
+    # for N > 1) and the backward the tile layout (the only one timed on a GPU so far).
     fwd_cfg = config or default_scan_config(batch, e, n_state)
-    cfg = default_scan_config(batch, e, n_state, channel_major=False) if fwd_cfg.channel_major else fwd_cfg
-    states = batch * seq * pl.cdiv(e, cfg.block_e) * cfg.block_e * _next_pow2(n_state)
+    cfg = config or default_scan_config(batch, e, n_state, channel_major=False)
+    states = math.prod(_states_shape(batch, seq, e, n_state, cfg))
     if states >= 2**31:
         raise ValueError(
             f"selective_scan_trainable: the backward's (B, L, E, N) state buffer has {states} elements, "

@@ -166,10 +166,9 @@ def test_default_tiles_fill_the_gpu(batch, e, n):
 
 
 @pytest.mark.parametrize("config", [None, ScanConfig(16, 1, 2), ScanConfig(32, 1, 2, channel_major=True)])
-def test_trainable_backward_keeps_the_tile_layout(config, monkeypatch):
-    """The trainable scan's forward runs the given (or default, channel-major at N > 1) config;
-    its backward kernels hold (block_e, N) tiles, so they get the given tile-layout config or
-    the tile layout's defaults."""
+def test_trainable_configs_per_pass(config, monkeypatch):
+    """A given config runs both passes of the trainable scan; by default the forward is the
+    forward's default (channel-major at N > 1) and the backward the tile layout."""
     kernels = importlib.import_module("pallas_kernels.selective_scan")
     seen = []
     real = kernels._trainable
@@ -181,9 +180,9 @@ def test_trainable_backward_keeps_the_tile_layout(config, monkeypatch):
     monkeypatch.setattr(kernels, "_trainable", spy)
     inp = make_inputs(8, 1, 9, 32, 16)
     kernels.selective_scan_trainable(**inp, interpret=INTERPRET, config=config)
-    fwd = config or default_scan_config(1, 32, 16)
-    bwd = default_scan_config(1, 32, 16, channel_major=False) if fwd.channel_major else fwd
-    assert seen == [(fwd, bwd)] and not bwd.channel_major
+    default = (default_scan_config(1, 32, 16), default_scan_config(1, 32, 16, channel_major=False))
+    assert seen == [default if config is None else (config, config)]
+    assert default[0].channel_major and not default[1].channel_major
 
 
 def test_bad_arguments_are_explained():
@@ -254,15 +253,19 @@ GRAD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["default", "channel-major"])
 @pytest.mark.parametrize("batch,seq,e,n,use_d,use_z,use_bias,softplus,reverse", GRAD_CASES)
-def test_trainable_gradients_match_reference(batch, seq, e, n, use_d, use_z, use_bias, softplus, reverse):
+def test_trainable_gradients_match_reference(batch, seq, e, n, use_d, use_z, use_bias, softplus, reverse,
+                                             layout):
     inp = make_inputs(seq * e + n, batch, seq, e, n)
     for name, used in (("D", use_d), ("z", use_z), ("delta_bias", use_bias)):
         if not used:
             inp[name] = None
     if not softplus:
         inp["delta"] = jax.nn.softplus(inp["delta"])
-    value, g = grads(selective_scan_trainable, inp, softplus, reverse, interpret=INTERPRET)
+    # Channel-major in both passes; 32-wide tiles leave E = 72 and 40 a masked last tile.
+    config = ScanConfig(32, 1, 2, exp2=True, channel_major=True) if layout == "channel-major" else None
+    value, g = grads(selective_scan_trainable, inp, softplus, reverse, interpret=INTERPRET, config=config)
     value_ref, g_ref = grads(selective_scan_ref, inp, softplus, reverse)
     np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-5)
     assert set(g) == {k for k in ARGS if inp[k] is not None}
@@ -346,8 +349,11 @@ def test_trainable_state_buffer_overflow_is_explained():
         jax.eval_shape(selective_scan_trainable, row, row, s((3072, 16), jnp.float32), state, state)
 
 
-@pytest.mark.parametrize("directions,seq,e,n", [(1, 197, 384, 16), (4, 3136, 96, 1)])
-def test_backward_lowers_for_cuda_at_model_shapes(directions, seq, e, n, cuda_target):
+@pytest.mark.parametrize("directions,seq,e,n,config", [
+    (1, 197, 384, 16, None), (4, 3136, 96, 1, None),
+    (1, 197, 384, 16, ScanConfig(64, 1, 2, exp2=True, channel_major=True)),
+])
+def test_backward_lowers_for_cuda_at_model_shapes(directions, seq, e, n, config, cuda_target):
     # Vim-T (one direction, gated, reverse) and VMamba-T stage 1 (four vmapped directions).
     s = jax.ShapeDtypeStruct
     lead = (directions, 64)
@@ -356,7 +362,7 @@ def test_backward_lowers_for_cuda_at_model_shapes(directions, seq, e, n, cuda_ta
     args = (row, row, s((directions, e, n), jnp.float32), state, state, vec, row, vec)
     gated = n > 1
     scan = lambda u, dt, a, b, c, d, z, bias: selective_scan_trainable(
-        u, dt, a, b, c, d, z if gated else None, bias, reverse=gated)
+        u, dt, a, b, c, d, z if gated else None, bias, reverse=gated, config=config)
     loss = lambda *a: jnp.sum(jax.vmap(scan)(*a).astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
