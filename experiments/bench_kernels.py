@@ -11,9 +11,11 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         XLA bf16 dot | XLA s8 x s8 -> s32 dot alone | XLA W8A8 (quantize + s8 dot + dequant,
         = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
         GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on Hopper (and in
-        the interpreter) also ``qmatmul_wgmma``, as integer inference runs it: XLA quantize +
-        the Mosaic GPU wgmma GEMM, K and N zero-padded to multiples of 64; listed first.
-        ``--gemm-shapes vim_s:256`` / ``--gemm-variants wgmma bf16`` narrow it.
+        the interpreter) also ``qmatmul_wgmma_fused`` (one pass: the quantization inside the
+        wgmma kernel, codes resident in shared memory; K, N multiples of 64 only) and
+        ``qmatmul_wgmma``, as integer inference runs it: XLA quantize + the Mosaic GPU wgmma
+        GEMM, K and N zero-padded to multiples of 64; listed first. ``--gemm-shapes vim_s:256``
+        / ``--gemm-variants wgmma-1pass wgmma bf16`` narrow it.
   scan  Pallas selective scan (default config; the tile layout with 4 tokens per loop trip and
         the next trip's loads prefetched, the same with exp2 decays, the plain one-token loop;
         the channel-major layout) vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan
@@ -82,7 +84,13 @@ from pallas_kernels import (
     supports_wgmma,
     weight_colsum,
 )
-from pallas_kernels.qmatmul_hopper import WGMMA_SWEEP
+from pallas_kernels.qmatmul_hopper import (
+    FUSED_SWEEP,
+    WGMMA_SWEEP,
+    FusedWgmmaConfig,
+    default_fused_config,
+    qmatmul_wgmma_fused,
+)
 from ptq4vm_jax.ops.scan import selective_scan_ref
 from ptq4vm_jax.quant.integer import is_hopper
 
@@ -243,6 +251,9 @@ def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
     return inp
 
 
+WGMMA_ONE_PASS = "mosaic wgmma w8a8 1-pass (quantize inside)"
+
+
 def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable, Callable, str]]:
     """name -> (input keys, fn(*inputs), bytes(m, k, n), peak kind). Weights, scales and column
     sums are inputs, as at inference; only the arrays a variant reads are passed to it."""
@@ -260,7 +271,9 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
         return lambda *a: qmatmul(*a[:7], a_bits=a_bits, w_bits=w_bits, interpret=interpret, colsum=a[7])
 
     wgmma = lambda *a: qmatmul_wgmma(*a[:7], interpret=interpret)  # quantize, weight prep, padding
-    hopper = {"mosaic wgmma w8a8 2-pass": (w8a8, wgmma, fused_bytes, "int8")}
+    one_pass = lambda *a: qmatmul_wgmma_fused(*a[:7], interpret=interpret)  # weight prep in the graph
+    hopper = {WGMMA_ONE_PASS: (w8a8, one_pass, fused_bytes, "int8"),
+              "mosaic wgmma w8a8 2-pass": (w8a8, wgmma, fused_bytes, "int8")}
     if not (interpret or is_hopper()):
         hopper = {}
     return hopper | {
@@ -286,13 +299,20 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
     x, w, w_scale, smooth, a_scale, a_zero, bias, *_ = (inp[k] for k in keys)
     bits = dict(a_bits=4, w_bits=4) if "w4a4" in name else dict(a_bits=8, w_bits=8)
     notes = []
-    if "fused" in name:
+    if name == WGMMA_ONE_PASS:
+        acc = np.asarray(qmatmul_wgmma_fused(x, w, w_scale, smooth, a_scale, a_zero, out_dtype=jnp.int32,
+                                             interpret=interpret))
+        ref = np.asarray(qmatmul_int32_ref(x, w, smooth, a_scale, a_zero))
+        bad = int((acc != ref).sum())
+        notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
+    elif "fused" in name:
         qargs = (x, w, smooth, a_scale, a_zero)
         acc = np.asarray(qmatmul_int32(*qargs, interpret=interpret, **bits))
         ref = np.asarray(qmatmul_int32_ref(*qargs, **bits))
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
-    if "wgmma" in name and supports_wgmma(x.shape[0] * x.shape[1], *w.shape):  # else padded
+    m = x.shape[0] * x.shape[1]
+    if name == "mosaic wgmma w8a8 2-pass" and supports_wgmma(m, *w.shape):  # else padded
         acc = np.asarray(qmatmul_codes_wgmma(inp["codes"], inp["w_t"], w_scale, a_scale, a_zero,
                                              out_dtype=jnp.int32, interpret=interpret))
         ref = np.asarray(qmatmul_int32_ref(x, w, smooth, a_scale, a_zero))
@@ -305,7 +325,8 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
 
 
 GEMM_VARIANTS = {  # --gemm-variants key -> row name
-    "wgmma": "mosaic wgmma w8a8 2-pass", "bf16": "xla bf16 dot", "s8": "xla s8 dot only (s32 out)",
+    "wgmma-1pass": WGMMA_ONE_PASS, "wgmma": "mosaic wgmma w8a8 2-pass", "bf16": "xla bf16 dot",
+    "s8": "xla s8 dot only (s32 out)",
     "xla": "xla w8a8 3-pass (qmatmul_ref)", "pallas": "pallas w8a8 fused",
     "pallas-2pass": "pallas w8a8 2-pass", "pallas-w4a4": "pallas w4a4 fused",
 }
@@ -334,6 +355,10 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg) -> list[Row]:
         shape = f"{model} {lname} M={m} K={k} N={n}"
         for vname in gemm_variants(cfg.interpret):
             if vname not in cfg.gemm_variants:
+                continue
+            if vname == WGMMA_ONE_PASS and default_fused_config(k, n) is None:
+                rows.append(Row("gemm", shape, vname, None, check="skipped: K, N not multiples of 64"))
+                cfg.emit(rows[-1])
                 continue
             body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n)
             rows.append(run_row(cfg, "gemm", shape, vname, body))
@@ -512,9 +537,23 @@ def sweep_wgmma_row(cfg, shape: str, wc: WgmmaConfig, sets: list[dict], work: in
                check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
 
 
+def sweep_fused_row(cfg, shape: str, fc: FusedWgmmaConfig, sets: list[dict], work: int) -> Row:
+    i0 = sets[0]
+    keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero")
+    acc = qmatmul_wgmma_fused(*(i0[k] for k in keys), out_dtype=jnp.int32, config=fc, interpret=cfg.interpret)
+    ref = qmatmul_int32_ref(i0["x"], i0["w"], i0["smooth"], i0["a_scale"], i0["a_zero"])
+    bad = int((np.asarray(acc) != np.asarray(ref)).sum())
+    fn = functools.partial(qmatmul_wgmma_fused, config=fc, interpret=cfg.interpret)
+    secs = time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)
+    rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
+    return Row("sweep", shape, f"mosaic wgmma 1-pass on bf16 x {fc}", secs, rate, pct,
+               check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
+
+
 def sweep_wgmma_rows(cfg) -> list[Row]:
-    """The wgmma GEMM's tile configs (Hopper; one small config in the interpreter) at Vim-B
-    in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run."""
+    """The wgmma GEMMs' tile configs (Hopper; one small config in the interpreter) at Vim-B
+    in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run: the 1-pass kernel
+    (quantization inside) first, then the kernel on precomputed codes."""
     if not (cfg.interpret or is_hopper()):
         return []
     batch, model = (1, "smoke") if cfg.interpret else (256, "vim_b")
@@ -526,6 +565,9 @@ def sweep_wgmma_rows(cfg) -> list[Row]:
     for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
         body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n)
         rows.append(run_row(cfg, "sweep", shape, vname, body))
+    for fc in (FusedWgmmaConfig(64, 64, 2),) if cfg.interpret else FUSED_SWEEP:
+        body = functools.partial(sweep_fused_row, cfg, shape, fc, sets, 2 * m * k * n)
+        rows.append(run_row(cfg, "sweep", shape, str(fc), body))
     for wc in (WgmmaConfig(64, 64, 64, 2),) if cfg.interpret else WGMMA_SWEEP:
         body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
         rows.append(run_row(cfg, "sweep", shape, str(wc), body))

@@ -9,16 +9,18 @@
 #   ktests  the kernel tests run the compiled kernels on a GPU (interpret mode elsewhere): Triton
 #           qmatmul, Mosaic GPU wgmma GEMM and qmatmul_wgmma (Hopper), the selective scan forward
 #           (both state layouts) and backward
-#   kernels the open questions of experiments/bench_kernels.py, most open first: the scans with
-#           the channel-major default at the Vim shapes the third session did not reach (Vim-T/B
-#           batch 64, Vim-T batch 256), then Vim-T and Vim-B end to end at batch 256 (bf16 vs
-#           W8A8 int on wgmma)
+#   kernels the open questions of experiments/bench_kernels.py, most open first: the 1-pass wgmma
+#           GEMM (quantization inside, never run on a GPU) against the 2-pass one and bf16 at the
+#           four Vim-B linears, batch 256; the scans with the channel-major default at the Vim
+#           shapes the third session did not reach (Vim-T/B batch 64, Vim-T batch 256); Vim-T and
+#           Vim-B end to end at batch 256 (bf16 vs W8A8 int on wgmma)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block (never
 #           measured on a GPU: the third session spent its minutes on the scan)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
 #           every integer GEMM backend (xla, Triton, wgmma: compiled on Hopper) against the others
 #           (16 passed in 163 s on the H200, third session, with the tile-layout scan)
-#   train   the differentiable scan (calibration's) and the wgmma tile sweep
+#   train   the differentiable scan (calibration's: tile-layout and channel-major backward) and the
+#           wgmma tile sweep (1-pass configs first)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
 # For a 15-minute device budget (machine start ~30-70 s, 2026-11-27), two calls:
 #   bash experiments/device_check.sh 540                          (timeout_s 570: env .. calib)
@@ -53,10 +55,11 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
   \"numpy\", numpy.__version__, jax.devices())'"
 step ktests 170 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
-step kernels 170 $PY experiments/bench_kernels.py --quick --budget-s 150 --sections scan e2e \
+step kernels 200 $PY experiments/bench_kernels.py --quick --budget-s 180 --sections gemm scan e2e \
+  --gemm-shapes vim_b:256 --gemm-variants wgmma-1pass wgmma bf16 \
   --scan-shapes vim_b:64 vim_t:64 vim_t:256 --e2e-models vim_tiny:256 vim_base:256 \
   --e2e-variants bf16 int-wgmma
-step calib 200 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
+step calib 170 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 step itests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step train 120 $PY experiments/bench_kernels.py --budget-s 100 --sections scan-train sweep-wgmma
 echo "=== done after $(($(date +%s) - START))s"

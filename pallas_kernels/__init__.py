@@ -2,8 +2,9 @@
 inference, forward + backward for calibration).
 
 Both use the Pallas Triton backend (see README.md here for why) and run on the CPU in
-``interpret=True`` mode; ``qmatmul_codes_wgmma`` is a Hopper-only Mosaic GPU GEMM, not yet run
-on a GPU; their plain-XLA references are ``qmatmul_ref`` and
+``interpret=True`` mode. ``qmatmul_codes_wgmma`` / ``qmatmul_wgmma`` (exact and timed on an
+H200) and ``qmatmul_wgmma_fused`` (quantization inside; not yet run on a GPU) are Hopper-only
+Mosaic GPU GEMMs. The plain-XLA references are ``qmatmul_ref`` and
 ``ptq4vm_jax.ops.scan.selective_scan_ref``.
 """
 
@@ -24,10 +25,13 @@ from pallas_kernels.qmatmul import (
     weight_colsum,
 )
 from pallas_kernels.qmatmul_hopper import (
+    FusedWgmmaConfig,
     WgmmaConfig,
+    default_fused_config,
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
     qmatmul_wgmma,
+    qmatmul_wgmma_fused,
     supports_wgmma,
 )
 from pallas_kernels.selective_scan import (
@@ -38,10 +42,12 @@ from pallas_kernels.selective_scan import (
 )
 
 __all__ = [
+    "FusedWgmmaConfig",
     "GemmConfig",
     "ScanConfig",
     "WgmmaConfig",
     "check_bits",
+    "default_fused_config",
     "default_gemm_config",
     "dense_weight",
     "default_scan_config",
@@ -55,6 +61,7 @@ __all__ = [
     "qmatmul_int32_ref",
     "qmatmul_ref",
     "qmatmul_wgmma",
+    "qmatmul_wgmma_fused",
     "quantize_activations",
     "selective_scan",
     "selective_scan_trainable",

@@ -36,11 +36,16 @@ from jax.typing import DTypeLike
 from pallas_kernels.qmatmul import _check_args, check_bits, dense_weight, quantize_activations
 
 __all__ = [
+    "FUSED_SWEEP",
+    "FusedWgmmaConfig",
     "WgmmaConfig",
+    "default_fused_config",
     "default_wgmma_config",
+    "fused_smem_bytes",
     "prepare_weight_wgmma",
     "qmatmul_codes_wgmma",
     "qmatmul_wgmma",
+    "qmatmul_wgmma_fused",
     "smem_bytes",
     "supports_qmatmul_wgmma",
     "supports_wgmma",
@@ -400,3 +405,259 @@ def qmatmul_wgmma(
                             a_bits=a_bits, out_dtype=out_dtype or x.dtype, config=config,
                             interpret=interpret)
     return y[..., :n]
+
+
+# ----------------------------------------------------------------------------- quantize fused
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedWgmmaConfig:
+    """Tiles of :func:`qmatmul_wgmma_fused`: one CTA per ``tile_m`` rows keeps their int8 codes
+    for the whole K in shared memory (``tile_m * K`` bytes) and walks every ``tile_n``-wide
+    output tile, streaming ``tile_n x 64`` weight tiles through a ``stages``-deep TMA pipeline
+    that runs on across output tiles."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    stages: int = 4
+
+    def __post_init__(self):
+        if self.tile_m not in (64, 128) or self.tile_n not in (64, 128):
+            raise ValueError(f"FusedWgmmaConfig tiles must be 64 or 128, got {self.tile_m} x {self.tile_n}")
+        if self.stages < 2:
+            raise ValueError(f"FusedWgmmaConfig.stages must be >= 2, got {self.stages}")
+
+
+#: Configurations of the 1-pass kernel's sweep at Vim-B in_proj (K = 768, N = 3072, bf16).
+FUSED_SWEEP: tuple[FusedWgmmaConfig, ...] = (
+    FusedWgmmaConfig(128, 128, 4),  # the default there: 96 KB of codes, 223 KB in all
+    FusedWgmmaConfig(128, 128, 3),
+    FusedWgmmaConfig(128, 128, 2),
+    FusedWgmmaConfig(64, 128, 4),  # twice the CTAs, each weight tile read twice as often
+    FusedWgmmaConfig(128, 64, 4),
+)
+
+
+def fused_smem_bytes(cfg: FusedWgmmaConfig, k: int, n: int, x_itemsize: int, out_itemsize: int,
+                     has_bias: bool = False) -> int:
+    """Shared memory of one CTA: resident codes, the x and weight pipelines, the output tile,
+    the epilogue vectors and Mosaic's reserve (an estimate)."""
+    tm, tn = cfg.tile_m, cfg.tile_n
+    vectors = 4 * (k + 4 * tm + (3 if has_bias else 2) * n)
+    return (tm * k + 2 * tm * _ALIGN * x_itemsize + cfg.stages * tn * _ALIGN + tm * tn * out_itemsize
+            + vectors + 2048)
+
+
+def default_fused_config(
+    k: int, n: int, x_itemsize: int = 2, out_itemsize: int = 2, has_bias: bool = False
+) -> FusedWgmmaConfig | None:
+    """The largest row block whose codes fit in shared memory with the rest: 128 rows with 4,
+    then 3 weight stages, else 64 rows; None when K, N are not multiples of 64 or nothing fits
+    (K beyond about 2300). Vim-B in_proj (K = 768, N = 3072, bf16): 128 rows, 4 stages."""
+    if k % _ALIGN or n % _ALIGN or k < _ALIGN:
+        return None
+    tn = _largest_tile(n, (128, 64))
+    for tm, stages in ((128, 4), (128, 3), (64, 4)):
+        cfg = FusedWgmmaConfig(tile_m=tm, tile_n=tn, stages=stages)
+        if fused_smem_bytes(cfg, k, n, x_itemsize, out_itemsize, has_bias) <= _SMEM_BYTES:
+            return cfg
+    return None
+
+
+def _fused_kernel(x_gmem, w_gmem, rsmooth_gmem, rrow_gmem, zero_gmem, shift_gmem, ascale_gmem,
+                  colsum_gmem, wscale_gmem, *refs, cfg: FusedWgmmaConfig, k_steps: int, n_tiles: int,
+                  a_bits: int, has_bias: bool, interpret: bool):
+    """One CTA, ``tile_m`` rows: quantize them once into resident int8 codes (phase 1), then
+    every N tile's wgmma K loop and epilogue (phase 2).
+
+    Phase 1 quantizes (tile_m, 64) x tiles from a TMA pipeline in registers, with
+    ``quantize_activations``' exact arithmetic, into ``a_smem[k]``. Phase 2 pipelines the weight
+    over (N tile, K step) so the next tile's weights load during this tile's epilogue, resetting
+    the accumulator after each epilogue. The interpreter cannot store to a wgmma accumulator, so
+    there phase 2 runs one accumulator and one K pipeline per N tile (and reads the weight as
+    (K, N) and the vectors with ``ref[...]``, as in :func:`_kernel`).
+    """
+    bias_gmem = refs[0] if has_bias else None
+    refs = refs[1:] if has_bias else refs
+    (out_gmem, a_smem, rsmooth_smem, rrow_smem, zero_smem, shift_smem, ascale_smem, colsum_smem,
+     wscale_smem, bias_smem, out_smem, vec_bar) = refs
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, _ALIGN
+    m_sl = pl.ds(lax.axis_index("m") * tm, tm)
+    copies = [(rsmooth_gmem, rsmooth_smem), (rrow_gmem.at[m_sl], rrow_smem), (zero_gmem.at[m_sl], zero_smem),
+              (shift_gmem.at[m_sl], shift_smem), (ascale_gmem.at[m_sl], ascale_smem),
+              (colsum_gmem, colsum_smem), (wscale_gmem, wscale_smem)]
+    if has_bias:
+        copies.append((bias_gmem, bias_smem))
+    for src, dst in copies:
+        plgpu.copy_gmem_to_smem(src, dst, vec_bar.at[0])
+    plgpu.barrier_wait(vec_bar.at[0])
+
+    def load(ref, layout):
+        if interpret:
+            return ref[...]
+        return plgpu.load(ref, layout=layout) if _LOAD_IDX_OPTIONAL else plgpu.load(ref, (), layout=layout)
+
+    def rows(ref, width):
+        return lax.broadcast_in_dim(load(ref, plgpu.Layout.WGMMA.reduce(1)), (tm, width), [0])
+
+    def cols(ref, width):
+        return lax.broadcast_in_dim(load(ref, plgpu.Layout.WGMMA.reduce(0)), (tm, width), [1])
+
+    qmax, center = float(2**a_bits - 1), float(2 ** (a_bits - 1))
+
+    def quantize(idx, x_smem):
+        (k,) = idx
+        x = load(x_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
+        v = (x * cols(rsmooth_smem.at[k], tk)) * rows(rrow_smem, tk)
+        q = jnp.clip(jnp.round(v) + rows(zero_smem, tk), 0.0, qmax) - center
+        a_smem.at[k][...] = q.astype(jnp.int8)
+
+    x_isz = jnp.dtype(x_gmem.dtype).itemsize
+    x_spec = plgpu.BlockSpec((tm, tk), lambda k: (0, k), transforms=_smem_transforms(tk * x_isz, x_isz))
+    plgpu.emit_pipeline(quantize, grid=(k_steps,), in_specs=[x_spec],
+                        max_concurrent_steps=min(2, k_steps))(x_gmem.at[m_sl])
+    plgpu.commit_smem()  # the codes, written by threads, are read by wgmma (the async proxy)
+
+    def epilogue(acc, n):
+        acc = acc + rows(shift_smem, tn) * cols(colsum_smem.at[n], tn)  # exact zero-point restore
+        if out_smem.dtype == jnp.int32:
+            y = acc
+        else:
+            y = acc.astype(jnp.float32) * rows(ascale_smem, tn) * cols(wscale_smem.at[n], tn)
+            if has_bias:
+                y = y + cols(bias_smem.at[n], tn)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
+        out_smem[...] = y.astype(out_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[m_sl, pl.ds(n * tn, tn)])
+
+    if interpret:
+        def tile(n, carry):
+            def body(acc_ref):
+                def mma(idx, b_smem):
+                    (k,) = idx
+                    plgpu.wgmma(acc_ref, a_smem.at[k], b_smem)
+                    plgpu.wgmma_wait(0)
+
+                spec = plgpu.BlockSpec((tk, tn), lambda k: (k, 0), transforms=_smem_transforms(tn, 1))
+                plgpu.emit_pipeline(mma, grid=(k_steps,), in_specs=[spec])(w_gmem.at[:, pl.ds(n * tn, tn)])
+                return acc_ref[...]
+
+            epilogue(pl.run_scoped(body, plgpu.ACC((tm, tn), jnp.int32)), n)
+            return carry
+
+        lax.fori_loop(0, n_tiles, tile, 0)
+    else:
+        def body(acc_ref):
+            def mma(idx, b_smem):
+                n, k = idx
+                plgpu.wgmma(acc_ref, a_smem.at[k], b_smem.transpose((1, 0)))
+                plgpu.wgmma_wait(1)
+
+                @pl.when(k == k_steps - 1)
+                def _last_k():
+                    epilogue(acc_ref[...], n)
+                    acc_ref[...] = plgpu.layout_cast(jnp.zeros((tm, tn), jnp.int32), plgpu.Layout.WGMMA)
+
+            spec = plgpu.BlockSpec((tn, tk), lambda n, k: (n, k), transforms=_smem_transforms(tk, 1),
+                                   delay_release=1)
+            plgpu.emit_pipeline(mma, grid=(n_tiles, k_steps), in_specs=[spec],
+                                max_concurrent_steps=cfg.stages)(w_gmem)
+
+        pl.run_scoped(body, plgpu.ACC((tm, tn), jnp.int32))
+    plgpu.wait_smem_to_gmem(0)
+
+
+def qmatmul_wgmma_fused(
+    x: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    smooth: jax.Array,
+    a_scale: jax.Array,
+    a_zero: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    a_bits: int = 8,
+    w_bits: int = 8,
+    out_dtype: DTypeLike | None = None,
+    config: FusedWgmmaConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`~pallas_kernels.qmatmul.qmatmul`'s contract and result on Hopper in one kernel:
+    the activation quantization runs inside it, once per element, into int8 codes resident in
+    shared memory for the CTA's rows, so x is read once in its own dtype and no codes reach HBM.
+
+    K and N must be multiples of 64 and the codes of a row block must fit in shared memory
+    (:func:`default_fused_config`; Vim/VMamba in_proj and out_proj up to K = 1536).
+    ``out_dtype=jnp.int32`` returns the exact accumulator ``sum_k (q - z) w`` (for tests).
+    Exact against the integer reference in jax's Mosaic GPU interpreter; not yet timed on a GPU.
+    """
+    out = _qmatmul_wgmma_fused(x, w_q, w_scale, smooth, a_scale, a_zero, bias, a_bits=a_bits,
+                               w_bits=w_bits, out_dtype=out_dtype or x.dtype, config=config,
+                               interpret=interpret)
+    if interpret and not isinstance(out, jax.core.Tracer):
+        out.block_until_ready()  # see qmatmul_codes_wgmma
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "w_bits", "out_dtype", "config", "interpret"))
+def _qmatmul_wgmma_fused(x, w_q, w_scale, smooth, a_scale, a_zero, bias, *, a_bits, w_bits, out_dtype,
+                         config, interpret):
+    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    batch, seq, k = x.shape
+    n, m = w_scale.shape[0], batch * seq
+    x_isz, out_isz = jnp.dtype(x.dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    cfg = config or default_fused_config(k, n, x_isz, out_isz, bias is not None)
+    if cfg is None or k % _ALIGN or n % cfg.tile_n or m * max(k, n) >= 2**31:
+        raise ValueError(f"qmatmul_wgmma_fused takes K and N multiples of {_ALIGN} whose row-block codes fit "
+                         f"in shared memory (got M={m}, K={k}, N={n}); use qmatmul_wgmma")
+    smem = fused_smem_bytes(cfg, k, n, x_isz, out_isz, bias is not None)
+    if smem > _SMEM_BYTES:
+        raise ValueError(f"{cfg} at K={k}, N={n} needs {smem} bytes of shared memory (> {_SMEM_BYTES}); "
+                         "use tile_m=64 or qmatmul_wgmma")
+    f32, tm, tn = jnp.float32, cfg.tile_m, cfg.tile_n
+    w = dense_weight(w_q, w_bits)
+    colsum = jnp.sum(w.astype(jnp.int32), axis=0)
+    m_tiles = pl.cdiv(m, tm)
+    tok = jnp.arange(m_tiles * tm, dtype=jnp.int32) % seq  # token of each (padded) row
+    a_scale32 = a_scale.astype(f32)
+    vectors = [
+        (1.0 / smooth.astype(f32)).reshape(k // _ALIGN, _ALIGN),  # TMA copies <= 256 per dimension
+        (1.0 / a_scale32)[tok],
+        a_zero.astype(f32)[tok],
+        (2 ** (a_bits - 1) - a_zero.astype(jnp.int32))[tok],
+        a_scale32[tok],
+        colsum.reshape(n // tn, tn),
+        w_scale.astype(f32).reshape(n // tn, tn),
+    ]
+    if bias is not None:
+        vectors.append(bias.astype(f32).reshape(n // tn, tn))
+    m8 = -(-m // 8) * 8  # TMA: a multiple of 8 rows (see qmatmul_codes_wgmma)
+    rows = x.reshape(m, k)
+    if m8 != m:
+        rows = jnp.pad(rows, ((0, m8 - m), (0, 0)))
+    kernel = functools.partial(_fused_kernel, cfg=cfg, k_steps=k // _ALIGN, n_tiles=n // tn, a_bits=a_bits,
+                               has_bias=bias is not None, interpret=interpret)
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m_tiles * tm if interpret else m8, n), out_dtype),
+        scratch_types=[
+            plgpu.SMEM((k // _ALIGN, tm, _ALIGN), jnp.int8, transforms=_smem_transforms(_ALIGN, 1)),
+            plgpu.SMEM((k // _ALIGN, _ALIGN), f32),
+            plgpu.SMEM((tm,), f32),
+            plgpu.SMEM((tm,), f32),
+            plgpu.SMEM((tm,), jnp.int32),
+            plgpu.SMEM((tm,), f32),
+            plgpu.SMEM((n // tn, tn), jnp.int32),
+            plgpu.SMEM((n // tn, tn), f32),
+            plgpu.SMEM((n // tn, tn) if bias is not None else (1,), f32),
+            plgpu.SMEM((tm, tn), out_dtype, transforms=_smem_transforms(tn * out_isz, out_isz)),
+            plgpu.Barrier(num_arrivals=len(vectors), num_barriers=1),
+        ],
+        grid=(m_tiles,),
+        grid_names=("m",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=_interpret_params() if interpret else None,
+        kernel_name="ptq4vm_qmatmul_wgmma_fused",
+    )(rows, w if interpret else w.T, *vectors)
+    return out[:m].reshape(batch, seq, n)

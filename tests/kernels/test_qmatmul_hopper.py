@@ -15,14 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.qmatmul import _codes_matmul_int32, _dequantize, pack_int4, qmatmul_ref, weight_colsum
+from pallas_kernels.qmatmul import (
+    _codes_matmul_int32,
+    _dequantize,
+    pack_int4,
+    qmatmul_int32_ref,
+    qmatmul_ref,
+    weight_colsum,
+)
 from pallas_kernels.qmatmul_hopper import (
+    FUSED_SWEEP,
     WGMMA_SWEEP,
+    FusedWgmmaConfig,
     WgmmaConfig,
+    default_fused_config,
     default_wgmma_config,
+    fused_smem_bytes,
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
     qmatmul_wgmma,
+    qmatmul_wgmma_fused,
     smem_bytes,
     supports_qmatmul_wgmma,
     supports_wgmma,
@@ -240,3 +252,88 @@ def test_shared_memory_overflow_is_explained():
         qmatmul_codes_wgmma(lay["codes"], prepare_weight_wgmma(lay["w"], 8), lay["w_scale"],
                             lay["a_scale"], lay["a_zero"], out_dtype=jnp.float32,
                             config=WgmmaConfig(64, 256, 128, 4), interpret=INTERPRET)
+
+
+# ----------------------------------------------------------------------------- quantize fused
+
+
+def float_layer(seed, batch, k, n, a_bits, w_bits, dtype, ties=False):
+    """qmatmul's arguments: float activations (optionally exact rounding ties), stored weights."""
+    ks = jax.random.split(jax.random.key(seed), 7)
+    x = 3.0 * jax.random.normal(ks[0], (batch, SEQ, k))
+    smooth = jnp.exp(0.3 * jax.random.normal(ks[1], (k,)))
+    a_scale = jnp.exp(0.3 * jax.random.normal(ks[2], (SEQ,))) * (8.0 / 2**a_bits)
+    if ties:  # power-of-two scales and half-integer inputs: every x / smooth / a_scale is a tie
+        x = (jax.random.randint(ks[0], (batch, SEQ, k), -40, 40) + 0.5) * 0.25
+        smooth, a_scale = jnp.ones(k), jnp.full(SEQ, 0.25)
+    qmax = 2 ** (w_bits - 1) - 1
+    codes = jax.random.randint(ks[3], (k, n), -qmax, qmax + 1, jnp.int32).astype(jnp.int8)
+    return dict(x=x.astype(dtype), w_q=pack_int4(codes) if w_bits <= 4 else codes,
+                w_scale=0.02 * jnp.exp(jax.random.normal(ks[4], (n,))), smooth=smooth, a_scale=a_scale,
+                a_zero=jax.random.randint(ks[5], (SEQ,), 0, 2**a_bits, jnp.int32),
+                bias=jax.random.normal(ks[6], (n,)))
+
+
+FUSED_CASES = [
+    # batch, k, n, a_bits, w_bits, x dtype, bias, ties, config
+    (1, 128, 256, 8, 8, jnp.bfloat16, True, False, None),  # two N tiles, last M tile 69 rows
+    (2, 192, 128, 4, 4, jnp.float32, False, False, FusedWgmmaConfig(64, 64, 2)),  # A4 W4, 7 M tiles
+    (1, 64, 64, 8, 8, jnp.float32, False, True, FusedWgmmaConfig(64, 64, 2)),  # one K step, ties
+]
+
+
+@pytest.mark.parametrize("batch,k,n,a_bits,w_bits,dtype,use_bias,ties,config", FUSED_CASES)
+def test_fused_quantize_matches_qmatmul_reference(batch, k, n, a_bits, w_bits, dtype, use_bias, ties, config):
+    lay = float_layer(batch + k + n, batch, k, n, a_bits, w_bits, dtype, ties)
+    bias = lay["bias"] if use_bias else None
+    args = (lay["x"], lay["w_q"], lay["w_scale"], lay["smooth"], lay["a_scale"], lay["a_zero"])
+    kw = dict(a_bits=a_bits, w_bits=w_bits)
+    acc = qmatmul_wgmma_fused(*args, out_dtype=jnp.int32, config=config, interpret=INTERPRET, **kw)
+    ref_acc = qmatmul_int32_ref(lay["x"], lay["w_q"], lay["smooth"], lay["a_scale"], lay["a_zero"], **kw)
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(ref_acc))  # codes and sums exact
+    y = qmatmul_wgmma_fused(*args, bias, config=config, interpret=INTERPRET, **kw)
+    ref = np.asarray(jax.jit(functools.partial(qmatmul_ref, **kw))(*args, bias), np.float32)
+    assert y.shape == (batch, SEQ, n) and y.dtype == dtype and np.abs(ref).max() > 0
+    if INTERPRET:
+        np.testing.assert_array_equal(np.asarray(y, np.float32), ref)
+    elif dtype == jnp.float32:  # the GPU build may contract the epilogue into an FMA
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+    else:
+        np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-7, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("batch,k,n", [(256, 768, 3072), (256, 1536, 768), (3, 384, 1536)])
+def test_fused_quantize_lowers_for_cuda_at_vim_shapes(batch, k, n):
+    """Vim-B in_proj (128-row blocks: 96 KB of resident codes), Vim-B out_proj (K = 1536: 64-row
+    blocks), Vim-T in_proj at an odd batch (M = 591: rows padded to a multiple of 8)."""
+    s = jax.ShapeDtypeStruct
+    args = (s((batch, SEQ, k), jnp.bfloat16), s((k, n), jnp.int8), s((n,), jnp.float32), s((k,), jnp.float32),
+            s((SEQ,), jnp.float32), s((SEQ,), jnp.int32))
+    text = jax.jit(qmatmul_wgmma_fused).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @mosaic_gpu" in text and "ptq4vm_qmatmul_wgmma_fused" in text
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in text
+    cfg = default_fused_config(k, n)
+    assert cfg.tile_m == (128 if k <= 768 else 64)
+    assert fused_smem_bytes(cfg, k, n, 2, 2) <= 232448
+
+
+def test_fused_quantize_rejects_what_it_cannot_hold():
+    lay = float_layer(1, 1, 24, 128, 8, 8, jnp.float32)  # dt_proj-like K: qmatmul_wgmma pads it
+    args = (lay["x"], lay["w_q"], lay["w_scale"], lay["smooth"], lay["a_scale"], lay["a_zero"])
+    with pytest.raises(ValueError, match="K and N multiples of 64 .* use qmatmul_wgmma"):
+        qmatmul_wgmma_fused(*args, interpret=INTERPRET)
+    assert default_fused_config(3072, 768) is None  # 64 rows x 3072 codes + the rest > 227 KB
+    with pytest.raises(ValueError, match="tiles must be 64 or 128"):
+        FusedWgmmaConfig(tile_m=256)
+
+
+def test_fused_sweep_configs_lower_within_shared_memory():
+    s = jax.ShapeDtypeStruct
+    k, n = 768, 3072
+    args = (s((256, SEQ, k), jnp.bfloat16), s((k, n), jnp.int8), s((n,), jnp.float32), s((k,), jnp.float32),
+            s((SEQ,), jnp.float32), s((SEQ,), jnp.int32))
+    assert default_fused_config(k, n) == FUSED_SWEEP[0]
+    for cfg in FUSED_SWEEP:
+        fn = jax.jit(lambda *a, cfg=cfg: qmatmul_wgmma_fused(*a, config=cfg))
+        assert "wgmma.mma_async" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text(), cfg
+        assert fused_smem_bytes(cfg, k, n, 2, 2) <= 232448
