@@ -26,7 +26,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
   e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; the same with the scan's
         tile layout; lax.scan reference scan) vs
         W8A8 ``quantized_apply(mode="int")`` in bf16 with the Pallas scan and each integer GEMM
-        backend (``gemm=``: wgmma on Hopper, XLA's s8 dot, the Triton ``qmatmul``).
+        backend (``gemm=``: wgmma 2-pass and 1-pass on Hopper, XLA's s8 dot, the Triton
+        ``qmatmul``).
   sweep-wgmma / sweep-scan / sweep-gemm  tile sweeps (only with ``--sections``): the wgmma GEMM
         (Hopper) beside XLA's bf16 and s8 dots, the scan's tiles, token loops and state layouts
         (at ``--scan-shapes`` when given), the Triton GEMM.
@@ -656,7 +657,8 @@ def end_to_end_rows(
     return rows
 
 
-E2E_VARIANTS = ("bf16", "int-wgmma", "int-xla", "int-pallas", "bf16-tile-scan", "bf16-lax-scan")
+E2E_VARIANTS = ("bf16", "int-wgmma", "int-wgmma-1pass", "int-xla", "int-pallas", "bf16-tile-scan",
+                "bf16-lax-scan")
 
 
 def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
@@ -693,9 +695,10 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
         forwards[f"{model_name} bf16 (scan: pallas tile layout)"] = functools.partial(
             float_fwd, True, True, params)
     hopper = not interpret and is_hopper()
-    gemms = [(g, what) for g, what in (("wgmma", "wgmma, every linear"), ("xla", "XLA s8 dot"),
-                                       ("pallas", "Triton qmatmul"))
-             if f"int-{g}" in variants and (g != "wgmma" or hopper)]
+    gemms = [(g, what) for g, what in (("wgmma", "wgmma, every linear"),
+                                       ("wgmma-1pass", "wgmma 1-pass in/out_proj, 2-pass x/dt_proj"),
+                                       ("xla", "XLA s8 dot"), ("pallas", "Triton qmatmul"))
+             if f"int-{g}" in variants and (not g.startswith("wgmma") or hopper)]
     if gemms:
         cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)

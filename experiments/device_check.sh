@@ -13,11 +13,12 @@
 #           GEMM (quantization inside, never run on a GPU) against the 2-pass one and bf16 at the
 #           four Vim-B linears, batch 256; the scans with the channel-major default at the Vim
 #           shapes the third session did not reach (Vim-T/B batch 64, Vim-T batch 256); Vim-T and
-#           Vim-B end to end at batch 256 (bf16 vs W8A8 int on wgmma)
+#           Vim-B end to end at batch 256 (bf16 vs W8A8 int on wgmma, 2-pass and 1-pass)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block (never
 #           measured on a GPU: the third session spent its minutes on the scan)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
-#           every integer GEMM backend (xla, Triton, wgmma: compiled on Hopper) against the others
+#           every integer GEMM backend (xla, Triton, wgmma 2-pass and 1-pass: compiled on Hopper)
+#           against the others
 #           (16 passed in 163 s on the H200, third session, with the tile-layout scan)
 #   train   the differentiable scan (calibration's: tile-layout and channel-major backward) and the
 #           wgmma tile sweep (1-pass configs first)
@@ -58,7 +59,7 @@ step ktests 170 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step kernels 200 $PY experiments/bench_kernels.py --quick --budget-s 180 --sections gemm scan e2e \
   --gemm-shapes vim_b:256 --gemm-variants wgmma-1pass wgmma bf16 \
   --scan-shapes vim_b:64 vim_t:64 vim_t:256 --e2e-models vim_tiny:256 vim_base:256 \
-  --e2e-variants bf16 int-wgmma
+  --e2e-variants bf16 int-wgmma int-wgmma-1pass
 step calib 170 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 step itests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step train 120 $PY experiments/bench_kernels.py --budget-s 100 --sections scan-train sweep-wgmma

@@ -51,7 +51,7 @@ def test_bf16_int_mode_error_is_small(micro):
 
 ON_GPU = jax.default_backend() == "gpu"
 # wgmma runs compiled on Hopper, in the Mosaic GPU interpreter off the GPU, not on other GPUs.
-BACKENDS = ("xla", "pallas") + (("wgmma",) if not ON_GPU or integer.is_hopper() else ())
+BACKENDS = ("xla", "pallas") + (("wgmma", "wgmma-1pass") if not ON_GPU or integer.is_hopper() else ())
 
 
 def make_layer(seed, k, n, w_bits, a_bits, seq=13):
@@ -120,6 +120,14 @@ def test_auto_gemm_picks_wgmma_on_hopper_only(monkeypatch, platform, hopper, wan
     assert got == want
 
 
+@pytest.mark.parametrize("backend", ["wgmma", "wgmma-1pass"])
+def test_wgmma_backends_off_hopper_are_explained(monkeypatch, backend):
+    monkeypatch.setattr(integer.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(integer, "is_hopper", lambda: False)
+    with pytest.raises(ValueError, match=rf"gemm='{backend}' needs a Hopper GPU .* gemm='pallas' or 'xla'"):
+        gemm_backend_for(394, 768, 3072, backend)
+
+
 def test_gemm_backend_choice_and_bad_names(tiny64):
     auto = "wgmma" if ON_GPU and is_hopper() else "pallas" if ON_GPU else "xla"
     assert gemm_backend_for(394, 768, 3072, "auto") == auto
@@ -129,6 +137,9 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
         assert gemm_backend_for(394, 24, 768, "wgmma") == "wgmma"  # dt_proj: K padded to 64
         # Beyond the kernel's int32 offsets only the Triton kernel's masked tiles go.
         assert gemm_backend_for(2**22, 768, 768, "wgmma") == "pallas"
+        assert gemm_backend_for(394, 768, 3072, "wgmma-1pass") == "wgmma-1pass"
+        assert gemm_backend_for(394, 24, 768, "wgmma-1pass") == "wgmma"  # K = 24: the padded 2-pass
+        assert gemm_backend_for(394, 4096, 768, "wgmma-1pass") == "wgmma"  # codes beyond shared memory
     with pytest.raises(ValueError, match="gemm must be one of"):
         with int_gemm("cutlass"):
             pass
@@ -138,24 +149,47 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
 
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
     qp = tiny64
-    calls, triton = [], []
-    wgmma, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul
-    monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma",
-                        lambda codes, w_t, *a, **kw: calls.append(w_t.shape) or wgmma(codes, w_t, *a, **kw))
-    monkeypatch.setattr(integer, "qmatmul", lambda *a, **kw: triton.append(1) or qmatmul(*a, **kw))
+    calls = {g: {"codes": [], "1pass": [], "triton": 0} for g in BACKENDS}
+    backend = []  # the one running now
+    wgmma, fused, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul_wgmma_fused, integer.qmatmul
+
+    def spy_codes(codes, w_t, *a, **kw):
+        calls[backend[-1]]["codes"].append(w_t.shape)  # (N, K) of the padded weight
+        return wgmma(codes, w_t, *a, **kw)
+
+    def spy_fused(x, w_q, w_scale, *a, **kw):
+        calls[backend[-1]]["1pass"].append((w_scale.shape[0], x.shape[-1]))  # (N, K)
+        return fused(x, w_q, w_scale, *a, **kw)
+
+    def spy_triton(*a, **kw):
+        calls[backend[-1]]["triton"] += 1
+        return qmatmul(*a, **kw)
+
+    monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma", spy_codes)
+    monkeypatch.setattr(integer, "qmatmul_wgmma_fused", spy_fused)
+    monkeypatch.setattr(integer, "qmatmul", spy_triton)
     images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
-    logits = {g: np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
-              for g in BACKENDS}
+    logits = {}
+    for g in BACKENDS:
+        backend.append(g)
+        logits[g] = np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
     for g in BACKENDS[1:]:
         if ON_GPU:  # an FMA-rounded output may flip a code of the next quantized linear
             assert np.abs(logits[g] - logits["xla"]).max() <= 1e-3 * np.abs(logits["xla"]).max(), g
             np.testing.assert_array_equal(logits[g].argmax(-1), logits["xla"].argmax(-1))
         else:
             np.testing.assert_array_equal(logits[g], logits["xla"], err_msg=g)
-    if "wgmma" in BACKENDS:  # (N, K) of the padded weights; the Triton kernel ran for "pallas" only
+    linears = calls["pallas"]["triton"]  # every linear of one forward ran the Triton kernel
+    assert linears > 0 and calls["pallas"]["codes"] == calls["pallas"]["1pass"] == []
+    if "wgmma" in BACKENDS:
         # in_proj 64 -> 256, out_proj 128 -> 64, x_proj 128 -> 36 (padded to 64), dt_proj 4 -> 128
-        assert sorted(set(calls)) == [(64, 128), (128, 64), (256, 64)]
-        assert len(calls) == len(triton) > 0  # every linear of one forward, on each backend
+        assert sorted(set(calls["wgmma"]["codes"])) == [(64, 128), (128, 64), (256, 64)]
+        assert len(calls["wgmma"]["codes"]) == linears and calls["wgmma"]["1pass"] == []
+        # 1-pass where K and N are multiples of 64 (in_proj, out_proj), 2-pass padded elsewhere
+        one = calls["wgmma-1pass"]
+        assert sorted(set(one["1pass"])) == [(64, 128), (256, 64)]
+        assert sorted(set(one["codes"])) == [(64, 128), (128, 64)]  # x_proj, dt_proj
+        assert len(one["1pass"]) + len(one["codes"]) == linears and one["triton"] == 0
 
 
 def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):

@@ -21,7 +21,12 @@ from pallas_kernels.qmatmul import (
     qmatmul,
     qmatmul_ref,
 )
-from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, supports_qmatmul_wgmma
+from pallas_kernels.qmatmul_hopper import (
+    default_fused_config,
+    qmatmul_wgmma,
+    qmatmul_wgmma_fused,
+    supports_qmatmul_wgmma,
+)
 from ptq4vm_jax.quant.config import QuantConfig
 
 #: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
@@ -32,7 +37,10 @@ from ptq4vm_jax.quant.config import QuantConfig
 #:   wgmma   Hopper only: ``qmatmul_wgmma`` (XLA quantize + the Mosaic GPU wgmma GEMM), K and N
 #:           zero-padded to multiples of 64 (x_proj's N = 56, dt_proj's K = 24), which adds no
 #:           term to any sum (interpret mode off the GPU)
-GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma")
+#:   wgmma-1pass  Hopper only: ``qmatmul_wgmma_fused`` (the quantization inside the wgmma kernel)
+#:           where K and N are multiples of 64 and a row block's codes fit in shared memory,
+#:           "wgmma" for the other layers; not yet timed on a GPU
+GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma", "wgmma-1pass")
 _GEMM = contextvars.ContextVar("ptq4vm_int_gemm", default="auto")
 
 
@@ -73,11 +81,14 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
     on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
         backend = "xla" if not on_gpu else "wgmma" if is_hopper() else "pallas"
-    if backend == "wgmma":
+    if backend in ("wgmma", "wgmma-1pass"):
         if on_gpu and not is_hopper():
-            raise ValueError(f"gemm='wgmma' needs a Hopper GPU (sm_90: H100/H200), not "
+            raise ValueError(f"gemm={backend!r} needs a Hopper GPU (sm_90: H100/H200), not "
                              f"{jax.devices()[0].device_kind}; use gemm='pallas' or 'xla'")
-        return "wgmma" if supports_qmatmul_wgmma(m, k, n) else "pallas"
+        if not supports_qmatmul_wgmma(m, k, n):
+            return "pallas"
+        if backend == "wgmma-1pass" and default_fused_config(k, n) is None:
+            return "wgmma"
     return backend
 
 
@@ -100,5 +111,9 @@ def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -
     if backend == "pallas":
         return qmatmul(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                        out_dtype=x.dtype, interpret=interpret)
+    isz = jnp.dtype(x.dtype).itemsize
+    if backend == "wgmma-1pass" and default_fused_config(k, n, isz, isz, args[-1] is not None):
+        return qmatmul_wgmma_fused(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
+                                   out_dtype=x.dtype, interpret=interpret)
     return qmatmul_wgmma(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                          out_dtype=x.dtype, interpret=interpret)
