@@ -135,6 +135,34 @@ def _tile(a_ref, e, n_state, cfg):
     return batch, e0, be, e_ok, a, row, state_row
 
 
+def _token_loop(seq, cfg, load, update, h):
+    """Walk the tokens: ``load(i)`` fetches what token i needs independently of the state,
+    ``update(h, loaded)`` advances the state. ``cfg.unroll`` tokens per loop trip with their loads
+    issued first; ``cfg.prefetch`` issues the next trip's loads before this trip's updates."""
+    unroll, trips = cfg.unroll, seq // cfg.unroll
+
+    def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row
+        return tuple(load(jnp.minimum(j * unroll + k, seq - 1)) for k in range(unroll))
+
+    def trip(j, h):
+        for inputs in trip_loads(j):
+            h = update(h, inputs)
+        return h
+
+    def pipelined_trip(j, carry):  # this trip's inputs arrive in the carry; fetch the next's
+        h, current = carry
+        upcoming = trip_loads(j + 1)
+        for inputs in current:
+            h = update(h, inputs)
+        return h, upcoming
+
+    if cfg.prefetch and trips > 0:
+        h, _ = lax.fori_loop(0, trips, pipelined_trip, (h, trip_loads(0)))
+    else:
+        h = lax.fori_loop(0, trips, trip, h)
+    lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
+
+
 def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias,
                  states=False):
     refs = list(refs)
@@ -178,29 +206,7 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
             h_ref.at[batch, t, pl.ds(e0, be)][...] = h
         return h
 
-    unroll, trips = cfg.unroll, seq // cfg.unroll
-
-    def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row
-        return tuple(load(jnp.minimum(j * unroll + k, seq - 1)) for k in range(unroll))
-
-    def trip(j, h):  # cfg.unroll tokens: all loads first, then the dependent updates
-        for inputs in trip_loads(j):
-            h = update(h, inputs)
-        return h
-
-    def pipelined_trip(j, carry):  # this trip's inputs arrive in the carry; fetch the next's
-        h, current = carry
-        upcoming = trip_loads(j + 1)
-        for inputs in current:
-            h = update(h, inputs)
-        return h, upcoming
-
-    h = jnp.zeros((be, _next_pow2(n_state)), f32)
-    if cfg.prefetch and trips > 0:
-        h, _ = lax.fori_loop(0, trips, pipelined_trip, (h, trip_loads(0)))
-    else:
-        h = lax.fori_loop(0, trips, trip, h)
-    lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
+    _token_loop(seq, cfg, load, update, jnp.zeros((be, _next_pow2(n_state)), f32))
 
 
 def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias,
@@ -265,29 +271,7 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
         _store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
         return tuple(new_h)
 
-    unroll, trips = cfg.unroll, seq // cfg.unroll
-
-    def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row
-        return tuple(load(jnp.minimum(j * unroll + k, seq - 1)) for k in range(unroll))
-
-    def trip(j, h):
-        for inputs in trip_loads(j):
-            h = update(h, inputs)
-        return h
-
-    def pipelined_trip(j, carry):
-        h, current = carry
-        upcoming = trip_loads(j + 1)
-        for inputs in current:
-            h = update(h, inputs)
-        return h, upcoming
-
-    h = tuple(jnp.zeros((be,), f32) for _ in range(n_state))
-    if cfg.prefetch and trips > 0:
-        h, _ = lax.fori_loop(0, trips, pipelined_trip, (h, trip_loads(0)))
-    else:
-        h = lax.fori_loop(0, trips, trip, h)
-    lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
+    _token_loop(seq, cfg, load, update, tuple(jnp.zeros((be,), f32) for _ in range(n_state)))
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
