@@ -173,6 +173,21 @@ def _smem_transforms(minor_bytes: int, itemsize: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
+def _load(ref, layout, interpret: bool) -> jax.Array:
+    """An SMEM ref into registers with ``layout`` (the interpreter evaluates ``plgpu.load`` on
+    values, not refs, in jax 0.10.2: there ``ref[...]``)."""
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, layout=layout) if _LOAD_IDX_OPTIONAL else plgpu.load(ref, (), layout=layout)
+
+
+def _broadcast(ref, axis: int, shape: tuple[int, int], interpret: bool) -> jax.Array:
+    """A row (axis 0) or column (axis 1) vector from SMEM, broadcast to ``shape`` in the wgmma
+    accumulator's register layout."""
+    vec = _load(ref, plgpu.Layout.WGMMA.reduce(1 - axis), interpret)
+    return lax.broadcast_in_dim(vec, shape, [axis])
+
+
 def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gmem, *refs,
             cfg: WgmmaConfig, k_steps: int, has_bias: bool, interpret: bool):
     """One (tile_m, tile_n) output tile: TMA-pipelined K loop of wgmma, then the epilogue.
@@ -226,15 +241,8 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
 
     plgpu.barrier_wait(vec_bar.at[0])
 
-    def load(ref, axis):
-        """A row (axis 0) or column (axis 1) vector in the accumulator's register layout."""
-        if interpret:  # the interpreter evaluates ``plgpu.load`` on values, not refs (jax 0.10.2)
-            return ref[...]
-        layout = plgpu.Layout.WGMMA.reduce(1 - axis)
-        return plgpu.load(ref, layout=layout) if _LOAD_IDX_OPTIONAL else plgpu.load(ref, (), layout=layout)
-
-    rows = lambda ref: lax.broadcast_in_dim(load(ref, 0), (tm, tn), [0])
-    cols = lambda ref: lax.broadcast_in_dim(load(ref, 1), (tm, tn), [1])
+    rows = lambda ref: _broadcast(ref, 0, (tm, tn), interpret)
+    cols = lambda ref: _broadcast(ref, 1, (tm, tn), interpret)
     acc = acc + rows(shift_smem) * cols(colsum_smem)  # exact zero-point restore, int32
     if out_smem.dtype == jnp.int32:  # the exact accumulator sum_k (q - z) w, for tests
         y = acc
@@ -492,22 +500,14 @@ def _fused_kernel(x_gmem, w_gmem, rsmooth_gmem, rrow_gmem, zero_gmem, shift_gmem
         plgpu.copy_gmem_to_smem(src, dst, vec_bar.at[0])
     plgpu.barrier_wait(vec_bar.at[0])
 
-    def load(ref, layout):
-        if interpret:
-            return ref[...]
-        return plgpu.load(ref, layout=layout) if _LOAD_IDX_OPTIONAL else plgpu.load(ref, (), layout=layout)
-
-    def rows(ref, width):
-        return lax.broadcast_in_dim(load(ref, plgpu.Layout.WGMMA.reduce(1)), (tm, width), [0])
-
-    def cols(ref, width):
-        return lax.broadcast_in_dim(load(ref, plgpu.Layout.WGMMA.reduce(0)), (tm, width), [1])
+    rows = lambda ref, width: _broadcast(ref, 0, (tm, width), interpret)
+    cols = lambda ref, width: _broadcast(ref, 1, (tm, width), interpret)
 
     qmax, center = float(2**a_bits - 1), float(2 ** (a_bits - 1))
 
     def quantize(idx, x_smem):
         (k,) = idx
-        x = load(x_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
+        x = _load(x_smem, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
         v = (x * cols(rsmooth_smem.at[k], tk)) * rows(rrow_smem, tk)
         q = jnp.clip(jnp.round(v) + rows(zero_smem, tk), 0.0, qmax) - center
         a_smem.at[k][...] = q.astype(jnp.int8)
