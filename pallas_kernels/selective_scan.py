@@ -163,15 +163,18 @@ def _token_loop(seq, cfg, load, update, h):
     lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
 
 
+def _forward_refs(refs, has_d, has_z, has_bias, states):
+    """The forward kernels' refs by name (None for an absent optional input or state buffer)."""
+    refs = list(refs)
+    optional = [refs.pop(5) if present else None for present in (has_d, has_z, has_bias)]
+    outputs = refs[5:] if states else [refs[5], None]
+    return (*refs[:5], *optional, *outputs)
+
+
 def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias,
                  states=False):
-    refs = list(refs)
-    u_ref, dt_ref, a_ref, b_ref, c_ref = refs[:5]
-    refs = refs[5:]
-    d_ref = refs.pop(0) if has_d else None
-    z_ref = refs.pop(0) if has_z else None
-    bias_ref = refs.pop(0) if has_bias else None
-    o_ref, h_ref = refs if states else (refs[0], None)
+    u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, o_ref, h_ref = _forward_refs(
+        refs, has_d, has_z, has_bias, states)
 
     batch, e0, be, e_ok, a, row, state_row = _tile(a_ref, e, n_state, cfg)
     f32 = jnp.float32
@@ -216,13 +219,8 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
     ``a_ref`` holds A transposed, (N, E), so each state's decay rates are one contiguous row.
     ``states=True`` (the backward's pass 1) also writes every h_t to a (B, L, N, E) buffer.
     """
-    refs = list(refs)
-    u_ref, dt_ref, a_ref, b_ref, c_ref = refs[:5]
-    refs = refs[5:]
-    d_ref = refs.pop(0) if has_d else None
-    z_ref = refs.pop(0) if has_z else None
-    bias_ref = refs.pop(0) if has_bias else None
-    o_ref, h_ref = refs if states else (refs[0], None)
+    u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, o_ref, h_ref = _forward_refs(
+        refs, has_d, has_z, has_bias, states)
 
     f32 = jnp.float32
     be = cfg.block_e
