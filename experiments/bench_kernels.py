@@ -524,30 +524,26 @@ def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) ->
                check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
 
-def sweep_wgmma_row(cfg, shape: str, wc: WgmmaConfig, sets: list[dict], work: int) -> Row:
+def sweep_wgmma_row(cfg, shape: str, config: WgmmaConfig | FusedWgmmaConfig, sets: list[dict],
+                    work: int) -> Row:
+    """One tile config of the wgmma kernel on codes (``WgmmaConfig``) or of the 1-pass kernel on
+    bf16 activations (``FusedWgmmaConfig``): its int32 accumulator checked exactly, then timed."""
     i0 = sets[0]
-    keys = ("codes", "w_t", "w_scale", "a_scale", "a_zero", "bias")
-    acc = qmatmul_codes_wgmma(*(i0[k] for k in keys[:5]), out_dtype=jnp.int32, colsum=i0["colsum"],
-                              config=wc, interpret=cfg.interpret)
+    if isinstance(config, FusedWgmmaConfig):
+        kernel, label = qmatmul_wgmma_fused, "mosaic wgmma 1-pass on bf16 x"
+        keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero")
+        acc_args, acc_kw = keys, {}
+    else:
+        kernel, label = qmatmul_codes_wgmma, "mosaic wgmma on codes"
+        keys = ("codes", "w_t", "w_scale", "a_scale", "a_zero", "bias")
+        acc_args, acc_kw = keys[:5], {"colsum": i0["colsum"]}
+    fn = functools.partial(kernel, config=config, interpret=cfg.interpret)
+    acc = fn(*(i0[k] for k in acc_args), out_dtype=jnp.int32, **acc_kw)
     ref = qmatmul_int32_ref(i0["x"], i0["w"], i0["smooth"], i0["a_scale"], i0["a_zero"])
     bad = int((np.asarray(acc) != np.asarray(ref)).sum())
-    fn = functools.partial(qmatmul_codes_wgmma, config=wc, interpret=cfg.interpret)
     secs = time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)
     rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
-    return Row("sweep", shape, f"mosaic wgmma on codes {wc}", secs, rate, pct,
-               check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
-
-
-def sweep_fused_row(cfg, shape: str, fc: FusedWgmmaConfig, sets: list[dict], work: int) -> Row:
-    i0 = sets[0]
-    keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero")
-    acc = qmatmul_wgmma_fused(*(i0[k] for k in keys), out_dtype=jnp.int32, config=fc, interpret=cfg.interpret)
-    ref = qmatmul_int32_ref(i0["x"], i0["w"], i0["smooth"], i0["a_scale"], i0["a_zero"])
-    bad = int((np.asarray(acc) != np.asarray(ref)).sum())
-    fn = functools.partial(qmatmul_wgmma_fused, config=fc, interpret=cfg.interpret)
-    secs = time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)
-    rate, pct = rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
-    return Row("sweep", shape, f"mosaic wgmma 1-pass on bf16 x {fc}", secs, rate, pct,
+    return Row("sweep", shape, f"{label} {config}", secs, rate, pct,
                check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
 
 
@@ -567,7 +563,7 @@ def sweep_wgmma_rows(cfg) -> list[Row]:
         body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n)
         rows.append(run_row(cfg, "sweep", shape, vname, body))
     for fc in (FusedWgmmaConfig(64, 64, 2),) if cfg.interpret else FUSED_SWEEP:
-        body = functools.partial(sweep_fused_row, cfg, shape, fc, sets, 2 * m * k * n)
+        body = functools.partial(sweep_wgmma_row, cfg, shape, fc, sets, 2 * m * k * n)
         rows.append(run_row(cfg, "sweep", shape, str(fc), body))
     for wc in (WgmmaConfig(64, 64, 64, 2),) if cfg.interpret else WGMMA_SWEEP:
         body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
