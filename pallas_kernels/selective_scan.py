@@ -49,7 +49,7 @@ class ScanConfig:
     scalars, the sum over N is N in-thread adds and every value of the loop shares the layout
     of the loaded rows, so Triton inserts no shuffles or shared-memory layout conversions into
     the token loop: 2.0x faster than the tile layout at Vim batch 256 on an H200, slower at
-    N = 1 (``default_scan_config`` picks by N)."""
+    N = 1 and with few channels (``default_scan_config`` picks by N and batch x E)."""
 
     block_e: int = 32
     num_warps: int = 2
@@ -71,27 +71,33 @@ def _next_pow2(v: int) -> int:
 
 
 MIN_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100: the token loop is latency-bound
+CHANNEL_MAJOR_MIN_CHANNELS = 65536  # batch x E from which the channel-major layout wins (N > 1)
 
 
 def default_scan_config(batch: int, e: int, n_state: int, *, channel_major: bool | None = None) -> ScanConfig:
-    """The fastest configurations of an H200 sweep (2026-11-27, third session, BENCHMARKS.md).
+    """The fastest configurations of two H200 sweeps (2026-11-27, third and fourth sessions,
+    BENCHMARKS.md).
 
-    Several states per channel (Vim, N = 16): the channel-major layout, 64 channels per
-    one-warp program (two per thread), unroll 4 + prefetch, exp2 decays: 853 us at Vim-B batch
-    256 where the tile layout's best took 1563 us. One state (VMamba, N = 1): the tile layout,
-    up to 512 state elements per program (32 channels x 16 states, 512 x 1), halved down to 16
-    channels while fewer than MIN_PROGRAMS programs would run, since the token loop is
-    latency-bound (749 us at VMamba stage 1 against 847 us for the best channel-major config).
-    ``channel_major`` forces a layout (None: by N as above)."""
+    Several states per channel (Vim, N = 16) and at least CHANNEL_MAJOR_MIN_CHANNELS batch x E
+    channels: the channel-major layout, 64 channels per one-warp program (two per thread),
+    unroll 4 + prefetch, exp2 decays: 853 us at Vim-B batch 256 where the tile layout's best
+    took 1563 us, 229 against 434 us at Vim-B batch 64 (98304 channels). With fewer channels
+    its one-warp programs leave the GPU half idle and the tile layout (with exp2) wins: 146
+    against 191 us at Vim-T batch 64 (24576 channels). The threshold lies between those two
+    measured points. One state (VMamba, N = 1): the tile layout, up to 512 state elements per
+    program (32 channels x 16 states, 512 x 1), halved down to 16 channels while fewer than
+    MIN_PROGRAMS programs would run (749 us at VMamba stage 1 against 847 us for the best
+    channel-major config); exp2 stays off there (it was not faster at N = 1).
+    ``channel_major`` forces a layout (None: by N and size as above)."""
     if channel_major is None:
-        channel_major = n_state > 1
+        channel_major = n_state > 1 and batch * e >= CHANNEL_MAJOR_MIN_CHANNELS
     if channel_major:
         return ScanConfig(64, 1, 2, exp2=True, channel_major=True)
     block_e = max(1, min(_next_pow2(e), 512 // _next_pow2(n_state)))
     while block_e > 16 and batch * -(-e // block_e) < MIN_PROGRAMS:
         block_e //= 2
     num_warps = max(1, min(4, block_e * _next_pow2(n_state) // 256))
-    return ScanConfig(block_e, num_warps, 2)  # unroll 4 + prefetch: ScanConfig's defaults
+    return ScanConfig(block_e, num_warps, 2, exp2=n_state > 1)  # unroll 4 + prefetch: defaults
 
 
 def _load(ref, mask, other):
@@ -554,22 +560,21 @@ def selective_scan_trainable(
     """``selective_scan`` with a Pallas VJP: gradients for u, delta, A, B, C, D, z, delta_bias.
 
     ``config`` runs both passes in its layout; by default the forward takes
-    ``default_scan_config`` (channel-major for N > 1) and the backward the tile layout, the one
-    timed on a GPU so far.
+    ``default_scan_config`` and the backward the tile layout (neither backward layout has been
+    timed yet; the tile one has run on a GPU longest).
 
     The forward is ``selective_scan`` itself (identical outputs); nothing but the inputs is
     saved. The backward recomputes the states with the forward kernel, storing them as an fp32
     (B, L, E, N) buffer (pass 1; 1.2 GB for Vim-T at batch 256; (B, L, N, E) channel-major),
-    then walks time
-    backwards (pass 2). Keeping the states instead of recomputing them in-register from
+    then walks time backwards (pass 2). Keeping the states instead of recomputing them in-register from
     checkpoints trades memory for simplicity: Triton cannot index registers by a loop counter,
     and one program cannot reread its own global stores without a barrier, hence two calls.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
     batch, seq, e = u.shape
     n_state = A.shape[1]
-    # A given config runs both passes. By default the forward is the faster one (channel-major
-    # for N > 1) and the backward the tile layout (the only one timed on a GPU so far).
+    # A given config runs both passes. By default the forward is the faster one for the shape
+    # and the backward the tile layout (neither backward has been timed yet).
     fwd_cfg = config or default_scan_config(batch, e, n_state)
     cfg = config or default_scan_config(batch, e, n_state, channel_major=False)
     states = math.prod(_states_shape(batch, seq, e, n_state, cfg))

@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gemm", default=None, choices=GEMM_BACKENDS,
                    help="integer GEMM of --mode int (auto: wgmma on Hopper, the Triton kernel on "
                         "other GPUs, XLA elsewhere; wgmma-1pass: Hopper, quantization inside the "
-                        "kernel, untimed)")
+                        "kernel, exact but slower than wgmma on an H200)")
     e.add_argument("--data", default="tfds:imagenet2012:validation")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
