@@ -14,8 +14,9 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
         the interpreter) also ``qmatmul_wgmma_fused`` (one pass: the quantization inside the
         wgmma kernel, codes resident in shared memory; K, N multiples of 64 only) and
         ``qmatmul_wgmma``, as integer inference runs it: XLA quantize + the Mosaic GPU wgmma
-        GEMM, K and N zero-padded to multiples of 64; listed first. ``--gemm-shapes vim_s:256``
-        / ``--gemm-variants wgmma-1pass wgmma bf16`` narrow it.
+        GEMM, K and N zero-padded to multiples of 64, in its default schedule and in the
+        persistent warp-specialized one; listed first. ``--gemm-shapes vim_s:256`` /
+        ``--gemm-variants wgmma-ws wgmma bf16`` narrow it.
   scan  Pallas selective scan (default config; the tile layout with 4 tokens per loop trip and
         the next trip's loads prefetched, the same with exp2 decays, the plain one-token loop;
         the channel-major layout) vs ``selective_scan_ref`` (lax.scan) vs lax.associative_scan
@@ -90,6 +91,7 @@ from pallas_kernels.qmatmul_hopper import (
     WGMMA_SWEEP,
     FusedWgmmaConfig,
     default_fused_config,
+    default_wgmma_config,
     qmatmul_wgmma_fused,
 )
 from ptq4vm_jax.ops.scan import selective_scan_ref
@@ -253,6 +255,12 @@ def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
 
 
 WGMMA_ONE_PASS = "mosaic wgmma w8a8 1-pass (quantize inside)"
+WGMMA_WS = "mosaic wgmma w8a8 2-pass, warp-specialized"
+
+
+def padded(dim: int) -> int:
+    """K or N as qmatmul_wgmma pads it (multiples of 64)."""
+    return -(-dim // 64) * 64
 
 
 def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable, Callable, str]]:
@@ -273,8 +281,15 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
 
     wgmma = lambda *a: qmatmul_wgmma(*a[:7], interpret=interpret)  # quantize, weight prep, padding
     one_pass = lambda *a: qmatmul_wgmma_fused(*a[:7], interpret=interpret)  # weight prep in the graph
+
+    def wgmma_ws(*a):
+        m, (k, n) = a[0].shape[0] * a[0].shape[1], a[1].shape
+        config = default_wgmma_config(m, padded(k), padded(n), warp_specialized=True)
+        return qmatmul_wgmma(*a[:7], config=config, interpret=interpret)
+
     hopper = {WGMMA_ONE_PASS: (w8a8, one_pass, fused_bytes, "int8"),
-              "mosaic wgmma w8a8 2-pass": (w8a8, wgmma, fused_bytes, "int8")}
+              "mosaic wgmma w8a8 2-pass": (w8a8, wgmma, fused_bytes, "int8"),
+              WGMMA_WS: (w8a8, wgmma_ws, fused_bytes, "int8")}
     if not (interpret or is_hopper()):
         hopper = {}
     return hopper | {
@@ -313,9 +328,10 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
     m = x.shape[0] * x.shape[1]
-    if name == "mosaic wgmma w8a8 2-pass" and supports_wgmma(m, *w.shape):  # else padded
+    if name.startswith("mosaic wgmma w8a8 2-pass") and supports_wgmma(m, *w.shape):  # else padded
+        config = default_wgmma_config(m, *w.shape, warp_specialized=name == WGMMA_WS)
         acc = np.asarray(qmatmul_codes_wgmma(inp["codes"], inp["w_t"], w_scale, a_scale, a_zero,
-                                             out_dtype=jnp.int32, interpret=interpret))
+                                             out_dtype=jnp.int32, config=config, interpret=interpret))
         ref = np.asarray(qmatmul_int32_ref(x, w, smooth, a_scale, a_zero))
         bad = int((acc != ref).sum())
         notes.append("int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{ref.size}")
@@ -326,7 +342,8 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
 
 
 GEMM_VARIANTS = {  # --gemm-variants key -> row name
-    "wgmma-1pass": WGMMA_ONE_PASS, "wgmma": "mosaic wgmma w8a8 2-pass", "bf16": "xla bf16 dot",
+    "wgmma-1pass": WGMMA_ONE_PASS, "wgmma": "mosaic wgmma w8a8 2-pass", "wgmma-ws": WGMMA_WS,
+    "bf16": "xla bf16 dot",
     "s8": "xla s8 dot only (s32 out)",
     "xla": "xla w8a8 3-pass (qmatmul_ref)", "pallas": "pallas w8a8 fused",
     "pallas-2pass": "pallas w8a8 2-pass", "pallas-w4a4": "pallas w4a4 fused",

@@ -4,30 +4,30 @@
 #   bash experiments/device_check.sh [TOTAL_SECONDS]   (default 540; logs go to $OUT or /tmp)
 #   STEPS="calib train" bash experiments/device_check.sh 300   # only those steps (a second call)
 #
-# Steps, each under its own time limit so that one failure still leaves the others' results:
+# Steps, each under its own time limit so that one failure (or a hang) still leaves the others'
+# results:
 #   env     GPU, driver, versions of jax / flax / optax / orbax
-#   ktests  the kernel tests run the compiled kernels on a GPU (interpret mode elsewhere): Triton
-#           qmatmul, Mosaic GPU wgmma GEMM and qmatmul_wgmma (Hopper), the selective scan forward
-#           (both state layouts) and backward
-#   kernels the open questions of experiments/bench_kernels.py, most open first: the 1-pass wgmma
-#           GEMM (quantization inside, never run on a GPU) against the 2-pass one and bf16 at the
-#           four Vim-B linears, batch 256; the scans with the channel-major default at the Vim
-#           shapes the third session did not reach (Vim-T/B batch 64, Vim-T batch 256); Vim-T and
-#           Vim-B end to end at batch 256 (bf16 vs W8A8 int on wgmma, 2-pass and 1-pass)
-#   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block (never
-#           measured on a GPU: the third session spent its minutes on the scan)
+#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py): the wgmma
+#           kernels, the warp-specialized schedule's first GPU run among them (39 tests; the
+#           fourth session's 30 of them took well under 170 s)
+#   kernels the open questions of experiments/bench_kernels.py, most open first: the
+#           warp-specialized wgmma schedule against the default one and bf16 at the four Vim-B
+#           linears, batch 256 (the GEMM target's row is in_proj), then the wgmma tile sweep
+#           (warp-specialized configs included)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
-#           every integer GEMM backend (xla, Triton, wgmma 2-pass and 1-pass: compiled on Hopper)
-#           against the others
-#           (16 passed in 163 s on the H200, third session, with the tile-layout scan)
-#   train   the differentiable scan (calibration's: tile-layout and channel-major backward) and the
-#           wgmma tile sweep (1-pass configs first)
+#           every integer GEMM backend against the others (16 passed in 163 s on the H200, third
+#           session; not reached in the fourth)
+#   ktests  the other kernel tests compiled: Triton qmatmul, the selective scan forward (both
+#           layouts, the new small-batch default) and backward (74 tests)
+#   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
+#           official recipe (fourth session: stopped at 170 s in block 4 of 24; block 0 63.6 s,
+#           later blocks 1.1 s, ~100 s of set-up before block 0: give it 250 s)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
 # For a 15-minute device budget (machine start ~30-70 s, 2026-11-27), two calls:
-#   bash experiments/device_check.sh 540                          (timeout_s 570: env .. calib)
-#   STEPS="itests train" bash experiments/device_check.sh 300     (timeout_s 330)
-# Measured on the H200 (2026-11-27): env 6 s, all kernel tests 136 s (second session); RTN scales
-# for the e2e rows 26-29 s, each e2e forward compiles in 5-19 s; test_int_mode 163 s.
+#   bash experiments/device_check.sh 520                          (timeout_s 550: env .. ktests)
+#   STEPS="calib" bash experiments/device_check.sh 250            (timeout_s 270)
+# Measured on the H200 (2026-11-27): env 5 s; 86 kernel tests 170 s (fourth session); RTN scales
+# for the e2e rows 26-38 s, each e2e forward compiles in 5-19 s; test_int_mode 163 s.
 set -u
 TOTAL=${1:-540}
 OUT=${OUT:-/tmp/ptq4vm_device}
@@ -55,12 +55,11 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", \
   optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
   \"numpy\", numpy.__version__, jax.devices())'"
-step ktests 170 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
-step kernels 200 $PY experiments/bench_kernels.py --quick --budget-s 180 --sections gemm scan e2e \
-  --gemm-shapes vim_b:256 --gemm-variants wgmma-1pass wgmma bf16 \
-  --scan-shapes vim_b:64 vim_t:64 vim_t:256 --e2e-models vim_tiny:256 vim_base:256 \
-  --e2e-variants bf16 int-wgmma int-wgmma-1pass
-step calib 170 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
-step itests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
-step train 120 $PY experiments/bench_kernels.py --budget-s 100 --sections scan-train sweep-wgmma
+step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_qmatmul_hopper.py
+step kernels 170 $PY experiments/bench_kernels.py --quick --budget-s 150 --sections gemm sweep-wgmma \
+  --gemm-shapes vim_b:256 --gemm-variants wgmma-ws wgmma bf16
+step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
+step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \
+  tests/kernels/test_qmatmul.py
+step calib 240 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 echo "=== done after $(($(date +%s) - START))s"

@@ -73,6 +73,12 @@ class WgmmaConfig:
     ``warpgroup`` picks Mosaic GPU's warpgroup lowering, the default from jax 0.11 on; the
     default here is the lane lowering, the one checked on the CPU (jax 0.10.2's default), so the
     GPU builds what the tests lowered whatever the jax version.
+
+    ``warp_specialized`` runs a different schedule (see :func:`_ws_kernel`): one persistent CTA
+    per SM with a TMA producer warpgroup and two compute warpgroups, each owning a
+    ``tile_m x tile_n`` accumulator of a ``2 tile_m x tile_n`` CTA tile, so one warpgroup's
+    epilogue overlaps the other's wgmmas and the producer keeps loading across tiles. The
+    warpgroup lowering is implied; ``m_fastest`` does not apply (N is the fast tile index).
     """
 
     tile_m: int = 128
@@ -81,6 +87,7 @@ class WgmmaConfig:
     stages: int = 4
     m_fastest: bool = False
     warpgroup: bool = False
+    warp_specialized: bool = False
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k"):
@@ -97,19 +104,38 @@ class WgmmaConfig:
             )
         if self.stages < 2:
             raise ValueError(f"WgmmaConfig.stages must be >= 2 (a wgmma stays in flight), got {self.stages}")
+        if self.warp_specialized and self.m_fastest:
+            raise ValueError("WgmmaConfig.m_fastest does not apply to the warp-specialized schedule")
+        if self.warp_specialized and self.tile_m != self.tile_n:
+            raise ValueError(
+                f"the warp-specialized schedule takes square warpgroup tiles only (tile_m == tile_n, "
+                f"got {self.tile_m} x {self.tile_n}): jax's Mosaic GPU interpreter deadlocks on "
+                "non-square ones (its TMA producer never issues a copy; cause not found), so they "
+                "are unverified; use 128 x 128 or 64 x 64")
+
+    @property
+    def cta_rows(self) -> int:
+        """Rows of one CTA's output tile (two compute warpgroups when warp-specialized)."""
+        return self.tile_m * (2 if self.warp_specialized else 1)
 
 
 def _largest_tile(dim: int, candidates: tuple[int, ...]) -> int:
     return next(t for t in candidates if dim % t == 0)
 
 
-def default_wgmma_config(m: int, k: int, n: int) -> WgmmaConfig:
+def default_wgmma_config(m: int, k: int, n: int, *, warp_specialized: bool = False) -> WgmmaConfig:
     """128 x 128 tiles, K tiles of 64 bytes, 4 stages (96 KB of SMEM: two CTAs per SM): the
     fastest of ``WGMMA_SWEEP`` on an H200 (Vim-B in_proj at batch 256: 293 us vs 333 us for
-    K tiles of 128, 2026-11-27, BENCHMARKS.md); 64-column N tiles where N requires them."""
+    K tiles of 128, 2026-11-27, BENCHMARKS.md); 64-column N tiles where N requires them.
+    ``warp_specialized``: 128 x 128 tiles per compute warpgroup in that schedule (64 x 64 where
+    N requires 64-column tiles: its tiles are square), 3 stages (its ring holds two warpgroups'
+    rows), so that any output dtype fits; not timed on a GPU yet."""
     _check_shape(m, k, n)
     del m
-    return WgmmaConfig(tile_m=128, tile_n=_largest_tile(n, (128, 64)), tile_k=64, stages=4)
+    tile_n = _largest_tile(n, (128, 64))
+    if warp_specialized:
+        return WgmmaConfig(tile_m=tile_n, tile_n=tile_n, tile_k=64, stages=3, warp_specialized=True)
+    return WgmmaConfig(tile_m=128, tile_n=tile_n, tile_k=64, stages=4)
 
 
 #: Configurations of the tile sweep on an H100/H200 (all fit 227 KB of SMEM with any output
@@ -122,6 +148,9 @@ WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
     WgmmaConfig(64, 256, 64, 3),  # 64 KB + out: two CTAs per SM
     WgmmaConfig(128, 128, 64, 4, m_fastest=True),
     WgmmaConfig(128, 128, 64, 4, warpgroup=True),
+    # warp-specialized, persistent: the pipeline ring holds (2 tile_m + tile_n) x tile_k per stage
+    WgmmaConfig(128, 128, 64, 3, warp_specialized=True),  # 72 KB ring + two output tiles
+    WgmmaConfig(128, 128, 64, 2, warp_specialized=True),
 )
 
 
@@ -129,8 +158,10 @@ def smem_bytes(cfg: WgmmaConfig, out_itemsize: int) -> int:
     """Shared memory of one CTA: pipeline buffers, output tile, epilogue vectors and Mosaic's
     reserve; a slight over-estimate (235 008 bytes where Mosaic GPU's own check counted 234 536
     for ``WgmmaConfig(64, 256, 128, 4)`` with f32 output)."""
-    pipeline = cfg.stages * (cfg.tile_m + cfg.tile_n) * cfg.tile_k
-    return pipeline + cfg.tile_m * cfg.tile_n * out_itemsize + 4 * (2 * cfg.tile_m + 3 * cfg.tile_n) + 2048
+    tiles = 2 if cfg.warp_specialized else 1  # output tiles (one per compute warpgroup)
+    pipeline = cfg.stages * (cfg.cta_rows + cfg.tile_n) * cfg.tile_k
+    vectors = tiles * 4 * (2 * cfg.tile_m + 3 * cfg.tile_n)
+    return pipeline + tiles * cfg.tile_m * cfg.tile_n * out_itemsize + vectors + 2048
 
 
 def _check_shape(m: int, k: int, n: int) -> None:
@@ -188,6 +219,21 @@ def _broadcast(ref, axis: int, shape: tuple[int, int], interpret: bool) -> jax.A
     return lax.broadcast_in_dim(vec, shape, [axis])
 
 
+def _epilogue(acc, shift_smem, rscale_smem, colsum_smem, wscale_smem, bias_smem, out_dtype,
+              interpret: bool) -> jax.Array:
+    """int32 accumulator of one (tile_m, tile_n) tile -> the dequantized output, in registers."""
+    shape = acc.shape
+    rows = lambda ref: _broadcast(ref, 0, shape, interpret)
+    cols = lambda ref: _broadcast(ref, 1, shape, interpret)
+    acc = acc + rows(shift_smem) * cols(colsum_smem)  # exact zero-point restore, int32
+    if out_dtype == jnp.int32:  # the exact accumulator sum_k (q - z) w, for tests
+        return acc
+    y = acc.astype(jnp.float32) * rows(rscale_smem) * cols(wscale_smem)
+    if bias_smem is not None:
+        y = y + cols(bias_smem)
+    return y.astype(out_dtype)
+
+
 def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gmem, *refs,
             cfg: WgmmaConfig, k_steps: int, has_bias: bool, interpret: bool):
     """One (tile_m, tile_n) output tile: TMA-pipelined K loop of wgmma, then the epilogue.
@@ -241,19 +287,110 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
 
     plgpu.barrier_wait(vec_bar.at[0])
 
-    rows = lambda ref: _broadcast(ref, 0, (tm, tn), interpret)
-    cols = lambda ref: _broadcast(ref, 1, (tm, tn), interpret)
-    acc = acc + rows(shift_smem) * cols(colsum_smem)  # exact zero-point restore, int32
-    if out_smem.dtype == jnp.int32:  # the exact accumulator sum_k (q - z) w, for tests
-        y = acc
-    else:
-        y = acc.astype(jnp.float32) * rows(rscale_smem) * cols(wscale_smem)
-        if has_bias:
-            y = y + cols(bias_smem)
-    out_smem[...] = y.astype(out_smem.dtype)
+    out_smem[...] = _epilogue(acc, shift_smem, rscale_smem, colsum_smem, wscale_smem,
+                              bias_smem if has_bias else None, out_smem.dtype, interpret)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[m_sl, n_sl])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _ws_kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gmem, *refs,
+               cfg: WgmmaConfig, grid: tuple[int, int], k_steps: int, has_bias: bool,
+               interpret: bool):
+    """Persistent, warp-specialized schedule: each CTA walks output tiles (N fastest, so an
+    activation row block is reused from L2 across the N tiles) with three warpgroups. The
+    producer streams (2 tile_m, tile_k) code tiles and (tile_n, tile_k) weight tiles through a
+    ``stages``-deep ring across tile boundaries; each compute warpgroup multiplies its half of
+    the rows into its own accumulator, then runs the epilogue while the ring refills. Each
+    warpgroup's epilogue vectors arrive by TMA during its main loop, and its output tile leaves
+    by an asynchronous TMA store that the next tile's epilogue waits for."""
+    bias_gmem = refs[0] if has_bias else None
+    out_gmem = refs[1] if has_bias else refs[0]
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    in_flight = 1 if k_steps > 1 else 0
+    a_tf = _smem_transforms(tk, 1)
+    smem = plgpu.SMEM
+    specs = [
+        plgpu.BlockSpec((2 * tm, tk), lambda k: (0, k), transforms=a_tf, memory_space=smem,
+                        delay_release=in_flight),
+        plgpu.BlockSpec((tk, tn), lambda k: (k, 0), transforms=_smem_transforms(tn, 1),
+                        memory_space=smem, delay_release=in_flight)
+        if interpret else
+        plgpu.BlockSpec((tn, tk), lambda k: (0, k), transforms=a_tf, memory_space=smem,
+                        delay_release=in_flight),
+    ]
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_steps,), in_specs=specs, memory_registers=40, wg_axis="wg",
+            num_compute_wgs=2, max_concurrent_steps=min(cfg.stages, k_steps), compute_context=context,
+        )
+
+    out_dtype = out_gmem.dtype
+    out_tf = _smem_transforms(tn * jnp.dtype(out_dtype).itemsize, jnp.dtype(out_dtype).itemsize)
+    unused = lambda *_, **__: None  # allocations do not depend on the bodies
+    scratch = dict(
+        ring=pipeline(unused, unused).get_allocations(codes_gmem, w_gmem),
+        out_smem=plgpu.SMEM((2, tm, tn), out_dtype, transforms=out_tf),
+        shift_smem=plgpu.SMEM((2, tm), jnp.int32),
+        rscale_smem=plgpu.SMEM((2, tm), jnp.float32),
+        colsum_smem=plgpu.SMEM((2, tn), jnp.int32),
+        wscale_smem=plgpu.SMEM((2, tn), jnp.float32),
+        bias_smem=plgpu.SMEM((2, tn), jnp.float32) if has_bias else None,
+        vec_bar=plgpu.Barrier(num_arrivals=5 if has_bias else 4, num_barriers=2),
+    )
+
+    def scoped(ring, out_smem, shift_smem, rscale_smem, colsum_smem, wscale_smem, bias_smem, vec_bar):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop(grid, collective_axes="ctas")
+        def _tile(info):
+            mi, ni = info.index
+            cta_rows = pl.ds(mi * 2 * tm, 2 * tm)
+            rows = pl.ds(mi * 2 * tm + wg * tm, tm)
+            cols = pl.ds(ni * tn, tn)
+            vecs = [(shift_gmem.at[rows], shift_smem.at[wg]), (rscale_gmem.at[rows], rscale_smem.at[wg]),
+                    (colsum_gmem.at[cols], colsum_smem.at[wg]), (wscale_gmem.at[cols], wscale_smem.at[wg])]
+            if has_bias:
+                vecs.append((bias_gmem.at[cols], bias_smem.at[wg]))
+
+            def context(run):
+                for src, dst in vecs:  # land during the main loop
+                    plgpu.copy_gmem_to_smem(src, dst, vec_bar.at[wg])
+
+                def accumulate(acc_ref):
+                    run(acc_ref)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(accumulate, plgpu.ACC((tm, tn), jnp.int32))
+                plgpu.barrier_wait(vec_bar.at[wg])
+                y = _epilogue(acc, shift_smem.at[wg], rscale_smem.at[wg], colsum_smem.at[wg],
+                              wscale_smem.at[wg], bias_smem.at[wg] if has_bias else None, out_dtype,
+                              interpret)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read it
+                out_smem[wg] = y
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, cols])
+
+            def mma(_, a_smem, b_smem, acc_ref):
+                b = b_smem if interpret else b_smem.transpose((1, 0))
+                plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tm, tm)], b)
+                plgpu.wgmma_wait(in_flight)
+                return acc_ref
+
+            w_tile = w_gmem.at[:, cols] if interpret else w_gmem.at[cols]
+            pipeline(mma, context)(codes_gmem.at[cta_rows], w_tile, allocations=ring)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(scoped, collective_axes="wg", **scratch)
+
+
+def _num_ctas(interpret: bool) -> int:
+    """Persistent CTAs: one per SM of the GPU (two in the interpreter, so CTAs share tiles)."""
+    if interpret:
+        return 2
+    return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def _interpret_params():
@@ -328,8 +465,8 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
 
     if colsum is None:
         colsum = jnp.sum(w_t.astype(jnp.int32), axis=1)
-    m_tiles = pl.cdiv(m, cfg.tile_m)
-    tok = jnp.arange(m_tiles * cfg.tile_m, dtype=jnp.int32) % seq  # token of each (padded) row
+    m_tiles = pl.cdiv(m, cfg.cta_rows)
+    tok = jnp.arange(m_tiles * cfg.cta_rows, dtype=jnp.int32) % seq  # token of each (padded) row
     shift = (2 ** (a_bits - 1) - a_zero.astype(jnp.int32))[tok]
     row_scale = a_scale.astype(jnp.float32)[tok]
     w_op = w_t.T if interpret else w_t
@@ -343,6 +480,22 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
     if bias is not None:
         operands.append(bias.astype(jnp.float32))
 
+    # On the GPU the last tile's TMA store drops rows >= M. The interpreter drops a partially
+    # out-of-bounds store entirely, so there the output has whole tiles and is cut after.
+    out_type = jax.ShapeDtypeStruct((m_tiles * cfg.cta_rows if interpret else m8, n), out_dtype)
+    common = dict(interpret=_interpret_params() if interpret else None, kernel_name="ptq4vm_qmatmul_wgmma")
+    if cfg.warp_specialized:
+        tiles = (m_tiles, n // cfg.tile_n)
+        kernel = functools.partial(_ws_kernel, cfg=cfg, grid=tiles, k_steps=k // cfg.tile_k,
+                                   has_bias=bias is not None, interpret=interpret)
+        out = plgpu.kernel(
+            kernel, out_type=out_type, grid=(min(tiles[0] * tiles[1], _num_ctas(interpret)),),
+            grid_names=("ctas",), num_threads=3, thread_name="wg",
+            compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+            **common,
+        )(*operands)
+        return out[:m].reshape(batch, seq, n)
+
     tm, tn = cfg.tile_m, cfg.tile_n
     out_itemsize = jnp.dtype(out_dtype).itemsize
     grid, names = ((m_tiles, n // tn), ("m", "n"))
@@ -350,12 +503,9 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
         grid, names = grid[::-1], names[::-1]
     kernel = functools.partial(_kernel, cfg=cfg, k_steps=k // cfg.tile_k, has_bias=bias is not None,
                                interpret=interpret)
-    # On the GPU the last tile's TMA store drops rows >= M. The interpreter drops a partially
-    # out-of-bounds store entirely, so there the output has whole tiles and is cut after.
-    out_rows = m_tiles * tm if interpret else m8
     out = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
+        out_type=out_type,
         scratch_types=[
             plgpu.SMEM((tm,), jnp.int32),
             plgpu.SMEM((tm,), jnp.float32),
@@ -369,8 +519,7 @@ def _qmatmul_codes_wgmma(codes, w_t, w_scale, a_scale, a_zero, bias, *, a_bits, 
         grid_names=names,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup
                                              if cfg.warpgroup else plgpu.LoweringSemantics.Lane),
-        interpret=_interpret_params() if interpret else None,
-        kernel_name="ptq4vm_qmatmul_wgmma",
+        **common,
     )(*operands)
     return out[:m].reshape(batch, seq, n)
 
