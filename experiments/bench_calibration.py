@@ -37,10 +37,15 @@ def main() -> None:
     if args.depth is not None and family != "vim":
         ap.error("--depth is a Vim size; VMamba stages are set by the model name")
     overrides = {} if args.depth is None else {"depth": args.depth}
+    started = time.perf_counter()
     model = pq.create_model(args.model, **overrides)
     shape = image_shape(model, args.num_calib)
     images = np.asarray(jax.random.normal(jax.random.key(0), shape), np.float32)
-    params = jax.jit(model.init)(jax.random.key(1), images[:1])["params"]
+    print(f"set-up: {args.num_calib} random images in {time.perf_counter() - started:.1f} s", flush=True)
+    started = time.perf_counter()
+    params = jax.block_until_ready(jax.jit(model.init)(jax.random.key(1), images[:1])["params"])
+    # Printed as they happen, so that a run stopped by a time limit still shows where time went.
+    print(f"set-up: model.init (compile + run) in {time.perf_counter() - started:.1f} s", flush=True)
     cfg = pq.QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, num_calib=args.num_calib,
                          epochs=args.epochs, train_batch=args.train_batch)
     t0 = time.perf_counter()
