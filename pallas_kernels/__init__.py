@@ -3,7 +3,8 @@ inference, forward + backward for calibration).
 
 Both use the Pallas Triton backend (see README.md here for why) and run on the CPU in
 ``interpret=True`` mode. ``qmatmul_codes_wgmma`` / ``qmatmul_wgmma`` (exact and timed on an
-H200) and ``qmatmul_wgmma_fused`` (quantization inside; not yet run on a GPU) are Hopper-only
+H200; a warp-specialized schedule not yet run on a GPU) and ``qmatmul_wgmma_fused``
+(quantization inside; exact on an H200 but 1.7x slower than the 2-pass kernel) are Hopper-only
 Mosaic GPU GEMMs. The plain-XLA references are ``qmatmul_ref`` and
 ``ptq4vm_jax.ops.scan.selective_scan_ref``.
 """

@@ -39,7 +39,8 @@ from ptq4vm_jax.quant.config import QuantConfig
 #:           term to any sum (interpret mode off the GPU)
 #:   wgmma-1pass  Hopper only: ``qmatmul_wgmma_fused`` (the quantization inside the wgmma kernel)
 #:           where K and N are multiples of 64 and a row block's codes fit in shared memory,
-#:           "wgmma" for the other layers; not yet timed on a GPU
+#:           "wgmma" for the other layers; exact on an H200 but 1.7x slower than "wgmma"
+#:           (BENCHMARKS.md), kept for tuning
 GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma", "wgmma-1pass")
 _GEMM = contextvars.ContextVar("ptq4vm_int_gemm", default="auto")
 
