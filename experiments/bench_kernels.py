@@ -9,13 +9,14 @@
 Sections (rows stream to stdout as they finish; the full table is printed at the end):
   gemm  Vim-B/S/T in_proj, x_proj, dt_proj, out_proj at batch 256 and 64 (M = batch * 197):
         XLA bf16 dot | XLA s8 x s8 -> s32 dot alone | XLA W8A8 (quantize + s8 dot + dequant,
-        = ``qmatmul_ref``) | Pallas W8A8 fused | Pallas W8A8 two-pass (XLA quantize + Pallas
-        GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8 MMA) | on Hopper (and in
-        the interpreter) also ``qmatmul_wgmma_fused`` (one pass: the quantization inside the
-        wgmma kernel, codes resident in shared memory; K, N multiples of 64 only) and
-        ``qmatmul_wgmma``, as integer inference runs it: XLA quantize + the Mosaic GPU wgmma
-        GEMM, K and N zero-padded to multiples of 64, in its default schedule and in the
-        persistent warp-specialized one; listed first. ``--gemm-shapes vim_s:256`` /
+        = ``qmatmul_ref``) | XLA W8A8 with the integer dot as an exact bf16 dot
+        (``qmatmul_bf16_dot``, ``gemm="xla-bf16"``) | Pallas W8A8 fused | Pallas W8A8 two-pass
+        (XLA quantize + Pallas GEMM on codes) | Pallas W4A4 fused (packed int4 weights, int8
+        MMA) | on Hopper (and in the interpreter) also ``qmatmul_wgmma_fused`` (one pass: the
+        quantization inside the wgmma kernel, codes resident in shared memory; K, N multiples
+        of 64 only) and ``qmatmul_wgmma``, as integer inference runs it: XLA quantize + the
+        Mosaic GPU wgmma GEMM, K and N zero-padded to multiples of 64, in its default schedule
+        and in the persistent warp-specialized one; listed first. ``--gemm-shapes vim_s:256`` /
         ``--gemm-variants wgmma-ws wgmma bf16`` narrow it.
   scan  Pallas selective scan (default config; the tile layout with 4 tokens per loop trip and
         the next trip's loads prefetched, the same with exp2 decays, the plain one-token loop;
@@ -27,8 +28,8 @@ Sections (rows stream to stdout as they finish; the full table is printed at the
   e2e   images/s of Vim-S/B/T at batch 256: bf16 float (Pallas scan; the same with the scan's
         tile layout; lax.scan reference scan) vs
         W8A8 ``quantized_apply(mode="int")`` in bf16 with the Pallas scan and each integer GEMM
-        backend (``gemm=``: wgmma 2-pass and 1-pass on Hopper, XLA's s8 dot, the Triton
-        ``qmatmul``).
+        backend (``gemm=``: on Hopper "mixed" (wgmma in/out_proj, the bf16 dot x/dt_proj) and
+        wgmma 2-pass and 1-pass; XLA's bf16 dot on codes, XLA's s8 dot, the Triton ``qmatmul``).
   sweep-wgmma / sweep-scan / sweep-gemm  tile sweeps (only with ``--sections``): the wgmma GEMM
         (Hopper) beside XLA's bf16 and s8 dots, the scan's tiles, token loops and state layouts
         (at ``--scan-shapes`` when given), the Triton GEMM.
@@ -74,6 +75,7 @@ from pallas_kernels import (
     pack_int4,
     prepare_weight_wgmma,
     qmatmul,
+    qmatmul_bf16_dot,
     qmatmul_codes,
     qmatmul_codes_wgmma,
     qmatmul_int32,
@@ -95,7 +97,7 @@ from pallas_kernels.qmatmul_hopper import (
     qmatmul_wgmma_fused,
 )
 from ptq4vm_jax.ops.scan import selective_scan_ref
-from ptq4vm_jax.quant.integer import is_hopper
+from ptq4vm_jax.quant.integer import HOPPER_ONLY, is_hopper
 
 SEQ = 197
 L2_BYTES = 50e6
@@ -256,6 +258,7 @@ def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
 
 WGMMA_ONE_PASS = "mosaic wgmma w8a8 1-pass (quantize inside)"
 WGMMA_WS = "mosaic wgmma w8a8 2-pass, warp-specialized"
+XLA_BF16 = "xla w8a8 bf16 dot on codes (qmatmul_bf16_dot)"
 
 
 def padded(dim: int) -> int:
@@ -301,6 +304,8 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
             lambda m, k, n: m * k + k * n + 4 * m * n, "int8"),
         "xla w8a8 3-pass (qmatmul_ref)": (
             w8a8, lambda *a: qmatmul_ref(*a[:7], out_dtype=bf16, colsum=a[7]), fused_bytes, "int8"),
+        XLA_BF16: (w8a8, lambda *a: qmatmul_bf16_dot(*a[:7], out_dtype=bf16, colsum=a[7]),
+                   fused_bytes, "bf16"),
         "pallas w8a8 fused": (w8a8, fused(8, 8), fused_bytes, "int8"),
         "pallas w8a8 2-pass": (w8a8, two_pass, fused_bytes, "int8"),
         "pallas w4a4 fused": (w4a4, fused(4, 4), lambda m, k, n: 2 * m * k + k * n // 2 + 2 * m * n, "int8"),
@@ -309,6 +314,12 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
 
 def check_gemm(name: str, inp: dict, interpret: bool) -> str:
     """Kernel vs reference on one input set: the int32 accumulator exactly, then the float output."""
+    if name == XLA_BF16:  # exact by construction: f32 outputs equal up to an FMA'd epilogue
+        keys = gemm_variants(interpret)[name][0]
+        args = [inp[k] for k in keys[:7]]
+        f32 = jnp.float32
+        err = rel_err(qmatmul_bf16_dot(*args, out_dtype=f32), qmatmul_ref(*args, out_dtype=f32))
+        return f"f32 rel {err:.1e}" + ("" if err < 1e-5 else " FAIL")
     if name.startswith("xla"):
         return "ref" if "qmatmul_ref" in name else "-"
     keys, fn, _, _ = gemm_variants(interpret)[name]
@@ -345,7 +356,7 @@ GEMM_VARIANTS = {  # --gemm-variants key -> row name
     "wgmma-1pass": WGMMA_ONE_PASS, "wgmma": "mosaic wgmma w8a8 2-pass", "wgmma-ws": WGMMA_WS,
     "bf16": "xla bf16 dot",
     "s8": "xla s8 dot only (s32 out)",
-    "xla": "xla w8a8 3-pass (qmatmul_ref)", "pallas": "pallas w8a8 fused",
+    "xla": "xla w8a8 3-pass (qmatmul_ref)", "xla-bf16": XLA_BF16, "pallas": "pallas w8a8 fused",
     "pallas-2pass": "pallas w8a8 2-pass", "pallas-w4a4": "pallas w4a4 fused",
 }
 
@@ -670,8 +681,8 @@ def end_to_end_rows(
     return rows
 
 
-E2E_VARIANTS = ("bf16", "int-wgmma", "int-wgmma-1pass", "int-xla", "int-pallas", "bf16-tile-scan",
-                "bf16-lax-scan")
+E2E_VARIANTS = ("bf16", "int-mixed", "int-wgmma", "int-xla-bf16", "int-wgmma-1pass", "int-xla",
+                "int-pallas", "bf16-tile-scan", "bf16-lax-scan")
 
 
 def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
@@ -708,10 +719,12 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
         forwards[f"{model_name} bf16 (scan: pallas tile layout)"] = functools.partial(
             float_fwd, True, True, params)
     hopper = not interpret and is_hopper()
-    gemms = [(g, what) for g, what in (("wgmma", "wgmma, every linear"),
+    gemms = [(g, what) for g, what in (("mixed", "wgmma in/out_proj, XLA bf16 dot x/dt_proj"),
+                                       ("wgmma", "wgmma, every linear"),
+                                       ("xla-bf16", "XLA bf16 dot on codes, every linear"),
                                        ("wgmma-1pass", "wgmma 1-pass in/out_proj, 2-pass x/dt_proj"),
                                        ("xla", "XLA s8 dot"), ("pallas", "Triton qmatmul"))
-             if f"int-{g}" in variants and (not g.startswith("wgmma") or hopper)]
+             if f"int-{g}" in variants and (g not in HOPPER_ONLY or hopper)]
     if gemms:
         cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)

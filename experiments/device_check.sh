@@ -7,24 +7,28 @@
 # Steps, each under its own time limit so that one failure (or a hang) still leaves the others'
 # results:
 #   env     GPU, driver, versions of jax / flax / optax / orbax
-#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py): the wgmma
-#           kernels, the warp-specialized schedule's first GPU run among them (39 tests; the
+#   kernels experiments/bench_kernels.py's GEMM rows at the eight Vim-S and Vim-B linears, batch
+#           256: the wgmma 2-pass kernel, XLA's bf16 dot on the integer codes (gemm="xla-bf16",
+#           exact, first GPU run; meant for the narrow x_proj / dt_proj, where the padded wgmma
+#           ran 1.4-3.2x slower than bf16) and XLA's bf16 dot
+#   e2e     Vim-S batch 256 end to end: bf16 float, W8A8 int with gemm="mixed" (wgmma for
+#           in_proj / out_proj, the bf16 dot for x_proj / dt_proj; first GPU run) and with wgmma
+#           for every linear (RTN scales ~30 s, each forward compiles in 5-19 s)
+#   ws      the persistent warp-specialized wgmma schedule at the four Vim-B linears (its first
+#           GPU run: exactness is checked before timing; a hang costs only this step)
+#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py, 39 tests; the
 #           fourth session's 30 of them took well under 170 s)
-#   kernels the open questions of experiments/bench_kernels.py, most open first: the
-#           warp-specialized wgmma schedule against the default one and bf16 at the four Vim-B
-#           linears, batch 256 (the GEMM target's row is in_proj), then the wgmma tile sweep
-#           (warp-specialized configs included)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
-#           every integer GEMM backend against the others (16 passed in 163 s on the H200, third
-#           session; not reached in the fourth)
-#   ktests  the other kernel tests compiled: Triton qmatmul, the selective scan forward (both
-#           layouts, the new small-batch default) and backward (74 tests)
+#           every integer GEMM backend against the others, xla-bf16 and mixed among them (16
+#           passed in 163 s on the H200, third session; not reached in the fourth)
+#   ktests  the other kernel tests compiled: Triton qmatmul and the bf16-dot path, the selective
+#           scan forward (both layouts) and backward (81 tests)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
 #           official recipe (fourth session: stopped at 170 s in block 4 of 24; block 0 63.6 s,
 #           later blocks 1.1 s, ~100 s of set-up before block 0: give it 250 s)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
 # For a 15-minute device budget (machine start ~30-70 s, 2026-11-27), two calls:
-#   bash experiments/device_check.sh 520                          (timeout_s 550: env .. ktests)
+#   bash experiments/device_check.sh 540                          (timeout_s 570: env .. ktests)
 #   STEPS="calib" bash experiments/device_check.sh 250            (timeout_s 270)
 # Measured on the H200 (2026-11-27): env 5 s; 86 kernel tests 170 s (fourth session); RTN scales
 # for the e2e rows 26-38 s, each e2e forward compiles in 5-19 s; test_int_mode 163 s.
@@ -47,7 +51,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
   echo "=== $name (limit ${limit}s, t=$(($(date +%s) - START))s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "=== $name exit $? after $(($(date +%s) - START))s"
-  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|first call|scales in|\| \*\*total|^# |exit" "$OUT/$name.log" | tail -n 25
+  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|first call|scales in|\| \*\*total|^# |exit" "$OUT/$name.log" | tail -n 25
 }
 
 step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
@@ -55,9 +59,13 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", \
   optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
   \"numpy\", numpy.__version__, jax.devices())'"
+step kernels 150 $PY experiments/bench_kernels.py --quick --budget-s 130 --sections gemm \
+  --gemm-shapes vim_s:256 vim_b:256 --gemm-variants wgmma xla-bf16 bf16
+step e2e 150 $PY experiments/bench_kernels.py --quick --budget-s 140 --sections e2e \
+  --e2e-models vim_small:256 --e2e-variants bf16 int-mixed int-wgmma
+step ws 100 $PY experiments/bench_kernels.py --quick --budget-s 90 --sections gemm \
+  --gemm-shapes vim_b:256 --gemm-variants wgmma-ws
 step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_qmatmul_hopper.py
-step kernels 170 $PY experiments/bench_kernels.py --quick --budget-s 150 --sections gemm sweep-wgmma \
-  --gemm-shapes vim_b:256 --gemm-variants wgmma-ws wgmma bf16
 step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \
   tests/kernels/test_qmatmul.py

@@ -6,17 +6,20 @@ Both use the Pallas Triton backend (see README.md here for why) and run on the C
 H200; a warp-specialized schedule not yet run on a GPU) and ``qmatmul_wgmma_fused``
 (quantization inside; exact on an H200 but 1.7x slower than the 2-pass kernel) are Hopper-only
 Mosaic GPU GEMMs. The plain-XLA references are ``qmatmul_ref`` and
-``ptq4vm_jax.ops.scan.selective_scan_ref``.
+``ptq4vm_jax.ops.scan.selective_scan_ref``; ``qmatmul_bf16_dot`` is the same integer linear with
+its integer dot on bf16 units (exact, pure XLA) for the layers too narrow for int8 kernels.
 """
 
 from pallas_kernels.qmatmul import (
     GemmConfig,
+    bf16_dot_plan,
     check_bits,
     default_gemm_config,
     dense_weight,
     is_packed,
     pack_int4,
     qmatmul,
+    qmatmul_bf16_dot,
     qmatmul_codes,
     qmatmul_int32,
     qmatmul_int32_ref,
@@ -47,6 +50,7 @@ __all__ = [
     "GemmConfig",
     "ScanConfig",
     "WgmmaConfig",
+    "bf16_dot_plan",
     "check_bits",
     "default_fused_config",
     "default_gemm_config",
@@ -56,6 +60,7 @@ __all__ = [
     "pack_int4",
     "prepare_weight_wgmma",
     "qmatmul",
+    "qmatmul_bf16_dot",
     "qmatmul_codes",
     "qmatmul_codes_wgmma",
     "qmatmul_int32",

@@ -180,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise SystemExit("--mode and --gemm choose how a --quantized model runs; a float model "
                          "(--params / --checkpoint) has neither")
     args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
-    kernel_gemm = args.gemm in ("pallas", "wgmma", "wgmma-1pass")
+    kernel_gemm = args.gemm in ("pallas", "wgmma", "wgmma-1pass", "mixed")
     if args.mode == "int" and kernel_gemm and jax.default_backend() != "gpu":
         print(f"note: off the GPU --gemm {args.gemm} runs its kernel in the Pallas interpreter: exact "
               "but slow, meant for testing (--gemm auto/xla is the fast CPU path)", file=sys.stderr)
@@ -349,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(default) or integer arithmetic")
     e.add_argument("--gemm", default=None, choices=GEMM_BACKENDS,
                    help="integer GEMM of --mode int (auto: wgmma on Hopper, the Triton kernel on "
-                        "other GPUs, XLA elsewhere; wgmma-1pass: Hopper, quantization inside the "
-                        "kernel, exact but slower than wgmma on an H200)")
+                        "other GPUs, XLA elsewhere; xla-bf16: XLA's bf16 dot on the integer codes, "
+                        "exact; wgmma-1pass: Hopper, quantization inside the kernel, exact but "
+                        "slower than wgmma on an H200; mixed: Hopper, wgmma for in_proj/out_proj "
+                        "and xla-bf16 for x_proj/dt_proj)")
     e.add_argument("--data", default="tfds:imagenet2012:validation")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")

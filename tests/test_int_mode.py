@@ -51,7 +51,8 @@ def test_bf16_int_mode_error_is_small(micro):
 
 ON_GPU = jax.default_backend() == "gpu"
 # wgmma runs compiled on Hopper, in the Mosaic GPU interpreter off the GPU, not on other GPUs.
-BACKENDS = ("xla", "pallas") + (("wgmma", "wgmma-1pass") if not ON_GPU or integer.is_hopper() else ())
+BACKENDS = ("xla", "xla-bf16", "pallas") + (
+    ("wgmma", "wgmma-1pass", "mixed") if not ON_GPU or integer.is_hopper() else ())
 
 
 def make_layer(seed, k, n, w_bits, a_bits, seq=13):
@@ -120,11 +121,12 @@ def test_auto_gemm_picks_wgmma_on_hopper_only(monkeypatch, platform, hopper, wan
     assert got == want
 
 
-@pytest.mark.parametrize("backend", ["wgmma", "wgmma-1pass"])
+@pytest.mark.parametrize("backend", ["wgmma", "wgmma-1pass", "mixed"])
 def test_wgmma_backends_off_hopper_are_explained(monkeypatch, backend):
     monkeypatch.setattr(integer.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(integer, "is_hopper", lambda: False)
-    with pytest.raises(ValueError, match=rf"gemm='{backend}' needs a Hopper GPU .* gemm='pallas' or 'xla'"):
+    with pytest.raises(ValueError, match=rf"gemm='{backend}' needs a Hopper GPU .* gemm='pallas', "
+                                         r"'xla-bf16' or 'xla'"):
         gemm_backend_for(394, 768, 3072, backend)
 
 
@@ -140,6 +142,11 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
         assert gemm_backend_for(394, 768, 3072, "wgmma-1pass") == "wgmma-1pass"
         assert gemm_backend_for(394, 24, 768, "wgmma-1pass") == "wgmma"  # K = 24: the padded 2-pass
         assert gemm_backend_for(394, 4096, 768, "wgmma-1pass") == "wgmma"  # codes beyond shared memory
+        # mixed: wgmma for in_proj / out_proj, the bf16 dot for x_proj (N = 56) and dt_proj (K = 24)
+        got = [gemm_backend_for(394, k, n, "mixed") for k, n in [(384, 1536), (768, 384), (768, 56),
+                                                                 (24, 768)]]
+        assert got == ["wgmma", "wgmma", "xla-bf16", "xla-bf16"]
+    assert gemm_backend_for(394, 768, 56, "xla-bf16") == "xla-bf16"
     with pytest.raises(ValueError, match="gemm must be one of"):
         with int_gemm("cutlass"):
             pass
@@ -149,9 +156,10 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
 
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
     qp = tiny64
-    calls = {g: {"codes": [], "1pass": [], "triton": 0} for g in BACKENDS}
+    calls = {g: {"codes": [], "1pass": [], "triton": 0, "bf16": []} for g in BACKENDS}
     backend = []  # the one running now
     wgmma, fused, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul_wgmma_fused, integer.qmatmul
+    bf16_dot = integer.qmatmul_bf16_dot
 
     def spy_codes(codes, w_t, *a, **kw):
         calls[backend[-1]]["codes"].append(w_t.shape)  # (N, K) of the padded weight
@@ -165,6 +173,12 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
         calls[backend[-1]]["triton"] += 1
         return qmatmul(*a, **kw)
 
+    def spy_bf16(x, w_q, w_scale, *a, **kw):
+        calls[backend[-1]]["bf16"].append((w_scale.shape[0], x.shape[-1]))  # (N, K)
+        return bf16_dot(x, w_q, w_scale, *a, **kw)
+
+    monkeypatch.setattr(integer, "qmatmul_bf16_dot", spy_bf16)
+    monkeypatch.setattr(integer, "NARROW", 64)  # embed_dim 64: in_proj and out_proj count as wide
     monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma", spy_codes)
     monkeypatch.setattr(integer, "qmatmul_wgmma_fused", spy_fused)
     monkeypatch.setattr(integer, "qmatmul", spy_triton)
@@ -180,7 +194,9 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
         else:
             np.testing.assert_array_equal(logits[g], logits["xla"], err_msg=g)
     linears = calls["pallas"]["triton"]  # every linear of one forward ran the Triton kernel
-    assert linears > 0 and calls["pallas"]["codes"] == calls["pallas"]["1pass"] == []
+    pallas = calls["pallas"]
+    assert linears > 0 and pallas["codes"] == pallas["1pass"] == pallas["bf16"] == []
+    assert len(calls["xla-bf16"]["bf16"]) == linears
     if "wgmma" in BACKENDS:
         # in_proj 64 -> 256, out_proj 128 -> 64, x_proj 128 -> 36 (padded to 64), dt_proj 4 -> 128
         assert sorted(set(calls["wgmma"]["codes"])) == [(64, 128), (128, 64), (256, 64)]
@@ -190,6 +206,10 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
         assert sorted(set(one["1pass"])) == [(64, 128), (256, 64)]
         assert sorted(set(one["codes"])) == [(64, 128), (128, 64)]  # x_proj, dt_proj
         assert len(one["1pass"]) + len(one["codes"]) == linears and one["triton"] == 0
+        mixed = calls["mixed"]  # x_proj (K 128 -> N 36) and dt_proj (4 -> 128) on the bf16 dot
+        assert sorted(set(mixed["codes"])) == [(64, 128), (256, 64)]
+        assert sorted(set(mixed["bf16"])) == [(36, 128), (128, 4)]
+        assert len(mixed["codes"]) + len(mixed["bf16"]) == linears and mixed["triton"] == 0
 
 
 def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):

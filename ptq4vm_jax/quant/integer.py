@@ -19,6 +19,7 @@ from pallas_kernels.qmatmul import (
     is_packed,
     pack_int4,
     qmatmul,
+    qmatmul_bf16_dot,
     qmatmul_ref,
 )
 from pallas_kernels.qmatmul_hopper import (
@@ -33,6 +34,8 @@ from ptq4vm_jax.quant.config import QuantConfig
 #:   auto    "wgmma" on Hopper (the fastest end to end on an H200: BENCHMARKS.md), "pallas" on
 #:           other GPUs, "xla" elsewhere
 #:   xla     quantize, ``dot_general(s8, s8 -> s32)``, dequantize as XLA ops (``qmatmul_ref``)
+#:   xla-bf16  the same with the integer dot as a bf16 dot with f32 accumulation
+#:           (``qmatmul_bf16_dot``: exact, see ``bf16_dot_plan``), on any GPU's or TPU's bf16 units
 #:   pallas  the fused Triton kernel ``qmatmul`` (any GPU; interpret mode off the GPU)
 #:   wgmma   Hopper only: ``qmatmul_wgmma`` (XLA quantize + the Mosaic GPU wgmma GEMM), K and N
 #:           zero-padded to multiples of 64 (x_proj's N = 56, dt_proj's K = 24), which adds no
@@ -41,7 +44,13 @@ from ptq4vm_jax.quant.config import QuantConfig
 #:           where K and N are multiples of 64 and a row block's codes fit in shared memory,
 #:           "wgmma" for the other layers; exact on an H200 but 1.7x slower than "wgmma"
 #:           (BENCHMARKS.md), kept for tuning
-GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas", "wgmma", "wgmma-1pass")
+#:   mixed   Hopper only: "wgmma" for the wide layers (in_proj, out_proj), "xla-bf16" for those
+#:           with K or N below ``NARROW`` (x_proj, dt_proj), too narrow to keep int8 tensor cores
+#:           busy (on an H200 the padded wgmma ran them 1.4-3.2x slower than XLA's bf16 dot)
+GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "xla-bf16", "pallas", "wgmma", "wgmma-1pass", "mixed")
+HOPPER_ONLY = ("wgmma", "wgmma-1pass", "mixed")
+#: A layer with K or N below this is "narrow" for ``gemm="mixed"``.
+NARROW = 128
 _GEMM = contextvars.ContextVar("ptq4vm_int_gemm", default="auto")
 
 
@@ -82,10 +91,13 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
     on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
         backend = "xla" if not on_gpu else "wgmma" if is_hopper() else "pallas"
-    if backend in ("wgmma", "wgmma-1pass"):
+    if backend in HOPPER_ONLY:
         if on_gpu and not is_hopper():
             raise ValueError(f"gemm={backend!r} needs a Hopper GPU (sm_90: H100/H200), not "
-                             f"{jax.devices()[0].device_kind}; use gemm='pallas' or 'xla'")
+                             f"{jax.devices()[0].device_kind}; use gemm='pallas', 'xla-bf16' or 'xla'")
+        if backend == "mixed":
+            backend = "xla-bf16" if min(k, n) < NARROW else "wgmma"
+    if backend in ("wgmma", "wgmma-1pass"):
         if not supports_qmatmul_wgmma(m, k, n):
             return "pallas"
         if backend == "wgmma-1pass" and default_fused_config(k, n) is None:
@@ -109,6 +121,9 @@ def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -
     if backend == "xla":
         return qmatmul_ref(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                            out_dtype=x.dtype)
+    if backend == "xla-bf16":
+        return qmatmul_bf16_dot(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
+                                out_dtype=x.dtype)
     if backend == "pallas":
         return qmatmul(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                        out_dtype=x.dtype, interpret=interpret)

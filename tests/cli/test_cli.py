@@ -50,7 +50,7 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
               "--batch-size", "5"])
         q_line = capsys.readouterr().out.strip().splitlines()[-1]
         int_lines = []
-        for gemm in ("xla", "pallas"):  # the Triton kernel runs in interpret mode off the GPU
+        for gemm in ("xla", "pallas", "xla-bf16"):  # the Triton kernel: interpret mode off the GPU
             main(["eval", "--quantized", str(qdir), "--data", "tfds:imagenet2012:validation",
                   "--batch-size", "5", "--limit", "5", "--mode", "int", "--gemm", gemm])
             captured = capsys.readouterr()
@@ -64,7 +64,7 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
     assert q_line.startswith("top-1 ") and "(n=12; vim_base ptq4vm W4A8, fake mode)" in q_line
     assert "(n=7; vim_base float)" in f_line
     assert "(n=5; vim_base ptq4vm W4A8, int mode (xla GEMM))" in int_lines[0]
-    assert int_lines[0].split("(n=")[0] == int_lines[1].split("(n=")[0]  # same metrics
+    assert int_lines[0].split("(n=")[0] == int_lines[1].split("(n=")[0] == int_lines[2].split("(n=")[0]
 
 
 def test_errors_are_explained(converted, tmp_path, capsys):

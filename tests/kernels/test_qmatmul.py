@@ -8,8 +8,11 @@ import pytest
 
 from pallas_kernels.qmatmul import (
     GemmConfig,
+    _codes_matmul_bf16,
+    bf16_dot_plan,
     pack_int4,
     qmatmul,
+    qmatmul_bf16_dot,
     qmatmul_codes,
     qmatmul_int32,
     qmatmul_int32_ref,
@@ -194,6 +197,56 @@ def test_two_pass_codes_path_matches_reference():
         np.testing.assert_array_equal(np.asarray(y), r)
     else:
         np.testing.assert_allclose(np.asarray(y), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
+
+
+def test_bf16_dot_plan_keeps_every_partial_sum_exact_in_f32():
+    # W8A8: unsplit up to K = 1024 (1024 * 128 * 128 = 2^24), split planes up to 8738.
+    assert bf16_dot_plan(1024, 8, 8) == (False, 1024)
+    assert bf16_dot_plan(1025, 8, 8) == (True, 8738)
+    assert bf16_dot_plan(20000, 4, 4) == (False, 2**24 // (8 * 8))
+    for k, a_bits, w_bits in [(1536, 8, 8), (3000, 8, 6), (50000, 8, 8), (20000, 8, 4)]:
+        split, chunk = bf16_dot_plan(k, a_bits, w_bits)
+        wmax = 15 if split else 2 ** (w_bits - 1)
+        assert min(k, chunk) * 2 ** (a_bits - 1) * wmax <= 2**24
+
+
+@pytest.mark.parametrize("k,n,a_bits,w_bits", [
+    (768, 56, 8, 8),  # Vim-S x_proj: one unsplit dot
+    (1536, 80, 8, 8),  # Vim-B x_proj: split weight planes
+    (24, 384, 8, 8),  # Vim-T dt_proj
+    (96, 64, 4, 4),  # packed 4-bit weights
+    (200, 40, 6, 6),
+])
+def test_bf16_dot_path_equals_the_integer_reference(k, n, a_bits, w_bits):
+    inp = make_inputs(3 * k + n, 2, k, n, a_bits, w_bits, seq=13)
+    codes = quantize_activations(inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"], a_bits=a_bits)
+    acc = _codes_matmul_bf16(codes, inp["w_q"], inp["a_zero"], a_bits, w_bits)
+    np.testing.assert_array_equal(acc, naive_int32(inp, a_bits))
+    fargs = (inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"], inp["a_zero"], inp["bias"])
+    y, r = (np.asarray(f(*fargs, a_bits=a_bits, w_bits=w_bits)) for f in (qmatmul_bf16_dot, qmatmul_ref))
+    if INTERPRET:
+        np.testing.assert_array_equal(y, r)
+    else:  # the GPU build may contract the epilogue into an FMA
+        np.testing.assert_allclose(y, r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
+
+
+def test_bf16_dot_path_is_exact_where_one_f32_dot_is_not():
+    """A sum of 1100 products 128 * 128 and one of -127 is odd and above 2^24: no f32 sum holds it,
+    so only the split weight planes (K = 1536 > 1024) give the exact accumulator."""
+    k, n = 1536, 8
+    x = np.full((1, 1, k), -1000.0, np.float32)  # q = 0: code -128 ...
+    x[..., 1100] = -254.0  # ... but q = 1 (code -127) here
+    w = np.zeros((k, n), np.int8)
+    w[:1100] = -128
+    w[1100] = 1
+    smooth, a_scale, a_zero = np.ones(k, np.float32), np.ones(1, np.float32), np.full(1, 255, np.int32)
+    codes = quantize_activations(x, smooth, a_scale, a_zero)
+    raw = 1100 * 128 * 128 - 127
+    assert raw > 2**24 and float(np.float32(raw)) != raw  # one f32 dot would round it
+    naive = np.einsum("blk,kn->bln", np.asarray(codes, np.int64), w.astype(np.int64))
+    assert naive[0, 0, 0] == raw
+    want = qmatmul_int32_ref(x, w, smooth, a_scale, a_zero)
+    np.testing.assert_array_equal(_codes_matmul_bf16(codes, w, a_zero, 8, 8), want)
 
 
 def test_custom_tiles_mask_every_edge():
