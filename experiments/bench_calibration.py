@@ -48,6 +48,13 @@ def main() -> None:
     print(f"set-up: model.init (compile + run) in {time.perf_counter() - started:.1f} s", flush=True)
     cfg = pq.QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, num_calib=args.num_calib,
                          epochs=args.epochs, train_batch=args.train_batch)
+    compiles: list[float] = []  # XLA compilations inside quantize_params (seconds each)
+
+    def on_event(event: str, secs: float, **_) -> None:
+        if event.endswith("backend_compile_duration"):
+            compiles.append(secs)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     t0 = time.perf_counter()
     qp = pq.quantize_params(params, images, model=args.model, config=cfg, model_overrides=overrides,
                             progress=True, log=lambda m: print(m, flush=True))
@@ -67,6 +74,7 @@ def main() -> None:
         note = " (incl. compile)" if i == 0 else ""
         print(f"| {s['name']}{note} | {s['loss_init']:.5f} | {s['loss_final']:.5f} | {s['seconds']:.2f} |")
     print(f"| **total** (incl. embedding, finalisation) | | | {total:.1f} |")
+    print(f"XLA compilations during quantize_params: {len(compiles)}, {sum(compiles):.1f} s in all")
     if len(stages) > 1:
         print(f"steady-state seconds per block: {np.median([s['seconds'] for s in stages[1:]]):.2f}")
 

@@ -51,7 +51,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
   echo "=== $name (limit ${limit}s, t=$(($(date +%s) - START))s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "=== $name exit $? after $(($(date +%s) - START))s"
-  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|first call|scales in|\| \*\*total|^# |exit" "$OUT/$name.log" | tail -n 25
+  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|first call|scales in|\| \*\*total|compilations|set-up|^# |exit" "$OUT/$name.log" | tail -n 25
 }
 
 step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -93,6 +94,13 @@ def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) ->
     return sorted(set(found))
 
 
+@functools.partial(jax.jit, static_argnames="w_bits")
+def _integer_weight(kernel: jax.Array, smooth: jax.Array, w_scale: jax.Array, w_bits: int) -> jax.Array:
+    """The stored integer weight; one program per layer shape, not one per elementwise op."""
+    codes = qz.quantize_weight_int(kernel.astype(jnp.float32), smooth, w_scale, w_bits)
+    return store_weight(codes, w_bits)
+
+
 def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) -> tuple[dict, dict]:
     """Train form -> integer form; the quantized kernels (and their biases) leave the params."""
     qlayers: dict[Path, dict] = {}
@@ -100,8 +108,7 @@ def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) ->
     for path, st in layers.items():
         dense = get_path(params, path)
         out = {
-            "w_int": store_weight(qz.quantize_weight_int(
-                dense["kernel"].astype(jnp.float32), st["smooth"], st["w_scale"], cfg.w_bits), cfg.w_bits),
+            "w_int": _integer_weight(dense["kernel"], st["smooth"], st["w_scale"], cfg.w_bits),
             "w_scale": st["w_scale"], "smooth": st["smooth"],
             "a_scale": st["a_scale"], "a_zero": st["a_zero"].astype(jnp.int32),
         }
@@ -155,8 +162,8 @@ def quantize_params(
     if not paths:
         raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
     _, height, _, channels = image_shape(net)
-    images = jnp.asarray(calibration_images(calib_ds, cfg.num_calib, image_size=height,
-                                            channels=channels, count_name="QuantConfig.num_calib"))
+    images = jax.device_put(calibration_images(calib_ds, cfg.num_calib, image_size=height,
+                                               channels=channels, count_name="QuantConfig.num_calib"))
     images = _spread_over_devices(images, cfg.train_batch, log)
     bw = blockwise(net)
     loss_axis = -1 if cfg.loss_axis == "channel" else 2
@@ -194,7 +201,8 @@ def _uncommitted(tree: Any) -> Any:
     """Arrays tied to no device follow their operands wherever those are. Params committed to one
     device clash with calibration images spread over several, and results computed on that mesh
     are committed to every local device, so applying them to images put on one would fail."""
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), tree)
+    # device_put, not jnp.asarray: the latter compiles one program per distinct shape.
+    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a)), tree)
 
 
 def _check_rules(rules: tuple[QuantRule, ...], linears: list[Path], name: str, params: Mapping) -> None:

@@ -110,6 +110,16 @@ LOSSES = {"cosine": cosine_loss, "mse": relative_mse_loss}
 def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array,
                cfg: QuantConfig) -> dict[str, jax.Array]:
     """Train-form state of one linear from its float input ``x`` (N, L, C) (spec §4.2, §5)."""
+    state, finite = _init_layer(kernel, bias, x, cfg)
+    for k, ok in jax.device_get(finite).items():
+        if not ok:
+            raise CalibrationError(f"non-finite {k} while initialising a layer (input has NaN/inf?)")
+    return state
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _init_layer(kernel, bias, x, cfg):
+    """One compiled program per layer shape (eagerly, each small op compiled on its own)."""
     kernel = kernel.astype(jnp.float32)
     x = x.astype(jnp.float32).reshape(-1, x.shape[-2], x.shape[-1])
     if cfg.smooths:
@@ -127,10 +137,7 @@ def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array,
              "a_scale": a_scale, "a_zero": a_zero.astype(jnp.int32)}
     if bias is not None:
         state["bias"] = bias.astype(jnp.float32)
-    for k, v in state.items():
-        if not bool(jnp.all(jnp.isfinite(v))):
-            raise CalibrationError(f"non-finite {k} while initialising a layer (input has NaN/inf?)")
-    return state
+    return state, {k: jnp.all(jnp.isfinite(v)) for k, v in state.items()}
 
 
 def trainable_mask(rel_path: Path, cfg: QuantConfig) -> bool:
@@ -193,6 +200,7 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
     return dict(
         step=step,
         optimizer=optimizer,
+        opt_init=jax.jit(optimizer.init),  # one program, not one per leaf
         qforward=jax.jit(qforward),
         loss=jax.jit(lambda state, params, carry, target: block_loss(
             target, output(qforward(state, params, carry)), axis)),
@@ -251,7 +259,8 @@ def calibrate_blockwise(
     else:
         if resume is not None and (resume.directory / "progress.json").exists():
             log(f"{resume.directory} has progress.json but no state.npz (deleted?): starting afresh")
-        fp_carry = chunked(lambda im: bw.embed(params, im), images, chunk)
+        embed = jax.jit(bw.embed)  # one program, not one per op of the stem
+        fp_carry = chunked(lambda im: embed(params, im), images, chunk)
         q_carry = fp_carry
 
     for idx in range(start, len(bw.stages)):
@@ -345,7 +354,7 @@ def _full_loss(loss, state, sparams, q_carry, target, chunk) -> float:
 
 def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
     train, frozen = split_state(state, cfg)
-    opt_state = fns["optimizer"].init(train)
+    opt_state = fns["opt_init"](train)
     n = target.shape[0]
     batches = n // cfg.train_batch
     steps = cfg.epochs * batches
@@ -369,7 +378,11 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
     return merge_state(train, frozen)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
 def _check_finite(tree: Any, stage: str, what: str) -> None:
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if not bool(jnp.all(jnp.isfinite(leaf))):
-            raise CalibrationError(f"non-finite values in the {what} after stage {stage}")
+    if not bool(_all_finite(tree)):
+        raise CalibrationError(f"non-finite values in the {what} after stage {stage}")

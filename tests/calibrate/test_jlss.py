@@ -156,6 +156,28 @@ def test_nan_during_learning_names_the_block(setup, monkeypatch):
         quantize_params(params, images, model=MODEL, config=cfg, progress=False)
 
 
+def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup):
+    """Every op run eagerly compiles an XLA program of its own the first time (about 0.1-0.3 s
+    each on a GPU); calibration keeps its work in a few jitted programs per layer shape (the old
+    eager initialisation and checks compiled about 140 for Vim-T, block 0 alone)."""
+    _, params, images = setup
+    cfg = dataclasses.replace(BASE, lr_s=0.0321, epochs=1)  # nothing compiled by another test
+    compiled, listening = [], [True]
+
+    def listener(event, secs, **kw):
+        if listening[0] and event.endswith("backend_compile_duration"):
+            compiled.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        quantize_params(params, images, model=MODEL, config=cfg, progress=False)
+    finally:
+        listening[0] = False
+    # vim_nano: 4 layer shapes x (init + integer weight), embed, capture, loss, step, forward,
+    # optimizer init, finiteness check
+    assert 0 < len(compiled) <= 24, compiled
+
+
 def test_bad_inputs_are_explained(setup):
     _, params, images = setup
     with pytest.raises(ValueError, match=r"asked for 32 calibration images but the dataset has only 16; "
@@ -250,8 +272,9 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     first steps move every parameter by about the learning rate whatever its gradient's size, so
     near-zero gradients flip directions; measured after 3 W4A4 steps: up to 8 % in layer 1's step
     sizes, 1.4 % in block 0's final loss and, through block 0's quantizers, 5.5 % in block 1's
-    initial loss), so after learning only its effect is compared: it lowers every block's loss
-    on both."""
+    initial loss), so after learning only its effect is compared: learning moved every block's
+    loss, and the two runs end within 10 % of each other (whether 3 W4A4 steps on this random
+    model lower or raise a block's loss depends on such ulps: measured both ways)."""
     import json
     import os
     import subprocess
@@ -297,4 +320,6 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     assert [st["name"] for st in stages[4]] == [st["name"] for st in stages[1]]
     np.testing.assert_allclose(stages[4][0]["loss_init"], stages[1][0]["loss_init"], rtol=1e-4)
     for run in (stages[1], stages[4]):
-        assert all(st["loss_final"] < st["loss_init"] for st in run), run
+        assert all(st["loss_final"] != st["loss_init"] for st in run), run
+    for one, four in zip(stages[1], stages[4], strict=True):
+        np.testing.assert_allclose(four["loss_final"], one["loss_final"], rtol=0.1, err_msg=one["name"])
