@@ -2,7 +2,7 @@
 # One prepared call on a lent GPU machine: what it has, the GPU code paths checked, then timed.
 #
 #   bash experiments/device_check.sh [TOTAL_SECONDS]   (default 540; logs go to $OUT or /tmp)
-#   STEPS="calib train" bash experiments/device_check.sh 300   # only those steps (a second call)
+#   STEPS="calib" bash experiments/device_check.sh 250   # only those steps (a second call)
 #
 # Steps, each under its own time limit so that one failure (or a hang) still leaves the others'
 # results:
