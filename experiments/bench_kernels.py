@@ -83,6 +83,7 @@ from pallas_kernels import (
     qmatmul_ref,
     qmatmul_wgmma,
     quantize_activations,
+    quantize_activations_pallas,
     selective_scan,
     selective_scan_trainable,
     supports_wgmma,
@@ -259,6 +260,8 @@ def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
 WGMMA_ONE_PASS = "mosaic wgmma w8a8 1-pass (quantize inside)"
 WGMMA_WS = "mosaic wgmma w8a8 2-pass, warp-specialized"
 XLA_BF16 = "xla w8a8 bf16 dot on codes (qmatmul_bf16_dot)"
+WGMMA_PQ = "mosaic wgmma w8a8 2-pass, Triton quantize"
+QUANT_XLA, QUANT_PALLAS = "quantize only: xla", "quantize only: triton (quantize_activations_pallas)"
 
 
 def padded(dim: int) -> int:
@@ -290,12 +293,19 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
         config = default_wgmma_config(m, padded(k), padded(n), warp_specialized=True)
         return qmatmul_wgmma(*a[:7], config=config, interpret=interpret)
 
+    wgmma_pq = lambda *a: qmatmul_wgmma(*a[:7], interpret=interpret, pallas_quantize=True)
     hopper = {WGMMA_ONE_PASS: (w8a8, one_pass, fused_bytes, "int8"),
               "mosaic wgmma w8a8 2-pass": (w8a8, wgmma, fused_bytes, "int8"),
-              WGMMA_WS: (w8a8, wgmma_ws, fused_bytes, "int8")}
+              WGMMA_WS: (w8a8, wgmma_ws, fused_bytes, "int8"),
+              WGMMA_PQ: (w8a8, wgmma_pq, fused_bytes, "int8")}
+    act = ("x", "smooth", "a_scale", "a_zero")
+    quant_bytes = lambda m, k, n: 3 * m * k  # bf16 in, int8 out
     if not (interpret or is_hopper()):
         hopper = {}
     return hopper | {
+        QUANT_XLA: (act, quantize_activations, quant_bytes, "mem"),
+        QUANT_PALLAS: (act, lambda *a: quantize_activations_pallas(*a, interpret=interpret),
+                       quant_bytes, "mem"),
         "xla bf16 dot": (("x", "w_bf16"), jnp.dot,
                          lambda m, k, n: 2 * m * k + 2 * k * n + 2 * m * n, "bf16"),
         "xla s8 dot only (s32 out)": (
@@ -314,6 +324,14 @@ def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable,
 
 def check_gemm(name: str, inp: dict, interpret: bool) -> str:
     """Kernel vs reference on one input set: the int32 accumulator exactly, then the float output."""
+    if name == QUANT_PALLAS or name == WGMMA_PQ:  # the codes first, exactly
+        args = [inp[k] for k in ("x", "smooth", "a_scale", "a_zero")]
+        bad = int((np.asarray(quantize_activations_pallas(*args, interpret=interpret))
+                   != np.asarray(quantize_activations(*args))).sum())
+        if name == QUANT_PALLAS or bad:
+            return "codes exact" if bad == 0 else f"CODES MISMATCH {bad}"
+    if name == QUANT_XLA:
+        return "ref"
     if name == XLA_BF16:  # exact by construction: f32 outputs equal up to an FMA'd epilogue
         keys = gemm_variants(interpret)[name][0]
         args = [inp[k] for k in keys[:7]]
@@ -356,6 +374,7 @@ GEMM_VARIANTS = {  # --gemm-variants key -> row name
     "wgmma-1pass": WGMMA_ONE_PASS, "wgmma": "mosaic wgmma w8a8 2-pass", "wgmma-ws": WGMMA_WS,
     "bf16": "xla bf16 dot",
     "s8": "xla s8 dot only (s32 out)",
+    "wgmma-pq": WGMMA_PQ, "quantize-xla": QUANT_XLA, "quantize-pallas": QUANT_PALLAS,
     "xla": "xla w8a8 3-pass (qmatmul_ref)", "xla-bf16": XLA_BF16, "pallas": "pallas w8a8 fused",
     "pallas-2pass": "pallas w8a8 2-pass", "pallas-w4a4": "pallas w4a4 fused",
 }
@@ -368,7 +387,7 @@ def gemm_row(cfg, shape: str, vname: str, sets: list[dict], m: int, k: int, n: i
     secs = time_ops(fn, arg_sets, **cfg.timing)
     peak = None if cfg.peaks is None else cfg.peaks[0 if kind == "bf16" else 1] * 1e12
     hbm = None if cfg.peaks is None else cfg.peaks[2]
-    rate, rate_pct = rate_cells(2 * m * k * n, secs, peak)
+    rate, rate_pct = rate_cells(2 * m * k * n, secs, peak) if kind != "mem" else ("-", "-")
     gbs, hbm_pct = bw_cells(nbytes(m, k, n), secs, hbm)
     return Row("gemm", shape, vname, secs, rate, rate_pct, gbs, hbm_pct, check)
 

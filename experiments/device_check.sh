@@ -15,14 +15,16 @@
 #           in_proj / out_proj, the bf16 dot for x_proj / dt_proj; first GPU run) and with wgmma
 #           for every linear (RTN scales ~30 s, each forward compiles in 5-19 s)
 #   ws      the persistent warp-specialized wgmma schedule at the four Vim-B linears (its first
-#           GPU run: exactness is checked before timing; a hang costs only this step)
-#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py, 39 tests; the
+#           GPU run: exactness is checked before timing; a hang costs only this step), then the
+#           Triton quantize kernel against XLA's quantize pass (58 us at in_proj, about half
+#           the HBM bandwidth) alone and in front of the wgmma GEMM
+#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py, 40 tests; the
 #           fourth session's 30 of them took well under 170 s)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
 #           every integer GEMM backend against the others, xla-bf16 and mixed among them (16
 #           passed in 163 s on the H200, third session; not reached in the fourth)
-#   ktests  the other kernel tests compiled: Triton qmatmul and the bf16-dot path, the selective
-#           scan forward (both layouts) and backward (81 tests)
+#   ktests  the other kernel tests compiled: Triton qmatmul and quantize, the bf16-dot path,
+#           the selective scan forward (both layouts) and backward (86 tests)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
 #           official recipe (fourth session: stopped at 170 s in block 4 of 24; block 0 63.6 s,
 #           later blocks 1.1 s, ~100 s of set-up before block 0: give it 250 s)
@@ -63,8 +65,8 @@ step kernels 150 $PY experiments/bench_kernels.py --quick --budget-s 130 --secti
   --gemm-shapes vim_s:256 vim_b:256 --gemm-variants wgmma xla-bf16 bf16
 step e2e 150 $PY experiments/bench_kernels.py --quick --budget-s 140 --sections e2e \
   --e2e-models vim_small:256 --e2e-variants bf16 int-mixed int-wgmma
-step ws 100 $PY experiments/bench_kernels.py --quick --budget-s 90 --sections gemm \
-  --gemm-shapes vim_b:256 --gemm-variants wgmma-ws
+step ws 120 $PY experiments/bench_kernels.py --quick --budget-s 110 --sections gemm \
+  --gemm-shapes vim_b:256 --gemm-variants wgmma-ws wgmma-pq quantize-xla quantize-pallas
 step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_qmatmul_hopper.py
 step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \

@@ -25,6 +25,7 @@ from pallas_kernels.qmatmul import (
     qmatmul_int32_ref,
     qmatmul_ref,
     quantize_activations,
+    quantize_activations_pallas,
     unpack_int4,
     weight_colsum,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "qmatmul_wgmma",
     "qmatmul_wgmma_fused",
     "quantize_activations",
+    "quantize_activations_pallas",
     "selective_scan",
     "selective_scan_trainable",
     "supports_wgmma",

@@ -33,7 +33,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.typing import DTypeLike
 
-from pallas_kernels.qmatmul import _check_args, check_bits, dense_weight, quantize_activations
+from pallas_kernels.qmatmul import (
+    _check_args,
+    check_bits,
+    dense_weight,
+    quantize_activations,
+    quantize_activations_pallas,
+)
 
 __all__ = [
     "FUSED_SWEEP",
@@ -538,10 +544,13 @@ def qmatmul_wgmma(
     out_dtype: DTypeLike | None = None,
     config: WgmmaConfig | None = None,
     interpret: bool = False,
+    pallas_quantize: bool = False,
 ) -> jax.Array:
     """:func:`~pallas_kernels.qmatmul.qmatmul`'s contract and result on Hopper, any K and N.
 
-    ``quantize_activations`` (an XLA op that fuses into x's producer) + ``qmatmul_codes_wgmma``
+    ``quantize_activations`` (an XLA op that fuses into x's producer; with ``pallas_quantize``
+    the Triton kernel ``quantize_activations_pallas``, for an input that sits in HBM, not yet
+    timed) + ``qmatmul_codes_wgmma``
     on the weight from ``w_q`` (K, N) int8 or packed 4-bit, dense, transposed and zero-padded to
     multiples of 64 in K and N. Zero weight rows add nothing to the sums (whatever the padded
     codes hold) nor to the column sums; padded output columns are cut. The weight preparation is
@@ -550,7 +559,10 @@ def qmatmul_wgmma(
     _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     k, n = x.shape[-1], w_scale.shape[0]
     kp, np_ = _padded(k), _padded(n)
-    codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
+    if pallas_quantize:
+        codes = quantize_activations_pallas(x, smooth, a_scale, a_zero, a_bits=a_bits, interpret=interpret)
+    else:
+        codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
     w = dense_weight(w_q, w_bits)[:k]
     if kp != k:
         codes = jnp.pad(codes, ((0, 0), (0, 0), (0, kp - k)))

@@ -18,6 +18,7 @@ from pallas_kernels.qmatmul import (
     qmatmul_int32_ref,
     qmatmul_ref,
     quantize_activations,
+    quantize_activations_pallas,
     unpack_int4,
     weight_colsum,
 )
@@ -292,3 +293,37 @@ def test_lowers_for_cuda_at_vim_shapes(k, n, w_bits, cuda_target):
     assert "__gpu$xla.gpu.triton" in text  # the Triton custom call, not Mosaic GPU
     assert "ptq4vm_qmatmul" in text
     assert "cvt.rni.f32.f32" in text  # round half to even in the prologue (Triton has no round)
+
+
+@pytest.mark.parametrize("batch,k,a_bits,dtype,block", [
+    (2, 200, 8, jnp.bfloat16, (64, 256)),  # K and M (394 rows) both ragged
+    (1, 768, 8, jnp.float32, (64, 256)),  # Vim-B in_proj's K
+    (1, 96, 4, jnp.float32, (32, 64)),
+])
+def test_pallas_quantize_equals_the_xla_quantize(batch, k, a_bits, dtype, block):
+    inp = make_inputs(k + a_bits, batch, k, 8, a_bits, 8, dtype)
+    args = (inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    want = quantize_activations(*args, a_bits=a_bits)
+    got = quantize_activations_pallas(*args, a_bits=a_bits, interpret=INTERPRET, block=block)
+    assert got.dtype == jnp.int8 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(np.asarray(want))) > 2 ** (a_bits - 1)  # codes over most of the range
+
+
+def test_pallas_quantize_rounds_ties_to_even():
+    ties = (jax.random.randint(jax.random.key(4), (1, SEQ, 64), -40, 40) + 0.5) * 0.25
+    args = (ties.astype(jnp.float32), jnp.ones(64), jnp.full(SEQ, 0.25), jnp.full(SEQ, 100, jnp.int32))
+    v = np.asarray(ties) / 0.25
+    assert not np.array_equal(np.round(v), np.floor(v + 0.5))  # the input really has ties
+    codes = quantize_activations_pallas(*args, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(codes, np.int64) + 128 - 100, np.round(v))
+    with pytest.raises(ValueError, match="per token position"):
+        quantize_activations_pallas(args[0], args[1], args[2][:-1], args[3])
+
+
+def test_pallas_quantize_lowers_for_cuda(cuda_target):
+    s = jax.ShapeDtypeStruct
+    args = (s((256, SEQ, 768), jnp.bfloat16), s((768,), jnp.float32), s((SEQ,), jnp.float32),
+            s((SEQ,), jnp.int32))
+    text = jax.jit(quantize_activations_pallas).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ptq4vm_quantize" in text and "cvt.rni.f32.f32" in text

@@ -116,10 +116,14 @@ def test_kernel_matches_reference(batch, k, n, a_bits, use_bias, out_dtype, conf
         np.testing.assert_allclose(np.asarray(y, np.float32), r, rtol=2**-7, atol=1e-5 * np.abs(r).max())
 
 
-@pytest.mark.parametrize("k,n,a_bits,w_bits", [(24, 128, 8, 8), (128, 56, 8, 8), (46, 72, 4, 4)],
-                         ids=["dt_proj-like K", "x_proj-like N", "packed w4, both padded"])
-def test_qmatmul_wgmma_pads_any_k_and_n_to_qmatmuls_result(k, n, a_bits, w_bits):
-    """qmatmul's contract (float activations in, stored weight) on wgmma with K, N zero-padded."""
+@pytest.mark.parametrize("k,n,a_bits,w_bits,pallas_quantize",
+                         [(24, 128, 8, 8, False), (128, 56, 8, 8, False), (46, 72, 4, 4, False),
+                          (128, 56, 8, 8, True)],
+                         ids=["dt_proj-like K", "x_proj-like N", "packed w4, both padded",
+                              "x_proj-like N, Triton quantize"])
+def test_qmatmul_wgmma_pads_any_k_and_n_to_qmatmuls_result(k, n, a_bits, w_bits, pallas_quantize):
+    """qmatmul's contract (float activations in, stored weight) on wgmma with K, N zero-padded;
+    the codes from XLA's quantize or from the Triton kernel ``quantize_activations_pallas``."""
     ks = jax.random.split(jax.random.key(k + n), 7)
     x = 3.0 * jax.random.normal(ks[0], (2, SEQ, k))
     qmax = 2 ** (w_bits - 1) - 1
@@ -130,7 +134,7 @@ def test_qmatmul_wgmma_pads_any_k_and_n_to_qmatmuls_result(k, n, a_bits, w_bits)
             jnp.exp(0.3 * jax.random.normal(ks[4], (SEQ,))) * (8.0 / 2**a_bits),
             jax.random.randint(ks[5], (SEQ,), 0, 2**a_bits, jnp.int32), jax.random.normal(ks[6], (n,)))
     y = qmatmul_wgmma(x, *args, a_bits=a_bits, w_bits=w_bits, config=WgmmaConfig(64, 64, 64, 2),
-                      interpret=INTERPRET)
+                      interpret=INTERPRET, pallas_quantize=pallas_quantize)
     ref = np.asarray(jax.jit(functools.partial(qmatmul_ref, a_bits=a_bits, w_bits=w_bits))(x, *args))
     assert y.shape == (2, SEQ, n) and y.dtype == x.dtype and np.abs(ref).max() > 0
     if INTERPRET:
