@@ -303,8 +303,9 @@ def qmatmul_bf16_dot(
     """:func:`qmatmul_ref`'s integer linear with the integer dot run as an XLA bf16 dot with f32
     accumulation, on any accelerator's bf16 units (Ampere and Hopper tensor cores, the TPU MXU).
 
-    Equal to :func:`qmatmul_ref` bit for bit: the integer codes are exact in bf16 and
-    :func:`bf16_dot_plan` keeps every f32 partial sum an exact integer. It exists for speed
+    Its int32 accumulators equal :func:`qmatmul_ref`'s exactly (the codes and weights are exact
+    in bf16, and :func:`bf16_dot_plan` keeps every f32 partial sum an exact integer), and so does
+    its output, up to the epilogue's FMA contraction on a GPU. It exists for speed
     where an int8 kernel loses: the narrow layers (x_proj: N = 56..80; dt_proj: K = 12..48),
     where XLA can fuse the quantization and the dequantization into its own GEMM.
     """
