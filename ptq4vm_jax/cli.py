@@ -171,6 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.distributed import data_parallel, lockstep, maybe_initialize_distributed
     from ptq4vm_jax.evaluate import evaluate
     from ptq4vm_jax.models import canonical_name, image_shape
+    from ptq4vm_jax.quant.integer import HOPPER_ONLY
 
     maybe_initialize_distributed()
     if args.quantized and (args.checkpoint or args.params or args.model_arg or args.key):
@@ -180,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise SystemExit("--mode and --gemm choose how a --quantized model runs; a float model "
                          "(--params / --checkpoint) has neither")
     args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
-    kernel_gemm = args.gemm in ("pallas", "wgmma", "wgmma-1pass", "mixed")
+    kernel_gemm = args.gemm in ("pallas", *HOPPER_ONLY)  # the backends that run a Pallas kernel
     if args.mode == "int" and kernel_gemm and jax.default_backend() != "gpu":
         print(f"note: off the GPU --gemm {args.gemm} runs its kernel in the Pallas interpreter: exact "
               "but slow, meant for testing (--gemm auto/xla is the fast CPU path)", file=sys.stderr)
