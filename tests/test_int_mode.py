@@ -29,8 +29,12 @@ def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, bits):
     qp = pq.quantize_params(params, calib, model="vim_micro", config=cfg, progress=False)
     fake = np.asarray(pq.quantized_apply(None, qp, test_x, mode="fake"))
     real = np.asarray(pq.quantized_apply(None, qp, test_x, mode="int"))
-    assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
+    assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()  # the issue's bound, any device
     np.testing.assert_array_equal(fake.argmax(-1), real.argmax(-1))
+    if jax.default_backend() == "cpu":
+        # The CPU's XLA path sums the same integers and scales them in the simulation's order, so
+        # ``simulate_int_linear``'s last-bit claim holds there (GPU epilogues may fuse an FMA).
+        np.testing.assert_array_equal(fake, real)
 
 
 def test_bf16_int_mode_error_is_small(micro):
@@ -142,6 +146,9 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
         assert gemm_backend_for(394, 768, 3072, "wgmma-1pass") == "wgmma-1pass"
         assert gemm_backend_for(394, 24, 768, "wgmma-1pass") == "wgmma"  # K = 24: the padded 2-pass
         assert gemm_backend_for(394, 4096, 768, "wgmma-1pass") == "wgmma"  # codes beyond shared memory
+        # The row block fits next to bf16 tiles, not next to fp32 tiles and a bias.
+        assert gemm_backend_for(394, 2048, 128, "wgmma-1pass") == "wgmma-1pass"
+        assert gemm_backend_for(394, 2048, 128, "wgmma-1pass", itemsize=4, has_bias=True) == "wgmma"
         # mixed: wgmma for in_proj / out_proj, the bf16 dot for x_proj (N = 56) and dt_proj (K = 24)
         got = [gemm_backend_for(394, k, n, "mixed") for k, n in [(384, 1536), (768, 384), (768, 56),
                                                                  (24, 768)]]

@@ -85,8 +85,11 @@ def is_hopper() -> bool:
     return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 
 
-def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
-    """The implementation one (M, K) x (K, N) integer linear runs on."""
+def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None, *, itemsize: int = 2,
+                     has_bias: bool = False) -> str:
+    """The implementation one (M, K) x (K, N) integer linear runs on; ``itemsize`` (of the input
+    and output) and ``has_bias`` decide whether the 1-pass kernel's shared memory holds a row
+    block."""
     backend = backend or _GEMM.get()
     on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
@@ -100,7 +103,8 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str | None = None) -> str:
     if backend in ("wgmma", "wgmma-1pass"):
         if not supports_qmatmul_wgmma(m, k, n):
             return "pallas"
-        if backend == "wgmma-1pass" and default_fused_config(k, n) is None:
+        if backend == "wgmma-1pass" and default_fused_config(k, n, itemsize, itemsize,
+                                                              has_bias) is None:
             return "wgmma"
     return backend
 
@@ -115,9 +119,11 @@ def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
         smooth = jnp.pad(smooth, (0, 1), constant_values=1.0)
     k, n = smooth.shape[0], layer["w_scale"].shape[0]
-    backend = gemm_backend_for(x.shape[0] * x.shape[1], k, n)
+    bias = layer.get("bias")
+    backend = gemm_backend_for(x.shape[0] * x.shape[1], k, n,
+                               itemsize=jnp.dtype(x.dtype).itemsize, has_bias=bias is not None)
     interpret = jax.default_backend() != "gpu"
-    args = (layer["w_scale"], smooth, layer["a_scale"], layer["a_zero"], layer.get("bias"))
+    args = (layer["w_scale"], smooth, layer["a_scale"], layer["a_zero"], bias)
     if backend == "xla":
         return qmatmul_ref(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                            out_dtype=x.dtype)
@@ -127,8 +133,7 @@ def int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -
     if backend == "pallas":
         return qmatmul(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                        out_dtype=x.dtype, interpret=interpret)
-    isz = jnp.dtype(x.dtype).itemsize
-    if backend == "wgmma-1pass" and default_fused_config(k, n, isz, isz, args[-1] is not None):
+    if backend == "wgmma-1pass":
         return qmatmul_wgmma_fused(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
                                    out_dtype=x.dtype, interpret=interpret)
     return qmatmul_wgmma(x, layer["w_int"], *args, a_bits=cfg.a_bits, w_bits=cfg.w_bits,
