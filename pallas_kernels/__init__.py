@@ -1,4 +1,4 @@
-"""Pallas GPU kernels for PTQ4VM: the W(4|8)A(4..8) integer linear and the S6 scan (forward for
+"""Pallas GPU kernels for PTQ4VM: the W2..8 A2..8 integer linear and the S6 scan (forward for
 inference, forward + backward for calibration).
 
 Both use the Pallas Triton backend (see README.md here for why) and run on the CPU in

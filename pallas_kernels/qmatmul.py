@@ -1,4 +1,4 @@
-"""W(4|8)A(4..8) integer matmul for PTQ4VM linears: Pallas (Triton backend) kernel + jnp references.
+"""W2..8 A2..8 integer matmul for PTQ4VM linears: Pallas (Triton backend) kernels + jnp references.
 
 Quantization scheme (ptq4vm-method.md §3, §11.6): activations per token position, static,
 asymmetric, unsigned; weights per output channel, symmetric, already smoothed and rounded.
@@ -7,9 +7,9 @@ asymmetric, unsigned; weights per output channel, symmetric, already smoothed an
     y[b,l,n]  = a_scale[l] * w_scale[n] * sum_k (q[b,l,k] - a_zero[l]) * w_q[k,n] + bias[n]
 
 ``round`` is round-half-to-even (``jnp.round``). The division is written as multiplication by
-IEEE reciprocals because that is what XLA computes for the fake-quant ``(x / smooth) / a_scale``
-(its algebraic simplifier turns a divide by a broadcast into a multiply by the reciprocal), so
-fake-quant, reference and kernel agree bit for bit. The product runs in int8 with an int32
+IEEE reciprocals, as the fake-quant quantizers also write it: XLA keeps true quotients on the
+GPU but rewrites them into reciprocal products on the CPU, so only the explicit form gives one
+set of codes on every backend, and fake-quant, reference and kernel agree bit for bit. The product runs in int8 with an int32
 accumulator: codes ``q - c`` with ``c = 2^(a_bits-1)`` fit int8, and the zero point is
 restored exactly with the weight column sums,
 ``sum_k (q - z) w = sum_k (q - c) w + (c - z) * colsum(w)``.
@@ -306,7 +306,7 @@ def qmatmul_bf16_dot(
     Its int32 accumulators equal :func:`qmatmul_ref`'s exactly (the codes and weights are exact
     in bf16, and :func:`bf16_dot_plan` keeps every f32 partial sum an exact integer), and so does
     its output, up to the epilogue's FMA contraction on a GPU. It exists for speed
-    where an int8 kernel loses: the narrow layers (x_proj: N = 56..80; dt_proj: K = 12..48),
+    where an int8 kernel loses: the narrow layers (x_proj: N = 44..80; dt_proj: K = 12..48),
     where XLA can fuse the quantization and the dequantization into its own GEMM.
     """
     _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)

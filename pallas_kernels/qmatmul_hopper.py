@@ -16,8 +16,9 @@ int4 MMA rate anyway, so W4 saves storage, not MMA time).
 
 Edges. M (= batch x 197) needs no multiple of the tile: TMA zero-fills the rows of the last M
 tile that lie beyond M and drops them on the store. The kernel takes K and N multiples of 64
-(every Vim/VMamba in_proj/out_proj size); :func:`qmatmul_wgmma`, the entry point with
-``qmatmul``'s contract, zero-pads the others (x_proj N = 56, dt_proj K = 24).
+(every Vim in_proj/out_proj size, most VMamba ones); :func:`qmatmul_wgmma`, the entry point with
+``qmatmul``'s contract, zero-pads the others (Vim-S x_proj N = 56, dt_proj K = 24; VMamba-T/S
+stage 1, dim 96).
 """
 
 from __future__ import annotations

@@ -44,12 +44,13 @@ class ScanConfig:
     on an H200 (third session): 8 % faster in the tile layout at Vim-B batch 256, 6 % in the
     channel-major one; within 2.3e-7 of ``lax.scan``. On in ``default_scan_config`` for N > 1.
 
-    ``channel_major`` (forward only) holds the state as N separate (block_e,) vectors instead
-    of one (block_e, N) tile: every thread owns whole channels, B_t and C_t are read as
-    scalars, the sum over N is N in-thread adds and every value of the loop shares the layout
-    of the loaded rows, so Triton inserts no shuffles or shared-memory layout conversions into
-    the token loop: 2.0x faster than the tile layout at Vim batch 256 on an H200, slower at
-    N = 1 and with few channels (``default_scan_config`` picks by N and batch x E)."""
+    ``channel_major`` (the forward; the trainable backward too when a given config asks for it)
+    holds the state as N separate (block_e,) vectors instead of one (block_e, N) tile: every
+    thread owns whole channels, B_t and C_t are read as scalars, the sum over N is N in-thread
+    adds and every value of the loop shares the layout of the loaded rows, so Triton inserts no
+    shuffles or shared-memory layout conversions into the token loop: 2.0x faster than the tile
+    layout at Vim batch 256 on an H200, slower at N = 1 and with few channels
+    (``default_scan_config`` picks by N and batch x E)."""
 
     block_e: int = 32
     num_warps: int = 2
@@ -502,7 +503,7 @@ def _core_bwd(u, dt, A, B, C, dy, h, reverse, interpret, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _trainable(softplus, reverse, interpret, cfgs, u, delta, A, B, C, D, z, delta_bias):
-    """``cfgs``: (the forward's config, the backward's tile-layout config)."""
+    """``cfgs``: (the forward's config, the backward's config); see ``selective_scan_trainable``."""
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
                           interpret=interpret, config=cfgs[0])
 

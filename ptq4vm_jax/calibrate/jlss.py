@@ -127,7 +127,7 @@ def _init_layer(kernel, bias, x, cfg):
         smooth = qinit.smoothing_scale(absmax, kernel, cfg.alpha)
     else:
         smooth = jnp.ones((kernel.shape[0],), jnp.float32)
-    if cfg.method in ("ptq4vm", "pts_only"):
+    if cfg.smooths:  # PTS: SmoothQuant scales, then the grid searches
         w_scale = qinit.init_weight_scale(kernel, smooth, cfg.w_bits, p=cfg.grid_p)
         a_scale, a_zero = qinit.init_act_scale(x, smooth, cfg.a_bits, grid=cfg.act_grid, p=cfg.grid_p)
     else:
@@ -199,7 +199,6 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
 
     return dict(
         step=step,
-        optimizer=optimizer,
         opt_init=jax.jit(optimizer.init),  # one program, not one per leaf
         qforward=jax.jit(qforward),
         loss=jax.jit(lambda state, params, carry, target: block_loss(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ptq4vm_jax.quant.config import ACT_GRIDS
 from ptq4vm_jax.quant.quantizers import (
     EPS,
     act_qmax,
@@ -23,8 +24,6 @@ from ptq4vm_jax.quant.quantizers import (
     div_exact,
     weight_qmax,
 )
-
-ACT_GRIDS = ("fixed", "official")
 
 
 def smoothing_scale(act_absmax: jax.Array, kernel: jax.Array, alpha: float) -> jax.Array:

@@ -10,8 +10,11 @@ range and 0 on or beyond its ends. Values are computed as round-then-clip, which
 for integer clip bounds and makes the integer forms bit-identical to the fake ones.
 
 Weight divisions are true IEEE divisions (``div_exact``), so weight steps and their
-gradients match torch bit for bit. Activation divisions are left to XLA, which computes
-``x * (1/σ)``: an ulp away from torch, which only shows at exact rounding ties.
+gradients match torch bit for bit. Activations are multiplied by the IEEE reciprocals 1/σ and
+1/s, written out, as the integer kernels do: XLA keeps true quotients on the GPU but turns them
+into reciprocal products on the CPU, so only the explicit form quantizes the same everywhere
+(``pallas_kernels/README.md``). It is an ulp away from torch's quotients, which shows only at
+exact rounding ties.
 """
 
 from __future__ import annotations
