@@ -9,9 +9,9 @@ asymmetric, unsigned; weights per output channel, symmetric, already smoothed an
 ``round`` is round-half-to-even (``jnp.round``). The division is written as multiplication by
 IEEE reciprocals, as the fake-quant quantizers also write it: XLA keeps true quotients on the
 GPU but rewrites them into reciprocal products on the CPU, so only the explicit form gives one
-set of codes on every backend, and fake-quant, reference and kernel agree bit for bit. The product runs in int8 with an int32
-accumulator: codes ``q - c`` with ``c = 2^(a_bits-1)`` fit int8, and the zero point is
-restored exactly with the weight column sums,
+set of codes on every backend, and fake-quant, reference and kernel agree bit for bit. The
+product runs in int8 with an int32 accumulator: codes ``q - c`` with ``c = 2^(a_bits-1)`` fit
+int8, and the zero point is restored exactly with the weight column sums,
 ``sum_k (q - z) w = sum_k (q - c) w + (c - z) * colsum(w)``.
 
 4-bit weights (``w_bits <= 4``) are stored two per byte in an int8 array of shape (K/2, N):
