@@ -132,6 +132,7 @@ def _config(args: argparse.Namespace):
         w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, num_calib=args.num_calib,
         epochs=args.epochs, train_batch=args.train_batch, alpha=args.alpha,
         train_inner_proj=not args.official_inner_proj, act_grid=args.act_grid, loss=args.loss,
+        loss_axis=args.loss_axis,
         lr_w=args.lr_w, lr_a=args.lr_a, lr_s=args.lr_s,
     )
 
@@ -285,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptq4vm_jax.quant.config import ACT_GRIDS, LOSSES, METHODS
+    from ptq4vm_jax.quant.config import ACT_GRIDS, LOSS_AXES, LOSSES, METHODS
     from ptq4vm_jax.quant.integer import GEMM_BACKENDS
     from ptq4vm_jax.quant.layer import MODES
 
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-grid", default="fixed", choices=ACT_GRIDS)
     q.add_argument("--loss", default="cosine", choices=LOSSES,
                    help="block loss: cosine (the paper) or relative MSE")
+    q.add_argument("--loss-axis", default="channel", choices=LOSS_AXES,
+                   help="VMamba only: the axis of the cosine loss; width reproduces the released "
+                        "VMamba code (cosine along the image width)")
     q.add_argument("--lr-w", type=float, default=None, help="weight-step learning rate")
     q.add_argument("--lr-a", type=float, default=None, help="activation-step learning rate")
     q.add_argument("--lr-s", type=float, default=None, help="smoothing-scale learning rate")

@@ -126,9 +126,17 @@ class QuantConfig:
             object.__setattr__(self, "rules", rules)
 
     def resolve(self, family: str) -> QuantConfig:
-        """Fill the ``None`` fields with ``family``'s official recipe; check batch divisibility."""
+        """Fill the ``None`` fields with ``family``'s official recipe; check batch divisibility.
+
+        A ``train_batch`` above ``num_calib`` becomes ``num_calib`` (one full batch per epoch, so
+        ``epochs`` steps per block), as a data loader would give with fewer images than a batch."""
         if self.loss_axis == "width" and family != "vmamba":
-            raise ValueError("loss_axis='width' reproduces the VMamba code only; use 'channel' for Vim")
+            raise ValueError("loss_axis='width' (--loss-axis width) reproduces the VMamba code only; use "
+                             "'channel' for Vim")
+        if not self.train_inner_proj and family != "vim":
+            raise ValueError("train_inner_proj=False (--official-inner-proj) reproduces the released Vim "
+                             "code only, whose fused kernel keeps x_proj/dt_proj from learning; the "
+                             f"released {family} code trains them: leave it True")
         fill = {k: v for k, v in FAMILY_DEFAULTS[family].items() if getattr(self, k) is None}
         if self.rules is None:
             fill["rules"] = DEFAULT_RULES[family]

@@ -191,6 +191,11 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
           "--train-batch", "256", "--method", "rtn", "--out", str(tmp_path / "q")],
          r"has only 1442; pass --num-calib 1442 \(or fewer\)"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--loss-axis", "width",
+          "--out", str(tmp_path / "q")], r"\(--loss-axis width\) reproduces the VMamba code only"),
+        (["quantize", "--params", str(MICRO.parent / "vmamba_micro"), "--calib", "digits:train",
+          "--official-inner-proj", "--out", str(tmp_path / "q")],
+         r"\(--official-inner-proj\) reproduces the released Vim code only"),
     ]
     for argv, said in cases:
         with pytest.raises(SystemExit) as e:
@@ -198,6 +203,18 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert re.search(said, err), err
+
+
+def test_quantize_flags_reach_the_config():
+    from ptq4vm_jax.cli import _config, build_parser
+
+    args = build_parser().parse_args(["quantize", "--params", "p", "--out", "o", "--loss-axis", "width",
+                                      "--official-inner-proj", "--act-grid", "official", "--loss", "mse"])
+    cfg = _config(args)
+    got = (cfg.loss_axis, cfg.train_inner_proj, cfg.act_grid, cfg.loss)
+    assert got == ("width", False, "official", "mse")
+    defaults = _config(build_parser().parse_args(["quantize", "--params", "p", "--out", "o"]))
+    assert (defaults.loss_axis, defaults.train_inner_proj) == ("channel", True)
 
 
 def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):

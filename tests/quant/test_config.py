@@ -42,8 +42,33 @@ def test_invalid_settings_are_explained(kwargs, message):
 def test_width_loss_is_vmamba_only():
     cfg = QuantConfig(loss_axis="width")
     assert cfg.resolve("vmamba").loss_axis == "width"
-    with pytest.raises(ValueError, match="loss_axis='width' reproduces the VMamba code only"):
+    with pytest.raises(ValueError, match=r"loss_axis='width' \(--loss-axis width\) reproduces the VMamba"):
         cfg.resolve("vim")
+
+
+def test_official_inner_proj_is_vim_only():
+    cfg = QuantConfig(train_inner_proj=False)
+    assert not cfg.resolve("vim").train_inner_proj
+    with pytest.raises(ValueError, match="released Vim code only.*released vmamba code trains"):
+        cfg.resolve("vmamba")
+
+
+def test_defaults_are_the_official_vim_recipe():
+    cfg = QuantConfig().resolve("vim")
+    assert (cfg.w_bits, cfg.a_bits, cfg.method, cfg.num_calib) == (8, 8, "ptq4vm", 256)
+    assert (cfg.alpha, cfg.epochs, cfg.train_batch) == (0.5, 100, 256)
+    assert (cfg.lr_w, cfg.lr_a, cfg.lr_s) == (5e-4, 5e-4, 1e-2)
+    assert (cfg.weight_decay, cfg.grad_clip, cfg.grid_p) == (1e-5, 2.0, 2.4)
+    assert (cfg.act_grid, cfg.loss, cfg.loss_axis) == ("fixed", "cosine", "channel")
+    assert cfg.train_inner_proj
+    assert cfg.rules == DEFAULT_RULES["vim"]
+
+
+def test_a_batch_larger_than_the_calibration_set_becomes_one_batch_per_epoch():
+    cfg = QuantConfig(num_calib=16).resolve("vmamba")  # the VMamba recipe's batch is 32
+    assert (cfg.train_batch, cfg.epochs) == (16, 50)
+    with pytest.raises(ValueError, match=r"num_calib \(24\) must be a multiple of train_batch \(16\)"):
+        QuantConfig(num_calib=24, train_batch=16).resolve("vim")
 
 
 def test_valid_settings_resolve_to_the_family_recipe():
