@@ -40,10 +40,16 @@ class CalibrationError(RuntimeError):
 
 @dataclasses.dataclass
 class StageReport:
+    """``loss_learned``: after JLSS (None without learning, or when it diverged); ``loss_final``:
+    of the state kept, the initial one where learning raised the loss (or diverged) and
+    ``cfg.revert_worse`` is on."""
+
     name: str
     loss_init: float
     loss_final: float
     seconds: float
+    loss_learned: float | None = None
+    reverted: bool = False
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -293,15 +299,25 @@ def calibrate_blockwise(
         del captured
 
         loss_init = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
+        loss_final, loss_learned, reverted = loss_init, None, False
         if cfg.learns:
-            state = _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm)
-        loss_final = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
+            learned, diverged = _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm)
+            if learned is not None:
+                loss_learned = _full_loss(fns["loss"], learned, sparams, q_carry, target, chunk)
+            reverted = cfg.revert_worse and (learned is None or not loss_learned <= loss_init)
+            if reverted:
+                why = diverged or f"learning raised the block loss {loss_init:.5f} -> {loss_learned:.5f}"
+                log(f"{name}: {why}; kept the initial scales (revert_worse; lower the learning rates "
+                    "to learn here)")
+            else:
+                state, loss_final = learned, loss_learned
         q_carry = chunked(functools.partial(fns["qforward"], state, sparams), q_carry, chunk)
         _check_finite(q_carry, name, "quantized chain")
         fp_carry = fp_out
         for p, st in state.items():
             layers[stage.path + p] = st
-        reports.append(StageReport(name, loss_init, loss_final, time.perf_counter() - t0))
+        reports.append(StageReport(name, loss_init, loss_final, time.perf_counter() - t0,
+                                   loss_learned, reverted))
         if resume is not None:
             resume.save(idx + 1, layers, fp_carry, q_carry, reports)
         if progress:
@@ -352,6 +368,8 @@ def _full_loss(loss, state, sparams, q_carry, target, chunk) -> float:
 
 
 def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
+    """(learned state, None), or (None, why) when the loss became non-finite and
+    ``cfg.revert_worse`` lets the block keep its initial scales."""
     train, frozen = split_state(state, cfg)
     opt_state = fns["opt_init"](train)
     n = target.shape[0]
@@ -366,6 +384,8 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
         loss = float(loss)
         if not np.isfinite(loss):
             bar.close()
+            if cfg.revert_worse:  # the caller keeps the initial scales
+                return None, f"non-finite loss ({loss}) at step {k}"
             raise CalibrationError(
                 f"non-finite loss ({loss}) in stage {name} at step {k}: the learned scales diverged "
                 "(try a smaller lr_s/lr_a/lr_w) or the inputs contain NaN/inf. Stages before this one "
@@ -374,7 +394,7 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
         bar.set_postfix(loss=f"{loss:.5f}")
         bar.update()
     bar.close()
-    return merge_state(train, frozen)
+    return merge_state(train, frozen), None
 
 
 @jax.jit

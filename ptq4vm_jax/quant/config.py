@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 
 METHODS: tuple[str, ...] = ("ptq4vm", "pts_only", "rtn", "per_token_dynamic")
 ACT_GRIDS: tuple[str, ...] = ("fixed", "official")
@@ -80,6 +81,7 @@ class QuantConfig:
     train_inner_proj: bool = True  # False reproduces the released Vim code (spec §6.4)
     loss: str = "cosine"  # block loss: "cosine" (the paper: 1 - cos over channels) or "mse" (relative MSE)
     loss_axis: str = "channel"  # VMamba only: "width" reproduces the released VMamba loss (spec bug #12)
+    revert_worse: bool = True  # keep a block's initial scales where learning raised its loss
     rules: tuple[QuantRule, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -103,8 +105,9 @@ class QuantConfig:
             if not (_is_number(value) or (value is None and name in optional)):
                 raise ValueError(f"{name} must be a number{' or None' if name in optional else ''}, got "
                                  f"{value!r} ({type(value).__name__})")
-        if not isinstance(self.train_inner_proj, bool):
-            raise ValueError(f"train_inner_proj must be True or False, got {self.train_inner_proj!r}")
+        for name in ("train_inner_proj", "revert_worse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha (SmoothQuant migration strength) must lie in [0, 1], got {self.alpha!r}")
         for name in ("lr_w", "lr_a", "lr_s", "grad_clip", "grid_p"):
@@ -137,6 +140,12 @@ class QuantConfig:
             raise ValueError("train_inner_proj=False (--official-inner-proj) reproduces the released Vim "
                              "code only, whose fused kernel keeps x_proj/dt_proj from learning; the "
                              f"released {family} code trains them: leave it True")
+        unused = ("epochs", "lr_w", "lr_a", "lr_s") + (("alpha",) if not self.smooths else ())
+        ignored = [f"{k}={getattr(self, k)!r}" for k in unused if getattr(self, k) is not None]
+        if self.method != "ptq4vm" and ignored:
+            warnings.warn(f"method={self.method!r} does not learn{'' if self.smooths else ' or smooth'}: "
+                          f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored",
+                          UserWarning, stacklevel=3)
         fill = {k: v for k, v in FAMILY_DEFAULTS[family].items() if getattr(self, k) is None}
         if self.rules is None:
             fill["rules"] = DEFAULT_RULES[family]

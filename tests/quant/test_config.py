@@ -71,6 +71,14 @@ def test_a_batch_larger_than_the_calibration_set_becomes_one_batch_per_epoch():
         QuantConfig(num_calib=24, train_batch=16).resolve("vim")
 
 
+def test_settings_a_method_does_not_use_are_named():
+    said = r"method='rtn' does not learn or smooth: epochs=5, alpha=0.9 are ignored"
+    with pytest.warns(UserWarning, match=said):
+        QuantConfig(method="rtn", epochs=5, alpha=0.9).resolve("vim")
+    with pytest.warns(UserWarning, match=r"method='pts_only' does not learn: lr_s=0.1 is ignored"):
+        QuantConfig(method="pts_only", alpha=0.9, lr_s=0.1).resolve("vim")
+
+
 def test_valid_settings_resolve_to_the_family_recipe():
     rules = (QuantRule(r"^head$"), *DEFAULT_RULES["vim"])
     cfg = QuantConfig(w_bits=4, a_bits=8, epochs=0, alpha=0.0, rules=list(rules)).resolve("vim")
