@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
-from convert.mapping import FamilySpec, Mismatch, Rule, map_state_dict
+from convert.mapping import FamilySpec, Mismatch, Rule, map_state_dict, strip_module_prefix
 from convert.safetensors_reader import read_safetensors
 from convert.torch_reader import read_torch_checkpoint
 from ptq4vm_jax.checkpoint import abstract_params, nonfinite_report
@@ -106,9 +106,24 @@ def _pairs(sizes: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sizes.items())
 
 
+def _name_coverage(spec: FamilySpec, state_dict: Mapping[str, Any]) -> float:
+    """The fraction of the checkpoint's keys that ``spec``'s rules know by name."""
+    try:
+        keys = [strip_module_prefix(k) for k in spec.preprocess(state_dict)]
+    except Exception:  # another family's tensors may not fit this family's rewrites
+        return 0.0
+    return sum(any(r.to_ours(k) is not None for r in spec.rules) for k in keys) / max(len(keys), 1)
+
+
 def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any], model_name: str,
                overrides: dict, mismatch: Mismatch) -> str:
     """Which model (or overrides) the checkpoint's shapes, and the training args it records, point to."""
+    if _name_coverage(spec, state_dict) < 0.5:
+        for family in sorted({model_family(n) for n in list_models()} - {spec.family}):
+            if _name_coverage(family_spec(family), state_dict) >= 0.9:
+                models = ", ".join(n for n in list_models() if model_family(n) == family)
+                return (f"hint: the parameter names are those of a {family} checkpoint, not a "
+                        f"{spec.family} one: convert it as a {family} model ({models})")
     inferred = spec.infer_overrides(state_dict)
     if not inferred:
         return (f"hint: none of the {spec.family} parameter names were found: is this a {spec.family} "

@@ -163,7 +163,8 @@ def quantize_params(
         raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
     _, height, _, channels = image_shape(net)
     images = jax.device_put(calibration_images(calib_ds, cfg.num_calib, image_size=height,
-                                               channels=channels, count_name="QuantConfig.num_calib"))
+                                               channels=channels, count_name="QuantConfig.num_calib",
+                                               batch=cfg.train_batch))
     images = _spread_over_devices(images, cfg.train_batch, log)
     bw = blockwise(net)
     loss_axis = -1 if cfg.loss_axis == "channel" else 2

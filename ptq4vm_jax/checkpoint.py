@@ -116,7 +116,8 @@ def _held_model(meta: Mapping[str, Any]) -> str | None:
 
 
 def check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
-    """Overwriting replaces only a checkpoint of the same format, and float params only by the same model.
+    """Overwriting replaces only a checkpoint of the same format and model (``metadata``'s
+    ``model_name`` None: any model, for checks made before the model is known).
 
     A mistyped output path must neither wipe unrelated files nor turn a float checkpoint (the
     expensive, converted or trained one) into a quantized one or into another model's params.
@@ -136,10 +137,11 @@ def check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{path} holds a {found['format']!r} checkpoint of {held}; refusing to replace "
                               f"it with a {metadata['format']!r} checkpoint: overwriting only replaces a "
                               f"checkpoint of the same format. To keep it, {fix}")
-    if found["format"] == FLOAT_FORMAT and held != new:
-        raise CheckpointError(f"{path} holds float params of {held}; refusing to replace them with float "
-                              f"params of {new}: a float checkpoint is only replaced by one of the same "
-                              f"model. To keep it, {fix}")
+    if new is not None and held != new:
+        kind = "float params" if found["format"] == FLOAT_FORMAT else "a quantized model"
+        raise CheckpointError(f"{path} holds {kind} of {held}; refusing to replace it with {kind} of "
+                              f"{new}: a checkpoint is only replaced by one of the same model. To keep "
+                              f"it, {fix}")
 
 
 def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata: Mapping[str, Any], *,

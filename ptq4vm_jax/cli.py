@@ -12,6 +12,18 @@ from typing import Any
 ASSETS = Path(__file__).parent / "assets"
 
 
+class UsageError(SystemExit):
+    """A mistake in the command line: ``main`` prints it as ``ptq4vm CMD: error: ...`` and the
+    process exits with status 2, as argparse does for its own errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """Fixed-width table; cols are (key, header, format)."""
     cells = [[h for _, h, _ in cols]] + [
@@ -34,7 +46,7 @@ def _data_source(spec: str, data_dir: str | None, image_size: int) -> Any:
     if kind == "tfds":
         name, _, split = rest.partition(":")
         if not name or not split:
-            raise SystemExit(f"--data/--calib {spec!r}: expected tfds:NAME:SPLIT, e.g. "
+            raise UsageError(f"--data/--calib {spec!r}: expected tfds:NAME:SPLIT, e.g. "
                              "tfds:imagenet2012:validation")
         import tensorflow_datasets as tfds
 
@@ -46,11 +58,11 @@ def _data_source(spec: str, data_dir: str | None, image_size: int) -> Any:
             missing = "://" not in where and not (root / name.split("/")[0]).is_dir()
             # (tfds's own message for a missing local dataset blames the file format)
             cause = f"there is no prepared {name} under {root}" if missing else str(e)
-            raise SystemExit(
+            raise UsageError(
                 f"could not open {spec} (data_dir={data_dir}): {cause}\nPrepare the dataset with tfds "
                 "(array_record format) under --data-dir; nothing is downloaded at run time."
             ) from None
-    raise SystemExit(f"unknown data spec {spec!r}: use tfds:NAME:SPLIT or digits:train|test")
+    raise UsageError(f"unknown data spec {spec!r}: use tfds:NAME:SPLIT or digits:train|test")
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -61,7 +73,7 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. embed_dim=384")
+            raise UsageError(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. embed_dim=384")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -74,16 +86,18 @@ def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     from ptq4vm_jax import load_params, load_torch_checkpoint
 
     if bool(args.checkpoint) == bool(args.params):
-        raise SystemExit("give exactly one of --checkpoint (official .pth/.safetensors) or --params "
-                         "(an Orbax dir written by `ptq4vm convert`)")
+        also = (" (or, for eval, --quantized: a dir written by `ptq4vm quantize`)"
+                if args.command == "eval" else "")
+        raise UsageError("give exactly one of --checkpoint (official .pth/.safetensors) or --params "
+                         f"(an Orbax dir written by `ptq4vm convert`){also}")
     if args.checkpoint:
         if not args.model:
-            raise SystemExit("--checkpoint needs --model (e.g. vim_tiny)")
+            raise UsageError("--checkpoint needs --model (e.g. vim_tiny)")
         overrides = _overrides(args.model_arg)
         return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model,
                                                             key=args.key or "model", **overrides)
     if args.model_arg or args.key:
-        raise SystemExit("--model-arg and --key apply to --checkpoint; --params already records its "
+        raise UsageError("--model-arg and --key apply to --checkpoint; --params already records its "
                          "model's sizes and holds one set of weights")
     params, meta = load_params(args.params, model_name=args.model)
     return meta["model_name"], dict(meta.get("model_overrides") or {}), params
@@ -98,19 +112,19 @@ def _check_out(out: str, *, format: str, model: str | None, inputs: dict[str, st
     target = Path(out).expanduser().absolute()
     for flag, path in inputs.items():
         if path and Path(path).expanduser().absolute() == target:
-            raise SystemExit(f"--out {out} is the same directory as {flag}: writing the result would "
+            raise UsageError(f"--out {out} is the same path as {flag}: writing the result would "
                              f"destroy {flag}; choose another --out")
     if target.exists() and not target.is_dir():
-        raise SystemExit(f"--out {out} is an existing file; give a directory path")
+        raise UsageError(f"--out {out} is an existing file; give a directory path")
     if target.exists():
         check_replaceable(str(target), {"format": format, "model_name": model})
     parent = target.parent  # the result is written beside --out first, then renamed into place
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise SystemExit(f"--out {out}: {parent} is a file, so no directory can be made under it")
+        raise UsageError(f"--out {out}: {parent} is a file, so no directory can be made under it")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f"--out {out}: no permission to create directories in {parent}")
+        raise UsageError(f"--out {out}: no permission to create directories in {parent}")
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -132,7 +146,7 @@ def _config(args: argparse.Namespace):
         w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, num_calib=args.num_calib,
         epochs=args.epochs, train_batch=args.train_batch, alpha=args.alpha,
         train_inner_proj=not args.official_inner_proj, act_grid=args.act_grid, loss=args.loss,
-        loss_axis=args.loss_axis,
+        loss_axis=args.loss_axis, revert_worse=not args.keep_learned,
         lr_w=args.lr_w, lr_a=args.lr_a, lr_s=args.lr_s,
     )
 
@@ -145,11 +159,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _check_out(args.out, format=QUANT_FORMAT, model=None,
                inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
     if args.resume and Path(args.resume).exists() and not Path(args.resume).is_dir():
-        raise SystemExit(f"--resume {args.resume} is a file; give a directory for the resume state")
+        raise UsageError(f"--resume {args.resume} is a file; give a directory for the resume state")
     if args.resume and (Path(args.resume) / "metadata.json").exists():
-        raise SystemExit(f"--resume {args.resume} is a checkpoint directory; give the resume state a "
+        raise UsageError(f"--resume {args.resume} is a checkpoint directory; give the resume state a "
                          "directory of its own")
     name, overrides, params = _load_float(args)
+    _check_out(args.out, format=QUANT_FORMAT, model=name, inputs={})  # now that the model is known
     size = image_shape(create_model(name, **overrides))[1]
     calib = _data_source(args.calib, args.data_dir, size)
     if isinstance(calib, tuple):
@@ -159,7 +174,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     save_quantized(args.out, qp)
     s = qp.summary
     print(_table(s["stages"], [("name", "block", "s"), ("loss_init", "loss (PTS init)", ".5f"),
-                               ("loss_final", "loss (learned)", ".5f"), ("seconds", "seconds", ".1f")]))
+                               ("loss_learned", "loss (learned)", ".5f"),
+                               ("loss_final", "loss (kept)", ".5f"), ("seconds", "seconds", ".1f")]))
+    reverted = [st["name"] for st in s["stages"] if st.get("reverted")]
+    if reverted:
+        print(f"learning raised the loss of {len(reverted)} of {len(s['stages'])} blocks, which kept their "
+              f"initial scales ({', '.join(reverted[:5])}{', ...' if len(reverted) > 5 else ''}); lower "
+              "--lr-w/--lr-a/--lr-s to let them learn, or pass --keep-learned to keep the learned scales")
     print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s; "
           f"wrote {args.out}")
 
@@ -176,11 +197,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     maybe_initialize_distributed()
     if args.quantized and (args.checkpoint or args.params or args.model_arg or args.key):
-        raise SystemExit("--quantized carries its model: drop --checkpoint, --params, --model-arg "
+        raise UsageError("--quantized carries its model: drop --checkpoint, --params, --model-arg "
                          "and --key")
     if not args.quantized and (args.mode or args.gemm):
-        raise SystemExit("--mode and --gemm choose how a --quantized model runs; a float model "
+        raise UsageError("--mode and --gemm choose how a --quantized model runs; a float model "
                          "(--params / --checkpoint) has neither")
+    if args.gemm and args.mode != "int":
+        raise UsageError(f"--gemm {args.gemm} picks the integer GEMM of --mode int; add --mode int (the "
+                         "default fake mode runs no integer GEMM)")
     args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
     kernel_gemm = args.gemm in ("pallas", *HOPPER_ONLY)  # the backends that run a Pallas kernel
     if args.mode == "int" and kernel_gemm and jax.default_backend() != "gpu":
@@ -189,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.quantized:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
-            raise SystemExit(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
+            raise UsageError(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
         model = qp.model()
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
@@ -255,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             ("PTQ4VM W4A8", QuantConfig(4, 8, **recipe))]
     out = Path(args.out).absolute()
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {args.out} is an existing file; give a directory path")
+        raise UsageError(f"--out {args.out} is an existing file; give a directory path")
     preds = {}
     for label, cfg in runs:
         print(f"== {label}", flush=True)
@@ -323,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="PTQ4VM-quantize a model and save an Orbax checkpoint")
     source_args(q)
-    q.add_argument("--calib", default="tfds:imagenet2012:train")
+    q.add_argument("--calib", default="tfds:imagenet2012:train",
+                   help="calibration data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
     q.add_argument("--num-calib", type=int, default=256)
     q.add_argument("--w-bits", type=int, default=8)
     q.add_argument("--a-bits", type=int, default=8)
@@ -342,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr-s", type=float, default=None, help="smoothing-scale learning rate")
     q.add_argument("--official-inner-proj", action="store_true",
                    help="train only in_proj/out_proj like the released Vim code")
+    q.add_argument("--keep-learned", action="store_true",
+                   help="keep the learned scales of a block even where learning raised its loss, like "
+                        "the released code (default: keep that block's initial scales)")
     q.add_argument("--resume", default=None, help="directory for per-block resume state")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_quantize)
@@ -358,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "exact; wgmma-1pass: Hopper, quantization inside the kernel, exact but "
                         "slower than wgmma on an H200; mixed: Hopper, wgmma for in_proj/out_proj "
                         "and xla-bf16 for x_proj/dt_proj)")
-    e.add_argument("--data", default="tfds:imagenet2012:validation")
+    e.add_argument("--data", default="tfds:imagenet2012:validation",
+                   help="evaluation data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     e.set_defaults(func=cmd_eval)
@@ -366,8 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Library wording in error messages -> the flags a command-line user has.
+_CONFIG_FLAGS = ("w_bits|a_bits|num_calib|train_batch|epochs|alpha|lr_w|lr_a|lr_s|loss_axis|act_grid|loss|"
+                 "method")
 _CLI_WORDS = (
+    (r"pass (?:num_images|QuantConfig\.num_calib)<=(\d+) \(a multiple of train_batch=(\d+)\)",
+     r"pass --num-calib \1 (or fewer, a multiple of --train-batch \2)"),
     (r"pass (?:num_images|QuantConfig\.num_calib)<=(\d+)", r"pass --num-calib \1 (or fewer)"),
+    # QuantConfig's own checks: "w_bits must be ...", "num_calib (24) must be a multiple of train_batch (16)"
+    (rf"(?:^|(?<=of ))({_CONFIG_FLAGS})(?= must | \()", lambda m: "--" + m.group(1).replace("_", "-")),
+    (r"(--[a-z-]+ must be [^;]*?) or None, got", r"\1, got"),
     (r"num_examples must be a positive integer or None", "--limit must be a positive integer"),
     (r"Pass key=<([^>]+)>", r"Pass --key <\1>"),
     (r"pass model_name='([\w.-]+)'", r"pass --model \1"),
@@ -389,7 +425,8 @@ def _resume_hint(resume: str | None, action: str) -> str:
         return "; rerun with --resume DIR to keep completed blocks across attempts"
     if not (Path(resume) / "state.npz").exists():
         return f"; no block had completed, so {resume} holds nothing to continue from"
-    return f"; the blocks completed so far are saved in {resume}: {action} with the same --resume to continue"
+    return (f"; the blocks completed so far are saved in {resume}: {action} with the same --resume to "
+            "continue (it continues only the same run: other settings or params need a new --resume)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,6 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except UsageError as e:
+        print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
+        raise
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("PTQ4VM_DEBUG"):
             raise
@@ -415,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("PTQ4VM_DEBUG"):
             raise
         print(f"ptq4vm {args.command}: calibration failed: {e}"
-              f"{_resume_hint(getattr(args, 'resume', None), 'fix the cause and rerun')}", file=sys.stderr)
+              f"{_resume_hint(getattr(args, 'resume', None), 'after a transient fault, rerun')}",
+              file=sys.stderr)
         raise SystemExit(1) from None
 
 

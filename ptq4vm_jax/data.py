@@ -297,6 +297,7 @@ def calibration_images(
     preprocess: Preprocess | None = None,
     seed: int | None = 0,
     count_name: str = "num_images",
+    batch: int = 1,
 ) -> np.ndarray:
     """The calibration set as one float32 ``(num_images, H, W, C)`` array, validated.
 
@@ -304,7 +305,8 @@ def calibration_images(
     sources (tfds data sources, grain MapDatasets) are read along a fixed permutation drawn with
     ``np.random.default_rng(seed)`` (``seed=None``: indices 0, 1, 2, ...), like the official
     code's shuffled train loader but reproducible; the indices used are logged at INFO.
-    ``count_name`` is what the caller's user sets for ``num_images``, named when data runs short.
+    ``count_name`` is what the caller's user sets for ``num_images``, named when data runs short,
+    with the largest count that is a multiple of ``batch`` (the calibration batch) and fits.
     """
     where = "calibration data"
     if int(num_images) != num_images or num_images < 1:
@@ -341,9 +343,11 @@ def calibration_images(
     if count == 0:
         raise _empty(calib_ds, where)
     if count < num_images:
+        fit = count if count % batch == 0 or count < batch else (
+            f"{count // batch * batch} (a multiple of train_batch={batch})")
         raise ValueError(
             f"{where}: asked for {num_images} calibration images but the dataset has only "
-            f"{count}; pass {count_name}<={count} or a larger dataset"
+            f"{count}; pass {count_name}<={fit} or a larger dataset"
         )
     if used:
         logger.info("calibration images read from source indices %s (seed=%s)", used, seed)

@@ -96,8 +96,8 @@ def test_overwrite_replaces_everything(tmp_path, params):
 def test_float_params_are_only_replaced_by_the_same_model(tmp_path, params):
     save_params(tmp_path / "ck", params, model_name="vim_micro")
     nano = _random_params("vim_nano")
-    want = (r"ck holds float params of vim_micro; refusing to replace them with float params of vim_nano: "
-            r"a float checkpoint is only replaced by one of the same model. To keep it, choose another "
+    want = (r"ck holds float params of vim_micro; refusing to replace it with float params of vim_nano: "
+            r"a checkpoint is only replaced by one of the same model. To keep it, choose another "
             r"output path \(CLI: --out\) or delete .*ck yourself")
     with pytest.raises(CheckpointError, match=want):
         save_params(tmp_path / "ck", nano, model_name="vim_nano")

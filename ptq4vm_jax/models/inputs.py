@@ -10,6 +10,11 @@ import numpy as np
 def check_images(images: jax.Array, want: tuple[int, int, int], arch: str) -> None:
     """Refuse images the model would silently misread: wrong layout or size, raw integer pixels,
     an empty batch, and (outside jit, where values are known) NaN/inf pixels."""
+    if not hasattr(images, "shape"):
+        hint = ("take the images out of the batch: images = batch['image']" if isinstance(images, dict)
+                else "stack them into one array first: np.stack(images)")
+        raise TypeError(f"{arch} expects one array of NHWC images (batch, {want[0]}, {want[1]}, {want[2]}), "
+                        f"got a {type(images).__name__}; {hint}")
     shape = tuple(images.shape)
     size = want[0]
     if len(shape) != 4 or shape[1:] != want:

@@ -97,7 +97,7 @@ def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsy
                         lambda params, updates: jax.tree.map(lambda a: a * jax.numpy.nan, params))
     with pytest.raises(SystemExit) as e:  # (--lr-s of its own: no training step is reused)
         main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
-              "--train-batch", "8", "--epochs", "2", "--lr-s", "0.0321",
+              "--train-batch", "8", "--epochs", "2", "--lr-s", "0.0321", "--keep-learned",
               "--resume", str(tmp_path / "resume"), "--out", str(tmp_path / "q")])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -132,9 +132,9 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
     shutil.copytree(MICRO, fc)
     base = ["quantize", "--params", str(fc), "--calib", "digits:train", "--num-calib", "8",
             "--method", "rtn"]
-    with pytest.raises(SystemExit, match="same directory as --params"):
+    with pytest.raises(SystemExit, match="same path as --params"):
         main([*base, "--out", str(fc)])
-    with pytest.raises(SystemExit, match="same directory as --resume"):
+    with pytest.raises(SystemExit, match="same path as --resume"):
         main([*base, "--resume", str(tmp_path / "r"), "--out", str(tmp_path / "r")])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
@@ -155,6 +155,17 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
         main([*base, "--key", "model_ema", "--out", str(tmp_path / "q")])
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert json.loads((fc / "metadata.json").read_text())["format"] == "ptq4vm-jax/float-params"
+    # A quantized checkpoint is replaced by a new run of its model, not by another model's.
+    q = tmp_path / "q"
+    main([*base, "--out", str(q)])
+    main([*base, "--w-bits", "4", "--out", str(q)])
+    assert json.loads((q / "metadata.json").read_text())["config"]["w_bits"] == 4
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--params", str(MICRO.parent / "vmamba_micro"), "--calib", "digits:train",
+              "--num-calib", "8", "--method", "rtn", "--out", str(q)])
+    assert e.value.code == 2
+    assert "holds a quantized model of vim_micro; refusing to replace it" in capsys.readouterr().err
+    assert json.loads((q / "metadata.json").read_text())["model_name"] == "vim_micro"
 
 
 def test_interrupt_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeypatch):
@@ -190,7 +201,20 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
          "pass --model vim_micro or convert"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
           "--train-batch", "256", "--method", "rtn", "--out", str(tmp_path / "q")],
-         r"has only 1442; pass --num-calib 1442 \(or fewer\)"),
+         r"has only 1442; pass --num-calib 1280 \(or fewer, a multiple of --train-batch 256\)"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--w-bits", "1",
+          "--out", str(tmp_path / "q")], r"error: --w-bits must be an integer from 2 to 8, got 1$"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--train-batch", "0",
+          "--out", str(tmp_path / "q")], r"error: --train-batch must be a positive integer, got 0$"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "24",
+          "--train-batch", "16", "--out", str(tmp_path / "q")],
+         r"--num-calib \(24\) must be a multiple of --train-batch \(16\)"),
+        (["eval", "--quantized", str(tmp_path / "nothing"), "--data", "digits:test", "--gemm", "xla"],
+         r"error: --gemm xla picks the integer GEMM of --mode int; add --mode int"),
+        (["eval", "--data", "digits:test"], r"error: give exactly one of --checkpoint .*\(or, for eval, "
+                                            r"--quantized"),
+        (["quantize", "--params", str(MICRO), "--calib", "imagenet", "--out", str(tmp_path / "q")],
+         r"^ptq4vm quantize: error: unknown data spec 'imagenet'"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--loss-axis", "width",
           "--out", str(tmp_path / "q")], r"\(--loss-axis width\) reproduces the VMamba code only"),
         (["quantize", "--params", str(MICRO.parent / "vmamba_micro"), "--calib", "digits:train",
@@ -202,7 +226,7 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
             main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert re.search(said, err), err
+        assert re.search(said, err, re.M), err
 
 
 def test_quantize_flags_reach_the_config():

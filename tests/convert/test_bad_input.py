@@ -91,3 +91,17 @@ def test_model_names_are_exact_with_a_suggestion(name, want):
         create_model(name)
     with pytest.raises(ValueError, match=want):
         load_torch_checkpoint(STRIDE8, name)
+
+
+@pytest.mark.parametrize("path,model,family", [
+    (GOLDEN / "tiny_d64_l2_n16_img64.pth", "vmamba_tiny", "vim"),
+    (GOLDEN.parent / "vmamba_golden" / "reduced_v2v.pth", "vim_tiny", "vmamba"),
+])
+def test_a_checkpoint_of_the_other_family_is_named_as_such(path, model, family):
+    """The size hint of the family asked for used to point at one of its own models (the head
+    and patch-embed shapes fit); the key names decide the family first."""
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_torch_checkpoint(path, model)
+    hint = str(err.value).splitlines()[-1]
+    assert hint.startswith(f"hint: the parameter names are those of a {family} checkpoint, not a ")
+    assert f"convert it as a {family} model ({family}_base" in hint

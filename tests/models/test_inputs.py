@@ -30,6 +30,8 @@ def test_bad_images_are_refused(model_and_params):
         (x.transpose(0, 3, 1, 2), ValueError, "channels-first"),
         (x[0], ValueError, "one image: add a batch axis"),
         (x[:, :8, :8], ValueError, "Resize/crop"),
+        ({"image": x, "label": np.zeros(2)}, TypeError, r"got a dict; .* images = batch\['image'\]"),
+        (list(x), TypeError, r"got a list; stack them into one array first"),
     ]
     for images, error, message in cases:
         with pytest.raises(error, match=message):
