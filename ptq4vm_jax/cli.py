@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -434,8 +435,14 @@ def main(argv: list[str] | None = None) -> None:
     from ptq4vm_jax.calibrate.jlss import CalibrationError
 
     args = build_parser().parse_args(argv)
+
+    def one_line(message, category, *rest, **kw):  # a user's warning, not a source location
+        print(f"ptq4vm {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            args.func(args)
     except UsageError as e:
         print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
         raise

@@ -267,3 +267,11 @@ def test_eval_is_data_parallel_over_local_devices(converted):
         assert got[0] == f"devices {n}"
         lines[n] = got[-1]
     assert lines[1] == lines[4] and "(n=10;" in lines[1]
+
+
+def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8", "--method",
+          "rtn", "--epochs", "5", "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert "ptq4vm quantize: warning: method='rtn' does not learn or smooth: epochs=5 is ignored\n" in err
+    assert "UserWarning" not in err
