@@ -19,6 +19,7 @@ from ptq4vm_jax.trees import get_path, set_path
 
 MODEL = "vim_nano"  # 2 blocks, 17 tokens
 BASE = QuantConfig(w_bits=4, a_bits=4, num_calib=16, train_batch=8, epochs=10)
+PTS = dataclasses.replace(BASE, method="pts_only", epochs=None)  # the same initialisation, no learning
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_integer_form_reproduces_the_learned_train_form(setup, ptq4vm):
 def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
     _, params, images = setup
     pts = quantize_params(params, images, model=MODEL,
-                          config=dataclasses.replace(BASE, method="pts_only"), progress=False)
+                          config=PTS, progress=False)
     for s in pts.summary["stages"]:
         assert s["loss_final"] == s["loss_init"]
     official = quantize_params(params, images, model=MODEL,
@@ -119,7 +120,7 @@ def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_one
     """Spec §5 / §6.2: PTS initialisation from the float chain's input to the block; the loss
     compares the float block's mixer output with the quantized block's on the quantized chain."""
     model, params, images = setup
-    cfg = dataclasses.replace(BASE, method="pts_only")
+    cfg = PTS
     pts = quantize_params(params, images, model=MODEL, config=cfg, progress=False)
     cfg = pts.config
     block1 = {p: layer for p, layer in quantized_layers(pts).items() if p[0] == "layers_1"}
@@ -176,7 +177,7 @@ def test_a_block_that_learning_makes_worse_keeps_its_initial_scales(setup):
     wild = dataclasses.replace(BASE, epochs=2, lr_w=1.0, lr_a=1.0, lr_s=1.0)  # overshoots
     logs = []
     kept = quantize_params(params, images, model=MODEL, config=wild, progress=True, log=logs.append)
-    pts = quantize_params(params, images, model=MODEL, config=dataclasses.replace(BASE, method="pts_only"),
+    pts = quantize_params(params, images, model=MODEL, config=PTS,
                           progress=False)
     for st in kept.summary["stages"]:
         assert st["reverted"] and st["loss_learned"] > st["loss_init"] == st["loss_final"], st
@@ -195,7 +196,7 @@ def test_rules_skip_first_block_and_quantize_head(setup):
     _, params, images = setup
     rules = (QuantRule(r"^layers_0/", quantize=False), QuantRule(r"^head$"), *DEFAULT_RULES["vim"])
     qp = quantize_params(params, images, model=MODEL,
-                         config=dataclasses.replace(BASE, method="pts_only", rules=rules),
+                         config=dataclasses.replace(PTS, rules=rules),
                          progress=False)
     names = {"/".join(p) for p in quantized_layers(qp)}
     assert "head" in names and not any(n.startswith("layers_0/") for n in names)
