@@ -189,8 +189,11 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
     block_loss = LOSSES[cfg.loss]
 
     def qforward(state, params, carry):
+        # Frozen layers of the released Vim recipe pass gradients as float layers (spec §6.4).
+        frozen = frozenset(p for p in state if not trainable_mask(p, cfg))
         # trainable scan kernel on GPU (traced inside step/loss/qforward); the reference elsewhere
-        with intercept_dense(nest_layers(state), cfg, "fake"), scan_kernel(trainable=True):
+        with intercept_dense(nest_layers(state), cfg, "fake", float_backward=frozen), \
+                scan_kernel(trainable=True):
             return stage.apply(params, carry)
 
     def loss_fn(train, frozen, params, carry, target):

@@ -89,9 +89,30 @@ def simulate_int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: Quant
     return y + layer["bias"] if "bias" in layer else y
 
 
+def qlinear_float_backward(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig,
+                           mode: str = "fake") -> jax.Array:
+    """The quantized linear forward, differentiated as the float linear ``x @ kernel + bias``.
+
+    What the released Vim code does for x_proj/dt_proj (spec §6.4): they run quantized inside a
+    fused autograd Function whose backward rebuilds the input gradient from the float,
+    unsmoothed weights, with no quantizer in the way. The forward value is the quantized one
+    exactly (``stop_gradient(y_q) + (y_fp - stop_gradient(y_fp))`` adds an exact zero); the
+    layer's own scales get no gradient.
+    """
+    y_q = qlinear(x, layer, cfg, mode)
+    y_fp = jnp.einsum("...k,kn->...n", x, layer["kernel"].astype(x.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+    if "bias" in layer:
+        y_fp = y_fp + layer["bias"].astype(x.dtype)
+    y_fp = y_fp.astype(y_q.dtype)
+    return jax.lax.stop_gradient(y_q) + (y_fp - jax.lax.stop_gradient(y_fp))
+
+
 @contextlib.contextmanager
-def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake") -> Iterator[None]:
-    """Within this context, ``nn.Dense`` calls at paths present in ``qtree`` are quantized."""
+def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake",
+                    float_backward: frozenset[tuple[str, ...]] = frozenset()) -> Iterator[None]:
+    """Within this context, ``nn.Dense`` calls at paths present in ``qtree`` are quantized; those
+    in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -99,9 +120,12 @@ def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake") -> Ite
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, nn.Dense):
             return next_fun(*args, **kwargs)
-        layer = lookup(qtree, tuple(module.path))
+        path = tuple(module.path)
+        layer = lookup(qtree, path)
         if layer is None:
             return next_fun(*args, **kwargs)
+        if path in float_backward:
+            return qlinear_float_backward(args[0], layer, cfg, mode)
         return qlinear(args[0], layer, cfg, mode)
 
     with nn.intercept_methods(interceptor):

@@ -14,7 +14,7 @@ from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss
 from ptq4vm_jax.models.vim import vim_blockwise as jlss_blockwise
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 from ptq4vm_jax.quant.integer import weight_codes
-from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
+from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense, qlinear, qlinear_float_backward
 from ptq4vm_jax.trees import get_path, set_path
 
 MODEL = "vim_nano"  # 2 blocks, 17 tokens
@@ -114,6 +114,40 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
         for k in learned:
             assert not np.array_equal(q_all[path][k], q_pts[path][k]), (path, k)
         np.testing.assert_array_equal(q_all[path]["a_zero"], q_pts[path]["a_zero"], err_msg=str(path))
+
+
+def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypatch):
+    """``train_inner_proj=False`` (the released Vim recipe, spec §6.4): x_proj/dt_proj run
+    quantized but hand back the float layer's input gradient, as the released fused backward."""
+    _, params, images = setup
+    pts = quantize_params(params, images, model=MODEL, config=PTS, progress=False)
+    path = ("layers_0", "mixer", "x_proj")
+    layer = {**{k: v for k, v in quantized_layers(pts)[path].items() if k != "w_int"},
+             "kernel": get_path(params, path)["kernel"]}
+    cfg = pts.config
+    x = jax.random.normal(jax.random.key(3), (2, 17, layer["kernel"].shape[0])) * 2.0
+    g = jax.random.normal(jax.random.key(4), (2, 17, layer["kernel"].shape[1]))
+    np.testing.assert_array_equal(qlinear_float_backward(x, layer, cfg), qlinear(x, layer, cfg, "fake"))
+    grad = jax.grad(lambda x: jnp.sum(qlinear_float_backward(x, layer, cfg) * g))(x)
+    np.testing.assert_allclose(grad, g @ layer["kernel"].T, rtol=1e-5, atol=1e-6)
+    through_quantizers = jax.grad(lambda x: jnp.sum(qlinear(x, layer, cfg, "fake") * g))(x)
+    assert not np.allclose(through_quantizers, grad, rtol=1e-3)  # clip masks, quantized weights
+
+    # Calibration marks exactly the four inner projections of each block, and only then.
+    seen = []
+    real = jlss.intercept_dense
+
+    def spy(qtree, cfg, mode="fake", float_backward=frozenset()):
+        seen.append(float_backward)
+        return real(qtree, cfg, mode, float_backward)
+
+    monkeypatch.setattr(jlss, "intercept_dense", spy)
+    for inner in (False, True):  # learning rates of their own: nothing traced by another test
+        cfg = dataclasses.replace(BASE, epochs=1, train_inner_proj=inner, lr_s=0.0171)
+        quantize_params(params, images, model=MODEL, config=cfg, progress=False)
+        want = set() if inner else {("mixer", n) for n in ("x_proj", "x_proj_b", "dt_proj", "dt_proj_b")}
+        assert seen and all(s == want for s in seen), (inner, seen)
+        seen.clear()
 
 
 def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_ones(setup):
