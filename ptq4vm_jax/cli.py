@@ -257,6 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         quantized_apply,
         save_quantized,
     )
+    from ptq4vm_jax.checkpoint import QUANT_FORMAT
     from ptq4vm_jax.data import load_digits_dataset
     from ptq4vm_jax.evaluate import compare_logits, paired_top1
     from ptq4vm_jax.models import image_shape, model_family
@@ -278,9 +279,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
             ("PTQ4VM W8A8", QuantConfig(8, 8, **recipe)),
             ("RTN W4A8", QuantConfig(4, 8, method="rtn")),
             ("PTQ4VM W4A8", QuantConfig(4, 8, **recipe))]
-    out = Path(args.out).absolute()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out} is an existing file; give a directory path")
+    out = Path(args.out).absolute() / args.model  # each model's demo has a directory of its own
+    targets = {label: out / label.lower().replace(" ", "_") for label, _ in runs}
+    for target in targets.values():  # before any calibration, not after the first
+        _check_out(str(target), format=QUANT_FORMAT, model=args.model, inputs={})
     preds = {}
     for label, cfg in runs:
         print(f"== {label}", flush=True)
@@ -291,7 +293,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         logits = np.asarray(jax.jit(lambda x, qp=qp: quantized_apply(model, qp, x))(test_x))
         cmp = compare_logits(fp_logits, logits)
         preds[label] = logits.argmax(-1)
-        save_quantized(out / label.lower().replace(" ", "_"), qp)
+        save_quantized(targets[label], qp)
         rows.append(dict(name=label, top1=100 * float(np.mean(logits.argmax(-1) == test_y)),
                          agreement=cmp["agreement"], kl=cmp["mean_kl"], seconds=seconds))
     described = recipe or f"official {model_family(args.model)}"
@@ -321,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")
     bundled = sorted(m.parent.name for m in ASSETS.glob("*/metadata.json"))
     d.add_argument("--model", default="vim_micro", choices=bundled, help="a bundled micro model")
-    d.add_argument("--out", default="ptq4vm_demo_out", help="where the quantized checkpoints go")
+    d.add_argument("--out", default="ptq4vm_demo_out",
+                   help="where the quantized checkpoints go (in a directory named after the model)")
     d.add_argument("--epochs", type=int, default=None,
                    help="JLSS epochs over the 256 images (default: 12 in batches of 32 for Vim, the "
                         "official recipe for VMamba)")

@@ -31,7 +31,18 @@ def test_demo_prints_every_row_and_saves_checkpoints(demo):
     out, rows, _ = demo
     assert set(rows) == {"float32", "RTN W8A8", "PTQ4VM W8A8", "RTN W4A8", "PTQ4VM W4A8"}
     for name in ("rtn_w8a8", "ptq4vm_w8a8", "rtn_w4a8", "ptq4vm_w4a8"):
-        assert (out / name / "metadata.json").exists()
+        assert (out / "vim_micro" / name / "metadata.json").exists()
+
+
+def test_demo_refuses_an_unusable_out_before_calibrating(tmp_path, capsys):
+    (tmp_path / "vim_micro" / "ptq4vm_w4a8").mkdir(parents=True)
+    (tmp_path / "vim_micro" / "ptq4vm_w4a8" / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path), "--quiet"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "ptq4vm_w4a8 exists and is not a ptq4vm-jax checkpoint" in captured.err
+    assert "==" not in captured.out  # no run started
 
 
 def test_float_model_is_accurate(demo):
@@ -81,7 +92,7 @@ def test_demo_reports_a_paired_top1_test_consistent_with_its_table(demo):
 def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
     out = demo[0]
     for name in ("ptq4vm_w8a8", "ptq4vm_w4a8"):
-        stages = load_quantized(out / name).summary["stages"]
+        stages = load_quantized(out / "vim_micro" / name).summary["stages"]
         assert len(stages) == 4
         for s in stages:
             assert s["loss_final"] < s["loss_init"], (name, s)
