@@ -309,7 +309,7 @@ def calibrate_blockwise(
                 loss_learned = _full_loss(fns["loss"], learned, sparams, q_carry, target, chunk)
             reverted = cfg.revert_worse and (learned is None or not loss_learned <= loss_init)
             if reverted:
-                why = diverged or f"learning raised the block loss {loss_init:.5f} -> {loss_learned:.5f}"
+                why = diverged or f"learning raised the block loss {loss_init:.4g} -> {loss_learned:.4g}"
                 log(f"{name}: {why}; kept the initial scales (revert_worse; lower the learning rates "
                     "to learn here)")
             else:
