@@ -141,7 +141,9 @@ class QuantConfig:
                              "code only, whose fused kernel keeps x_proj/dt_proj from learning; the "
                              f"released {family} code trains them: leave it True")
         unused = ("epochs", "lr_w", "lr_a", "lr_s") + (("alpha",) if not self.smooths else ())
-        ignored = [f"{k}={getattr(self, k)!r}" for k in unused if getattr(self, k) is not None]
+        # (a value equal to the recipe's is what resolving fills in: a resolved config resolves quietly)
+        ignored = [f"{k}={getattr(self, k)!r}" for k in unused
+                   if getattr(self, k) not in (None, FAMILY_DEFAULTS[family][k])]
         if self.method != "ptq4vm" and ignored:
             warnings.warn(f"method={self.method!r} does not learn{'' if self.smooths else ' or smooth'}: "
                           f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored",

@@ -77,6 +77,12 @@ def test_settings_a_method_does_not_use_are_named():
         QuantConfig(method="rtn", epochs=5, alpha=0.9).resolve("vim")
     with pytest.warns(UserWarning, match=r"method='pts_only' does not learn: lr_s=0.1 is ignored"):
         QuantConfig(method="pts_only", alpha=0.9, lr_s=0.1).resolve("vim")
+    import warnings
+
+    with warnings.catch_warnings():  # a resolved config (e.g. qparams.config) resolves again quietly
+        warnings.simplefilter("error")
+        for method in ("rtn", "pts_only", "per_token_dynamic"):
+            QuantConfig(method=method).resolve("vim").resolve("vim")
 
 
 def test_valid_settings_resolve_to_the_family_recipe():
