@@ -11,7 +11,7 @@ from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
 from ptq4vm_jax.calibrate import jlss
 from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss
-from ptq4vm_jax.models.vim import vim_blockwise as jlss_blockwise
+from ptq4vm_jax.models.vim import vim_blockwise
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 from ptq4vm_jax.quant.integer import weight_codes
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense, qlinear, qlinear_float_backward
@@ -180,7 +180,7 @@ def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_one
 
     # The loss of block 1: mixer outputs, float block on the float chain against quantized
     # block on the quantized chain.
-    bw = jlss_blockwise(model)
+    bw = vim_blockwise(model)
     train_form = {p: {**{k: v for k, v in layer.items() if k != "w_int"},
                       "kernel": get_path(params, p)["kernel"]} for p, layer in block1.items()}
     tree0, tree1 = {}, {}
