@@ -18,7 +18,10 @@ int8, and the zero point is restored exactly with the weight column sums,
 ``packed[i, n] = (w[i, n] & 0xF) | (w[i + K/2, n] << 4)``, i.e. row i of the first half of K
 in the low nibble and row i of the second half in the high nibble (see :func:`pack_int4`).
 Pairing rows K/2 apart (rather than neighbours) lets the kernel multiply each nibble plane
-with a contiguous slice of the activations; no strided loads, no interleaving.
+with a contiguous slice of the activations; no strided loads, no interleaving. Every entry point
+also takes the weight unpacked, as (K, N) ``jnp.int4`` or int8 codes, whatever ``w_bits``: the
+shape against x's K tells the two apart, and an unpacked weight runs as int8 (same sums; it
+only reads twice the weight bytes of the packed form).
 """
 
 from __future__ import annotations
@@ -94,7 +97,10 @@ def is_packed(w_bits: int) -> bool:
 
 
 def dense_weight(w_q: jax.Array, w_bits: int) -> jax.Array:
-    """(K, N) int8 codes of a stored weight: unpacked when ``w_bits <= 4``."""
+    """(K, N) int8 codes of a stored weight: unpacked when ``w_bits <= 4`` (a ``jnp.int4`` array
+    is already one value per element)."""
+    if w_q.dtype == jnp.int4:
+        return w_q.astype(jnp.int8)
     return unpack_int4(w_q) if is_packed(w_bits) else w_q
 
 
@@ -117,28 +123,40 @@ def check_bits(a_bits: int, w_bits: int) -> None:
         raise ValueError(f"w_bits must be in 2..8 (int8 or packed int4 storage), got {w_bits}")
 
 
-def _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits) -> None:
-    """Shape/dtype validation shared by every entry point (all checks are static)."""
+def _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits) -> tuple[jax.Array, int]:
+    """Shape/dtype validation shared by every entry point (all checks are static). Returns the
+    weight as the kernels take it and the width that says how it is stored: packed (K/2, N) int8
+    with ``w_bits`` itself, or (K, N) int8 with 8 (from a ``jnp.int4`` or an unpacked int8 weight;
+    the sums do not depend on the storage)."""
     check_bits(a_bits, w_bits)
     if x.ndim != 3:
         raise ValueError(f"x must be (B, L, K), got shape {x.shape}")
     k = x.shape[-1]
-    if w_q.ndim != 2 or w_q.dtype != jnp.int8:
-        raise ValueError(f"w_q must be a 2-D int8 array, got {w_q.dtype}{list(w_q.shape)}")
-    if is_packed(w_bits):
-        if k % 2 or w_q.shape[0] != k // 2:
-            raise ValueError(
-                f"w_bits={w_bits} expects packed weights of shape (K/2, N) = ({k / 2}, N) from "
-                f"pack_int4 (K must be even), got {w_q.shape}"
-            )
-    elif w_q.shape[0] != k:
+    if w_q.ndim != 2 or w_q.dtype not in (jnp.int8, jnp.int4):
+        raise ValueError(f"w_q must be a 2-D int8 or jnp.int4 array, got {w_q.dtype}{list(w_q.shape)}")
+    if w_q.dtype == jnp.int4:
+        if w_bits > 4:
+            raise ValueError(f"a jnp.int4 weight holds at most 4-bit codes, but w_bits={w_bits}; "
+                             "pass int8 codes for wider weights")
+        w_q, storage_bits = w_q.astype(jnp.int8), 8
+    elif is_packed(w_bits) and w_q.shape[0] != k:
+        storage_bits = w_bits
+    else:
+        storage_bits = 8
+    if storage_bits == 8 and w_q.shape[0] != k:
         raise ValueError(f"w_q must be (K, N) with K={k} (x's last dim), got {w_q.shape}")
+    if storage_bits != 8 and (k % 2 or w_q.shape[0] != k // 2):
+        raise ValueError(
+            f"w_bits={w_bits} takes the weight as (K, N) = ({k}, N) codes (int8 or jnp.int4) or "
+            f"packed by pack_int4 as (K/2, N) (K even), got {w_q.shape}"
+        )
     _check_activation_args(x, smooth, a_scale, a_zero)
     n = w_q.shape[1]
     if w_scale is not None and w_scale.shape != (n,):
         raise ValueError(f"w_scale must be (N,) = ({n},), got {w_scale.shape}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be (N,) = ({n},), got {bias.shape}")
+    return w_q, storage_bits
 
 
 def _check_activation_args(x, smooth, a_scale, a_zero) -> None:
@@ -211,7 +229,7 @@ def qmatmul_int32_ref(
     w_bits: int = 8,
 ) -> jax.Array:
     """Exact int32 accumulator sum_k (q - z) w_q (B, L, N): the ground truth for the kernel."""
-    _check_args(x, w_q, smooth, a_scale, a_zero, None, None, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, None, None, a_bits, w_bits)
     codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
     return _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits)
 
@@ -235,7 +253,7 @@ def qmatmul_ref(
 
     ``colsum`` = :func:`weight_colsum` (precompute it once per layer); computed here when not given.
     """
-    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
     acc = _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum)
     return _dequantize(acc, a_scale, w_scale, bias).astype(out_dtype or x.dtype)
@@ -309,7 +327,7 @@ def qmatmul_bf16_dot(
     where an int8 kernel loses: the narrow layers (x_proj: N = 44..80; dt_proj: K = 12..48),
     where XLA can fuse the quantization and the dequantization into its own GEMM.
     """
-    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     codes = quantize_activations(x, smooth, a_scale, a_zero, a_bits=a_bits)
     acc = _codes_matmul_bf16(codes, w_q, a_zero, a_bits, w_bits, colsum)
     return _dequantize(acc, a_scale, w_scale, bias).astype(out_dtype or x.dtype)
@@ -520,12 +538,13 @@ def qmatmul(
 ) -> jax.Array:
     """Fused quantize -> int8 GEMM (int32 acc) -> dequant + bias, as one Pallas kernel.
 
-    ``x`` (B, L, K) f32/bf16; ``w_q`` (K, N) int8, or (K/2, N) packed for ``w_bits <= 4``;
+    ``x`` (B, L, K) f32/bf16; ``w_q`` (K, N) int8 or ``jnp.int4``, or (K/2, N) packed for
+    ``w_bits <= 4``;
     ``w_scale`` (N,); ``smooth`` (K,); ``a_scale`` (L,); ``a_zero`` (L,) int; ``bias`` (N,).
     ``colsum`` (N,) int32 = :func:`weight_colsum`, computed here when not given.
     Output (B, L, N) in ``out_dtype`` (default ``x.dtype``). Matches :func:`qmatmul_ref`.
     """
-    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     return _gemm_call(
         x, smooth, w_q, w_scale, a_scale, a_zero, bias, colsum, a_bits=a_bits, w_bits=w_bits,
         out_dtype=out_dtype or x.dtype, int_out=False, interpret=interpret, config=config,
@@ -546,7 +565,7 @@ def qmatmul_int32(
     config: GemmConfig | None = None,
 ) -> jax.Array:
     """The kernel's exact int32 accumulator sum_k (q - z) w_q (B, L, N); compare to qmatmul_int32_ref."""
-    _check_args(x, w_q, smooth, a_scale, a_zero, None, None, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, None, None, a_bits, w_bits)
     return _gemm_call(
         x, smooth, w_q, None, a_scale, a_zero, None, None, a_bits=a_bits, w_bits=w_bits,
         out_dtype=None, int_out=True, interpret=interpret, config=config,
@@ -576,7 +595,7 @@ def qmatmul_codes(
     """
     if codes.dtype != jnp.int8:
         raise ValueError(f"codes must be int8 from quantize_activations, got {codes.dtype}")
-    _check_args(codes, w_q, None, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    w_q, w_bits = _check_args(codes, w_q, None, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     return _gemm_call(
         codes, None, w_q, w_scale, a_scale, a_zero, bias, colsum, a_bits=a_bits, w_bits=w_bits,
         out_dtype=out_dtype, int_out=False, interpret=interpret, config=config,

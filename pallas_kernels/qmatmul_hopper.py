@@ -557,7 +557,7 @@ def qmatmul_wgmma(
     codes hold) nor to the column sums; padded output columns are cut. The weight preparation is
     part of the traced graph: a few MB per layer, against the activations' tens of MB.
     """
-    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     k, n = x.shape[-1], w_scale.shape[0]
     kp, np_ = _padded(k), _padded(n)
     if pallas_quantize:
@@ -766,7 +766,7 @@ def qmatmul_wgmma_fused(
 @functools.partial(jax.jit, static_argnames=("a_bits", "w_bits", "out_dtype", "config", "interpret"))
 def _qmatmul_wgmma_fused(x, w_q, w_scale, smooth, a_scale, a_zero, bias, *, a_bits, w_bits, out_dtype,
                          config, interpret):
-    _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
+    w_q, w_bits = _check_args(x, w_q, smooth, a_scale, a_zero, w_scale, bias, a_bits, w_bits)
     batch, seq, k = x.shape
     n, m = w_scale.shape[0], batch * seq
     x_isz, out_isz = jnp.dtype(x.dtype).itemsize, jnp.dtype(out_dtype).itemsize

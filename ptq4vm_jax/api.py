@@ -61,8 +61,13 @@ class QuantizedParams:
     model_overrides: tuple = flax.struct.field(pytree_node=False, default=())
     info: str = flax.struct.field(pytree_node=False, default="{}")
 
-    def model(self) -> nn.Module:
-        return create_model(self.model_name, **dict(self.model_overrides))
+    def model(self, *, dtype: Any = None) -> nn.Module:
+        """The model these parameters belong to; ``dtype`` (e.g. ``jnp.bfloat16``) sets its
+        projections' compute dtype: the bf16 speed variant of the integer mode."""
+        overrides = dict(self.model_overrides)
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        return create_model(self.model_name, **overrides)
 
     @property
     def summary(self) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ASSETS = Path(__file__).parent / "assets"
+DTYPES = ("float32", "bfloat16")  # eval --dtype: the projections' compute dtype
 
 
 class UsageError(SystemExit):
@@ -188,6 +189,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import jax
+    import jax.numpy as jnp
 
     from ptq4vm_jax import create_model, load_quantized, quantized_apply
     from ptq4vm_jax.data import eval_batches, process_share
@@ -215,14 +217,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
             raise UsageError(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
-        model = qp.model()
+        model = qp.model(dtype=jnp.dtype(args.dtype))
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
         what = (f"{qp.model_name} {qp.config.method} W{qp.config.w_bits}A{qp.config.a_bits}, "
                 f"{args.mode} mode" + (f" ({args.gemm} GEMM)" if args.mode == "int" else ""))
     else:
         name, overrides, params = _load_float(args)
-        model = create_model(name, **overrides)
+        model = create_model(name, **{**overrides, "dtype": jnp.dtype(args.dtype)})
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
         what = f"{name} float"
     shape = image_shape(model, args.batch_size)
@@ -236,6 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                            shape)
         metrics = evaluate(logits_fn, batches, progress=jax.process_index() == 0, across_processes=True)
         print(f"process {jax.process_index()} of {jax.process_count()}: {metrics['local_n']} images")
+    what += "" if args.dtype == "float32" else f", {args.dtype} projections"
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']}; {what})")
 
 
@@ -390,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exact; wgmma-1pass: Hopper, quantization inside the kernel, exact but "
                         "slower than wgmma on an H200; mixed: Hopper, wgmma for in_proj/out_proj "
                         "and xla-bf16 for x_proj/dt_proj)")
+    e.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype of the projections (norms, residual stream and scan stay "
+                        "float32): bfloat16 is the float model's fast variant and, with --mode int, "
+                        "the integer mode's (its activations reach the quantizers in bf16)")
     e.add_argument("--data", default="tfds:imagenet2012:validation",
                    help="evaluation data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
     e.add_argument("--batch-size", type=int, default=64)

@@ -275,3 +275,38 @@ def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ptq4vm quantize: warning: method='rtn' does not learn or smooth: epochs=5 is ignored\n" in err
     assert "UserWarning" not in err
+
+
+def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypatch):
+    """--dtype bfloat16 reaches the model both for a float and for a quantized checkpoint, and the
+    line printed says so; the bf16 runs stay close to the float32 ones (vim_micro, digits)."""
+    import jax.numpy as jnp
+
+    import ptq4vm_jax
+    from ptq4vm_jax import api
+    from ptq4vm_jax.models import registry
+
+    built = []
+
+    def spy(name, **overrides):
+        built.append(overrides.get("dtype", jnp.float32))
+        return registry.create_model(name, **overrides)
+
+    monkeypatch.setattr(ptq4vm_jax, "create_model", spy)
+    monkeypatch.setattr(api, "create_model", spy)
+    q = tmp_path / "q"
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "64",
+          "--method", "rtn", "--out", str(q)])
+    top1 = {}
+    for source in (["--params", str(MICRO)], ["--quantized", str(q), "--mode", "int", "--gemm", "xla"]):
+        for dtype in ("float32", "bfloat16"):
+            built.clear()
+            capsys.readouterr()
+            main(["eval", *source, "--data", "digits:test", "--limit", "128", "--dtype", dtype])
+            line = capsys.readouterr().out.strip().splitlines()[-1]
+            assert jnp.dtype(dtype) in built  # the model evaluated (checks may build others)
+            assert line.endswith(", bfloat16 projections)") == (dtype == "bfloat16")
+            top1[source[0], dtype] = float(line.split()[1])
+    for source in ("--params", "--quantized"):
+        assert abs(top1[source, "bfloat16"] - top1[source, "float32"]) <= 3.0  # a few of 128 images
+    assert top1["--params", "float32"] > 80

@@ -250,6 +250,31 @@ def test_bf16_dot_path_is_exact_where_one_f32_dot_is_not():
     np.testing.assert_array_equal(_codes_matmul_bf16(codes, w, a_zero, 8, 8), want)
 
 
+@pytest.mark.parametrize("a_bits,w_bits", [(8, 4), (4, 4), (8, 3)])
+def test_4bit_weight_may_come_packed_unpacked_or_as_int4(a_bits, w_bits):
+    """The packed (K/2, N) form, (K, N) int8 codes and a (K, N) jnp.int4 array give one result on
+    every entry point (what the shape or dtype says the storage is; the sums do not depend on it)."""
+    inp = make_inputs(23, 1, 48, 40, a_bits, w_bits)
+    forms = (inp["w_q"], inp["w"], inp["w"].astype(jnp.int4))
+    assert forms[0].shape == (24, 40) and forms[1].shape == forms[2].shape == (48, 40)
+    naive = naive_int32(inp, a_bits)
+    bits = dict(a_bits=a_bits, w_bits=w_bits)
+    act = (inp["smooth"], inp["a_scale"], inp["a_zero"])
+    fl = (inp["w_scale"], *act, inp["bias"])
+    codes = quantize_activations(inp["x"], *act, a_bits=a_bits)
+    outs = []
+    for w in forms:
+        np.testing.assert_array_equal(qmatmul_int32_ref(inp["x"], w, *act, **bits), naive)
+        np.testing.assert_array_equal(qmatmul_int32(inp["x"], w, *act, interpret=INTERPRET, **bits), naive)
+        outs.append([np.asarray(f(inp["x"], w, *fl, **bits)) for f in (qmatmul_ref, qmatmul_bf16_dot)]
+                    + [np.asarray(qmatmul(inp["x"], w, *fl, interpret=INTERPRET, **bits)),
+                       np.asarray(qmatmul_codes(codes, w, inp["w_scale"], inp["a_scale"], inp["a_zero"],
+                                                inp["bias"], interpret=INTERPRET, **bits))])
+    for other in outs[1:]:
+        for got, want in zip(other, outs[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_custom_tiles_mask_every_edge():
     # M = 197 rows, K = 48, N = 40: no dimension is a multiple of its tile.
     inp = make_inputs(11, 1, 48, 40, 8, 8)
@@ -262,15 +287,17 @@ def test_custom_tiles_mask_every_edge():
 def test_bad_arguments_are_explained():
     inp = make_inputs(5, 1, 64, 32, 8, 8)
     args = dict(w_scale=inp["w_scale"], smooth=inp["smooth"], a_scale=inp["a_scale"], a_zero=inp["a_zero"])
-    with pytest.raises(ValueError, match="packed weights of shape"):
-        qmatmul(inp["x"], inp["w_q"], **args, w_bits=4)
+    with pytest.raises(ValueError, match=r"w_bits=4 takes the weight as \(K, N\)"):
+        qmatmul(inp["x"], inp["w_q"][:40], **args, w_bits=4)
+    with pytest.raises(ValueError, match="jnp.int4 weight holds at most 4-bit"):
+        qmatmul(inp["x"], inp["w_q"].astype(jnp.int4), **args, w_bits=8)
     with pytest.raises(ValueError, match="per token position"):
         qmatmul_ref(inp["x"], inp["w_q"], **{**args, "a_scale": inp["a_scale"][:-1]})
     with pytest.raises(ValueError, match="a_zero must be an integer"):
         qmatmul(inp["x"], inp["w_q"], **{**args, "a_zero": inp["a_scale"]})
     with pytest.raises(ValueError, match="a_bits must be in 2..8"):
         qmatmul_ref(inp["x"], inp["w_q"], **args, a_bits=9)
-    with pytest.raises(ValueError, match="w_q must be a 2-D int8"):
+    with pytest.raises(ValueError, match="w_q must be a 2-D int8 or jnp.int4"):
         qmatmul(inp["x"], inp["w_q"].astype(jnp.int32), **args)
     with pytest.raises(ValueError, match="block_k must be a power of two >= 32"):
         GemmConfig(block_k=16)

@@ -141,7 +141,12 @@ def test_qmatmul_wgmma_pads_any_k_and_n_to_qmatmuls_result(k, n, a_bits, w_bits,
         np.testing.assert_array_equal(np.asarray(y), ref)
     else:  # the GPU build may contract the epilogue into an FMA
         np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
-    wrong_k = r"w_q must be \(K, N\) with K=" if w_bits == 8 else "K must be even"
+    if w_bits == 4:  # the same weight unpacked, as jnp.int4 codes: the same result
+        y4 = qmatmul_wgmma(x, codes.astype(jnp.int4), *args[1:], a_bits=a_bits, w_bits=w_bits,
+                           config=WgmmaConfig(64, 64, 64, 2), interpret=INTERPRET,
+                           pallas_quantize=pallas_quantize)
+        np.testing.assert_array_equal(np.asarray(y4), np.asarray(y))
+    wrong_k = r"w_q must be \(K, N\) with K=" if w_bits == 8 else r"\(K/2, N\) \(K even\)"
     with pytest.raises(ValueError, match=wrong_k):
         qmatmul_wgmma(x[..., :-1], *args, a_bits=a_bits, w_bits=w_bits, interpret=INTERPRET)
 
