@@ -316,7 +316,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptq4vm_jax.quant.config import ACT_GRIDS, LOSS_AXES, LOSSES, METHODS
+    from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
+
+    def recipe(field: str) -> str:  # "(default: Vim 0.5, VMamba 0.65)": the family recipes
+        vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
+                       for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
+        return f"(default: Vim {vim}, VMamba {vmamba})"
     from ptq4vm_jax.quant.integer import GEMM_BACKENDS
     from ptq4vm_jax.quant.layer import MODES
 
@@ -331,13 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None,
                    help="JLSS epochs over the 256 images (default: 12 in batches of 32 for Vim, the "
                         "official recipe for VMamba)")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or per-block log, only the table")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("convert", help="official .pth/.safetensors -> Orbax float params")
-    c.add_argument("--model", required=True)
-    c.add_argument("--checkpoint", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--model", required=True, help="e.g. vim_tiny, vim_small, vim_base, vmamba_tiny")
+    c.add_argument("--checkpoint", required=True, help="official .pth/.safetensors (read without torch)")
+    c.add_argument("--out", required=True, help="new Orbax directory for the float params")
     c.add_argument("--key", default="model", help="sub-dict of the checkpoint (model, model_ema)")
     c.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="official constructor size argument, e.g. embed_dim=384 (repeatable)")
@@ -356,29 +361,39 @@ def build_parser() -> argparse.ArgumentParser:
     source_args(q)
     q.add_argument("--calib", default="tfds:imagenet2012:train",
                    help="calibration data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
-    q.add_argument("--num-calib", type=int, default=256)
-    q.add_argument("--w-bits", type=int, default=8)
-    q.add_argument("--a-bits", type=int, default=8)
-    q.add_argument("--method", default="ptq4vm", choices=METHODS)
-    q.add_argument("--epochs", type=int, default=None)
-    q.add_argument("--train-batch", type=int, default=None)
-    q.add_argument("--alpha", type=float, default=None)
-    q.add_argument("--act-grid", default="fixed", choices=ACT_GRIDS)
+    q.add_argument("--num-calib", type=int, default=256, help="calibration images (default: 256)")
+    q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default: 8)")
+    q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8 (default: 8)")
+    q.add_argument("--method", default="ptq4vm", choices=METHODS,
+                   help="ptq4vm (default: PTS + SmoothQuant init, then JLSS); pts_only (the "
+                        "initialisation alone); rtn (min-max baseline); per_token_dynamic (baseline)")
+    q.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the calibration set per block {recipe('epochs')}")
+    q.add_argument("--train-batch", type=int, default=None,
+                   help=f"JLSS mini-batch {recipe('train_batch')}")
+    q.add_argument("--alpha", type=float, default=None,
+                   help=f"SmoothQuant migration strength {recipe('alpha')}")
+    q.add_argument("--act-grid", default="fixed", choices=ACT_GRIDS,
+                   help="activation grid search: fixed (default, includes the full range) or "
+                        "official (the released grid)")
     q.add_argument("--loss", default="cosine", choices=LOSSES,
                    help="block loss: cosine (the paper) or relative MSE")
     q.add_argument("--loss-axis", default="channel", choices=LOSS_AXES,
                    help="VMamba only: the axis of the cosine loss; width reproduces the released "
                         "VMamba code (cosine along the image width)")
-    q.add_argument("--lr-w", type=float, default=None, help="weight-step learning rate")
-    q.add_argument("--lr-a", type=float, default=None, help="activation-step learning rate")
-    q.add_argument("--lr-s", type=float, default=None, help="smoothing-scale learning rate")
+    q.add_argument("--lr-w", type=float, default=None,
+                   help=f"weight-step learning rate {recipe('lr_w')}")
+    q.add_argument("--lr-a", type=float, default=None,
+                   help=f"activation-step learning rate {recipe('lr_a')}")
+    q.add_argument("--lr-s", type=float, default=None,
+                   help=f"smoothing-scale learning rate {recipe('lr_s')}")
     q.add_argument("--official-inner-proj", action="store_true",
                    help="train only in_proj/out_proj like the released Vim code")
     q.add_argument("--keep-learned", action="store_true",
                    help="keep the learned scales of a block even where learning raised its loss, like "
                         "the released code (default: keep that block's initial scales)")
     q.add_argument("--resume", default=None, help="directory for per-block resume state")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="new Orbax directory for the quantized checkpoint")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model")
@@ -399,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the integer mode's (its activations reach the quantizers in bf16)")
     e.add_argument("--data", default="tfds:imagenet2012:validation",
                    help="evaluation data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=64,
+                   help="images per step, split over the local devices (default: 64)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     e.set_defaults(func=cmd_eval)
     return p
