@@ -19,9 +19,9 @@ int8, and the zero point is restored exactly with the weight column sums,
 in the low nibble and row i of the second half in the high nibble (see :func:`pack_int4`).
 Pairing rows K/2 apart (rather than neighbours) lets the kernel multiply each nibble plane
 with a contiguous slice of the activations; no strided loads, no interleaving. Every entry point
-also takes the weight unpacked, as (K, N) ``jnp.int4`` or int8 codes, whatever ``w_bits``: the
-shape against x's K tells the two apart, and an unpacked weight runs as int8 (same sums; it
-only reads twice the weight bytes of the packed form).
+also takes the weight unpacked, as (K, N) codes, int8 (any ``w_bits``) or ``jnp.int4``
+(``w_bits <= 4``): the shape against x's K tells packed and unpacked apart, and an unpacked
+weight runs as int8 (same sums; it only reads twice the weight bytes of the packed form).
 """
 
 from __future__ import annotations
