@@ -317,13 +317,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
+    from ptq4vm_jax.quant.integer import GEMM_BACKENDS
+    from ptq4vm_jax.quant.layer import MODES
 
     def recipe(field: str) -> str:  # "(default: Vim 0.5, VMamba 0.65)": the family recipes
         vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
                        for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
         return f"(default: Vim {vim}, VMamba {vmamba})"
-    from ptq4vm_jax.quant.integer import GEMM_BACKENDS
-    from ptq4vm_jax.quant.layer import MODES
 
     p = argparse.ArgumentParser(prog="ptq4vm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
