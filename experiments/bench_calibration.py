@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -22,7 +23,7 @@ import ptq4vm_jax as pq
 from ptq4vm_jax.models import image_shape
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vim_tiny")
     ap.add_argument("--num-calib", type=int, default=256)
@@ -31,11 +32,19 @@ def main() -> None:
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=8)
     ap.add_argument("--depth", type=int, default=None, help="fewer blocks for a reduced run (Vim)")
-    args = ap.parse_args()
-
-    family = pq.models.model_family(args.model)
+    args = ap.parse_args(argv)
+    try:
+        family = pq.models.model_family(args.model)
+    except ValueError as err:
+        ap.error(f"--model: {err}")
     if args.depth is not None and family != "vim":
         ap.error("--depth is a Vim size; VMamba stages are set by the model name")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    family = pq.models.model_family(args.model)
     overrides = {} if args.depth is None else {"depth": args.depth}
     started = time.perf_counter()
     model = pq.create_model(args.model, **overrides)

@@ -708,7 +708,8 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
                  variants: Sequence[str] = E2E_VARIANTS):
     """bf16 float forwards (Pallas scan; lax.scan reference) and W8A8 integer forwards of a
     randomly initialised Vim, one per integer GEMM backend (``quantized_apply(gemm=...)``), the
-    most promising first; ``variants`` picks among ``E2E_VARIANTS`` (wgmma only on Hopper). The
+    most promising first; ``variants`` picks among ``E2E_VARIANTS`` (wgmma only on Hopper and,
+    for the smoke test, in the Mosaic GPU interpreter). The
     W8A8 scales come from a quick RTN calibration on 16 random images: the arithmetic, not the
     accuracy, is what is timed."""
     import ptq4vm_jax as pq
@@ -743,7 +744,7 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
                                        ("xla-bf16", "XLA bf16 dot on codes, every linear"),
                                        ("wgmma-1pass", "wgmma 1-pass in/out_proj, 2-pass x/dt_proj"),
                                        ("xla", "XLA s8 dot"), ("pallas", "Triton qmatmul"))
-             if f"int-{g}" in variants and (g not in HOPPER_ONLY or hopper)]
+             if f"int-{g}" in variants and (g not in HOPPER_ONLY or hopper or interpret)]
     if gemms:
         cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
@@ -845,7 +846,9 @@ def scan_shape(name: str, batch: int) -> tuple[str, int, int, int, int]:
     return f"vmamba stage{i + 1}", batch, seq, e, 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with every shape and model name checked before anything compiles
+    (a typo in the prepared GPU call should cost nothing)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="Vim-S GEMMs at batch 64, two scans, one scan-train shape, Vim-S end to end "
@@ -870,11 +873,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting new rows after this many seconds (default 420)")
     args = ap.parse_args(argv)
+    unknown = [name for name, _ in args.gemm_shapes or () if name not in VIM_DIMS]
+    if unknown:
+        ap.error(f"--gemm-shapes takes {', '.join(VIM_DIMS)}, got {', '.join(unknown)}")
+    for name, batch in args.scan_shapes or ():
+        try:
+            scan_shape(name, batch)
+        except SystemExit as err:
+            ap.error(f"--scan-shapes: {err}")
+    import ptq4vm_jax as pq
+    for name, _ in args.e2e_models or ():
+        try:
+            pq.models.canonical_name(name)
+        except ValueError as err:
+            ap.error(f"--e2e-models: {err}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
 
     dev = jax.devices()[0]
     kind = dev.device_kind
     if dev.platform != "gpu" and not args.interpret:
-        ap.error(f"no GPU (found {dev.platform}: {kind}); use --interpret for the CPU smoke test")
+        print(f"bench_kernels.py: error: no GPU (found {dev.platform}: {kind}); use --interpret for "
+              "the CPU smoke test", file=sys.stderr)
+        return 2
     pk = None if args.interpret else peaks(kind)
     quick = args.quick or args.interpret
     cfg = RunConfig(args.interpret, repeats=3 if args.interpret else (10 if quick else 20),
@@ -916,9 +940,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scan_shapes:
         scans = [scan_shape(*nb) for nb in args.scan_shapes]
     if args.gemm_shapes:
-        unknown = [name for name, _ in args.gemm_shapes if name not in VIM_DIMS]
-        if unknown:
-            ap.error(f"--gemm-shapes takes {', '.join(VIM_DIMS)}, got {', '.join(unknown)}")
         jobs = [(mdl, lname, b) for mdl, b in args.gemm_shapes for lname in layers]
         first = jobs[:1]
     if args.e2e_models:

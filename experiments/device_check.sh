@@ -29,6 +29,8 @@
 #           official recipe (fourth session: stopped at 170 s in block 4 of 24; block 0 63.6 s,
 #           later blocks 1.1 s, ~100 s of set-up before block 0: give it 250 s)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
+# tests/test_experiments.py parses every command below and runs the kernels / e2e steps' variants
+# in the CPU interpreter, so a typo here cannot waste the GPU's time.
 # For a 15-minute device budget (machine start ~30-70 s, 2026-11-27), two calls:
 #   bash experiments/device_check.sh 540                          (timeout_s 570: env .. ktests)
 #   STEPS="calib" bash experiments/device_check.sh 250            (timeout_s 270)

@@ -1,0 +1,108 @@
+"""The prepared GPU call, ``experiments/device_check.sh``, must not waste a lent GPU on a typo or
+a broken code path: every command in it parses, the files it names exist, and its kernel and
+end-to-end benchmark rows run on the CPU (Pallas interpreter, tiny shapes) with exact checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import shlex
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """An ``experiments/`` script as a module (the folder is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def device_check_steps() -> dict[str, list[str]]:
+    """step name -> its command words, from ``step NAME SECONDS CMD...`` lines."""
+    text = (ROOT / "experiments" / "device_check.sh").read_text().replace("\\\n", " ")
+    steps = {}
+    for line in text.splitlines():
+        if line.startswith("step "):
+            words = shlex.split(line)
+            steps[words[1]] = words[3:]
+    return steps
+
+
+def without(args: Sequence[str], *options: str) -> list[str]:
+    """``args`` with each of ``options`` and the values that follow it removed."""
+    kept, dropping = [], False
+    for word in args:
+        if word.startswith("--"):
+            dropping = word in options
+        if not dropping:
+            kept.append(word)
+    return kept
+
+
+def test_device_check_runs_every_step_it_documents():
+    steps = device_check_steps()
+    header = (ROOT / "experiments" / "device_check.sh").read_text().split("set -u")[0]
+    assert list(steps) == ["env", "kernels", "e2e", "ws", "hopper", "itests", "ktests", "calib"]
+    for name in steps:
+        assert f"#   {name} " in header, f"step {name!r} is not described in the script's header"
+
+
+@pytest.mark.parametrize("name", ["kernels", "e2e", "ws", "hopper", "itests", "ktests", "calib"])
+def test_device_check_commands_parse_and_name_existing_files(name):
+    words = device_check_steps()[name]
+    assert words[0] == "$PY", words
+    if words[1] == "-m":
+        assert words[2] == "pytest"
+        paths = [w for w in words[3:] if not w.startswith("-") and w not in ("no:cacheprovider", "line")]
+        assert paths and all((ROOT / p).is_file() for p in paths), paths
+        return
+    script = pathlib.Path(words[1])
+    assert (ROOT / script).is_file(), script
+    args = load_script(script.stem).parse_args(words[2:])
+    if script.stem == "bench_kernels":
+        assert args.sections, "each GPU step should name its sections"
+
+
+def test_bench_parsers_reject_typos_before_compiling(capsys):
+    bench = load_script("bench_kernels")
+    calib = load_script("bench_calibration")
+    for argv, flag in ((["--gemm-shapes", "vim_x:256"], "--gemm-shapes"),
+                       (["--scan-shapes", "vmamba-stage9:64"], "--scan-shapes"),
+                       (["--e2e-models", "vim_smal:256"], "vim_small"),
+                       (["--gemm-variants", "wgmma-2pass"], "--gemm-variants")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        calib.parse_args(["--model", "vim_tinny"])
+    assert "did you mean 'vim_tiny'" in capsys.readouterr().err
+
+
+def test_device_check_kernel_and_e2e_rows_run_in_the_interpreter(capsys):
+    """The ``kernels`` and ``e2e`` steps' variants at the smoke shapes (vim_micro end to end);
+    main() returns 1 when a row's exactness check fails or a row raises. ``int-wgmma`` end to end
+    is left out: the Mosaic GPU interpreter takes ~5 s per linear there, and
+    tests/test_int_mode.py checks gemm="wgmma" on the same model."""
+    steps = device_check_steps()
+    kernels = without(steps["kernels"][2:], "--gemm-shapes", "--budget-s", "--quick")
+    e2e = without(steps["e2e"][2:], "--e2e-models", "--budget-s", "--quick")
+    e2e_variants = [v for v in e2e[e2e.index("--e2e-variants") + 1:] if v != "int-wgmma"]
+    argv = ["--interpret", "--sections", "gemm", "e2e",
+            *kernels[kernels.index("--gemm-variants"):], "--e2e-variants", *e2e_variants]
+    assert load_script("bench_kernels").main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| section |"):]
+    rows = [line for line in table.splitlines() if line.startswith("| gemm") or line.startswith("| e2e")]
+    assert len(rows) == 4 * 3 + len(e2e_variants), rows
+    assert sum("int32 exact" in row for row in rows) >= 2  # in_proj and out_proj's accumulators
+    assert all("ERROR" not in row and "MISMATCH" not in row for row in rows)
