@@ -330,8 +330,9 @@ def quantized_apply(
 ) -> jax.Array:
     """Logits of the quantized model (inference only). ``mode``: "fake" (fp32 simulation, the
     accuracy reference) or "int" (integer matmuls: Pallas kernels on GPU, an integer-exact jnp
-    path elsewhere). ``gemm`` picks the integer GEMM of ``mode="int"``: "auto", "xla", "xla-bf16",
-    "pallas", or on Hopper "wgmma", "wgmma-1pass" and "mixed"; all integer-exact; see
+    path elsewhere; not for ``per_token_dynamic``, whose scales exist only at run time).
+    ``gemm`` picks the integer GEMM of ``mode="int"``: "auto", "xla", "xla-bf16", "pallas", or on
+    Hopper "wgmma", "wgmma-1pass" and "mixed"; all integer-exact; see
     ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``.
 
     On GPU both modes run the Pallas selective scan, so they differ only in the linears. The

@@ -217,6 +217,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
             raise UsageError(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
+        if args.mode == "int" and qp.config.method == "per_token_dynamic":
+            raise UsageError(f"--quantized {args.quantized} is per_token_dynamic: its activation scales "
+                             "are computed at run time, so it has no integer mode; use --mode fake")
         model = qp.model(dtype=jnp.dtype(args.dtype))
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
@@ -401,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize` (instead of a float "
                                        "--checkpoint / --params)")
     e.add_argument("--mode", default=None, choices=MODES, help="for --quantized: fp32 fake-quant "
-                                                                "(default) or integer arithmetic")
+                                                                "(default) or integer arithmetic (not "
+                                                                "for per_token_dynamic checkpoints)")
     e.add_argument("--gemm", default=None, choices=GEMM_BACKENDS,
                    help="integer GEMM of --mode int (auto: wgmma on Hopper, the Triton kernel on "
                         "other GPUs, XLA elsewhere; xla-bf16: XLA's bf16 dot on the integer codes, "

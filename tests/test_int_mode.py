@@ -233,3 +233,14 @@ def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):
         pq.quantized_apply(pq.create_model("vmamba_micro"), tiny64, images)
     with pytest.raises(ValueError, match="made for vim_micro, not vim_nano"):
         pq.quantized_apply("vim_nano", tiny64, images)
+
+
+def test_per_token_dynamic_has_no_int_mode(micro):
+    """Its activation scales come from each input at run time: there is no static integer form."""
+    params, calib, test_x, _ = micro
+    cfg = pq.QuantConfig(8, 8, method="per_token_dynamic", num_calib=16)
+    qp = pq.quantize_params(params, calib, model="vim_micro", config=cfg, progress=False,
+                            log=lambda _: None)
+    assert np.isfinite(np.asarray(pq.quantized_apply(None, qp, test_x[:4], mode="fake"))).all()
+    with pytest.raises(ValueError, match="mode='int' needs static activation scales.*mode='fake'"):
+        pq.quantized_apply(None, qp, test_x[:4], mode="int")

@@ -56,7 +56,8 @@ def qlinear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig, mode
     """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic.
 
     A 2-D input (batch, features), e.g. the classifier head, is one token per example.
-    Integer mode needs static activation scales, so ``per_token_dynamic`` always runs fake.
+    ``per_token_dynamic`` has no static activation scales, so it runs fake (:func:`intercept_dense`
+    refuses ``mode="int"`` for it).
     """
     if x.ndim == 2:
         return qlinear(x[:, None, :], layer, cfg, mode)[:, 0, :]
@@ -115,6 +116,9 @@ def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake",
     in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "int" and cfg.method == "per_token_dynamic":
+        raise ValueError("mode='int' needs static activation scales, and method='per_token_dynamic' "
+                         "computes them from each input at run time: evaluate it with mode='fake'")
 
     def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module

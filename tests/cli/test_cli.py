@@ -310,3 +310,11 @@ def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypat
     for source in ("--params", "--quantized"):
         assert abs(top1[source, "bfloat16"] - top1[source, "float32"]) <= 3.0  # a few of 128 images
     assert top1["--params", "float32"] > 80
+
+
+def test_eval_refuses_int_mode_for_a_per_token_dynamic_checkpoint(tmp_path):
+    q = tmp_path / "dynamic"
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
+          "--method", "per_token_dynamic", "--out", str(q)])
+    with pytest.raises(SystemExit, match="is per_token_dynamic: .*no integer mode; use --mode fake"):
+        main(["eval", "--quantized", str(q), "--data", "digits:test", "--limit", "8", "--mode", "int"])
