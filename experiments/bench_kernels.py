@@ -102,7 +102,7 @@ from ptq4vm_jax.quant.integer import HOPPER_ONLY, is_hopper
 
 SEQ = 197
 L2_BYTES = 50e6
-# device_kind substring -> (dense bf16 TFLOPS, dense int8 TOPS, HBM TB/s): kernels-notes.md §3.
+# device_kind substring -> (dense bf16 TFLOPS, dense int8 TOPS, HBM TB/s): datasheet values.
 PEAKS = {"H200": (989.4, 1978.9, 4.8), "H100 PCIe": (756.0, 1513.0, 2.0), "H100": (989.4, 1978.9, 3.35)}
 EXP_PEAK = 3.9e12  # special-function (exp) rate of H100/H200, an estimate (FA3 paper)
 VIM_DIMS = {"vim_t": 192, "vim_s": 384, "vim_b": 768, "smoke": 64}  # embed dim D
@@ -621,7 +621,8 @@ def sweep_wgmma_rows(cfg) -> list[Row]:
 SCAN_SWEEP_SHAPES = (("vim_b", 256, SEQ, 1536, 16), ("vim_s", 256, SEQ, 768, 16),
                      ("vmamba stage1", 64, 3136, 96, 1))
 
-# (block_e, num_warps, unroll, prefetch, exp2, channel_major); the default first.
+# (block_e, num_warps, unroll, prefetch, exp2, channel_major); tile layouts first, then
+# channel-major (the defaults per shape are default_scan_config's, timed in the scan section).
 SCAN_SWEEP = (
     (32, 2, 4, True, False, False), (32, 2, 4, True, True, False),
     (32, 1, 4, True, True, True), (32, 1, 4, True, False, True), (32, 1, 2, True, True, True),

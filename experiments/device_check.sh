@@ -4,8 +4,10 @@
 #   bash experiments/device_check.sh [TOTAL_SECONDS]   (default 540; logs go to $OUT or /tmp)
 #   STEPS="calib" bash experiments/device_check.sh 250   # only those steps (a second call)
 #
-# Steps, each under its own time limit so that one failure (or a hang) still leaves the others'
-# results:
+# Steps, in this order, each under its own time limit so that one failure (or a hang) still
+# leaves the others' results; a limit is cut to the time left, and the limits add up to more than
+# one call's total on purpose: a step that ends early leaves its time to the next ones (in the
+# first call below, calib runs only on what is left):
 #   env     GPU, driver, versions of jax / flax / optax / orbax
 #   kernels experiments/bench_kernels.py's GEMM rows at the eight Vim-S and Vim-B linears, batch
 #           256: the wgmma 2-pass kernel, XLA's bf16 dot on the integer codes (gemm="xla-bf16",
@@ -21,10 +23,11 @@
 #   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py, 40 tests; the
 #           fourth session's 30 of them took well under 170 s)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
-#           every integer GEMM backend against the others, xla-bf16 and mixed among them (16
-#           passed in 163 s on the H200, third session; not reached in the fourth)
+#           every integer GEMM backend against the others, xla-bf16 and mixed among them (20
+#           tests now; 16 of them passed in 163 s on the H200, third session; not reached in the
+#           fourth)
 #   ktests  the other kernel tests compiled: Triton qmatmul and quantize, the bf16-dot path,
-#           the selective scan forward (both layouts) and backward (86 tests)
+#           the selective scan forward (both layouts) and backward (89 tests)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
 #           official recipe (fourth session: stopped at 170 s in block 4 of 24; block 0 63.6 s,
 #           later blocks 1.1 s, ~100 s of set-up before block 0: give it 250 s)
@@ -34,7 +37,7 @@
 # For a 15-minute device budget (machine start ~30-70 s, 2026-11-27), two calls:
 #   bash experiments/device_check.sh 540                          (timeout_s 570: env .. ktests)
 #   STEPS="calib" bash experiments/device_check.sh 250            (timeout_s 270)
-# Measured on the H200 (2026-11-27): env 5 s; 86 kernel tests 170 s (fourth session); RTN scales
+# Measured on the H200 (2026-11-27): env 5 s; the 86 kernel tests of then: 170 s (fourth session); RTN scales
 # for the e2e rows 26-38 s, each e2e forward compiles in 5-19 s; test_int_mode 163 s.
 set -u
 TOTAL=${1:-540}

@@ -198,10 +198,16 @@ def supports_qmatmul_wgmma(m: int, k: int, n: int) -> bool:
 
 
 def prepare_weight_wgmma(w_q: jax.Array, w_bits: int) -> jax.Array:
-    """(N, K) int8, K contiguous, from a (K, N) int8 or (K/2, N) packed 4-bit weight; once per layer."""
-    if w_q.ndim != 2 or w_q.dtype != jnp.int8:
-        raise ValueError(f"w_q must be a 2-D int8 array, got {w_q.dtype}{list(w_q.shape)}")
+    """(N, K) int8, K contiguous, from a (K, N) int8 weight, a (K/2, N) packed 4-bit one (int8
+    with ``w_bits <= 4``: there is no x here to tell the forms apart) or (K, N) ``jnp.int4``
+    codes; once per layer."""
     check_bits(8, w_bits)
+    if w_q.ndim == 2 and w_q.dtype == jnp.int4:
+        if w_bits > 4:
+            raise ValueError(f"a jnp.int4 weight holds 4-bit codes, but w_bits={w_bits}")
+        return w_q.astype(jnp.int8).T
+    if w_q.ndim != 2 or w_q.dtype != jnp.int8:
+        raise ValueError(f"w_q must be a 2-D int8 (or jnp.int4) array, got {w_q.dtype}{list(w_q.shape)}")
     return dense_weight(w_q, w_bits).T  # XLA materialises the transpose: a row-major (N, K) array
 
 
@@ -421,7 +427,8 @@ def qmatmul_codes_wgmma(
     config: WgmmaConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """:func:`~pallas_kernels.qmatmul.qmatmul_codes` on Hopper ``wgmma``; same result.
+    """:func:`~pallas_kernels.qmatmul.qmatmul_codes` on Hopper ``wgmma``; same result (but
+    ``out_dtype`` defaults to bf16 here, float32 there).
 
     ``codes`` (B, L, K) int8 from ``quantize_activations``; ``w_t`` (N, K) int8 from
     :func:`prepare_weight_wgmma`; ``w_scale`` (N,); ``a_scale``, ``a_zero`` (L,); ``bias`` (N,);

@@ -1,16 +1,20 @@
 """Mamba S6 selective scan as a Pallas (Triton backend) kernel.
 
-One program per (batch element, tile of ``block_e`` channels) holds its (block_e, N) fp32
-state in registers and walks the tokens sequentially with a ``fori_loop``, reading one row
-of u / delta / z / B / C per step through refs and writing one row of y. The state never
-touches HBM and no (B, L, E, N) tensor exists. ``reverse=True`` walks from the last token to
+One program per (batch element, tile of ``block_e`` channels) holds its fp32 state in
+registers and walks the tokens sequentially with a ``fori_loop``, reading one row of
+u / delta / z / B / C per step through refs and writing one row of y. The state never touches
+HBM and no (B, L, E, N) tensor exists. Two state layouts (``ScanConfig.channel_major``): a
+(block_e, N) tile, or channel-major, each thread owning whole channels' N states;
+``default_scan_config`` picks channel-major for N > 1 from 65 536 batch x E channels (faster
+there on the H200), the tile otherwise. ``reverse=True`` walks from the last token to
 the first without flipped copies. Semantics are those of
 ``ptq4vm_jax.ops.scan.selective_scan_ref`` (the reference and the non-GPU path).
 
 ``selective_scan_trainable`` adds a ``custom_vjp`` for calibration, which differentiates
 through the scan (``lax.scan`` on GPU pays ~23 us per token, launch-bound). Only the recurrence
 y_t = <h_t, C_t> runs in kernels; the elementwise parts (softplus, D·u, the SiLU(z) gate) are
-differentiated by hand in jnp, where XLA fuses them. Same grid and tiles as the forward.
+differentiated by hand in jnp, where XLA fuses them. By default its forward pass takes the
+forward's default layout and its backward the tile layout (a ``config`` sets both).
 """
 
 from __future__ import annotations

@@ -99,6 +99,8 @@ def nonfinite_report(arrays: Mapping[str, Any]) -> list[str]:
 
 
 def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):  # before np.dtype(), which would read np.float32(0.5) as "float32"
+        return value.item()
     try:
         return np.dtype(value).name  # dtype overrides such as jnp.bfloat16
     except TypeError:
@@ -149,7 +151,7 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
     """Write ``tree`` + ``metadata.json`` to a temporary sibling, then swap it into place.
 
     An existing directory is only replaced if it is one of our checkpoints of the same format
-    (and, for float params, of the same model), so a mistyped path cannot wipe unrelated files
+    and model, so a mistyped path cannot wipe unrelated files
     or another checkpoint. Returns the metadata as written.
     """
     path = os.path.abspath(os.fspath(path))

@@ -85,6 +85,14 @@ class QuantConfig:
     rules: tuple[QuantRule, ...] | None = None
 
     def __post_init__(self) -> None:
+        # NumPy scalars (from a sweep over np.arange, say) become Python numbers: the config is
+        # written to metadata.json and must read back as it was.
+        for name in ("w_bits", "a_bits", "num_calib", "train_batch", "epochs"):
+            if _is_int(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("alpha", "lr_w", "lr_a", "lr_s", "weight_decay", "grad_clip", "grid_p"):
+            if _is_number(getattr(self, name)):
+                object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("w_bits", "a_bits"):
             b = getattr(self, name)
             if not _is_int(b) or not 2 <= b <= 8:
@@ -183,7 +191,7 @@ class QuantConfig:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

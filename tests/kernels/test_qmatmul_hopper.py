@@ -164,12 +164,14 @@ def test_accumulator_is_exact_and_colsum_is_reused():
 
 def test_prepare_weight_transposes_and_unpacks_4bit():
     w = jax.random.randint(jax.random.key(1), (128, 64), -8, 8, jnp.int32).astype(jnp.int8)
-    for stored, bits in ((w, 8), (pack_int4(w), 4)):
+    for stored, bits in ((w, 8), (pack_int4(w), 4), (w.astype(jnp.int4), 4)):
         w_t = prepare_weight_wgmma(stored, bits)
         assert w_t.shape == (64, 128) and w_t.dtype == jnp.int8
         np.testing.assert_array_equal(w_t, np.asarray(w).T)
-    with pytest.raises(ValueError, match="2-D int8"):
+    with pytest.raises(ValueError, match=r"2-D int8 \(or jnp.int4\)"):
         prepare_weight_wgmma(w.astype(jnp.int32), 8)
+    with pytest.raises(ValueError, match="jnp.int4 weight holds 4-bit codes, but w_bits=8"):
+        prepare_weight_wgmma(w.astype(jnp.int4), 8)
 
 
 def test_supports_wgmma_covers_vim_in_and_out_proj_only():
