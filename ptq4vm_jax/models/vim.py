@@ -1,4 +1,5 @@
-"""Vision Mamba (Vim, hustvl/Vim) in Flax Linen, bit-for-bit the official eval forward.
+"""Vision Mamba (Vim, hustvl/Vim) in Flax Linen: the official eval forward, operation for
+operation (golden logits within 1e-4 of the maximum, fp32, tests/models/test_vim_golden.py).
 
 Official model: ``VisionMamba`` with bimamba v2, a middle class token, absolute position
 embeddings, fused add + RMSNorm (residual in fp32) and ``if_divide_out=True``.
