@@ -165,8 +165,10 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
     if count <= 2:
         return (f"hint: {said} {sizes}: closest is {best} with {_pairs(diff)} (CLI: --model {best} plus "
                 f"those){either}")
+    cli = " ".join(f"--model-arg {k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                   for k, v in own.items())
     return (f"hint: {said} {sizes}; no registered model has them: keep {model_name} and pass "
-            f"{_pairs(own)}{either}")
+            f"{_pairs(own)} (CLI: {cli}){either}")
 
 
 def load_torch_checkpoint(

@@ -354,6 +354,9 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path!r} is a directory, not a .pth file; an Orbax directory "
+                                  "from `ptq4vm convert` is read by load_params (CLI: --params)")
         raise CheckpointError(f"checkpoint {path!r} is not a file")
     with open(path, "rb") as f:
         head = f.read(4)

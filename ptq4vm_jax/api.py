@@ -167,9 +167,12 @@ def quantize_params(
     if not paths:
         raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
     _, height, _, channels = image_shape(net)
+    what = (f"PTQ4VM, {cfg.epochs} epochs per block" if cfg.learns else cfg.method)
+    log(f"{name} W{cfg.w_bits}A{cfg.a_bits} ({what}) on {len(paths)} linears: reading {cfg.num_calib} "
+        "calibration images; the first block then compiles what the later ones reuse")
     images = jax.device_put(calibration_images(calib_ds, cfg.num_calib, image_size=height,
                                                channels=channels, count_name="QuantConfig.num_calib",
-                                               batch=cfg.train_batch))
+                                               batch=cfg.train_batch if cfg.learns else 1))
     images = _spread_over_devices(images, cfg.train_batch, log)
     bw = blockwise(net)
     loss_axis = -1 if cfg.loss_axis == "channel" else 2
@@ -181,6 +184,7 @@ def quantize_params(
         whole, digests = fingerprints(**parts)
         store = ResumeStore(resume_dir, whole, jax.tree_util.tree_structure(carry), digests=digests,
                             settings=settings)
+        store.prepare()
 
     t0 = time.perf_counter()
     in_stage = [p for p in paths if any(p[: len(s.path)] == s.path for s in bw.stages)]
@@ -316,7 +320,7 @@ def _check_params(net: nn.Module, params: Any, name: str) -> None:
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
     raise ValueError(
         f"params do not fit {name} ({len(problems)} problems):\n  " + "\n  ".join(problems[:12]) + more
-        + "\nDid you pass the params of another model (see --model / model_overrides)?"
+        + "\nDid you pass the params of another model (see model= / model_overrides=; CLI: --model)?"
     )
 
 

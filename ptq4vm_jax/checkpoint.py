@@ -205,13 +205,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist" if not os.path.exists(path)
-                              else f"{path} is a file, not a checkpoint directory")
+                              else f"{path} is a file, not a checkpoint directory; an official .pth / "
+                              ".safetensors file is read by load_torch_checkpoint (CLI: --checkpoint)")
     meta_path = os.path.join(path, METADATA_FILE)
     parent = os.path.dirname(path)
     if not os.path.isfile(meta_path) and os.path.basename(path) == TREE_DIR \
             and os.path.isfile(os.path.join(parent, METADATA_FILE)):
         raise CheckpointError(f"{path} is the {TREE_DIR}/ subdirectory of a checkpoint; pass the checkpoint "
                               f"itself, its parent {parent}")
+    if not os.path.isfile(meta_path) and any(os.path.exists(os.path.join(path, f))
+                                             for f in ("progress.json", "state.npz")):
+        raise CheckpointError(f"{path} holds the resume state of a calibration (resume_dir, CLI: --resume), "
+                              "not a checkpoint: the checkpoint is written where --out (save_quantized) "
+                              "points once calibration ends")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it is not a ptq4vm-jax checkpoint, or its "
                               "save was interrupted; re-create it")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,19 +38,26 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
-def _data_source(spec: str, data_dir: str | None, image_size: int) -> Any:
+def _data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> Any:
     """``tfds:NAME:SPLIT`` (array_record data source, no TensorFlow) or ``digits:SPLIT`` (built in,
-    made at the model's ``image_size``)."""
+    made at the model's ``image_size``); ``flag`` names the option in errors."""
     kind, _, rest = spec.partition(":")
     if kind == "digits":
         from ptq4vm_jax.data import load_digits_dataset
 
-        return load_digits_dataset(rest or "test", image_size=image_size)
+        if rest not in ("train", "test"):
+            raise UsageError(f"{flag} {spec}: give the split, digits:train or digits:test (calibrate on "
+                             "train, evaluate on test)")
+        return load_digits_dataset(rest, image_size=image_size)
     if kind == "tfds":
         name, _, split = rest.partition(":")
         if not name or not split:
-            raise UsageError(f"--data/--calib {spec!r}: expected tfds:NAME:SPLIT, e.g. "
+            raise UsageError(f"{flag} {spec!r}: expected tfds:NAME:SPLIT, e.g. "
                              "tfds:imagenet2012:validation")
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir() and "://" not in data_dir:
+            what = "is a file" if Path(data_dir).expanduser().exists() else "does not exist"
+            raise UsageError(f"--data-dir {data_dir} {what}; give the directory that holds the prepared "
+                             "tfds datasets (e.g. ~/tensorflow_datasets)")
         import tensorflow_datasets as tfds
 
         try:
@@ -64,7 +72,7 @@ def _data_source(spec: str, data_dir: str | None, image_size: int) -> Any:
                 f"could not open {spec} (data_dir={data_dir}): {cause}\nPrepare the dataset with tfds "
                 "(array_record format) under --data-dir; nothing is downloaded at run time."
             ) from None
-    raise UsageError(f"unknown data spec {spec!r}: use tfds:NAME:SPLIT or digits:train|test")
+    raise UsageError(f"{flag} {spec!r}: unknown data spec; use tfds:NAME:SPLIT or digits:train|test")
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -101,15 +109,27 @@ def _load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     if args.model_arg or args.key:
         raise UsageError("--model-arg and --key apply to --checkpoint; --params already records its "
                          "model's sizes and holds one set of weights")
+    from ptq4vm_jax.checkpoint import QUANT_FORMAT, read_metadata
+
+    if args.command != "eval" and (Path(args.params) / "metadata.json").is_file():
+        try:
+            held = read_metadata(args.params)
+        except ValueError:
+            held = {}
+        if held.get("format") == QUANT_FORMAT:
+            raise UsageError(f"--params {args.params} is a quantized checkpoint; {args.command} needs "
+                             "the float model: --params DIR from `ptq4vm convert`, or --checkpoint X.pth")
     params, meta = load_params(args.params, model_name=args.model)
     return meta["model_name"], dict(meta.get("model_overrides") or {}), params
 
 
-def _check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str | None]) -> None:
+def _check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str | None],
+               announce: bool = True) -> None:
     """Refuse, before any long work, an --out that would fail or destroy something at the end:
     one of the run's inputs, a file, anything ``write_checkpoint`` would refuse to replace, or a
-    place that cannot be written."""
-    from ptq4vm_jax.checkpoint import check_replaceable
+    place that cannot be written (tried: its parent is created and a file written there). A
+    checkpoint it will replace is named (``announce``) once the model is known."""
+    from ptq4vm_jax.checkpoint import check_replaceable, read_metadata
 
     target = Path(out).expanduser().absolute()
     for flag, path in inputs.items():
@@ -120,13 +140,38 @@ def _check_out(out: str, *, format: str, model: str | None, inputs: dict[str, st
         raise UsageError(f"--out {out} is an existing file; give a directory path")
     if target.exists():
         check_replaceable(str(target), {"format": format, "model_name": model})
+        if announce and model is not None and os.listdir(target):
+            held = read_metadata(str(target))
+            what = held.get("model_name", "?")
+            if held.get("config"):
+                c = held["config"]
+                what += f" {c.get('method')} W{c.get('w_bits')}A{c.get('a_bits')}"
+            print(f"note: --out {out} holds a checkpoint ({what}, written {held.get('created', '?')}); "
+                  "it will be replaced at the end", file=sys.stderr)
     parent = target.parent  # the result is written beside --out first, then renamed into place
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {out}: {parent} is a file, so no directory can be made under it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: no permission to create directories in {parent}")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, so no directory can be made under it")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create or write in {parent} ({e.strerror or e}); choose a "
+                         "writable place") from None
+
+
+def _check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
+    """--resume must not lie inside the output or an input (writing --out replaces its tree)."""
+    if not resume:
+        return
+    where = Path(resume).expanduser().absolute()
+    for flag, path in paths.items():
+        if path and where.is_relative_to(Path(path).expanduser().absolute()):
+            raise UsageError(f"--resume {resume} lies inside {flag} {path}; give the resume state a "
+                             "directory of its own")
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -158,17 +203,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ptq4vm_jax.checkpoint import QUANT_FORMAT
     from ptq4vm_jax.models import image_shape
 
-    _check_out(args.out, format=QUANT_FORMAT, model=None,
+    _check_out(args.out, format=QUANT_FORMAT, model=None, announce=False,
                inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
     if args.resume and Path(args.resume).exists() and not Path(args.resume).is_dir():
         raise UsageError(f"--resume {args.resume} is a file; give a directory for the resume state")
     if args.resume and (Path(args.resume) / "metadata.json").exists():
         raise UsageError(f"--resume {args.resume} is a checkpoint directory; give the resume state a "
                          "directory of its own")
+    _check_resume(args.resume, {"--out": args.out, "--params": args.params})
     name, overrides, params = _load_float(args)
     _check_out(args.out, format=QUANT_FORMAT, model=name, inputs={})  # now that the model is known
     size = image_shape(create_model(name, **overrides))[1]
-    calib = _data_source(args.calib, args.data_dir, size)
+    calib = _data_source(args.calib, args.data_dir, size, "--calib")
     if isinstance(calib, tuple):
         calib = calib[0]
     qp = quantize_params(params, calib, model=name, config=_config(args), model_overrides=overrides,
@@ -198,6 +244,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.models import canonical_name, image_shape
     from ptq4vm_jax.quant.integer import HOPPER_ONLY
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
     maybe_initialize_distributed()
     if args.quantized and (args.checkpoint or args.params or args.model_arg or args.key):
         raise UsageError("--quantized carries its model: drop --checkpoint, --params, --model-arg "
@@ -231,10 +279,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
         what = f"{name} float"
     shape = image_shape(model, args.batch_size)
-    source = _data_source(args.data, args.data_dir, shape[1])
+    source = _data_source(args.data, args.data_dir, shape[1], "--data")
     if jax.process_count() == 1:
         batches = eval_batches(source, args.batch_size, image_size=shape[1])
-        metrics = evaluate(logits_fn, batches, num_examples=args.limit)
+        size = len(source[0]) if isinstance(source, tuple) else getattr(source, "__len__", lambda: None)()
+        metrics = evaluate(logits_fn, batches, num_examples=args.limit, total=size)
     else:  # each host evaluates its own share; the counts are summed
         share = process_share(source, jax.process_index(), jax.process_count(), limit=args.limit)
         batches = lockstep(eval_batches(share, args.batch_size, image_size=shape[1], allow_empty=True),
@@ -288,7 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out).absolute() / args.model  # each model's demo has a directory of its own
     targets = {label: out / label.lower().replace(" ", "_") for label, _ in runs}
     for target in targets.values():  # before any calibration, not after the first
-        _check_out(str(target), format=QUANT_FORMAT, model=args.model, inputs={})
+        _check_out(str(target), format=QUANT_FORMAT, model=args.model, inputs={}, announce=False)
     preds = {}
     for label, cfg in runs:
         print(f"== {label}", flush=True)
@@ -363,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="PTQ4VM-quantize a model and save an Orbax checkpoint")
     source_args(q)
     q.add_argument("--calib", default="tfds:imagenet2012:train",
-                   help="calibration data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
+                   help="calibration data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test "
+                        "(default: tfds:imagenet2012:train)")
     q.add_argument("--num-calib", type=int, default=256, help="calibration images (default: 256)")
     q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default: 8)")
     q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8 (default: 8)")
@@ -417,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32): bfloat16 is the float model's fast variant and, with --mode int, "
                         "the integer mode's (its activations reach the quantizers in bf16)")
     e.add_argument("--data", default="tfds:imagenet2012:validation",
-                   help="evaluation data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test")
+                   help="evaluation data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test "
+                        "(default: tfds:imagenet2012:validation)")
     e.add_argument("--batch-size", type=int, default=64,
                    help="images per step, split over the local devices (default: 64)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -440,6 +491,7 @@ _CLI_WORDS = (
     (r"pass model_name='([\w.-]+)'", r"pass --model \1"),
     (r"load it with ptq4vm_jax\.checkpoint\.load_params", "give it as --params"),
     (r"load it with ptq4vm_jax\.checkpoint\.load_quantized", "give it as --quantized"),
+    (r"\bresume_dir\b", "--resume"),
 )
 
 

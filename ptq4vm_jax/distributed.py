@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -42,12 +43,21 @@ def maybe_initialize_distributed() -> bool:
                 f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all three "
                 "(address host:port, number of processes, this process's id) or none"
             )
-        jax.distributed.initialize(
-            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["JAX_NUM_PROCESSES"]),
-            process_id=int(env["JAX_PROCESS_ID"]),
-        )
+        try:
+            count, index = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except ValueError:
+            count = index = -1
+        if not 0 <= index < count:
+            raise ValueError(f"JAX_PROCESS_ID={env['JAX_PROCESS_ID']!r} must be an integer from 0 to "
+                             f"JAX_NUM_PROCESSES-1 (JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r})")
+        # JAX waits (minutes) for every process to join, silently: say what it waits for.
+        print(f"jax.distributed: process {index} of {count} joining {env['JAX_COORDINATOR_ADDRESS']}; "
+              "waiting for all of them to start", file=sys.stderr, flush=True)
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=count, process_id=index)
     elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        print("jax.distributed: joining the SLURM / Open MPI job; waiting for all its tasks to start",
+              file=sys.stderr, flush=True)
         jax.distributed.initialize()  # JAX reads the SLURM / Open MPI variables itself
     else:
         return False

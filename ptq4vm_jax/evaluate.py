@@ -24,15 +24,17 @@ def evaluate(
     num_examples: int | None = None,
     progress: bool = True,
     across_processes: bool = False,
+    total: int | None = None,
 ) -> dict[str, float]:
     """Accuracy of ``logits_fn(images) -> (B, classes)`` over ``(images, labels[, mask])`` batches.
 
     ``mask`` (from ``ptq4vm_jax.data.eval_batches``) drops the padding rows of the last batch.
-    ``num_examples``, when given, is the progress bar's total and a cap: evaluation stops after
-    that many real examples. Returns ``top1``/``top5`` in percent (top-5 is top-``classes`` when
-    there are fewer than 5 classes) and ``n``, the number of examples counted; with
-    ``across_processes`` the counts of every process are summed first (multi-host evaluation,
-    each process having evaluated its own share) and ``local_n`` is this process's count.
+    ``num_examples``, when given, is a cap: evaluation stops after that many real examples.
+    ``total`` (the data's size, when known) and the cap set the progress bar's total. Returns
+    ``top1``/``top5`` in percent (top-5 is top-``classes`` when there are fewer than 5 classes)
+    and ``n``, the number of examples counted; with ``across_processes`` the counts of every
+    process are summed first (multi-host evaluation, each process having evaluated its own
+    share) and ``local_n`` is this process's count.
     """
     from tqdm.auto import tqdm
 
@@ -40,7 +42,8 @@ def evaluate(
         raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
     hits1 = hits5 = n = nonfinite = 0
     warned = False
-    bar = tqdm(total=num_examples, disable=not progress, unit="img", desc="eval")
+    known = [t for t in (num_examples, total) if t is not None]
+    bar = tqdm(total=min(known) if known else None, disable=not progress, unit="img", desc="eval")
     try:
         for k, batch in enumerate(batches):
             images, labels, mask = _split_batch(batch, k, batches)

@@ -204,6 +204,15 @@ def test_missing_and_corrupt_metadata(tmp_path, params):
     (tmp_path / "ck" / "metadata.json").unlink()
     with pytest.raises(CheckpointError, match="has no metadata.json"):
         load_params(tmp_path / "ck")
+    (tmp_path / "file.pth").write_bytes(b"PK")
+    with pytest.raises(CheckpointError, match=r"is a file, not a checkpoint directory; an official .pth / "
+                                              r".safetensors file is read by load_torch_checkpoint"):
+        load_params(tmp_path / "file.pth")
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "progress.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds the resume state of a calibration \(resume_dir, CLI: "
+                                              r"--resume\), not a checkpoint"):
+        load_params(tmp_path / "resume")
 
 
 def _truncate_files(folder):

@@ -118,6 +118,12 @@ def test_partial_launch_variables_are_explained(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES is not; set all three"):
         maybe_initialize_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    for bad in ("5", "-1", "one"):  # refused before JAX would wait minutes for the others
+        monkeypatch.setenv("JAX_PROCESS_ID", bad)
+        with pytest.raises(ValueError, match=rf"JAX_PROCESS_ID='{bad}' must be an integer from 0 to "
+                                             r"JAX_NUM_PROCESSES-1 \(JAX_NUM_PROCESSES='2'\)"):
+            maybe_initialize_distributed()
 
 
 def test_single_device_default_needs_no_padding():

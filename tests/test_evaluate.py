@@ -52,6 +52,11 @@ def test_num_examples_caps_evaluation():
 def test_progress_bar_runs(capsys):
     evaluate(lambda p: one_hot_logits(p), [(np.array([1]), np.array([1]))], progress=True)
     assert "top1=100.00" in capsys.readouterr().err
+    batches = [(np.array([1, 1]), np.array([1, 1]))] * 3
+    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=6)  # the data's size known
+    assert "6/6" in capsys.readouterr().err
+    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=6, num_examples=4)
+    assert "4/4" in capsys.readouterr().err  # the cap, when smaller, is the total
 
 
 def test_evaluate_errors():

@@ -407,4 +407,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def _check_finite(tree: Any, stage: str, what: str) -> None:
     if not bool(_all_finite(tree)):
-        raise CalibrationError(f"non-finite values in the {what} after stage {stage}")
+        fix = ("the float model itself overflows here: check its weights (a corrupt or mis-converted "
+               "checkpoint) and that the images are preprocessed as it expects" if what == "float chain"
+               else "with learned scales kept where they diverged (revert_worse=False, --keep-learned), "
+               "lower lr_w/lr_a/lr_s; otherwise the quantization itself overflows (try more bits)")
+        raise CalibrationError(f"non-finite values in the {what} after stage {stage}: {fix}")

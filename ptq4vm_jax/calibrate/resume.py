@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path as FsPath
 from typing import Any
@@ -123,6 +124,28 @@ class ResumeStore:
                 "resume only with the exact same inputs, or delete the directory to start afresh"
             )
         return True
+
+    def prepare(self) -> None:
+        """Before any calibration: the directory must be ours (new, empty or holding resume state)
+        and writable, so that the first block's save cannot fail after the work."""
+        d = self.directory
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"resume_dir {d} is a file; give a directory for the resume state")
+        ours = {"progress.json", "state.npz", "state.tmp.npz", "progress.tmp.json"}
+        if d.is_dir():
+            names = set(os.listdir(d))
+            if names and not names & ours:
+                shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+                raise ValueError(f"resume_dir {d} holds other files ({shown}) and no resume state; give "
+                                 "a new or empty directory, so that the resume state is never mixed "
+                                 "with (or deleted along with) other files")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as e:
+            raise ValueError(f"resume_dir {d} cannot be created or written ({e.strerror or e}); "
+                             "choose a writable directory") from None
 
     def save(self, next_stage: int, layers: dict, fp_carry: Any, q_carry: Any, reports: list) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

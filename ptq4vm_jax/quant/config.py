@@ -137,7 +137,8 @@ class QuantConfig:
             object.__setattr__(self, "rules", rules)
 
     def resolve(self, family: str) -> QuantConfig:
-        """Fill the ``None`` fields with ``family``'s official recipe; check batch divisibility.
+        """Fill the ``None`` fields with ``family``'s official recipe; check batch divisibility
+        where learning needs it.
 
         A ``train_batch`` above ``num_calib`` becomes ``num_calib`` (one full batch per epoch, so
         ``epochs`` steps per block), as a data loader would give with fewer images than a batch."""
@@ -162,7 +163,7 @@ class QuantConfig:
         cfg = dataclasses.replace(self, **fill)
         if cfg.train_batch > cfg.num_calib:
             cfg = dataclasses.replace(cfg, train_batch=cfg.num_calib)
-        if cfg.num_calib % cfg.train_batch:
+        if cfg.learns and cfg.num_calib % cfg.train_batch:  # (otherwise it only sizes forward chunks)
             raise ValueError(
                 f"num_calib ({cfg.num_calib}) must be a multiple of train_batch ({cfg.train_batch}); "
                 "change one of them"

@@ -255,6 +255,8 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm,
     resumed = quantize_params(params, images, model=MODEL, config=BASE, resume_dir=str(tmp_path),
                               progress=False, log=logs.append)
     assert any("resuming after stage 1" in m for m in logs)
+    assert logs[0].startswith("vim_nano W4A4 (PTQ4VM, 10 epochs per block) on 12 linears: reading 16 "
+                              "calibration images")  # said before the silent data loading and compiling
     a, b = quantized_layers(resumed), quantized_layers(ptq4vm)
     assert a.keys() == b.keys()
     for path in a:
@@ -453,3 +455,15 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
         assert all(st["loss_learned"] != st["loss_init"] for st in run), run
     for one, four in zip(stages[1], stages[4], strict=True):
         np.testing.assert_allclose(four["loss_learned"], one["loss_learned"], rtol=0.1, err_msg=one["name"])
+
+
+def test_a_float_model_that_overflows_is_blamed_with_what_to_check(setup):
+    """Finite weights can still overflow (here a norm weight of 1e30): the error says the float
+    model, not the quantization, and what to check."""
+    _, params, images = setup
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["layers_0"]["norm"]["weight"] = bad["layers_0"]["norm"]["weight"] * 1e30
+    with pytest.raises(CalibrationError, match=r"non-finite values in the float chain after stage "
+                                               r"layers_0: the float model itself overflows here: check "
+                                               r"its weights"):
+        quantize_params(bad, images, model=MODEL, config=PTS, progress=False, log=lambda _: None)

@@ -200,8 +200,26 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
         (["eval", "--params", str(MICRO), "--model", "vim_nano", "--data", "digits:test"],
          "pass --model vim_micro or convert"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
-          "--train-batch", "256", "--method", "rtn", "--out", str(tmp_path / "q")],
+          "--train-batch", "256", "--out", str(tmp_path / "q")],
          r"has only 1442; pass --num-calib 1280 \(or fewer, a multiple of --train-batch 256\)"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
+          "--method", "rtn", "--out", str(tmp_path / "q")],  # no learning: no batch multiple
+         r"has only 1442; pass --num-calib 1442 \(or fewer\) or"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits", "--out", str(tmp_path / "q")],
+         r"error: --calib digits: give the split, digits:train or digits:test"),
+        (["eval", "--params", str(MICRO), "--data", "digits:test", "--batch-size", "0"],
+         r"error: --batch-size must be a positive integer, got 0$"),
+        (["eval", "--params", str(MICRO), "--data", "digits:val"],
+         r"error: --data digits:val: give the split"),
+        (["eval", "--params", str(MICRO), "--data", "tfds:mnist:test", "--data-dir",
+          str(tmp_path / "nowhere")], r"error: --data-dir .*nowhere does not exist; give the directory"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--out", "/proc/ptq4vm_no/q"],
+         r"error: --out /proc/ptq4vm_no/q: cannot create or write in /proc/ptq4vm_no"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--method", "rtn", "--out",
+          str(tmp_path / "q"), "--resume", "/proc/ptq4vm_no/r"],
+         r"error: --resume /proc/ptq4vm_no/r cannot be created or written"),
+        (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--out", str(tmp_path / "q"),
+          "--resume", str(tmp_path / "q" / "r")], r"error: --resume .*q/r lies inside --out"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--w-bits", "1",
           "--out", str(tmp_path / "q")], r"error: --w-bits must be an integer from 2 to 8, got 1$"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--train-batch", "0",
@@ -214,7 +232,7 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
         (["eval", "--data", "digits:test"], r"error: give exactly one of --checkpoint .*\(or, for eval, "
                                             r"--quantized"),
         (["quantize", "--params", str(MICRO), "--calib", "imagenet", "--out", str(tmp_path / "q")],
-         r"^ptq4vm quantize: error: unknown data spec 'imagenet'"),
+         r"^ptq4vm quantize: error: --calib 'imagenet': unknown data spec"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--loss-axis", "width",
           "--out", str(tmp_path / "q")], r"\(--loss-axis width\) reproduces the VMamba code only"),
         (["quantize", "--params", str(MICRO.parent / "vmamba_micro"), "--calib", "digits:train",
@@ -242,6 +260,7 @@ def test_quantize_flags_reach_the_config():
 
 
 def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
+    (tmp_path / "tfds").mkdir()  # (a --data-dir that does not exist is refused before tfds runs)
     with pytest.raises(SystemExit, match=r"(?s)there is no prepared mnist under .*nothing is downloaded"):
         main(["eval", "--params", str(MICRO), "--data", "tfds:mnist:test", "--data-dir",
               str(tmp_path / "tfds")])
@@ -318,3 +337,26 @@ def test_eval_refuses_int_mode_for_a_per_token_dynamic_checkpoint(tmp_path):
           "--method", "per_token_dynamic", "--out", str(q)])
     with pytest.raises(SystemExit, match="is per_token_dynamic: .*no integer mode; use --mode fake"):
         main(["eval", "--quantized", str(q), "--data", "digits:test", "--limit", "8", "--mode", "int"])
+
+
+def test_replacing_an_output_is_announced_and_foreign_resume_dirs_are_refused(tmp_path, capsys):
+    q = tmp_path / "q"
+    rtn = ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
+           "--method", "rtn"]
+    main([*rtn, "--out", str(q)])
+    assert "will be replaced" not in capsys.readouterr().err
+    main([*rtn, "--w-bits", "4", "--out", str(q)])
+    assert re.search(r"note: --out .*q holds a checkpoint \(vim_micro rtn W8A8, written 20\d\d-.*\); it "
+                     r"will be replaced at the end", capsys.readouterr().err)
+    assert load_quantized(q).config.w_bits == 4
+    with pytest.raises(SystemExit, match=r"is a quantized checkpoint; quantize needs the float model"):
+        main(["quantize", "--params", str(q), "--calib", "digits:train", "--out", str(tmp_path / "q2")])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        main([*rtn, "--out", str(tmp_path / "q3"), "--resume", str(mine)])
+    assert e.value.code == 2
+    assert re.search(r"--resume .*mine holds other files \(notes.txt\) and no resume state; give a new or "
+                     "empty directory", capsys.readouterr().err)
+    assert os.listdir(mine) == ["notes.txt"] and not (tmp_path / "q3").exists()

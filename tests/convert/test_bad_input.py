@@ -33,14 +33,16 @@ def test_recorded_input_size_settles_the_stride():
     """args.input_size=48 with a 5x5 grid of 16-px patches means stride 8, not 80 px at stride 16."""
     hint = _hint(STRIDE8, img_size=48)
     assert "training args say" in hint and "img_size=48" in hint
-    assert hint.endswith("keep vim_tiny and pass stride=8")
-    assert _hint(STRIDE8).endswith("keep vim_tiny and pass img_size=48, stride=8")
+    assert hint.endswith("keep vim_tiny and pass stride=8 (CLI: --model-arg stride=8)")
+    assert _hint(STRIDE8).endswith("keep vim_tiny and pass img_size=48, stride=8 (CLI: --model-arg "
+                                   "img_size=48 --model-arg stride=8)")
 
 
 def test_stride_in_the_recorded_model_name_settles_the_image_size(tmp_path):
     name = "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
     path = _resave(tmp_path, args=argparse.Namespace(model=name, nb_classes=10))
-    assert _hint(path).endswith("keep vim_tiny and pass img_size=48, stride=8")
+    assert _hint(path).endswith("keep vim_tiny and pass img_size=48, stride=8 (CLI: --model-arg "
+                                "img_size=48 --model-arg stride=8)")
 
 
 def test_without_recorded_args_both_readings_of_the_token_count_are_named(tmp_path):

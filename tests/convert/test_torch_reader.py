@@ -223,7 +223,8 @@ def test_archive_prefix_and_big_endian(tmp_path):
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_torch_checkpoint(tmp_path / "nope.pth")
-    with pytest.raises(CheckpointError, match="is not a file"):
+    with pytest.raises(CheckpointError, match=r"is a directory, not a .pth file; an Orbax directory from "
+                                              r"`ptq4vm convert` is read by load_params \(CLI: --params\)"):
         read_torch_checkpoint(tmp_path)
 
 

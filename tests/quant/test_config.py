@@ -69,6 +69,9 @@ def test_a_batch_larger_than_the_calibration_set_becomes_one_batch_per_epoch():
     assert (cfg.train_batch, cfg.epochs) == (16, 50)
     with pytest.raises(ValueError, match=r"num_calib \(24\) must be a multiple of train_batch \(16\)"):
         QuantConfig(num_calib=24, train_batch=16).resolve("vim")
+    for no_learning in (dict(method="rtn"), dict(method="pts_only"), dict(method="per_token_dynamic"),
+                        dict(epochs=0)):  # the batch only sizes the forward chunks there
+        assert QuantConfig(num_calib=300, train_batch=256, **no_learning).resolve("vim").num_calib == 300
 
 
 def test_settings_a_method_does_not_use_are_named():
