@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -226,7 +227,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                ("loss_final", "loss (kept)", ".5f"), ("seconds", "seconds", ".1f")]))
     reverted = [st["name"] for st in s["stages"] if st.get("reverted")]
     if reverted:
-        print(f"learning raised the loss of {len(reverted)} of {len(s['stages'])} blocks, which kept their "
+        n, total = len(reverted), len(s["stages"])
+        d = sum(st.get("loss_learned") is None or not math.isfinite(st["loss_learned"])
+                for st in s["stages"] if st.get("reverted"))
+        head = (f"learning raised the loss of {n} of {total} blocks" if d == 0 else
+                f"learning diverged in {n} of {total} blocks" if d == n else
+                f"learning diverged in {d} and raised the loss of {n - d} of {total} blocks")
+        print(f"{head}, which kept their "
               f"initial scales ({', '.join(reverted[:5])}{', ...' if len(reverted) > 5 else ''}); lower "
               "--lr-w/--lr-a/--lr-s to let them learn, or pass --keep-learned to keep the learned scales")
     print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s; "
@@ -377,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                        for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
         return f"(default: Vim {vim}, VMamba {vmamba})"
 
+    from ptq4vm_jax import __version__
+
     p = argparse.ArgumentParser(prog="ptq4vm", description=__doc__)
+    p.add_argument("--version", action="version", version=f"ptq4vm-jax {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")

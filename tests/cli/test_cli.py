@@ -360,3 +360,19 @@ def test_replacing_an_output_is_announced_and_foreign_resume_dirs_are_refused(tm
     assert re.search(r"--resume .*mine holds other files \(notes.txt\) and no resume state; give a new or "
                      "empty directory", capsys.readouterr().err)
     assert os.listdir(mine) == ["notes.txt"] and not (tmp_path / "q3").exists()
+
+
+def test_a_run_whose_learning_diverges_says_so(tmp_path, capsys):
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
+          "--train-batch", "16", "--epochs", "2", "--lr-w", "1e30", "--lr-a", "1e30", "--lr-s", "1e30",
+          "--out", str(tmp_path / "q")])
+    assert re.search(r"^learning diverged in 4 of 4 blocks, which kept their initial scales",
+                     capsys.readouterr().out, re.M)
+
+
+def test_version_is_the_package_version(capsys):
+    import ptq4vm_jax
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ptq4vm-jax {ptq4vm_jax.__version__}"
