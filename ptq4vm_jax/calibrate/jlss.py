@@ -263,7 +263,9 @@ def calibrate_blockwise(
         start, layers, fp_carry, q_carry, reports = resume.load()
         layers = with_float_weights(layers, params)
         fp_carry, q_carry = (_batch_sharded_like(images, c) for c in (fp_carry, q_carry))
-        log(f"resuming after stage {start} of {len(bw.stages)} from {resume.directory}")
+        last = "/".join(bw.stages[start - 1].path) if start else "the embedding"
+        log(f"resuming after stage {start} of {len(bw.stages)} ({last}; {len(reports)} calibrated "
+            f"blocks done) from {resume.directory}")
     else:
         if resume is not None and (resume.directory / "progress.json").exists():
             log(f"{resume.directory} has progress.json but no state.npz (deleted?): starting afresh")
