@@ -93,7 +93,9 @@ def test_a_kill_at_any_replace_resumes_to_the_uninterrupted_result(setup, tmp_pa
     assert_same_result(run(setup, tmp_path, logs.append), setup[2])
     committed = call // 2 + (after and call % 2 == 1)  # state.npz renames that happened
     resumed = [m for m in logs if m.startswith("resuming after stage")]
-    assert resumed == ([f"resuming after stage {committed} of 2 from {tmp_path}"] if committed else [])
+    said = (f"resuming after stage {committed} of 2 (layers_{committed - 1}; {committed} calibrated blocks "
+            f"done) from {tmp_path}")
+    assert resumed == ([said] if committed else [])
 
 
 def test_rerunning_a_finished_run_with_a_head_rule_gives_its_result(setup, tmp_path):
