@@ -165,9 +165,16 @@ def _check_out(out: str, *, format: str, model: str | None, inputs: dict[str, st
 
 
 def _check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
-    """--resume must not lie inside the output or an input (writing --out replaces its tree)."""
+    """--resume must be a directory of its own: not a file, not a checkpoint, not inside the
+    output or an input (writing --out replaces its tree). (quantize_params checks that it is
+    writable and holds no other files.)"""
     if not resume:
         return
+    if Path(resume).exists() and not Path(resume).is_dir():
+        raise UsageError(f"--resume {resume} is a file; give a directory for the resume state")
+    if (Path(resume) / "metadata.json").exists():
+        raise UsageError(f"--resume {resume} is a checkpoint directory; give the resume state a "
+                         "directory of its own")
     where = Path(resume).expanduser().absolute()
     for flag, path in paths.items():
         if path and where.is_relative_to(Path(path).expanduser().absolute()):
@@ -206,11 +213,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     _check_out(args.out, format=QUANT_FORMAT, model=None, announce=False,
                inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
-    if args.resume and Path(args.resume).exists() and not Path(args.resume).is_dir():
-        raise UsageError(f"--resume {args.resume} is a file; give a directory for the resume state")
-    if args.resume and (Path(args.resume) / "metadata.json").exists():
-        raise UsageError(f"--resume {args.resume} is a checkpoint directory; give the resume state a "
-                         "directory of its own")
     _check_resume(args.resume, {"--out": args.out, "--params": args.params})
     name, overrides, params = _load_float(args)
     _check_out(args.out, format=QUANT_FORMAT, model=name, inputs={})  # now that the model is known
@@ -375,6 +377,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptq4vm_jax import __version__
     from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
     from ptq4vm_jax.quant.integer import GEMM_BACKENDS
     from ptq4vm_jax.quant.layer import MODES
@@ -383,8 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
         vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
                        for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
         return f"(default: Vim {vim}, VMamba {vmamba})"
-
-    from ptq4vm_jax import __version__
 
     p = argparse.ArgumentParser(prog="ptq4vm", description=__doc__)
     p.add_argument("--version", action="version", version=f"ptq4vm-jax {__version__}")
