@@ -7,6 +7,7 @@ import functools
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,7 +40,7 @@ from ptq4vm_jax.quant.config import (
     is_quantized,
     path_str,
 )
-from ptq4vm_jax.quant.integer import int_gemm, store_weight
+from ptq4vm_jax.quant.integer import HOPPER_ONLY, int_gemm, store_weight
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
 from ptq4vm_jax.trees import copy_tree, flatten_tree, get_path, prune_empty
 
@@ -366,6 +367,10 @@ def quantized_apply(
             raise ValueError(f"qparams were made for {qparams.model_name} ({type(made_for).__name__}), but "
                              f"the model passed {differ}; pass model=None to build the model the qparams "
                              "describe")
+    if mode == "int" and gemm in ("pallas", *HOPPER_ONLY) and jax.default_backend() != "gpu":
+        warnings.warn(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: exact but "
+                      "slow, meant for testing (gemm='auto' or gemm='xla' is the fast path here)",
+                      stacklevel=2)
     with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(True), int_gemm(gemm):
         return model.apply({"params": qparams.params}, images)
 

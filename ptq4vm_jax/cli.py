@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -26,6 +27,30 @@ class UsageError(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, ``timeout``), handled as Ctrl-C is: the run stops where it is,
+    the completed blocks stay in --resume, and ``main`` says so."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (only there can it be set)
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
@@ -251,7 +276,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.distributed import data_parallel, lockstep, maybe_initialize_distributed
     from ptq4vm_jax.evaluate import evaluate
     from ptq4vm_jax.models import canonical_name, image_shape
-    from ptq4vm_jax.quant.integer import HOPPER_ONLY
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -266,10 +290,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"--gemm {args.gemm} picks the integer GEMM of --mode int; add --mode int (the "
                          "default fake mode runs no integer GEMM)")
     args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
-    kernel_gemm = args.gemm in ("pallas", *HOPPER_ONLY)  # the backends that run a Pallas kernel
-    if args.mode == "int" and kernel_gemm and jax.default_backend() != "gpu":
-        print(f"note: off the GPU --gemm {args.gemm} runs its kernel in the Pallas interpreter: exact "
-              "but slow, meant for testing (--gemm auto/xla is the fast CPU path)", file=sys.stderr)
     if args.quantized:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
@@ -503,6 +523,7 @@ _CLI_WORDS = (
     (r"load it with ptq4vm_jax\.checkpoint\.load_params", "give it as --params"),
     (r"load it with ptq4vm_jax\.checkpoint\.load_quantized", "give it as --quantized"),
     (r"\bresume_dir\b", "--resume"),
+    (r"\bgemm='([\w-]+)'", r"--gemm \1"),
 )
 
 
@@ -530,10 +551,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     def one_line(message, category, *rest, **kw):  # a user's warning, not a source location
-        print(f"ptq4vm {args.command}: warning: {message}", file=sys.stderr)
+        print(f"ptq4vm {args.command}: warning: {_cli_words(str(message))}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_as_interrupt():
             warnings.showwarning = one_line
             args.func(args)
     except UsageError as e:
@@ -545,12 +566,14 @@ def main(argv: list[str] | None = None) -> None:
         more = "" if isinstance(e, ValueError) else " (PTQ4VM_DEBUG=1 shows the traceback)"
         print(f"ptq4vm {args.command}: error: {_cli_words(str(e))}{more}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if os.environ.get("PTQ4VM_DEBUG"):
             raise
         hint = _resume_hint(args.resume, "rerun") if args.command == "quantize" else ""  # (has --resume)
-        print(f"ptq4vm {args.command}: interrupted{hint}", file=sys.stderr)
-        raise SystemExit(130) from None
+        killed = isinstance(e, Terminated)
+        print(f"ptq4vm {args.command}: {'terminated (SIGTERM)' if killed else 'interrupted'}{hint}",
+              file=sys.stderr)
+        raise SystemExit(143 if killed else 130) from None  # (the shell's codes: 128 + the signal)
     except CalibrationError as e:
         if os.environ.get("PTQ4VM_DEBUG"):
             raise

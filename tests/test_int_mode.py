@@ -1,5 +1,7 @@
 """Integer inference (`mode="int"`) against fake-quant on the bundled micro model's test split."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,7 +195,11 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
     logits = {}
     for g in BACKENDS:
         backend.append(g)
-        logits[g] = np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            logits[g] = np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
+        slow = [w for w in seen if "runs its kernel in the Pallas interpreter" in str(w.message)]
+        assert len(slow) == (not ON_GPU and g not in ("xla", "xla-bf16")), (g, seen)  # said off the GPU
     for g in BACKENDS[1:]:
         if ON_GPU:  # an FMA-rounded output may flip a code of the next quantized linear
             assert np.abs(logits[g] - logits["xla"]).max() <= 1e-3 * np.abs(logits["xla"]).max(), g

@@ -381,24 +381,25 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
     batches = n // cfg.train_batch
     steps = cfg.epochs * batches
     bar = tqdm(total=steps, desc=f"JLSS {name}", leave=False, disable=not progress)
-    for k in range(steps):
-        j = (k % batches) * cfg.train_batch
-        train, opt_state, loss = fns["step"](train, opt_state, frozen, sparams,
-                                             take(q_carry, j, cfg.train_batch),
-                                             target[j : j + cfg.train_batch])
-        loss = float(loss)
-        if not np.isfinite(loss):
-            bar.close()
-            if cfg.revert_worse:  # the caller keeps the initial scales
-                return None, f"non-finite loss ({loss}) at step {k}"
-            raise CalibrationError(
-                f"non-finite loss ({loss}) in stage {name} at step {k}: the learned scales diverged "
-                "(try a smaller lr_s/lr_a/lr_w) or the inputs contain NaN/inf. Stages before this one "
-                "are kept in the resume directory, if one was given."
-            )
-        bar.set_postfix(loss=f"{loss:.5f}")
-        bar.update()
-    bar.close()
+    try:  # (closed on an interrupt too, so no message lands on a half-drawn bar)
+        for k in range(steps):
+            j = (k % batches) * cfg.train_batch
+            train, opt_state, loss = fns["step"](train, opt_state, frozen, sparams,
+                                                 take(q_carry, j, cfg.train_batch),
+                                                 target[j : j + cfg.train_batch])
+            loss = float(loss)
+            if not np.isfinite(loss):
+                if cfg.revert_worse:  # the caller keeps the initial scales
+                    return None, f"non-finite loss ({loss}) at step {k}"
+                raise CalibrationError(
+                    f"non-finite loss ({loss}) in stage {name} at step {k}: the learned scales diverged "
+                    "(try a smaller lr_s/lr_a/lr_w) or the inputs contain NaN/inf. Stages before this "
+                    "one are kept in the resume directory, if one was given."
+                )
+            bar.set_postfix(loss=f"{loss:.5f}")
+            bar.update()
+    finally:
+        bar.close()
     return merge_state(train, frozen), None
 
 

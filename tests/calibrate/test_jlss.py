@@ -288,6 +288,30 @@ def test_nan_during_learning_names_the_block(setup, monkeypatch):
         assert st["reverted"] and st["loss_learned"] is None and st["loss_final"] == st["loss_init"]
 
 
+def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch):
+    """Else the CLI's "interrupted" line lands on the half-drawn bar."""
+    import tqdm.auto
+
+    _, params, images = setup
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    def interrupt(params, updates):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    monkeypatch.setattr(jlss.optax, "apply_updates", interrupt)
+    with pytest.raises(KeyboardInterrupt) as e:  # (e keeps the frames, and so the bar, alive)
+        quantize_params(params, images, model=MODEL, config=dataclasses.replace(BASE, lr_s=0.0456),
+                        progress=True, log=lambda _: None)
+    assert [b.desc for b in bars] == ["JLSS layers_0"] and e.value is not None
+    assert bars[0].disable  # what tqdm's close() leaves
+
+
 def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup):
     """Every op run eagerly compiles an XLA program of its own the first time (about 0.1-0.3 s
     each on a GPU); calibration keeps its work in a few jitted programs per layer shape (the old

@@ -55,7 +55,8 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
                   "--batch-size", "5", "--limit", "5", "--mode", "int", "--gemm", gemm])
             captured = capsys.readouterr()
             int_lines.append(captured.out.strip().splitlines()[-1])
-            assert ("Pallas interpreter" in captured.err) == (gemm == "pallas")
+            slow = "warning: --gemm pallas off the GPU runs its kernel in the Pallas interpreter"
+            assert (slow in captured.err) == (gemm == "pallas"), captured.err
         main(["eval", "--params", str(converted), "--data", "tfds:imagenet2012:validation",
               "--batch-size", "5", "--limit", "7"])
         f_line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -190,6 +191,32 @@ def test_interrupt_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeyp
     monkeypatch.setenv("PTQ4VM_DEBUG", "1")  # the traceback, for bug reports
     with pytest.raises(KeyboardInterrupt):
         main(base)
+
+
+def test_sigterm_stops_like_an_interrupt_and_says_so(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import ptq4vm_jax
+
+    def killed(*args, **kwargs):  # a scheduler's kill in the middle of calibration
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(ptq4vm_jax, "quantize_params", killed)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "state.npz").write_bytes(b"")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+              "--out", str(tmp_path / "q"), "--resume", str(tmp_path / "done")])
+    assert e.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ptq4vm quantize: terminated (SIGTERM)")
+    assert "the blocks completed so far are saved in" in err[0]
+    assert signal.getsignal(signal.SIGTERM) is before  # main gives the handler back
 
 
 def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
