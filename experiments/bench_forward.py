@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -28,7 +29,7 @@ from ptq4vm_jax import create_model
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def random_params(model, image_shape: tuple[int, ...], seed: int):
+def random_params(model: nn.Module, image_shape: tuple[int, ...], seed: int) -> dict:
     """Param tree of the right shapes without running (and compiling) ``model.init``."""
     abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(image_shape, jnp.float32))
     leaves, treedef = jax.tree.flatten(abstract["params"])

@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from numpy.typing import ArrayLike
 
 from pallas_kernels import (
     GemmConfig,
@@ -191,22 +192,24 @@ def n_input_sets(set_bytes: float) -> int:
     return int(min(4, max(2, math.ceil(2 * L2_BYTES / max(set_bytes, 1)))))
 
 
-def rel_err(y, ref) -> float:
+def rel_err(y: ArrayLike, ref: ArrayLike) -> float:
     y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
     return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-def rate_cells(work: float, seconds: float, peak: float | None, unit_scale: float = 1e12):
+def rate_cells(work: float, seconds: float, peak: float | None,
+               unit_scale: float = 1e12) -> tuple[str, str]:
     rate = work / seconds / unit_scale
     return f"{rate:.3g}", (f"{100 * rate * unit_scale / peak:.0f}%" if peak else "-")
 
 
-def bw_cells(nbytes: float, seconds: float, hbm: float | None):
+def bw_cells(nbytes: float, seconds: float, hbm: float | None) -> tuple[str, str]:
     gbs = nbytes / seconds / 1e9
     return f"{gbs:.3g}", (f"{100 * gbs / (hbm * 1e3):.0f}%" if hbm else "-")
 
 
-def run_row(cfg, section: str, shape: str, variant: str, body: Callable[[], Row]) -> Row:
+def run_row(cfg: argparse.Namespace, section: str, shape: str, variant: str,
+            body: Callable[[], Row]) -> Row:
     """One table row; a row that raises (e.g. a kernel that fails to compile) is recorded, not fatal."""
     if cfg.out_of_time():
         row = Row(section, shape, variant, None, check="skipped: time budget")
@@ -229,7 +232,7 @@ def vim_layers(d: int, n_state: int = 16) -> list[tuple[str, int, int]]:
     return [("in_proj", d, 2 * e), ("x_proj", e, r + 2 * n_state), ("dt_proj", r, e), ("out_proj", e, d)]
 
 
-def gemm_inputs(key, batch: int, k: int, n: int) -> dict:
+def gemm_inputs(key: jax.Array, batch: int, k: int, n: int) -> dict:
     """One input set; power-of-two scales on half the tokens/channels make exact rounding ties."""
     ks = jax.random.split(key, 8)
     ties_l = jnp.arange(SEQ) % 2 == 0
@@ -380,7 +383,8 @@ GEMM_VARIANTS = {  # --gemm-variants key -> row name
 }
 
 
-def gemm_row(cfg, shape: str, vname: str, sets: list[dict], m: int, k: int, n: int) -> Row:
+def gemm_row(cfg: argparse.Namespace, shape: str, vname: str, sets: list[dict], m: int, k: int,
+             n: int) -> Row:
     keys, fn, nbytes, kind = gemm_variants(cfg.interpret)[vname]
     check = check_gemm(vname, sets[0], cfg.interpret)
     arg_sets = [tuple(st[key] for key in keys) for st in sets]
@@ -392,7 +396,7 @@ def gemm_row(cfg, shape: str, vname: str, sets: list[dict], m: int, k: int, n: i
     return Row("gemm", shape, vname, secs, rate, rate_pct, gbs, hbm_pct, check)
 
 
-def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg) -> list[Row]:
+def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg: argparse.Namespace) -> list[Row]:
     """jobs: (model, layer name, batch); every row's int32 accumulator is checked exactly first."""
     rows = []
     for model, lname, batch in jobs:
@@ -416,7 +420,8 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg) -> list[Row]:
 # ----------------------------------------------------------------------------- scan
 
 
-def selective_scan_assoc(u, delta, A, B, C, D, z, delta_bias):
+def selective_scan_assoc(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                         D: jax.Array, z: jax.Array, delta_bias: jax.Array) -> jax.Array:
     """S6 via lax.associative_scan over materialised (B, L, E, N) decays and inputs."""
     dt = jax.nn.softplus(delta + delta_bias)
     decay = jnp.exp(dt[..., None] * A)
@@ -430,7 +435,7 @@ def selective_scan_assoc(u, delta, A, B, C, D, z, delta_bias):
     return y * jax.nn.silu(z)
 
 
-def scan_inputs(key, batch: int, seq: int, e: int, n: int) -> tuple:
+def scan_inputs(key: jax.Array, batch: int, seq: int, e: int, n: int) -> tuple:
     ks = jax.random.split(key, 8)
     return (
         jax.random.normal(ks[0], (batch, seq, e)),
@@ -444,7 +449,8 @@ def scan_inputs(key, batch: int, seq: int, e: int, n: int) -> tuple:
     )
 
 
-def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref, io_bytes: int,
+def scan_row(cfg: argparse.Namespace, shape: str, vname: str, fn: Callable, sets: list[tuple],
+             y_ref: ArrayLike, io_bytes: int,
              work: int) -> Row:
     err = rel_err(jax.jit(fn)(*sets[0]), y_ref)
     check = "ref" if "selective_scan_ref" in vname else f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
@@ -454,8 +460,9 @@ def scan_row(cfg, shape: str, vname: str, fn: Callable, sets: list[tuple], y_ref
     return Row("scan", shape, vname, secs, rate, pct, gbs, hbm_pct, check)
 
 
-def tuned_scan(u, delta, A, B, C, D, z, delta_bias, *, unroll: int, prefetch: bool, exp2: bool,
-               interpret: bool):
+def tuned_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+               z: jax.Array, delta_bias: jax.Array, *, unroll: int, prefetch: bool, exp2: bool,
+               interpret: bool) -> jax.Array:
     """The Pallas scan in the tile layout with its default tiles and a given token loop
     (ScanConfig.unroll / prefetch / exp2)."""
     d = default_scan_config(u.shape[0], u.shape[2], A.shape[1], channel_major=False)
@@ -473,7 +480,7 @@ def channel_major_scan_fn(interpret: bool) -> Callable:
     return fn
 
 
-def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
+def scan_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg: argparse.Namespace) -> list[Row]:
     """shapes: (label, batch, L, E, N). Materialised associative scans above 4 GB are skipped."""
     variants = {
         "pallas selective_scan (default config)": functools.partial(selective_scan,
@@ -511,7 +518,7 @@ def scan_value_and_grad(fn: Callable) -> Callable:
     return jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(8)))
 
 
-def scan_train_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> list[Row]:
+def scan_train_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg: argparse.Namespace) -> list[Row]:
     """Differentiable scans (value + gradients) at calibration shapes: the Pallas custom_vjp vs
     ``jax.grad`` through ``lax.scan`` and through ``lax.associative_scan``."""
     def channel_major_trainable(u, delta, A, B, C, D, z, delta_bias):  # both passes channel-major
@@ -550,7 +557,8 @@ def scan_train_rows(shapes: Sequence[tuple[str, int, int, int, int]], cfg) -> li
     return rows
 
 
-def sweep_gemm_row(cfg, shape: str, gc: GemmConfig, sets: list[dict], y_ref, work: int) -> Row:
+def sweep_gemm_row(cfg: argparse.Namespace, shape: str, gc: GemmConfig, sets: list[dict],
+                   y_ref: ArrayLike, work: int) -> Row:
     fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
     keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
     err = rel_err(fn(*(sets[0][key] for key in keys), colsum=sets[0]["colsum"]), y_ref)
@@ -561,7 +569,8 @@ def sweep_gemm_row(cfg, shape: str, gc: GemmConfig, sets: list[dict], y_ref, wor
                check=f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL"))
 
 
-def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) -> Row:
+def sweep_scan_row(cfg: argparse.Namespace, shape: str, sc: ScanConfig, sets: list[tuple],
+                   y_ref: ArrayLike) -> Row:
     fn = functools.partial(selective_scan, interpret=cfg.interpret, config=sc)
     err = rel_err(fn(*sets[0]), y_ref)
     secs = time_ops(fn, sets, **cfg.timing)
@@ -571,8 +580,8 @@ def sweep_scan_row(cfg, shape: str, sc: ScanConfig, sets: list[tuple], y_ref) ->
                check=f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
 
 
-def sweep_wgmma_row(cfg, shape: str, config: WgmmaConfig | FusedWgmmaConfig, sets: list[dict],
-                    work: int) -> Row:
+def sweep_wgmma_row(cfg: argparse.Namespace, shape: str, config: WgmmaConfig | FusedWgmmaConfig,
+                    sets: list[dict], work: int) -> Row:
     """One tile config of the wgmma kernel on codes (``WgmmaConfig``) or of the 1-pass kernel on
     bf16 activations (``FusedWgmmaConfig``): its int32 accumulator checked exactly, then timed."""
     i0 = sets[0]
@@ -594,7 +603,7 @@ def sweep_wgmma_row(cfg, shape: str, config: WgmmaConfig | FusedWgmmaConfig, set
                check="int32 exact" if bad == 0 else f"INT32 MISMATCH {bad}/{acc.size}")
 
 
-def sweep_wgmma_rows(cfg) -> list[Row]:
+def sweep_wgmma_rows(cfg: argparse.Namespace) -> list[Row]:
     """The wgmma GEMMs' tile configs (Hopper; one small config in the interpreter) at Vim-B
     in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run: the 1-pass kernel
     (quantization inside) first, then the kernel on precomputed codes."""
@@ -631,7 +640,8 @@ SCAN_SWEEP = (
 )
 
 
-def sweep_scan_rows(cfg, shapes: Sequence[tuple[str, int, int, int, int]] = SCAN_SWEEP_SHAPES) -> list[Row]:
+def sweep_scan_rows(cfg: argparse.Namespace,
+                    shapes: Sequence[tuple[str, int, int, int, int]] = SCAN_SWEEP_SHAPES) -> list[Row]:
     """The scan's tiles, token loops and state layouts at Vim-B and Vim-S (batch 256: below
     the 5x target on the H200) and VMamba stage 1 (batch 64: 3136 sequential steps)."""
     rows = []
@@ -648,7 +658,7 @@ def sweep_scan_rows(cfg, shapes: Sequence[tuple[str, int, int, int, int]] = SCAN
     return rows
 
 
-def sweep_gemm_rows(cfg) -> list[Row]:
+def sweep_gemm_rows(cfg: argparse.Namespace) -> list[Row]:
     """The Triton GEMM's tiles at Vim-S in_proj and out_proj, batch 256."""
     configs = [GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
                GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 64, 4, 3), GemmConfig(32, 256, 64, 4, 3)]
@@ -706,7 +716,7 @@ E2E_VARIANTS = ("bf16", "int-mixed", "int-wgmma", "int-xla-bf16", "int-wgmma-1pa
 
 
 def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
-                 variants: Sequence[str] = E2E_VARIANTS):
+                 variants: Sequence[str] = E2E_VARIANTS) -> tuple[dict[str, Callable], list[jax.Array]]:
     """bf16 float forwards (Pallas scan; lax.scan reference) and W8A8 integer forwards of a
     randomly initialised Vim, one per integer GEMM backend (``quantized_apply(gemm=...)``), the
     most promising first; ``variants`` picks among ``E2E_VARIANTS`` (wgmma only on Hopper and,
@@ -761,7 +771,8 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
     return forwards, images
 
 
-def e2e_rows(models: Sequence[tuple[str, int]], cfg, variants: Sequence[str] = E2E_VARIANTS) -> list[Row]:
+def e2e_rows(models: Sequence[tuple[str, int]], cfg: argparse.Namespace,
+             variants: Sequence[str] = E2E_VARIANTS) -> list[Row]:
     """End-to-end rows per (model, batch); a model that fails is recorded and the run goes on."""
     rows = []
     for name, batch in models:

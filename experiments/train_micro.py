@@ -17,9 +17,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,7 @@ from ptq4vm_jax.models import image_shape
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ptq4vm_jax" / "assets"
 
 
-def input_spec(model) -> tuple[int, int, int]:
+def input_spec(model: nn.Module) -> tuple[int, int, int]:
     """(image size, channels, classes) from the model's config, whatever the family."""
     _, size, _, channels = image_shape(model)
     return size, channels, model.cfg.num_classes
@@ -50,7 +52,8 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array
     return jax.vmap(crop)(padded, offs)
 
 
-def make_train_step(model, tx, num_classes: int, label_smoothing: float, max_shift: int):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, num_classes: int,
+                    label_smoothing: float, max_shift: int) -> Callable:
     def loss_fn(params, images, labels):
         logits = model.apply({"params": params}, images)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
