@@ -60,6 +60,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -740,7 +741,10 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
 
     @functools.partial(jax.jit, static_argnums=0)
     def int_fwd(gemm: str, q, im):
-        return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
+        with warnings.catch_warnings():  # --interpret asked for the interpreter: no need to warn
+            if interpret:
+                warnings.filterwarnings("ignore", "gemm=.* runs its kernel in the Pallas interpreter")
+            return pq.quantized_apply(model, q, im, mode="int", gemm=gemm)
 
     # Weights are jit arguments, not constants folded into the program.
     forwards = {}
