@@ -281,10 +281,13 @@ def _elements(source: Any, order: Iterable[int] | None, *, chunk: int, where: st
     elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
         yield from source
     else:
+        spec = (" (a data spec such as 'tfds:NAME:SPLIT' is for the command line; in Python pass "
+                "tfds.data_source(NAME, split=SPLIT, data_dir=...) or load_digits_dataset(SPLIT))"
+                if isinstance(source, str) else "")
         raise TypeError(
             f"unsupported data source of type {type(source).__name__}; pass an array, an "
             "(images, labels) pair, an iterable of batches/examples, a tfds data source or a grain "
-            "dataset"
+            f"dataset{spec}"
         )
 
 

@@ -242,6 +242,8 @@ def test_calibration_bad_arguments_and_elements():
         calibration_images([{"img": np.zeros((8, 8, 3), np.float32)}], 1, image_size=8)
     with pytest.raises(TypeError, match="unsupported data source of type int"):
         calibration_images(5, 1, image_size=8)
+    with pytest.raises(TypeError, match=r"is for the command line; in Python pass tfds\.data_source"):
+        calibration_images("tfds:imagenet2012:train", 1, image_size=8)
     with pytest.raises(TypeError, match="element of type str"):
         calibration_images(["a.jpg"], 1, image_size=8)
 
