@@ -1,10 +1,17 @@
-"""Errors raised while reading or mapping foreign checkpoints (all are ``CheckpointError``s)."""
+"""The checkpoint error family.
+
+``CheckpointError`` is defined here, in the leaf that reads foreign checkpoints, so that the
+readers need nothing from ``ptq4vm_jax``; ``ptq4vm_jax.errors`` re-exports the same classes, and
+``ptq4vm_jax``'s own Orbax checkpoints raise them too: one family to catch for every checkpoint.
+"""
 
 from __future__ import annotations
 
-from ptq4vm_jax.checkpoint import CheckpointError
-
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not hold what the caller asked for."""
 
 
 class UnsafeCheckpointError(CheckpointError):

@@ -19,7 +19,10 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from convert.mapping import FamilySpec, Rule, conv2d_to_hwio, linear_to_dense, strip_module_prefix
-from ptq4vm_jax.models.vmamba import NUM_DIRECTIONS
+
+# The cross-scan's directions (row-major, column-major, both reversed): the leading axis of the
+# official stacked tensors. ptq4vm_jax.models.vmamba.NUM_DIRECTIONS (tests check they agree).
+NUM_DIRECTIONS = 4
 
 # VSSM._load_from_state_dict: prefix renames, applied in this order.
 _LEGACY_PREFIXES = (

@@ -10,12 +10,13 @@
 from ptq4vm_jax.api import QuantizedParams, quantize_params, quantized_apply
 from ptq4vm_jax.calibrate.jlss import CalibrationError
 from ptq4vm_jax.checkpoint import (
-    CheckpointError,
     load_params,
     load_quantized,
+    load_torch_checkpoint,
     save_params,
     save_quantized,
 )
+from ptq4vm_jax.errors import CheckpointError
 from ptq4vm_jax.models import create_model, list_models
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 
@@ -38,11 +39,3 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # convert/ builds on ptq4vm_jax.checkpoint, so importing it eagerly here would be a cycle.
-    if name == "load_torch_checkpoint":
-        from convert import load_torch_checkpoint
-
-        return load_torch_checkpoint
-    raise AttributeError(f"module 'ptq4vm_jax' has no attribute {name!r}")

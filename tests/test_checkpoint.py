@@ -14,6 +14,7 @@ import pytest
 
 from ptq4vm_jax import checkpoint
 from ptq4vm_jax.checkpoint import CheckpointError, abstract_params, load_params, save_params
+from ptq4vm_jax.checkpoint.store import metadata_digest
 
 
 def _random_params(name="vim_micro", seed=0, **overrides):
@@ -34,14 +35,15 @@ def _same(a, b):
 
 
 def _edit_metadata(path, drop=(), **changes):
-    """Edit as a checkpoint from before metadata was sealed (no digest): each field is still
-    validated on its own. (A sealed file refuses any edit: test_edited_metadata_is_refused.)"""
+    """Edit and re-seal, as if the checkpoint had been written that way, so that each field's own
+    validation is what answers. (An edit that is not re-sealed is refused:
+    test_edited_metadata_is_refused.)"""
     meta_path = path / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta.pop("metadata_sha256", None)  # (absent when edited twice)
     meta.update(changes)
     for key in drop:
         del meta[key]
+    meta["metadata_sha256"] = metadata_digest(meta)
     meta_path.write_text(json.dumps(meta))
 
 
@@ -51,7 +53,8 @@ def test_round_trip_with_metadata(tmp_path, params):
     got, loaded = load_params(tmp_path / "ck", model_name="vim_micro")
     assert _same(got, params)
     assert loaded == meta
-    assert meta["format"] == "ptq4vm-jax/float-params" and meta["format_version"] == 1
+    assert meta["format"] == "ptq4vm-jax/float-params" and meta["format_version"] == 2
+    assert sorted(meta["array_sha256"]) == sorted(checkpoint.store.array_digests(params))
     assert meta["model_name"] == "vim_micro" and meta["model_overrides"] == {}
     assert meta["source_sha256"] == "ab" * 32 and meta["extra"] == {"note": "test"}
     assert meta["jax_version"] == jax.__version__ and meta["created"].endswith("+00:00")
@@ -154,7 +157,7 @@ def test_nonfinite_params_are_neither_saved_nor_loaded(tmp_path, params, monkeyp
     with pytest.raises(CheckpointError, match=want):
         save_params(tmp_path / "nan", bad, model_name="vim_micro")
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(checkpoint, "nonfinite_report", lambda arrays: [])  # a damaged checkpoint on disk
+    monkeypatch.setattr(checkpoint.store, "nonfinite_report", lambda arrays: [])  # a damaged one on disk
     save_params(tmp_path / "nan", bad, model_name="vim_micro")
     monkeypatch.undo()
     want = r"nan holds NaN or infinite parameters .*:\n  head/bias: 1 of 10 (.|\n)*the checkpoint is damaged"
@@ -170,8 +173,8 @@ def test_wrong_model_name(tmp_path, params):
 
 def test_newer_version_and_other_formats(tmp_path, params, monkeypatch):
     save_params(tmp_path / "ck", params, model_name="vim_micro")
-    _edit_metadata(tmp_path / "ck", format_version=2)
-    with pytest.raises(CheckpointError, match="version 2; this ptq4vm-jax reads versions 1 to 1: upgrade"):
+    _edit_metadata(tmp_path / "ck", format_version=3)
+    with pytest.raises(CheckpointError, match="version 3; this ptq4vm-jax reads versions 1 to 2: upgrade"):
         load_params(tmp_path / "ck")
     monkeypatch.setitem(checkpoint.KNOWN_FORMATS, "ptq4vm-jax/quantized", "ptq4vm_jax.load_quantized")
     _edit_metadata(tmp_path / "ck", format="ptq4vm-jax/quantized", format_version=1)

@@ -20,6 +20,7 @@ from ptq4vm_jax import (
     save_params,
     save_quantized,
 )
+from ptq4vm_jax.checkpoint.store import metadata_digest
 
 MODEL = "vim_nano"
 
@@ -74,7 +75,8 @@ def test_four_bit_weights_are_packed(qparams):
 def test_metadata_describes_the_layout(qparams, tmp_path):
     meta = save_quantized(tmp_path / "q", qparams)
     on_disk = json.loads((tmp_path / "q" / "metadata.json").read_text())
-    assert on_disk["format"] == "ptq4vm-jax/quantized" and on_disk["format_version"] == 1
+    assert on_disk["format"] == "ptq4vm-jax/quantized" and on_disk["format_version"] == 2
+    assert len(on_disk["array_sha256"]["qlayers/layers_1/mixer/dt_proj/w_int"]) == 64
     assert on_disk["config"]["w_bits"] == qparams.config.w_bits
     layer = on_disk["layers"]["layers_1/mixer/dt_proj"]
     assert layer["a_zero"] == [[17], "int32"] and layer["w_int"][1] == "int8"
@@ -95,15 +97,29 @@ def test_loading_explains_what_is_wrong(qparams, model_params_images, tmp_path):
     meta_path.write_text(json.dumps(edited))
     with pytest.raises(CheckpointError, match="was changed after it was written"):
         load_quantized(tmp_path / "q")
-    meta = {k: v for k, v in sealed.items() if k != "metadata_sha256"}  # as written before sealing
+    meta = {k: v for k, v in sealed.items() if k != "metadata_sha256"}
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(CheckpointError, match="version 99"):
         load_quantized(tmp_path / "q")
-    meta_path.write_text(json.dumps({**meta, "model_name": "vim_micro"}))
+    meta_path.write_text(json.dumps(_sealed({**meta, "model_name": "vim_micro"})))
     with pytest.raises(CheckpointError, match="vim_micro"):
         load_quantized(tmp_path / "q")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_quantized(tmp_path / "nothing")
+
+
+def test_arrays_that_differ_from_their_digest_are_refused_by_name(saved_w4a8, tmp_path):
+    """The sealed metadata holds a sha256 per array: an array that does not match is never served."""
+    def edit(meta):
+        meta["array_sha256"]["qlayers/layers_0/mixer/out_proj/w_scale"] = "0" * 64
+    path = _edited_copy(saved_w4a8, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"q/params: the arrays qlayers/layers_0/mixer/out_proj/w_scale "
+                                              r"differ from what was saved .*damaged"):
+        load_quantized(path)
+    shutil.rmtree(path)
+    path = _edited_copy(saved_w4a8, tmp_path, lambda meta: meta.pop("array_sha256"))
+    with pytest.raises(CheckpointError, match=r"version 2 records 'array_sha256', this file has none"):
+        load_quantized(path)
 
 
 def test_corrupt_values_are_refused(qparams, tmp_path):
@@ -196,15 +212,19 @@ NOT_THE_MODEL = {  # well-formed metadata that does not fit the model
 }
 
 
+def _sealed(meta):
+    return {**meta, "metadata_sha256": metadata_digest(meta)}
+
+
 def _edited_copy(saved, tmp_path, edit):
-    """A copy with edited metadata, unsealed (no digest, as written before sealing) so that each
-    field's own validation is what answers."""
+    """A copy with edited and re-sealed metadata (as if written that way), so that each field's
+    own validation is what answers."""
     shutil.copytree(saved, tmp_path / "q")
     meta_path = tmp_path / "q" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta.pop("metadata_sha256")
     edit(meta)
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(_sealed(meta)))
     return tmp_path / "q"
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import CheckpointError, CheckpointMismatchError, load_torch_checkpoint, read_checkpoint
+from convert import CheckpointError, CheckpointMismatchError, read_checkpoint
+from ptq4vm_jax import load_torch_checkpoint
 from ptq4vm_jax.models import create_model
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vim_golden"

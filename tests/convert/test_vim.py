@@ -10,7 +10,8 @@ import pytest
 import safetensors.numpy
 import torch
 
-from convert import CheckpointError, CheckpointMismatchError, family_spec, load_torch_checkpoint
+from convert import CheckpointError, CheckpointMismatchError, family_spec
+from ptq4vm_jax import load_torch_checkpoint
 from ptq4vm_jax.checkpoint import convert_checkpoint, load_params
 
 

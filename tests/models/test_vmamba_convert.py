@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert import CheckpointError, CheckpointMismatchError, load_torch_checkpoint, read_checkpoint
+from convert import CheckpointError, CheckpointMismatchError, read_checkpoint
 from convert.vmamba import config_overrides
+from ptq4vm_jax import load_torch_checkpoint
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vmamba_golden"
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert import CheckpointMismatchError, family_spec, load_torch_checkpoint, read_checkpoint
+from convert import CheckpointMismatchError, family_spec, read_checkpoint
 from convert.mapping import map_state_dict
 from convert.vmamba import config_overrides, infer_overrides
-from ptq4vm_jax import create_model
+from ptq4vm_jax import create_model, load_torch_checkpoint
 from ptq4vm_jax.checkpoint import abstract_params
 from ptq4vm_jax.models.vmamba import (
     NUM_DIRECTIONS,
