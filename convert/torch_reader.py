@@ -16,6 +16,7 @@ import math
 import os
 import pathlib
 import pickle
+import pickletools
 import types
 import zipfile
 from collections.abc import Callable
@@ -129,6 +130,11 @@ def _as_ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+# A view may repeat its storage (stride 0, as ``expand`` makes), but a copy this much larger than
+# the file is an edited size field, not a checkpoint: refused before allocating it.
+_MAX_REUSE = 64
+
+
 def _strided_copy(elements: np.ndarray, offset: Any, size: Any, stride: Any) -> np.ndarray:
     """Contiguous copy of the view ``(offset, size, stride)`` of ``elements`` (bounds checked)."""
     size, stride = _as_ints(size, "size"), _as_ints(stride, "stride")
@@ -137,6 +143,9 @@ def _strided_copy(elements: np.ndarray, offset: Any, size: Any, stride: Any) -> 
         raise CheckpointError(f"corrupt data.pkl: tensor size {size} and stride {stride} differ in rank")
     if 0 in size:
         return np.zeros(size, elements.dtype)
+    if math.prod(size) > _MAX_REUSE * elements.size + 1024:
+        raise CheckpointError(f"corrupt data.pkl: a tensor of size {size} (stride {stride}) would repeat its "
+                              f"storage of {elements.size} elements more than {_MAX_REUSE} times over")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= elements.size:
         raise CheckpointError(
@@ -364,6 +373,9 @@ def _open_zip(path: str) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         pass
+    except Exception as e:  # zipfile also raises UnicodeDecodeError, NotImplementedError, ... on bad fields
+        raise CheckpointError(f"{path}: the zip archive's directory is corrupt ({type(e).__name__}: "
+                              f"{str(e)[:200]}); copy or download the checkpoint again") from None
     if head.startswith(b"PK"):
         raise CheckpointError(f"{path}: the zip archive is truncated or corrupt (no readable central "
                               "directory); copy or download the checkpoint again")
@@ -382,20 +394,55 @@ def _open_zip(path: str) -> zipfile.ZipFile:
 def _find_prefix(zf: zipfile.ZipFile, path: str) -> str:
     pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-        names = ", ".join(zf.namelist()[:10])
+        names = ", ".join(map(repr, zf.namelist()[:10]))
         raise CheckpointError(f"{path}: a zip archive but not a torch.save checkpoint: expected one "
                               f"<archive>/data.pkl, found {len(pickles)} (members: {names})")
     return pickles[0][: -len("data.pkl")]
 
 
+# torch.save stores members uncompressed; deflate is what a re-zipping tool would use.
+_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_MAX_DEFLATE_RATIO = 1032  # deflate's best ratio: a larger declared size is a lie (or a zip bomb)
+
+
 def _read_member(zf: zipfile.ZipFile, name: str, path: str) -> bytes:
+    """A member's bytes, CRC-checked by zipfile; declared sizes are bounded by the file's, so no
+    edited size field can make this allocate or inflate more than the archive can hold."""
     try:
-        return zf.read(name)
+        info = zf.getinfo(name)
     except KeyError:
         raise CheckpointError(f"{path}: corrupt checkpoint: data.pkl refers to {name}, which the archive "
                               "does not contain") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated archive member {name}: {e}") from None
+    if info.compress_type not in _COMPRESSION:
+        raise CheckpointError(f"{path}: archive member {name} uses compression method {info.compress_type}, "
+                              "which torch.save never writes; the archive is corrupt")
+    archive = os.path.getsize(path)
+    limit = archive if info.compress_type == zipfile.ZIP_STORED else archive * _MAX_DEFLATE_RATIO
+    if info.compress_size > archive or info.file_size > limit:
+        raise CheckpointError(f"{path}: archive member {name} declares {info.file_size} bytes "
+                              f"({info.compress_size} stored) in a {archive}-byte file; the archive is "
+                              "corrupt")
+    try:
+        return zf.read(name)
+    except Exception as e:  # BadZipFile (bad CRC, header), EOFError, zlib.error, UnicodeDecodeError, ...
+        raise CheckpointError(f"{path}: corrupt or truncated archive member {name} ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+def _check_memo_indices(data: bytes, path: str) -> None:
+    """Refuse memo indices beyond the pickle's own length before unpickling: the C unpickler grows
+    its memo table to the largest index a PUT names, so one edited byte could ask for gigabytes.
+    Pickles number their memo entries from 0, one per PUT, so a real index is always smaller."""
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int)
+                                                                       and 0 <= arg < len(data)):
+                raise CheckpointError(f"{path}: corrupt data.pkl: memo index {arg!r} beyond the pickle's "
+                                      f"{len(data)} bytes")
+    except CheckpointError:
+        raise
+    except Exception as e:  # genops raises ValueError and others on malformed opcodes
+        raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> Any:
@@ -436,6 +483,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
             return storages[key]
 
         data = _read_member(zf, prefix + "data.pkl", path)
+        _check_memo_indices(data, path)
         try:
             return _RestrictedUnpickler(data, path, load_storage).load()
         except CheckpointError as e:
