@@ -39,8 +39,11 @@ __all__ = [
 
 
 def _looks_like_safetensors(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from None
     return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 

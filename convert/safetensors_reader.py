@@ -63,8 +63,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"safetensors file {path!r} does not exist or is not a file")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read safetensors file {path!r}: {e.strerror or e}") from None
     header = _parse_header(path, data)
     start = 8 + int.from_bytes(data[:8], "little")
     buffer = memoryview(data)[start:]

@@ -133,6 +133,7 @@ def _as_ints(value: Any, what: str) -> tuple[int, ...]:
 # A view may repeat its storage (stride 0, as ``expand`` makes), but a copy this much larger than
 # the file is an edited size field, not a checkpoint: refused before allocating it.
 _MAX_REUSE = 64
+_FREE_REUSE = 1 << 24  # elements any view may have, however small its storage
 
 
 def _strided_copy(elements: np.ndarray, offset: Any, size: Any, stride: Any) -> np.ndarray:
@@ -143,7 +144,7 @@ def _strided_copy(elements: np.ndarray, offset: Any, size: Any, stride: Any) -> 
         raise CheckpointError(f"corrupt data.pkl: tensor size {size} and stride {stride} differ in rank")
     if 0 in size:
         return np.zeros(size, elements.dtype)
-    if math.prod(size) > _MAX_REUSE * elements.size + 1024:
+    if math.prod(size) > max(_MAX_REUSE * elements.size, _FREE_REUSE):
         raise CheckpointError(f"corrupt data.pkl: a tensor of size {size} (stride {stride}) would repeat its "
                               f"storage of {elements.size} elements more than {_MAX_REUSE} times over")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
@@ -367,8 +368,11 @@ def _open_zip(path: str) -> zipfile.ZipFile:
             raise CheckpointError(f"checkpoint {path!r} is a directory, not a .pth file; an Orbax directory "
                                   "from `ptq4vm convert` is read by load_params (CLI: --params)")
         raise CheckpointError(f"checkpoint {path!r} is not a file")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from None
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:

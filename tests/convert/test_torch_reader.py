@@ -281,3 +281,55 @@ def test_out_of_bounds_view_is_caught(tmp_path):
              lambda n, b: (n, buf.getvalue() if n.endswith("data.pkl") else b))
     with pytest.raises(CheckpointError, match=r"reaches element 8 of a storage that holds 4"):
         read_torch_checkpoint(tmp_path / "oob.pth")
+
+
+def _edited_field(path, out, signature: bytes, offset: int, fmt: str, value: int) -> None:
+    """Copy ``path`` with one field of every ``signature`` record (zip header) set to ``value``."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(signature)
+    while at >= 0:
+        struct.pack_into(fmt, data, at + offset, value)
+        at = data.find(signature, at + 1)
+    out.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("signature, offset, fmt, value, message", [
+    # general-purpose flag 0x800 (names are UTF-8) over names that are not UTF-8 after an edit
+    (b"PK\x01\x02", 46, "<B", 0xFF, "zip archive's directory is corrupt"),
+    (b"PK\x01\x02", 10, "<H", 99, "compression method 99, which torch.save never writes"),
+    (b"PK\x01\x02", 24, "<I", 2**32 - 1, "declares 4294967295 bytes"),
+    (b"PK\x01\x02", 6, "<H", 0xFF, "zip archive's directory is corrupt"),  # version needed: 25.5
+])
+def test_edited_zip_fields_are_checkpoint_errors(tmp_path, signature, offset, fmt, value, message):
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pth")
+    if offset == 46:
+        _edited_field(tmp_path / "ok.pth", tmp_path / "bad.pth", signature, 8, "<H", 0x800)
+        _edited_field(tmp_path / "bad.pth", tmp_path / "bad.pth", signature, offset, fmt, value)
+    else:
+        _edited_field(tmp_path / "ok.pth", tmp_path / "bad.pth", signature, offset, fmt, value)
+    with pytest.raises(CheckpointError, match=f"bad.pth.*{message}"):
+        read_checkpoint(tmp_path / "bad.pth")
+
+
+def _with_pickle(path, out, edit) -> None:
+    _rewrite(path, out, lambda name, data: (name, edit(data) if name.endswith("data.pkl") else data))
+
+
+def test_huge_memo_index_is_refused_before_unpickling(tmp_path):
+    """A BINPUT turned LONG_BINPUT would make the C unpickler grow its memo to gigabytes."""
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pth")
+    _with_pickle(tmp_path / "ok.pth", tmp_path / "bad.pth",
+                 lambda data: data.replace(b"q\x00", b"r\xff\xff\xff\x7f", 1))
+    with pytest.raises(CheckpointError, match=r"bad.pth: corrupt data.pkl: memo index 2147483647"):
+        read_checkpoint(tmp_path / "bad.pth")
+
+
+def test_stride_zero_blow_up_is_refused(tmp_path):
+    torch.save({"w": torch.ones(4).expand(1000, 4)}, tmp_path / "ok.pth")  # a real stride-0 view loads
+    assert read_checkpoint(tmp_path / "ok.pth")["w"].shape == (1000, 4)
+    _with_pickle(tmp_path / "ok.pth", tmp_path / "bad.pth",
+                 lambda data: data.replace(b"M\xe8\x03", b"J\x00\xca\x9a\x3b", 1))  # 1000 -> 10**9 rows
+    with pytest.raises(CheckpointError, match=r"bad.pth: .*would repeat its storage of 4 elements"):
+        read_checkpoint(tmp_path / "bad.pth")
