@@ -15,7 +15,11 @@ from typing import Any, TextIO
 
 class Progress:
     """The calls a loop makes: ``update(n)``, ``set_postfix(**values)`` and ``close()`` (also as
-    a context manager). This base class draws nothing (progress turned off)."""
+    a context manager). This base class draws nothing (progress turned off). ``closed`` says
+    whether ``close()`` ran (a loop stopped by an exception must still close its bar, or the
+    next message lands on the half-drawn line)."""
+
+    closed = False
 
     def update(self, n: int = 1) -> None:
         pass
@@ -24,7 +28,7 @@ class Progress:
         pass
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def __enter__(self) -> Progress:
         return self
@@ -49,6 +53,7 @@ class _Bar(Progress):
 
     def close(self) -> None:
         self.bar.close()
+        self.closed = True
 
 
 class _Lines(Progress):
@@ -62,7 +67,6 @@ class _Lines(Progress):
         self.step = 0  # for a known total: lines printed so far
         self.postfix: dict[str, Any] = {}
         self.start = self.last = time.monotonic()
-        self.closed = False
 
     def _line(self) -> None:
         of = "" if not self.total else f"/{self.total}"

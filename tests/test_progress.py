@@ -75,3 +75,13 @@ def test_disabled_progress_writes_nothing(stream):
     with progress_bar(5, "eval", enabled=False, stream=stream) as bar:
         bar.update(5)
     assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("stream", [Terminal(), io.StringIO()])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_exception_in_the_loop_still_closes_the_bar(stream, enabled):
+    bar = progress_bar(5, "JLSS layers_0", leave=False, enabled=enabled, stream=stream)
+    with pytest.raises(KeyboardInterrupt), bar:
+        bar.update()
+        raise KeyboardInterrupt
+    assert bar.closed
