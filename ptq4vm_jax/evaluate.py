@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ptq4vm_jax.data import class_labels
+from ptq4vm_jax.progress import progress_bar
+
 
 def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Whether each label is among its row's k largest logits (ties resolved by index)."""
@@ -30,20 +33,19 @@ def evaluate(
 
     ``mask`` (from ``ptq4vm_jax.data.eval_batches``) drops the padding rows of the last batch.
     ``num_examples``, when given, is a cap: evaluation stops after that many real examples.
-    ``total`` (the data's size, when known) and the cap set the progress bar's total. Returns
+    ``total`` (the data's size, when known) and the cap set the progress total (``progress``: a
+    bar on a terminal, a line per tenth in a log; ``ptq4vm_jax.progress``). Returns
     ``top1``/``top5`` in percent (top-5 is top-``classes`` when there are fewer than 5 classes)
     and ``n``, the number of examples counted; with ``across_processes`` the counts of every
     process are summed first (multi-host evaluation, each process having evaluated its own
     share) and ``local_n`` is this process's count.
     """
-    from tqdm.auto import tqdm
-
     if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
         raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
     hits1 = hits5 = n = nonfinite = 0
     warned = False
     known = [t for t in (num_examples, total) if t is not None]
-    bar = tqdm(total=min(known) if known else None, disable=not progress, unit="img", desc="eval")
+    bar = progress_bar(min(known) if known else None, "eval", unit="img", enabled=progress)
     try:
         for k, batch in enumerate(batches):
             images, labels, mask = _split_batch(batch, k, batches)
@@ -94,8 +96,6 @@ def evaluate(
 
 def _split_batch(batch: Any, k: int, batches: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     """One batch -> (images, integer labels, mask), checked against each other."""
-    from ptq4vm_jax.data import class_labels
-
     if isinstance(batch, Mapping):
         raise ValueError(f"batch #{k} is a dict (keys {sorted(map(str, batch))}); batches are (images, "
                          "labels[, mask]) tuples: ptq4vm_jax.data.eval_batches(source, batch_size, "
@@ -166,8 +166,6 @@ def paired_top1(labels: Any, preds_a: Any, preds_b: Any) -> dict[str, float]:
     evidence; ``p_value`` is the exact two-sided McNemar (sign) test on them. Small test sets
     (the digits split: one image is 0.28 points) need it before reading a top-1 gap as a win.
     """
-    from ptq4vm_jax.data import class_labels
-
     y = class_labels(labels, "paired_top1")
     a = class_labels(preds_a, "paired_top1", "preds_a")
     b = class_labels(preds_b, "paired_top1", "preds_b")

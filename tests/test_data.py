@@ -10,12 +10,12 @@ import tensorflow_datasets as tfds
 from ptq4vm_jax.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    _digits_pixels,
     calibration_images,
     eval_batches,
     imagenet_eval_preprocess,
     load_digits_dataset,
 )
+from ptq4vm_jax.data.digits import _digits_pixels
 
 MEAN = np.asarray(IMAGENET_MEAN, np.float32)
 STD = np.asarray(IMAGENET_STD, np.float32)

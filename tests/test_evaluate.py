@@ -49,14 +49,35 @@ def test_num_examples_caps_evaluation():
     assert out == {"top1": 100.0, "top5": 100.0, "n": 3}
 
 
-def test_progress_bar_runs(capsys):
+def test_progress_in_a_log_is_a_few_plain_lines(capsys):
+    """stderr captured (not a terminal, as under a scheduler): whole lines, no carriage returns."""
     evaluate(lambda p: one_hot_logits(p), [(np.array([1]), np.array([1]))], progress=True)
-    assert "top1=100.00" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "top1=100.00" in err and "\r" not in err and err.count("\n") == 1
+    batches = [(np.array([1, 1]), np.array([1, 1]))] * 50
+    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=100)  # the data's size known
+    err = capsys.readouterr().err
+    assert "\r" not in err and len(err.splitlines()) == 10  # one per tenth, for 50 batches
+    assert err.splitlines()[-1].startswith("eval: 100/100 img (100%)")
+    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=100, num_examples=4)
+    assert "eval: 4/4 img (100%)" in capsys.readouterr().err  # the cap, when smaller, is the total
+    evaluate(lambda p: one_hot_logits(p), batches, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_on_a_terminal_is_a_bar(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
     batches = [(np.array([1, 1]), np.array([1, 1]))] * 3
-    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=6)  # the data's size known
-    assert "6/6" in capsys.readouterr().err
-    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=6, num_examples=4)
-    assert "4/4" in capsys.readouterr().err  # the cap, when smaller, is the total
+    evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=6)
+    assert "\r" in term.getvalue() and "6/6" in term.getvalue()  # redrawn in place by tqdm
 
 
 def test_evaluate_errors():

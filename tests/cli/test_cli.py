@@ -225,13 +225,14 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
          "--limit must be a positive integer"),
         (["eval", "--quantized", str(MICRO), "--data", "digits:test"], "give it as --params"),
         (["eval", "--params", str(MICRO), "--model", "vim_nano", "--data", "digits:test"],
-         "pass --model vim_micro or convert"),
+         r"holds vim_micro, not vim_nano; pass --model vim_micro \(or leave --model out\) or convert"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
           "--train-batch", "256", "--out", str(tmp_path / "q")],
-         r"has only 1442; pass --num-calib 1280 \(or fewer, a multiple of --train-batch 256\)"),
+         r"error: --calib digits:train has only 1442 images; pass --num-calib 1280 \(or fewer, a multiple of "
+         r"--train-batch 256\) or a larger dataset"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "2048",
           "--method", "rtn", "--out", str(tmp_path / "q")],  # no learning: no batch multiple
-         r"has only 1442; pass --num-calib 1442 \(or fewer\) or"),
+         r"has only 1442 images; pass --num-calib 1442 \(or fewer\) or a larger dataset$"),
         (["quantize", "--params", str(MICRO), "--calib", "digits", "--out", str(tmp_path / "q")],
          r"error: --calib digits: give the split, digits:train or digits:test"),
         (["eval", "--params", str(MICRO), "--data", "digits:test", "--batch-size", "0"],
@@ -261,10 +262,11 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
         (["quantize", "--params", str(MICRO), "--calib", "imagenet", "--out", str(tmp_path / "q")],
          r"^ptq4vm quantize: error: --calib 'imagenet': unknown data spec"),
         (["quantize", "--params", str(MICRO), "--calib", "digits:train", "--loss-axis", "width",
-          "--out", str(tmp_path / "q")], r"\(--loss-axis width\) reproduces the VMamba code only"),
+          "--out", str(tmp_path / "q")],
+         r"error: --loss-axis width reproduces the released VMamba code only"),
         (["quantize", "--params", str(MICRO.parent / "vmamba_micro"), "--calib", "digits:train",
           "--official-inner-proj", "--out", str(tmp_path / "q")],
-         r"\(--official-inner-proj\) reproduces the released Vim code only"),
+         r"error: --official-inner-proj reproduces the released Vim code only"),
     ]
     for argv, said in cases:
         with pytest.raises(SystemExit) as e:
@@ -275,14 +277,15 @@ def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
 
 
 def test_quantize_flags_reach_the_config():
-    from ptq4vm_jax.cli import _config, build_parser
+    from ptq4vm_jax.cli import build_parser
+    from ptq4vm_jax.cli.quantize import quant_config
 
     args = build_parser().parse_args(["quantize", "--params", "p", "--out", "o", "--loss-axis", "width",
                                       "--official-inner-proj", "--act-grid", "official", "--loss", "mse"])
-    cfg = _config(args)
+    cfg = quant_config(args)
     got = (cfg.loss_axis, cfg.train_inner_proj, cfg.act_grid, cfg.loss)
     assert got == ("width", False, "official", "mse")
-    defaults = _config(build_parser().parse_args(["quantize", "--params", "p", "--out", "o"]))
+    defaults = quant_config(build_parser().parse_args(["quantize", "--params", "p", "--out", "o"]))
     assert (defaults.loss_axis, defaults.train_inner_proj) == ("channel", True)
 
 
@@ -403,3 +406,56 @@ def test_version_is_the_package_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ptq4vm-jax {ptq4vm_jax.__version__}"
+
+
+def test_a_library_error_naming_an_argument_names_its_flag(tmp_path, capsys, monkeypatch):
+    """The flag is found from the error's ``argument`` attribute, not from its text; an error
+    without one prints as the library wrote it."""
+    import ptq4vm_jax
+
+    def refuse(argument):
+        def quantize_params(*args, **kwargs):
+            e = ValueError("resume_dir /x is not usable")
+            if argument:
+                e.argument = argument
+            raise e
+        return quantize_params
+
+    base = ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+            "--method", "rtn", "--out", str(tmp_path / "q")]
+    for argument, said in (("resume_dir", "error: resume_dir /x is not usable (resume_dir: --resume on "
+                                          "the command line)\n"),
+                           (None, "error: resume_dir /x is not usable\n"),
+                           ("no_such_parameter", "error: resume_dir /x is not usable\n")):
+        monkeypatch.setattr(ptq4vm_jax, "quantize_params", refuse(argument))
+        with pytest.raises(SystemExit) as e:
+            main(base)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.endswith(said)
+
+
+def test_a_library_warning_the_command_already_gave_is_not_repeated(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import ptq4vm_jax
+
+    q = tmp_path / "q"
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
+          "--method", "rtn", "--out", str(q)])
+    real = ptq4vm_jax.quantized_apply
+
+    def warns(*args, **kwargs):
+        for argument in ("gemm", "mode"):
+            w = UserWarning(f"about {argument}")
+            w.argument = argument
+            warnings.warn(w, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ptq4vm_jax, "quantized_apply", warns)
+    capsys.readouterr()
+    main(["eval", "--quantized", str(q), "--data", "digits:test", "--limit", "8", "--mode", "int",
+          "--gemm", "pallas"])
+    err = capsys.readouterr().err
+    assert err.count("warning: --gemm pallas off the GPU runs its kernel in the Pallas interpreter") == 1
+    assert "about gemm" not in err  # the command said it already
+    assert "warning: about mode (mode: --mode on the command line)" in err

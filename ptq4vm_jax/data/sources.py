@@ -1,4 +1,4 @@
-"""Data: any calibration / evaluation source -> fixed-shape float32 NHWC batches.
+"""Any calibration / evaluation source -> validated float32 NHWC images in fixed-shape batches.
 
 Accepted sources (for both ``calibration_images`` and ``eval_batches``):
 
@@ -19,112 +19,43 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from ptq4vm_jax.data.labels import class_labels
+from ptq4vm_jax.data.preprocess import Preprocess, imagenet_eval_preprocess
+
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# timm / Vim eval: Resize(int(image_size / 0.875)) then CenterCrop(image_size).
-EVAL_CROP_PCT = 0.875
-
-# Per-channel statistics of the 32 px digits train split after scaling pixels to [0, 1] and the
-# bilinear upsampling below (computed once with ``_digits_pixels``; pinned by a test).
-DIGITS_MEAN = 0.3051
-DIGITS_STD = 0.3238
 
 # Largest random-access source whose index permutation we materialise (ImageNet train: 1.28M).
 _MAX_PERMUTATION = 1 << 31
 
-Preprocess = Callable[[np.ndarray], np.ndarray]
 
-
-# --------------------------------------------------------------------------- ImageNet transform
-
-
-def _to_rgb_pil(image: Any):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(
-            f"imagenet_eval_preprocess expects raw uint8 pixels (0..255); got dtype {arr.dtype}. "
-            "Float images are treated as already preprocessed: pass them without preprocess=..."
-        )
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return Image.fromarray(arr, mode="RGB" if arr.shape[-1] == 3 else "RGBA").convert("RGB")
-    raise ValueError(
-        f"imagenet_eval_preprocess expects one image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
-        f"got shape {arr.shape}. Pass single images, not batches."
-    )
-
-
-def imagenet_eval_preprocess(
-    image: Any, *, image_size: int = 224, resize_size: int | None = None
-) -> np.ndarray:
-    """The official Vim / PTQ4VM eval transform, reproduced with Pillow so no torch is needed.
-
-    timm ``Resize(resize_size, bicubic)`` on the shorter side, ``CenterCrop(image_size)``,
-    ``ToTensor``, ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``, but returning float32 HWC.
-    ``resize_size`` defaults to ``int(image_size / 0.875)`` (256 for 224). Grayscale and RGBA
-    inputs become RGB the way the official folder loader does (``PIL.Image.convert("RGB")``).
-    """
-    from PIL import Image
-
-    if resize_size is None:
-        resize_size = int(image_size / EVAL_CROP_PCT)
-    if resize_size < image_size:
-        raise ValueError(
-            f"resize_size ({resize_size}) must be >= image_size ({image_size}) for a center crop"
-        )
-    pil = _to_rgb_pil(image)
-    w, h = pil.size
-    # torchvision: the shorter side becomes resize_size, the longer one is truncated, not rounded.
-    if w <= h:
-        size = (resize_size, int(resize_size * h / w))
-    else:
-        size = (int(resize_size * w / h), resize_size)
-    pil = pil.resize(size, Image.BICUBIC)
-    # torchvision CenterCrop offsets use Python's round (half to even).
-    top = int(round((size[1] - image_size) / 2.0))
-    left = int(round((size[0] - image_size) / 2.0))
-    pil = pil.crop((left, top, left + image_size, top + image_size))
-    x = np.asarray(pil, dtype=np.float32) / np.float32(255.0)
-    return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-
-
-# --------------------------------------------------------------------------- reading sources
-
-
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
+    """A numpy array or an array-like with a shape and dtype (jax, torch): one block of images."""
     return isinstance(x, np.ndarray) or (
         hasattr(x, "__array__") and hasattr(x, "shape") and hasattr(x, "dtype")
     )
 
 
-def _is_random_access(x: Any) -> bool:
+def is_random_access(x: Any) -> bool:
+    """A source read by index (tfds data source, grain MapDataset), not a container of batches."""
     return (
         hasattr(x, "__len__")
         and hasattr(x, "__getitem__")
         and not isinstance(x, (list, tuple, str, bytes, Mapping))
-        and not _is_array(x)
+        and not is_array(x)
     )
 
 
-def _is_pair(x: Any) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and _is_array(x[0])
+def is_pair(x: Any) -> bool:
+    """An ``(images, labels)`` pair of arrays."""
+    return isinstance(x, tuple) and len(x) == 2 and is_array(x[0])
 
 
-def _split_element(elem: Any) -> tuple[Any, Any]:
+def split_element(elem: Any) -> tuple[Any, Any]:
     """One element of a source -> (image or batch of images, label(s) or None)."""
     if isinstance(elem, Mapping):
         if "image" not in elem:
@@ -135,32 +66,12 @@ def _split_element(elem: Any) -> tuple[Any, Any]:
         return elem["image"], elem.get("label")
     if isinstance(elem, tuple) and len(elem) == 2:
         return elem
-    if _is_array(elem) or type(elem).__module__.startswith("PIL"):
+    if is_array(elem) or type(elem).__module__.startswith("PIL"):
         return elem, None
     raise TypeError(
         f"cannot read images from an element of type {type(elem).__name__}; elements must be "
         "arrays, (image, label) tuples or dicts with an 'image' key"
     )
-
-
-def class_labels(labels: Any, where: str, what: str = "labels") -> np.ndarray:
-    """Labels (or predictions: ``what``) as integer class indices (N,). One-hot rows, fractions,
-    strings, booleans or negative values would each count as wrong answers, silently."""
-    arr = np.asarray(labels)
-    if arr.ndim == 2 and arr.shape[1] > 1:
-        raise ValueError(f"{where}: {what} of shape {arr.shape} look one-hot (or per-class scores); pass "
-                         f"one class index per image, e.g. {what}.argmax(-1)")
-    arr = arr.reshape(-1)
-    if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
-        arr = arr.astype(np.int64)  # whole numbers stored as floats
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{where}: {what} must be integer class indices, got dtype {arr.dtype} "
-                         f"(first values {arr[:3].tolist()}); map them to 0..num_classes-1")
-    if arr.size and arr.min() < 0:
-        unlabelled = (" (a split without labels, such as imagenet2012's test split, marks them -1: "
-                      "evaluate on a labelled split such as validation)") if what == "labels" else ""
-        raise ValueError(f"{where}: {what} hold {arr.min()}; class indices start at 0{unlabelled}")
-    return arr.astype(np.int64)
 
 
 def _pixel_kind(dtype: np.dtype, where: str) -> str:
@@ -180,7 +91,7 @@ def _prepare(
     """Images of one element (single image or batch) -> float32 NHWC batch and its labels."""
     if type(images).__module__.startswith("PIL"):
         images = np.asarray(images)
-    arr = images if _is_array(images) else np.asarray(images)
+    arr = images if is_array(images) else np.asarray(images)
     try:
         dtype = np.dtype(arr.dtype)
     except TypeError:  # an array type numpy cannot name the dtype of (e.g. a torch tensor)
@@ -267,15 +178,15 @@ def _empty(source: Any, where: str) -> ValueError:
 
 def _elements(source: Any, order: Iterable[int] | None, *, chunk: int, where: str) -> Iterator[Any]:
     """Elements of any accepted source; arrays are cut into slices of ``chunk`` images."""
-    if _is_array(source) or _is_pair(source) or isinstance(source, Mapping):
-        images, labels = source if _is_pair(source) else _split_element(source)
+    if is_array(source) or is_pair(source) or isinstance(source, Mapping):
+        images, labels = source if is_pair(source) else split_element(source)
         _check_batch_axes(images, where)
         n = len(images)
         if labels is not None and len(labels) != n:
             raise ValueError(f"{n} images but {len(labels)} labels")
         for s in range(0, n, chunk):
             yield (images[s:s + chunk], None if labels is None else labels[s:s + chunk])
-    elif _is_random_access(source):
+    elif is_random_access(source):
         for i in order if order is not None else range(len(source)):
             yield source[int(i)]
     elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
@@ -315,7 +226,7 @@ def calibration_images(
     if int(num_images) != num_images or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     order = None
-    if _is_random_access(calib_ds):
+    if is_random_access(calib_ds):
         total = len(calib_ds)
         if total == 0:
             raise ValueError(f"{where}: the dataset is empty (len 0)")
@@ -332,7 +243,7 @@ def calibration_images(
     count = 0
     used: list[int] = []
     for k, elem in enumerate(_elements(calib_ds, order, chunk=num_images, where=where)):
-        images, _ = _split_element(elem)
+        images, _ = split_element(elem)
         x, _ = _prepare(images, None, image_size=image_size, preprocess=preprocess, where=where)
         if order is not None:
             used.append(int(order[k]))
@@ -367,44 +278,6 @@ def calibration_images(
     return out
 
 
-class _IndexView:
-    """Random access to ``source`` at ``indices`` only (a per-process share, read lazily)."""
-
-    def __init__(self, source: Any, indices: range) -> None:
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.source[self.indices[i]]
-
-
-def process_share(source: Any, index: int, count: int, *, limit: int | None = None) -> Any:
-    """Elements ``index, index + count, ...`` of the first ``limit`` of ``source``: disjoint shares
-    that together cover it, one per process of a multi-host evaluation.
-
-    Arrays, ``(images, labels)`` pairs and dicts of arrays are sliced; random-access sources
-    (tfds, grain) become a lazy index view, so each host decodes only its own images; other
-    iterables are filtered by position (their elements may be examples or whole batches).
-    """
-    if not 0 <= index < count:
-        raise ValueError(f"process index {index} is not in [0, {count})")
-    cut = slice(None, limit)
-    if _is_array(source):
-        return source[cut][index::count]
-    if _is_pair(source) or isinstance(source, Mapping):
-        images, labels = source if _is_pair(source) else _split_element(source)
-        share = lambda a: None if a is None else a[cut][index::count]
-        return (share(images), share(labels))
-    if _is_random_access(source):
-        total = len(source) if limit is None else min(len(source), limit)
-        return _IndexView(source, range(index, total, count))
-    if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
-        return (e for i, e in enumerate(source) if (limit is None or i < limit) and i % count == index)
-    return source  # eval_batches explains what is wrong with it
-
-
 def eval_batches(
     source: Any,
     batch_size: int,
@@ -428,7 +301,7 @@ def eval_batches(
     pending = 0
     seen = 0
     for elem in _elements(source, None, chunk=batch_size, where=where):
-        images, labels = _split_element(elem)
+        images, labels = split_element(elem)
         if labels is None:
             raise ValueError(
                 f"{where}: evaluation needs labels; got an element without one. Pass "
@@ -457,55 +330,3 @@ def eval_batches(
             np.concatenate([ys, np.zeros(pad, np.int32)]),
             np.arange(batch_size) < pending,
         )
-
-
-# --------------------------------------------------------------------------- built-in digits
-
-
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) bilinear weights, half-pixel centres, edges clamped."""
-    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    m = np.zeros((n_out, n_in))
-    m[np.arange(n_out), lo] += 1 - frac
-    m[np.arange(n_out), hi] += frac
-    return m
-
-
-def _digits_split_mask(labels: np.ndarray) -> np.ndarray:
-    """True for test examples: every 5th example of each class in dataset order (20%)."""
-    rank = np.zeros(labels.shape[0], int)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rank[idx] = np.arange(idx.size)
-    return rank % 5 == 4
-
-
-def _digits_pixels(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if int(image_size) != image_size or image_size < 8:
-        raise ValueError(f"image_size must be an integer >= 8 (digits are 8x8), got {image_size!r}")
-    digits = load_digits()
-    labels = np.asarray(digits.target, np.int32)
-    keep = _digits_split_mask(labels) == (split == "test")
-    m = _bilinear_matrix(8, image_size)
-    pixels = np.einsum("ij,njk,lk->nil", m, digits.images[keep] / 16.0, m)
-    return pixels, labels[keep]
-
-
-def load_digits_dataset(split: str = "train", *, image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits as a tiny offline image-classification task.
-
-    Pixels /16 -> [0, 1], bilinear upsampling to ``image_size`` (pure numpy, deterministic),
-    replicated to 3 channels, normalised with ``DIGITS_MEAN`` / ``DIGITS_STD``. Split: every 5th
-    example of each class (dataset order) is test, the rest train (1442 / 355), fixed forever.
-    Returns ``(images (N, S, S, 3) float32, labels (N,) int32)``.
-    """
-    pixels, labels = _digits_pixels(split, image_size)
-    x = ((pixels - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)
-    return np.repeat(x[..., None], 3, axis=-1), labels

@@ -1,0 +1,12 @@
+"""``ptq4vm``: the command line (demo, convert, quantize, eval).
+
+``main.py`` parses and dispatches and prints errors; each command has a module of its own
+(``convert``, ``quantize``, ``evaluation``, ``demo``); ``paths``, ``dataspecs``, ``loading`` and
+``signals`` hold the checks and plumbing the commands share; ``errors`` is the CLI's wording of
+mistakes. Importing this package loads no JAX: the commands import the library when they run.
+"""
+
+from ptq4vm_jax.cli.demo import ASSETS
+from ptq4vm_jax.cli.main import build_parser, main
+
+__all__ = ["ASSETS", "build_parser", "main"]

@@ -1,0 +1,60 @@
+"""Data specs of the command line (``tfds:NAME:SPLIT``, ``digits:SPLIT``) -> data sources the
+library reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ptq4vm_jax.cli.errors import UsageError
+
+SPEC_FORMS = "tfds:NAME:SPLIT or digits:train|test"
+
+
+def data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> Any:
+    """``tfds:NAME:SPLIT`` (array_record data source, no TensorFlow, nothing downloaded) or
+    ``digits:SPLIT`` (built in, made at the model's ``image_size``: an (images, labels) pair);
+    ``flag`` names the option in errors."""
+    kind, _, rest = spec.partition(":")
+    if kind == "digits":
+        from ptq4vm_jax.data import load_digits_dataset
+
+        if rest not in ("train", "test"):
+            raise UsageError(f"{flag} {spec}: give the split, digits:train or digits:test (calibrate on "
+                             "train, evaluate on test)")
+        return load_digits_dataset(rest, image_size=image_size)
+    if kind == "tfds":
+        name, _, split = rest.partition(":")
+        if not name or not split:
+            raise UsageError(f"{flag} {spec!r}: expected tfds:NAME:SPLIT, e.g. "
+                             "tfds:imagenet2012:validation")
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir() and "://" not in data_dir:
+            what = "is a file" if Path(data_dir).expanduser().exists() else "does not exist"
+            raise UsageError(f"--data-dir {data_dir} {what}; give the directory that holds the prepared "
+                             "tfds datasets (e.g. ~/tensorflow_datasets)")
+        import tensorflow_datasets as tfds
+
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises many types; the user needs the path advice
+            where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+            root = Path(where).expanduser()
+            missing = "://" not in where and not (root / name.split("/")[0]).is_dir()
+            # (tfds's own message for a missing local dataset blames the file format)
+            cause = f"there is no prepared {name} under {root}" if missing else str(e)
+            raise UsageError(
+                f"could not open {spec} (data_dir={data_dir}): {cause}\nPrepare the dataset with tfds "
+                "(array_record format) under --data-dir; nothing is downloaded at run time."
+            ) from None
+    raise UsageError(f"{flag} {spec!r}: unknown data spec; use {SPEC_FORMS}")
+
+
+def images_in(source: Any) -> int | None:
+    """How many images a source from ``data_source`` holds (None where it cannot tell)."""
+    if isinstance(source, tuple):
+        return len(source[0])
+    try:
+        return len(source)
+    except TypeError:
+        return None

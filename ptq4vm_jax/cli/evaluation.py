@@ -1,0 +1,92 @@
+"""``ptq4vm eval``: top-1/top-5 of a float or quantized model, data-parallel over the local
+devices and, under a multi-process launch, over hosts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ptq4vm_jax.cli.dataspecs import data_source, images_in
+from ptq4vm_jax.cli.errors import UsageError
+from ptq4vm_jax.cli.loading import check_quantized_dir, load_float
+
+DTYPES = ("float32", "bfloat16")  # --dtype: the projections' compute dtype
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Which flags go together, and the numbers' ranges, before anything is loaded."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+    if args.quantized and (args.checkpoint or args.params or args.model_arg or args.key):
+        raise UsageError("--quantized carries its model: drop --checkpoint, --params, --model-arg "
+                         "and --key")
+    if not args.quantized and (args.mode or args.gemm):
+        raise UsageError("--mode and --gemm choose how a --quantized model runs; a float model "
+                         "(--params / --checkpoint) has neither")
+    if args.gemm and args.mode != "int":
+        raise UsageError(f"--gemm {args.gemm} picks the integer GEMM of --mode int; add --mode int (the "
+                         "default fake mode runs no integer GEMM)")
+
+
+def warn_if_interpreted(args: argparse.Namespace) -> None:
+    """A Pallas GEMM off the GPU runs in the Pallas interpreter: exact, but far too slow for a
+    dataset. Said once here; the library's own warning about it (``argument == "gemm"``) is
+    then left out by ``main``."""
+    import jax
+
+    from ptq4vm_jax.quant.integer import HOPPER_ONLY
+
+    if args.mode == "int" and args.gemm in ("pallas", *HOPPER_ONLY) and jax.default_backend() != "gpu":
+        print(f"ptq4vm eval: warning: --gemm {args.gemm} off the GPU runs its kernel in the Pallas "
+              "interpreter: exact but slow, meant for testing (--gemm auto or xla is the fast path here)",
+              file=sys.stderr)
+        args.warned_about = {*getattr(args, "warned_about", ()), "gemm"}
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from ptq4vm_jax import create_model, load_quantized, quantized_apply
+    from ptq4vm_jax.data import eval_batches, process_share
+    from ptq4vm_jax.distributed import data_parallel, lockstep, maybe_initialize_distributed
+    from ptq4vm_jax.evaluate import evaluate
+    from ptq4vm_jax.models import canonical_name, image_shape
+
+    check_flags(args)
+    maybe_initialize_distributed()
+    args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
+    if args.quantized:
+        check_quantized_dir(args.quantized)
+        qp = load_quantized(args.quantized)
+        if args.model and canonical_name(args.model) != qp.model_name:
+            raise UsageError(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
+        if args.mode == "int" and qp.config.method == "per_token_dynamic":
+            raise UsageError(f"--quantized {args.quantized} is per_token_dynamic: its activation scales "
+                             "are computed at run time, so it has no integer mode; use --mode fake")
+        warn_if_interpreted(args)
+        model = qp.model(dtype=jnp.dtype(args.dtype))
+        logits_fn = data_parallel(
+            lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
+        what = (f"{qp.model_name} {qp.config.method} W{qp.config.w_bits}A{qp.config.a_bits}, "
+                f"{args.mode} mode" + (f" ({args.gemm} GEMM)" if args.mode == "int" else ""))
+    else:
+        name, overrides, params = load_float(args)
+        model = create_model(name, **{**overrides, "dtype": jnp.dtype(args.dtype)})
+        logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
+        what = f"{name} float"
+    shape = image_shape(model, args.batch_size)
+    source = data_source(args.data, args.data_dir, shape[1], "--data")
+    if jax.process_count() == 1:
+        batches = eval_batches(source, args.batch_size, image_size=shape[1])
+        metrics = evaluate(logits_fn, batches, num_examples=args.limit, total=images_in(source))
+    else:  # each host evaluates its own share; the counts are summed
+        share = process_share(source, jax.process_index(), jax.process_count(), limit=args.limit)
+        batches = lockstep(eval_batches(share, args.batch_size, image_size=shape[1], allow_empty=True),
+                           shape)
+        metrics = evaluate(logits_fn, batches, progress=jax.process_index() == 0, across_processes=True)
+        print(f"process {jax.process_index()} of {jax.process_count()}: {metrics['local_n']} images")
+    what += "" if args.dtype == "float32" else f", {args.dtype} projections"
+    print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']}; {what})")

@@ -1,0 +1,173 @@
+"""``ptq4vm``: demo, convert, quantize, eval.
+
+This module builds the parser, runs the chosen command, and turns what stops it into one line
+on stderr and an exit status: 2 for a mistake in the input, 1 for a failed calibration, 130 for
+Ctrl-C and 143 for SIGTERM. ``PTQ4VM_DEBUG=1`` shows the tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Any
+
+from ptq4vm_jax.cli.convert import cmd_convert
+from ptq4vm_jax.cli.demo import bundled_models, cmd_demo
+from ptq4vm_jax.cli.errors import UsageError, argument_of, for_the_command_line
+from ptq4vm_jax.cli.evaluation import DTYPES, cmd_eval
+from ptq4vm_jax.cli.paths import resume_hint
+from ptq4vm_jax.cli.quantize import cmd_quantize
+from ptq4vm_jax.cli.signals import Terminated, sigterm_as_interrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ptq4vm_jax import __version__
+    from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
+    from ptq4vm_jax.quant.integer import GEMM_BACKENDS
+    from ptq4vm_jax.quant.layer import MODES
+
+    def recipe(field: str) -> str:  # "(default: Vim 0.5, VMamba 0.65)": the family recipes
+        vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
+                       for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
+        return f"(default: Vim {vim}, VMamba {vmamba})"
+
+    p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
+                                "Mamba models: demo, convert, quantize, eval.")
+    p.add_argument("--version", action="version", version=f"ptq4vm-jax {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")
+    d.add_argument("--model", default="vim_micro", choices=bundled_models(), help="a bundled micro model")
+    d.add_argument("--out", default="ptq4vm_demo_out",
+                   help="where the quantized checkpoints go (in a directory named after the model)")
+    d.add_argument("--epochs", type=int, default=None,
+                   help="JLSS epochs over the 256 images (default: 12 in batches of 32 for Vim, the "
+                        "official recipe for VMamba)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or per-block log, only the table")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="official .pth/.safetensors -> Orbax float params")
+    c.add_argument("--model", required=True, help="e.g. vim_tiny, vim_small, vim_base, vmamba_tiny")
+    c.add_argument("--checkpoint", required=True, help="official .pth/.safetensors (read without torch)")
+    c.add_argument("--out", required=True, help="new Orbax directory for the float params")
+    c.add_argument("--key", default="model", help="sub-dict of the checkpoint (model, model_ema)")
+    c.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="official constructor size argument, e.g. embed_dim=384 (repeatable)")
+    c.set_defaults(func=cmd_convert)
+
+    def source_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", help="model name (required with --checkpoint)")
+        sp.add_argument("--checkpoint", help="official .pth/.safetensors")
+        sp.add_argument("--params", help="Orbax float params dir (ptq4vm convert)")
+        sp.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
+        sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                        help="official constructor size argument for --checkpoint (repeatable)")
+        sp.add_argument("--data-dir", default=None, help="tfds data_dir")
+
+    q = sub.add_parser("quantize", help="PTQ4VM-quantize a model and save an Orbax checkpoint")
+    source_args(q)
+    q.add_argument("--calib", default="tfds:imagenet2012:train",
+                   help="calibration data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test "
+                        "(default: tfds:imagenet2012:train)")
+    q.add_argument("--num-calib", type=int, default=256, help="calibration images (default: 256)")
+    q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8 (default: 8)")
+    q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8 (default: 8)")
+    q.add_argument("--method", default="ptq4vm", choices=METHODS,
+                   help="ptq4vm (default: PTS + SmoothQuant init, then JLSS); pts_only (the "
+                        "initialisation alone); rtn (min-max baseline); per_token_dynamic (baseline)")
+    q.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the calibration set per block {recipe('epochs')}")
+    q.add_argument("--train-batch", type=int, default=None,
+                   help=f"JLSS mini-batch {recipe('train_batch')}")
+    q.add_argument("--alpha", type=float, default=None,
+                   help=f"SmoothQuant migration strength {recipe('alpha')}")
+    q.add_argument("--act-grid", default="fixed", choices=ACT_GRIDS,
+                   help="activation grid search: fixed (default, includes the full range) or "
+                        "official (the released grid)")
+    q.add_argument("--loss", default="cosine", choices=LOSSES,
+                   help="block loss: cosine (the paper) or relative MSE")
+    q.add_argument("--loss-axis", default="channel", choices=LOSS_AXES,
+                   help="VMamba only: the axis of the cosine loss; width reproduces the released "
+                        "VMamba code (cosine along the image width)")
+    q.add_argument("--lr-w", type=float, default=None,
+                   help=f"weight-step learning rate {recipe('lr_w')}")
+    q.add_argument("--lr-a", type=float, default=None,
+                   help=f"activation-step learning rate {recipe('lr_a')}")
+    q.add_argument("--lr-s", type=float, default=None,
+                   help=f"smoothing-scale learning rate {recipe('lr_s')}")
+    q.add_argument("--official-inner-proj", action="store_true",
+                   help="train only in_proj/out_proj like the released Vim code")
+    q.add_argument("--keep-learned", action="store_true",
+                   help="keep the learned scales of a block even where learning raised its loss, like "
+                        "the released code (default: keep that block's initial scales)")
+    q.add_argument("--resume", default=None, help="directory for per-block resume state")
+    q.add_argument("--out", required=True, help="new Orbax directory for the quantized checkpoint")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model")
+    source_args(e)
+    e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize` (instead of a float "
+                                       "--checkpoint / --params)")
+    e.add_argument("--mode", default=None, choices=MODES, help="for --quantized: fp32 fake-quant "
+                                                                "(default) or integer arithmetic (not "
+                                                                "for per_token_dynamic checkpoints)")
+    e.add_argument("--gemm", default=None, choices=GEMM_BACKENDS,
+                   help="integer GEMM of --mode int (auto: wgmma on Hopper, XLA elsewhere; pallas: the "
+                        "Triton kernel; xla-bf16: XLA's bf16 dot on the integer codes, exact; mixed: "
+                        "Hopper, wgmma for in_proj/out_proj and xla-bf16 for x_proj/dt_proj)")
+    e.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype of the projections (norms, residual stream and scan stay "
+                        "float32): bfloat16 is the float model's fast variant and, with --mode int, "
+                        "the integer mode's (its activations reach the quantizers in bf16)")
+    e.add_argument("--data", default="tfds:imagenet2012:validation",
+                   help="evaluation data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test "
+                        "(default: tfds:imagenet2012:validation)")
+    e.add_argument("--batch-size", type=int, default=64,
+                   help="images per step, split over the local devices (default: 64)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``ptq4vm``; errors a user can act on print as one line."""
+    from ptq4vm_jax.calibrate.jlss import CalibrationError
+
+    args = build_parser().parse_args(argv)
+
+    def one_line(message: Warning | str, category: Any, *rest: Any, **kw: Any) -> None:
+        # a user's warning, not a source location; one the command already said is left out
+        if argument_of(message) in getattr(args, "warned_about", ()):
+            return
+        print(f"ptq4vm {args.command}: warning: {for_the_command_line(message)}", file=sys.stderr)
+
+    try:
+        with warnings.catch_warnings(), sigterm_as_interrupt():
+            warnings.showwarning = one_line
+            args.func(args)
+    except UsageError as e:
+        print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
+        raise
+    except (ValueError, TypeError, OSError) as e:
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        more = "" if isinstance(e, ValueError) else " (PTQ4VM_DEBUG=1 shows the traceback)"
+        print(f"ptq4vm {args.command}: error: {for_the_command_line(e)}{more}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        hint = resume_hint(args.resume, "rerun") if args.command == "quantize" else ""  # (has --resume)
+        killed = isinstance(e, Terminated)
+        print(f"ptq4vm {args.command}: {'terminated (SIGTERM)' if killed else 'interrupted'}{hint}",
+              file=sys.stderr)
+        raise SystemExit(143 if killed else 130) from None  # (the shell's codes: 128 + the signal)
+    except CalibrationError as e:
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        print(f"ptq4vm {args.command}: calibration failed: {for_the_command_line(e)}"
+              f"{resume_hint(getattr(args, 'resume', None), 'after a transient fault, rerun')}",
+              file=sys.stderr)
+        raise SystemExit(1) from None

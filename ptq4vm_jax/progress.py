@@ -1,0 +1,119 @@
+"""Progress of a long loop that stays readable wherever it goes.
+
+On a terminal, a tqdm bar redrawn in place. Anywhere else (stderr redirected to a log file, as
+under a scheduler, or a pipe), redrawing would write a carriage-return line per update into the
+log, so a few plain lines are printed instead: one each time another ``1/lines`` of a known total
+is done, or one every ``interval`` seconds when the total is unknown, and a last one at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+class Progress:
+    """The calls a loop makes: ``update(n)``, ``set_postfix(**values)`` and ``close()`` (also as
+    a context manager). This base class draws nothing (progress turned off). ``closed`` says
+    whether ``close()`` ran (a loop stopped by an exception must still close its bar, or the
+    next message lands on the half-drawn line)."""
+
+    closed = False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Bar(Progress):
+    """A tqdm bar (the terminal)."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, leave: bool, stream: TextIO) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=stream)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.closed = True
+
+
+class _Lines(Progress):
+    """Plain lines (a log file or a pipe)."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, leave: bool, stream: TextIO,
+                 lines: int, interval: float) -> None:
+        self.total, self.desc, self.unit, self.leave, self.stream = total, desc, unit, leave, stream
+        self.lines, self.interval = lines, interval
+        self.done = self.said = 0  # units done, and done when the last line was printed
+        self.step = 0  # for a known total: lines printed so far
+        self.postfix: dict[str, Any] = {}
+        self.start = self.last = time.monotonic()
+
+    def _line(self) -> None:
+        of = "" if not self.total else f"/{self.total}"
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {self.done}{of} {self.unit}{pct}, {time.monotonic() - self.start:.0f}s{extra}",
+              file=self.stream, flush=True)
+        self.said, self.last = self.done, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.lines <= 0:
+            return
+        if self.total:
+            due = min(self.lines, self.done * self.lines // self.total)
+            if due > self.step:
+                self.step = due
+                self._line()
+        elif time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.leave and self.done != self.said:
+            self._line()
+
+
+def progress_bar(total: int | None, desc: str, *, unit: str = "it", enabled: bool = True,
+                 leave: bool = True, lines: int = 10, interval: float = 60.0,
+                 stream: TextIO | None = None) -> Progress:
+    """Progress over ``total`` units (None: unknown), written to ``stream`` (default: stderr).
+
+    ``enabled=False`` draws nothing. A terminal gets a tqdm bar (``leave=False``: erased when
+    closed). Elsewhere at most ``lines`` plain lines, evenly spaced over a known total, or one
+    per ``interval`` seconds over an unknown one, then a last line at ``close()`` when ``leave``
+    and the last one printed was not already the end. ``lines=0`` prints only that last line, for
+    a loop whose caller logs its own line per block.
+    """
+    if not enabled:
+        return Progress()
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return _Bar(total, desc, unit, leave, stream)
+    return _Lines(total, desc, unit, leave, stream, lines, interval)
