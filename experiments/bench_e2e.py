@@ -165,7 +165,12 @@ def int_vs_fake_rows(cfg: RunConfig) -> list[Row]:
     qp = pq.quantize_params(params, images[:n_calib], model="vim_micro", progress=False, log=lambda _: None,
                             config=pq.QuantConfig(8, 8, method="pts_only", num_calib=n_calib))
     test = images[n_calib:]
-    run = lambda mode, scan: np.asarray(pq.quantized_apply(None, qp, test, mode=mode, scan=scan))
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def forward(mode: str, scan: str, q, x):
+        return pq.quantized_apply(None, q, x, mode=mode, scan=scan)
+
+    run = lambda mode, scan: np.asarray(forward(mode, scan, qp, test))
     base = run("fake", "ref")
     shape = f"vim_micro W8A8 PTS, {n_test} images"
     rows = []
