@@ -9,36 +9,25 @@
 # one call's total on purpose: a step that ends early leaves its time to the next ones (in the
 # first call below, calib runs only on what is left):
 #   env     GPU, driver, versions of jax / flax / optax / orbax
-#   kernels experiments/bench_kernels.py's GEMM rows at the eight Vim-S and Vim-B linears, batch
-#           256: the wgmma 2-pass kernel, XLA's bf16 dot on the integer codes (gemm="xla-bf16",
-#           exact, first GPU run; meant for the narrow x_proj / dt_proj, where the padded wgmma
-#           ran 1.4-3.2x slower than bf16) and XLA's bf16 dot
-#   e2e     Vim-S batch 256 end to end: bf16 float, W8A8 int with gemm="mixed" (wgmma for
-#           in_proj / out_proj, the bf16 dot for x_proj / dt_proj; first GPU run) and with wgmma
-#           for every linear (RTN scales ~30 s, each forward compiles in 5-19 s)
-#   ws      the persistent warp-specialized wgmma schedule at the four Vim-B linears (its first
-#           GPU run: exactness is checked before timing; a hang costs only this step), then the
-#           Triton quantize kernel against XLA's quantize pass (58 us at in_proj, about half
-#           the HBM bandwidth) alone and in front of the wgmma GEMM
-#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py, 40 tests; the
-#           fourth session's 30 of them took well under 170 s)
+#   kernels experiments/bench_gemm.py's rows at the eight Vim-S and Vim-B linears, batch 256: the
+#           wgmma 2-pass kernel, XLA's bf16 dot on the integer codes (gemm="xla-bf16", exact;
+#           meant for the narrow x_proj / dt_proj) and XLA's bf16 dot
+#   e2e     experiments/bench_e2e.py, Vim-S batch 256 end to end: bf16 float, W8A8 int with
+#           gemm="mixed" (wgmma for in_proj / out_proj, the bf16 dot for x_proj / dt_proj) and
+#           with wgmma for every linear (RTN scales first; each forward compiles separately)
+#   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
-#           every integer GEMM backend against the others, xla-bf16 and mixed among them (20
-#           tests now; 16 of them passed in 163 s on the H200, third session; not reached in the
-#           fourth)
+#           every integer GEMM backend against the others, xla-bf16 and mixed among them
 #   ktests  the other kernel tests compiled: Triton qmatmul and quantize, the bf16-dot path,
-#           the selective scan forward (both layouts) and backward (89 tests)
+#           the selective scan forward (both layouts) and backward
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
-#           official recipe (fourth session: stopped at 170 s in block 4 of 24; block 0 63.6 s,
-#           later blocks 1.1 s, ~100 s of set-up before block 0: give it 250 s)
+#           official recipe (the first block includes compiling the training step)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
 # tests/test_experiments.py parses every command below and runs the kernels / e2e steps' variants
 # in the CPU interpreter, so a typo here cannot waste the GPU's time.
-# For a 15-minute device budget (machine start ~30-70 s, 2026-11-27), two calls:
+# For a 15-minute device budget, two calls (BENCHMARKS.md has the step times of earlier runs):
 #   bash experiments/device_check.sh 540                          (timeout_s 570: env .. ktests)
 #   STEPS="calib" bash experiments/device_check.sh 250            (timeout_s 270)
-# Measured on the H200 (2026-11-27): env 5 s; the 86 kernel tests of then: 170 s (fourth session); RTN scales
-# for the e2e rows 26-38 s, each e2e forward compiles in 5-19 s; test_int_mode 163 s.
 set -u
 TOTAL=${1:-540}
 OUT=${OUT:-/tmp/ptq4vm_device}
@@ -66,12 +55,10 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", \
   optax.__version__, \"orbax\", o.__version__ if hasattr(o, \"__version__\") else \"?\", \
   \"numpy\", numpy.__version__, jax.devices())'"
-step kernels 150 $PY experiments/bench_kernels.py --quick --budget-s 130 --sections gemm \
+step kernels 150 $PY experiments/bench_gemm.py --quick --budget-s 130 --sections gemm \
   --gemm-shapes vim_s:256 vim_b:256 --gemm-variants wgmma xla-bf16 bf16
-step e2e 150 $PY experiments/bench_kernels.py --quick --budget-s 140 --sections e2e \
+step e2e 150 $PY experiments/bench_e2e.py --quick --budget-s 140 --sections e2e \
   --e2e-models vim_small:256 --e2e-variants bf16 int-mixed int-wgmma
-step ws 120 $PY experiments/bench_kernels.py --quick --budget-s 110 --sections gemm \
-  --gemm-shapes vim_b:256 --gemm-variants wgmma-ws wgmma-pq quantize-xla quantize-pallas
 step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_qmatmul_hopper.py
 step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \

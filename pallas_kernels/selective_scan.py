@@ -5,13 +5,12 @@ registers and walks the tokens sequentially with a ``fori_loop``, reading one ro
 u / delta / z / B / C per step through refs and writing one row of y. The state never touches
 HBM and no (B, L, E, N) tensor exists. Two state layouts (``ScanConfig.channel_major``): a
 (block_e, N) tile, or channel-major, each thread owning whole channels' N states;
-``default_scan_config`` picks channel-major for N > 1 from 65 536 batch x E channels (faster
-there on the H200), the tile otherwise. ``reverse=True`` walks from the last token to
-the first without flipped copies. Semantics are those of
-``ptq4vm_jax.ops.scan.selective_scan_ref`` (the reference and the non-GPU path).
+``default_scan_config`` picks by N and batch x E (BENCHMARKS.md has the sweeps behind it).
+``reverse=True`` walks from the last token to the first without flipped copies. Semantics are
+those of ``ptq4vm_jax.ops.scan.selective_scan_ref`` (the reference and the non-GPU path).
 
 ``selective_scan_trainable`` adds a ``custom_vjp`` for calibration, which differentiates
-through the scan (``lax.scan`` on GPU pays ~23 us per token, launch-bound). Only the recurrence
+through the scan (``lax.scan`` on GPU is launch-bound, one step per token). Only the recurrence
 y_t = <h_t, C_t> runs in kernels; the elementwise parts (softplus, D·u, the SiLU(z) gate) are
 differentiated by hand in jnp, where XLA fuses them. By default its forward pass takes the
 forward's default layout and its backward the tile layout (a ``config`` sets both).
@@ -38,23 +37,21 @@ class ScanConfig:
     to hide memory latency in the forward's latency-bound token loop, whose loads do not depend
     on the state: ``unroll`` tokens per loop trip with their loads issued together, and
     ``prefetch`` (software pipelining: the next trip's loads are issued before this trip's
-    updates and carried through the loop). The defaults (4, on) were the fastest loop on an
-    H200 at every shape timed (2026-11-27, BENCHMARKS.md): 8 % faster than the plain loop at
-    Vim-B batch 256, 11 % at Vim-S batch 256, 2.3x at VMamba stage 1 (3136 tokens).
+    updates and carried through the loop). The defaults (4, on) were the fastest loop at every
+    shape timed (BENCHMARKS.md).
 
     ``exp2`` computes the decay exp(Δ·A) as exp2(Δ·(A·log2 e)), A scaled once per program:
     libdevice's ``exp2f`` is the ``ex2.approx`` instruction alone where ``expf`` adds a range
-    reduction; at N = 16 per-state instructions bound the loop more than memory does. Measured
-    on an H200 (third session): 8 % faster in the tile layout at Vim-B batch 256, 6 % in the
-    channel-major one; within 2.3e-7 of ``lax.scan``. On in ``default_scan_config`` for N > 1.
+    reduction, and at N = 16 per-state instructions bound the loop more than memory does. On in
+    ``default_scan_config`` for N > 1.
 
     ``channel_major`` (the forward; the trainable backward too when a given config asks for it)
     holds the state as N separate (block_e,) vectors instead of one (block_e, N) tile: every
     thread owns whole channels, B_t and C_t are read as scalars, the sum over N is N in-thread
     adds and every value of the loop shares the layout of the loaded rows, so Triton inserts no
-    shuffles or shared-memory layout conversions into the token loop: 2.0x faster than the tile
-    layout at Vim batch 256 on an H200, slower at N = 1 and with few channels
-    (``default_scan_config`` picks by N and batch x E)."""
+    shuffles or shared-memory layout conversions into the token loop. It wins with many
+    channels and N > 1, loses at N = 1 and with few channels (``default_scan_config`` picks by
+    N and batch x E)."""
 
     block_e: int = 32
     num_warps: int = 2
@@ -80,20 +77,15 @@ CHANNEL_MAJOR_MIN_CHANNELS = 65536  # batch x E from which the channel-major lay
 
 
 def default_scan_config(batch: int, e: int, n_state: int, *, channel_major: bool | None = None) -> ScanConfig:
-    """The fastest configurations of two H200 sweeps (2026-11-27, third and fourth sessions,
-    BENCHMARKS.md).
+    """The fastest configuration of the sweeps recorded in BENCHMARKS.md for a (batch, E, N) scan.
 
     Several states per channel (Vim, N = 16) and at least CHANNEL_MAJOR_MIN_CHANNELS batch x E
     channels: the channel-major layout, 64 channels per one-warp program (two per thread),
-    unroll 4 + prefetch, exp2 decays: 853 us at Vim-B batch 256 where the tile layout's best
-    took 1563 us, 229 against 434 us at Vim-B batch 64 (98304 channels). With fewer channels
-    its one-warp programs leave the GPU half idle and the tile layout (with exp2) wins: 146
-    against 191 us at Vim-T batch 64 (24576 channels). The threshold lies between those two
-    measured points. One state (VMamba, N = 1): the tile layout, up to 512 state elements per
-    program (32 channels x 16 states, 512 x 1), halved down to 16 channels while fewer than
-    MIN_PROGRAMS programs would run (749 us at VMamba stage 1 against 847 us for the best
-    channel-major config); exp2 stays off there (it was not faster at N = 1).
-    ``channel_major`` forces a layout (None: by N and size as above)."""
+    unroll 4 + prefetch, exp2 decays. With fewer channels its one-warp programs leave the GPU
+    half idle and the tile layout (with exp2) wins. One state (VMamba, N = 1): the tile layout,
+    up to 512 state elements per program (32 channels x 16 states, 512 x 1), halved down to 16
+    channels while fewer than MIN_PROGRAMS programs would run; exp2 stays off there (it was not
+    faster at N = 1). ``channel_major`` forces a layout (None: by N and size as above)."""
     if channel_major is None:
         channel_major = n_state > 1 and batch * e >= CHANNEL_MAJOR_MIN_CHANNELS
     if channel_major:
@@ -513,6 +505,14 @@ def _trainable(softplus, reverse, interpret, cfgs, u, delta, A, B, C, D, z, delt
 
 
 def _trainable_fwd(softplus, reverse, interpret, cfgs, *args):
+    u, A = args[0], args[2]
+    batch, seq, e = u.shape
+    states = math.prod(_states_shape(batch, seq, e, A.shape[1], cfgs[1]))
+    if states >= 2**31:  # checked when differentiating: the forward alone needs no state buffer
+        raise ValueError(
+            f"selective_scan_trainable: the backward's (B, L, E, N) state buffer has {states} elements, "
+            "which overflows the kernel's int32 offsets; split the batch into chunks"
+        )
     return _trainable(softplus, reverse, interpret, cfgs, *args), args
 
 
@@ -564,29 +564,21 @@ def selective_scan_trainable(
 ) -> jax.Array:
     """``selective_scan`` with a Pallas VJP: gradients for u, delta, A, B, C, D, z, delta_bias.
 
-    ``config`` runs both passes in its layout; by default the forward takes
-    ``default_scan_config`` and the backward the tile layout (neither backward layout has been
-    timed yet; the tile one has run on a GPU longest).
+    Undifferentiated, it is ``selective_scan`` itself (the same kernel, config and outputs), so
+    one entry point serves inference and calibration. ``config`` runs both passes in its layout;
+    by default the forward takes ``default_scan_config`` and the backward the tile layout.
 
-    The forward is ``selective_scan`` itself (identical outputs); nothing but the inputs is
-    saved. The backward recomputes the states with the forward kernel, storing them as an fp32
-    (B, L, E, N) buffer (pass 1; 1.2 GB for Vim-T at batch 256; (B, L, N, E) channel-major),
-    then walks time backwards (pass 2). Keeping the states instead of recomputing them in-register from
+    Nothing but the inputs is saved. The backward recomputes the states with the forward kernel,
+    storing them as an fp32 (B, L, E, N) buffer (pass 1; (B, L, N, E) channel-major), then walks
+    time backwards (pass 2). Keeping the states instead of recomputing them in-register from
     checkpoints trades memory for simplicity: Triton cannot index registers by a loop counter,
     and one program cannot reread its own global stores without a barrier, hence two calls.
+    Differentiating raises a ValueError when that buffer overflows int32 offsets.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
-    batch, seq, e = u.shape
+    batch, _, e = u.shape
     n_state = A.shape[1]
-    # A given config runs both passes. By default the forward is the faster one for the shape
-    # and the backward the tile layout (neither backward has been timed yet).
     fwd_cfg = config or default_scan_config(batch, e, n_state)
     cfg = config or default_scan_config(batch, e, n_state, channel_major=False)
-    states = math.prod(_states_shape(batch, seq, e, n_state, cfg))
-    if states >= 2**31:
-        raise ValueError(
-            f"selective_scan_trainable: the backward's (B, L, E, N) state buffer has {states} elements, "
-            "which overflows the kernel's int32 offsets; split the batch into chunks"
-        )
     return _trainable(delta_softplus, reverse, interpret, (fwd_cfg, cfg), u, delta, A, B, C, D, z,
                       delta_bias)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptq4vm_jax.api_checks import check_params, check_rules, model_for_qparams
 from ptq4vm_jax.calibrate.jlss import (
     Path,
     calibrate_blockwise,
@@ -25,24 +25,16 @@ from ptq4vm_jax.calibrate.jlss import (
     nest_layers,
 )
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
-from ptq4vm_jax.checkpoint import nonfinite_report
-from ptq4vm_jax.models import canonical_name, create_model, image_shape, model_family
-from ptq4vm_jax.models.blockwise import Blockwise
-from ptq4vm_jax.models.vim import VisionMamba, vim_blockwise
-from ptq4vm_jax.models.vmamba import VMamba, vmamba_blockwise
-from ptq4vm_jax.ops.scan import scan_kernel
+from ptq4vm_jax.models import blockwise, canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import (
-    DEFAULT_RULES,
     QuantConfig,
-    QuantRule,
-    deciding_rule,
     is_quantized,
     path_str,
 )
 from ptq4vm_jax.quant.integer import HOPPER_ONLY, int_gemm, store_weight
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
-from ptq4vm_jax.trees import copy_tree, flatten_tree, get_path, prune_empty
+from ptq4vm_jax.trees import copy_tree, get_path, prune_empty
 
 
 @flax.struct.dataclass
@@ -73,14 +65,6 @@ class QuantizedParams:
     @property
     def summary(self) -> dict:
         return json.loads(self.info)
-
-
-def blockwise(model: nn.Module) -> Blockwise:
-    if isinstance(model, VisionMamba):
-        return vim_blockwise(model)
-    if isinstance(model, VMamba):
-        return vmamba_blockwise(model)
-    raise TypeError(f"no block-wise calibration for {type(model).__name__}")
 
 
 def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) -> list[Path]:
@@ -157,13 +141,14 @@ def quantize_params(
                                                              if isinstance(config, Mapping) else ""))
     name = canonical_name(model)
     overrides = dict(model_overrides or {})
+    scan = overrides.pop("scan", "auto")  # a runtime choice: calibrates with it, not saved
     family = model_family(name)
     cfg = (config or QuantConfig()).resolve(family)
-    net = create_model(name, **overrides)
-    _check_params(net, params, name)
+    net = create_model(name, **overrides, scan=scan)
+    check_params(net, params, name)
     params = _uncommitted(copy_tree(params))
     linears = dense_paths(net, params, image_shape(net))  # rules checked before data is read
-    _check_rules(cfg.rules, linears, name, params)
+    check_rules(cfg.rules, linears, name, params)
     paths = [p for p in linears if is_quantized(p, cfg.rules)]
     if not paths:
         raise ValueError(f"the quantization rules match no linear layer of {name}: {cfg.rules}")
@@ -216,32 +201,6 @@ def _uncommitted(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a)), tree)
 
 
-def _check_rules(rules: tuple[QuantRule, ...], linears: list[Path], name: str, params: Mapping) -> None:
-    """A rule that decides no layer is a typo or is shadowed by an earlier rule; running anyway
-    would quantize other layers than the user believes."""
-    decided = {deciding_rule(p, rules) for p in linears}
-    idle = [r for i, r in enumerate(rules) if i not in decided]
-    if idle:
-        examples = ", ".join(path_str(p) for p in linears[:3])
-        linear_params = {path_str(p) + "/" for p in linears}
-        others = [k for k in flatten_tree(params) if not any(k.startswith(p) for p in linear_params)]
-        hits = sorted({k for r in idle for k in others  # (a parameter, or the module holding it)
-                       if re.search(r.pattern, k) or re.search(r.pattern, k.rsplit("/", 1)[0])})
-        hint = (f". They match parameters that are not linear layers ({', '.join(hits[:3])}): only "
-                "linear (nn.Dense) layers are quantized; norms, convolutions, A_log/D and the scan "
-                "stay float" if hits else "")
-        family = model_family(name)
-        foreign = [f for f, own in DEFAULT_RULES.items() if f != family and any(r in own for r in idle)]
-        if foreign:
-            hint += (f". DEFAULT_RULES[{foreign[0]!r}] are for {foreign[0]} models; {name} needs "
-                     f"DEFAULT_RULES[{family!r}]")
-        raise ValueError(
-            f"quantization rule(s) {idle} decide no linear layer of {name}: no layer path matches "
-            f"them, or an earlier rule matches first. Layer paths look like {examples} (first "
-            f"match wins, in order: {[r.pattern for r in rules]}); fix or drop those rules{hint}"
-        )
-
-
 def _spread_over_devices(images: jax.Array, train_batch: int, log: Callable[[str], None]) -> jax.Array:
     """Shard the calibration batch over local devices; every chain and step follows (GSPMD)."""
     n = jax.local_device_count()
@@ -282,49 +241,6 @@ def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:
     return out
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
-            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _check_params(net: nn.Module, params: Any, name: str) -> None:
-    """Shapes of ``params`` against the model's (before any data is read); every problem named."""
-    if not isinstance(params, Mapping):
-        loaded = (isinstance(params, tuple) and len(params) == 2 and isinstance(params[1], Mapping)
-                  and "format" in params[1])
-        hint = ("; load_params returns (params, metadata): params, meta = load_params(path)" if loaded
-                else "")
-        raise TypeError(f"params must be the param tree of {name} (a dict, e.g. variables['params']), "
-                        f"got {type(params).__name__}{hint}")
-    images = jax.ShapeDtypeStruct(image_shape(net), jnp.float32)
-    want = _leaf_shapes(jax.eval_shape(net.init, jax.random.key(0), images)["params"])
-    got = _leaf_shapes(params)
-    if got == want:
-        flat = flatten_tree(params)
-        dtypes = {p: getattr(v, "dtype", None) or np.asarray(v).dtype for p, v in flat.items()}
-        integer = [f"{p} ({d})" for p, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating)]
-        if integer:
-            raise TypeError(f"the params of {name} must be floating point; {len(integer)} are not: "
-                            f"{', '.join(integer[:5])}. quantize_params needs the float model's weights "
-                            "(e.g. from load_torch_checkpoint or load_params)")
-        broken = nonfinite_report(flat)
-        if broken:
-            raise ValueError(f"the float params of {name} hold NaN/inf values ({'; '.join(broken[:5])}): "
-                             "the checkpoint itself is broken, calibration cannot fix it")
-        return
-    if got and all(p.startswith("params/") for p in got):
-        raise ValueError(f"params for {name} are wrapped in {{'params': ...}}: pass variables['params']")
-    problems = [f"{p}: {got[p]}, expected {want[p]}" for p in sorted(got.keys() & want.keys())
-                if got[p] != want[p]]
-    problems += [f"missing {p} {want[p]}" for p in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected {p} {got[p]}" for p in sorted(got.keys() - want.keys())]
-    more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-    raise ValueError(
-        f"params do not fit {name} ({len(problems)} problems):\n  " + "\n  ".join(problems[:12]) + more
-        + "\nDid you pass the params of another model (see model= / model_overrides=; CLI: --model)?"
-    )
-
-
 def quantized_apply(
     model: nn.Module | str | None,
     qparams: QuantizedParams,
@@ -332,6 +248,7 @@ def quantized_apply(
     mode: str = "fake",
     *,
     gemm: str = "auto",
+    scan: str | None = None,
 ) -> jax.Array:
     """Logits of the quantized model (inference only). ``mode``: "fake" (fp32 simulation, the
     accuracy reference) or "int" (integer matmuls: Pallas kernels on GPU, an integer-exact jnp
@@ -340,38 +257,22 @@ def quantized_apply(
     Hopper "wgmma", "wgmma-1pass" and "mixed"; all integer-exact; see
     ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``.
 
-    On GPU both modes run the Pallas selective scan, so they differ only in the linears. The
-    kernel's float rounding differs from ``lax.scan``'s by ~1e-7, but quantization turns such
-    differences into flipped codes at rounding boundaries: on an H200 the scan choice alone moved
-    vim_micro's W8A8 logits by 3.3e-3 of their maximum (same predictions), while the integer
-    linears matched fake-quant exactly. ``model`` may be None (built from ``qparams``), a name or
-    the module itself.
+    ``scan`` overrides the model's scan backend ("auto", "ref", "pallas"; None keeps the model's,
+    "auto" for a model built from ``qparams``). The scan is part of the model, so float and
+    quantized evaluation on one device run the same one unless asked otherwise; it matters:
+    quantization turns the kernel's ~1e-7 rounding differences from ``lax.scan`` into flipped codes
+    at rounding boundaries. ``model`` may be None (built from ``qparams``), a name or the module
+    itself.
     """
     if not isinstance(qparams, QuantizedParams):
         raise TypeError(f"qparams must be a QuantizedParams (from quantize_params or load_quantized), "
                         f"got {type(qparams).__name__}")
-    if model is None or isinstance(model, str):
-        if isinstance(model, str) and canonical_name(model) != qparams.model_name:
-            raise ValueError(f"qparams were made for {qparams.model_name}, not {model}")
-        model = qparams.model()
-    elif getattr(model, "cfg", None) is not None:
-        made_for = dataclasses.replace(qparams.model().cfg, dtype=model.cfg.dtype)
-        if model.cfg != made_for:
-            if type(model.cfg) is type(made_for):
-                pairs = [(f.name, getattr(model.cfg, f.name), getattr(made_for, f.name))
-                         for f in dataclasses.fields(made_for)]
-                differ = "has " + ", ".join(f"{k}={got!r} (qparams: {want!r})" for k, got, want in pairs
-                                            if got != want)
-            else:
-                differ = f"is a {type(model).__name__}"
-            raise ValueError(f"qparams were made for {qparams.model_name} ({type(made_for).__name__}), but "
-                             f"the model passed {differ}; pass model=None to build the model the qparams "
-                             "describe")
+    model = model_for_qparams(model, qparams, scan)
     if mode == "int" and gemm in ("pallas", *HOPPER_ONLY) and jax.default_backend() != "gpu":
         warnings.warn(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: exact but "
                       "slow, meant for testing (gemm='auto' or gemm='xla' is the fast path here)",
                       stacklevel=2)
-    with intercept_dense(qparams.qlayers, qparams.config, mode), scan_kernel(True), int_gemm(gemm):
+    with intercept_dense(qparams.qlayers, qparams.config, mode), int_gemm(gemm):
         return model.apply({"params": qparams.params}, images)
 
 

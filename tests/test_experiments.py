@@ -52,12 +52,12 @@ def without(args: Sequence[str], *options: str) -> list[str]:
 def test_device_check_runs_every_step_it_documents():
     steps = device_check_steps()
     header = (ROOT / "experiments" / "device_check.sh").read_text().split("set -u")[0]
-    assert list(steps) == ["env", "kernels", "e2e", "ws", "hopper", "itests", "ktests", "calib"]
+    assert list(steps) == ["env", "kernels", "e2e", "hopper", "itests", "ktests", "calib"]
     for name in steps:
         assert f"#   {name} " in header, f"step {name!r} is not described in the script's header"
 
 
-@pytest.mark.parametrize("name", ["kernels", "e2e", "ws", "hopper", "itests", "ktests", "calib"])
+@pytest.mark.parametrize("name", ["kernels", "e2e", "hopper", "itests", "ktests", "calib"])
 def test_device_check_commands_parse_and_name_existing_files(name):
     words = device_check_steps()[name]
     assert words[0] == "$PY", words
@@ -69,40 +69,57 @@ def test_device_check_commands_parse_and_name_existing_files(name):
     script = pathlib.Path(words[1])
     assert (ROOT / script).is_file(), script
     args = load_script(script.stem).parse_args(words[2:])
-    if script.stem == "bench_kernels":
+    if script.stem.startswith("bench_") and script.stem != "bench_calibration":
         assert args.sections, "each GPU step should name its sections"
 
 
-def test_bench_parsers_reject_typos_before_compiling(capsys):
-    bench = load_script("bench_kernels")
-    calib = load_script("bench_calibration")
-    for argv, flag in ((["--gemm-shapes", "vim_x:256"], "--gemm-shapes"),
-                       (["--scan-shapes", "vmamba-stage9:64"], "--scan-shapes"),
-                       (["--e2e-models", "vim_smal:256"], "vim_small"),
-                       (["--gemm-variants", "wgmma-2pass"], "--gemm-variants")):
+@pytest.mark.parametrize("script", ["bench_kernels", "bench_gemm", "bench_scan", "bench_e2e"])
+def test_bench_parsers_reject_typos_before_compiling(script, capsys):
+    bench = load_script(script)
+    cases = {"bench_gemm": [(["--gemm-shapes", "vim_x:256"], "--gemm-shapes"),
+                            (["--gemm-variants", "wgmma-1pass"], "--gemm-variants")],
+             "bench_scan": [(["--scan-shapes", "vmamba-stage9:64"], "--scan-shapes")],
+             "bench_e2e": [(["--e2e-models", "vim_smal:256"], "vim_small"),
+                           (["--e2e-variants", "bf16-tile-scan"], "--e2e-variants")]}
+    cases["bench_kernels"] = [case for group in cases.values() for case in group]
+    for argv, flag in [*cases[script], (["--sections", "gemm", "e2e-x"], "--sections")]:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert flag in capsys.readouterr().err
+
+
+def test_bench_calibration_rejects_typos(capsys):
+    calib = load_script("bench_calibration")
     with pytest.raises(SystemExit):
         calib.parse_args(["--model", "vim_tinny"])
     assert "did you mean 'vim_tiny'" in capsys.readouterr().err
 
 
 def test_device_check_kernel_and_e2e_rows_run_in_the_interpreter(capsys):
-    """The ``kernels`` and ``e2e`` steps' variants at the smoke shapes (vim_micro end to end);
-    main() returns 1 when a row's exactness check fails or a row raises. ``int-wgmma`` end to end
-    is left out: the Mosaic GPU interpreter takes ~5 s per linear there, and
-    tests/test_int_mode.py checks gemm="wgmma" on the same model."""
+    """The ``kernels`` and ``e2e`` steps' scripts with their variants at the smoke shapes
+    (vim_micro end to end); main() returns 1 when a row's exactness check fails or a row raises.
+    ``int-wgmma`` end to end is left out: the Mosaic GPU interpreter takes seconds per linear
+    there, and tests/test_int_mode.py checks gemm="wgmma" on the same model."""
     steps = device_check_steps()
     kernels = without(steps["kernels"][2:], "--gemm-shapes", "--budget-s", "--quick")
     e2e = without(steps["e2e"][2:], "--e2e-models", "--budget-s", "--quick")
     e2e_variants = [v for v in e2e[e2e.index("--e2e-variants") + 1:] if v != "int-wgmma"]
-    argv = ["--interpret", "--sections", "gemm", "e2e",
-            *kernels[kernels.index("--gemm-variants"):], "--e2e-variants", *e2e_variants]
-    assert load_script("bench_kernels").main(argv) == 0
-    out = capsys.readouterr().out
-    table = out[out.index("| section |"):]
-    rows = [line for line in table.splitlines() if line.startswith("| gemm") or line.startswith("| e2e")]
+    e2e = e2e[:e2e.index("--e2e-variants") + 1] + e2e_variants
+    rows = []
+    for words, args in ((steps["kernels"], kernels), (steps["e2e"], e2e)):
+        assert load_script(pathlib.Path(words[1]).stem).main(["--interpret", *args]) == 0, words
+        out = capsys.readouterr().out
+        table = out[out.index("| section |"):]
+        rows += [line for line in table.splitlines() if line.startswith(("| gemm", "| e2e"))]
     assert len(rows) == 4 * 3 + len(e2e_variants), rows
     assert sum("int32 exact" in row for row in rows) >= 2  # in_proj and out_proj's accumulators
     assert all("ERROR" not in row and "MISMATCH" not in row for row in rows)
+
+
+def test_driver_runs_the_split_scripts_sections():
+    """bench_kernels.py offers every section of the split scripts, under the same names."""
+    driver = load_script("bench_kernels")
+    parts = [load_script(name) for name in ("bench_gemm", "bench_scan", "bench_e2e")]
+    assert driver.SECTIONS == {k: v for part in parts for k, v in part.SECTIONS.items()}
+    args = driver.parse_args(["--sections", "scan", "gemm", "int-vs-fake", "--interpret"])
+    assert args.sections == ["scan", "gemm", "int-vs-fake"]

@@ -33,6 +33,7 @@ RANKS: dict[str, int] = {
     "ptq4vm_jax.data": 4,  # input pipelines: read by api (calibration images) and the CLI
     "ptq4vm_jax.distributed": 4,
     "ptq4vm_jax.api": 5,
+    "ptq4vm_jax.api_checks": 5,  # the input checks of api
     "ptq4vm_jax.evaluate": 6,
     "ptq4vm_jax.cli": 7,
     "ptq4vm_jax": 7,  # the package's public names (its __init__), imported by the CLI

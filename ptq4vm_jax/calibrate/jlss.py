@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
-from ptq4vm_jax.ops.scan import scan_kernel
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import QuantConfig
 from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
@@ -191,9 +190,8 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
     def qforward(state, params, carry):
         # Frozen layers of the released Vim recipe pass gradients as float layers (spec §6.4).
         frozen = frozenset(p for p in state if not trainable_mask(p, cfg))
-        # trainable scan kernel on GPU (traced inside step/loss/qforward); the reference elsewhere
-        with intercept_dense(nest_layers(state), cfg, "fake", float_backward=frozen), \
-                scan_kernel(trainable=True):
+        # The scan backend is the stage module's config (one choice for evaluation and calibration).
+        with intercept_dense(nest_layers(state), cfg, "fake", float_backward=frozen):
             return stage.apply(params, carry)
 
     def loss_fn(train, frozen, params, carry, target):
@@ -221,18 +219,16 @@ def _compiled_float(stage_module: Any):
     """The float forwards do not depend on the config: one compilation serves every run."""
     stage = Stage(path=(), module=stage_module, output=lambda out: out)
 
-    # No gradients flow here: on GPU the forward-only Pallas scan, elsewhere the reference.
     @functools.partial(jax.jit, static_argnums=2)
     def fp_forward_capture(params, carry, paths):
         store: dict = {}
-        with capture_dense_inputs(set(paths), store), scan_kernel():
+        with capture_dense_inputs(set(paths), store):
             out = stage.apply(params, carry)
         return out, {p: store[p] for p in paths}
 
     @jax.jit
     def fp_forward(params, carry):
-        with scan_kernel():
-            return stage.apply(params, carry)
+        return stage.apply(params, carry)
 
     return dict(fp_forward=fp_forward, fp_capture=fp_forward_capture)
 

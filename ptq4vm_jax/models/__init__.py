@@ -1,4 +1,5 @@
 from ptq4vm_jax.models.registry import (
+    blockwise,
     canonical_name,
     create_model,
     image_shape,
@@ -7,5 +8,5 @@ from ptq4vm_jax.models.registry import (
 )
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba
 
-__all__ = ["VimConfig", "VisionMamba", "canonical_name", "create_model", "image_shape", "list_models",
-           "model_family"]
+__all__ = ["VimConfig", "VisionMamba", "blockwise", "canonical_name", "create_model", "image_shape",
+           "list_models", "model_family"]

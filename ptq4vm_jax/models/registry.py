@@ -9,8 +9,9 @@ from typing import Any
 
 import flax.linen as nn
 
-from ptq4vm_jax.models.vim import VimConfig, VisionMamba
-from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig
+from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.models.vim import VimConfig, VisionMamba, vim_blockwise
+from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig, vmamba_blockwise
 
 _VIM_ALIASES = {
     "vim_tiny": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
@@ -22,8 +23,26 @@ _VIM_ALIASES = {
 _REGISTRY: dict[str, tuple[str, Callable[..., nn.Module]]] = {}
 
 
+# model class -> its stem/stages/head view for block-wise calibration
+_BLOCKWISE: dict[type, Callable[[Any], Blockwise]] = {}
+
+
 def register(name: str, family: str, builder: Callable[..., nn.Module]) -> None:
     _REGISTRY[name] = (family, builder)
+
+
+def register_blockwise(model_class: type, builder: Callable[[Any], Blockwise]) -> None:
+    """``blockwise(model)`` of a ``model_class`` instance is ``builder(model)``."""
+    _BLOCKWISE[model_class] = builder
+
+
+def blockwise(model: nn.Module) -> Blockwise:
+    """The model as stem -> stages -> head, the unit of block-wise calibration (JLSS)."""
+    builder = _BLOCKWISE.get(type(model))
+    if builder is None:
+        raise TypeError(f"no block-wise calibration for {type(model).__name__}; models with one: "
+                        f"{', '.join(sorted(c.__name__ for c in _BLOCKWISE))}")
+    return builder(model)
 
 
 def _vim(**defaults: Any) -> Callable[..., nn.Module]:
@@ -37,6 +56,7 @@ def _vim(**defaults: Any) -> Callable[..., nn.Module]:
     return build
 
 
+register_blockwise(VisionMamba, vim_blockwise)
 register("vim_tiny", "vim", _vim(embed_dim=192, depth=24))
 register("vim_small", "vim", _vim(embed_dim=384, depth=24))
 register("vim_base", "vim", _vim(embed_dim=768, depth=24))
@@ -60,6 +80,7 @@ def _vmamba(**defaults: Any) -> Callable[..., nn.Module]:
     return build
 
 
+register_blockwise(VMamba, vmamba_blockwise)
 # VMamba v2: vmamba_{tiny,small,base} are the vmambav2v_*_224 configs PTQ4VM quantizes.
 register("vmamba_tiny", "vmamba", _vmamba(depths=(2, 2, 8, 2), dims=96))
 register("vmamba_small", "vmamba", _vmamba(depths=(2, 2, 20, 2), dims=96))
@@ -116,7 +137,9 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a model by name; ``overrides`` are the official constructor's size arguments."""
+    """Build a model by name; ``overrides`` are the official constructor's size arguments, plus
+    ``dtype`` (the projections' compute dtype) and ``scan`` (the scan backend: "auto", "ref",
+    "pallas")."""
     return _REGISTRY[canonical_name(name)][1](**overrides)
 
 

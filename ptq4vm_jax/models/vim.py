@@ -21,7 +21,7 @@ from jax import lax
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
 from ptq4vm_jax.models.inputs import check_images
-from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan
+from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, check_scan_backend, selective_scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,13 @@ class VimConfig:
     num_classes: int = 1000
     norm_epsilon: float = 1e-5
     dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
+    # Runtime choices, not sizes (checkpoints do not store them): the selective scan's backend,
+    # one of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` ("auto": the Pallas kernel on GPU, lax.scan
+    # elsewhere; "pallas" off the GPU runs the kernel in the Pallas interpreter).
+    scan: str = "auto"
 
     def __post_init__(self) -> None:
+        check_scan_backend(self.scan)
         sizes = ("img_size", "patch_size", "stride", "channels", "embed_dim", "depth", "d_state",
                  "d_conv", "expand", "num_classes")
         problems = [f"{name} must be a positive int, got {getattr(self, name)!r}" for name in sizes
@@ -141,7 +146,7 @@ class BiMambaMixer(nn.Module):
         dt, b, cc = jnp.split(x_dbl, [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
         dt = dt_proj(dt)
         a = -jnp.exp(a_log.astype(jnp.float32))
-        return selective_scan(x, dt, a, b, cc, D=d, z=z, delta_softplus=True)
+        return selective_scan(x, dt, a, b, cc, D=d, z=z, delta_softplus=True, backend=c.scan)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         xz = self.in_proj(hidden.astype(self.cfg.dtype))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
 from ptq4vm_jax.models.inputs import check_images
-from ptq4vm_jax.ops.scan import selective_scan
+from ptq4vm_jax.ops.scan import check_scan_backend, selective_scan
 
 NUM_DIRECTIONS = 4  # cross-scan: row-major, column-major, and both reversed
 LN_EPS = 1e-5  # torch nn.LayerNorm default, used by every norm of the official model
@@ -54,8 +54,12 @@ class VMambaConfig:
     ssm_conv_bias: bool = False
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32  # compute dtype of projections and convs; norms and scan stay fp32
+    # Runtime choice, not a size (checkpoints do not store it): the selective scan's backend, one
+    # of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` (as ``VimConfig.scan``).
+    scan: str = "auto"
 
     def __post_init__(self) -> None:
+        check_scan_backend(self.scan)
         # Lists from yaml/CLI overrides become tuples so the config stays hashable.
         for name in ("depths", "dims"):
             value = getattr(self, name)
@@ -230,9 +234,10 @@ class SS2D(nn.Module):
             bs.append(b_k)
             cs.append(c_k)
         a = -jnp.exp(self.A_logs.astype(jnp.float32))
-        # The four directions run as one vmapped fp32 scan (reference, or the Pallas kernel on GPU).
+        # The four directions run as one vmapped fp32 scan on the config's backend.
         f32 = lambda ts: jnp.stack(ts).astype(jnp.float32)
-        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k)
+        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k,
+                                                                backend=c.scan)
         ys = jax.vmap(scan)(f32(us), f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32))
         y = self.out_norm(cross_merge(list(ys), h, w))
         return self.out_proj(y.astype(c.dtype)).reshape(b, h, w, self.dim)

@@ -1,19 +1,17 @@
 """Plain-jnp references for the Mamba S6 selective scan and the causal depthwise conv.
 
 These are the ground truth that the Pallas kernels in ``pallas_kernels/`` are tested
-against, and the path every non-GPU backend runs.
+against, and the path every non-GPU backend runs by default. ``selective_scan`` dispatches
+between the reference and the kernel by an explicit backend name.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.selective_scan import ScanConfig, selective_scan_trainable
 
 
 def selective_scan_ref(
@@ -68,55 +66,41 @@ def selective_scan_ref(
     return y.astype(out_dtype)
 
 
-_KERNEL_MODE = contextvars.ContextVar("ptq4vm_scan_kernel", default=None)  # None, "forward", "trainable"
+SCAN_BACKENDS = ("auto", "ref", "pallas")
 
 
-@contextlib.contextmanager
-def scan_kernel(enabled: bool = True, *, trainable: bool = False) -> Iterator[None]:
-    """Within this context (at trace time), ``selective_scan`` runs a Pallas kernel on GPU.
-
-    ``trainable=False`` (inference: ``quantized_apply``, benchmarks): the forward kernel, which
-    has no VJP. ``trainable=True`` (calibration, which differentiates through the scan):
-    ``selective_scan_trainable``, the same forward plus a Pallas backward. Off by default; other
-    backends always run the reference.
-    """
-    token = _KERNEL_MODE.set(("trainable" if trainable else "forward") if enabled else None)
-    try:
-        yield
-    finally:
-        _KERNEL_MODE.reset(token)
+def check_scan_backend(scan: str) -> str:
+    """``scan`` if it names a backend of ``SCAN_BACKENDS``, else a ValueError listing them."""
+    if scan not in SCAN_BACKENDS:
+        choices = ", ".join(map(repr, SCAN_BACKENDS))
+        raise ValueError(f"unknown scan backend {scan!r}; choose one of {choices} "
+                         "('auto': the Pallas kernel on GPU, the lax.scan reference elsewhere)")
+    return scan
 
 
-_TILES = contextvars.ContextVar("ptq4vm_scan_tiles", default=None)
-
-
-@contextlib.contextmanager
-def scan_tiles(config_for: Callable[[int, int, int], Any] | None) -> Iterator[None]:
-    """Within this context (at trace time) the Pallas scan takes its ``ScanConfig`` from
-    ``config_for(batch, E, N)`` instead of ``default_scan_config``: for tuning and benchmarks.
-    Independent of ``scan_kernel``, so it also reaches the scans of ``quantized_apply``. A
-    function jitted under one setting keeps its trace: give it a static argument per setting."""
-    token = _TILES.set(config_for)
-    try:
-        yield
-    finally:
-        _TILES.reset(token)
+def resolve_scan_backend(scan: str) -> str:
+    """"auto" -> "pallas" on GPU (the kernel), "ref" elsewhere; "ref" and "pallas" stay as they are."""
+    if check_scan_backend(scan) == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "ref"
+    return scan
 
 
 def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                    D: jax.Array | None = None, z: jax.Array | None = None,
                    delta_bias: jax.Array | None = None, delta_softplus: bool = True,
-                   reverse: bool = False) -> jax.Array:
-    """The scan every model calls: a Pallas kernel on GPU inside ``scan_kernel()``, else the reference."""
-    mode = _KERNEL_MODE.get()
-    if mode is not None and jax.default_backend() == "gpu":
-        from pallas_kernels.selective_scan import selective_scan as forward
-        from pallas_kernels.selective_scan import selective_scan_trainable
+                   reverse: bool = False, *, backend: str = "auto",
+                   config: ScanConfig | None = None) -> jax.Array:
+    """The scan every model calls, on the backend its config names (static, chosen at trace time).
 
-        kernel = selective_scan_trainable if mode == "trainable" else forward
-        config_for = _TILES.get()
-        config = None if config_for is None else config_for(u.shape[0], u.shape[2], A.shape[1])
-        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, config=config)
+    "ref": ``selective_scan_ref``. "pallas": ``pallas_kernels.selective_scan_trainable``, whose
+    undifferentiated call is the inference forward kernel and whose VJP is the Pallas backward,
+    so one backend serves evaluation and calibration; off the GPU it runs in the Pallas
+    interpreter (for tests and parity checks). "auto": "pallas" on GPU, "ref" elsewhere.
+    ``config`` (tiles and layout, for tuning) reaches the kernel; None takes its default.
+    """
+    if resolve_scan_backend(backend) == "pallas":
+        return selective_scan_trainable(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                        interpret=jax.default_backend() != "gpu", config=config)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 

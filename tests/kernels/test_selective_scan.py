@@ -1,6 +1,7 @@
 """selective_scan and selective_scan_trainable: Pallas kernels (compiled on GPU, interpret mode
 elsewhere) vs selective_scan_ref and its jax.grad, the dispatcher, and CUDA lowering."""
 
+import functools
 import importlib
 
 import jax
@@ -15,7 +16,7 @@ from pallas_kernels.selective_scan import (
     selective_scan_trainable,
 )
 from ptq4vm_jax.ops import scan as scan_ops
-from ptq4vm_jax.ops.scan import scan_kernel, selective_scan_ref
+from ptq4vm_jax.ops.scan import selective_scan_ref
 
 # On a GPU the same cases run the compiled kernels; elsewhere Pallas interpret mode.
 INTERPRET = jax.default_backend() != "gpu"
@@ -116,27 +117,20 @@ def test_channel_major_state_matches_reference(batch, seq, e, n, block_e, warps,
     assert_close(y, y_ref, 1e-2 if dtype == jnp.bfloat16 else 2e-5)
 
 
-def test_scan_tiles_reach_the_dispatched_kernel(monkeypatch):
-    """``scan_tiles`` hands its config to the kernel that ``scan_kernel`` dispatches to."""
-    kernels = importlib.import_module("pallas_kernels.selective_scan")
+def test_scan_config_reaches_the_dispatched_kernel(monkeypatch):
+    """``selective_scan(..., backend="pallas", config=...)`` hands its config to the kernel."""
     seen = []
 
-    def spy(*args, _fn=kernels.selective_scan, **kw):
+    def spy(*args, _fn=scan_ops.selective_scan_trainable, **kw):
         seen.append(kw.get("config"))
         return _fn(*args, **{**kw, "interpret": INTERPRET})
 
-    monkeypatch.setattr(kernels, "selective_scan", spy)
-    if INTERPRET:
-        monkeypatch.setattr(scan_ops, "jax", _ReportsGpu())
+    monkeypatch.setattr(scan_ops, "selective_scan_trainable", spy)
     inp = make_inputs(6, 2, 9, 48, 16)
-    def config_for(b, e, n):  # channel-major only if it gets the right shape
-        return ScanConfig(16, 1, 2, channel_major=(b, e, n) == (2, 48, 16))
-
-    with scan_kernel(), scan_ops.scan_tiles(config_for):
-        y = scan_ops.selective_scan(**inp)
-    with scan_kernel():
-        scan_ops.selective_scan(**inp)
-    assert seen == [ScanConfig(16, 1, 2, channel_major=True), None]
+    config = ScanConfig(16, 1, 2, channel_major=True)
+    y = scan_ops.selective_scan(**inp, backend="pallas", config=config)
+    scan_ops.selective_scan(**inp, backend="pallas")
+    assert seen == [config, None]
     assert_close(y, selective_scan_ref(**inp), 2e-5)
 
 
@@ -298,60 +292,73 @@ def test_trainable_gradients_bf16_and_vmapped_directions():
         assert_close(gk, gr, 2e-2)
 
 
-class _ReportsGpu:
-    """jax as ``ptq4vm_jax.ops.scan`` sees it when the backend check is faked to say "gpu"."""
+class _ReportsBackend:
+    """jax as ``ptq4vm_jax.ops.scan`` sees it when its platform check is faked."""
+
+    def __init__(self, backend):
+        self.backend = backend
 
     def default_backend(self):
-        return "gpu"
+        return self.backend
 
     def __getattr__(self, name):
         return getattr(jax, name)
 
 
-@pytest.mark.parametrize("trainable", [False, True], ids=["forward", "trainable"])
-def test_dispatcher_runs_the_kernel_its_context_names(trainable, monkeypatch):
-    """Inside ``scan_kernel()`` on a GPU the models' scan is the Pallas kernel (the forward one,
-    or the one with the Pallas VJP), every argument in its place; outside it, the reference.
-    Off the GPU the backend check is faked and the kernels run in interpret mode, so the
-    routing is tested on every machine, not compared reference against reference."""
-    kernels = importlib.import_module("pallas_kernels.selective_scan")  # the package's
-    calls = []  # attribute of that name is the function
-    for name in ("selective_scan", "selective_scan_trainable"):
-        def spy(*args, _fn=getattr(kernels, name), _name=name, **kw):
-            if "interpret" not in kw:  # the dispatcher's call (the VJP calls the forward itself)
-                calls.append(_name)
-                kw["interpret"] = INTERPRET
-            return _fn(*args, **kw)
+@pytest.mark.parametrize("backend,on_gpu,kernel", [
+    ("ref", True, False), ("pallas", False, True), ("pallas", True, True), ("auto", True, True),
+    ("auto", False, False),
+])
+def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkeypatch):
+    """``selective_scan(backend=...)`` runs the kernel for "pallas" everywhere (the interpreter
+    off the GPU) and for "auto" on a GPU, the reference otherwise, every argument in its place,
+    and the kernel's gradients are the reference's. The platform check is faked both ways and
+    the kernel always runs as this machine can (compiled on a GPU, interpreted elsewhere), so
+    the routing is tested on every machine, not compared reference against reference."""
+    calls = []
 
-        monkeypatch.setattr(kernels, name, spy)
-    if INTERPRET:
-        monkeypatch.setattr(scan_ops, "jax", _ReportsGpu())
+    def spy(*args, _fn=scan_ops.selective_scan_trainable, **kw):
+        calls.append(kw["interpret"])
+        return _fn(*args, **{**kw, "interpret": INTERPRET})
+
+    monkeypatch.setattr(scan_ops, "selective_scan_trainable", spy)
+    monkeypatch.setattr(scan_ops, "jax", _ReportsBackend("gpu" if on_gpu else "cpu"))
     # D, z and delta_bias all differ, delta_softplus=False and reverse=True are not the defaults:
     # a dropped or misplaced argument changes the output.
     inp = make_inputs(5, 1, 16, 32, 16)
     inp["delta"] = jax.nn.softplus(inp["delta"])
     kw = dict(delta_softplus=False, reverse=True)
     y_ref = selective_scan_ref(**inp, **kw)
-    np.testing.assert_array_equal(scan_ops.selective_scan(**inp, **kw), y_ref)
-    assert calls == []
-    with scan_kernel(trainable=trainable):
-        y = scan_ops.selective_scan(**inp, **kw)
-    assert calls == ["selective_scan_trainable" if trainable else "selective_scan"]
+    y = scan_ops.selective_scan(**inp, **kw, backend=backend)
+    if not kernel:
+        assert calls == []
+        np.testing.assert_array_equal(y, y_ref)
+        return
+    assert calls == [not on_gpu]  # the interpreter exactly when the platform is not a GPU
     assert_close(y, y_ref, 2e-5)
-    if trainable:
-        with scan_kernel(trainable=True):
-            value, g = grads(scan_ops.selective_scan, inp, False, True)
-        value_ref, g_ref = grads(selective_scan_ref, inp, False, True)
-        assert set(g) == set(ARGS)
-        for k in g:
-            assert_close(g[k], g_ref[k], 1e-5)
+    value, g = grads(functools.partial(scan_ops.selective_scan, backend=backend), inp, False, True)
+    value_ref, g_ref = grads(selective_scan_ref, inp, False, True)
+    assert set(g) == set(ARGS)
+    for k in g:
+        assert_close(g[k], g_ref[k], 1e-5)
+
+
+def test_unknown_scan_backend_is_explained():
+    inp = make_inputs(0, 1, 8, 16, 4)
+    with pytest.raises(ValueError, match="unknown scan backend 'triton'.*'auto', 'ref', 'pallas'"):
+        scan_ops.selective_scan(**inp, backend="triton")
 
 
 def test_trainable_state_buffer_overflow_is_explained():
     s = jax.ShapeDtypeStruct
     row, state = s((256, 197, 3072), jnp.float32), s((256, 197, 16), jnp.float32)
+    a = s((3072, 16), jnp.float32)
+    # The forward alone needs no state buffer: only differentiating is refused.
+    assert jax.eval_shape(selective_scan_trainable, row, row, a, state, state).shape == row.shape
+    loss = lambda u: jnp.sum(selective_scan_trainable(u, u, jnp.zeros(a.shape), jnp.zeros(state.shape),
+                                                      jnp.zeros(state.shape)))
     with pytest.raises(ValueError, match="state buffer .* split the batch"):
-        jax.eval_shape(selective_scan_trainable, row, row, s((3072, 16), jnp.float32), state, state)
+        jax.eval_shape(jax.grad(loss), row)
 
 
 @pytest.mark.parametrize("directions,seq,e,n,config", [
