@@ -560,26 +560,27 @@ def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
 def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *, overwrite: bool = True
                    ) -> dict[str, Any]:
     """Save a ``QuantizedParams`` (see README, "Quantized checkpoint layout"); returns the metadata."""
-    from ptq4vm_jax.api import QuantizedParams
+    from ptq4vm_jax.quant.params import QuantizedParams, layers_to_arrays
 
     if not isinstance(qparams, QuantizedParams):
         raise TypeError(f"save_quantized needs a QuantizedParams (from quantize_params or load_quantized), "
                         f"got {type(qparams).__name__}; float params are saved with save_params")
-    shapes = _layer_shapes(qparams.qlayers)
+    qlayers = layers_to_arrays(qparams.qlayers)  # on disk: one dict of arrays per layer
+    shapes = _layer_shapes(qlayers)
     metadata = {
         "format": QUANT_FORMAT, "format_version": QUANT_FORMAT_VERSION,
         "model_name": qparams.model_name, "model_overrides": dict(qparams.model_overrides),
         "config": qparams.config.to_json(), "calibration": qparams.summary, "layers": shapes,
     }
-    tree = {"params": qparams.params, "qlayers": qparams.qlayers}
+    tree = {"params": qparams.params, "qlayers": qlayers}
     return write_checkpoint(path, tree, metadata, overwrite=overwrite)
 
 
 def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     """Read a quantized checkpoint back into a ``QuantizedParams``, validating it on the way."""
     from pallas_kernels.qmatmul import dense_weight, is_packed
-    from ptq4vm_jax.api import QuantizedParams
     from ptq4vm_jax.quant.config import QuantConfig
+    from ptq4vm_jax.quant.params import QuantizedParams, layers_from_arrays
     from ptq4vm_jax.quant.quantizers import act_qmax, weight_qmax
 
     path = os.path.abspath(os.fspath(path))
@@ -614,7 +615,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
             raise CheckpointError(f"{path}: {layer}/{leaf} {bad}; the checkpoint is corrupt")
     return QuantizedParams(
         params=jax.tree.map(jnp.asarray, tree["params"]),
-        qlayers=jax.tree.map(jnp.asarray, tree["qlayers"]),
+        qlayers=layers_from_arrays(jax.tree.map(jnp.asarray, tree["qlayers"]), config.w_bits, config.a_bits),
         model_name=name, config=config, model_overrides=tuple(sorted(overrides.items())),
         info=json.dumps(calibration),
     )
