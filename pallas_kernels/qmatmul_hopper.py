@@ -109,7 +109,7 @@ def default_wgmma_config(m: int, k: int, n: int) -> WgmmaConfig:
     return WgmmaConfig(tile_m=128, tile_n=tile_n, tile_k=64, stages=4)
 
 
-#: Configurations of the tile sweep on an H100/H200 (all fit 227 KB of SMEM with any output
+#: Configurations of the tile sweep on Hopper (all fit 227 KB of SMEM with any output
 #: dtype, see ``smem_bytes``), and the default in the warpgroup lowering.
 WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
     WgmmaConfig(128, 128, 64, 4),  # default: 96 KB, two CTAs per SM

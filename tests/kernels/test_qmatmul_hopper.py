@@ -179,7 +179,7 @@ def test_default_config_fits_every_target_shape():
         assert k % cfg.tile_k == 0 and n % cfg.tile_n == 0
         assert cfg.tile_m * cfg.tile_n <= 128 * 128
     assert default_wgmma_config(SEQ, 192, 192) == WgmmaConfig(128, 64, 64, 4)
-    # The H200 sweep's fastest at Vim-B in_proj (BENCHMARKS.md), also WgmmaConfig's defaults.
+    # The sweep's fastest at Vim-B in_proj (BENCHMARKS.md), also WgmmaConfig's defaults.
     assert default_wgmma_config(256 * SEQ, 768, 3072) == WgmmaConfig(128, 128, 64, 4) == WgmmaConfig()
 
 
