@@ -157,8 +157,8 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
 
 
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
-    """Every backend runs what ``gemm`` names, also under one ``jax.jit`` per backend (the GEMM
-    is an argument fixed at trace time, no context read while tracing), and all agree."""
+    """Every backend runs what ``gemm`` names, and all agree; under ``jax.jit`` the GEMM is the
+    one passed (an argument fixed at trace time, no context read while tracing)."""
     qp = tiny64
     calls = {g: {"codes": [], "triton": 0, "bf16": []} for g in BACKENDS}
     backend = []  # the one running now
@@ -187,8 +187,7 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
         backend.append(g)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            run = jax.jit(lambda q, x, g=g: pq.quantized_apply(None, q, x, mode="int", gemm=g))
-            logits[g] = np.asarray(run(qp, images))
+            logits[g] = np.asarray(pq.quantized_apply(None, qp, images, mode="int", gemm=g))
         slow = [w for w in seen if "runs its kernel in the Pallas interpreter" in str(w.message)]
         assert len(slow) == (not ON_GPU and g not in ("xla", "xla-bf16")), (g, seen)  # said off the GPU
     for g in BACKENDS[1:]:
@@ -209,6 +208,18 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
         assert sorted(set(mixed["codes"])) == [(64, 128), (256, 64)]
         assert sorted(set(mixed["bf16"])) == [(36, 128), (128, 4)]
         assert len(mixed["codes"]) + len(mixed["bf16"]) == linears and mixed["triton"] == 0
+    # One jitted function per GEMM: each traces its own, whatever ran before.
+    for g, kernel_calls in (("xla-bf16", lambda: len(calls["xla-bf16"]["bf16"])),
+                            ("pallas", lambda: calls["pallas"]["triton"])):
+        backend.append(g)
+        before = kernel_calls()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the interpreter warning, checked above)
+            jitted = jax.jit(lambda q, x, g=g: pq.quantized_apply(None, q, x, mode="int", gemm=g))
+            out = np.asarray(jitted(qp, images))
+        assert kernel_calls() == before + linears, g
+        # One program instead of op by op: XLA may fuse the float epilogues differently.
+        np.testing.assert_allclose(out, logits["xla"], rtol=1e-5, atol=1e-5 * np.abs(logits["xla"]).max())
 
 
 def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):
