@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 import warnings
@@ -11,60 +10,26 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ptq4vm_jax.api_checks import check_params, check_rules, model_for_qparams
-from ptq4vm_jax.calibrate.jlss import (
-    Path,
-    calibrate_blockwise,
-    flatten_layers,
-    init_layer,
-    nest_layers,
-)
+from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
 from ptq4vm_jax.models import blockwise, canonical_name, create_model, image_shape, model_family
-from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import (
     QuantConfig,
     is_quantized,
     path_str,
 )
-from ptq4vm_jax.quant.integer import HOPPER_ONLY, int_gemm, store_weight
-from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
-from ptq4vm_jax.trees import copy_tree, get_path, prune_empty
+from ptq4vm_jax.quant.integer import PALLAS_GEMMS, check_gemm
+from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, intercept_dense
+from ptq4vm_jax.quant.params import Path, QuantizedParams, finalize, flatten_layers, nest_layers
+from ptq4vm_jax.trees import copy_tree, get_path
 
-
-@flax.struct.dataclass
-class QuantizedParams:
-    """A quantized model as one pytree: float params of what stays float + integer layer states.
-
-    ``qlayers`` mirrors the params tree; each quantized linear holds ``w_int`` (int8, smoothed and
-    rounded; packed two per byte, (ceil(in/2), out), for w_bits <= 4), ``w_scale`` (out,),
-    ``smooth`` (in,), ``a_scale`` (L,), ``a_zero`` (L,) int32 and its ``bias``; its float kernel
-    is not kept. ``info`` is the calibration summary as JSON text.
-    """
-
-    params: Any
-    qlayers: Any
-    model_name: str = flax.struct.field(pytree_node=False)
-    config: QuantConfig = flax.struct.field(pytree_node=False)
-    model_overrides: tuple = flax.struct.field(pytree_node=False, default=())
-    info: str = flax.struct.field(pytree_node=False, default="{}")
-
-    def model(self, *, dtype: Any = None) -> nn.Module:
-        """The model these parameters belong to; ``dtype`` (e.g. ``jnp.bfloat16``) sets its
-        projections' compute dtype: the bf16 speed variant of the integer mode."""
-        overrides = dict(self.model_overrides)
-        if dtype is not None:
-            overrides["dtype"] = dtype
-        return create_model(self.model_name, **overrides)
-
-    @property
-    def summary(self) -> dict:
-        return json.loads(self.info)
+__all__ = ["QuantizedParams", "blockwise", "dense_paths", "quantize_params", "quantized_apply",
+           "quantized_layers"]
 
 
 def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) -> list[Path]:
@@ -82,32 +47,6 @@ def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) ->
 
     jax.eval_shape(run, params, jax.ShapeDtypeStruct(images_shape, jnp.float32))
     return sorted(set(found))
-
-
-@functools.partial(jax.jit, static_argnames="w_bits")
-def _integer_weight(kernel: jax.Array, smooth: jax.Array, w_scale: jax.Array, w_bits: int) -> jax.Array:
-    """The stored integer weight; one program per layer shape, not one per elementwise op."""
-    codes = qz.quantize_weight_int(kernel.astype(jnp.float32), smooth, w_scale, w_bits)
-    return store_weight(codes, w_bits)
-
-
-def _finalize(layers: Mapping[Path, dict], params: Mapping, cfg: QuantConfig) -> tuple[dict, dict]:
-    """Train form -> integer form; the quantized kernels (and their biases) leave the params."""
-    qlayers: dict[Path, dict] = {}
-    float_params = copy_tree(params)
-    for path, st in layers.items():
-        dense = get_path(params, path)
-        out = {
-            "w_int": _integer_weight(dense["kernel"], st["smooth"], st["w_scale"], cfg.w_bits),
-            "w_scale": st["w_scale"], "smooth": st["smooth"],
-            "a_scale": st["a_scale"], "a_zero": st["a_zero"].astype(jnp.int32),
-        }
-        if "bias" in dense:
-            out["bias"] = dense["bias"].astype(jnp.float32)
-        qlayers[path] = out
-        parent = get_path(float_params, path[:-1])
-        parent[path[-1]] = {}
-    return nest_layers(qlayers), prune_empty(float_params)
 
 
 def quantize_params(
@@ -180,7 +119,7 @@ def quantize_params(
     if outside:
         layers.update(_init_outside(net, params, images, outside, layers, cfg))
     seconds = time.perf_counter() - t0
-    qlayers, float_params = _finalize(layers, params, cfg)
+    qlayers, float_params = finalize(layers, params)
     qlayers = _uncommitted(qlayers)
     info = dict(
         calibration_seconds=seconds,
@@ -215,7 +154,7 @@ def _spread_over_devices(images: jax.Array, train_batch: int, log: Callable[[str
     return jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
 
 
-def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, dict]:
+def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, TrainLinear]:
     """Layers outside every stage (e.g. the head, by a user rule): initialised, not learned.
 
     Their inputs come from the float model with the already-calibrated layers quantized.
@@ -251,11 +190,11 @@ def quantized_apply(
     scan: str | None = None,
 ) -> jax.Array:
     """Logits of the quantized model (inference only). ``mode``: "fake" (fp32 simulation, the
-    accuracy reference) or "int" (integer matmuls: Pallas kernels on GPU, an integer-exact jnp
-    path elsewhere; not for ``per_token_dynamic``, whose scales exist only at run time).
-    ``gemm`` picks the integer GEMM of ``mode="int"``: "auto", "xla", "xla-bf16", "pallas", or on
-    Hopper "wgmma", "wgmma-1pass" and "mixed"; all integer-exact; see
-    ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``.
+    accuracy reference) or "int" (integer matmuls; not for ``per_token_dynamic``, whose scales
+    exist only at run time). ``gemm`` picks the integer GEMM of ``mode="int"``: "auto" ("wgmma"
+    on Hopper, "xla" on other GPUs and elsewhere), "xla", "xla-bf16", "pallas", or on Hopper
+    "wgmma" and "mixed"; all integer-exact; see ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``. It is
+    a static argument: a jitted caller runs the GEMM it passed.
 
     ``scan`` overrides the model's scan backend ("auto", "ref", "pallas"; None keeps the model's,
     "auto" for a model built from ``qparams``). The scan is part of the model, so float and
@@ -268,13 +207,15 @@ def quantized_apply(
         raise TypeError(f"qparams must be a QuantizedParams (from quantize_params or load_quantized), "
                         f"got {type(qparams).__name__}")
     model = model_for_qparams(model, qparams, scan)
-    if mode == "int" and gemm in ("pallas", *HOPPER_ONLY) and jax.default_backend() != "gpu":
+    check_gemm(gemm)
+    if mode == "int" and gemm in PALLAS_GEMMS and jax.default_backend() != "gpu":
         warnings.warn(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: exact but "
                       "slow, meant for testing (gemm='auto' or gemm='xla' is the fast path here)",
                       stacklevel=2)
-    with intercept_dense(qparams.qlayers, qparams.config, mode), int_gemm(gemm):
+    with intercept_dense(qparams.qlayers, qparams.config, mode, gemm=gemm):
         return model.apply({"params": qparams.params}, images)
 
 
-def quantized_layers(qparams: QuantizedParams) -> dict[Path, dict]:
+def quantized_layers(qparams: QuantizedParams) -> dict[Path, Any]:
+    """{path: QuantizedLinear} of every quantized layer."""
     return flatten_layers(qparams.qlayers)

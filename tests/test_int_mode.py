@@ -9,10 +9,11 @@ import pytest
 
 import ptq4vm_jax as pq
 from pallas_kernels import qmatmul_hopper
+from pallas_kernels.qlinear import QuantizedLinear, pack_weight
 from ptq4vm_jax.cli import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import integer
-from ptq4vm_jax.quant.integer import gemm_backend_for, int_gemm, int_linear, is_hopper, store_weight
+from ptq4vm_jax.quant.integer import gemm_backend_for, int_linear, is_hopper
 from ptq4vm_jax.quant.layer import simulate_int_linear
 
 
@@ -58,7 +59,7 @@ def test_bf16_int_mode_error_is_small(micro):
 ON_GPU = jax.default_backend() == "gpu"
 # wgmma runs compiled on Hopper, in the Mosaic GPU interpreter off the GPU, not on other GPUs.
 BACKENDS = ("xla", "xla-bf16", "pallas") + (
-    ("wgmma", "wgmma-1pass", "mixed") if not ON_GPU or integer.is_hopper() else ())
+    ("wgmma", "mixed") if not ON_GPU or integer.is_hopper() else ())
 
 
 def make_layer(seed, k, n, w_bits, a_bits, seq=13):
@@ -66,14 +67,15 @@ def make_layer(seed, k, n, w_bits, a_bits, seq=13):
     ks = jax.random.split(jax.random.key(seed), 6)
     qmax = 2 ** (w_bits - 1) - 1
     codes = jax.random.randint(ks[0], (k, n), -qmax, qmax + 1, jnp.int32).astype(jnp.int8)
-    return {
-        "w_int": store_weight(codes, w_bits),
-        "w_scale": 0.02 * jnp.exp(jax.random.normal(ks[1], (n,))),
-        "smooth": jnp.exp(0.5 * jax.random.normal(ks[2], (k,))),
-        "a_scale": jnp.exp(0.3 * jax.random.normal(ks[3], (seq,))) * (8.0 / 2**a_bits),
-        "a_zero": jax.random.randint(ks[4], (seq,), 0, 2**a_bits, jnp.int32),
-        "bias": jax.random.normal(ks[5], (n,)),
-    }
+    return QuantizedLinear(
+        w_int=pack_weight(codes, w_bits),
+        w_scale=0.02 * jnp.exp(jax.random.normal(ks[1], (n,))),
+        smooth=jnp.exp(0.5 * jax.random.normal(ks[2], (k,))),
+        a_scale=jnp.exp(0.3 * jax.random.normal(ks[3], (seq,))) * (8.0 / 2**a_bits),
+        a_zero=jax.random.randint(ks[4], (seq,), 0, 2**a_bits, jnp.int32),
+        bias=jax.random.normal(ks[5], (n,)),
+        w_bits=w_bits, a_bits=a_bits,
+    )
 
 
 @pytest.mark.parametrize("k,n,w_bits,a_bits", [(128, 64, 8, 8), (128, 128, 4, 4), (48, 192, 8, 8),
@@ -83,12 +85,8 @@ def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
     N = 56, as in x_proj / dt_proj, zero-padded to 64) give the same outputs, and they equal
     fake quantization of the layer."""
     layer = make_layer(k + n + w_bits, k, n, w_bits, a_bits)
-    cfg = pq.QuantConfig(w_bits, a_bits)
     x = 3.0 * jax.random.normal(jax.random.key(k), (2, 13, k))
-    outs = {}
-    for backend in BACKENDS:
-        with int_gemm(backend):
-            outs[backend] = np.asarray(int_linear(x, layer, cfg))
+    outs = {backend: np.asarray(int_linear(x, layer, backend)) for backend in BACKENDS}
     assert np.abs(outs["xla"]).max() > 0
     for backend in BACKENDS[1:]:
         if ON_GPU:  # a GPU build may contract the epilogue's (acc * s_a) * s_w + b into an FMA
@@ -96,7 +94,7 @@ def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
                                        atol=2e-6 * np.abs(outs["xla"]).max(), err_msg=backend)
         else:
             np.testing.assert_array_equal(outs[backend], outs["xla"], err_msg=backend)
-    sim = np.asarray(simulate_int_linear(x, layer, cfg))
+    sim = np.asarray(simulate_int_linear(x, layer))
     np.testing.assert_allclose(outs["xla"], sim, rtol=1e-5, atol=1e-5 * np.abs(sim).max())
 
 
@@ -116,7 +114,7 @@ def tiny64():
 
 @pytest.mark.parametrize("platform,hopper,want", [
     ("gpu", True, ["wgmma"] * 3),
-    ("gpu", False, ["pallas"] * 3),
+    ("gpu", False, ["xla"] * 3),  # the Triton GEMM runs slower than XLA's dot there
     ("cpu", False, ["xla"] * 3),
 ])
 def test_auto_gemm_picks_wgmma_on_hopper_only(monkeypatch, platform, hopper, want):
@@ -127,7 +125,7 @@ def test_auto_gemm_picks_wgmma_on_hopper_only(monkeypatch, platform, hopper, wan
     assert got == want
 
 
-@pytest.mark.parametrize("backend", ["wgmma", "wgmma-1pass", "mixed"])
+@pytest.mark.parametrize("backend", ["wgmma", "mixed"])
 def test_wgmma_backends_off_hopper_are_explained(monkeypatch, backend):
     monkeypatch.setattr(integer.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(integer, "is_hopper", lambda: False)
@@ -137,7 +135,7 @@ def test_wgmma_backends_off_hopper_are_explained(monkeypatch, backend):
 
 
 def test_gemm_backend_choice_and_bad_names(tiny64):
-    auto = "wgmma" if ON_GPU and is_hopper() else "pallas" if ON_GPU else "xla"
+    auto = "wgmma" if ON_GPU and is_hopper() else "xla"
     assert gemm_backend_for(394, 768, 3072, "auto") == auto
     assert gemm_backend_for(394, 768, 56, "auto") == auto  # x_proj: N padded to 64 on wgmma
     if "wgmma" in BACKENDS:
@@ -145,51 +143,43 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
         assert gemm_backend_for(394, 24, 768, "wgmma") == "wgmma"  # dt_proj: K padded to 64
         # Beyond the kernel's int32 offsets only the Triton kernel's masked tiles go.
         assert gemm_backend_for(2**22, 768, 768, "wgmma") == "pallas"
-        assert gemm_backend_for(394, 768, 3072, "wgmma-1pass") == "wgmma-1pass"
-        assert gemm_backend_for(394, 24, 768, "wgmma-1pass") == "wgmma"  # K = 24: the padded 2-pass
-        assert gemm_backend_for(394, 4096, 768, "wgmma-1pass") == "wgmma"  # codes beyond shared memory
-        # The row block fits next to bf16 tiles, not next to fp32 tiles and a bias.
-        assert gemm_backend_for(394, 2048, 128, "wgmma-1pass") == "wgmma-1pass"
-        assert gemm_backend_for(394, 2048, 128, "wgmma-1pass", itemsize=4, has_bias=True) == "wgmma"
         # mixed: wgmma for in_proj / out_proj, the bf16 dot for x_proj (N = 56) and dt_proj (K = 24)
         got = [gemm_backend_for(394, k, n, "mixed") for k, n in [(384, 1536), (768, 384), (768, 56),
                                                                  (24, 768)]]
         assert got == ["wgmma", "wgmma", "xla-bf16", "xla-bf16"]
     assert gemm_backend_for(394, 768, 56, "xla-bf16") == "xla-bf16"
     with pytest.raises(ValueError, match="gemm must be one of"):
-        with int_gemm("cutlass"):
-            pass
+        gemm_backend_for(394, 768, 56, "cutlass")
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        pq.quantized_apply(None, tiny64, jnp.zeros((1, 32, 32, 3)), mode="int", gemm="wgmma-1pass")
     with pytest.raises(ValueError, match="gemm must be one of"):
         pq.quantized_apply(None, tiny64, jnp.zeros((1, 32, 32, 3)), mode="int", gemm="tc")
 
 
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
+    """Every backend runs what ``gemm`` names, and all agree; under ``jax.jit`` the GEMM is the
+    one passed (an argument fixed at trace time, no context read while tracing)."""
     qp = tiny64
-    calls = {g: {"codes": [], "1pass": [], "triton": 0, "bf16": []} for g in BACKENDS}
+    calls = {g: {"codes": [], "triton": 0, "bf16": []} for g in BACKENDS}
     backend = []  # the one running now
-    wgmma, fused, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul_wgmma_fused, integer.qmatmul
+    wgmma, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul
     bf16_dot = integer.qmatmul_bf16_dot
 
-    def spy_codes(codes, w_t, *a, **kw):
+    def spy_codes(codes, layer, *, w_t, **kw):
         calls[backend[-1]]["codes"].append(w_t.shape)  # (N, K) of the padded weight
-        return wgmma(codes, w_t, *a, **kw)
-
-    def spy_fused(x, w_q, w_scale, *a, **kw):
-        calls[backend[-1]]["1pass"].append((w_scale.shape[0], x.shape[-1]))  # (N, K)
-        return fused(x, w_q, w_scale, *a, **kw)
+        return wgmma(codes, layer, w_t=w_t, **kw)
 
     def spy_triton(*a, **kw):
         calls[backend[-1]]["triton"] += 1
         return qmatmul(*a, **kw)
 
-    def spy_bf16(x, w_q, w_scale, *a, **kw):
-        calls[backend[-1]]["bf16"].append((w_scale.shape[0], x.shape[-1]))  # (N, K)
-        return bf16_dot(x, w_q, w_scale, *a, **kw)
+    def spy_bf16(x, layer, **kw):
+        calls[backend[-1]]["bf16"].append((layer.out_features, x.shape[-1]))  # (N, K)
+        return bf16_dot(x, layer, **kw)
 
     monkeypatch.setattr(integer, "qmatmul_bf16_dot", spy_bf16)
     monkeypatch.setattr(integer, "NARROW", 64)  # embed_dim 64: in_proj and out_proj count as wide
     monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma", spy_codes)
-    monkeypatch.setattr(integer, "qmatmul_wgmma_fused", spy_fused)
     monkeypatch.setattr(integer, "qmatmul", spy_triton)
     images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
     logits = {}
@@ -208,21 +198,28 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
             np.testing.assert_array_equal(logits[g], logits["xla"], err_msg=g)
     linears = calls["pallas"]["triton"]  # every linear of one forward ran the Triton kernel
     pallas = calls["pallas"]
-    assert linears > 0 and pallas["codes"] == pallas["1pass"] == pallas["bf16"] == []
-    assert len(calls["xla-bf16"]["bf16"]) == linears
+    assert linears > 0 and pallas["codes"] == pallas["bf16"] == []
+    assert len(calls["xla-bf16"]["bf16"]) == linears and calls["xla"]["triton"] == 0
     if "wgmma" in BACKENDS:
         # in_proj 64 -> 256, out_proj 128 -> 64, x_proj 128 -> 36 (padded to 64), dt_proj 4 -> 128
         assert sorted(set(calls["wgmma"]["codes"])) == [(64, 128), (128, 64), (256, 64)]
-        assert len(calls["wgmma"]["codes"]) == linears and calls["wgmma"]["1pass"] == []
-        # 1-pass where K and N are multiples of 64 (in_proj, out_proj), 2-pass padded elsewhere
-        one = calls["wgmma-1pass"]
-        assert sorted(set(one["1pass"])) == [(64, 128), (256, 64)]
-        assert sorted(set(one["codes"])) == [(64, 128), (128, 64)]  # x_proj, dt_proj
-        assert len(one["1pass"]) + len(one["codes"]) == linears and one["triton"] == 0
+        assert len(calls["wgmma"]["codes"]) == linears and calls["wgmma"]["triton"] == 0
         mixed = calls["mixed"]  # x_proj (K 128 -> N 36) and dt_proj (4 -> 128) on the bf16 dot
         assert sorted(set(mixed["codes"])) == [(64, 128), (256, 64)]
         assert sorted(set(mixed["bf16"])) == [(36, 128), (128, 4)]
         assert len(mixed["codes"]) + len(mixed["bf16"]) == linears and mixed["triton"] == 0
+    # One jitted function per GEMM: each traces its own, whatever ran before.
+    for g, kernel_calls in (("xla-bf16", lambda: len(calls["xla-bf16"]["bf16"])),
+                            ("pallas", lambda: calls["pallas"]["triton"])):
+        backend.append(g)
+        before = kernel_calls()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the interpreter warning, checked above)
+            jitted = jax.jit(lambda q, x, g=g: pq.quantized_apply(None, q, x, mode="int", gemm=g))
+            out = np.asarray(jitted(qp, images))
+        assert kernel_calls() == before + linears, g
+        # One program instead of op by op: XLA may fuse the float epilogues differently.
+        np.testing.assert_allclose(out, logits["xla"], rtol=1e-5, atol=1e-5 * np.abs(logits["xla"]).max())
 
 
 def test_wrong_arguments_to_quantized_apply_are_explained(tiny64, micro):

@@ -67,8 +67,8 @@ def test_int_mode_matches_fake_mode(qparams, model_params_images):
 
 def test_four_bit_weights_are_packed(qparams):
     layer = qparams.qlayers["layers_0"]["mixer"]["in_proj"]
-    k = layer["smooth"].shape[0]
-    rows = layer["w_int"].shape[0]
+    k = layer.smooth.shape[0]
+    rows = layer.w_int.shape[0]
     assert rows == ((k + 1) // 2 if qparams.config.w_bits == 4 else k)
 
 
@@ -123,8 +123,8 @@ def test_arrays_that_differ_from_their_digest_are_refused_by_name(saved_w4a8, tm
 
 
 def test_corrupt_values_are_refused(qparams, tmp_path):
-    bad_layer = dict(qparams.qlayers["layers_0"]["mixer"]["out_proj"])
-    bad_layer["a_zero"] = bad_layer["a_zero"].at[0].set(-3)
+    layer = qparams.qlayers["layers_0"]["mixer"]["out_proj"]
+    bad_layer = dataclasses.replace(layer, a_zero=layer.a_zero.at[0].set(-3))
     qlayers = jax.tree.map(lambda a: a, qparams.qlayers)
     qlayers["layers_0"]["mixer"]["out_proj"] = bad_layer
     save_quantized(tmp_path / "bad", dataclasses.replace(qparams, qlayers=qlayers))
@@ -137,9 +137,9 @@ def test_out_of_range_weight_codes_are_refused(qparams, tmp_path):
     w_bits = qparams.config.w_bits
     bad_code = 8 if w_bits <= 4 else (-128 if w_bits == 8 else 2 ** (w_bits - 1))
     qlayers = jax.tree.map(lambda a: a, qparams.qlayers)
-    layer = dict(qlayers["layers_1"]["mixer"]["in_proj"])
-    layer["w_int"] = layer["w_int"].at[2, 3].set(bad_code)
-    qlayers["layers_1"]["mixer"]["in_proj"] = layer
+    layer = qlayers["layers_1"]["mixer"]["in_proj"]
+    bad_w = layer.w_int.at[2, 3].set(bad_code)
+    qlayers["layers_1"]["mixer"]["in_proj"] = dataclasses.replace(layer, w_int=bad_w)
     save_quantized(tmp_path / "bad", dataclasses.replace(qparams, qlayers=qlayers))
     with pytest.raises(CheckpointError, match=f"in_proj/w_int must lie in .* for {w_bits}-bit"):
         load_quantized(tmp_path / "bad")
@@ -257,7 +257,7 @@ def test_metadata_and_stored_tree_must_agree(saved_w4a8, tmp_path):
 def test_unedited_copy_loads(saved_w4a8, tmp_path):
     back = load_quantized(_edited_copy(saved_w4a8, tmp_path, lambda meta: None))
     assert back.config.w_bits == 4
-    assert back.qlayers["layers_0"]["mixer"]["in_proj"]["w_int"].shape == (16, 128)
+    assert back.qlayers["layers_0"]["mixer"]["in_proj"].w_int.shape == (16, 128)
 
 
 def test_save_quantized_refuses_float_params(model_params_images, tmp_path):

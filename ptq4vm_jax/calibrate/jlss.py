@@ -6,6 +6,10 @@ the input the stage learns on. Each stage's state (sigma, weight steps, activati
 is initialised on the float input, learned with AdamW against the block loss (1 - cosine by
 default, ``QuantConfig.loss``), then the quantized chain is pushed through the learned stage.
 State is saved after every stage.
+
+Compiled programs are keyed on ``QuantConfig.program`` (bits, method, grid, loss, which layers
+learn); learning rates, alpha, grid_p, weight decay and clipping are traced values (the
+optimizer's through ``optax.inject_hyperparams``), so a new value of those compiles nothing.
 """
 
 from __future__ import annotations
@@ -22,53 +26,22 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ptq4vm_jax.calibrate.report import CalibrationError, StageReport
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
 from ptq4vm_jax.quant import init as qinit
-from ptq4vm_jax.quant.config import QuantConfig
-from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense
-from ptq4vm_jax.trees import get_path, set_path
+from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
+from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, intercept_dense
+from ptq4vm_jax.quant.params import Path, flatten_layers, nest_layers
+from ptq4vm_jax.trees import get_path
 
-Path = tuple[str, ...]
+__all__ = ["CalibrationError", "StageReport", "calibrate_blockwise", "flatten_layers", "init_layer",
+           "make_optimizer", "nest_layers"]
+
+#: The learned fields of a layer and their optimizer group (one learning rate each).
 TRAIN_KEYS = {"smooth": "s", "w_scale": "w", "a_scale": "a"}
-
-
-class CalibrationError(RuntimeError):
-    """Calibration cannot go on (non-finite values); the message names the stage."""
-
-
-@dataclasses.dataclass
-class StageReport:
-    """``loss_learned``: after JLSS (None without learning, or when it diverged); ``loss_final``:
-    of the state kept, the initial one where learning raised the loss (or diverged) and
-    ``cfg.revert_worse`` is on."""
-
-    name: str
-    loss_init: float
-    loss_final: float
-    seconds: float
-    loss_learned: float | None = None
-    reverted: bool = False
-
-
-# ----------------------------------------------------------------------------- tree helpers
-
-
-def flatten_layers(qtree: Mapping, prefix: Path = ()) -> dict[Path, dict]:
-    """Nested qtree -> {path: layer state}."""
-    if "w_scale" in qtree:
-        return {prefix: dict(qtree)}
-    out = {}
-    for k, v in qtree.items():
-        out.update(flatten_layers(v, prefix + (k,)))
-    return out
-
-
-def nest_layers(flat: Mapping[Path, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        set_path(tree, path, v)
-    return tree
+#: What the resume state keeps of a layer (the float weights come from the params again).
+RESUMED_KEYS = ("smooth", "w_scale", "a_scale", "a_zero")
 
 
 def take(tree: Any, start: int, size: int) -> Any:
@@ -112,86 +85,100 @@ LOSSES = {"cosine": cosine_loss, "mse": relative_mse_loss}
 # ----------------------------------------------------------------------------- initialisation
 
 
-def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array,
-               cfg: QuantConfig) -> dict[str, jax.Array]:
+def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array, cfg: QuantConfig) -> TrainLinear:
     """Train-form state of one linear from its float input ``x`` (N, L, C) (spec §4.2, §5)."""
-    state, finite = _init_layer(kernel, bias, x, cfg)
+    alpha = 0.0 if cfg.alpha is None else cfg.alpha  # (unused by the methods that do not smooth)
+    state, finite = _init_layer(kernel, bias, x, jnp.float32(alpha), jnp.float32(cfg.grid_p),
+                                program=cfg.program)
     for k, ok in jax.device_get(finite).items():
         if not ok:
             raise CalibrationError(f"non-finite {k} while initialising a layer (input has NaN/inf?)")
     return state
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _init_layer(kernel, bias, x, cfg):
-    """One compiled program per layer shape (eagerly, each small op compiled on its own)."""
+@functools.partial(jax.jit, static_argnames="program")
+def _init_layer(kernel, bias, x, alpha, grid_p, *, program: QuantProgram):
+    """One compiled program per layer shape and program (eagerly, each small op compiled on its own)."""
     kernel = kernel.astype(jnp.float32)
     x = x.astype(jnp.float32).reshape(-1, x.shape[-2], x.shape[-1])
-    if cfg.smooths:
+    if program.smooths:  # PTS: SmoothQuant scales, then the grid searches
         absmax = jnp.max(jnp.abs(x), axis=(0, 1))
-        smooth = qinit.smoothing_scale(absmax, kernel, cfg.alpha)
+        smooth = qinit.smoothing_scale(absmax, kernel, alpha)
+        w_scale = qinit.init_weight_scale(kernel, smooth, program.w_bits, p=grid_p)
+        a_scale, a_zero = qinit.init_act_scale(x, smooth, program.a_bits, grid=program.act_grid, p=grid_p)
     else:
         smooth = jnp.ones((kernel.shape[0],), jnp.float32)
-    if cfg.smooths:  # PTS: SmoothQuant scales, then the grid searches
-        w_scale = qinit.init_weight_scale(kernel, smooth, cfg.w_bits, p=cfg.grid_p)
-        a_scale, a_zero = qinit.init_act_scale(x, smooth, cfg.a_bits, grid=cfg.act_grid, p=cfg.grid_p)
-    else:
-        w_scale = qinit.minmax_weight_scale(kernel, smooth, cfg.w_bits)
-        a_scale, a_zero = qinit.minmax_act_scale_per_tensor(x, smooth, cfg.a_bits)
-    state = {"kernel": kernel, "smooth": smooth, "w_scale": w_scale,
-             "a_scale": a_scale, "a_zero": a_zero.astype(jnp.int32)}
-    if bias is not None:
-        state["bias"] = bias.astype(jnp.float32)
-    return state, {k: jnp.all(jnp.isfinite(v)) for k, v in state.items()}
+        w_scale = qinit.minmax_weight_scale(kernel, smooth, program.w_bits)
+        a_scale, a_zero = qinit.minmax_act_scale_per_tensor(x, smooth, program.a_bits)
+    state = TrainLinear(kernel=kernel, smooth=smooth, w_scale=w_scale, a_scale=a_scale,
+                        a_zero=a_zero.astype(jnp.int32),
+                        bias=None if bias is None else bias.astype(jnp.float32),
+                        w_bits=program.w_bits, a_bits=program.a_bits)
+    arrays = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+              if isinstance(getattr(state, f.name), jax.Array)}
+    return state, {k: jnp.all(jnp.isfinite(v)) for k, v in arrays.items()}
 
 
-def trainable_mask(rel_path: Path, cfg: QuantConfig) -> bool:
+def trainable_mask(rel_path: Path, cfg: QuantConfig | QuantProgram) -> bool:
     """Released Vim code trains only in_proj/out_proj (spec §6.4); ``train_inner_proj`` fixes that."""
     if cfg.train_inner_proj:
         return True
     return not rel_path[-1].startswith(("x_proj", "dt_proj"))
 
 
-def split_state(layers: Mapping[Path, dict], cfg: QuantConfig) -> tuple[dict, dict]:
-    train, frozen = {}, {}
-    for path, st in layers.items():
-        learn = trainable_mask(path, cfg)
-        train[path] = {k: v for k, v in st.items() if learn and k in TRAIN_KEYS}
-        frozen[path] = {k: v for k, v in st.items() if not (learn and k in TRAIN_KEYS)}
-    return train, frozen
+def split_state(layers: Mapping[Path, TrainLinear], cfg: QuantConfig | QuantProgram) -> tuple[dict, dict]:
+    """(learned arrays {path: {name: array}}, the layers): the optimizer sees only the former."""
+    train = {path: {k: getattr(st, k) for k in TRAIN_KEYS} if trainable_mask(path, cfg) else {}
+             for path, st in layers.items()}
+    return train, dict(layers)
 
 
-def merge_state(train: Mapping, frozen: Mapping) -> dict:
-    return {p: {**frozen[p], **train.get(p, {})} for p in frozen}
+def merge_state(train: Mapping, frozen: Mapping[Path, TrainLinear]) -> dict[Path, TrainLinear]:
+    return {p: dataclasses.replace(st, **train.get(p, {})) for p, st in frozen.items()}
 
 
-def make_optimizer(cfg: QuantConfig) -> optax.GradientTransformation:
-    adamw = lambda lr: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+def optimizer_hyperparams(cfg: QuantConfig) -> dict[str, float]:
+    """The optimizer's values, given to :func:`make_optimizer` (and held in its state)."""
+    return dict(lr_w=cfg.lr_w, lr_a=cfg.lr_a, lr_s=cfg.lr_s, weight_decay=cfg.weight_decay,
+                grad_clip=cfg.grad_clip)
+
+
+def _optimizer(lr_w: Any, lr_a: Any, lr_s: Any, weight_decay: Any,
+               grad_clip: Any) -> optax.GradientTransformation:
+    """The JLSS optimizer; every value is a hyperparameter in its state (``inject_hyperparams``),
+    so ``update`` reads them from there and one compiled step serves every value."""
+    adamw = lambda lr: optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
     labels = lambda tree: {p: {k: TRAIN_KEYS[k] for k in st} for p, st in tree.items()}
     inner = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.multi_transform({"w": adamw(cfg.lr_w), "a": adamw(cfg.lr_a), "s": adamw(cfg.lr_s)},
-                              labels),
+        optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=grad_clip),
+        optax.multi_transform({"w": adamw(lr_w), "a": adamw(lr_a), "s": adamw(lr_s)}, labels),
     )
     # GradScaler semantics (spec §6.2): a step whose gradients are not finite is skipped.
     return optax.apply_if_finite(inner, max_consecutive_errors=10**9)
+
+
+def make_optimizer(cfg: QuantConfig) -> optax.GradientTransformation:
+    """AdamW per group (σ, weight steps, activation steps) after global-norm clipping (spec §6.2)."""
+    return _optimizer(**optimizer_hyperparams(cfg))
 
 
 # ----------------------------------------------------------------------------- compiled pieces
 
 
 @functools.cache
-def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
-    """Jitted forward/step functions, shared by every stage with an equal module."""
+def _compiled(stage_module: Any, output: Callable, program: QuantProgram, axis: int):
+    """Jitted forward/step functions, shared by every stage with an equal module and program."""
     stage = Stage(path=(), module=stage_module, output=output)
-    optimizer = make_optimizer(cfg)
-    block_loss = LOSSES[cfg.loss]
+    # The values passed here only build the update's structure: it reads them from the state.
+    optimizer = _optimizer(*(0.0,) * 5)
+    block_loss = LOSSES[program.loss]
 
     def qforward(state, params, carry):
         # Frozen layers of the released Vim recipe pass gradients as float layers (spec §6.4).
-        frozen = frozenset(p for p in state if not trainable_mask(p, cfg))
+        frozen = frozenset(p for p in state if not trainable_mask(p, program))
         # The scan backend is the stage module's config (one choice for evaluation and calibration).
-        with intercept_dense(nest_layers(state), cfg, "fake", float_backward=frozen):
+        with intercept_dense(nest_layers(state), program, "fake", float_backward=frozen):
             return stage.apply(params, carry)
 
     def loss_fn(train, frozen, params, carry, target):
@@ -206,7 +193,7 @@ def _compiled(stage_module: Any, output: Callable, cfg: QuantConfig, axis: int):
 
     return dict(
         step=step,
-        opt_init=jax.jit(optimizer.init),  # one program, not one per leaf
+        opt_init=jax.jit(lambda train, hparams: _optimizer(**hparams).init(train)),  # one program
         qforward=jax.jit(qforward),
         loss=jax.jit(lambda state, params, carry, target: block_loss(
             target, output(qforward(state, params, carry)), axis)),
@@ -257,7 +244,7 @@ def calibrate_blockwise(
     start = 0
     if resume is not None and resume.exists():
         start, layers, fp_carry, q_carry, reports = resume.load()
-        layers = with_float_weights(layers, params)
+        layers = with_float_weights(layers, params, cfg)
         fp_carry, q_carry = (_batch_sharded_like(images, c) for c in (fp_carry, q_carry))
         last = "/".join(bw.stages[start - 1].path) if start else "the embedding"
         log(f"resuming after stage {start} of {len(bw.stages)} ({last}; {len(reports)} calibrated "
@@ -275,7 +262,7 @@ def calibrate_blockwise(
         t0 = time.perf_counter()
         n = len(stage.path)
         rel = sorted(p[n:] for p in quant_paths if p[:n] == stage.path)
-        fns = _compiled(stage.module, stage.output, cfg, loss_axis)
+        fns = _compiled(stage.module, stage.output, cfg.program, loss_axis)
         sparams = get_path(params, stage.path)
         if not rel:  # nothing to quantize here (e.g. a VMamba downsample): both chains go through
             forward = functools.partial(fns["fp_forward"], sparams)
@@ -283,7 +270,7 @@ def calibrate_blockwise(
             q_carry = chunked(forward, q_carry, chunk)
             _check_finite(fp_carry, name, "float chain")
             if resume is not None:
-                resume.save(idx + 1, layers, fp_carry, q_carry, reports)
+                resume.save(idx + 1, resumed_arrays(layers), fp_carry, q_carry, reports)
             continue
 
         # Float pass: target + float inputs of every quantized linear (spec §5: init on FP inputs).
@@ -320,22 +307,28 @@ def calibrate_blockwise(
         reports.append(StageReport(name, loss_init, loss_final, time.perf_counter() - t0,
                                    loss_learned, reverted))
         if resume is not None:
-            resume.save(idx + 1, layers, fp_carry, q_carry, reports)
+            resume.save(idx + 1, resumed_arrays(layers), fp_carry, q_carry, reports)
         if progress:
             log(f"{name}: loss {loss_init:.5f} -> {loss_final:.5f} ({reports[-1].seconds:.1f}s)")
     return layers, reports
 
 
-def with_float_weights(layers: Mapping[Path, dict], params: Mapping) -> dict[Path, dict]:
+def resumed_arrays(layers: Mapping[Path, TrainLinear]) -> dict[Path, dict[str, jax.Array]]:
+    """What the resume state keeps of each layer (``RESUMED_KEYS``)."""
+    return {path: {k: getattr(st, k) for k in RESUMED_KEYS} for path, st in layers.items()}
+
+
+def with_float_weights(layers: Mapping[Path, Mapping[str, jax.Array]], params: Mapping,
+                       cfg: QuantConfig) -> dict[Path, TrainLinear]:
     """Put back the float kernel (and bias) that the resume store leaves out, as ``init_layer``
     holds them, so resumed states are the train form every later use expects."""
     out = {}
     for path, st in layers.items():
         dense = get_path(params, path)
-        weights = {"kernel": dense["kernel"].astype(jnp.float32)}
-        if dense.get("bias") is not None:
-            weights["bias"] = dense["bias"].astype(jnp.float32)
-        out[path] = {**st, **weights}
+        bias = dense.get("bias")
+        out[path] = TrainLinear(kernel=dense["kernel"].astype(jnp.float32),
+                                bias=None if bias is None else bias.astype(jnp.float32),
+                                **{k: st[k] for k in RESUMED_KEYS}, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
     return out
 
 
@@ -372,7 +365,7 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
     """(learned state, None), or (None, why) when the loss became non-finite and
     ``cfg.revert_worse`` lets the block keep its initial scales."""
     train, frozen = split_state(state, cfg)
-    opt_state = fns["opt_init"](train)
+    opt_state = fns["opt_init"](train, optimizer_hyperparams(cfg))
     n = target.shape[0]
     batches = n // cfg.train_batch
     steps = cfg.epochs * batches

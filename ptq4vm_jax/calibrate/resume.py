@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ptq4vm_jax.calibrate.report import StageReport
+
 RESUME_VERSION = 2
 # What a damaged state.npz raises from zipfile/np.load/json/tree_unflatten: a truncated zip, a
 # garbled entry, a file that is not a zip at all, an entry or key that is missing or malformed.
@@ -148,6 +150,7 @@ class ResumeStore:
                              "choose a writable directory") from None
 
     def save(self, next_stage: int, layers: dict, fp_carry: Any, q_carry: Any, reports: list) -> None:
+        """``layers``: {path: {name: array}}, the learned state without the float weights."""
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = dict(version=RESUME_VERSION, fingerprint=self.fingerprint, next_stage=next_stage,
                     reports=[dataclasses.asdict(r) for r in reports], digests=self.digests,
@@ -155,8 +158,7 @@ class ResumeStore:
         arrays = {"meta": np.array(json.dumps(meta))}
         for path, st in layers.items():
             for k, v in st.items():
-                if k != "kernel" and k != "bias":  # float weights come from params again
-                    arrays[f"layer|{'/'.join(path)}|{k}"] = np.asarray(v)
+                arrays[f"layer|{'/'.join(path)}|{k}"] = np.asarray(v)
         for name, carry in (("fp", fp_carry), ("q", q_carry)):
             for i, leaf in enumerate(jax.tree_util.tree_leaves(carry)):
                 arrays[f"{name}|{i}"] = np.asarray(leaf)
@@ -182,8 +184,6 @@ class ResumeStore:
             raise self._corrupt(e) from e
 
     def _unpack(self, meta: dict, arrays: dict[str, np.ndarray]) -> tuple[int, dict, Any, Any, list]:
-        from ptq4vm_jax.calibrate.jlss import StageReport
-
         layers: dict = {}
         chains: dict[str, dict[int, np.ndarray]] = {"fp": {}, "q": {}}
         for key, value in arrays.items():

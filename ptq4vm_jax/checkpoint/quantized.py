@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.qmatmul import dense_weight, is_packed
+from pallas_kernels.qlinear import dense_weight
 from ptq4vm_jax.checkpoint.checks import refuse_nonfinite
 from ptq4vm_jax.checkpoint.store import (
     ARRAY_DIGESTS,
@@ -33,32 +33,27 @@ from ptq4vm_jax.checkpoint.store import (
 )
 from ptq4vm_jax.errors import CheckpointError
 from ptq4vm_jax.quant.config import QuantConfig
+from ptq4vm_jax.quant.params import (
+    QuantizedParams,
+    abstract_checkpoint,
+    layers_from_arrays,
+    layers_to_arrays,
+)
 from ptq4vm_jax.quant.quantizers import act_qmax, weight_qmax
-from ptq4vm_jax.trees import copy_tree, flatten_tree, prune_empty
-
-if TYPE_CHECKING:
-    from ptq4vm_jax.api import QuantizedParams
+from ptq4vm_jax.trees import flatten_tree
 
 # 1: no per-array digests (still read); 2: ``array_sha256`` in the sealed metadata, verified at load.
 QUANT_FORMAT_VERSION = 2
 
 
-def _quantized_params_type() -> type[QuantizedParams]:
-    # LAYERING: the one import of QuantizedParams in the checkpoint package. It lives in api.py
-    # (above checkpoint) until it moves below it; then import it at the top of this module.
-    from ptq4vm_jax.api import QuantizedParams
-
-    return QuantizedParams
-
-
 def layers_to_disk(qlayers: Any) -> dict[str, Any]:
     """In-memory quantized layers -> the nested per-layer dicts stored on disk (numpy leaves)."""
-    return jax.tree.map(np.asarray, dict(qlayers))
+    return jax.tree.map(np.asarray, layers_to_arrays(qlayers))
 
 
-def layers_from_disk(stored: Mapping[str, Any]) -> Any:
+def layers_from_disk(stored: Mapping[str, Any], config: QuantConfig) -> Any:
     """The restored per-layer dicts -> the in-memory quantized layers of a ``QuantizedParams``."""
-    return jax.tree.map(jnp.asarray, dict(stored))
+    return layers_from_arrays(jax.tree.map(jnp.asarray, dict(stored)), config.w_bits, config.a_bits)
 
 
 _LEAF_FORM = "[shape (list of non-negative ints), dtype name]"
@@ -109,54 +104,51 @@ def _layer_specs(layers: Any, path: str) -> dict[str, dict[str, jax.ShapeDtypeSt
     return specs
 
 
-def _quantized_abstract(params: Mapping[str, Any], name: str, specs: Mapping[str, Mapping[str, Any]],
-                        packed: bool, path: str) -> dict[str, Any]:
-    """Expected tree of a quantized checkpoint: ``params`` (the model's) with ``specs``' layers moved out.
+def _stored_layers(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{path: per-layer dict} of an on-disk ``qlayers`` tree (a dict holding ``w_int`` is a layer)."""
+    if "w_int" in tree:
+        return {prefix: tree}
+    return {k: v for key, node in tree.items() for k, v in _stored_layers(node, (*prefix, key)).items()}
 
-    Each layer is checked against the model's linear layer, so a restored tree has the shapes
-    ``quantized_apply`` expects (bar the token count, set by the calibration input); ``packed``: two
-    4-bit codes per stored ``w_int`` byte.
-    """
-    params = copy_tree(params)
+
+def _expected_tree(name: str, overrides: Mapping[str, Any], specs: Mapping[str, Mapping[str, Any]],
+                   config: QuantConfig, path: str) -> dict[str, Any]:
+    """The tree to restore: what saving a ``quantize_params`` result of this model writes
+    (``abstract_checkpoint``, an ``eval_shape`` of the same code), with each layer's leaves checked
+    against ``specs`` (from ``metadata.json``), whose float dtypes are kept."""
 
     def wrong(problem: str) -> CheckpointError:
         return CheckpointError(f"{path}/{METADATA_FILE} does not match {name}: {problem}; the checkpoint "
                                "is corrupt or was written for another model: re-create it")
 
-    qlayers: dict[str, Any] = {}
-    for path_s, q in specs.items():
-        keys = tuple(path_s.split("/"))
-        node = params
-        for key in keys:
-            if not isinstance(node, Mapping) or key not in node:
-                raise wrong(f"quantized layer {path_s} does not exist in {name}")
-            node = node[key]
-        kernel = node.get("kernel") if isinstance(node, Mapping) else None
-        if kernel is None or len(kernel.shape) != 2:
-            raise wrong(f"{path_s} in {name} is not a linear layer")
-        leaves = {"w_int", "smooth", "w_scale", "a_scale", "a_zero"} | ({"bias"} if "bias" in node else set())
-        if leaves - q.keys():
-            raise wrong(f"{path_s} lacks {sorted(leaves - q.keys())}")
-        if q.keys() - leaves:
-            raise wrong(f"{path_s} has a bias, the model's layer has none")
-        k, n = kernel.shape
-        tokens = q["a_scale"].shape
-        if len(tokens) != 1 or tokens[0] < 1:
-            raise wrong(f"{path_s}/a_scale must have shape (tokens,), got {tokens}")
-        want = {"w_int": ((k + 1) // 2 if packed else k, n), "smooth": (k,), "w_scale": (n,),
-                "a_scale": tokens, "a_zero": tokens, "bias": (n,)}
-        for key in sorted(leaves):
-            if q[key].shape != want[key]:
-                raise wrong(f"{path_s}/{key} has shape {q[key].shape}, the model needs {want[key]}")
-        parent = params
+    tokens = {}
+    for layer, leaves in specs.items():
+        a_scale = leaves.get("a_scale")
+        if a_scale is None or len(a_scale.shape) != 1 or a_scale.shape[0] < 1:
+            shape = None if a_scale is None else a_scale.shape
+            raise wrong(f"{layer}/a_scale must have shape (tokens,), got {shape}")
+        tokens[tuple(layer.split("/"))] = a_scale.shape[0]
+    try:
+        want = abstract_checkpoint(name, overrides, tokens, config)
+    except ValueError as e:
+        raise wrong(str(e)) from None
+    restore: dict[str, Any] = {}
+    for keys, expected in _stored_layers(want["qlayers"]).items():
+        layer = "/".join(keys)
+        have = specs[layer]
+        if expected.keys() - have.keys():
+            raise wrong(f"{layer} lacks {sorted(expected.keys() - have.keys())}")
+        if have.keys() - expected.keys():
+            raise wrong(f"{layer} has a bias, the model's layer has none")
+        for leaf in sorted(expected):
+            if have[leaf].shape != expected[leaf].shape:
+                raise wrong(f"{layer}/{leaf} has shape {have[leaf].shape}, the model needs "
+                            f"{expected[leaf].shape}")
+        node = restore
         for key in keys[:-1]:
-            parent = parent[key]
-        del parent[keys[-1]]
-        node_q = qlayers
-        for key in keys[:-1]:
-            node_q = node_q.setdefault(key, {})
-        node_q[keys[-1]] = dict(q)
-    return {"params": prune_empty(params), "qlayers": qlayers}
+            node = node.setdefault(key, {})
+        node[keys[-1]] = dict(have)
+    return {"params": want["params"], "qlayers": restore}
 
 
 def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,7 +164,7 @@ def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
 def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *, overwrite: bool = True
                    ) -> dict[str, Any]:
     """Save a ``QuantizedParams`` (see README, "Quantized checkpoint layout"); returns the metadata."""
-    if not isinstance(qparams, _quantized_params_type()):
+    if not isinstance(qparams, QuantizedParams):
         raise TypeError(f"save_quantized needs a QuantizedParams (from quantize_params or load_quantized), "
                         f"got {type(qparams).__name__}; float params are saved with save_params")
     qlayers = layers_to_disk(qparams.qlayers)
@@ -209,7 +201,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     meta = read_metadata(path)
     require_format(meta, path, format=QUANT_FORMAT, version=QUANT_FORMAT_VERSION, loader="load_quantized",
                    sealed_from=2)
-    name, overrides, abstract = model_from_metadata(meta, path)
+    name, overrides, _ = model_from_metadata(meta, path)
     if not isinstance(meta.get("config"), dict):
         raise invalid(path, f"'config' must be the QuantConfig as an object, got {meta.get('config')!r}")
     try:
@@ -220,13 +212,13 @@ def load_quantized(path: str | os.PathLike) -> QuantizedParams:
     if not isinstance(calibration, dict):
         raise invalid(path, f"'calibration' must be an object, got {calibration!r}")
     specs = _layer_specs(meta.get("layers"), path)
-    tree = restore_tree(path, _quantized_abstract(abstract, name, specs, is_packed(config.w_bits), path),
+    tree = restore_tree(path, _expected_tree(name, overrides, specs, config, path),
                         meta.get(ARRAY_DIGESTS))
     refuse_nonfinite(path, tree)
     _check_ranges(path, tree["qlayers"], config)
-    return _quantized_params_type()(
+    return QuantizedParams(
         params=jax.tree.map(jnp.asarray, tree["params"]),
-        qlayers=layers_from_disk(tree["qlayers"]),
+        qlayers=layers_from_disk(tree["qlayers"], config),
         model_name=name, config=config, model_overrides=tuple(sorted(overrides.items())),
         info=json.dumps(calibration),
     )

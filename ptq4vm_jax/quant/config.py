@@ -178,6 +178,12 @@ class QuantConfig:
     def smooths(self) -> bool:
         return self.method in ("ptq4vm", "pts_only")
 
+    @property
+    def program(self) -> QuantProgram:
+        """The fields that shape compiled calibration programs (their jit cache key)."""
+        return QuantProgram(w_bits=self.w_bits, a_bits=self.a_bits, method=self.method,
+                            act_grid=self.act_grid, loss=self.loss, train_inner_proj=self.train_inner_proj)
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["rules"] = None if self.rules is None else [dataclasses.asdict(r) for r in self.rules]
@@ -189,6 +195,25 @@ class QuantConfig:
         if d.get("rules") is not None:
             d["rules"] = tuple(QuantRule(**r) for r in d["rules"])
         return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantProgram:
+    """The part of a ``QuantConfig`` that decides what a calibration program computes: code
+    ranges, which quantizers and grids run, the loss, which layers learn. Compiled programs are
+    keyed on it alone; learning rates, alpha, grid_p, weight decay, clipping, epochs and sample
+    counts enter them as values, so changing those reuses the compiled programs."""
+
+    w_bits: int
+    a_bits: int
+    method: str
+    act_grid: str
+    loss: str
+    train_inner_proj: bool
+
+    @property
+    def smooths(self) -> bool:
+        return self.method in ("ptq4vm", "pts_only")
 
 
 def _is_int(value: object) -> bool:

@@ -26,7 +26,7 @@ from ptq4vm_jax.quant.quantizers import (
 )
 
 
-def smoothing_scale(act_absmax: jax.Array, kernel: jax.Array, alpha: float) -> jax.Array:
+def smoothing_scale(act_absmax: jax.Array, kernel: jax.Array, alpha: float | jax.Array) -> jax.Array:
     """SmoothQuant σ_j = max(max(a_j, 1e-3)^α / max(max_k |W_jk|, 1e-5)^(1−α), 1e-5).
 
     ``act_absmax`` (in,) is the calibration max |x_j| per input channel; the weight max runs
@@ -35,7 +35,7 @@ def smoothing_scale(act_absmax: jax.Array, kernel: jax.Array, alpha: float) -> j
     act_absmax = jnp.asarray(act_absmax, jnp.float32)
     kernel = jnp.asarray(kernel, jnp.float32)
     check_weight_shapes(kernel, act_absmax, None)
-    if not 0.0 <= alpha <= 1.0:
+    if not isinstance(alpha, jax.core.Tracer) and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (0.5 for Vim, 0.65 for VMamba), got {alpha}")
     act = jnp.maximum(act_absmax, 1e-3) ** alpha
     w = jnp.maximum(jnp.abs(kernel).max(axis=1), 1e-5) ** (1.0 - alpha)
@@ -47,8 +47,8 @@ def _check_grid(n_grid: int) -> None:
         raise ValueError(f"n_grid must be a positive int, got {n_grid!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "p", "n_grid"))
-def _weight_grid(w: jax.Array, qmax: int, p: float, n_grid: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("qmax", "n_grid"))
+def _weight_grid(w: jax.Array, qmax: int, p: jax.Array, n_grid: int) -> jax.Array:
     r = jnp.maximum(jnp.abs(w.min(axis=0)), w.max(axis=0))  # (out,)
 
     def body(i, carry):
@@ -67,7 +67,7 @@ def _weight_grid(w: jax.Array, qmax: int, p: float, n_grid: int) -> jax.Array:
 
 
 def init_weight_scale(
-    kernel: jax.Array, smooth: jax.Array, bits: int, *, p: float = 2.4, n_grid: int = 100
+    kernel: jax.Array, smooth: jax.Array, bits: int, *, p: float | jax.Array = 2.4, n_grid: int = 100
 ) -> jax.Array:
     """Per-output-channel step s_w (out,) from an L_p grid search on W̃ = kernel·σ (spec §5.2).
 
@@ -79,7 +79,7 @@ def init_weight_scale(
     kernel = jnp.asarray(kernel, jnp.float32)
     smooth = jnp.asarray(smooth, jnp.float32)
     check_weight_shapes(kernel, smooth, None)
-    return _weight_grid(kernel * smooth[:, None], qmax, float(p), n_grid)
+    return _weight_grid(kernel * smooth[:, None], qmax, jnp.float32(p), n_grid)
 
 
 def _act_alphas(grid: str, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,9 +94,9 @@ def _act_alphas(grid: str, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(np.float32), (1.0 - a).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "p"))
+@functools.partial(jax.jit, static_argnames=("qmax",))
 def _act_grid(
-    xt: jax.Array, alpha: jax.Array, one_minus: jax.Array, qmax: int, p: float
+    xt: jax.Array, alpha: jax.Array, one_minus: jax.Array, qmax: int, p: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     tok = xt.ndim - 2
     axes = tuple(a for a in range(xt.ndim) if a != tok)
@@ -131,7 +131,7 @@ def init_act_scale(
     bits: int,
     *,
     grid: str = "fixed",
-    p: float = 2.4,
+    p: float | jax.Array = 2.4,
     n_grid: int = 100,
 ) -> tuple[jax.Array, jax.Array]:
     """PTS init: per token position, an L_p grid search on x/σ pooled over batch and channels.
@@ -149,7 +149,7 @@ def init_act_scale(
     x = jnp.asarray(x, jnp.float32)
     smooth = jnp.asarray(smooth, jnp.float32)
     check_act_shapes(x, smooth)
-    return _act_grid(x / smooth, jnp.asarray(alpha), jnp.asarray(one_minus), qmax, float(p))
+    return _act_grid(x / smooth, jnp.asarray(alpha), jnp.asarray(one_minus), qmax, jnp.float32(p))
 
 
 def minmax_weight_scale(kernel: jax.Array, smooth: jax.Array, bits: int) -> jax.Array:

@@ -1,20 +1,21 @@
 """The quantized linear, and how it replaces ``nn.Dense`` calls in an unmodified model.
 
-A layer's quantization state is a dict of arrays, kept in a tree that mirrors the params
-tree (``qtree["layers_3"]["mixer"]["in_proj"]``). Two forms exist:
+A layer's quantization state is a typed pytree, kept in a tree that mirrors the params tree
+(``qtree["layers_3"]["mixer"]["in_proj"]``). Two forms exist:
 
-* train form: ``kernel``, ``bias``?, ``smooth``, ``w_scale``, ``a_scale``, ``a_zero`` (JLSS
-  differentiates through it);
-* integer form: ``w_int`` (int8, already smoothed and rounded) instead of ``kernel``
-  (what ``quantize_params`` returns and checkpoints store).
+* :class:`TrainLinear`: the float ``kernel`` with the learnable ``smooth``, ``w_scale``,
+  ``a_scale`` (and ``a_zero``, ``bias``), what calibration differentiates through;
+* :class:`~pallas_kernels.qlinear.QuantizedLinear`: ``w_int`` (already smoothed and rounded)
+  instead of the kernel, what ``quantize_params`` returns and checkpoints store.
 
-``intercept_dense`` swaps every ``nn.Dense.__call__`` whose module path has a state for
-``qlinear`` — the qwix idea, so the model definition knows nothing about quantization.
+``intercept_dense`` swaps every ``nn.Dense.__call__`` whose module path holds a layer for
+``qlinear`` (the qwix idea), so the model definition knows nothing about quantization.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,76 +23,110 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.qlinear import QuantizedLinear, check_bits, unpack_weight
 from ptq4vm_jax.quant import quantizers as qz
-from ptq4vm_jax.quant.config import QuantConfig
-from ptq4vm_jax.quant.integer import int_linear, weight_codes
+from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
+from ptq4vm_jax.quant.integer import check_gemm, int_linear
 
 MODES = ("fake", "int")
 
 
-def lookup(tree: Mapping | None, path: tuple[str, ...]) -> Mapping | None:
+@dataclasses.dataclass(frozen=True)
+class TrainLinear:
+    """Calibration's form of a quantized linear: the float ``kernel`` (K, N) and ``bias`` (N,) or
+    None, with the quantization state of :class:`~pallas_kernels.qlinear.QuantizedLinear`."""
+
+    kernel: jax.Array
+    smooth: jax.Array
+    w_scale: jax.Array
+    a_scale: jax.Array
+    a_zero: jax.Array
+    bias: jax.Array | None = None
+    w_bits: int = 8
+    a_bits: int = 8
+
+    def __post_init__(self) -> None:
+        check_bits(self.a_bits, self.w_bits)
+
+
+jax.tree_util.register_dataclass(
+    TrainLinear,
+    data_fields=["kernel", "smooth", "w_scale", "a_scale", "a_zero", "bias"],
+    meta_fields=["w_bits", "a_bits"],
+)
+
+#: Either form of a quantized linear.
+Linear = TrainLinear | QuantizedLinear
+#: What the quantized linear reads of a configuration: its ``method``.
+Method = QuantConfig | QuantProgram
+
+
+def is_layer(node: Any) -> bool:
+    return isinstance(node, (TrainLinear, QuantizedLinear))
+
+
+def lookup(tree: Mapping | None, path: tuple[str, ...]) -> Linear | None:
     node = tree
     for key in path:
         if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
-    return node if isinstance(node, Mapping) and ("w_scale" in node) else None
+    return node if is_layer(node) else None
 
 
-def dequantized_kernel(layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
+def dequantized_kernel(layer: Linear) -> jax.Array:
     """Ŵ: from the float kernel (differentiable in σ and s_w) or from the stored integers."""
-    if "w_int" in layer:
-        codes = weight_codes(layer["w_int"], cfg.w_bits, layer["smooth"].shape[0])
-        return codes.astype(jnp.float32) * layer["w_scale"]
-    return qz.fake_quant_weight(layer["kernel"], layer["smooth"], layer["w_scale"], cfg.w_bits)
+    if isinstance(layer, QuantizedLinear):
+        codes = unpack_weight(layer.w_int, layer.w_bits, layer.in_features)
+        return codes.astype(jnp.float32) * layer.w_scale
+    return qz.fake_quant_weight(layer.kernel, layer.smooth, layer.w_scale, layer.w_bits)
 
 
-def fake_quant_input(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
+def fake_quant_input(x: jax.Array, layer: Linear, cfg: Method) -> jax.Array:
     if cfg.method == "per_token_dynamic":
-        return qz.fake_quant_act_dynamic(x, layer["smooth"], cfg.a_bits)
-    return qz.fake_quant_act(x, layer["smooth"], layer["a_scale"], layer["a_zero"], cfg.a_bits)
+        return qz.fake_quant_act_dynamic(x, layer.smooth, layer.a_bits)
+    return qz.fake_quant_act(x, layer.smooth, layer.a_scale, layer.a_zero, layer.a_bits)
 
 
-def qlinear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig, mode: str) -> jax.Array:
-    """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic.
+def qlinear(x: jax.Array, layer: Linear, cfg: Method, mode: str, gemm: str = "auto") -> jax.Array:
+    """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic (on the
+    integer GEMM ``gemm``, see ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``).
 
     A 2-D input (batch, features), e.g. the classifier head, is one token per example.
     ``per_token_dynamic`` has no static activation scales, so it runs fake (:func:`intercept_dense`
     refuses ``mode="int"`` for it).
     """
     if x.ndim == 2:
-        return qlinear(x[:, None, :], layer, cfg, mode)[:, 0, :]
+        return qlinear(x[:, None, :], layer, cfg, mode, gemm)[:, 0, :]
     out_dtype = x.dtype
-    static = cfg.method != "per_token_dynamic"
-    if "w_int" in layer and static:
+    if isinstance(layer, QuantizedLinear) and cfg.method != "per_token_dynamic":
         if mode == "int":
-            return int_linear(x, layer, cfg).astype(out_dtype)
-        return simulate_int_linear(x.astype(jnp.float32), layer, cfg).astype(out_dtype)
+            return int_linear(x, layer, gemm).astype(out_dtype)
+        return simulate_int_linear(x.astype(jnp.float32), layer).astype(out_dtype)
     x_hat = fake_quant_input(x.astype(jnp.float32), layer, cfg)
-    y = jnp.einsum("...k,kn->...n", x_hat, dequantized_kernel(layer, cfg),
+    y = jnp.einsum("...k,kn->...n", x_hat, dequantized_kernel(layer),
                    precision=jax.lax.Precision.HIGHEST)
-    if "bias" in layer:
-        y = y + layer["bias"]
+    if layer.bias is not None:
+        y = y + layer.bias
     return y.astype(out_dtype)
 
 
-def simulate_int_linear(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig) -> jax.Array:
+def simulate_int_linear(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     """Fake-quant of a stored (integer-form) layer in the integer kernel's association order.
 
     (s_a (q - z)) @ (s_w w) == s_a s_w ((q - z) @ w) exactly in real numbers; summing the integer
     codes first (exact in fp32 while partial sums stay below 2^24) and scaling after, as the
     kernels do, makes this simulation agree with ``mode="int"`` to the last bit in practice.
     """
-    codes = qz.quantize_act_int(x, layer["smooth"], layer["a_scale"], layer["a_zero"], cfg.a_bits)
-    centered = (codes - layer["a_zero"][:, None]).astype(jnp.float32)
-    w = weight_codes(layer["w_int"], cfg.w_bits, layer["smooth"].shape[0]).astype(jnp.float32)
+    codes = qz.quantize_act_int(x, layer.smooth, layer.a_scale, layer.a_zero, layer.a_bits)
+    centered = (codes - layer.a_zero[:, None]).astype(jnp.float32)
+    w = unpack_weight(layer.w_int, layer.w_bits, layer.in_features).astype(jnp.float32)
     acc = jnp.einsum("...k,kn->...n", centered, w, precision=jax.lax.Precision.HIGHEST)
-    y = acc * layer["a_scale"][:, None] * layer["w_scale"]
-    return y + layer["bias"] if "bias" in layer else y
+    y = acc * layer.a_scale[:, None] * layer.w_scale
+    return y if layer.bias is None else y + layer.bias
 
 
-def qlinear_float_backward(x: jax.Array, layer: Mapping[str, jax.Array], cfg: QuantConfig,
-                           mode: str = "fake") -> jax.Array:
+def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: str = "fake") -> jax.Array:
     """The quantized linear forward, differentiated as the float linear ``x @ kernel + bias``.
 
     What the released Vim code does for x_proj/dt_proj (spec §6.4): they run quantized inside a
@@ -101,19 +136,22 @@ def qlinear_float_backward(x: jax.Array, layer: Mapping[str, jax.Array], cfg: Qu
     layer's own scales get no gradient.
     """
     y_q = qlinear(x, layer, cfg, mode)
-    y_fp = jnp.einsum("...k,kn->...n", x, layer["kernel"].astype(x.dtype),
+    y_fp = jnp.einsum("...k,kn->...n", x, layer.kernel.astype(x.dtype),
                       precision=jax.lax.Precision.HIGHEST)
-    if "bias" in layer:
-        y_fp = y_fp + layer["bias"].astype(x.dtype)
+    if layer.bias is not None:
+        y_fp = y_fp + layer.bias.astype(x.dtype)
     y_fp = y_fp.astype(y_q.dtype)
     return jax.lax.stop_gradient(y_q) + (y_fp - jax.lax.stop_gradient(y_fp))
 
 
 @contextlib.contextmanager
-def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake",
-                    float_backward: frozenset[tuple[str, ...]] = frozenset()) -> Iterator[None]:
+def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
+                    float_backward: frozenset[tuple[str, ...]] = frozenset(), *,
+                    gemm: str = "auto") -> Iterator[None]:
     """Within this context, ``nn.Dense`` calls at paths present in ``qtree`` are quantized; those
-    in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`)."""
+    in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`).
+    ``gemm``: the integer GEMM of ``mode="int"`` (``ptq4vm_jax.quant.integer.GEMM_BACKENDS``)."""
+    check_gemm(gemm)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "int" and cfg.method == "per_token_dynamic":
@@ -130,7 +168,7 @@ def intercept_dense(qtree: Mapping, cfg: QuantConfig, mode: str = "fake",
             return next_fun(*args, **kwargs)
         if path in float_backward:
             return qlinear_float_backward(args[0], layer, cfg, mode)
-        return qlinear(args[0], layer, cfg, mode)
+        return qlinear(args[0], layer, cfg, mode, gemm)
 
     with nn.intercept_methods(interceptor):
         yield
@@ -150,3 +188,10 @@ def capture_dense_inputs(paths: set[tuple[str, ...]], store: dict) -> Iterator[N
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+def train_form(layer: QuantizedLinear, kernel: jax.Array) -> TrainLinear:
+    """The train form with ``layer``'s state and the float ``kernel`` it was made from: the
+    forward calibration optimised, which the integer form reproduces."""
+    return TrainLinear(kernel=kernel, smooth=layer.smooth, w_scale=layer.w_scale, a_scale=layer.a_scale,
+                       a_zero=layer.a_zero, bias=layer.bias, w_bits=layer.w_bits, a_bits=layer.a_bits)

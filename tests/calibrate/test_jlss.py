@@ -7,17 +7,43 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.qlinear import unpack_weight
 from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
 from ptq4vm_jax.calibrate import jlss
 from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss
 from ptq4vm_jax.models.vim import vim_blockwise
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
-from ptq4vm_jax.quant.integer import weight_codes
-from ptq4vm_jax.quant.layer import capture_dense_inputs, intercept_dense, qlinear, qlinear_float_backward
+from ptq4vm_jax.quant.layer import (
+    capture_dense_inputs,
+    intercept_dense,
+    qlinear,
+    qlinear_float_backward,
+    train_form,
+)
+from ptq4vm_jax.quant.params import to_arrays
 from ptq4vm_jax.trees import get_path, set_path
 
 MODEL = "vim_nano"  # 2 blocks, 17 tokens
+
+
+@pytest.fixture
+def fresh_programs():
+    """Compiled calibration programs are shared by every config with the same program; a test
+    that patches what they trace (a spy, a poisoned update) traces its own and leaves none behind."""
+    compiled = jlss._compiled  # (the test may replace the module attribute by a spy)
+    compiled.cache_clear()
+    jax.clear_caches()
+    yield
+    compiled.cache_clear()
+    jax.clear_caches()
+
+
+def layers_of(qp):
+    """{path: {array name: array}} of every quantized layer."""
+    return {p: to_arrays(layer) for p, layer in quantized_layers(qp).items()}
+
+
 BASE = QuantConfig(w_bits=4, a_bits=4, num_calib=16, train_batch=8, epochs=10)
 PTS = dataclasses.replace(BASE, method="pts_only", epochs=None)  # the same initialisation, no learning
 
@@ -65,9 +91,9 @@ def test_default_placement_is_the_six_mixer_linears(ptq4vm):
 
 
 def test_integer_state_layout(ptq4vm):
-    layer = ptq4vm.qlayers["layers_1"]["mixer"]["dt_proj"]
+    layer = to_arrays(ptq4vm.qlayers["layers_1"]["mixer"]["dt_proj"])
     assert layer["w_int"].dtype == jnp.int8 and layer["a_zero"].dtype == jnp.int32
-    codes = weight_codes(layer["w_int"], 4, layer["smooth"].shape[0])  # 4-bit weights are packed
+    codes = unpack_weight(layer["w_int"], 4, layer["smooth"].shape[0])  # 4-bit weights are packed
     assert layer["w_int"].shape[0] == (layer["smooth"].shape[0] + 1) // 2
     assert int(jnp.max(jnp.abs(codes))) == 7  # symmetric grid, -8 unused
     assert layer["a_scale"].shape == (17,) and "bias" in layer
@@ -78,12 +104,10 @@ def test_integer_state_layout(ptq4vm):
 def test_integer_form_reproduces_the_learned_train_form(setup, ptq4vm):
     """The stored (w_int, w_scale) must give the forward JLSS optimised (float kernel, σ, s_w)."""
     model, params, images = setup
-    train_form = {}
+    trained = {}
     for path, layer in quantized_layers(ptq4vm).items():
-        dense = get_path(params, path)
-        st = {k: v for k, v in layer.items() if k != "w_int"}
-        set_path(train_form, path, {**st, "kernel": dense["kernel"]})
-    with intercept_dense(train_form, ptq4vm.config, "fake"):
+        set_path(trained, path, train_form(layer, get_path(params, path)["kernel"]))
+    with intercept_dense(trained, ptq4vm.config, "fake"):
         ref = model.apply({"params": params}, images)
     q = quantized_apply(None, ptq4vm, images)
     np.testing.assert_allclose(q, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
@@ -99,7 +123,7 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
     official = quantize_params(params, images, model=MODEL,
                                config=dataclasses.replace(BASE, train_inner_proj=False),
                                progress=False)
-    q_off, q_pts, q_all = (quantized_layers(x) for x in (official, pts, ptq4vm))
+    q_off, q_pts, q_all = (layers_of(x) for x in (official, pts, ptq4vm))
     for path, layer in q_off.items():
         same = all(np.array_equal(layer[k], q_pts[path][k]) for k in ("smooth", "w_scale", "a_scale"))
         # Released Vim code: only in_proj/out_proj learn (spec §6.4); ours learns everything.
@@ -116,20 +140,19 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
         np.testing.assert_array_equal(q_all[path]["a_zero"], q_pts[path]["a_zero"], err_msg=str(path))
 
 
-def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypatch):
+def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypatch, fresh_programs):
     """``train_inner_proj=False`` (the released Vim recipe, spec §6.4): x_proj/dt_proj run
     quantized but hand back the float layer's input gradient, as the released fused backward."""
     _, params, images = setup
     pts = quantize_params(params, images, model=MODEL, config=PTS, progress=False)
     path = ("layers_0", "mixer", "x_proj")
-    layer = {**{k: v for k, v in quantized_layers(pts)[path].items() if k != "w_int"},
-             "kernel": get_path(params, path)["kernel"]}
+    layer = train_form(quantized_layers(pts)[path], get_path(params, path)["kernel"])
     cfg = pts.config
-    x = jax.random.normal(jax.random.key(3), (2, 17, layer["kernel"].shape[0])) * 2.0
-    g = jax.random.normal(jax.random.key(4), (2, 17, layer["kernel"].shape[1]))
+    x = jax.random.normal(jax.random.key(3), (2, 17, layer.kernel.shape[0])) * 2.0
+    g = jax.random.normal(jax.random.key(4), (2, 17, layer.kernel.shape[1]))
     np.testing.assert_array_equal(qlinear_float_backward(x, layer, cfg), qlinear(x, layer, cfg, "fake"))
     grad = jax.grad(lambda x: jnp.sum(qlinear_float_backward(x, layer, cfg) * g))(x)
-    np.testing.assert_allclose(grad, g @ layer["kernel"].T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, g @ layer.kernel.T, rtol=1e-5, atol=1e-6)
     through_quantizers = jax.grad(lambda x: jnp.sum(qlinear(x, layer, cfg, "fake") * g))(x)
     assert not np.allclose(through_quantizers, grad, rtol=1e-3)  # clip masks, quantized weights
 
@@ -137,13 +160,13 @@ def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypa
     seen = []
     real = jlss.intercept_dense
 
-    def spy(qtree, cfg, mode="fake", float_backward=frozenset()):
+    def spy(qtree, cfg, mode="fake", float_backward=frozenset(), **kw):
         seen.append(float_backward)
-        return real(qtree, cfg, mode, float_backward)
+        return real(qtree, cfg, mode, float_backward, **kw)
 
     monkeypatch.setattr(jlss, "intercept_dense", spy)
-    for inner in (False, True):  # learning rates of their own: nothing traced by another test
-        cfg = dataclasses.replace(BASE, epochs=1, train_inner_proj=inner, lr_s=0.0171)
+    for inner in (False, True):
+        cfg = dataclasses.replace(BASE, epochs=1, train_inner_proj=inner)
         quantize_params(params, images, model=MODEL, config=cfg, progress=False)
         want = set() if inner else {("mixer", n) for n in ("x_proj", "x_proj_b", "dt_proj", "dt_proj_b")}
         assert seen and all(s == want for s in seen), (inner, seen)
@@ -175,18 +198,19 @@ def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_one
         from_fp = jlss.init_layer(dense["kernel"], dense.get("bias"), fp_in[path], cfg)
         from_q = jlss.init_layer(dense["kernel"], dense.get("bias"), q_in[path], cfg)
         for k in ("smooth", "w_scale", "a_scale"):
-            np.testing.assert_allclose(layer[k], from_fp[k], rtol=1e-5, err_msg=f"{path} {k}")
-        assert any(not np.allclose(from_q[k], from_fp[k], rtol=1e-3) for k in ("smooth", "a_scale")), path
+            np.testing.assert_allclose(getattr(layer, k), getattr(from_fp, k), rtol=1e-5,
+                                       err_msg=f"{path} {k}")
+        assert any(not np.allclose(getattr(from_q, k), getattr(from_fp, k), rtol=1e-3)
+                   for k in ("smooth", "a_scale")), path
 
     # The loss of block 1: mixer outputs, float block on the float chain against quantized
     # block on the quantized chain.
     bw = vim_blockwise(model)
-    train_form = {p: {**{k: v for k, v in layer.items() if k != "w_int"},
-                      "kernel": get_path(params, p)["kernel"]} for p, layer in block1.items()}
+    trained = {p: train_form(layer, get_path(params, p)["kernel"]) for p, layer in block1.items()}
     tree0, tree1 = {}, {}
     for path, layer in block0.items():  # stage-relative paths
         set_path(tree0, path[1:], layer)
-    for path, layer in train_form.items():
+    for path, layer in trained.items():
         set_path(tree1, path[1:], layer)
     carry = bw.embed(params, images)
     fp_carry = bw.stages[0].apply(params, carry)
@@ -216,7 +240,7 @@ def test_a_block_that_learning_makes_worse_keeps_its_initial_scales(setup):
     for st in kept.summary["stages"]:
         assert st["reverted"] and st["loss_learned"] > st["loss_init"] == st["loss_final"], st
     assert sum("learning raised the block loss" in m for m in logs) == 2
-    a, b = quantized_layers(kept), quantized_layers(pts)
+    a, b = layers_of(kept), layers_of(pts)
     for path in a:
         for k in a[path]:
             np.testing.assert_array_equal(a[path][k], b[path][k], err_msg=f"{path} {k}")
@@ -257,7 +281,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm,
     assert any("resuming after stage 1" in m for m in logs)
     assert logs[0].startswith("vim_nano W4A4 (PTQ4VM, 10 epochs per block) on 12 linears: reading 16 "
                               "calibration images")  # said before the silent data loading and compiling
-    a, b = quantized_layers(resumed), quantized_layers(ptq4vm)
+    a, b = layers_of(resumed), layers_of(ptq4vm)
     assert a.keys() == b.keys()
     for path in a:
         for k in a[path]:
@@ -268,11 +292,10 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm,
                         resume_dir=str(tmp_path), progress=False)
 
 
-def test_nan_during_learning_names_the_block(setup, monkeypatch):
+def test_nan_during_learning_names_the_block(setup, monkeypatch, fresh_programs):
     _, params, images = setup
     # Divergence simulated by updates that poison the scales: step 0's loss is finite, step 1's NaN.
-    # (A config of its own, so no training step compiled by another test is reused.)
-    cfg = dataclasses.replace(BASE, lr_s=0.0123)
+    cfg = BASE
     monkeypatch.setattr(jlss.optax, "apply_updates",
                         lambda params, updates: jax.tree.map(lambda a: a * jnp.nan, params))
     with pytest.raises(CalibrationError, match="stage layers_0 at step 1"):
@@ -288,7 +311,7 @@ def test_nan_during_learning_names_the_block(setup, monkeypatch):
         assert st["reverted"] and st["loss_learned"] is None and st["loss_final"] == st["loss_init"]
 
 
-def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch):
+def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch, fresh_programs):
     """Else the CLI's "interrupted" line lands on the half-drawn bar."""
     import tqdm.auto
 
@@ -306,18 +329,18 @@ def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
     monkeypatch.setattr(jlss.optax, "apply_updates", interrupt)
     with pytest.raises(KeyboardInterrupt) as e:  # (e keeps the frames, and so the bar, alive)
-        quantize_params(params, images, model=MODEL, config=dataclasses.replace(BASE, lr_s=0.0456),
+        quantize_params(params, images, model=MODEL, config=BASE,
                         progress=True, log=lambda _: None)
     assert [b.desc for b in bars] == ["JLSS layers_0"] and e.value is not None
     assert bars[0].disable  # what tqdm's close() leaves
 
 
-def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup):
+def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup, fresh_programs):
     """Every op run eagerly compiles an XLA program of its own the first time (about 0.1-0.3 s
     each on a GPU); calibration keeps its work in a few jitted programs per layer shape (the old
     eager initialisation and checks compiled about 140 for Vim-T, block 0 alone)."""
     _, params, images = setup
-    cfg = dataclasses.replace(BASE, lr_s=0.0321, epochs=1)  # nothing compiled by another test
+    cfg = dataclasses.replace(BASE, epochs=1)
     compiled, listening = [], [True]
 
     def listener(event, secs, **kw):
@@ -426,11 +449,10 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     search over the sharded batch) gives the same state, every array of every layer, and block
     0's loss at that state is the same. Learning amplifies reduction-order differences (Adam's
     first steps move every parameter by about the learning rate whatever its gradient's size, so
-    near-zero gradients flip directions; measured after 3 W4A4 steps: up to 8 % in layer 1's step
-    sizes, 1.4 % in block 0's final loss and, through block 0's quantizers, 5.5 % in block 1's
-    initial loss), so after learning only its effect is compared: learning moved every block's
-    loss, and the two runs' learned losses are within 10 % of each other (whether 3 W4A4 steps on this random
-    model lower or raise a block's loss depends on such ulps: measured both ways)."""
+    near-zero gradients flip directions), so after learning only its effect is compared:
+    learning moved every block's loss, and the two runs' learned losses are within 10 % of each
+    other (whether a few W4A4 steps on this random model lower or raise a block's loss depends on
+    such ulps)."""
     import json
     import os
     import subprocess
@@ -441,6 +463,7 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
         import json, sys, jax, numpy as np
         from ptq4vm_jax import create_model, quantize_params, quantized_apply, QuantConfig
         from ptq4vm_jax.api import quantized_layers
+        from ptq4vm_jax.quant.params import to_arrays
         m = create_model("vim_nano")
         x = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
         p = m.init(jax.random.key(1), x[:1])["params"]
@@ -449,7 +472,7 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
                                config=QuantConfig(4, 4, num_calib=8, method="pts_only"))
         np.savez(sys.argv[1], **{"/".join(path) + ":" + name: np.asarray(v)
                                  for path, layer in quantized_layers(init).items()
-                                 for name, v in layer.items()})
+                                 for name, v in to_arrays(layer).items()})
         learned = quantize_params(p, x, model="vim_nano", progress=False,
                                   config=QuantConfig(4, 4, num_calib=8, epochs=3))
         quantized_apply(None, learned, jax.device_put(x[:2], last))  # the result runs on any one device
@@ -491,3 +514,41 @@ def test_a_float_model_that_overflows_is_blamed_with_what_to_check(setup):
                                                r"layers_0: the float model itself overflows here: check "
                                                r"its weights"):
         quantize_params(bad, images, model=MODEL, config=PTS, progress=False, log=lambda _: None)
+
+
+def test_new_learning_rates_alpha_and_epochs_reuse_the_compiled_programs(setup, monkeypatch, fresh_programs):
+    """Compiled calibration programs are keyed on ``QuantConfig.program``: a config that differs
+    only in values (learning rates, alpha, grid_p, weight decay, clipping, epochs) traces nothing
+    new, and its result equals the one of a run that compiled everything afresh."""
+    _, params, images = setup
+    a = dataclasses.replace(BASE, epochs=1)
+    b = dataclasses.replace(BASE, epochs=2, lr_w=2e-3, lr_a=3e-3, lr_s=2e-2, alpha=0.6, grid_p=2.0,
+                            weight_decay=1e-4, grad_clip=1.0)
+    assert a.program == b.program and a != b
+    made = []
+    real = jlss._compiled
+
+    def spy(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(jlss, "_compiled", spy)
+    run = lambda cfg: layers_of(quantize_params(params, images, model=MODEL, config=cfg, progress=False))
+
+    def programs():
+        steps = {id(f["step"]): f["step"] for f in made}
+        return (real.cache_info().misses, jlss._init_layer._cache_size(),
+                sum(f._cache_size() for f in steps.values()))
+
+    got_a = run(a)
+    after_a = programs()
+    assert after_a[0] >= 1 and after_a[1] >= 1 and after_a[2] >= 1
+    got_b = run(b)
+    assert programs() == after_a  # nothing traced for b
+    real.cache_clear()
+    jax.clear_caches()
+    fresh_b = run(b)
+    for path in got_b:
+        assert any(not np.array_equal(got_a[path][k], got_b[path][k]) for k in ("smooth", "a_scale"))
+        for k in got_b[path]:
+            np.testing.assert_array_equal(got_b[path][k], fresh_b[path][k], err_msg=f"{path} {k}")

@@ -11,6 +11,7 @@ from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
 from ptq4vm_jax.calibrate.resume import fingerprints
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
+from ptq4vm_jax.quant.params import to_arrays
 
 MODEL = "vim_nano"  # 2 blocks: two saves, each replacing state.npz then progress.json
 # The head lies outside every block: resumed layer states must work in the forward that
@@ -43,7 +44,7 @@ def run(setup, directory, log=lambda _: None):
 
 def assert_same_result(got, want):
     """Equal layer states and float params: the logits are then equal too (as checked once below)."""
-    a, b = quantized_layers(got), quantized_layers(want)
+    a, b = ({p: to_arrays(v) for p, v in quantized_layers(x).items()} for x in (got, want))
     assert a.keys() == b.keys() and ("head",) in a
     for path in a:
         assert a[path].keys() == b[path].keys(), path
@@ -220,7 +221,7 @@ def test_resumed_chains_stay_sharded_over_local_devices():
             pass
         resumed = quantized_layers(quantize_params(p, x, model="vim_nano", config=cfg,
                                                    progress=False, resume_dir=d))
-        same = all(np.array_equal(resumed[k][n], whole[k][n]) for k in whole for n in whole[k])
+        same = jax.tree_util.tree_all(jax.tree.map(np.array_equal, resumed, whole))
         print(jax.local_device_count(), devices, same)
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

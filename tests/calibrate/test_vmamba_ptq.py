@@ -23,7 +23,8 @@ from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.evaluate import compare_logits
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import DEFAULT_RULES, FAMILY_DEFAULTS, QuantConfig, QuantRule
-from ptq4vm_jax.quant.layer import intercept_dense
+from ptq4vm_jax.quant.layer import TrainLinear, intercept_dense, train_form
+from ptq4vm_jax.quant.params import to_arrays
 from ptq4vm_jax.trees import get_path, set_path
 
 MODEL = "vmamba_micro"
@@ -111,7 +112,7 @@ def test_default_placement_is_twelve_linears_per_vss_block(trained, w4a8):
     qp = w4a8[0]
     cfg = trained.model.cfg
     blocks = [(s, j) for s in range(cfg.num_stages) for j in range(cfg.depths[s])]
-    layers = quantized_layers(qp)
+    layers = {p: to_arrays(layer) for p, layer in quantized_layers(qp).items()}
     want = {f"layers_{s}/blocks_{j}/{n}" for s, j in blocks for n in BLOCK_LINEARS}
     assert len(want) == 12 * len(blocks) == 60
     assert {"/".join(p) for p in layers} == want
@@ -152,10 +153,9 @@ def test_per_direction_scales_index_each_directions_scan_order(trained):
             st = {"kernel": jnp.asarray(dense["kernel"]),
                   "smooth": jnp.ones(dense["kernel"].shape[0], jnp.float32),
                   "w_scale": jnp.max(jnp.abs(dense["kernel"]), axis=0) / 127,
-                  "a_scale": step * (ramp + 7 * k), "a_zero": jnp.full((length,), 128, jnp.int32)}
-            if "bias" in dense:
-                st["bias"] = jnp.asarray(dense["bias"])
-            set_path(qtree, ("layers_0", "blocks_0", "op", name), st)
+                  "a_scale": step * (ramp + 7 * k), "a_zero": jnp.full((length,), 128, jnp.int32),
+                  "bias": jnp.asarray(dense["bias"]) if "bias" in dense else None}
+            set_path(qtree, ("layers_0", "blocks_0", "op", name), TrainLinear(**st))
             states[name] = st
     cfg = QuantConfig(8, 8)
 
@@ -223,7 +223,7 @@ def test_calibrated_direction_scales_come_from_that_directions_tokens(trained):
     grid = np.asarray(jax.nn.silu(jax.jit(conv_out)(images)))
     h, w = model.cfg.stage_hw[0]
     orders = scan_orders(h, w)
-    layers = {p[-1]: v for p, v in quantized_layers(qp).items()}
+    layers = {p[-1]: to_arrays(v) for p, v in quantized_layers(qp).items()}
     assert set(layers) == {f"x_proj_{k}" for k in range(4)}
     for k in range(4):
         layer = layers[f"x_proj_{k}"]
@@ -290,12 +290,11 @@ def test_width_loss_axis_runs_and_differs_from_channel(trained):
     block = blockwise(model).stages[0]
     x = model.apply({"params": params}, jnp.asarray(trained.calib[:32]), method="embed")
     target = block.apply(params, x)
-    train_form = {}  # the learned state as JLSS trains it, at paths relative to the block
+    trained_form = {}  # the learned state as JLSS trains it, at paths relative to the block
     for path, layer in quantized_layers(qp).items():
         dense = get_path(params, path)
-        set_path(train_form, path[len(block.path):],
-                 {**{k: v for k, v in layer.items() if k != "w_int"}, "kernel": dense["kernel"]})
-    with intercept_dense(train_form, qp.config, "fake"):
+        set_path(trained_form, path[len(block.path):], train_form(layer, dense["kernel"]))
+    with intercept_dense(trained_form, qp.config, "fake"):
         out = block.apply(params, x)
     width = float(cosine_loss(target, out, 2))
     channel = float(cosine_loss(target, out, -1))
@@ -362,7 +361,7 @@ def test_vmamba_checkpoint_round_trip_and_resume(trained, tmp_path):
                         progress=True, log=log)
     resumed = quantize_params(trained.params, calib, model=MODEL, config=cfg,
                               resume_dir=str(tmp_path / "r"), progress=False, log=lambda _: None)
-    a, b = quantized_layers(resumed), quantized_layers(whole)
+    a, b = ({p: to_arrays(v) for p, v in quantized_layers(x).items()} for x in (resumed, whole))
     assert a.keys() == b.keys()
     for path in a:
         for k in a[path]:

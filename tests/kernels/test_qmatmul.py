@@ -6,11 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.qlinear import (
+    QuantizedLinear,
+    pack_int4,
+    pack_weight,
+    unpack_int4,
+    unpack_weight,
+    weight_colsum,
+)
 from pallas_kernels.qmatmul import (
     GemmConfig,
     _codes_matmul_bf16,
     bf16_dot_plan,
-    pack_int4,
     qmatmul,
     qmatmul_bf16_dot,
     qmatmul_codes,
@@ -18,9 +25,6 @@ from pallas_kernels.qmatmul import (
     qmatmul_int32_ref,
     qmatmul_ref,
     quantize_activations,
-    quantize_activations_pallas,
-    unpack_int4,
-    weight_colsum,
 )
 
 SEQ = 197  # Vim token count at 224 px: not a power of two
@@ -42,6 +46,13 @@ def make_inputs(seed, batch, k, n, a_bits, w_bits, dtype=jnp.float32, seq=SEQ):
     w_q = pack_int4(w) if w_bits <= 4 else w
     return dict(x=x, w=w, w_q=w_q, w_scale=w_scale, smooth=smooth, a_scale=a_scale, a_zero=a_zero,
                 bias=bias)
+
+
+def layer_of(inp, a_bits=8, w_bits=8, *, w=None, bias=True, **fields):
+    """The inputs' quantized linear (``w``: another form of the weight; ``fields``: replaced arrays)."""
+    arrays = dict(w_int=inp["w_q"] if w is None else w, w_scale=inp["w_scale"], smooth=inp["smooth"],
+                  a_scale=inp["a_scale"], a_zero=inp["a_zero"], bias=inp["bias"] if bias else None)
+    return QuantizedLinear(**{**arrays, **fields}, w_bits=w_bits, a_bits=a_bits)
 
 
 def naive_int32(inp, a_bits):
@@ -79,15 +90,14 @@ def test_pack_int4_rejects_bad_weights():
 @pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (4, 4), (6, 4)])
 def test_reference_accumulator_equals_naive_numpy(a_bits, w_bits):
     inp = make_inputs(10 + a_bits + w_bits, 2, 96, 40, a_bits, w_bits)
-    acc = qmatmul_int32_ref(inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"],
-                            a_bits=a_bits, w_bits=w_bits)
+    acc = qmatmul_int32_ref(inp["x"], layer_of(inp, a_bits, w_bits))
     assert acc.dtype == jnp.int32
     np.testing.assert_array_equal(acc, naive_int32(inp, a_bits))
 
 
 def test_reference_accumulator_is_exact_for_tiny_k():
     inp = make_inputs(21, 2, 3, 96, 8, 8)  # vim_micro's dt_proj: K = dt_rank = 3
-    acc = qmatmul_int32_ref(inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    acc = qmatmul_int32_ref(inp["x"], layer_of(inp))
     np.testing.assert_array_equal(acc, naive_int32(inp, 8))
 
 
@@ -124,11 +134,12 @@ def test_fake_quant_codes_use_reciprocal_products_on_every_backend():
     ieee = np.clip(np.round(np.asarray(x) / a) + 128, 0, 255)
     assert (host != ieee).mean() > 0.2  # the definitions really differ on these inputs
     np.testing.assert_array_equal(codes, host)
-    kernel_codes = np.asarray(quantize_activations(x, smooth, a_scale, a_zero), np.int64) + 128
+    w = jax.random.randint(jax.random.key(8), (64, 32), -127, 128, dtype=jnp.int32).astype(jnp.int8)
+    layer = QuantizedLinear(w, jnp.ones(32), smooth, a_scale, a_zero)
+    kernel_codes = np.asarray(quantize_activations(x, layer), np.int64) + 128
     np.testing.assert_array_equal(kernel_codes, host)
     # The fused kernel's prologue too (a kernel dividing by smooth and a_scale passes every other case).
-    w = jax.random.randint(jax.random.key(8), (64, 32), -127, 128, dtype=jnp.int32).astype(jnp.int8)
-    acc = qmatmul_int32(x, w, smooth, a_scale, a_zero, interpret=INTERPRET)
+    acc = qmatmul_int32(x, layer, interpret=INTERPRET)
     naive = naive_int32(dict(x=x, w=w, smooth=smooth, a_scale=a_scale, a_zero=a_zero), 8)
     np.testing.assert_array_equal(acc, naive)
 
@@ -141,14 +152,14 @@ def test_reference_and_kernel_round_ties_to_even():
     ties = (jax.random.randint(jax.random.key(4), (1, SEQ, 64), -40, 40) + 0.5) * 0.25
     inp.update(x=ties.astype(jnp.float32), smooth=jnp.ones(64), a_scale=jnp.full(SEQ, 0.25),
                a_zero=jnp.full(SEQ, 100, jnp.int32))
-    codes = quantize_activations(inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"])
+    layer = layer_of(inp)
+    codes = quantize_activations(inp["x"], layer)
     v = np.asarray(ties) / 0.25
     np.testing.assert_array_equal(np.asarray(codes, np.int64) + 128 - 100, np.round(v))
     assert not np.array_equal(np.round(v), np.floor(v + 0.5))  # the input really has ties
-    qargs = (inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
     naive = naive_int32(inp, 8)
-    np.testing.assert_array_equal(qmatmul_int32_ref(*qargs), naive)
-    np.testing.assert_array_equal(qmatmul_int32(*qargs, interpret=INTERPRET), naive)
+    np.testing.assert_array_equal(qmatmul_int32_ref(inp["x"], layer), naive)
+    np.testing.assert_array_equal(qmatmul_int32(inp["x"], layer, interpret=INTERPRET), naive)
 
 
 # (batch, K, N, a_bits, w_bits, dtype, bias): Vim in_proj/out_proj/x_proj/dt_proj-like K, N.
@@ -157,24 +168,21 @@ KERNEL_CASES = [
     (1, 384, 192, 8, 8, jnp.bfloat16, False),  # bf16 input and output
     (1, 768, 80, 4, 4, jnp.float32, True),  # W4A4, packed weights
     (1, 24, 384, 8, 4, jnp.float32, True),  # dt_proj-like K = R = 24 (masked K chunk), W4A8
-    (2, 3, 96, 8, 8, jnp.float32, True),  # vim_micro dt_proj, K = 3 (XLA's GPU s8 GEMM got it wrong)
+    (2, 3, 96, 8, 8, jnp.float32, True),  # vim_micro dt_proj, K = 3 (see _codes_matmul_int32)
 ]
 
 
 @pytest.mark.parametrize("batch,k,n,a_bits,w_bits,dtype,use_bias", KERNEL_CASES)
 def test_kernel_matches_reference(batch, k, n, a_bits, w_bits, dtype, use_bias):
     inp = make_inputs(k + n + a_bits, batch, k, n, a_bits, w_bits, dtype)
-    qargs = (inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
-    bits = dict(a_bits=a_bits, w_bits=w_bits)
-    acc = qmatmul_int32(*qargs, interpret=INTERPRET, **bits)
-    ref_acc = qmatmul_int32_ref(*qargs, **bits)
+    layer = layer_of(inp, a_bits, w_bits, bias=use_bias)
+    acc = qmatmul_int32(inp["x"], layer, interpret=INTERPRET)
+    ref_acc = qmatmul_int32_ref(inp["x"], layer)
     np.testing.assert_array_equal(acc, ref_acc)
     assert np.abs(np.asarray(ref_acc)).max() > 0
 
-    bias = inp["bias"] if use_bias else None
-    fargs = (inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"], inp["a_zero"], bias)
-    y = qmatmul(*fargs, interpret=INTERPRET, **bits)
-    y_ref = qmatmul_ref(*fargs, **bits)
+    y = qmatmul(inp["x"], layer, interpret=INTERPRET)
+    y_ref = qmatmul_ref(inp["x"], layer)
     assert y.dtype == dtype and y.shape == (batch, SEQ, n)
     y32, r32 = np.asarray(y, np.float32), np.asarray(y_ref, np.float32)
     if INTERPRET:  # the same f32 operations in the same order, compiled by XLA on the CPU
@@ -187,12 +195,10 @@ def test_kernel_matches_reference(batch, k, n, a_bits, w_bits, dtype, use_bias):
 
 def test_two_pass_codes_path_matches_reference():
     inp = make_inputs(7, 1, 192, 64, 8, 8, jnp.bfloat16)
-    codes = quantize_activations(inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"])
-    y = qmatmul_codes(codes, inp["w_q"], inp["w_scale"], inp["a_scale"], inp["a_zero"], inp["bias"],
-                      interpret=INTERPRET)
-    y_ref = qmatmul_ref(inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"],
-                        inp["a_zero"], inp["bias"], out_dtype=jnp.float32,
-                        colsum=weight_colsum(inp["w_q"], 8))
+    layer = layer_of(inp)
+    codes = quantize_activations(inp["x"], layer)
+    y = qmatmul_codes(codes, layer, interpret=INTERPRET)
+    y_ref = qmatmul_ref(inp["x"], layer, out_dtype=jnp.float32, colsum=weight_colsum(inp["w_q"], 8))
     r = np.asarray(y_ref)
     if INTERPRET:
         np.testing.assert_array_equal(np.asarray(y), r)
@@ -220,11 +226,11 @@ def test_bf16_dot_plan_keeps_every_partial_sum_exact_in_f32():
 ])
 def test_bf16_dot_path_equals_the_integer_reference(k, n, a_bits, w_bits):
     inp = make_inputs(3 * k + n, 2, k, n, a_bits, w_bits, seq=13)
-    codes = quantize_activations(inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"], a_bits=a_bits)
+    layer = layer_of(inp, a_bits, w_bits)
+    codes = quantize_activations(inp["x"], layer)
     acc = _codes_matmul_bf16(codes, inp["w_q"], inp["a_zero"], a_bits, w_bits)
     np.testing.assert_array_equal(acc, naive_int32(inp, a_bits))
-    fargs = (inp["x"], inp["w_q"], inp["w_scale"], inp["smooth"], inp["a_scale"], inp["a_zero"], inp["bias"])
-    y, r = (np.asarray(f(*fargs, a_bits=a_bits, w_bits=w_bits)) for f in (qmatmul_bf16_dot, qmatmul_ref))
+    y, r = (np.asarray(f(inp["x"], layer)) for f in (qmatmul_bf16_dot, qmatmul_ref))
     if INTERPRET:
         np.testing.assert_array_equal(y, r)
     else:  # the GPU build may contract the epilogue into an FMA
@@ -240,14 +246,15 @@ def test_bf16_dot_path_is_exact_where_one_f32_dot_is_not():
     w = np.zeros((k, n), np.int8)
     w[:1100] = -128
     w[1100] = 1
-    smooth, a_scale, a_zero = np.ones(k, np.float32), np.ones(1, np.float32), np.full(1, 255, np.int32)
-    codes = quantize_activations(x, smooth, a_scale, a_zero)
+    layer = QuantizedLinear(jnp.asarray(w), jnp.ones(n), jnp.ones(k), jnp.ones(1),
+                            jnp.full(1, 255, jnp.int32))
+    codes = quantize_activations(x, layer)
     raw = 1100 * 128 * 128 - 127
     assert raw > 2**24 and float(np.float32(raw)) != raw  # one f32 dot would round it
     naive = np.einsum("blk,kn->bln", np.asarray(codes, np.int64), w.astype(np.int64))
     assert naive[0, 0, 0] == raw
-    want = qmatmul_int32_ref(x, w, smooth, a_scale, a_zero)
-    np.testing.assert_array_equal(_codes_matmul_bf16(codes, w, a_zero, 8, 8), want)
+    want = qmatmul_int32_ref(x, layer)
+    np.testing.assert_array_equal(_codes_matmul_bf16(codes, w, layer.a_zero, 8, 8), want)
 
 
 @pytest.mark.parametrize("a_bits,w_bits", [(8, 4), (4, 4), (8, 3)])
@@ -258,18 +265,15 @@ def test_4bit_weight_may_come_packed_unpacked_or_as_int4(a_bits, w_bits):
     forms = (inp["w_q"], inp["w"], inp["w"].astype(jnp.int4))
     assert forms[0].shape == (24, 40) and forms[1].shape == forms[2].shape == (48, 40)
     naive = naive_int32(inp, a_bits)
-    bits = dict(a_bits=a_bits, w_bits=w_bits)
-    act = (inp["smooth"], inp["a_scale"], inp["a_zero"])
-    fl = (inp["w_scale"], *act, inp["bias"])
-    codes = quantize_activations(inp["x"], *act, a_bits=a_bits)
+    codes = quantize_activations(inp["x"], layer_of(inp, a_bits, w_bits))
     outs = []
     for w in forms:
-        np.testing.assert_array_equal(qmatmul_int32_ref(inp["x"], w, *act, **bits), naive)
-        np.testing.assert_array_equal(qmatmul_int32(inp["x"], w, *act, interpret=INTERPRET, **bits), naive)
-        outs.append([np.asarray(f(inp["x"], w, *fl, **bits)) for f in (qmatmul_ref, qmatmul_bf16_dot)]
-                    + [np.asarray(qmatmul(inp["x"], w, *fl, interpret=INTERPRET, **bits)),
-                       np.asarray(qmatmul_codes(codes, w, inp["w_scale"], inp["a_scale"], inp["a_zero"],
-                                                inp["bias"], interpret=INTERPRET, **bits))])
+        layer = layer_of(inp, a_bits, w_bits, w=w)
+        np.testing.assert_array_equal(qmatmul_int32_ref(inp["x"], layer), naive)
+        np.testing.assert_array_equal(qmatmul_int32(inp["x"], layer, interpret=INTERPRET), naive)
+        outs.append([np.asarray(f(inp["x"], layer)) for f in (qmatmul_ref, qmatmul_bf16_dot)]
+                    + [np.asarray(qmatmul(inp["x"], layer, interpret=INTERPRET)),
+                       np.asarray(qmatmul_codes(codes, layer, interpret=INTERPRET))])
     for other in outs[1:]:
         for got, want in zip(other, outs[0], strict=True):
             np.testing.assert_array_equal(got, want)
@@ -278,79 +282,59 @@ def test_4bit_weight_may_come_packed_unpacked_or_as_int4(a_bits, w_bits):
 def test_custom_tiles_mask_every_edge():
     # M = 197 rows, K = 48, N = 40: no dimension is a multiple of its tile.
     inp = make_inputs(11, 1, 48, 40, 8, 8)
-    qargs = (inp["x"], inp["w_q"], inp["smooth"], inp["a_scale"], inp["a_zero"])
     cfg = GemmConfig(block_m=32, block_n=16, block_k=32, num_warps=2, num_stages=2)
-    np.testing.assert_array_equal(qmatmul_int32(*qargs, interpret=INTERPRET, config=cfg),
+    np.testing.assert_array_equal(qmatmul_int32(inp["x"], layer_of(inp), interpret=INTERPRET, config=cfg),
                                   naive_int32(inp, 8))
 
 
 def test_bad_arguments_are_explained():
     inp = make_inputs(5, 1, 64, 32, 8, 8)
-    args = dict(w_scale=inp["w_scale"], smooth=inp["smooth"], a_scale=inp["a_scale"], a_zero=inp["a_zero"])
+    x = inp["x"]
     with pytest.raises(ValueError, match=r"w_bits=4 takes the weight as \(K, N\)"):
-        qmatmul(inp["x"], inp["w_q"][:40], **args, w_bits=4)
+        qmatmul(x, layer_of(inp, w_bits=4, w=inp["w_q"][:40]))
     with pytest.raises(ValueError, match="jnp.int4 weight holds at most 4-bit"):
-        qmatmul(inp["x"], inp["w_q"].astype(jnp.int4), **args, w_bits=8)
+        qmatmul(x, layer_of(inp, w=inp["w_q"].astype(jnp.int4)))
     with pytest.raises(ValueError, match="per token position"):
-        qmatmul_ref(inp["x"], inp["w_q"], **{**args, "a_scale": inp["a_scale"][:-1]})
+        qmatmul_ref(x, layer_of(inp, a_scale=inp["a_scale"][:-1]))
     with pytest.raises(ValueError, match="a_zero must be an integer"):
-        qmatmul(inp["x"], inp["w_q"], **{**args, "a_zero": inp["a_scale"]})
+        qmatmul(x, layer_of(inp, a_zero=inp["a_scale"]))
     with pytest.raises(ValueError, match="a_bits must be in 2..8"):
-        qmatmul_ref(inp["x"], inp["w_q"], **args, a_bits=9)
-    with pytest.raises(ValueError, match="w_q must be a 2-D int8 or jnp.int4"):
-        qmatmul(inp["x"], inp["w_q"].astype(jnp.int32), **args)
+        layer_of(inp, a_bits=9)
+    with pytest.raises(ValueError, match="w_int must be a 2-D int8 or jnp.int4"):
+        qmatmul(x, layer_of(inp, w=inp["w_q"].astype(jnp.int32)))
+    with pytest.raises(TypeError, match="must be a pallas_kernels.QuantizedLinear"):
+        qmatmul_ref(x, {"w_int": inp["w_q"]})
     with pytest.raises(ValueError, match="block_k must be a power of two >= 32"):
         GemmConfig(block_k=16)
     s = jax.ShapeDtypeStruct
-    huge = (s((2**16, SEQ, 256), jnp.bfloat16), s((256, 64), jnp.int8), s((64,), jnp.float32),
-            s((256,), jnp.float32), s((SEQ,), jnp.float32), s((SEQ,), jnp.int32))
+    huge = QuantizedLinear(s((256, 64), jnp.int8), s((64,), jnp.float32), s((256,), jnp.float32),
+                           s((SEQ,), jnp.float32), s((SEQ,), jnp.int32))
     with pytest.raises(ValueError, match="split the batch"):
-        jax.eval_shape(qmatmul, *huge)
+        jax.eval_shape(qmatmul, s((2**16, SEQ, 256), jnp.bfloat16), huge)
+
+
+def test_quantized_linear_is_a_pytree_with_static_bit_widths():
+    inp = make_inputs(6, 1, 48, 40, 8, 4)
+    layer = layer_of(inp, 8, 4, bias=False)
+    leaves, treedef = jax.tree_util.tree_flatten(layer)
+    assert len(leaves) == 5  # no bias: no leaf
+    assert jax.tree_util.tree_unflatten(treedef, leaves).w_bits == 4
+    assert treedef != jax.tree_util.tree_structure(layer_of(inp, 8, 8, bias=False))  # bits are static
+    assert (layer.in_features, layer.out_features) == (48, 40)
+    w = np.asarray(inp["w"])
+    np.testing.assert_array_equal(unpack_weight(pack_weight(w[:47], 4), 4, 47), w[:47])  # odd K: padded
+    assert pack_weight(w[:47], 4).shape == (24, 40)
 
 
 @pytest.mark.parametrize("k,n,w_bits", [(384, 1536, 8), (768, 56, 8), (24, 768, 4), (1536, 384, 4)])
 def test_lowers_for_cuda_at_vim_shapes(k, n, w_bits, cuda_target):
     s = jax.ShapeDtypeStruct
     batch = 64
-    args = (s((batch, SEQ, k), jnp.bfloat16), s((k // 2 if w_bits <= 4 else k, n), jnp.int8),
-            s((n,), jnp.float32), s((k,), jnp.float32), s((SEQ,), jnp.float32), s((SEQ,), jnp.int32),
-            s((n,), jnp.float32))
-    text = jax.jit(lambda *a: qmatmul(*a, w_bits=w_bits)).trace(*args).lower(
+    layer = QuantizedLinear(s((k // 2 if w_bits <= 4 else k, n), jnp.int8), s((n,), jnp.float32),
+                            s((k,), jnp.float32), s((SEQ,), jnp.float32), s((SEQ,), jnp.int32),
+                            s((n,), jnp.float32), w_bits=w_bits)
+    text = jax.jit(qmatmul).trace(s((batch, SEQ, k), jnp.bfloat16), layer).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text  # the Triton custom call, not Mosaic GPU
     assert "ptq4vm_qmatmul" in text
     assert "cvt.rni.f32.f32" in text  # round half to even in the prologue (Triton has no round)
-
-
-@pytest.mark.parametrize("batch,k,a_bits,dtype,block", [
-    (2, 200, 8, jnp.bfloat16, (64, 256)),  # K and M (394 rows) both ragged
-    (1, 768, 8, jnp.float32, (64, 256)),  # Vim-B in_proj's K
-    (1, 96, 4, jnp.float32, (32, 64)),
-])
-def test_pallas_quantize_equals_the_xla_quantize(batch, k, a_bits, dtype, block):
-    inp = make_inputs(k + a_bits, batch, k, 8, a_bits, 8, dtype)
-    args = (inp["x"], inp["smooth"], inp["a_scale"], inp["a_zero"])
-    want = quantize_activations(*args, a_bits=a_bits)
-    got = quantize_activations_pallas(*args, a_bits=a_bits, interpret=INTERPRET, block=block)
-    assert got.dtype == jnp.int8 and got.shape == want.shape
-    np.testing.assert_array_equal(got, want)
-    assert len(np.unique(np.asarray(want))) > 2 ** (a_bits - 1)  # codes over most of the range
-
-
-def test_pallas_quantize_rounds_ties_to_even():
-    ties = (jax.random.randint(jax.random.key(4), (1, SEQ, 64), -40, 40) + 0.5) * 0.25
-    args = (ties.astype(jnp.float32), jnp.ones(64), jnp.full(SEQ, 0.25), jnp.full(SEQ, 100, jnp.int32))
-    v = np.asarray(ties) / 0.25
-    assert not np.array_equal(np.round(v), np.floor(v + 0.5))  # the input really has ties
-    codes = quantize_activations_pallas(*args, interpret=INTERPRET)
-    np.testing.assert_array_equal(np.asarray(codes, np.int64) + 128 - 100, np.round(v))
-    with pytest.raises(ValueError, match="per token position"):
-        quantize_activations_pallas(args[0], args[1], args[2][:-1], args[3])
-
-
-def test_pallas_quantize_lowers_for_cuda(cuda_target):
-    s = jax.ShapeDtypeStruct
-    args = (s((256, SEQ, 768), jnp.bfloat16), s((768,), jnp.float32), s((SEQ,), jnp.float32),
-            s((SEQ,), jnp.int32))
-    text = jax.jit(quantize_activations_pallas).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "ptq4vm_quantize" in text and "cvt.rni.f32.f32" in text

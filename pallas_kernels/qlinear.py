@@ -1,0 +1,144 @@
+"""The quantized linear's parameters as one pytree type, and the layout of its integer weight.
+
+A :class:`QuantizedLinear` is what calibration produces, the model's interceptor consumes, the
+integer GEMMs take and quantized checkpoints store. Its arrays are pytree leaves; the bit widths
+are static (they decide the program: code ranges and the weight's storage).
+
+Weight layout. ``w_int`` holds the smoothed, rounded weight codes, (K, N) int8. For
+``w_bits <= 4`` they are stored two per byte, (ceil(K/2), N) int8 (:func:`pack_int4`): row i of
+the first half of K in the low nibble and row i + K/2 in the high nibble; an odd K gets a zero
+row first. Pairing rows K/2 apart (rather than neighbours) lets a kernel multiply each nibble
+plane with a contiguous slice of the activations: no strided loads, no interleaving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "QuantizedLinear",
+    "check_bits",
+    "dense_weight",
+    "is_packed",
+    "pack_int4",
+    "pack_weight",
+    "unpack_int4",
+    "unpack_weight",
+    "weight_colsum",
+]
+
+
+def check_bits(a_bits: int, w_bits: int) -> None:
+    """Both widths must be Python ints in 2..8 (int8 codes / int8 or packed int4 storage)."""
+    for name, bits in (("a_bits", a_bits), ("w_bits", w_bits)):
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise ValueError(f"{name} must be a Python int in 2..8, got {bits!r}")
+    if not 2 <= a_bits <= 8:
+        raise ValueError(f"a_bits must be in 2..8 (int8 codes), got {a_bits}")
+    if not 2 <= w_bits <= 8:
+        raise ValueError(f"w_bits must be in 2..8 (int8 or packed int4 storage), got {w_bits}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLinear:
+    """One quantized linear ``y = a_scale[l] w_scale[n] sum_k (q[l,k] - a_zero[l]) w_int[k,n] + bias[n]``
+    with ``q = clip(round(x / smooth / a_scale) + a_zero, 0, 2^a_bits - 1)``.
+
+    ``w_int`` (K, N) int8 codes, or (ceil(K/2), N) packed when ``w_bits <= 4`` (module doc);
+    ``w_scale`` (N,) per output channel; ``smooth`` (K,) the smoothing factors; ``a_scale`` (L,)
+    and ``a_zero`` (L,) int32 per token position; ``bias`` (N,) or None.
+    """
+
+    w_int: jax.Array
+    w_scale: jax.Array
+    smooth: jax.Array
+    a_scale: jax.Array
+    a_zero: jax.Array
+    bias: jax.Array | None = None
+    w_bits: int = 8
+    a_bits: int = 8
+
+    def __post_init__(self) -> None:
+        # Only the static fields are checked: jax rebuilds the type with placeholder leaves.
+        check_bits(self.a_bits, self.w_bits)
+
+    @property
+    def in_features(self) -> int:
+        return self.smooth.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.w_scale.shape[0]
+
+
+jax.tree_util.register_dataclass(
+    QuantizedLinear,
+    data_fields=["w_int", "w_scale", "smooth", "a_scale", "a_zero", "bias"],
+    meta_fields=["w_bits", "a_bits"],
+)
+
+
+def pack_int4(w_q: jax.Array) -> jax.Array:
+    """(K, N) int values in [-8, 7] -> (K/2, N) int8, two nibbles per byte (rows i and i + K/2)."""
+    if w_q.ndim != 2:
+        raise ValueError(f"pack_int4 expects a 2-D (K, N) weight, got shape {w_q.shape}")
+    k = w_q.shape[0]
+    if k % 2:
+        raise ValueError(f"pack_int4 needs an even K (got K={k}); pad K with a zero row first")
+    if not isinstance(w_q, jax.core.Tracer):
+        lo, hi = int(jnp.min(w_q)), int(jnp.max(w_q))
+        if lo < -8 or hi > 7:
+            raise ValueError(f"pack_int4 values must lie in [-8, 7], got range [{lo}, {hi}]")
+    w8 = w_q.astype(jnp.int8)
+    low, high = w8[: k // 2], w8[k // 2 :]
+    return (low & jnp.int8(0x0F)) | lax.shift_left(high, jnp.int8(4))
+
+
+def nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sign-extended low and high nibbles of an int8 array (arithmetic shifts)."""
+    four = jnp.int8(4)
+    low = lax.shift_right_arithmetic(lax.shift_left(packed, four), four)
+    high = lax.shift_right_arithmetic(packed, four)
+    return low, high
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """Inverse of :func:`pack_int4`: (K/2, N) int8 -> (K, N) int8."""
+    low, high = nibbles(packed.astype(jnp.int8))
+    return jnp.concatenate([low, high], axis=0)
+
+
+def is_packed(w_bits: int) -> bool:
+    """Whether ``w_bits`` weights are stored two per byte (:func:`pack_int4`)."""
+    return w_bits <= 4
+
+
+def dense_weight(w_q: jax.Array, w_bits: int) -> jax.Array:
+    """(K, N) int8 codes of a stored weight: unpacked when ``w_bits <= 4`` (a ``jnp.int4`` array
+    is already one value per element)."""
+    if w_q.dtype == jnp.int4:
+        return w_q.astype(jnp.int8)
+    return unpack_int4(w_q) if is_packed(w_bits) else w_q
+
+
+def weight_colsum(w_q: jax.Array, w_bits: int) -> jax.Array:
+    """Column sums (N,) int32 of the integer weight; precompute once per layer for inference."""
+    return jnp.sum(dense_weight(w_q, w_bits).astype(jnp.int32), axis=0)
+
+
+def pack_weight(w_codes: jax.Array, w_bits: int) -> jax.Array:
+    """(K, N) integer codes -> the stored ``w_int`` (packed for ``w_bits <= 4``, odd K padded)."""
+    if not is_packed(w_bits):
+        return w_codes.astype(jnp.int8)
+    if w_codes.shape[0] % 2:
+        w_codes = jnp.pad(w_codes, ((0, 1), (0, 0)))
+    return pack_int4(w_codes)
+
+
+def unpack_weight(w_int: jax.Array, w_bits: int, k: int) -> jax.Array:
+    """The stored ``w_int`` -> (K, N) int8 codes (the padding row of an odd K dropped)."""
+    return dense_weight(w_int, w_bits)[:k]
