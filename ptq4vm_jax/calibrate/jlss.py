@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ptq4vm_jax.calibrate.report import CalibrationError, StageReport
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
+from ptq4vm_jax.progress import progress_bar
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
 from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, intercept_dense
@@ -236,8 +237,6 @@ def calibrate_blockwise(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[Path, dict], list[StageReport]]:
     """Returns the train-form state of every quantized layer (absolute paths) and a report."""
-    from tqdm.auto import tqdm
-
     chunk = cfg.train_batch
     layers: dict[Path, dict] = {}
     reports: list[StageReport] = []
@@ -289,7 +288,7 @@ def calibrate_blockwise(
         loss_init = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
         loss_final, loss_learned, reverted = loss_init, None, False
         if cfg.learns:
-            learned, diverged = _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm)
+            learned, diverged = _learn(fns, state, sparams, q_carry, target, cfg, name, progress)
             if learned is not None:
                 loss_learned = _full_loss(fns["loss"], learned, sparams, q_carry, target, chunk)
             reverted = cfg.revert_worse and (learned is None or not loss_learned <= loss_init)
@@ -361,7 +360,7 @@ def _full_loss(loss, state, sparams, q_carry, target, chunk) -> float:
     return total / n
 
 
-def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
+def _learn(fns, state, sparams, q_carry, target, cfg, name, progress):
     """(learned state, None), or (None, why) when the loss became non-finite and
     ``cfg.revert_worse`` lets the block keep its initial scales."""
     train, frozen = split_state(state, cfg)
@@ -369,7 +368,7 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress, tqdm):
     n = target.shape[0]
     batches = n // cfg.train_batch
     steps = cfg.epochs * batches
-    bar = tqdm(total=steps, desc=f"JLSS {name}", leave=False, disable=not progress)
+    bar = progress_bar(steps, f"JLSS {name}", unit="step", enabled=progress, leave=False, lines=0)
     try:  # (closed on an interrupt too, so no message lands on a half-drawn bar)
         for k in range(steps):
             j = (k % batches) * cfg.train_batch

@@ -313,26 +313,25 @@ def test_nan_during_learning_names_the_block(setup, monkeypatch, fresh_programs)
 
 def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch, fresh_programs):
     """Else the CLI's "interrupted" line lands on the half-drawn bar."""
-    import tqdm.auto
+    from ptq4vm_jax import progress
 
     _, params, images = setup
     bars = []
 
-    class Recorded(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars.append(self)
+    def recorded(total, desc, **kwargs):
+        bars.append((desc, progress.progress_bar(total, desc, **kwargs)))
+        return bars[-1][1]
 
     def interrupt(params, updates):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    monkeypatch.setattr(jlss, "progress_bar", recorded)
     monkeypatch.setattr(jlss.optax, "apply_updates", interrupt)
     with pytest.raises(KeyboardInterrupt) as e:  # (e keeps the frames, and so the bar, alive)
         quantize_params(params, images, model=MODEL, config=BASE,
                         progress=True, log=lambda _: None)
-    assert [b.desc for b in bars] == ["JLSS layers_0"] and e.value is not None
-    assert bars[0].disable  # what tqdm's close() leaves
+    assert [desc for desc, _ in bars] == ["JLSS layers_0"] and e.value is not None
+    assert bars[0][1].closed
 
 
 def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup, fresh_programs):
