@@ -76,7 +76,7 @@ def select_state_dict(checkpoint: Any, key: str | None, path: str = "checkpoint"
     listing = ", ".join(f"{k!r} ({_describe(v)})" for k, v in checkpoint.items())
     if key is None or key not in checkpoint:
         raise CheckpointError(f"{path} has no entry {key!r} and is not a bare state_dict; its top-level "
-                              f"entries: {listing}. Pass key=<the entry holding the weights>")
+                              f"entries: {listing}. Pass key=<the entry holding the weights>", argument="key")
     if not _is_state_dict(checkpoint[key]):
         raise CheckpointError(f"{path}: entry {key!r} is a {_describe(checkpoint[key])}, not a state_dict "
                               f"of tensors; top-level entries: {listing}")

@@ -11,7 +11,12 @@ __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be read, or does not hold what the caller asked for."""
+    """A checkpoint cannot be read, or does not hold what the caller asked for. ``argument``: the
+    caller's parameter to change, when one is at fault (a command line names its flag)."""
+
+    def __init__(self, *args: object, argument: str | None = None) -> None:
+        super().__init__(*args)
+        self.argument = argument
 
 
 class UnsafeCheckpointError(CheckpointError):

@@ -17,6 +17,7 @@ import numpy as np
 from ptq4vm_jax.api_checks import check_params, check_rules, model_for_qparams
 from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
+from ptq4vm_jax.errors import ArgumentWarning
 from ptq4vm_jax.models import blockwise, canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.quant.config import (
     QuantConfig,
@@ -209,9 +210,9 @@ def quantized_apply(
     model = model_for_qparams(model, qparams, scan)
     check_gemm(gemm)
     if mode == "int" and gemm in PALLAS_GEMMS and jax.default_backend() != "gpu":
-        warnings.warn(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: exact but "
-                      "slow, meant for testing (gemm='auto' or gemm='xla' is the fast path here)",
-                      stacklevel=2)
+        warnings.warn(ArgumentWarning(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: "
+                                      "exact but slow, meant for testing (gemm='auto' or gemm='xla' is the "
+                                      "fast path here)", argument="gemm"), stacklevel=2)
     with intercept_dense(qparams.qlayers, qparams.config, mode, gemm=gemm):
         return model.apply({"params": qparams.params}, images)
 

@@ -9,4 +9,22 @@ from __future__ import annotations
 
 from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError"]
+__all__ = ["ArgumentError", "ArgumentWarning", "CheckpointError", "CheckpointMismatchError",
+           "UnsafeCheckpointError"]
+
+
+class ArgumentError(ValueError):
+    """A value passed to the library is unusable; ``argument`` names the parameter to change, so
+    that a front end (the CLI) can name its own option for it."""
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+class ArgumentWarning(UserWarning):
+    """A warning about a value passed to the library; ``argument`` as for :class:`ArgumentError`."""
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument

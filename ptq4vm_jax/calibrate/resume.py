@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from ptq4vm_jax.calibrate.report import StageReport
+from ptq4vm_jax.errors import ArgumentError
 
 RESUME_VERSION = 2
 # What a damaged state.npz raises from zipfile/np.load/json/tree_unflatten: a truncated zip, a
@@ -109,9 +110,9 @@ class ResumeStore:
         except _CORRUPT as e:
             raise self._corrupt(e) from e
         if version != RESUME_VERSION:
-            raise ValueError(
+            raise ArgumentError(
                 f"{self.directory} holds calibration state of another format version "
-                f"({version}); delete it or pick another --resume directory"
+                f"({version}); delete it or pick another resume directory", argument="resume_dir"
             )
         return meta, content
 
@@ -121,10 +122,10 @@ class ResumeStore:
             return False
         meta, _ = self._read(arrays=False)
         if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+            raise ArgumentError(
                 f"{self.directory} holds calibration state of a different run ({self._differences(meta)}); "
-                "resume only with the exact same inputs, or delete the directory to start afresh"
-            )
+                "resume only with the exact same inputs, or delete the directory to start afresh",
+                argument="resume_dir")
         return True
 
     def prepare(self) -> None:
@@ -132,22 +133,23 @@ class ResumeStore:
         and writable, so that the first block's save cannot fail after the work."""
         d = self.directory
         if d.exists() and not d.is_dir():
-            raise ValueError(f"resume_dir {d} is a file; give a directory for the resume state")
+            raise ArgumentError(f"resume_dir {d} is a file; give a directory for the resume state",
+                                argument="resume_dir")
         ours = {"progress.json", "state.npz", "state.tmp.npz", "progress.tmp.json"}
         if d.is_dir():
             names = set(os.listdir(d))
             if names and not names & ours:
                 shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-                raise ValueError(f"resume_dir {d} holds other files ({shown}) and no resume state; give "
-                                 "a new or empty directory, so that the resume state is never mixed "
-                                 "with (or deleted along with) other files")
+                raise ArgumentError(f"resume_dir {d} holds other files ({shown}) and no resume state; give "
+                                    "a new or empty directory, so that the resume state is never mixed "
+                                    "with (or deleted along with) other files", argument="resume_dir")
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=d):
                 pass
         except OSError as e:
-            raise ValueError(f"resume_dir {d} cannot be created or written ({e.strerror or e}); "
-                             "choose a writable directory") from None
+            raise ArgumentError(f"resume_dir {d} cannot be created or written ({e.strerror or e}); "
+                                "choose a writable directory", argument="resume_dir") from None
 
     def save(self, next_stage: int, layers: dict, fp_carry: Any, q_carry: Any, reports: list) -> None:
         """``layers``: {path: {name: array}}, the learned state without the float weights."""

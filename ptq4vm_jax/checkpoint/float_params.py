@@ -54,7 +54,8 @@ def load_params(
     held, _, abstract = model_from_metadata(meta, path)
     if model_name is not None and canonical_name(model_name) != held:
         raise CheckpointError(f"{path} holds {held}, you asked for {canonical_name(model_name)}; pass "
-                              f"model_name={held!r} or convert a {canonical_name(model_name)} checkpoint")
+                              f"model_name={held!r} or convert a {canonical_name(model_name)} checkpoint",
+                              argument="model_name")
     params = restore_tree(path, abstract, meta.get(ARRAY_DIGESTS))
     refuse_nonfinite(path, params)
     return params, meta

@@ -8,6 +8,8 @@ import numbers
 import re
 import warnings
 
+from ptq4vm_jax.errors import ArgumentError
+
 METHODS: tuple[str, ...] = ("ptq4vm", "pts_only", "rtn", "per_token_dynamic")
 ACT_GRIDS: tuple[str, ...] = ("fixed", "official")
 LOSSES: tuple[str, ...] = ("cosine", "mse")
@@ -143,12 +145,12 @@ class QuantConfig:
         A ``train_batch`` above ``num_calib`` becomes ``num_calib`` (one full batch per epoch, so
         ``epochs`` steps per block), as a data loader would give with fewer images than a batch."""
         if self.loss_axis == "width" and family != "vmamba":
-            raise ValueError("loss_axis='width' (--loss-axis width) reproduces the VMamba code only; use "
-                             "'channel' for Vim")
+            raise ArgumentError("loss_axis='width' reproduces the VMamba code only; use 'channel' for Vim",
+                                argument="loss_axis")
         if not self.train_inner_proj and family != "vim":
-            raise ValueError("train_inner_proj=False (--official-inner-proj) reproduces the released Vim "
-                             "code only, whose fused kernel keeps x_proj/dt_proj from learning; the "
-                             f"released {family} code trains them: leave it True")
+            raise ArgumentError("train_inner_proj=False reproduces the released Vim code only, whose fused "
+                                "kernel keeps x_proj/dt_proj from learning; the released "
+                                f"{family} code trains them: leave it True", argument="train_inner_proj")
         unused = ("epochs", "lr_w", "lr_a", "lr_s") + (("alpha",) if not self.smooths else ())
         # (a value equal to the recipe's is what resolving fills in: a resolved config resolves quietly)
         ignored = [f"{k}={getattr(self, k)!r}" for k in unused

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels.qlinear import QuantizedLinear, is_packed
 from pallas_kernels.qmatmul import qmatmul, qmatmul_bf16_dot, qmatmul_ref
 from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, supports_qmatmul_wgmma
+from ptq4vm_jax.errors import ArgumentError
 
 #: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
 #:   auto      :func:`default_gemm`: "wgmma" on Hopper, "xla" on other GPUs and elsewhere
@@ -60,8 +61,9 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str) -> str:
         backend = default_gemm()
     if backend in HOPPER_ONLY:
         if on_gpu and not is_hopper():
-            raise ValueError(f"gemm={backend!r} needs a Hopper GPU (sm_90: H100/H200), not "
-                             f"{jax.devices()[0].device_kind}; use gemm='pallas', 'xla-bf16' or 'xla'")
+            raise ArgumentError(f"gemm={backend!r} needs a Hopper GPU (sm_90: H100/H200), not "
+                                f"{jax.devices()[0].device_kind}; use gemm='pallas', 'xla-bf16' or 'xla'",
+                                argument="gemm")
         if backend == "mixed":
             backend = "xla-bf16" if min(k, n) < NARROW else "wgmma"
     if backend == "wgmma" and not supports_qmatmul_wgmma(m, k, n):
