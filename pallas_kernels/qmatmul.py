@@ -1,6 +1,6 @@
 """W2..8 A2..8 integer matmul for PTQ4VM linears: Pallas (Triton backend) kernels + jnp references.
 
-Quantization scheme (spec §3, §11.6; see ARCHITECTURE.md): activations per token position, static,
+Quantization scheme (docs/method.md §3, §11.6; see ARCHITECTURE.md): activations per token position, static,
 asymmetric, unsigned; weights per output channel, symmetric, already smoothed and rounded.
 
     q[b,l,k]  = clip(round((x[b,l,k] * (1/smooth[k])) * (1/a_scale[l])) + a_zero[l], 0, 2^a_bits - 1)

@@ -1,4 +1,4 @@
-"""Block-wise calibration: PTS initialisation, then JLSS (spec §4-§6).
+"""Block-wise calibration: PTS initialisation, then JLSS (docs/method.md §4-§6).
 
 Two chains of activations flow through the model one stage at a time: the float chain
 gives each stage's input for statistics and its target output; the quantized chain gives
@@ -87,7 +87,7 @@ LOSSES = {"cosine": cosine_loss, "mse": relative_mse_loss}
 
 
 def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array, cfg: QuantConfig) -> TrainLinear:
-    """Train-form state of one linear from its float input ``x`` (N, L, C) (spec §4.2, §5)."""
+    """Train-form state of one linear from its float input ``x`` (N, L, C) (docs/method.md §4.2, §5)."""
     alpha = 0.0 if cfg.alpha is None else cfg.alpha  # (unused by the methods that do not smooth)
     state, finite = _init_layer(kernel, bias, x, jnp.float32(alpha), jnp.float32(cfg.grid_p),
                                 program=cfg.program)
@@ -121,7 +121,8 @@ def _init_layer(kernel, bias, x, alpha, grid_p, *, program: QuantProgram):
 
 
 def trainable_mask(rel_path: Path, cfg: QuantConfig | QuantProgram) -> bool:
-    """Released Vim code trains only in_proj/out_proj (spec §6.4); ``train_inner_proj`` fixes that."""
+    """Released Vim code trains only in_proj/out_proj (docs/method.md §6.4); ``train_inner_proj``
+    fixes that."""
     if cfg.train_inner_proj:
         return True
     return not rel_path[-1].startswith(("x_proj", "dt_proj"))
@@ -155,12 +156,13 @@ def _optimizer(lr_w: Any, lr_a: Any, lr_s: Any, weight_decay: Any,
         optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=grad_clip),
         optax.multi_transform({"w": adamw(lr_w), "a": adamw(lr_a), "s": adamw(lr_s)}, labels),
     )
-    # GradScaler semantics (spec §6.2): a step whose gradients are not finite is skipped.
+    # GradScaler semantics (docs/method.md §6.2): a step whose gradients are not finite is skipped.
     return optax.apply_if_finite(inner, max_consecutive_errors=10**9)
 
 
 def make_optimizer(cfg: QuantConfig) -> optax.GradientTransformation:
-    """AdamW per group (σ, weight steps, activation steps) after global-norm clipping (spec §6.2)."""
+    """AdamW per group (σ, weight steps, activation steps) after global-norm clipping
+    (docs/method.md §6.2)."""
     return _optimizer(**optimizer_hyperparams(cfg))
 
 
@@ -176,7 +178,7 @@ def _compiled(stage_module: Any, output: Callable, program: QuantProgram, axis: 
     block_loss = LOSSES[program.loss]
 
     def qforward(state, params, carry):
-        # Frozen layers of the released Vim recipe pass gradients as float layers (spec §6.4).
+        # Frozen layers of the released Vim recipe pass gradients as float layers (docs/method.md §6.4).
         frozen = frozenset(p for p in state if not trainable_mask(p, program))
         # The scan backend is the stage module's config (one choice for evaluation and calibration).
         with intercept_dense(nest_layers(state), program, "fake", float_backward=frozen):
@@ -272,7 +274,7 @@ def calibrate_blockwise(
                 resume.save(idx + 1, resumed_arrays(layers), fp_carry, q_carry, reports)
             continue
 
-        # Float pass: target + float inputs of every quantized linear (spec §5: init on FP inputs).
+        # Float pass: target + float inputs of every quantized linear (docs/method.md §5: init on FP inputs).
         fp_out, captured = _capture(fns["fp_capture"], sparams, fp_carry, tuple(rel), chunk)
         _check_finite(fp_out, name, "float chain")
         target = stage.output(fp_out)

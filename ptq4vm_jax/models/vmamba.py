@@ -355,7 +355,7 @@ def block_output(x: jax.Array) -> jax.Array:
 def vmamba_blockwise(model: VMamba) -> Blockwise:
     """Stem -> per stage: VSS blocks, then the downsample -> head.
 
-    JLSS compares each block's full output, residual included (spec §7.2); a downsample has
+    JLSS compares each block's full output, residual included (docs/method.md §7.2); a downsample has
     nothing to quantize, so both chains just go through it.
     """
     cfg = model.cfg

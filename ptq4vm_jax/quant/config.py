@@ -39,7 +39,7 @@ class QuantRule:
             raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}") from None
 
 
-# The official placement: every projection of the mixer (spec §2.1, §7.1); norms, convs,
+# The official placement: every projection of the mixer (docs/method.md §2.1, §7.1); norms, convs,
 # the scan and the classifier head stay float.
 DEFAULT_RULES: dict[str, tuple[QuantRule, ...]] = {
     "vim": (QuantRule(r"^layers_\d+/mixer/(in_proj|x_proj|x_proj_b|dt_proj|dt_proj_b|out_proj)$"),),
@@ -48,7 +48,7 @@ DEFAULT_RULES: dict[str, tuple[QuantRule, ...]] = {
     ),
 }
 
-# Official recipes (spec §6.3). VMamba: 50 epochs x (256 / 32) mini-batches = 400 steps per block.
+# Official recipes (docs/method.md §6.3). VMamba: 50 epochs x (256 / 32) mini-batches = 400 steps per block.
 FAMILY_DEFAULTS: dict[str, dict] = {
     "vim": dict(alpha=0.5, lr_w=5e-4, lr_a=5e-4, lr_s=1e-2, epochs=100, train_batch=256),
     "vmamba": dict(alpha=0.65, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4, epochs=50, train_batch=32),
@@ -78,11 +78,13 @@ class QuantConfig:
     lr_s: float | None = None
     weight_decay: float = 1e-5
     grad_clip: float = 2.0
-    act_grid: str = "fixed"  # "fixed": full range included (spec bug #8); "official": the released grid
+    # "fixed": full range included (docs/method.md bug #8); "official": the released grid
+    act_grid: str = "fixed"
     grid_p: float = 2.4
-    train_inner_proj: bool = True  # False reproduces the released Vim code (spec §6.4)
+    train_inner_proj: bool = True  # False reproduces the released Vim code (docs/method.md §6.4)
     loss: str = "cosine"  # block loss: "cosine" (the paper: 1 - cos over channels) or "mse" (relative MSE)
-    loss_axis: str = "channel"  # VMamba only: "width" reproduces the released VMamba loss (spec bug #12)
+    # VMamba only: "width" reproduces the released VMamba loss (docs/method.md bug #12)
+    loss_axis: str = "channel"
     revert_worse: bool = True  # keep a block's initial scales where learning raised its loss
     rules: tuple[QuantRule, ...] | None = None
 

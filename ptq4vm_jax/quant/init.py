@@ -1,4 +1,4 @@
-"""Initial σ and step sizes of PTQ4VM (spec §4.2, §5), plus the min-max baselines.
+"""Initial σ and step sizes of PTQ4VM (docs/method.md §4.2, §5), plus the min-max baselines.
 
 The grid searches loop over candidates with ``lax.fori_loop`` under ``jit`` so that only
 the smoothed input is held in memory, never one copy per candidate. Ties keep the earlier
@@ -69,7 +69,7 @@ def _weight_grid(w: jax.Array, qmax: int, p: jax.Array, n_grid: int) -> jax.Arra
 def init_weight_scale(
     kernel: jax.Array, smooth: jax.Array, bits: int, *, p: float | jax.Array = 2.4, n_grid: int = 100
 ) -> jax.Array:
-    """Per-output-channel step s_w (out,) from an L_p grid search on W̃ = kernel·σ (spec §5.2).
+    """Per-output-channel step s_w (out,) from an L_p grid search on W̃ = kernel·σ (docs/method.md §5.2).
 
     Candidates m = r·i/n_grid, i = 1..n_grid, r = max(|min|, max) of the channel, so the full
     range is included; s_w = max(m*/qmax, 1e-8). Bit-identical to the released code.
@@ -139,7 +139,7 @@ def init_act_scale(
     x is (N, L, C) (any leading axes). Each candidate shrinks [min, max] by a·(max − min)
     from both ends. ``grid="official"`` uses a = i/n_grid, i = 1..n_grid as the released code
     (full range never tried; a >= 0.5 gives degenerate steps of 1e-8); ``"fixed"`` uses
-    a = 0, 1/n_grid, ... < 0.5. The winner is then widened to contain 0 (spec §5.1).
+    a = 0, 1/n_grid, ... < 0.5. The winner is then widened to contain 0 (docs/method.md §5.1).
     Matches the released code to ~2e-7 relative (XLA's division, pow and mean differ by ulps).
     Returns ``a_scale`` (L,) float32 and ``a_zero`` (L,) int32.
     """

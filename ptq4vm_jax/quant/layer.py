@@ -129,7 +129,7 @@ def simulate_int_linear(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
 def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: str = "fake") -> jax.Array:
     """The quantized linear forward, differentiated as the float linear ``x @ kernel + bias``.
 
-    What the released Vim code does for x_proj/dt_proj (spec §6.4): they run quantized inside a
+    What the released Vim code does for x_proj/dt_proj (docs/method.md §6.4): they run quantized inside a
     fused autograd Function whose backward rebuilds the input gradient from the float,
     unsmoothed weights, with no quantizer in the way. The forward value is the quantized one
     exactly (``stop_gradient(y_q) + (y_fp - stop_gradient(y_fp))`` adds an exact zero); the

@@ -1,4 +1,4 @@
-"""Pure fake-quantizers of PTQ4VM and their integer forms (spec §3, §11.2).
+"""Pure fake-quantizers of PTQ4VM and their integer forms (docs/method.md §3, §11.2).
 
 Layouts: ``kernel`` is Flax (in, out); ``smooth`` σ is (in,); ``w_scale`` is (out,);
 activations are (..., L, C) with the token axis at -2, ``a_scale`` (L,) float32 and

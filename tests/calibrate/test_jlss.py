@@ -126,11 +126,11 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
     q_off, q_pts, q_all = (layers_of(x) for x in (official, pts, ptq4vm))
     for path, layer in q_off.items():
         same = all(np.array_equal(layer[k], q_pts[path][k]) for k in ("smooth", "w_scale", "a_scale"))
-        # Released Vim code: only in_proj/out_proj learn (spec §6.4); ours learns everything.
+        # Released Vim code: only in_proj/out_proj learn (docs/method.md §6.4); ours learns everything.
         assert same == path[-1].startswith(("x_proj", "dt_proj")), path
         # Ours: σ and the activation step of every linear learn, and the backward branch's
-        # weight steps too (spec bug #6: in no optimizer group in the released code); the zero
-        # point stays the initial one (spec §3.2). (Not every weight step moves here: in
+        # weight steps too (docs/method.md bug #6: in no optimizer group in the released code); the zero
+        # point stays the initial one (docs/method.md §3.2). (Not every weight step moves here: in
         # layers_0 the outlier channel gives gradients of ~1e11 elsewhere, the global-norm
         # clip scales out_proj's 6e-4 down to ~1e-14, and Adam's eps turns it into no change.)
         learned = ("smooth", "a_scale", "w_scale") if path[-1] in ("x_proj_b", "dt_proj_b") else (
@@ -141,7 +141,7 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
 
 
 def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypatch, fresh_programs):
-    """``train_inner_proj=False`` (the released Vim recipe, spec §6.4): x_proj/dt_proj run
+    """``train_inner_proj=False`` (the released Vim recipe, docs/method.md §6.4): x_proj/dt_proj run
     quantized but hand back the float layer's input gradient, as the released fused backward."""
     _, params, images = setup
     pts = quantize_params(params, images, model=MODEL, config=PTS, progress=False)

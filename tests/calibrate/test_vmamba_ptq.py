@@ -35,7 +35,7 @@ BLOCK_LINEARS = ("op/in_proj", *(f"op/{p}_{k}" for p in ("x_proj", "dt_proj") fo
 
 
 def scan_orders(h: int, w: int) -> list[list[tuple[int, int]]]:
-    """(row, col) of scan position t for each direction, written out from spec §7.1."""
+    """(row, col) of scan position t for each direction, written out from docs/method.md §7.1."""
     row_major = [(t // w, t % w) for t in range(h * w)]
     col_major = [(t % h, t // h) for t in range(h * w)]
     return [row_major, col_major, row_major[::-1], col_major[::-1]]

@@ -1,4 +1,4 @@
-"""σ and step-size initialisers pinned to hand-computed values (spec §4.2, §5).
+"""σ and step-size initialisers pinned to hand-computed values (docs/method.md §4.2, §5).
 
 Small ``n_grid`` values keep every candidate of a grid search checkable by hand; scores use
 |e|^2.4 with 2^2.4 ≈ 5.278 and 3^2.4 ≈ 13.97.

@@ -1,4 +1,4 @@
-"""Fake quantizers pinned to hand-computed values (spec §3, §11.2).
+"""Fake quantizers pinned to hand-computed values (docs/method.md §3, §11.2).
 
 Every expected number below was worked out by hand from the formulas; the comments show
 the intermediate steps. Steps and σ are powers of two so the float32 values are exact.
