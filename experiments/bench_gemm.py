@@ -35,6 +35,7 @@ from numpy.typing import ArrayLike
 
 from pallas_kernels import (
     GemmConfig,
+    QuantizedLinear,
     WgmmaConfig,
     pack_int4,
     prepare_weight_wgmma,
@@ -59,31 +60,36 @@ from bench_common import SEQ, VIM_DIMS, Row, RunConfig, vim_layers  # noqa: E402
 
 
 def gemm_inputs(key: jax.Array, batch: int, k: int, n: int) -> dict:
-    """One input set; power-of-two scales on half the tokens/channels make exact rounding ties."""
+    """One input set: activations ``x`` (and ``w_bf16`` for the float dot), a W8A8 ``layer`` and a
+    W4A4 ``layer4`` (packed int4 weight) with their column sums, and the W8A8 layer's codes and
+    transposed weight (``w_t``) for the GEMMs on codes. Power-of-two scales on half the
+    tokens/channels make exact rounding ties."""
     ks = jax.random.split(key, 8)
     ties_l = jnp.arange(SEQ) % 2 == 0
     ties_k = jnp.arange(k) % 2 == 0
     x = (4.0 * jax.random.normal(ks[0], (batch, SEQ, k))).astype(jnp.bfloat16)
     smooth = jnp.where(ties_k, 1.0, jnp.exp(0.3 * jax.random.normal(ks[1], (k,))))
     a_scale = jnp.where(ties_l, 0.0625, 0.06 * jnp.exp(0.2 * jax.random.normal(ks[2], (SEQ,))))
-    inp = dict(
+    w_scale = 0.01 * jnp.exp(jax.random.normal(ks[6], (n,)))
+    bias = jax.random.normal(ks[7], (n,))
+    layer = QuantizedLinear(
+        w_int=jax.random.randint(ks[4], (k, n), -127, 128, dtype=jnp.int32).astype(jnp.int8),
+        w_scale=w_scale, smooth=smooth, a_scale=a_scale,
+        a_zero=jax.random.randint(ks[3], (SEQ,), 96, 160, dtype=jnp.int32), bias=bias, w_bits=8, a_bits=8)
+    layer4 = QuantizedLinear(
+        w_int=pack_int4(jax.random.randint(ks[5], (k, n), -7, 8, dtype=jnp.int32).astype(jnp.int8)),
+        w_scale=w_scale, smooth=smooth, a_scale=a_scale * 16.0,
+        a_zero=jax.random.randint(ks[3], (SEQ,), 4, 12, dtype=jnp.int32), bias=bias, w_bits=4, a_bits=4)
+    return dict(
         x=x,
-        smooth=smooth,
-        a_scale=a_scale,
-        a_scale4=a_scale * 16.0,
-        a_zero=jax.random.randint(ks[3], (SEQ,), 96, 160, dtype=jnp.int32),
-        a_zero4=jax.random.randint(ks[3], (SEQ,), 4, 12, dtype=jnp.int32),
-        w=jax.random.randint(ks[4], (k, n), -127, 128, dtype=jnp.int32).astype(jnp.int8),
-        w4=pack_int4(jax.random.randint(ks[5], (k, n), -7, 8, dtype=jnp.int32).astype(jnp.int8)),
-        w_scale=0.01 * jnp.exp(jax.random.normal(ks[6], (n,))),
-        bias=jax.random.normal(ks[7], (n,)),
         w_bf16=(0.05 * jax.random.normal(ks[6], (k, n))).astype(jnp.bfloat16),
+        layer=layer,
+        layer4=layer4,
+        colsum=weight_colsum(layer.w_int, 8),
+        colsum4=weight_colsum(layer4.w_int, 4),
+        codes=quantize_activations(x, layer),
+        w_t=prepare_weight_wgmma(layer),
     )
-    inp["colsum"] = weight_colsum(inp["w"], 8)
-    inp["colsum4"] = weight_colsum(inp["w4"], 4)
-    inp["codes"] = quantize_activations(x, smooth, a_scale, inp["a_zero"])
-    inp["w_t"] = prepare_weight_wgmma(inp["w"], 8)
-    return inp
 
 
 WGMMA = "mosaic wgmma w8a8 2-pass"
@@ -98,39 +104,39 @@ GEMM_VARIANTS = {  # --gemm-variants key -> row name
 
 
 def gemm_variants(interpret: bool) -> dict[str, tuple[tuple[str, ...], Callable, Callable, str]]:
-    """name -> (input keys, fn(*inputs), bytes(m, k, n), peak kind). Weights, scales and column
-    sums are inputs, as at inference; only the arrays a variant reads are passed to it."""
+    """name -> (input keys, fn(*inputs), bytes(m, k, n), peak kind). The layer (weights, scales)
+    and column sums are inputs, as at inference; a variant gets the inputs it reads, the layer
+    first after the activations."""
     bf16 = jnp.bfloat16
-    w8a8 = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias", "colsum")
-    w4a4 = ("x", "w4", "w_scale", "smooth", "a_scale4", "a_zero4", "bias", "colsum4")
+    w8a8 = ("x", "layer", "colsum")
+    w4a4 = ("x", "layer4", "colsum4")
     fused_bytes = lambda m, k, n: 2 * m * k + k * n + 2 * m * n  # bf16 x in, int8 w, bf16 y out
 
-    def two_pass(x, w, w_scale, smooth, a_scale, a_zero, bias, colsum):
-        codes = quantize_activations(x, smooth, a_scale, a_zero)
-        return qmatmul_codes(codes, w, w_scale, a_scale, a_zero, bias, out_dtype=bf16,
-                             interpret=interpret, colsum=colsum)
+    def two_pass(x, layer, colsum):
+        codes = quantize_activations(x, layer)
+        return qmatmul_codes(codes, layer, out_dtype=bf16, interpret=interpret, colsum=colsum)
 
-    def fused(a_bits, w_bits):
-        return lambda *a: qmatmul(*a[:7], a_bits=a_bits, w_bits=w_bits, interpret=interpret, colsum=a[7])
-
-    wgmma = lambda *a: qmatmul_wgmma(*a[:7], interpret=interpret)  # quantize, weight prep, padding
-    hopper = {WGMMA: (w8a8, wgmma, fused_bytes, "int8")} if interpret or is_hopper() else {}
+    fused = lambda x, layer, colsum: qmatmul(x, layer, interpret=interpret, colsum=colsum)
+    wgmma = lambda x, layer: qmatmul_wgmma(x, layer, interpret=interpret)  # quantize, weight prep, padding
+    hopper = {WGMMA: (("x", "layer"), wgmma, fused_bytes, "int8")} if interpret or is_hopper() else {}
     return hopper | {
-        QUANT_XLA: (("x", "smooth", "a_scale", "a_zero"), quantize_activations,
+        QUANT_XLA: (("x", "layer"), quantize_activations,
                     lambda m, k, n: 3 * m * k, "mem"),  # bf16 in, int8 out
         "xla bf16 dot": (("x", "w_bf16"), jnp.dot,
                          lambda m, k, n: 2 * m * k + 2 * k * n + 2 * m * n, "bf16"),
         "xla s8 dot only (s32 out)": (
-            ("codes", "w"),
-            lambda q, w: lax.dot_general(q, w, (((2,), (0,)), ((), ())), preferred_element_type=jnp.int32),
+            ("codes", "layer"),
+            lambda q, layer: lax.dot_general(q, layer.w_int, (((2,), (0,)), ((), ())),
+                                             preferred_element_type=jnp.int32),
             lambda m, k, n: m * k + k * n + 4 * m * n, "int8"),
         "xla w8a8 3-pass (qmatmul_ref)": (
-            w8a8, lambda *a: qmatmul_ref(*a[:7], out_dtype=bf16, colsum=a[7]), fused_bytes, "int8"),
-        XLA_BF16: (w8a8, lambda *a: qmatmul_bf16_dot(*a[:7], out_dtype=bf16, colsum=a[7]),
+            w8a8, lambda x, layer, colsum: qmatmul_ref(x, layer, out_dtype=bf16, colsum=colsum),
+            fused_bytes, "int8"),
+        XLA_BF16: (w8a8, lambda x, layer, colsum: qmatmul_bf16_dot(x, layer, out_dtype=bf16, colsum=colsum),
                    fused_bytes, "bf16"),
-        "pallas w8a8 fused": (w8a8, fused(8, 8), fused_bytes, "int8"),
+        "pallas w8a8 fused": (w8a8, fused, fused_bytes, "int8"),
         "pallas w8a8 2-pass": (w8a8, two_pass, fused_bytes, "int8"),
-        "pallas w4a4 fused": (w4a4, fused(4, 4), lambda m, k, n: 2 * m * k + k * n // 2 + 2 * m * n, "int8"),
+        "pallas w4a4 fused": (w4a4, fused, lambda m, k, n: 2 * m * k + k * n // 2 + 2 * m * n, "int8"),
     }
 
 
@@ -144,27 +150,24 @@ def check_gemm(name: str, inp: dict, interpret: bool) -> str:
     if name == QUANT_XLA:
         return "ref"
     if name == XLA_BF16:  # exact by construction: f32 outputs equal up to an FMA'd epilogue
-        keys = gemm_variants(interpret)[name][0]
-        args = [inp[k] for k in keys[:7]]
         f32 = jnp.float32
-        err = bc.rel_err(qmatmul_bf16_dot(*args, out_dtype=f32), qmatmul_ref(*args, out_dtype=f32))
+        x, layer = inp["x"], inp["layer"]
+        err = bc.rel_err(qmatmul_bf16_dot(x, layer, out_dtype=f32), qmatmul_ref(x, layer, out_dtype=f32))
         return f"f32 rel {err:.1e}" + ("" if err < 1e-5 else " FAIL")
     if name.startswith("xla"):
         return "ref" if "qmatmul_ref" in name else "-"
     keys, fn, _, _ = gemm_variants(interpret)[name]
-    x, w, w_scale, smooth, a_scale, a_zero, bias, *_ = (inp[k] for k in keys)
-    bits = dict(a_bits=4, w_bits=4) if "w4a4" in name else dict(a_bits=8, w_bits=8)
+    x, layer = inp[keys[0]], inp[keys[1]]
     notes = []
     if "fused" in name:
-        qargs = (x, w, smooth, a_scale, a_zero)
-        acc = qmatmul_int32(*qargs, interpret=interpret, **bits)
-        notes.append(exact(acc, qmatmul_int32_ref(*qargs, **bits)))
-    m = x.shape[0] * x.shape[1]
-    if name == WGMMA and supports_wgmma(m, *w.shape):  # else padded: the float output is checked
-        acc = qmatmul_codes_wgmma(inp["codes"], inp["w_t"], w_scale, a_scale, a_zero, out_dtype=jnp.int32,
-                                  config=default_wgmma_config(m, *w.shape), interpret=interpret)
-        notes.append(exact(acc, qmatmul_int32_ref(x, w, smooth, a_scale, a_zero)))
-    y_ref = qmatmul_ref(x, w, w_scale, smooth, a_scale, a_zero, bias, out_dtype=jnp.bfloat16, **bits)
+        acc = qmatmul_int32(x, layer, interpret=interpret)
+        notes.append(exact(acc, qmatmul_int32_ref(x, layer)))
+    m, k, n = x.shape[0] * x.shape[1], layer.in_features, layer.out_features
+    if name == WGMMA and supports_wgmma(m, k, n):  # else padded: the float output is checked
+        acc = qmatmul_codes_wgmma(inp["codes"], layer, w_t=inp["w_t"], out_dtype=jnp.int32,
+                                  config=default_wgmma_config(m, k, n), interpret=interpret)
+        notes.append(exact(acc, qmatmul_int32_ref(x, layer)))
+    y_ref = qmatmul_ref(x, layer, out_dtype=jnp.bfloat16)
     err = bc.rel_err(fn(*(inp[k] for k in keys)), y_ref)
     notes.append(f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL"))
     return ", ".join(notes)
@@ -224,10 +227,13 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg: RunConfig) -> list[Row]
 def sweep_wgmma_row(cfg: RunConfig, shape: str, config: WgmmaConfig, sets: list[dict], work: int) -> Row:
     """One tile config of the wgmma kernel on codes: its int32 accumulator checked exactly, then timed."""
     i0 = sets[0]
-    keys = ("codes", "w_t", "w_scale", "a_scale", "a_zero", "bias")
-    fn = functools.partial(qmatmul_codes_wgmma, config=config, interpret=cfg.interpret)
-    acc = fn(*(i0[k] for k in keys[:5]), out_dtype=jnp.int32, colsum=i0["colsum"])
-    check = exact(acc, qmatmul_int32_ref(i0["x"], i0["w"], i0["smooth"], i0["a_scale"], i0["a_zero"]))
+    keys = ("codes", "layer", "w_t")
+
+    def fn(codes, layer, w_t, **kw):
+        return qmatmul_codes_wgmma(codes, layer, w_t=w_t, config=config, interpret=cfg.interpret, **kw)
+
+    acc = fn(*(i0[k] for k in keys), out_dtype=jnp.int32, colsum=i0["colsum"])
+    check = exact(acc, qmatmul_int32_ref(i0["x"], i0["layer"]))
     secs = bc.time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)
     rate, pct = bc.rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
     return Row("sweep", shape, f"mosaic wgmma on codes {config}", secs, rate, pct, check=check)
@@ -260,7 +266,7 @@ GEMM_SWEEP = (GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), Gem
 def sweep_gemm_row(cfg: RunConfig, shape: str, gc: GemmConfig, sets: list[dict], y_ref: ArrayLike,
                    work: int) -> Row:
     fn = functools.partial(qmatmul, interpret=cfg.interpret, config=gc)
-    keys = ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")
+    keys = ("x", "layer")
     err = bc.rel_err(fn(*(sets[0][key] for key in keys), colsum=sets[0]["colsum"]), y_ref)
     secs = bc.time_ops(fn, [tuple(st[key] for key in keys) for st in sets], **cfg.timing)
     rate, pct = bc.rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
@@ -277,8 +283,7 @@ def sweep_gemm_rows(cfg: RunConfig) -> list[Row]:
         m = batch * SEQ
         sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
         i0 = sets[0]
-        y_ref = qmatmul_ref(i0["x"], i0["w"], i0["w_scale"], i0["smooth"], i0["a_scale"], i0["a_zero"],
-                            i0["bias"])
+        y_ref = qmatmul_ref(i0["x"], i0["layer"])
         shape = f"vim_s {lname} M={m} K={k} N={n}"
         for gc in GEMM_SWEEP[:1] if cfg.interpret else GEMM_SWEEP:
             body = functools.partial(sweep_gemm_row, cfg, shape, gc, sets, y_ref, 2 * m * k * n)
@@ -294,11 +299,10 @@ CODES_SWEEP = (None, GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 128, 64, 8,
 
 def sweep_codes_row(cfg: RunConfig, shape: str, gc: GemmConfig | None, sets: list[dict], work: int) -> Row:
     """One tile config of the Triton GEMM on precomputed codes: checked against ``qmatmul_ref``, timed."""
-    keys = ("codes", "w", "w_scale", "a_scale", "a_zero", "bias")
+    keys = ("codes", "layer")
     fn = functools.partial(qmatmul_codes, interpret=cfg.interpret, config=gc, out_dtype=jnp.bfloat16)
     i0 = sets[0]
-    y_ref = qmatmul_ref(*(i0[k] for k in ("x", "w", "w_scale", "smooth", "a_scale", "a_zero", "bias")),
-                        out_dtype=jnp.bfloat16)
+    y_ref = qmatmul_ref(i0["x"], i0["layer"], out_dtype=jnp.bfloat16)
     err = bc.rel_err(fn(*(i0[k] for k in keys)), y_ref)
     check = f"rel {err:.1e}" + ("" if err < 2e-2 else " FAIL")
     secs = bc.time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)

@@ -18,8 +18,8 @@
 #   hopper  the Hopper GEMM tests compiled (tests/kernels/test_qmatmul_hopper.py)
 #   itests  quantized_apply(mode="int") == mode="fake" on the micro model (Pallas path on GPU), and
 #           every integer GEMM backend against the others, xla-bf16 and mixed among them
-#   ktests  the other kernel tests compiled: Triton qmatmul and quantize, the bf16-dot path,
-#           the selective scan forward (both layouts) and backward
+#   ktests  the other kernel tests compiled: the Triton qmatmul (fused and on codes), the bf16-dot
+#           path, the selective scan forward (both layouts) and backward
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
 #           official recipe (the first block includes compiling the training step)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
