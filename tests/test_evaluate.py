@@ -204,6 +204,7 @@ def test_bundled_vim_micro_reaches_its_logged_accuracy():
     assert out["top1"] >= 95.0
 
 
+@pytest.mark.slow
 def test_train_micro_script_trains_saves_and_logs(tmp_path):
     spec = importlib.util.spec_from_file_location("train_micro", REPO / "experiments" / "train_micro.py")
     train_micro = importlib.util.module_from_spec(spec)

@@ -421,6 +421,7 @@ def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
                         config=dataclasses.replace(BASE, rules=DEFAULT_RULES["vmamba"]))
 
 
+@pytest.mark.slow
 def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     """Four virtual CPU devices calibrate as one does. The PTS initialisation (statistics and grid
     search over the sharded batch) gives the same state, every array of every layer, and block

@@ -189,6 +189,7 @@ def test_a_resumed_run_gives_the_uninterrupted_logits(setup, tmp_path, monkeypat
                                   quantized_apply(None, whole, images))
 
 
+@pytest.mark.slow
 def test_resumed_chains_stay_sharded_over_local_devices():
     """On four (virtual CPU) devices, the chains of a resumed run are data-parallel again."""
     import subprocess

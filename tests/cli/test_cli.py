@@ -293,6 +293,7 @@ def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
               str(tmp_path / "tfds")])
 
 
+@pytest.mark.slow
 def test_eval_is_data_parallel_over_local_devices(converted):
     """Four virtual CPU devices give the same metrics as one (batch sharded, padding dropped)."""
     code = textwrap.dedent(f"""
