@@ -90,6 +90,7 @@ def test_integer_form_reproduces_the_learned_train_form(setup, ptq4vm):
     assert not np.allclose(q, model.apply({"params": params}, images), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
     _, params, images = setup
     pts = quantize_params(params, images, model=MODEL,
@@ -116,6 +117,7 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
         np.testing.assert_array_equal(q_all[path]["a_zero"], q_pts[path]["a_zero"], err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypatch):
     """``train_inner_proj=False`` (the released Vim recipe, spec §6.4): x_proj/dt_proj run
     quantized but hand back the float layer's input gradient, as the released fused backward."""
@@ -206,6 +208,7 @@ def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_one
         assert other != pytest.approx(want, rel=1e-2)
 
 
+@pytest.mark.slow
 def test_a_block_that_learning_makes_worse_keeps_its_initial_scales(setup):
     _, params, images = setup
     wild = dataclasses.replace(BASE, epochs=2, lr_w=1.0, lr_a=1.0, lr_s=1.0)  # overshoots
@@ -268,6 +271,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm,
                         resume_dir=str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_nan_during_learning_names_the_block(setup, monkeypatch):
     _, params, images = setup
     # Divergence simulated by updates that poison the scales: step 0's loss is finite, step 1's NaN.
