@@ -15,6 +15,7 @@ from ptq4vm_jax.quant import integer
 from ptq4vm_jax.quant.integer import gemm_backend_for, int_gemm, int_linear, is_hopper, store_weight
 from ptq4vm_jax.quant.layer import simulate_int_linear
 
+pytestmark = pytest.mark.slow  # whole models through every integer GEMM, interpreters included
 
 @pytest.fixture(scope="module")
 def micro():

@@ -45,6 +45,7 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow
 def test_round_trip_gives_bit_identical_outputs(qparams, model_params_images, tmp_path):
     model, _, images = model_params_images
     save_quantized(tmp_path / "q", qparams)
@@ -57,6 +58,7 @@ def test_round_trip_gives_bit_identical_outputs(qparams, model_params_images, tm
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_int_mode_matches_fake_mode(qparams, model_params_images):
     model, _, images = model_params_images
     fake = np.asarray(quantized_apply(model, qparams, images, mode="fake"))
@@ -249,6 +251,7 @@ def test_save_quantized_refuses_float_params(model_params_images, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_vim_tiny_w8a8_checkpoint_is_well_under_half_the_float_size(tmp_path):
     model = create_model("vim_tiny")
     images = np.asarray(jax.random.normal(jax.random.key(0), (2, 224, 224, 3)))
