@@ -66,6 +66,7 @@ def test_int_mode_matches_fake_mode(qparams, model_params_images):
     assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
 
 
+@pytest.mark.slow
 def test_four_bit_weights_are_packed(qparams):
     layer = qparams.qlayers["layers_0"]["mixer"]["in_proj"]
     k = layer["smooth"].shape[0]
@@ -73,6 +74,7 @@ def test_four_bit_weights_are_packed(qparams):
     assert rows == ((k + 1) // 2 if qparams.config.w_bits == 4 else k)
 
 
+@pytest.mark.slow
 def test_metadata_describes_the_layout(qparams, tmp_path):
     meta = save_quantized(tmp_path / "q", qparams)
     on_disk = json.loads((tmp_path / "q" / "metadata.json").read_text())
@@ -83,6 +85,7 @@ def test_metadata_describes_the_layout(qparams, tmp_path):
     assert meta["model_name"] == MODEL
 
 
+@pytest.mark.slow
 def test_loading_explains_what_is_wrong(qparams, model_params_images, tmp_path):
     _, params, _ = model_params_images
     save_params(tmp_path / "float", params, model_name=MODEL)
@@ -108,6 +111,7 @@ def test_loading_explains_what_is_wrong(qparams, model_params_images, tmp_path):
         load_quantized(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_corrupt_values_are_refused(qparams, tmp_path):
     bad_layer = dict(qparams.qlayers["layers_0"]["mixer"]["out_proj"])
     bad_layer["a_zero"] = bad_layer["a_zero"].at[0].set(-3)
@@ -118,6 +122,7 @@ def test_corrupt_values_are_refused(qparams, tmp_path):
         load_quantized(tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_out_of_range_weight_codes_are_refused(qparams, tmp_path):
     """One code just outside [-qmax, qmax]; for packed 4-bit weights a low nibble of -8."""
     w_bits = qparams.config.w_bits

@@ -47,6 +47,7 @@ def test_cosine_loss_hand_values():
     np.testing.assert_allclose(cosine_loss(t, o, -1), (1 - 2**-0.5 + 2) / 2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_learning_lowers_every_block_loss(ptq4vm):
     stages = ptq4vm.summary["stages"]
     assert [s["name"] for s in stages] == ["layers_0", "layers_1"]
@@ -54,6 +55,7 @@ def test_learning_lowers_every_block_loss(ptq4vm):
         assert s["loss_final"] < s["loss_init"], s
 
 
+@pytest.mark.slow
 def test_default_placement_is_the_six_mixer_linears(ptq4vm):
     names = {"/".join(p) for p in quantized_layers(ptq4vm)}
     want = {f"layers_{i}/mixer/{n}" for i in range(2)
@@ -64,6 +66,7 @@ def test_default_placement_is_the_six_mixer_linears(ptq4vm):
     assert "head" in ptq4vm.params and "conv1d" in ptq4vm.params["layers_0"]["mixer"]
 
 
+@pytest.mark.slow
 def test_integer_state_layout(ptq4vm):
     layer = ptq4vm.qlayers["layers_1"]["mixer"]["dt_proj"]
     assert layer["w_int"].dtype == jnp.int8 and layer["a_zero"].dtype == jnp.int32
@@ -75,6 +78,7 @@ def test_integer_state_layout(ptq4vm):
     assert int(layer["a_zero"].min()) >= 0 and int(layer["a_zero"].max()) <= a_codes_max
 
 
+@pytest.mark.slow
 def test_integer_form_reproduces_the_learned_train_form(setup, ptq4vm):
     """The stored (w_int, w_scale) must give the forward JLSS optimised (float kernel, σ, s_w)."""
     model, params, images = setup
@@ -229,6 +233,7 @@ def test_a_block_that_learning_makes_worse_keeps_its_initial_scales(setup):
         assert not st["reverted"] and st["loss_final"] == st["loss_learned"] > st["loss_init"], st
 
 
+@pytest.mark.slow
 def test_rules_skip_first_block_and_quantize_head(setup):
     _, params, images = setup
     rules = (QuantRule(r"^layers_0/", quantize=False), QuantRule(r"^head$"), *DEFAULT_RULES["vim"])
@@ -240,6 +245,7 @@ def test_rules_skip_first_block_and_quantize_head(setup):
     assert "layers_1/mixer/in_proj" in names
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm, tmp_path):
     _, params, images = setup
 
@@ -316,6 +322,7 @@ def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch
     assert bars[0].disable  # what tqdm's close() leaves
 
 
+@pytest.mark.slow
 def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup):
     """Every op run eagerly compiles an XLA program of its own the first time (about 0.1-0.3 s
     each on a GPU); calibration keeps its work in a few jitted programs per layer shape (the old

@@ -321,6 +321,7 @@ def test_eval_is_data_parallel_over_local_devices(converted):
     assert lines[1] == lines[4] and "(n=10;" in lines[1]
 
 
+@pytest.mark.slow
 def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
     main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8", "--method",
           "rtn", "--epochs", "5", "--out", str(tmp_path / "q")])
@@ -365,6 +366,7 @@ def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypat
     assert top1["--params", "float32"] > 80
 
 
+@pytest.mark.slow
 def test_eval_refuses_int_mode_for_a_per_token_dynamic_checkpoint(tmp_path):
     q = tmp_path / "dynamic"
     main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",

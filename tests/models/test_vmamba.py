@@ -116,6 +116,7 @@ def test_every_projection_is_a_token_major_dense(micro, micro_calls):
     assert op["A_logs"].shape == (NUM_DIRECTIONS, 16, 1) and op["Ds"].shape == (NUM_DIRECTIONS, 16)
 
 
+@pytest.mark.slow
 def test_x_proj_k_and_dt_proj_k_see_direction_k_in_scan_order(micro, micro_calls):
     """A per-token scale of x_proj_k / dt_proj_k indexes the tokens of scan order k."""
     model = micro[0]

@@ -137,6 +137,7 @@ def blockwise_forward(model: VMamba, params: dict, images: np.ndarray) -> jax.Ar
 
 
 @pytest.mark.parametrize("case", sorted(REDUCED_BASE))
+@pytest.mark.slow
 def test_reduced_checkpoint_matches_official(case: str) -> None:
     """Official .pth -> torch-free reader -> yacs config -> converter -> logits, for both
     weight sets; then one block and one downsample alone on an H=5, W=7 grid, where a
