@@ -1,20 +1,95 @@
-"""Suite-wide fixtures."""
+"""Suite-wide settings and fixtures.
+
+Two costs dominate the suite on a CPU: XLA compiles, and the memory mappings that compiled
+programs keep. Both are handled here, once for every test module:
+
+- A persistent compilation cache for the session (a fresh temporary directory, also given to
+  the subprocesses the tests start through ``JAX_COMPILATION_CACHE_DIR``): a program compiled
+  again, by a new ``jax.jit`` wrapper, after ``jax.clear_caches()`` or in another process, is
+  read back instead of recompiled.
+- Compiled programs are dropped only when the process holds many memory mappings. Every CPU
+  executable maps its code; the suite compiles thousands of programs (interpret-mode kernels
+  among them, large ones), and kept alive to the end they crashed XLA's CPU compiler late in
+  the suite (SIGABRT, then SIGSEGV), as happens when ``vm.max_map_count`` is exhausted.
+"""
+
+from __future__ import annotations
 
 import gc
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 
+# Programs that compile faster than this are not written to the cache (nearly free to redo).
+_CACHE_MIN_COMPILE_SECS = 0.2
+# Clear compiled programs once the process maps more than this share of vm.max_map_count.
+_MAPS_CLEAR_FRACTION = 0.4
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop the XLA programs a test module compiled once it ends.
 
-    The whole suite runs in one process and compiles thousands of programs (interpret-mode
-    kernels among them, large ones); kept alive to the end, they crashed XLA's CPU compiler
-    late in the suite (2026-11-28: SIGABRT, then SIGSEGV, both in tests/test_int_mode.py, which
-    passes on its own). Later modules recompile what they share, at a small cost.
+def _start_compilation_cache() -> Path | None:
+    """Point JAX, and every process the tests start, at a cache directory for this session.
+
+    A directory the caller already set in ``JAX_COMPILATION_CACHE_DIR`` is used and kept;
+    otherwise a temporary one is made and removed at the end of the session (CI runs start
+    empty, and a fresh cache keeps compile-counting tests meaningful).
     """
-    yield
+    given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="ptq4vm-tests-jax-cache-"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(_CACHE_MIN_COMPILE_SECS))
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    return None if given else path
+
+
+_OWN_CACHE = _start_compilation_cache()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def _map_count_limit() -> int | None:
+    """How many mappings trigger a clear; None where /proc is not there."""
+    try:
+        return int(int(Path("/proc/sys/vm/max_map_count").read_text()) * _MAPS_CLEAR_FRACTION)
+    except (OSError, ValueError):
+        return None
+
+
+def _map_count() -> int:
+    with open("/proc/self/maps", "rb") as maps:
+        return sum(1 for _ in maps)
+
+
+_MAP_LIMIT = _map_count_limit()
+
+
+def _clear_compiled_programs() -> None:
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_when_maps_run_high():
+    """After a test, drop the XLA programs compiled so far if they hold too many mappings.
+
+    Later tests recompile (or read from the session's cache) what they share.
+    """
+    yield
+    if _MAP_LIMIT is not None and _map_count() > _MAP_LIMIT:
+        _clear_compiled_programs()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_per_module_without_proc():
+    """Where mappings cannot be counted, drop compiled programs after every module."""
+    yield
+    if _MAP_LIMIT is None:
+        _clear_compiled_programs()

@@ -248,6 +248,7 @@ def test_damaged_tree(tmp_path, params):
         load_params(tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_a_damaged_tree_gives_one_error_and_no_tracebacks(tmp_path, params):
     """Orbax left TensorStore reads running onto a closed event loop ("Event loop is closed"), or as
     failed tasks and futures nobody awaited (asyncio's "... exception was never retrieved"): dozens

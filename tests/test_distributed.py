@@ -1,5 +1,12 @@
-"""Multi-device checks run in subprocesses: XLA's host device count is fixed at jax import."""
+"""Multi-device checks run in subprocesses: XLA's host device count is fixed at jax import.
 
+Starting JAX costs seconds per process, so the subprocesses are started once per module, all at
+the same time: one process with four devices, and one pair of processes joined by
+``jax.distributed`` that runs every two-process check (its own rows back, then the CLI's eval for
+each ``--limit`` of the tests below).
+"""
+
+import json
 import os
 import socket
 import subprocess
@@ -43,8 +50,12 @@ FOUR_DEVICES = textwrap.dedent("""
     print("FOUR_DEVICES_OK")
 """)
 
+EVAL_LIMITS = ("300", "1")  # "1": one host's share is empty
+
 TWO_PROCESSES = textwrap.dedent("""
+    import contextlib, io, json, sys
     import jax, numpy as np
+    from ptq4vm_jax.cli import ASSETS, main
     from ptq4vm_jax.distributed import data_parallel, maybe_initialize_distributed
 
     assert maybe_initialize_distributed()
@@ -55,15 +66,14 @@ TWO_PROCESSES = textwrap.dedent("""
     # Each process brings its own 5 rows; it must get back exactly its own 5 results.
     x = np.random.default_rng(jax.process_index()).normal(size=(5, 4)).astype(np.float32)
     np.testing.assert_allclose(data_parallel(fn, w)(x), x @ w, rtol=1e-6)
-    print("PROCESS_OK", jax.process_index())
-""")
-
-
-TWO_PROCESS_EVAL = textwrap.dedent("""
-    import sys
-    from ptq4vm_jax.cli import ASSETS, main
-    main(["eval", "--params", str(ASSETS / "vim_micro"), "--data", "digits:test", "--batch-size", "32",
-          "--limit", sys.argv[1]])
+    print("PROCESS_OK", jax.process_index(), flush=True)
+    # The CLI's eval on the same two processes (it finds jax.distributed joined), once per limit.
+    for limit in sys.argv[1:]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main(["eval", "--params", str(ASSETS / "vim_micro"), "--data", "digits:test",
+                  "--batch-size", "32", "--limit", limit])
+        print("EVAL", limit, json.dumps(out.getvalue()), flush=True)
 """)
 
 
@@ -78,30 +88,45 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_sharded_forward_on_four_devices_matches_unsharded():
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FOUR_DEVICES_OK" in proc.stdout
-
-
-def test_two_processes_each_get_their_own_rows():
+@pytest.fixture(scope="module")
+def launched():
+    """Start the four-device process and the two-process pair together; their (rc, out, err)."""
+    four = subprocess.Popen([sys.executable, "-c", FOUR_DEVICES], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     port = _free_port()
-    procs = [
+    pair = [
         subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESSES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
+            [sys.executable, "-c", TWO_PROCESSES, *EVAL_LIMITS], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
                      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                      JAX_PROCESS_ID=str(i)),
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, err[-3000:]
-        assert f"PROCESS_OK {i}" in out
+    try:
+        done = {name: (p, *p.communicate(timeout=300)) for name, p in
+                (("four", four), ("pair0", pair[0]), ("pair1", pair[1]))}
+    finally:
+        for p in (four, *pair):
+            p.kill()
+    return {name: (p.returncode, out, err) for name, (p, out, err) in done.items()}
+
+
+@pytest.mark.slow  # subprocesses
+def test_sharded_forward_on_four_devices_matches_unsharded(launched):
+    rc, out, err = launched["four"]
+    assert rc == 0, err[-3000:]
+    assert "FOUR_DEVICES_OK" in out
+
+
+@pytest.mark.slow  # subprocesses
+def test_two_processes_each_get_their_own_rows(launched):
+    for i in range(2):
+        rc, out, err = launched[f"pair{i}"]
+        assert rc == 0, err[-3000:]
+        assert f"PROCESS_OK {i}" in out.splitlines()
 
 
 def test_initialize_is_a_no_op_without_launch_variables(monkeypatch):
@@ -140,8 +165,9 @@ def test_single_device_default_needs_no_padding():
         shard_batch(np.float32(1.0), mesh)
 
 
-@pytest.mark.parametrize("limit", ["300", "1"])  # "1": one host's share is empty
-def test_two_process_eval_splits_the_data_and_sums_the_counts(limit, capsys):
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("limit", EVAL_LIMITS)
+def test_two_process_eval_splits_the_data_and_sums_the_counts(limit, launched, capsys):
     """Each host evaluates its own half; both print the metrics of the whole, as one process does."""
     from ptq4vm_jax.cli import ASSETS, main
 
@@ -149,22 +175,12 @@ def test_two_process_eval_splits_the_data_and_sums_the_counts(limit, capsys):
           "--limit", limit])
     single = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"(n={limit}; vim_micro float)" in single
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESS_EVAL, limit], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                     JAX_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
     counts = []
-    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, err[-3000:]
-        *_, share, metrics = out.strip().splitlines()
+    for i in range(2):
+        rc, out, err = launched[f"pair{i}"]
+        assert rc == 0, err[-3000:]
+        evals = dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("EVAL "))
+        *_, share, metrics = json.loads(evals[limit]).strip().splitlines()
         assert metrics == single
         assert share.startswith(f"process {i} of 2: ")
         counts.append(int(share.split(": ")[1].split()[0]))

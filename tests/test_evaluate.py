@@ -217,6 +217,7 @@ def test_paired_top1_rejects_mismatched_lengths():
         paired_top1(y, y - 1, y)  # predictions get no hint about unlabelled splits
 
 
+@pytest.mark.slow
 def test_bundled_vim_micro_reaches_its_logged_accuracy():
     params, meta = load_params(REPO / "ptq4vm_jax" / "assets" / "vim_micro", model_name="vim_micro")
     out = _digits_top1("vim_micro", params)
@@ -225,6 +226,7 @@ def test_bundled_vim_micro_reaches_its_logged_accuracy():
     assert out["top1"] >= 95.0
 
 
+@pytest.mark.slow
 def test_train_micro_script_trains_saves_and_logs(tmp_path):
     spec = importlib.util.spec_from_file_location("train_micro", REPO / "experiments" / "train_micro.py")
     train_micro = importlib.util.module_from_spec(spec)

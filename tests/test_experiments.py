@@ -13,6 +13,7 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark rows end to end in the interpreters
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,7 @@ from ptq4vm_jax.quant import integer
 from ptq4vm_jax.quant.integer import gemm_backend_for, int_linear, is_hopper
 from ptq4vm_jax.quant.layer import simulate_int_linear
 
+pytestmark = pytest.mark.slow  # whole models through every integer GEMM, interpreters included
 
 @pytest.fixture(scope="module")
 def micro():

@@ -46,6 +46,7 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow
 def test_round_trip_gives_bit_identical_outputs(qparams, model_params_images, tmp_path):
     model, _, images = model_params_images
     save_quantized(tmp_path / "q", qparams)
@@ -58,6 +59,7 @@ def test_round_trip_gives_bit_identical_outputs(qparams, model_params_images, tm
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_int_mode_matches_fake_mode(qparams, model_params_images):
     model, _, images = model_params_images
     fake = np.asarray(quantized_apply(model, qparams, images, mode="fake"))
@@ -65,6 +67,7 @@ def test_int_mode_matches_fake_mode(qparams, model_params_images):
     assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
 
 
+@pytest.mark.slow
 def test_four_bit_weights_are_packed(qparams):
     layer = qparams.qlayers["layers_0"]["mixer"]["in_proj"]
     k = layer.smooth.shape[0]
@@ -72,6 +75,7 @@ def test_four_bit_weights_are_packed(qparams):
     assert rows == ((k + 1) // 2 if qparams.config.w_bits == 4 else k)
 
 
+@pytest.mark.slow
 def test_metadata_describes_the_layout(qparams, tmp_path):
     meta = save_quantized(tmp_path / "q", qparams)
     on_disk = json.loads((tmp_path / "q" / "metadata.json").read_text())
@@ -83,6 +87,7 @@ def test_metadata_describes_the_layout(qparams, tmp_path):
     assert meta["model_name"] == MODEL
 
 
+@pytest.mark.slow
 def test_loading_explains_what_is_wrong(qparams, model_params_images, tmp_path):
     _, params, _ = model_params_images
     save_params(tmp_path / "float", params, model_name=MODEL)
@@ -122,6 +127,7 @@ def test_arrays_that_differ_from_their_digest_are_refused_by_name(saved_w4a8, tm
         load_quantized(path)
 
 
+@pytest.mark.slow
 def test_corrupt_values_are_refused(qparams, tmp_path):
     layer = qparams.qlayers["layers_0"]["mixer"]["out_proj"]
     bad_layer = dataclasses.replace(layer, a_zero=layer.a_zero.at[0].set(-3))
@@ -132,6 +138,7 @@ def test_corrupt_values_are_refused(qparams, tmp_path):
         load_quantized(tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_out_of_range_weight_codes_are_refused(qparams, tmp_path):
     """One code just outside [-qmax, qmax]; for packed 4-bit weights a low nibble of -8."""
     w_bits = qparams.config.w_bits
@@ -269,6 +276,7 @@ def test_save_quantized_refuses_float_params(model_params_images, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_vim_tiny_w8a8_checkpoint_is_well_under_half_the_float_size(tmp_path):
     model = create_model("vim_tiny")
     images = np.asarray(jax.random.normal(jax.random.key(0), (2, 224, 224, 3)))

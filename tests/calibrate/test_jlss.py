@@ -73,6 +73,7 @@ def test_cosine_loss_hand_values():
     np.testing.assert_allclose(cosine_loss(t, o, -1), (1 - 2**-0.5 + 2) / 2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_learning_lowers_every_block_loss(ptq4vm):
     stages = ptq4vm.summary["stages"]
     assert [s["name"] for s in stages] == ["layers_0", "layers_1"]
@@ -80,6 +81,7 @@ def test_learning_lowers_every_block_loss(ptq4vm):
         assert s["loss_final"] < s["loss_init"], s
 
 
+@pytest.mark.slow
 def test_default_placement_is_the_six_mixer_linears(ptq4vm):
     names = {"/".join(p) for p in quantized_layers(ptq4vm)}
     want = {f"layers_{i}/mixer/{n}" for i in range(2)
@@ -90,6 +92,7 @@ def test_default_placement_is_the_six_mixer_linears(ptq4vm):
     assert "head" in ptq4vm.params and "conv1d" in ptq4vm.params["layers_0"]["mixer"]
 
 
+@pytest.mark.slow
 def test_integer_state_layout(ptq4vm):
     layer = to_arrays(ptq4vm.qlayers["layers_1"]["mixer"]["dt_proj"])
     assert layer["w_int"].dtype == jnp.int8 and layer["a_zero"].dtype == jnp.int32
@@ -101,6 +104,7 @@ def test_integer_state_layout(ptq4vm):
     assert int(layer["a_zero"].min()) >= 0 and int(layer["a_zero"].max()) <= a_codes_max
 
 
+@pytest.mark.slow
 def test_integer_form_reproduces_the_learned_train_form(setup, ptq4vm):
     """The stored (w_int, w_scale) must give the forward JLSS optimised (float kernel, σ, s_w)."""
     model, params, images = setup
@@ -114,6 +118,7 @@ def test_integer_form_reproduces_the_learned_train_form(setup, ptq4vm):
     assert not np.allclose(q, model.apply({"params": params}, images), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
     _, params, images = setup
     pts = quantize_params(params, images, model=MODEL,
@@ -140,6 +145,7 @@ def test_pts_only_keeps_initial_state_and_inner_proj_flag(setup, ptq4vm):
         np.testing.assert_array_equal(q_all[path]["a_zero"], q_pts[path]["a_zero"], err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_frozen_inner_projections_pass_gradients_as_float_layers(setup, monkeypatch, fresh_programs):
     """``train_inner_proj=False`` (the released Vim recipe, docs/method.md §6.4): x_proj/dt_proj run
     quantized but hand back the float layer's input gradient, as the released fused backward."""
@@ -230,6 +236,7 @@ def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_one
         assert other != pytest.approx(want, rel=1e-2)
 
 
+@pytest.mark.slow
 def test_a_block_that_learning_makes_worse_keeps_its_initial_scales(setup):
     _, params, images = setup
     wild = dataclasses.replace(BASE, epochs=2, lr_w=1.0, lr_a=1.0, lr_s=1.0)  # overshoots
@@ -250,6 +257,7 @@ def test_a_block_that_learning_makes_worse_keeps_its_initial_scales(setup):
         assert not st["reverted"] and st["loss_final"] == st["loss_learned"] > st["loss_init"], st
 
 
+@pytest.mark.slow
 def test_rules_skip_first_block_and_quantize_head(setup):
     _, params, images = setup
     rules = (QuantRule(r"^layers_0/", quantize=False), QuantRule(r"^head$"), *DEFAULT_RULES["vim"])
@@ -261,6 +269,7 @@ def test_rules_skip_first_block_and_quantize_head(setup):
     assert "layers_1/mixer/in_proj" in names
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm, tmp_path):
     _, params, images = setup
 
@@ -292,6 +301,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup, ptq4vm,
                         resume_dir=str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_nan_during_learning_names_the_block(setup, monkeypatch, fresh_programs):
     _, params, images = setup
     # Divergence simulated by updates that poison the scales: step 0's loss is finite, step 1's NaN.
@@ -334,6 +344,7 @@ def test_an_interrupt_during_learning_closes_its_progress_bar(setup, monkeypatch
     assert bars[0][1].closed
 
 
+@pytest.mark.slow
 def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup, fresh_programs):
     """Every op run eagerly compiles an XLA program of its own the first time (about 0.1-0.3 s
     each on a GPU); calibration keeps its work in a few jitted programs per layer shape (the old
@@ -443,6 +454,7 @@ def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
                         config=dataclasses.replace(BASE, rules=DEFAULT_RULES["vmamba"]))
 
 
+@pytest.mark.slow
 def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     """Four virtual CPU devices calibrate as one does. The PTS initialisation (statistics and grid
     search over the sharded batch) gives the same state, every array of every layer, and block

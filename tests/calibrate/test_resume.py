@@ -83,6 +83,7 @@ def test_an_uninterrupted_resumable_run_replaces_as_counted(setup, tmp_path, mon
 
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
 @pytest.mark.parametrize("call", range(1, REPLACES + 1))
+@pytest.mark.slow
 def test_a_kill_at_any_replace_resumes_to_the_uninterrupted_result(setup, tmp_path, monkeypatch,
                                                                    call, after):
     with monkeypatch.context() as m:
@@ -178,6 +179,7 @@ def test_state_of_another_run_is_refused(setup, tmp_path):
         quantize_params(other, images, model=MODEL, config=CFG, resume_dir=str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_gives_the_uninterrupted_logits(setup, tmp_path, monkeypatch):
     """A kill between the two renames of the second save (the state of stage 2, progress.json
     of stage 1) once made the resumed run calibrate stage 2 again on its own output."""
@@ -190,6 +192,7 @@ def test_a_resumed_run_gives_the_uninterrupted_logits(setup, tmp_path, monkeypat
                                   quantized_apply(None, whole, images))
 
 
+@pytest.mark.slow
 def test_resumed_chains_stay_sharded_over_local_devices():
     """On four (virtual CPU) devices, the chains of a resumed run are data-parallel again."""
     import subprocess

@@ -27,6 +27,7 @@ from ptq4vm_jax.quant.layer import TrainLinear, intercept_dense, train_form
 from ptq4vm_jax.quant.params import to_arrays
 from ptq4vm_jax.trees import get_path, set_path
 
+pytestmark = pytest.mark.slow  # PTQ4VM with the official VMamba recipe, end to end
 MODEL = "vmamba_micro"
 ASSET = Path(__file__).resolve().parents[2] / "ptq4vm_jax" / "assets" / MODEL
 NUM_CALIB = 256  # the official calibration set size; the VMamba recipe (epochs, batch, lrs) is the default

@@ -36,6 +36,7 @@ def test_convert_writes_provenance(converted):
     assert meta["model_overrides"]["embed_dim"] == 32
 
 
+@pytest.mark.slow
 def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
     qdir = tmp_path / "w4a8"
     with tfds.testing.mock_data(num_examples=12):
@@ -87,6 +88,7 @@ def test_errors_are_explained(converted, tmp_path, capsys):
         main(["eval", "--params", str(converted), "--model-arg", "depth=2"])
 
 
+@pytest.mark.slow
 def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsys, monkeypatch):
     """Learning that diverges (updates that poison the scales; step 1's loss is NaN): the block
     and step are named in one line with the resume hint, and no checkpoint is written."""
@@ -108,6 +110,7 @@ def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsy
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_nan_in_the_float_checkpoint_is_named_before_calibration():
     import jax
     import numpy as np
@@ -126,6 +129,7 @@ def test_nan_in_the_float_checkpoint_is_named_before_calibration():
         quantize_params(params, never_read(), model="vim_nano", progress=False)
 
 
+@pytest.mark.slow
 def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, capsys):
     import shutil
 
@@ -219,6 +223,7 @@ def test_sigterm_stops_like_an_interrupt_and_says_so(tmp_path, capsys, monkeypat
     assert signal.getsignal(signal.SIGTERM) is before  # main gives the handler back
 
 
+@pytest.mark.slow
 def test_errors_name_the_flags_not_the_library_arguments(tmp_path, capsys):
     cases = [
         (["eval", "--params", str(MICRO), "--data", "digits:test", "--limit", "0"],
@@ -296,6 +301,7 @@ def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
               str(tmp_path / "tfds")])
 
 
+@pytest.mark.slow
 def test_eval_is_data_parallel_over_local_devices(converted):
     """Four virtual CPU devices give the same metrics as one (batch sharded, padding dropped)."""
     code = textwrap.dedent(f"""
@@ -318,6 +324,7 @@ def test_eval_is_data_parallel_over_local_devices(converted):
     assert lines[1] == lines[4] and "(n=10;" in lines[1]
 
 
+@pytest.mark.slow
 def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
     main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8", "--method",
           "rtn", "--epochs", "5", "--out", str(tmp_path / "q")])
@@ -326,6 +333,7 @@ def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
     assert "UserWarning" not in err
 
 
+@pytest.mark.slow
 def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypatch):
     """--dtype bfloat16 reaches the model both for a float and for a quantized checkpoint, and the
     line printed says so; the bf16 runs stay close to the float32 ones (vim_micro, digits)."""
@@ -361,6 +369,7 @@ def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypat
     assert top1["--params", "float32"] > 80
 
 
+@pytest.mark.slow
 def test_eval_refuses_int_mode_for_a_per_token_dynamic_checkpoint(tmp_path):
     q = tmp_path / "dynamic"
     main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
@@ -369,6 +378,7 @@ def test_eval_refuses_int_mode_for_a_per_token_dynamic_checkpoint(tmp_path):
         main(["eval", "--quantized", str(q), "--data", "digits:test", "--limit", "8", "--mode", "int"])
 
 
+@pytest.mark.slow
 def test_replacing_an_output_is_announced_and_foreign_resume_dirs_are_refused(tmp_path, capsys):
     q = tmp_path / "q"
     rtn = ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
@@ -392,6 +402,7 @@ def test_replacing_an_output_is_announced_and_foreign_resume_dirs_are_refused(tm
     assert os.listdir(mine) == ["notes.txt"] and not (tmp_path / "q3").exists()
 
 
+@pytest.mark.slow
 def test_a_run_whose_learning_diverges_says_so(tmp_path, capsys):
     main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "16",
           "--train-batch", "16", "--epochs", "2", "--lr-w", "1e30", "--lr-a", "1e30", "--lr-s", "1e30",

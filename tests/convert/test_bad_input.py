@@ -30,6 +30,7 @@ def _hint(path, **overrides) -> str:
     return msg[msg.index("hint:"):]
 
 
+@pytest.mark.slow
 def test_recorded_input_size_settles_the_stride():
     """args.input_size=48 with a 5x5 grid of 16-px patches means stride 8, not 80 px at stride 16."""
     hint = _hint(STRIDE8, img_size=48)
@@ -100,6 +101,7 @@ def test_model_names_are_exact_with_a_suggestion(name, want):
     (GOLDEN / "tiny_d64_l2_n16_img64.pth", "vmamba_tiny", "vim"),
     (GOLDEN.parent / "vmamba_golden" / "reduced_v2v.pth", "vim_tiny", "vmamba"),
 ])
+@pytest.mark.slow
 def test_a_checkpoint_of_the_other_family_is_named_as_such(path, model, family):
     """The size hint of the family asked for used to point at one of its own models (the head
     and patch-embed shapes fit); the key names decide the family first."""

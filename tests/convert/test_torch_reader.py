@@ -97,6 +97,7 @@ def test_views_and_shared_storage(tmp_path):
     assert got["t"][0, 0] != 1e9
 
 
+@pytest.mark.slow
 def test_training_checkpoint_extras_are_inert_data(tmp_path):
     model = torch.nn.Linear(3, 2)
     optim = torch.optim.AdamW(model.parameters())

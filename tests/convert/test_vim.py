@@ -113,6 +113,7 @@ def test_unknown_family_is_explained():
         family_spec("resnet")
 
 
+@pytest.mark.slow
 def test_convert_checkpoint_writes_a_float_checkpoint(tmp_path, vim_micro_params, vim_micro_official):
     src = tmp_path / "vim_micro_ema.pth"
     torch.save({"model_ema": _torch_sd(vim_micro_official), "epoch": 9}, src)

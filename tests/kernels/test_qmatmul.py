@@ -27,6 +27,7 @@ from pallas_kernels.qmatmul import (
     quantize_activations,
 )
 
+pytestmark = pytest.mark.slow  # Pallas kernels in the interpreter: compile-heavy
 SEQ = 197  # Vim token count at 224 px: not a power of two
 # On a GPU the same cases run the compiled kernels; elsewhere Pallas interpret mode.
 INTERPRET = jax.default_backend() != "gpu"

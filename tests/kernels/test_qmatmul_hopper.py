@@ -30,6 +30,7 @@ from pallas_kernels.qmatmul_hopper import (
     supports_wgmma,
 )
 
+pytestmark = pytest.mark.slow  # Mosaic GPU interpreter and CUDA lowering: compile-heavy
 SEQ = 197
 INTERPRET = jax.default_backend() != "gpu"
 

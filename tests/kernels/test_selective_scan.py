@@ -18,6 +18,7 @@ from pallas_kernels.selective_scan import (
 from ptq4vm_jax.ops import scan as scan_ops
 from ptq4vm_jax.ops.scan import selective_scan_ref
 
+pytestmark = pytest.mark.slow  # Pallas kernels in the interpreter: compile-heavy
 # On a GPU the same cases run the compiled kernels; elsewhere Pallas interpret mode.
 INTERPRET = jax.default_backend() != "gpu"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from ptq4vm_jax import create_model, load_torch_checkpoint
+from ptq4vm_jax.models.vim import VimBlock
 
 # Official constructor sizes of the registered full-size models.
 OFFICIAL_SIZES: dict[str, dict[str, int]] = {
@@ -92,6 +94,21 @@ def _our_logits(path: Path, model_name: str, images: np.ndarray, **overrides: in
     return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images)))
 
 
+def _our_logits_block_by_block(path: Path, model_name: str, images: np.ndarray) -> np.ndarray:
+    """``model.apply`` taken apart as its ``__call__`` runs it: embed, each block, classify.
+
+    The blocks of a model share their shapes, so one compiled block serves all 24; compiling
+    the whole unrolled model instead costs several times the rest of the test.
+    """
+    params = load_torch_checkpoint(path, model_name)
+    model = create_model(model_name)
+    carry = jax.jit(partial(model.apply, method="embed"))({"params": params}, jnp.asarray(images))
+    block = jax.jit(VimBlock(model.cfg).apply)
+    for i in range(model.cfg.depth):
+        carry = block({"params": params[f"layers_{i}"]}, *carry)
+    return np.asarray(jax.jit(partial(model.apply, method="classify"))({"params": params}, *carry))
+
+
 @pytest.mark.parametrize("case", MANIFEST["reduced"], ids=lambda c: c["name"])
 def test_reduced_official_checkpoint_matches_official_logits(case):
     # Official long names: also covers the alias path of the registry and the loader.
@@ -101,6 +118,7 @@ def test_reduced_official_checkpoint_matches_official_logits(case):
     assert err <= RTOL, f"{case['name']}: max |Δlogits| / max |ref| = {err:.2e} > {RTOL:.0e}"
 
 
+@pytest.mark.slow  # 224 px, depth 24
 @pytest.mark.parametrize("case", MANIFEST["full_size"], ids=lambda c: c["model_name"])
 def test_full_size_matches_official_logits(case, tmp_path):
     state_dict = official_random_state_dict(case["model_name"], seed=case["seed"])
@@ -108,8 +126,11 @@ def test_full_size_matches_official_logits(case, tmp_path):
     got_sum = float(sum(t.double().sum() for t in state_dict.values()))
     got_abs = float(sum(t.double().abs().sum() for t in state_dict.values()))
     assert sum(t.numel() for t in state_dict.values()) == want["num_params"]
-    assert math.isclose(got_sum, want["sum"], rel_tol=1e-9) and math.isclose(
-        got_abs, want["abs_sum"], rel_tol=1e-9
+    # torch's vectorised log can differ by one float32 ulp between CPU instruction sets (log(7) on
+    # AVX2, in every A_log row), which moves these sums by a few 1e-9 relative and the logits by
+    # far less than RTOL; a changed RNG stream or function moves them by about 1e-3.
+    assert math.isclose(got_sum, want["sum"], rel_tol=1e-7) and math.isclose(
+        got_abs, want["abs_sum"], rel_tol=1e-7
     ), (
         "official_random_state_dict no longer reproduces the weights the golden logits were made "
         f"with (sum {got_sum} vs {want['sum']}, abs sum {got_abs} vs {want['abs_sum']}): the torch "
@@ -119,7 +140,7 @@ def test_full_size_matches_official_logits(case, tmp_path):
     args = argparse.Namespace(model=case["official_name"], input_size=224, nb_classes=1000)
     torch.save({"model": state_dict, "args": args, "epoch": 1}, path)
     del state_dict
-    ours = _our_logits(path, case["model_name"], np.load(GOLDEN / case["inputs"]))
+    ours = _our_logits_block_by_block(path, case["model_name"], np.load(GOLDEN / case["inputs"]))
     err = _relative_error(ours, np.load(GOLDEN / case["logits"]))
     assert err <= RTOL, f"{case['model_name']}: max |Δlogits| / max |ref| = {err:.2e} > {RTOL:.0e}"
 

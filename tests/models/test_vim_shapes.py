@@ -6,6 +6,7 @@ from ptq4vm_jax import create_model
 from ptq4vm_jax.models import canonical_name
 
 
+@pytest.mark.slow
 def test_vim_micro_forward_shapes():
     model = create_model("vim_micro")
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

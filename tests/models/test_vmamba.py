@@ -84,6 +84,7 @@ def test_cross_scan_puts_positions_in_scan_order():
         assert got[k][0, :, 0].astype(int).tolist() == want[k], f"direction {k}"
 
 
+@pytest.mark.slow
 def test_cross_merge_returns_each_direction_to_its_position():
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
     weights = (1.0, 10.0, 100.0, 1000.0)  # a mis-placed direction cannot cancel out
@@ -91,6 +92,7 @@ def test_cross_merge_returns_each_direction_to_its_position():
     np.testing.assert_allclose(merged, sum(weights) * x.reshape(2, 15, 4), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_every_projection_is_a_token_major_dense(micro, micro_calls):
     model, params, _ = micro
     calls, logits = micro_calls
@@ -114,6 +116,7 @@ def test_every_projection_is_a_token_major_dense(micro, micro_calls):
     assert op["A_logs"].shape == (NUM_DIRECTIONS, 16, 1) and op["Ds"].shape == (NUM_DIRECTIONS, 16)
 
 
+@pytest.mark.slow
 def test_x_proj_k_and_dt_proj_k_see_direction_k_in_scan_order(micro, micro_calls):
     """A per-token scale of x_proj_k / dt_proj_k indexes the tokens of scan order k."""
     model = micro[0]

@@ -92,6 +92,7 @@ def test_every_problem_is_reported_by_name(official, tmp_path):
                      r"layers_2/blocks_0/mlp/fc1/kernel \(31, 128\), the model expects \(32, 128\)", msg)
 
 
+@pytest.mark.slow
 def test_the_size_hint_includes_what_the_recorded_config_says_and_can_be_followed(official, tmp_path):
     sd, _, name, overrides = official
     with pytest.raises(CheckpointMismatchError) as err:
@@ -121,6 +122,7 @@ def test_unsupported_official_configs_are_refused(official):
         config_overrides({"MODEL": {"TYPE": "vssm"}})
 
 
+@pytest.mark.slow
 def test_the_checkpoints_training_config_is_checked(official, tmp_path):
     """Settings shapes cannot show: an unsupported one, or one our model would differ in."""
     sd, config, name, overrides = official

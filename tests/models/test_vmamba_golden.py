@@ -137,6 +137,7 @@ def blockwise_forward(model: VMamba, params: dict, images: np.ndarray) -> jax.Ar
 
 
 @pytest.mark.parametrize("case", sorted(REDUCED_BASE))
+@pytest.mark.slow
 def test_reduced_checkpoint_matches_official(case: str) -> None:
     """Official .pth -> torch-free reader -> yacs config -> converter -> logits, for both
     weight sets; then one block and one downsample alone on an H=5, W=7 grid, where a
@@ -154,12 +155,15 @@ def test_reduced_checkpoint_matches_official(case: str) -> None:
 
     cfg, stage = model.cfg, load_torch_checkpoint(path, REDUCED_BASE[case], **overrides)["layers_1"]
     assert io["block_input"].shape[1:3] == (5, 7)
-    block = VSSBlock(cfg, cfg.stage_dims[1]).apply({"params": stage["blocks_0"]}, io["block_input"])
+    # Jitted: one program each instead of one per op.
+    block = jax.jit(VSSBlock(cfg, cfg.stage_dims[1]).apply)({"params": stage["blocks_0"]}, io["block_input"])
     assert_logits_close(block, io["block_output"])
-    down = Downsample(cfg, cfg.stage_dims[2]).apply({"params": stage["downsample"]}, io["block_input"])
+    down = jax.jit(Downsample(cfg, cfg.stage_dims[2]).apply)({"params": stage["downsample"]},
+                                                             io["block_input"])
     assert_logits_close(down, io["downsample_output"])
 
 
+@pytest.mark.slow  # 224 px, official depths
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_full_size_matches_official(name: str) -> None:
     meta = META["full_size"]

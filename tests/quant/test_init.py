@@ -102,6 +102,7 @@ FIXED = ([1.0, 1.0, 4.0 / 3.0], [0, 3, 0])
 OFFICIAL_4 = ([0.75, 0.75, 3.25 / 3.0], [0, 3, 0])
 
 
+@pytest.mark.slow
 def test_act_grid_search_per_token_fixed_vs_official():
     x = _tokens(ROWS, SMOOTH_A)
     for (s, z), expected in [
@@ -114,6 +115,7 @@ def test_act_grid_search_per_token_fixed_vs_official():
         np.testing.assert_array_equal(z, expected[1])
 
 
+@pytest.mark.slow
 def test_act_grid_official_keeps_a_degenerate_candidate():
     # one row: -100 and 127 ones, 2 bit, n_grid 4.
     # official: a=.25 range [-74.75, -24.25] puts the ones at -16.8 (score ~1030); a=1 is the
@@ -140,6 +142,7 @@ def test_act_grid_rejects_bad_options():
         qi.init_act_scale(np.ones(4, np.float32), np.ones(4, np.float32), 4)
 
 
+@pytest.mark.slow
 def test_act_grid_search_memory_stays_near_the_input_size():
     """Vim-B x_proj input (256, 197, 1536) fp32 is 296 MiB; the search must not hold copies per candidate."""
     shape = (256, 197, 1536)
@@ -153,6 +156,7 @@ def test_act_grid_search_memory_stays_near_the_input_size():
     assert compiled.memory_analysis().temp_size_in_bytes <= 3 * input_bytes
 
 
+@pytest.mark.slow
 def test_minmax_baselines():
     kernel = np.array([[0.375, -2.0, 5.0], [0.25, 1.75, -9.0]], np.float32)
     smooth = np.array([2.0, 0.5], np.float32)

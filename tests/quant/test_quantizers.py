@@ -48,6 +48,7 @@ def test_bad_bits_are_rejected(bits):
         qz.fake_quant_act(X, SMOOTH_A, A_SCALE, A_ZERO, bits)
 
 
+@pytest.mark.slow
 def test_round_ste_rounds_half_to_even_with_identity_gradient():
     x = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, 1.2, -2.7])
     np.testing.assert_array_equal(qz.round_ste(x), [0.0, 2.0, 2.0, -0.0, -2.0, 1.0, -3.0])
@@ -110,6 +111,7 @@ def test_fake_quant_act_values():
     np.testing.assert_array_equal(qz.fake_quant_act(X, SMOOTH_A, A_SCALE, A_ZERO, 4), X_HAT)
 
 
+@pytest.mark.slow
 def test_fake_quant_act_gradients():
     g = G2x3[None]
 
@@ -177,6 +179,7 @@ def test_integer_forms_of_the_hand_examples():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.slow
 def test_integer_forms_equal_fake_forms_bit_exactly(bits):
     rng = np.random.default_rng(bits)
     n, length, c_in, c_out = 2, 5, 16, 8
