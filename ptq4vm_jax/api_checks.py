@@ -13,19 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq4vm_jax.checkpoint import nonfinite_report
+from ptq4vm_jax.checkpoint import nonfinite_report, tree_mismatches
 from ptq4vm_jax.models import canonical_name, image_shape, model_family
 from ptq4vm_jax.ops.scan import check_scan_backend
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantRule, deciding_rule, path_str
 from ptq4vm_jax.trees import flatten_tree
 
 Path = tuple[str, ...]
-
-
-def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """"/"-joined leaf path -> shape, for any pytree."""
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
-            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_params(net: nn.Module, params: Any, name: str) -> None:
@@ -38,9 +32,9 @@ def check_params(net: nn.Module, params: Any, name: str) -> None:
         raise TypeError(f"params must be the param tree of {name} (a dict, e.g. variables['params']), "
                         f"got {type(params).__name__}{hint}")
     images = jax.ShapeDtypeStruct(image_shape(net), jnp.float32)
-    want = leaf_shapes(jax.eval_shape(net.init, jax.random.key(0), images)["params"])
-    got = leaf_shapes(params)
-    if got == want:
+    abstract = jax.eval_shape(net.init, jax.random.key(0), images)["params"]
+    problems = tree_mismatches(params, abstract, dtypes=False)
+    if not problems:
         flat = flatten_tree(params)
         dtypes = {p: getattr(v, "dtype", None) or np.asarray(v).dtype for p, v in flat.items()}
         integer = [f"{p} ({d})" for p, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating)]
@@ -53,12 +47,8 @@ def check_params(net: nn.Module, params: Any, name: str) -> None:
             raise ValueError(f"the float params of {name} hold NaN/inf values ({'; '.join(broken[:5])}): "
                              "the checkpoint itself is broken, calibration cannot fix it")
         return
-    if got and all(p.startswith("params/") for p in got):
+    if list(params) == ["params"]:
         raise ValueError(f"params for {name} are wrapped in {{'params': ...}}: pass variables['params']")
-    problems = [f"{p}: {got[p]}, expected {want[p]}" for p in sorted(got.keys() & want.keys())
-                if got[p] != want[p]]
-    problems += [f"missing {p} {want[p]}" for p in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected {p} {got[p]}" for p in sorted(got.keys() - want.keys())]
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
     raise ValueError(
         f"params do not fit {name} ({len(problems)} problems):\n  " + "\n  ".join(problems[:12]) + more

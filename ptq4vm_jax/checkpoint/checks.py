@@ -21,16 +21,21 @@ def abstract_params(model_name: str, **overrides: Any) -> dict[str, Any]:
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
 
-def tree_mismatches(tree: Mapping[str, Any], abstract: Mapping[str, Any]) -> list[str]:
-    """Every leaf of ``tree`` (anything with .shape/.dtype) that differs from ``abstract``, by path."""
+def tree_mismatches(tree: Mapping[str, Any], abstract: Mapping[str, Any], *,
+                    dtypes: bool = True) -> list[str]:
+    """Every leaf of ``tree`` (anything with .shape/.dtype) that differs from ``abstract``, by path;
+    ``dtypes=False`` compares shapes only."""
     have, want = flatten_tree(tree), flatten_tree(abstract)
-    problems = [f"missing {p} {tuple(want[p].shape)}" for p in want if p not in have]
-    problems += [f"unexpected {p} {tuple(have[p].shape)}" for p in have if p not in want]
+    problems = [f"missing {p} {tuple(np.shape(want[p]))}" for p in want if p not in have]
+    problems += [f"unexpected {p} {tuple(np.shape(have[p]))}" for p in have if p not in want]
     for p in have.keys() & want.keys():
-        got = (tuple(have[p].shape), np.dtype(have[p].dtype))
-        exp = (tuple(want[p].shape), np.dtype(want[p].dtype))
-        if got != exp:
-            problems.append(f"{p}: {got[0]} {got[1]}, expected {exp[0]} {exp[1]}")
+        got, exp = tuple(np.shape(have[p])), tuple(np.shape(want[p]))
+        if dtypes:
+            got_t, exp_t = np.dtype(have[p].dtype), np.dtype(want[p].dtype)
+            if (got, got_t) != (exp, exp_t):
+                problems.append(f"{p}: {got} {got_t}, expected {exp} {exp_t}")
+        elif got != exp:
+            problems.append(f"{p}: {got}, expected {exp}")
     return sorted(problems)
 
 
