@@ -124,9 +124,10 @@ def _expected_tree(name: str, overrides: Mapping[str, Any], specs: Mapping[str, 
     tokens = {}
     for layer, leaves in specs.items():
         a_scale = leaves.get("a_scale")
-        if a_scale is None or len(a_scale.shape) != 1 or a_scale.shape[0] < 1:
-            shape = None if a_scale is None else a_scale.shape
-            raise wrong(f"{layer}/a_scale must have shape (tokens,), got {shape}")
+        if a_scale is None:
+            raise wrong(f"{layer} lacks ['a_scale']")
+        if len(a_scale.shape) != 1 or a_scale.shape[0] < 1:
+            raise wrong(f"{layer}/a_scale must have shape (tokens,), got {a_scale.shape}")
         tokens[tuple(layer.split("/"))] = a_scale.shape[0]
     try:
         want = abstract_checkpoint(name, overrides, tokens, config)

@@ -342,6 +342,7 @@ def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypat
     import ptq4vm_jax
     from ptq4vm_jax import api
     from ptq4vm_jax.models import registry
+    from ptq4vm_jax.quant import params as quant_params
 
     built = []
 
@@ -351,6 +352,7 @@ def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(ptq4vm_jax, "create_model", spy)
     monkeypatch.setattr(api, "create_model", spy)
+    monkeypatch.setattr(quant_params, "create_model", spy)  # QuantizedParams.model()
     q = tmp_path / "q"
     main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "64",
           "--method", "rtn", "--out", str(q)])
