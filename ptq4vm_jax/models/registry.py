@@ -10,6 +10,13 @@ from typing import Any
 import flax.linen as nn
 
 from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.models.local_vim import (
+    SMALL_DIRECTIONS,
+    TINY_DIRECTIONS,
+    LocalVimConfig,
+    LocalVisionMamba,
+    local_vim_blockwise,
+)
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba, vim_blockwise
 from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig, vmamba_blockwise
 
@@ -101,6 +108,38 @@ _VMAMBA_ALIASES = {
 }
 
 
+def _local_vim(**defaults: Any) -> Callable[..., nn.Module]:
+    def build(**overrides: Any) -> nn.Module:
+        fields = {f.name for f in dataclasses.fields(LocalVimConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown LocalVim argument(s) {unknown}; accepted: {sorted(fields)}")
+        args = {**defaults, **overrides}
+        if "depth" in overrides and "directions" not in overrides:
+            # as the official constructor does: layer i takes the builder's directions[i]
+            depth, listed = args["depth"], defaults["directions"]
+            if isinstance(depth, int) and depth > len(listed):
+                raise ValueError(f"depth {depth} is more than the {len(listed)} layers whose scan "
+                                 "directions this model lists; pass directions= for every layer")
+            if isinstance(depth, int) and depth > 0:
+                args["directions"] = listed[:depth]
+        return LocalVisionMamba(LocalVimConfig(**args))
+
+    return build
+
+
+register_blockwise(LocalVisionMamba, local_vim_blockwise)
+register("local_vim_tiny", "local_vim", _local_vim(embed_dim=192, directions=TINY_DIRECTIONS))
+register("local_vim_small", "local_vim", _local_vim(embed_dim=384, directions=SMALL_DIRECTIONS))
+register("local_vim_tiny_midcls", "local_vim",
+         _local_vim(embed_dim=192, directions=TINY_DIRECTIONS, rope=False, cls_token=True))
+# Untrained micro config for tests: a 4x4 grid, a window that pads it (w3) and one that does not.
+register("local_vim_micro", "local_vim",
+         _local_vim(img_size=32, patch_size=8, embed_dim=32, depth=2, d_state=8, num_classes=10,
+                    directions=(("h", "v_flip", "w3", "w2_flip"), ("h_flip", "v", "w2", "w3_flip"))))
+_LOCAL_VIM_ALIASES = {"local_vim_tiny_middle_cls_token": "local_vim_tiny_midcls"}
+
+
 def canonical_name(name: str) -> str:
     """Official long names map to our short ones; unknown names raise with the list and a close match.
 
@@ -113,9 +152,11 @@ def canonical_name(name: str) -> str:
             return short
     if name in _VMAMBA_ALIASES:
         return _VMAMBA_ALIASES[name]
+    if name in _LOCAL_VIM_ALIASES:
+        return _LOCAL_VIM_ALIASES[name]
     if name not in _REGISTRY:
         known = list_models()
-        spellings = {n.lower(): n for n in (*_REGISTRY, *_VMAMBA_ALIASES)}
+        spellings = {n.lower(): n for n in (*_REGISTRY, *_VMAMBA_ALIASES, *_LOCAL_VIM_ALIASES)}
         close = difflib.get_close_matches(name.lower(), spellings, n=1, cutoff=0.8)
         guess = ""
         if close:
