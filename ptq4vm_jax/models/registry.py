@@ -133,10 +133,6 @@ register("local_vim_tiny", "local_vim", _local_vim(embed_dim=192, directions=TIN
 register("local_vim_small", "local_vim", _local_vim(embed_dim=384, directions=SMALL_DIRECTIONS))
 register("local_vim_tiny_midcls", "local_vim",
          _local_vim(embed_dim=192, directions=TINY_DIRECTIONS, rope=False, cls_token=True))
-# Untrained micro config for tests: a 4x4 grid, a window that pads it (w3) and one that does not.
-register("local_vim_micro", "local_vim",
-         _local_vim(img_size=32, patch_size=8, embed_dim=32, depth=2, d_state=8, num_classes=10,
-                    directions=(("h", "v_flip", "w3", "w2_flip"), ("h_flip", "v", "w2", "w3_flip"))))
 _LOCAL_VIM_ALIASES = {"local_vim_tiny_middle_cls_token": "local_vim_tiny_midcls"}
 
 
