@@ -10,6 +10,12 @@ from typing import Any
 import flax.linen as nn
 
 from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.models.local_vmamba import (
+    SMALL_DIRECTIONS,
+    LocalVMamba,
+    LocalVMambaConfig,
+    local_vmamba_blockwise,
+)
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba, vim_blockwise
 from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig, vmamba_blockwise
 
@@ -99,6 +105,30 @@ _VMAMBA_ALIASES = {
     "vssm1_tiny_0230": "vmambav2_tiny_224", "vssm1_small_0229": "vmambav2_small_224",
     "vssm1_base_0229": "vmambav2_base_224",
 }
+
+
+def _local_vmamba(**defaults: Any) -> Callable[..., nn.Module]:
+    def build(**overrides: Any) -> nn.Module:
+        fields = {f.name for f in dataclasses.fields(LocalVMambaConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown LocalVMamba argument(s) {unknown}; accepted: {sorted(fields)}")
+        return LocalVMamba(LocalVMambaConfig(**{**defaults, **overrides}))
+
+    return build
+
+
+register_blockwise(LocalVMamba, local_vmamba_blockwise)
+register("local_vmamba_tiny", "local_vmamba", _local_vmamba())
+register("local_vmamba_small", "local_vmamba",
+         _local_vmamba(depths=(2, 2, 27, 2), directions=SMALL_DIRECTIONS))
+# An untrained micro config for tests: 8/4/2/1-token grids at 32 px, windows that pad (w3 on 8x8).
+register("local_vmamba_micro", "local_vmamba", _local_vmamba(
+    img_size=32, depths=(1, 1, 2, 1), dims=16, ssm_d_state=4, num_classes=10,
+    directions=(("h", "v_flip", "w3", "w2_flip"), ("h_flip", "v", "w2", "w3_flip"),
+                ("h", "h_flip", "w2", "w2_flip"), ("v", "v_flip", "w3", "w3_flip"),
+                ("h", "v", "w2", "w2_flip"))))
+_VMAMBA_ALIASES.update({"local_vssm_tiny": "local_vmamba_tiny", "local_vssm_small": "local_vmamba_small"})
 
 
 def canonical_name(name: str) -> str:
