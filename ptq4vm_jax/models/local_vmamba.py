@@ -278,8 +278,11 @@ class SS2D(nn.Module):
         scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k,
                                                                 backend=c.scan)
         ys = jax.vmap(scan)(f32(us), f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32))
-        # Back to row-major (padded positions dropped), each direction gated on its own, summed.
-        y = sum(self.attn(ys[k][:, reverses[k]]) for k in range(len(self.directions)))
+        # Back to row-major (padded positions dropped), each direction gated on its own (one
+        # call, the directions stacked on the batch axis), summed.
+        k = len(self.directions)
+        y = jnp.stack([ys[i][:, reverses[i]] for i in range(k)]).reshape(k * b, tokens, -1)
+        y = self.attn(y).reshape(k, b, tokens, -1).sum(axis=0)
         y = self.out_norm(y) * nn.silu(z.astype(jnp.float32))
         return self.out_proj(y.astype(c.dtype)).reshape(b, h, w, self.dim)
 
