@@ -85,9 +85,9 @@ def test_nonfinite_weights_are_refused_by_name(tmp_path, vim_micro_official, bar
 
 @pytest.mark.parametrize("name, want", [
     ("Vim_Tiny", r"unknown model name 'Vim_Tiny' \(did you mean 'vim_tiny'\? Names are case-sensitive.\)"),
-    ("vim_tinny", r"unknown model name 'vim_tinny' \(did you mean 'vim_tiny'\?\); known models: vim_base"),
+    ("vim_tinny", r"unknown model name 'vim_tinny' \(did you mean 'vim_tiny'\?\); known models: .*vim_base"),
     ("VSSM1_TINY_0230", r"did you mean 'vssm1_tiny_0230', i.e. vmambav2_tiny_224\? Names are case-sensitive"),
-    ("resnet50", r"unknown model name 'resnet50'; known models: vim_base"),
+    ("resnet50", r"unknown model name 'resnet50'; known models: .*vim_base"),
     (None, r"a model name must be a string such as 'vim_tiny', got None"),
 ])
 def test_model_names_are_exact_with_a_suggestion(name, want):
