@@ -46,12 +46,16 @@ DEFAULT_RULES: dict[str, tuple[QuantRule, ...]] = {
     "vmamba": (
         QuantRule(r"^layers_\d+/blocks_\d+/.*(in_proj|x_proj_\d|dt_proj_\d|out_proj|fc1|fc2)$"),
     ),
+    # LocalVMamba: each direction's x/dt_proj; the channel gate (op/attn) stays float.
+    "local_vmamba": (QuantRule(r"^layers_\d+/blocks_\d+/op/(in_proj|x_proj_\d+|dt_proj_\d+|out_proj)$"),),
 }
 
 # Official recipes (docs/method.md §6.3). VMamba: 50 epochs x (256 / 32) mini-batches = 400 steps per block.
 FAMILY_DEFAULTS: dict[str, dict] = {
     "vim": dict(alpha=0.5, lr_w=5e-4, lr_a=5e-4, lr_s=1e-2, epochs=100, train_batch=256),
     "vmamba": dict(alpha=0.65, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4, epochs=50, train_batch=32),
+    # No released recipe: VMamba's, the family LocalVMamba is built on.
+    "local_vmamba": dict(alpha=0.65, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4, epochs=50, train_batch=32),
 }
 
 
