@@ -68,15 +68,11 @@ def _describe(value: Any) -> str:
 
 
 def select_state_dict(checkpoint: Any, key: str | None, path: str = "checkpoint") -> Mapping[str, Any]:
-    """``checkpoint[key]`` ('model', 'model_ema', ...), or the checkpoint if it is a bare state_dict.
-
-    The default ``'model'`` falls back to ``'state_dict'`` where only that entry exists."""
+    """``checkpoint[key]`` ('model', 'model_ema', ...), or the checkpoint if it is a bare state_dict."""
     if _is_state_dict(checkpoint):
         return checkpoint
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict with a state_dict")
-    if key == "model" and key not in checkpoint and _is_state_dict(checkpoint.get("state_dict")):
-        key = "state_dict"  # the default entry, as LocalMamba's released checkpoints name it
     listing = ", ".join(f"{k!r} ({_describe(v)})" for k, v in checkpoint.items())
     if key is None or key not in checkpoint:
         raise CheckpointError(f"{path} has no entry {key!r} and is not a bare state_dict; its top-level "

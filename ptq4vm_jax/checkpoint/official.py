@@ -100,9 +100,14 @@ def load_torch_checkpoint(
     """Official checkpoint -> our float32 param tree for ``create_model(model_name, **overrides)``.
 
     Strict: every missing, unexpected or mis-shaped parameter is reported in one error.
+    ``key="model"`` also reads a checkpoint whose weights are under ``"state_dict"`` instead.
     """
     path = os.fspath(path)
     checkpoint = read_checkpoint(path)
+    # LocalMamba's tools save {'state_dict': ...}; its loader reads either entry
+    if key == "model" and isinstance(checkpoint, Mapping) and "model" not in checkpoint \
+            and "state_dict" in checkpoint:
+        key = "state_dict"
     state_dict = select_state_dict(checkpoint, key, path)
     spec = family_spec(model_family(model_name))
     expected = {p: tuple(s.shape) for p, s in flatten_tree(abstract_params(model_name, **overrides)).items()}

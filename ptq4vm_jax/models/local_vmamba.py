@@ -84,8 +84,9 @@ class LocalVMambaConfig:
     """Arguments of the official ``VSSM`` constructor (same names), plus ``img_size``.
 
     Defaults are ``local_vssm_tiny``. ``dims`` is one width per stage (an int given is doubled
-    per stage, as the official constructor does, and stored as the tuple); ``directions`` holds one tuple of scan names per block, in stage order (``h``,
-    ``v``, ``w<K>``, each optionally with ``_flip``).
+    per stage, as the official constructor does, and stored as the tuple); ``directions`` holds
+    one tuple of scan names per block, in stage order (``h``, ``v``, ``w<K>``, each optionally
+    with ``_flip``).
     """
 
     img_size: int = 224
