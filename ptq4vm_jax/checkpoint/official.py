@@ -38,9 +38,12 @@ def _pairs(sizes: Mapping[str, Any]) -> str:
 def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any], model_name: str,
                overrides: dict, mismatch: Mismatch) -> str:
     """Which model (or overrides) the checkpoint's shapes, and the training args it records, point to."""
-    if name_coverage(spec, state_dict) < 0.5:
+    own = name_coverage(spec, state_dict)
+    if own < 1.0:
         for family in sorted({model_family(n) for n in list_models()} - {spec.family}):
-            if name_coverage(family_spec(family), state_dict) >= 0.9:
+            other = name_coverage(family_spec(family), state_dict)
+            # Related families share many key names: one knowing every key wins over a partial fit.
+            if other >= 0.9 and (own < 0.5 or other == 1.0):
                 models = ", ".join(n for n in list_models() if model_family(n) == family)
                 return (f"hint: the parameter names are those of a {family} checkpoint, not a "
                         f"{spec.family} one: convert it as a {family} model ({models})")

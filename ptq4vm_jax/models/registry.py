@@ -10,12 +10,18 @@ from typing import Any
 import flax.linen as nn
 
 from ptq4vm_jax.models.blockwise import Blockwise
+from ptq4vm_jax.models.local_vim import SMALL_DIRECTIONS as LOCAL_VIM_SMALL_DIRECTIONS
+from ptq4vm_jax.models.local_vim import TINY_DIRECTIONS as LOCAL_VIM_TINY_DIRECTIONS
 from ptq4vm_jax.models.local_vim import (
-    SMALL_DIRECTIONS,
-    TINY_DIRECTIONS,
     LocalVimConfig,
     LocalVisionMamba,
     local_vim_blockwise,
+)
+from ptq4vm_jax.models.local_vmamba import SMALL_DIRECTIONS as LOCAL_VMAMBA_SMALL_DIRECTIONS
+from ptq4vm_jax.models.local_vmamba import (
+    LocalVMamba,
+    LocalVMambaConfig,
+    local_vmamba_blockwise,
 )
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba, vim_blockwise
 from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig, vmamba_blockwise
@@ -128,12 +134,33 @@ def _local_vim(**defaults: Any) -> Callable[..., nn.Module]:
     return build
 
 
+def _local_vmamba(**defaults: Any) -> Callable[..., nn.Module]:
+    def build(**overrides: Any) -> nn.Module:
+        fields = {f.name for f in dataclasses.fields(LocalVMambaConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown LocalVMamba argument(s) {unknown}; accepted: {sorted(fields)}")
+        return LocalVMamba(LocalVMambaConfig(**{**defaults, **overrides}))
+
+    return build
+
+
 register_blockwise(LocalVisionMamba, local_vim_blockwise)
-register("local_vim_tiny", "local_vim", _local_vim(embed_dim=192, directions=TINY_DIRECTIONS))
-register("local_vim_small", "local_vim", _local_vim(embed_dim=384, directions=SMALL_DIRECTIONS))
+register("local_vim_tiny", "local_vim", _local_vim(embed_dim=192, directions=LOCAL_VIM_TINY_DIRECTIONS))
+register("local_vim_small", "local_vim", _local_vim(embed_dim=384, directions=LOCAL_VIM_SMALL_DIRECTIONS))
 register("local_vim_tiny_midcls", "local_vim",
-         _local_vim(embed_dim=192, directions=TINY_DIRECTIONS, rope=False, cls_token=True))
+         _local_vim(embed_dim=192, directions=LOCAL_VIM_TINY_DIRECTIONS, rope=False, cls_token=True))
 _LOCAL_VIM_ALIASES = {"local_vim_tiny_middle_cls_token": "local_vim_tiny_midcls"}
+
+register_blockwise(LocalVMamba, local_vmamba_blockwise)
+register("local_vmamba_tiny", "local_vmamba", _local_vmamba())
+register("local_vmamba_small", "local_vmamba",
+         _local_vmamba(depths=(2, 2, 27, 2), directions=LOCAL_VMAMBA_SMALL_DIRECTIONS))
+# An untrained micro config for tests: two stages (8x8 and 4x4 grids at 32 px) whose w3 scans pad.
+register("local_vmamba_micro", "local_vmamba", _local_vmamba(
+    img_size=32, depths=(1, 1), dims=16, ssm_d_state=4, num_classes=10,
+    directions=(("h", "v_flip", "w3", "w2_flip"), ("h_flip", "v", "w3_flip", "w2"))))
+_VMAMBA_ALIASES.update({"local_vssm_tiny": "local_vmamba_tiny", "local_vssm_small": "local_vmamba_small"})
 
 
 def canonical_name(name: str) -> str:

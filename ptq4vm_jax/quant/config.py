@@ -48,6 +48,8 @@ DEFAULT_RULES: dict[str, tuple[QuantRule, ...]] = {
     ),
     # LocalVim: every projection of each direction; the channel gate (attn/*) stays float.
     "local_vim": (QuantRule(r"^layers_\d+/mixer/(in_proj|x_proj_\d+|dt_proj_\d+|out_proj)$"),),
+    # LocalVMamba: each direction's x/dt_proj; the channel gate (op/attn) stays float.
+    "local_vmamba": (QuantRule(r"^layers_\d+/blocks_\d+/op/(in_proj|x_proj_\d+|dt_proj_\d+|out_proj)$"),),
 }
 
 # Official recipes (docs/method.md §6.3). VMamba: 50 epochs x (256 / 32) mini-batches = 400 steps per block.
@@ -56,6 +58,8 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "vmamba": dict(alpha=0.65, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4, epochs=50, train_batch=32),
     # No released recipe: LocalVim is Vim's skeleton with a multi-direction mixer, so Vim's.
     "local_vim": dict(alpha=0.5, lr_w=5e-4, lr_a=5e-4, lr_s=1e-2, epochs=100, train_batch=256),
+    # No released recipe: VMamba's, the family LocalVMamba is built on.
+    "local_vmamba": dict(alpha=0.65, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4, epochs=50, train_batch=32),
 }
 
 
