@@ -149,7 +149,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     check_flags(args)
     check_quantized(args.quantized)
-    previous = check_report_out(args.out, {"--quantized": args.quantized, "--params": args.params})
+    previous = check_report_out(args.out, {"--quantized": args.quantized, "--params": args.params,
+                                           "--checkpoint": args.checkpoint})
     qp = load_quantized(args.quantized)
     if args.layers:
         try:
