@@ -23,11 +23,11 @@ def _file_name(prefix: str, name: str) -> str:
     return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
 
 
-def _smooth_state(path: tuple[str, ...], cfg: Any, blocks: list[dict[str, Any]]) -> str:
-    """What the stored σ of a layer is, in words."""
+def _state(path: tuple[str, ...], cfg: Any, blocks: list[dict[str, Any]]) -> str:
+    """What the stored scales of a layer are, in words."""
     block = stats.stage_of(path, blocks)
     if not cfg.learns:
-        return "PTS init, no learning" if cfg.smooths else "no smoothing"
+        return "PTS init, no learning" if cfg.smooths else f"{cfg.method}: min-max, no learning"
     if block is None:
         return "initialised outside the calibration blocks, not learned"
     if block["reverted"]:
@@ -107,9 +107,12 @@ def make_report(
         name = path_str(p)
         order = stats.token_order(model, p, int(layer.a_scale.shape[0]))
         entry: dict[str, Any] = {
-            "name": name, "what": what, "a_bits": layer.a_bits, "order": order.to_json(),
+            "name": name, "what": what, "a_bits": layer.a_bits, "w_bits": layer.w_bits,
+            "order": order.to_json(), "w_scale": stats.floats(layer.w_scale),
+            "w_minmax": (None if float_params is None else
+                         stats.minmax_weight_step(layer, get_path(float_params, p)["kernel"])),
             "a_scale": stats.floats(layer.a_scale), "a_zero": stats.floats(layer.a_zero),
-            "smooth": stats.floats(layer.smooth), "state": _smooth_state(p, cfg, blocks),
+            "smooth": stats.floats(layer.smooth), "state": _state(p, cfg, blocks),
             "images": None if dp is None else int(dp.labels.shape[0]), "float_range": None, "init": None,
         }
         grid = stats.on_grid(entry["a_scale"], order)
@@ -117,11 +120,12 @@ def make_report(
             [None if v != v else v for v in row] for row in grid.tolist()]  # (NaN: no token there)
         if dp is not None:
             entry["float_range"] = stats.activation_profile(dp.inputs[p], layer)
-            if cfg.smooths:
+            if profiled:
                 entry["init"] = stats.recomputed_init(qparams, float_params, p, dp.inputs[p])
         report["layers"][name] = entry
         cls = order.class_index
         cls_text = f"; red dotted: the class token (position {cls})" if cls is not None else ""
+        first = "PTS" if cfg.smooths else "min-max"
         recomputed = ("recomputed on the --data images by calibration's own init_layer (the checkpoint "
                       "does not store it; exact only on the calibration images)")
         if profiled and p not in grouped:
@@ -130,7 +134,7 @@ def make_report(
             data_text = (f" Blue: the float x/σ's min..max over the {entry['images']} images and all "
                          "channels (what PTS fits); black: the range the quantizer covers (beyond: clipped)."
                          if dp is not None else " Pass --data to see the float range they were fitted to.")
-            init_text = f" Dashed: the PTS initialisation, {recomputed}." if entry["init"] else ""
+            init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
             add_figure(file, f"PTS profile: {name}",
                        f"The stored step size a_scale and zero point a_zero per token position of {name}'s "
                        f"input (order: {order.direction}){cls_text}.{data_text}{init_text}", f"layers/{name}")
@@ -143,6 +147,16 @@ def make_report(
             add_figure(file, f"σ per input channel: {name}",
                        f"The smoothing scale σ of {name} per input channel as stored ({entry['state']})."
                        f"{init_text}", f"layers/{name}")
+        if p not in grouped:
+            file = _file_name("wstep", name)
+            figures.weight_step(entry, out / file)
+            minmax_text = (" Dotted: the min-max step max|Wσ|/qmax of the float kernel (no clipping); a "
+                           "stored step below it clips that channel's largest weights."
+                           if entry["w_minmax"] is not None else "")
+            init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
+            add_figure(file, f"Weight step per output channel: {name}",
+                       f"The weight step w_scale of {name} per output channel as stored ({entry['state']})."
+                       f"{minmax_text}{init_text}", f"layers/{name}")
 
     # --- per-direction profiles
     if profiled:

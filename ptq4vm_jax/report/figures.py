@@ -62,14 +62,14 @@ def profile(entry: Mapping[str, Any], path: Path) -> None:
     ax.step(t, entry["a_scale"], where="mid", color="tab:green", label="a_scale (stored)")
     if init:
         ax.step(t, init["a_scale"], where="mid", color="tab:gray", linestyle="--",
-                label="PTS init, recomputed on --data")
+                label="initialisation, recomputed on --data")
     ax.set_ylabel("a_scale (x/σ units per code)")
     ax.set_title("per-token activation step size", fontsize=10)
     ax = axes[k + 1]
     ax.step(t, entry["a_zero"], where="mid", color="tab:purple", label="a_zero (stored)")
     if init:
         ax.step(t, init["a_zero"], where="mid", color="tab:gray", linestyle="--",
-                label="PTS init, recomputed on --data")
+                label="initialisation, recomputed on --data")
     ax.set_ylabel(f"a_zero (code, 0..{_QMAX(entry['a_bits'])})")
     ax.set_title("per-token zero point", fontsize=10)
     ax.set_xlabel(f"token position (index of a_scale; order: {order['direction']})")
@@ -149,6 +149,29 @@ def smooth(entry: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best", framealpha=0.8)
     fig.suptitle(f"{entry['name']}: σ, {entry['what']}")
+    _save(fig, path)
+
+
+def weight_step(entry: Mapping[str, Any], path: Path) -> None:
+    """The weight step w_scale per output channel: stored, the min-max step of the smoothed float
+    kernel (no clipping) and, with data, the PTS initialisation recomputed."""
+    n = _positions(entry["w_scale"])
+    fig = Figure(figsize=(9, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.semilogy(n, entry["w_scale"], ".-", color="tab:green", linewidth=1, markersize=3,
+                label=f"w_scale stored ({entry['state']})")
+    if entry.get("w_minmax") is not None:
+        ax.semilogy(n, entry["w_minmax"], ":", color="black", linewidth=1,
+                    label="min-max step of the float kernel·σ (no clipping)")
+    if entry.get("init"):
+        ax.semilogy(n, entry["init"]["w_scale"], "--", color="tab:gray", linewidth=1,
+                    label="initialisation, recomputed on --data")
+    ax.set_xlabel("output channel")
+    ax.set_ylabel("w_scale (weight units per code)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
+    ax.set_title(f"{entry['name']}: weight step per output channel ({entry['w_bits']}-bit codes), "
+                 f"{entry['what']}", fontsize=10)
     _save(fig, path)
 
 

@@ -28,6 +28,7 @@ from ptq4vm_jax.models.vim import VisionMamba
 from ptq4vm_jax.models.vmamba import VMamba
 from ptq4vm_jax.progress import progress_bar
 from ptq4vm_jax.quant.config import path_str
+from ptq4vm_jax.quant.init import minmax_weight_scale
 from ptq4vm_jax.quant.layer import qlinear
 from ptq4vm_jax.quant.params import Path, QuantizedParams, flatten_layers
 from ptq4vm_jax.quant.quantizers import act_qmax
@@ -200,6 +201,12 @@ def weight_sqnr(layer: QuantizedLinear, kernel: Any) -> float | None:
     """SQNR (dB) of the layer's quantized weight against the float kernel it was made from."""
     w = np.asarray(kernel, np.float64)
     return sqnr_db(float(np.sum(w * w)), float(np.sum((effective_kernel(layer) - w) ** 2)))
+
+
+def minmax_weight_step(layer: QuantizedLinear, kernel: Any) -> list[float]:
+    """Per output channel, the step that would cover the smoothed float kernel W·diag(σ) without
+    clipping (max |W̃| / qmax, calibration's own min-max rule): the reference for ``w_scale``."""
+    return floats(minmax_weight_scale(kernel, layer.smooth, layer.w_bits))
 
 
 def block_losses(summary: Mapping[str, Any]) -> list[dict[str, Any]]:

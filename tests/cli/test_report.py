@@ -1,6 +1,7 @@
 """``ptq4vm report``: figures, index.html and report.json of a quantized checkpoint, for the
 bundled Vim (W8A8 learned, W4A8 PTS-only) and a one-block VMamba, and its refusals."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -40,9 +41,13 @@ def _check_page(out, report, least=4):
     assert len(re.findall(r"<figcaption>[^<]+</figcaption>", html)) == len(shown)
 
 
+@functools.cache
+def _layers(qdir):
+    return flatten_layers(load_quantized(qdir).qlayers)
+
+
 def _stored(qdir, name):
-    layers = flatten_layers(load_quantized(qdir).qlayers)
-    return layers[tuple(name.split("/"))]
+    return _layers(qdir)[tuple(name.split("/"))]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,8 @@ def test_report_without_data_shows_what_the_checkpoint_stores(reports):
     np.testing.assert_array_equal(np.asarray(layer["a_scale"], np.float32), np.asarray(stored.a_scale))
     np.testing.assert_array_equal(np.asarray(layer["a_zero"]), np.asarray(stored.a_zero))
     np.testing.assert_array_equal(np.asarray(layer["smooth"], np.float32), np.asarray(stored.smooth))
+    np.testing.assert_array_equal(np.asarray(layer["w_scale"], np.float32), np.asarray(stored.w_scale))
+    assert len(layer["w_minmax"]) == len(layer["w_scale"]) == 48
     assert layer["order"]["class_token_index"] == 32  # 8x8 patches, the class token in the middle
     assert layer["state"] == "after JLSS"
     summary = json.loads((W8 / "metadata.json").read_text())["calibration"]["stages"]
@@ -104,7 +111,7 @@ def test_an_earlier_report_is_replaced_and_nothing_else_touched(reports, capsys)
 
 def test_report_with_data_compares_with_the_float_model(reports):
     out, report = reports["w8_data"]
-    _check_page(out, report, least=8)  # 3 profiles, 3 σ, the x_proj/x_proj_b directions, loss, error
+    _check_page(out, report, least=11)  # 3 profiles, 3 σ, 3 w_scale, x_proj/x_proj_b, loss, error
     m = report["metrics"]
     assert m["images"] == report["data"]["images"] == 64
     assert 90.0 <= m["float_top1"] <= 100.0 and 90.0 <= m["agreement"] <= 100.0 and 0.0 <= m["mean_kl"] < 0.1
@@ -135,6 +142,9 @@ def test_w4_report_recomputes_the_stored_init_on_the_calibration_images(reports)
     np.testing.assert_allclose(entry["init"]["smooth"], entry["smooth"], rtol=1e-5)
     np.testing.assert_allclose(entry["init"]["a_scale"], entry["a_scale"], rtol=1e-4)
     np.testing.assert_array_equal(entry["init"]["a_zero"], entry["a_zero"])
+    np.testing.assert_allclose(entry["init"]["w_scale"], entry["w_scale"], rtol=1e-5)
+    # the grid search never picks a step above the min-max one (its largest candidate)
+    assert all(s <= m * (1 + 1e-6) for s, m in zip(entry["w_scale"], entry["w_minmax"], strict=True))
     assert report["block_loss"]["blocks"][0]["loss_learned"] is None
     w8, w4 = reports["w8_data"][1]["layer_error"], report["layer_error"]
     assert all(a > b for a, b in zip(w8["weight_sqnr_db"], w4["weight_sqnr_db"], strict=True))
@@ -146,13 +156,14 @@ def test_vmamba_report_shows_each_scan_direction(tmp_path):
     out = tmp_path / "r"
     main(["report", "--quantized", str(VMAMBA), "--out", str(out), "--params", str(VMAMBA_FLOAT)])
     report = json.loads((out / "report.json").read_text())
-    _check_page(out, report, least=5)  # out_proj's profile and σ, the directions, loss, error
+    _check_page(out, report, least=6)  # out_proj's profile, σ and w_scale, the directions, loss, error
     names = [f"layers_0/blocks_0/op/x_proj_{k}" for k in range(4)]
     assert list(report["layers"]) == ["layers_0/blocks_0/op/out_proj", *names]
     assert report["directions"] == {"layers_0/blocks_0/op/x_proj": names}
-    assert [f["file"] for f in report["figures"]][:3] == [
+    assert [f["file"] for f in report["figures"]] == [
         "pts_layers_0_blocks_0_op_out_proj.png", "smooth_layers_0_blocks_0_op_out_proj.png",
-        "directions_layers_0_blocks_0_op_x_proj.png"]
+        "wstep_layers_0_blocks_0_op_out_proj.png", "directions_layers_0_blocks_0_op_x_proj.png",
+        "block_loss.png", "layer_error.png"]
     for k, name in enumerate(names):
         entry = report["layers"][name]
         stored = _stored(VMAMBA, name)
