@@ -156,8 +156,10 @@ def weight_step(entry: Mapping[str, Any], path: Path) -> None:
     """The weight step w_scale per output channel: stored, the min-max step of the smoothed float
     kernel (no clipping) and, with data, the PTS initialisation recomputed."""
     n = _positions(entry["w_scale"])
-    fig = Figure(figsize=(9, 4.5), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
+    minmax = entry.get("w_minmax")
+    fig = Figure(figsize=(9, 6.5 if minmax is not None else 4.5), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2 if minmax is not None else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
     ax.semilogy(n, entry["w_scale"], ".-", color="tab:green", linewidth=1, markersize=3,
                 label=f"w_scale stored ({entry['state']})")
     if entry.get("w_minmax") is not None:
@@ -166,12 +168,24 @@ def weight_step(entry: Mapping[str, Any], path: Path) -> None:
     if entry.get("init"):
         ax.semilogy(n, entry["init"]["w_scale"], "--", color="tab:gray", linewidth=1,
                     label="initialisation, recomputed on --data")
-    ax.set_xlabel("output channel")
     ax.set_ylabel("w_scale (weight units per code)")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best", framealpha=0.8)
-    ax.set_title(f"{entry['name']}: weight step per output channel ({entry['w_bits']}-bit codes), "
-                 f"{entry['what']}", fontsize=10)
+    if minmax is not None:
+        ref = np.asarray(minmax, np.float64)
+        axes[1].plot(n, np.asarray(entry["w_scale"]) / ref, ".-", color="tab:green", linewidth=1,
+                     markersize=3, label="stored / min-max")
+        if entry.get("init"):
+            axes[1].plot(n, np.asarray(entry["init"]["w_scale"]) / ref, "--", color="tab:gray",
+                         linewidth=1, label="initialisation / min-max")
+        axes[1].axhline(1.0, color="black", linewidth=0.8)
+        axes[1].set_ylabel("step / min-max step (ratio)")
+        axes[1].set_title("below 1: the channel's largest weights are clipped", fontsize=10)
+        axes[1].legend(fontsize=8, loc="best", framealpha=0.8)
+    axes[-1].set_xlabel("output channel")
+    for a in axes:
+        a.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{entry['name']}: weight step per output channel ({entry['w_bits']}-bit codes), "
+                 f"{entry['what']}")
     _save(fig, path)
 
 
