@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 
 DPI = 100
 CLASS_COLOR = "tab:red"
-_QMAX = lambda bits: 2**bits - 1  # noqa: E731 (unsigned activation codes 0..qmax)
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -70,7 +69,7 @@ def profile(entry: Mapping[str, Any], path: Path) -> None:
     if init:
         ax.step(t, init["a_zero"], where="mid", color="tab:gray", linestyle="--",
                 label="initialisation, recomputed on --data")
-    ax.set_ylabel(f"a_zero (code, 0..{_QMAX(entry['a_bits'])})")
+    ax.set_ylabel(f"a_zero (code, 0..{2 ** entry['a_bits'] - 1})")
     ax.set_title("per-token zero point", fontsize=10)
     ax.set_xlabel(f"token position (index of a_scale; order: {order['direction']})")
     _mark_class_token(axes, order["class_token_index"])
