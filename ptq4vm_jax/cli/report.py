@@ -37,9 +37,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--key picks the state dict inside a --checkpoint file; drop it or add --checkpoint")
 
 
-def check_quantized(quantized: str) -> None:
-    """--quantized must be a quantized checkpoint directory; the demo's parent directory, float
-    params or any other directory are named as what they are."""
+def check_quantized(quantized: str) -> dict[str, Any]:
+    """--quantized must be a quantized checkpoint directory (its metadata is returned); the demo's
+    parent directory, float params or any other directory are named as what they are."""
     from ptq4vm_jax.checkpoint import FLOAT_FORMAT, QUANT_FORMAT
 
     where = Path(quantized).expanduser()
@@ -61,6 +61,7 @@ def check_quantized(quantized: str) -> None:
     if held.get("format") != QUANT_FORMAT:
         raise UsageError(f"--quantized {quantized} holds {held.get('format')!r}, not a quantized "
                          f"checkpoint; give {WHERE_FROM}")
+    return held
 
 
 def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
@@ -110,28 +111,40 @@ def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
     return previous
 
 
+def check_float_model(args: argparse.Namespace, held: dict[str, Any]) -> None:
+    """Before anything is loaded: a --params directory must hold the float params of the
+    checkpoint's model (``held``: its metadata) at the same sizes, and --data needs a float model."""
+    from ptq4vm_jax.checkpoint import QUANT_FORMAT
+
+    name, overrides = held.get("model_name"), dict(held.get("model_overrides") or {})
+    if args.params:
+        given = _format_of(args.params)
+        if given.get("format") == QUANT_FORMAT:
+            raise UsageError(f"--params {args.params} is a quantized checkpoint; the report compares against "
+                             "the float model: --params DIR from `ptq4vm convert`, or --checkpoint X.pth")
+        if given.get("model_name") and given["model_name"] != name:
+            raise UsageError(f"--params {args.params} holds {given['model_name']}, but --quantized "
+                             f"{args.quantized} holds {name}; give the float model it was made from")
+        if given and dict(given.get("model_overrides") or {}) != overrides:
+            raise UsageError(f"--params {args.params} is {name} with sizes "
+                             f"{given.get('model_overrides') or {}}, but --quantized {args.quantized} has "
+                             f"{overrides or 'the default sizes'}; give the float model it was made from")
+    bundled = name in bundled_models() and not overrides
+    if args.data and not (args.params or args.checkpoint or bundled):
+        raise UsageError(f"--data compares the quantized model with the float one: pass the float {name} "
+                         "as --params DIR or --checkpoint X.pth")
+
+
 def float_model(args: argparse.Namespace, qp: Any) -> tuple[Any, str | None]:
     """(float params, where they came from) for the checkpoint's model: --params, --checkpoint, or
     the bundled asset of a bundled micro model; (None, None) when there is none."""
     from ptq4vm_jax import load_params, load_torch_checkpoint
-    from ptq4vm_jax.checkpoint import QUANT_FORMAT
 
     overrides = dict(qp.model_overrides)
     if args.checkpoint:
         params = load_torch_checkpoint(args.checkpoint, qp.model_name, key=args.key or "model", **overrides)
         return params, args.checkpoint
     if args.params:
-        held = _format_of(args.params)
-        if held.get("format") == QUANT_FORMAT:
-            raise UsageError(f"--params {args.params} is a quantized checkpoint; the report compares against "
-                             "the float model: --params DIR from `ptq4vm convert`, or --checkpoint X.pth")
-        if held.get("model_name") and held["model_name"] != qp.model_name:
-            raise UsageError(f"--params {args.params} holds {held['model_name']}, but --quantized "
-                             f"{args.quantized} holds {qp.model_name}; give the float model it was made from")
-        if held and dict(held.get("model_overrides") or {}) != overrides:
-            raise UsageError(f"--params {args.params} is {qp.model_name} with sizes "
-                             f"{held.get('model_overrides') or {}}, but --quantized {args.quantized} has "
-                             f"{overrides or 'the default sizes'}; give the float model it was made from")
         params, _ = load_params(args.params, model_name=qp.model_name)
         return params, args.params
     if qp.model_name in bundled_models() and not overrides:
@@ -145,24 +158,22 @@ def cmd_report(args: argparse.Namespace) -> None:
     from ptq4vm_jax.data import eval_batches
     from ptq4vm_jax.models import image_shape
     from ptq4vm_jax.report import make_report
-    from ptq4vm_jax.report.stats import call_order, select_layers
+    from ptq4vm_jax.report.stats import select_layers
 
     check_flags(args)
-    check_quantized(args.quantized)
+    held = check_quantized(args.quantized)
     previous = check_report_out(args.out, {"--quantized": args.quantized, "--params": args.params,
                                            "--checkpoint": args.checkpoint})
-    qp = load_quantized(args.quantized)
-    if args.layers:
+    if args.layers and held.get("layers"):  # against the layers the metadata lists, before reading arrays
         try:
-            select_layers(call_order(qp.model(), qp), args.layers)
+            select_layers([tuple(name.split("/")) for name in sorted(held.get("layers", {}))], args.layers)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    check_float_model(args, held)
+    qp = load_quantized(args.quantized)
     params, float_source = float_model(args, qp)
     batches = None
     if args.data:
-        if params is None:
-            raise UsageError(f"--data compares the quantized model with the float one: pass the float "
-                             f"{qp.model_name} as --params DIR or --checkpoint X.pth")
         size = image_shape(qp.model())[1]
         source = data_source(args.data, args.data_dir, size, "--data")
         batches = eval_batches(source, min(args.batch_size, args.limit), image_size=size)

@@ -194,7 +194,7 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, capsys):
             "vim_micro_w8a8, vmamba_small_float, vmamba_small_w8a8)")
     refused(["--quantized", str(VMAMBA_FLOAT), "--out", str(tmp_path / "a")], "holds float params")
     refused(["--quantized", q, "--out", str(tmp_path / "a"), "--layers", "fc9"],
-            "--layers 'fc9' matches none of the 24 quantized layers (layers_0/mixer/in_proj, ")
+            "--layers 'fc9' matches none of the 24 quantized layers (layers_0/mixer/dt_proj, ")
     refused(["--quantized", q, "--out", str(tmp_path / "a"), "--layers", "(out"], "is not a valid regex")
     refused(["--quantized", q, "--out", str(tmp_path / "a"), "--params", str(VMAMBA_FLOAT)],
             f"holds vmamba_micro, but --quantized {q} holds vim_micro")
