@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="figures (PNG + index.html + report.json) of what calibration "
                                       "learned and where a quantized model's error is")
-    r.add_argument("--quantized", required=True, help="Orbax dir written by `ptq4vm quantize` / "
-                                                                     "`ptq4vm demo`")
+    r.add_argument("--quantized", required=True,
+                   help="Orbax dir written by `ptq4vm quantize` / `ptq4vm demo`")
     r.add_argument("--out", required=True, help="directory for the report (new, empty, or an earlier "
                                                 "report, which is replaced)")
     r.add_argument("--params", help="float params of the checkpoint's model (Orbax dir from `ptq4vm "
