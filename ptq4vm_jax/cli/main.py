@@ -1,4 +1,4 @@
-"""``ptq4vm``: demo, convert, quantize, eval.
+"""``ptq4vm``: demo, convert, quantize, eval, report.
 
 This module builds the parser, runs the chosen command, and turns what stops it into one line
 on stderr and an exit status: 2 for a mistake in the input, 1 for a failed calibration, 130 for
@@ -19,6 +19,7 @@ from ptq4vm_jax.cli.errors import UsageError, argument_of, for_the_command_line
 from ptq4vm_jax.cli.evaluation import DTYPES, cmd_eval
 from ptq4vm_jax.cli.paths import resume_hint
 from ptq4vm_jax.cli.quantize import cmd_quantize
+from ptq4vm_jax.cli.report import cmd_report
 from ptq4vm_jax.cli.signals import Terminated, sigterm_as_interrupt
 
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         return f"(default: Vim {vim}, VMamba {vmamba})"
 
     p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
-                                "Mamba models: demo, convert, quantize, eval.")
+                                "Mamba models: demo, convert, quantize, eval, report.")
     p.add_argument("--version", action="version", version=f"ptq4vm-jax {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -128,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per step, split over the local devices (default: 64)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="figures (PNG + index.html + report.json) of what calibration "
+                                      "learned and where a quantized model's error is")
+    r.add_argument("--quantized", required=True,
+                   help="Orbax dir written by `ptq4vm quantize` / `ptq4vm demo`")
+    r.add_argument("--out", required=True, help="directory for the report (new, empty, or an earlier "
+                                                "report, which is replaced)")
+    r.add_argument("--params", help="float params of the checkpoint's model (Orbax dir from `ptq4vm "
+                                    "convert`; default for the bundled micro models: the bundled asset)")
+    r.add_argument("--checkpoint", help="the float model as an official .pth/.safetensors instead")
+    r.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
+    r.add_argument("--data", default=None,
+                   help="images for the data figures and the float-vs-quantized metrics: tfds:NAME:SPLIT "
+                        "(prepared under --data-dir) or digits:train|test (default: none)")
+    r.add_argument("--data-dir", default=None, help="tfds data_dir")
+    r.add_argument("--limit", type=int, default=256, help="use the first N images of --data (default: 256)")
+    r.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    r.add_argument("--layers", default=None,
+                   help="regex over the quantized layers' paths choosing the profiled layers (default: the "
+                        "last block's out_proj; in VMamba also its per-direction x_proj_k)")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -1,0 +1,228 @@
+"""A whole report: numbers (``stats``), figures (``figures``), ``index.html`` (``html``) and
+``report.json``, written into a directory the caller has prepared."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ptq4vm_jax.quant.config import path_str
+from ptq4vm_jax.quant.params import QuantizedParams, flatten_layers
+from ptq4vm_jax.report import figures, html, stats
+from ptq4vm_jax.trees import get_path
+
+REPORT_FORMAT = "ptq4vm-jax/report"
+REPORT_VERSION = 1
+INDEX, NUMBERS = "index.html", "report.json"
+
+
+def _file_name(prefix: str, name: str) -> str:
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+
+
+def _state(path: tuple[str, ...], cfg: Any, blocks: list[dict[str, Any]]) -> str:
+    """What the stored scales of a layer are, in words."""
+    block = stats.stage_of(path, blocks)
+    if not cfg.learns:
+        return "PTS init, no learning" if cfg.smooths else f"{cfg.method}: min-max, no learning"
+    if block is None:
+        return "initialised outside the calibration blocks, not learned"
+    if block["reverted"]:
+        return "PTS init kept: learning raised this block's loss"
+    return "after JLSS"
+
+
+def make_report(
+    qparams: QuantizedParams,
+    out_dir: str | Path,
+    *,
+    layers: str | None = None,
+    float_params: Any = None,
+    float_source: str | None = None,
+    batches: Iterable[tuple[Any, Any, Any]] | None = None,
+    data_spec: str | None = None,
+    limit: int | None = None,
+    source: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Compute the report of ``qparams`` and write its PNGs, ``index.html`` and ``report.json``
+    into the existing directory ``out_dir``; returns what ``report.json`` holds.
+
+    ``layers``: a regex over the quantized layers' paths choosing the profiled layers (default:
+    ``stats.default_layers``). ``float_params``: the float model's params (weight error; needed
+    with ``batches``). ``batches``: ``(images, labels, mask)`` batches (``data.eval_batches``),
+    at most ``limit`` images, for the data figures and the logit metrics. ``float_source``,
+    ``data_spec`` and ``source`` (the checkpoint's path) are recorded as given.
+    """
+    if batches is not None and float_params is None:
+        raise ValueError("a report on data needs the float model's params, to compare against")
+    out = Path(out_dir)
+    model = qparams.model()
+    cfg = qparams.config
+    stored = flatten_layers(qparams.qlayers)
+    qlayers = {p: stored[p] for p in stats.call_order(model, qparams)}
+    chosen = stats.select_layers(list(qlayers), layers) if layers else stats.default_layers(model, qlayers)
+    what = f"{qparams.model_name} {cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
+    blocks = stats.block_losses(qparams.summary)
+    notes: list[str] = []
+
+    dp = None
+    if batches is not None:
+        log(f"running the float and the quantized {qparams.model_name} on {data_spec}")
+        dp = stats.data_pass(model, qparams, float_params, batches, chosen, limit=limit, progress=progress)
+
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT, "version": REPORT_VERSION,
+        "checkpoint": {"path": source, "model_name": qparams.model_name,
+                       "model_overrides": dict(qparams.model_overrides), "method": cfg.method,
+                       "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+                       "calibration_images": qparams.summary.get("num_calib")},
+        "float_params": float_source,
+        "data": None if dp is None else {"spec": data_spec, "images": int(dp.labels.shape[0])},
+        "metrics": None if dp is None else stats.logit_metrics(dp),
+        "layers": {}, "directions": {}, "block_loss": None, "layer_error": None, "figures": [],
+        "notes": notes,
+    }
+    figs: list[dict[str, str]] = report["figures"]
+
+    def add_figure(file: str, title: str, caption: str, key: str) -> None:
+        figs.append({"file": file, "title": title, "caption": caption, "numbers": key})
+
+    # --- per chosen layer: the PTS profile and σ
+    profiled = cfg.method != "per_token_dynamic"
+    if not profiled:
+        notes.append("per_token_dynamic computes its activation scales from each input at run time: "
+                     "there is no stored per-token profile to show")
+    if not cfg.smooths:
+        notes.append(f"{cfg.method} does not smooth (σ = 1 everywhere): no σ figures")
+    # By default, sibling directions (VMamba's x_proj_k) are shown together in one figure only;
+    # layers named by ``layers`` get figures of their own as well.
+    grouped = set() if layers else {q for g in stats.direction_groups(chosen).values() for q in g}
+    for p in chosen:
+        layer = qlayers[p]
+        name = path_str(p)
+        order = stats.token_order(model, p, int(layer.a_scale.shape[0]))
+        entry: dict[str, Any] = {
+            "name": name, "what": what, "a_bits": layer.a_bits, "w_bits": layer.w_bits,
+            "order": order.to_json(), "w_scale": stats.floats(layer.w_scale),
+            "w_minmax": (None if float_params is None else
+                         stats.minmax_weight_step(layer, get_path(float_params, p)["kernel"])),
+            "a_scale": stats.floats(layer.a_scale), "a_zero": stats.floats(layer.a_zero),
+            "smooth": stats.floats(layer.smooth), "state": _state(p, cfg, blocks),
+            "images": None if dp is None else int(dp.labels.shape[0]), "float_range": None, "init": None,
+        }
+        grid = stats.on_grid(entry["a_scale"], order)
+        entry["a_scale_on_grid"] = None if grid is None else [
+            [None if v != v else v for v in row] for row in grid.tolist()]  # (NaN: no token there)
+        if dp is not None:
+            entry["float_range"] = stats.activation_profile(dp.inputs[p], layer)
+            if profiled:
+                entry["init"] = stats.recomputed_init(qparams, float_params, p, dp.inputs[p])
+        report["layers"][name] = entry
+        cls = order.class_index
+        cls_text = f"; red dotted: the class token (position {cls})" if cls is not None else ""
+        first = "PTS" if cfg.smooths else "min-max"
+        recomputed = ("recomputed on the --data images by calibration's own init_layer (the checkpoint "
+                      "does not store it; exact only on the calibration images)")
+        if profiled and p not in grouped:
+            file = _file_name("pts", name)
+            figures.profile(entry, out / file)
+            data_text = (f" Blue: the float x/σ's min..max over the {entry['images']} images and all "
+                         "channels (what PTS fits); black: the range the quantizer covers (beyond: clipped)."
+                         if dp is not None else " Pass --data to see the float range they were fitted to.")
+            init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
+            add_figure(file, f"PTS profile: {name}",
+                       f"The stored step size a_scale and zero point a_zero per token position of {name}'s "
+                       f"input (order: {order.direction}){cls_text}.{data_text}{init_text}", f"layers/{name}")
+        if cfg.smooths and p not in grouped:
+            file = _file_name("smooth", name)
+            figures.smooth(entry, out / file)
+            init_text = (f" Dashed: the SmoothQuant initialisation, {recomputed}; below, stored / init."
+                         if entry["init"] else " Pass --data to compare it with the SmoothQuant "
+                         "initialisation (recomputed: the checkpoint does not store it).")
+            add_figure(file, f"σ per input channel: {name}",
+                       f"The smoothing scale σ of {name} per input channel as stored ({entry['state']})."
+                       f"{init_text}", f"layers/{name}")
+        if p not in grouped:
+            file = _file_name("wstep", name)
+            figures.weight_step(entry, out / file)
+            minmax_text = (" Dotted: the min-max step max|Wσ|/qmax of the float kernel (no clipping); a "
+                           "stored step below it clips that channel's largest weights."
+                           if entry["w_minmax"] is not None else "")
+            init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
+            add_figure(file, f"Weight step per output channel: {name}",
+                       f"The weight step w_scale of {name} per output channel as stored ({entry['state']})."
+                       f"{minmax_text}{init_text}", f"layers/{name}")
+
+    # --- per-direction profiles
+    if profiled:
+        for group, members in stats.direction_groups(chosen).items():
+            entries = [report["layers"][path_str(p)] for p in members]
+            file = _file_name("directions", group)
+            title = f"{group}: a_scale per scan direction, {what}"
+            figures.directions(entries, title, out / file)
+            report["directions"][group] = [path_str(p) for p in members]
+            grid_text = (" Below, each direction's a_scale placed back on the token grid: the same image "
+                         "position gets a different step in each direction."
+                         if all(e["a_scale_on_grid"] is not None for e in entries) else "")
+            add_figure(file, f"Per-direction profiles: {group}",
+                       f"a_scale of {', '.join(e['name'].rsplit('/', 1)[-1] for e in entries)} along each "
+                       f"one's own scan order.{grid_text}", f"directions/{group}")
+
+    # --- per-block calibration loss
+    if blocks:
+        numbers = {"loss": cfg.loss, "what": what, "blocks": blocks}
+        report["block_loss"] = numbers
+        figures.block_loss(numbers, out / "block_loss.png")
+        reverted = [b["block"] for b in blocks if b["reverted"]]
+        learn_text = ("" if not cfg.learns else
+                      f" Triangles: after learning; {len(reverted)} of {len(blocks)} blocks reverted "
+                      "(learning raised their loss, so they kept their initial scales; squared in red).")
+        add_figure("block_loss.png", "Per-block calibration loss",
+                   f"The block loss ({'1 - cosine over channels' if cfg.loss == 'cosine' else 'relative MSE'}"
+                   f") of each calibration block on the {report['checkpoint']['calibration_images']} "
+                   f"calibration images, from the checkpoint's calibration summary. Circles: at the PTS "
+                   f"initialisation.{learn_text}", "block_loss")
+    else:
+        notes.append("the checkpoint's calibration summary has no per-block losses")
+
+    # --- per-layer error
+    if float_params is not None:
+        names = [path_str(p) for p in qlayers]
+        numbers = {"what": what, "layers": names,
+                   "weight_sqnr_db": [stats.weight_sqnr(qlayers[p], get_path(float_params, p)["kernel"])
+                                      for p in qlayers],
+                   "output_sqnr_db": None, "alone_sqnr_db": None}
+        if dp is not None:
+            numbers["output_sqnr_db"] = [stats.sqnr_db(dp.signal[p], dp.noise_model[p]) for p in qlayers]
+            numbers["alone_sqnr_db"] = [stats.sqnr_db(dp.signal[p], dp.noise_alone[p]) for p in qlayers]
+        report["layer_error"] = numbers
+        figures.layer_error(numbers, out / "layer_error.png")
+        data_text = (f" Orange: each layer's output in the quantized model against the float model's, on "
+                     f"the {report['data']['images']} --data images (errors of earlier layers included); "
+                     "green: the layer alone, fed the float model's input (its own error)."
+                     if dp is not None else " Pass --data for the SQNR of each layer's output on images.")
+        add_figure("layer_error.png", "Per-layer quantization error (SQNR)",
+                   "SQNR = 10 log10(Σ float² / Σ (quantized - float)²) in dB, per quantized linear; blue: "
+                   f"the dequantized weight (w_int s_w / σ) against the float kernel.{data_text}",
+                   "layer_error")
+    else:
+        notes.append("no float model given (--params / --checkpoint): no per-layer error figure")
+
+    (out / NUMBERS).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    data_text = f"{data_spec}, {report['data']['images']} images" if dp else "none (pass --data)"
+    header = {"title": f"PTQ4VM report: {what}",
+              "lines": [f"checkpoint: {source or '(in memory)'}; calibrated on "
+                        f"{report['checkpoint']['calibration_images']} images",
+                        f"float model: {float_source or 'not given'}; data: {data_text}"]}
+    (out / INDEX).write_text(html.render(header, report["metrics"], figs, notes))
+    return report
+
+
+def report_files(report: Mapping[str, Any]) -> list[str]:
+    """Every file a report wrote (what a later report in the same directory may replace)."""
+    return [INDEX, NUMBERS, *(f["file"] for f in report.get("figures", []))]
