@@ -1,0 +1,77 @@
+"""Vim's bidirectional mixer core (conv + SiLU, S6 scan per direction, gate, average): the
+plain-jnp reference of the fused kernel ``pallas_kernels.vim_mixer`` and the dispatch between
+them by an explicit backend name.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer_trainable
+from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan_ref
+
+MIXER_BACKENDS = ("auto", "unfused", "fused")
+
+
+def check_mixer_backend(mixer: str) -> str:
+    """``mixer`` if it names one of ``MIXER_BACKENDS``, else a ValueError listing them."""
+    if mixer not in MIXER_BACKENDS:
+        choices = ", ".join(map(repr, MIXER_BACKENDS))
+        raise ValueError(f"unknown mixer {mixer!r}; choose one of {choices} ('auto': the fused Pallas "
+                         "mixer kernel on GPU, the per-direction ops elsewhere)")
+    return mixer
+
+
+def resolve_mixer_backend(mixer: str) -> str:
+    """"auto" -> "fused" on GPU, "unfused" elsewhere; the others stay as they are."""
+    if check_mixer_backend(mixer) == "auto":
+        return "fused" if jax.default_backend() == "gpu" else "unfused"
+    return mixer
+
+
+def _delta(d: MixerDirection) -> jax.Array:
+    """Δ before bias and softplus, (B, L, E) fp32: given, or x_proj's Δ-rank columns times dt_proj."""
+    if d.dt_weight is None:
+        return d.delta.astype(jnp.float32)
+    dt = jnp.einsum("blr,re->ble", d.delta.astype(jnp.float32), d.dt_weight.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST)
+    if d.dt_row_scale is not None:
+        dt = dt * d.dt_row_scale.astype(jnp.float32)[:, None]
+    if d.dt_col_scale is not None:
+        dt = dt * d.dt_col_scale.astype(jnp.float32)
+    return dt
+
+
+def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
+                  divide_out: bool = True) -> jax.Array:
+    """The model's unfused mixer core, op for op: per direction SiLU(conv1d) (the backward one on
+    the flipped sequence), ``selective_scan_ref`` with the gate SiLU(z) (flipped for the backward
+    branch), the backward output flipped back, then (y_f + y_b) / 2 in fp32, in x.dtype.
+
+    ``z=None``: no gate; ``divide_out=False``: the sum. Arguments as ``vim_mixer``'s; the
+    backward direction's token-indexed inputs are in its own (flipped) order."""
+    flip = lambda t: jnp.flip(t, axis=1)
+    ys = []
+    for d, order in ((fwd, lambda t: t), (bwd, flip)):
+        conv = causal_depthwise_conv1d(order(x), d.conv_weight.astype(x.dtype), d.conv_bias.astype(x.dtype))
+        u = jax.nn.silu(conv)
+        y = selective_scan_ref(u, _delta(d).astype(x.dtype), d.A, d.B, d.C, d.D,
+                               None if z is None else order(z), d.delta_bias, delta_softplus=True)
+        ys.append(order(y).astype(jnp.float32))
+    y = ys[0] + ys[1]
+    if divide_out:
+        y = y / 2
+    return y.astype(x.dtype)
+
+
+def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
+              divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None) -> jax.Array:
+    """The mixer core on the backend named (static): "fused" runs the Pallas kernel
+    (``vim_mixer_trainable``: inference and calibration; the interpreter off the GPU), "unfused"
+    the reference, "auto" the kernel on GPU."""
+    if resolve_mixer_backend(backend) == "fused":
+        return vim_mixer_trainable(x, z, fwd, bwd, divide_out=divide_out,
+                                   interpret=jax.default_backend() != "gpu", config=config)
+    return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out)
