@@ -1,6 +1,6 @@
 """Vim's bidirectional mixer core (conv + SiLU, S6 scan per direction, gate, average): the
 plain-jnp reference of the fused kernel ``pallas_kernels.vim_mixer`` and the dispatch between
-them by an explicit backend name.
+them by the model's scan backend (``ptq4vm_jax.ops.scan.SCAN_BACKENDS``), an explicit argument.
 """
 
 from __future__ import annotations
@@ -10,25 +10,20 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer_trainable
-from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan_ref
-
-MIXER_BACKENDS = ("auto", "unfused", "fused")
-
-
-def check_mixer_backend(mixer: str) -> str:
-    """``mixer`` if it names one of ``MIXER_BACKENDS``, else a ValueError listing them."""
-    if mixer not in MIXER_BACKENDS:
-        choices = ", ".join(map(repr, MIXER_BACKENDS))
-        raise ValueError(f"unknown mixer {mixer!r}; choose one of {choices} ('auto': the fused Pallas "
-                         "mixer kernel on GPU, the per-direction ops elsewhere)")
-    return mixer
+from ptq4vm_jax.ops.scan import (
+    causal_depthwise_conv1d,
+    check_scan_backend,
+    resolve_scan_backend,
+    selective_scan,
+)
 
 
-def resolve_mixer_backend(mixer: str) -> str:
-    """"auto" -> "fused" on GPU, "unfused" elsewhere; the others stay as they are."""
-    if check_mixer_backend(mixer) == "auto":
-        return "fused" if jax.default_backend() == "gpu" else "unfused"
-    return mixer
+def mixer_backend(scan: str) -> str:
+    """What Vim's mixer core runs for the model's scan backend: "fused" (the kernel) for
+    scan="fused", and for "auto" on GPU; else the scan backend the per-direction ops use."""
+    if check_scan_backend(scan) == "fused" or (scan == "auto" and jax.default_backend() == "gpu"):
+        return "fused"
+    return resolve_scan_backend(scan)
 
 
 def _delta(d: MixerDirection) -> jax.Array:
@@ -45,10 +40,11 @@ def _delta(d: MixerDirection) -> jax.Array:
 
 
 def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
-                  divide_out: bool = True) -> jax.Array:
+                  divide_out: bool = True, scan: str = "ref") -> jax.Array:
     """The model's unfused mixer core, op for op: per direction SiLU(conv1d) (the backward one on
-    the flipped sequence), ``selective_scan_ref`` with the gate SiLU(z) (flipped for the backward
-    branch), the backward output flipped back, then (y_f + y_b) / 2 in fp32, in x.dtype.
+    the flipped sequence), the selective scan (on the backend ``scan``; "ref": ``lax.scan``) with
+    the gate SiLU(z) (flipped for the backward branch), the backward output flipped back, then
+    (y_f + y_b) / 2 in fp32, in x.dtype.
 
     ``z=None``: no gate; ``divide_out=False``: the sum. Arguments as ``vim_mixer``'s; the
     backward direction's token-indexed inputs are in its own (flipped) order."""
@@ -57,8 +53,8 @@ def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: M
     for d, order in ((fwd, lambda t: t), (bwd, flip)):
         conv = causal_depthwise_conv1d(order(x), d.conv_weight.astype(x.dtype), d.conv_bias.astype(x.dtype))
         u = jax.nn.silu(conv)
-        y = selective_scan_ref(u, _delta(d).astype(x.dtype), d.A, d.B, d.C, d.D,
-                               None if z is None else order(z), d.delta_bias, delta_softplus=True)
+        y = selective_scan(u, _delta(d).astype(x.dtype), d.A, d.B, d.C, d.D, None if z is None else order(z),
+                           d.delta_bias, delta_softplus=True, backend=scan)
         ys.append(order(y).astype(jnp.float32))
     y = ys[0] + ys[1]
     if divide_out:
@@ -68,10 +64,11 @@ def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: M
 
 def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
               divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None) -> jax.Array:
-    """The mixer core on the backend named (static): "fused" runs the Pallas kernel
-    (``vim_mixer_trainable``: inference and calibration; the interpreter off the GPU), "unfused"
-    the reference, "auto" the kernel on GPU."""
-    if resolve_mixer_backend(backend) == "fused":
+    """The mixer core for the scan backend named (static, one of ``SCAN_BACKENDS``; see
+    ``mixer_backend``): the fused Pallas kernel (``vim_mixer_trainable``, which serves inference
+    and calibration; the interpreter off the GPU), or ``vim_mixer_ref`` on that scan backend."""
+    resolved = mixer_backend(backend)
+    if resolved == "fused":
         return vim_mixer_trainable(x, z, fwd, bwd, divide_out=divide_out,
                                    interpret=jax.default_backend() != "gpu", config=config)
-    return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out)
+    return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)

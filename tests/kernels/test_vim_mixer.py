@@ -137,8 +137,10 @@ class _ReportsBackend:
 
 
 @pytest.mark.parametrize("backend,on_gpu,kernel", [("fused", False, True), ("auto", True, True),
-                                                   ("auto", False, False), ("unfused", True, False)])
+                                                   ("auto", False, False), ("ref", True, False)])
 def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkeypatch):
+    """The model's scan backend picks the mixer core: the kernel for "fused" everywhere (the
+    interpreter off the GPU) and for "auto" on a GPU, the per-direction reference otherwise."""
     calls = []
 
     def spy(*args, _fn=mixer_ops.vim_mixer_trainable, **kw):
@@ -156,7 +158,7 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
 
 def test_bad_arguments_are_explained():
     x, z, fwd, bwd = make_inputs(0, 1, 8, 16, 4)
-    with pytest.raises(ValueError, match=r"unknown mixer 'triton'.*'auto', 'unfused', 'fused'"):
+    with pytest.raises(ValueError, match=r"unknown scan backend 'triton'.*'auto', 'ref', 'pallas', 'fused'"):
         mixer_ops.vim_mixer(x, z, fwd, bwd, backend="triton")
     with pytest.raises(ValueError, match=r"z must match x's shape"):
         vim_mixer(x, z[:, :-1], fwd, bwd, interpret=True)
