@@ -17,6 +17,11 @@ from ptq4vm_jax.ops.scan import (
     selective_scan,
 )
 
+#: The kernel's token loop in the Pallas interpreter (off the GPU): one token per trip, no
+#: prefetch. Unrolling and prefetching hide a GPU's load latency; in the interpreter they only
+#: multiply the compiled program (the kernel tests run them).
+INTERPRETER_CONFIG = MixerConfig(64, 1, 2, unroll=1, prefetch=False)
+
 
 def mixer_backend(scan: str) -> str:
     """What Vim's mixer core runs for the model's scan backend: "fused" (the kernel) for
@@ -66,9 +71,12 @@ def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: Mixer
               divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None) -> jax.Array:
     """The mixer core for the scan backend named (static, one of ``SCAN_BACKENDS``; see
     ``mixer_backend``): the fused Pallas kernel (``vim_mixer_trainable``, which serves inference
-    and calibration; the interpreter off the GPU), or ``vim_mixer_ref`` on that scan backend."""
+    and calibration; the interpreter off the GPU, by default with ``INTERPRETER_CONFIG``), or
+    ``vim_mixer_ref`` on that scan backend. ``config``: the kernel's tiles (None: its default)."""
     resolved = mixer_backend(backend)
     if resolved == "fused":
-        return vim_mixer_trainable(x, z, fwd, bwd, divide_out=divide_out,
-                                   interpret=jax.default_backend() != "gpu", config=config)
+        interpret = jax.default_backend() != "gpu"
+        if config is None and interpret:
+            config = INTERPRETER_CONFIG
+        return vim_mixer_trainable(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config)
     return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)

@@ -14,6 +14,7 @@ import pytest
 
 import ptq4vm_jax as pq
 from ptq4vm_jax import create_model, load_torch_checkpoint
+from ptq4vm_jax.models.registry import image_shape
 from ptq4vm_jax.models.vim import VimBlock
 
 pytestmark = pytest.mark.slow  # the fused kernel in the Pallas interpreter inside whole models
@@ -23,22 +24,22 @@ MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 RTOL = 1e-4  # as tests/models/test_vim_golden.py: max |Δlogits| / max |official logits|, fp32
 
 
-def test_reduced_official_checkpoints_match_official_logits_through_the_fused_mixer():
-    """Every reduced golden config (E = 128 / 192 / 64, N = 16 / 8 / 16, 2-3 blocks), block by
-    block (one compiled block serves a model's blocks)."""
-    for case in MANIFEST["reduced"]:
-        overrides = case["overrides"]
-        params = load_torch_checkpoint(GOLDEN / case["checkpoint"], case["model_name"], **overrides)
-        model = create_model(case["model_name"], **overrides, scan="fused")
-        images = jnp.asarray(np.load(GOLDEN / case["inputs"]))
-        carry = jax.jit(partial(model.apply, method="embed"))({"params": params}, images)
-        block = jax.jit(VimBlock(model.cfg).apply)
-        for i in range(model.cfg.depth):
-            carry = block({"params": params[f"layers_{i}"]}, *carry)
-        logits = np.asarray(jax.jit(partial(model.apply, method="classify"))({"params": params}, *carry))
-        ref = np.load(GOLDEN / case["logits"])
-        err = float(np.abs(logits - ref).max() / np.abs(ref).max())
-        assert err <= RTOL, f"{case['name']} through the fused mixer: {err:.2e} > {RTOL:.0e}"
+@pytest.mark.parametrize("case", MANIFEST["reduced"][:1], ids=lambda c: c["name"])
+def test_reduced_official_checkpoint_matches_official_logits_through_the_fused_mixer(case):
+    """The first reduced golden config (E = 128, N = 16, L = 17, 2 blocks; the others differ in
+    sizes the kernel tests cover), block by block: one compiled block serves both."""
+    overrides = case["overrides"]
+    params = load_torch_checkpoint(GOLDEN / case["checkpoint"], case["model_name"], **overrides)
+    model = create_model(case["model_name"], **overrides, scan="fused")
+    images = jnp.asarray(np.load(GOLDEN / case["inputs"]))
+    carry = jax.jit(partial(model.apply, method="embed"))({"params": params}, images)
+    block = jax.jit(VimBlock(model.cfg).apply)
+    for i in range(model.cfg.depth):
+        carry = block({"params": params[f"layers_{i}"]}, *carry)
+    logits = np.asarray(jax.jit(partial(model.apply, method="classify"))({"params": params}, *carry))
+    ref = np.load(GOLDEN / case["logits"])
+    err = float(np.abs(logits - ref).max() / np.abs(ref).max())
+    assert err <= RTOL, f"{case['name']} through the fused mixer: {err:.2e} > {RTOL:.0e}"
 
 
 def test_fused_mixer_is_the_kernel_and_int_equals_fake_through_it(monkeypatch):
@@ -52,7 +53,7 @@ def test_fused_mixer_is_the_kernel_and_int_equals_fake_through_it(monkeypatch):
     monkeypatch.setattr(kernels, "vim_mixer", lambda *a, **kw: calls.append(1) or real_kernel(*a, **kw))
     rng = np.random.default_rng(0)
     images = rng.uniform(-2, 2, (12, 32, 32, 3)).astype(np.float32)
-    params = jax.jit(create_model("vim_nano").init)(jax.random.key(0), images[:1])["params"]
+    params = random_params("vim_nano", rng)
     qp = pq.quantize_params(params, images[:8], model="vim_nano", progress=False, log=lambda _: None,
                             config=pq.QuantConfig(8, 8, method="pts_only", num_calib=8))
     test = images[8:]
@@ -63,6 +64,21 @@ def test_fused_mixer_is_the_kernel_and_int_equals_fake_through_it(monkeypatch):
     np.testing.assert_array_equal(fake, real)
     ref = np.asarray(run("fake", "ref", qp, test))
     assert np.abs(fake - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def random_params(name: str, rng: np.random.Generator) -> dict:
+    """O(1) random weights in the model's param shapes (numpy: compiling ``init`` costs more than
+    the rest of the test), with Mamba's A_log = log(1..N) so that the scans decay."""
+    model = create_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape(model)[1:])))
+
+    def fill(path, leaf):
+        if path[-1].key in ("A_log", "A_b_log"):
+            return jnp.log(jnp.broadcast_to(jnp.arange(1, leaf.shape[1] + 1, dtype=jnp.float32), leaf.shape))
+        fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 1
+        return jnp.asarray(rng.normal(size=leaf.shape) * min(0.5, fan_in ** -0.5), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes["params"])
 
 
 def dense_calls(scan: str) -> list[tuple[str, ...]]:
