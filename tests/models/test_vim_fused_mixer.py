@@ -3,6 +3,8 @@ official golden logits, and integer inference equal to fake-quant through it."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 from functools import partial
 from pathlib import Path
@@ -13,9 +15,10 @@ import numpy as np
 import pytest
 
 import ptq4vm_jax as pq
+from pallas_kernels.qlinear import QuantizedLinear
 from ptq4vm_jax import create_model, load_torch_checkpoint
-from ptq4vm_jax.models.registry import image_shape
 from ptq4vm_jax.models.vim import VimBlock
+from ptq4vm_jax.quant.layer import intercept_dense
 
 pytestmark = pytest.mark.slow  # the fused kernel in the Pallas interpreter inside whole models
 
@@ -42,43 +45,64 @@ def test_reduced_official_checkpoint_matches_official_logits_through_the_fused_m
     assert err <= RTOL, f"{case['name']} through the fused mixer: {err:.2e} > {RTOL:.0e}"
 
 
-def test_fused_mixer_is_the_kernel_and_int_equals_fake_through_it(monkeypatch):
-    """vim_nano W8A8 (PTS scales): through scan="fused", mode="int" equals mode="fake" (the CPU's
-    integer path is bit-exact, the kernel deterministic), and both stay within 1e-3 of fake mode
-    with the per-direction reference scans."""
-    from pallas_kernels import vim_mixer as kernels
+def random_block(cfg, rng: np.random.Generator) -> tuple[dict, dict]:
+    """A VimBlock's float params (numpy: compiling ``init`` costs more than the test) and a
+    W8A8 QuantizedLinear for each of its six linears, per-token scales over cfg.seq_len tokens."""
+    block = VimBlock(cfg)
+    x = jnp.zeros((1, cfg.seq_len, cfg.embed_dim))
+    shapes = jax.eval_shape(block.init, jax.random.key(0), x, x)["params"]
 
+    def fill(path, leaf):
+        if path[-1].key in ("A_log", "A_b_log"):  # Mamba's init: the scans decay
+            return jnp.log(jnp.broadcast_to(jnp.arange(1, leaf.shape[1] + 1, dtype=jnp.float32), leaf.shape))
+        fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 4
+        return jnp.asarray(rng.normal(size=leaf.shape) * fan_in ** -0.5, leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(fill, shapes)
+    seq = cfg.seq_len
+    qlayers = {}
+    for name, dense in params["mixer"].items():
+        if not isinstance(dense, dict) or "kernel" not in dense:
+            continue
+        k, n = dense["kernel"].shape
+        qlayers[name] = QuantizedLinear(
+            w_int=jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8),
+            w_scale=jnp.asarray(rng.uniform(0.5, 1.5, n) / (127 * k ** 0.5), jnp.float32),
+            smooth=jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32),
+            a_scale=jnp.asarray(rng.uniform(0.02, 0.04, seq), jnp.float32),
+            a_zero=jnp.asarray(rng.integers(120, 136, seq), jnp.int32), bias=dense.get("bias"))
+    return params, {"mixer": qlayers}
+
+
+def test_int_equals_fake_through_the_fused_mixer(monkeypatch):
+    """A vim_nano block with W8A8 linears: through scan="fused" (the kernel runs), mode="int"
+    equals mode="fake" exactly on the CPU (the integer path is bit-exact, the kernel
+    deterministic, and x_proj / dt_proj are quantized in both), and fake mode through the kernel
+    is fake mode through the per-direction reference scans up to fp32 rounding."""
+    kernels = importlib.import_module("pallas_kernels.vim_mixer")
     calls = []
     real_kernel = kernels.vim_mixer
     monkeypatch.setattr(kernels, "vim_mixer", lambda *a, **kw: calls.append(1) or real_kernel(*a, **kw))
     rng = np.random.default_rng(0)
-    images = rng.uniform(-2, 2, (12, 32, 32, 3)).astype(np.float32)
-    params = random_params("vim_nano", rng)
-    qp = pq.quantize_params(params, images[:8], model="vim_nano", progress=False, log=lambda _: None,
-                            config=pq.QuantConfig(8, 8, method="pts_only", num_calib=8))
-    test = images[8:]
-    run = jax.jit(lambda mode, scan, q, x: pq.quantized_apply(None, q, x, mode=mode, scan=scan),
-                  static_argnums=(0, 1))
-    fake, real = (np.asarray(run(mode, "fused", qp, test)) for mode in ("fake", "int"))
+    cfg = create_model("vim_nano").cfg
+    params, qtree = random_block(cfg, rng)
+    hidden = jnp.asarray(rng.normal(size=(3, cfg.seq_len, cfg.embed_dim)), jnp.float32)
+    residual = jnp.zeros_like(hidden)
+    method = pq.QuantConfig(8, 8, method="pts_only")
+
+    @partial(jax.jit, static_argnums=(0, 1))
+    def run(mode, scan, p, q, h, r):
+        with intercept_dense(q, method, mode):
+            return VimBlock(dataclasses.replace(cfg, scan=scan)).apply({"params": p}, h, r)[0]
+
+    fake, real = (np.asarray(run(mode, "fused", params, qtree, hidden, residual)) for mode in ("fake", "int"))
     assert calls, "the fused kernel did not run"
     np.testing.assert_array_equal(fake, real)
-    ref = np.asarray(run("fake", "ref", qp, test))
-    assert np.abs(fake - ref).max() <= 1e-3 * np.abs(ref).max()
-
-
-def random_params(name: str, rng: np.random.Generator) -> dict:
-    """O(1) random weights in the model's param shapes (numpy: compiling ``init`` costs more than
-    the rest of the test), with Mamba's A_log = log(1..N) so that the scans decay."""
-    model = create_model(name)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape(model)[1:])))
-
-    def fill(path, leaf):
-        if path[-1].key in ("A_log", "A_b_log"):
-            return jnp.log(jnp.broadcast_to(jnp.arange(1, leaf.shape[1] + 1, dtype=jnp.float32), leaf.shape))
-        fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 1
-        return jnp.asarray(rng.normal(size=leaf.shape) * min(0.5, fan_in ** -0.5), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes["params"])
+    ref = np.asarray(run("fake", "ref", params, qtree, hidden, residual))
+    assert np.abs(fake - ref).max() <= 1e-4 * np.abs(ref).max()
+    # The quantized linears matter: the float block is far from the quantized one.
+    float_out = np.asarray(jax.jit(VimBlock(cfg).apply)({"params": params}, hidden, residual)[0])
+    assert np.abs(float_out - ref).max() > 1e-2 * np.abs(ref).max()
 
 
 def dense_calls(scan: str) -> list[tuple[str, ...]]:
