@@ -76,7 +76,7 @@ def random_block(cfg, rng: np.random.Generator) -> tuple[dict, dict]:
 
 def test_int_equals_fake_through_the_fused_mixer(monkeypatch):
     """A vim_nano block with W8A8 linears: through scan="fused" (the kernel runs), mode="int"
-    equals mode="fake" exactly on the CPU (the integer path is bit-exact, the kernel
+    equals mode="fake", exactly on the CPU (the integer path is bit-exact, the kernel
     deterministic, and x_proj / dt_proj are quantized in both), and fake mode through the kernel
     is fake mode through the per-direction reference scans up to fp32 rounding."""
     kernels = importlib.import_module("pallas_kernels.vim_mixer")
@@ -97,7 +97,10 @@ def test_int_equals_fake_through_the_fused_mixer(monkeypatch):
 
     fake, real = (np.asarray(run(mode, "fused", params, qtree, hidden, residual)) for mode in ("fake", "int"))
     assert calls, "the fused kernel did not run"
-    np.testing.assert_array_equal(fake, real)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(fake, real)
+    else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
+        assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
     ref = np.asarray(run("fake", "ref", params, qtree, hidden, residual))
     assert np.abs(fake - ref).max() <= 1e-4 * np.abs(ref).max()
     # The quantized linears matter: the float block is far from the quantized one.
