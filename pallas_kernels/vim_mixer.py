@@ -11,7 +11,8 @@ and runs both recurrences with the fp32 state in registers, in the channel-major
 ``selective_scan`` (N (block_e,) vectors, B_t and C_t read as scalars) with exp2 decays (A scaled
 by log2 e once per program). The backward direction is walked from the last token to the first
 by index, reading x and z in token order: no flipped copy exists. Its pass stores its ungated
-partial output; the forward pass adds its own, gates, halves and writes
+partial output (in the output's dtype, as the unfused path rounds each direction's output); the
+forward pass adds its own, gates, halves and writes
 ``SiLU(z) · (y_f + y_b) / 2``, every element read back by the thread that wrote it.
 
 What stays outside: x_proj (its input is the conv + SiLU output, which the caller computes for
