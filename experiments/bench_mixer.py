@@ -15,6 +15,10 @@ Sections:
          per second against the special-function peak; ``x bound`` is the time over the
          exp-throughput bound of both directions (2·B·L·E·N exponentials at EXP_PEAK). Each
          variant is checked in fp32 against the reference (lax.scan) before it is timed in bf16.
+  mixer-train  (only with ``--sections``) value + gradients of the mixer core as calibration
+         needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer_trainable`` vs
+         jax.grad through the per-direction path with the Pallas trainable scans, checked against
+         jax.grad through the reference.
   e2e-mixer  images/s end to end, bf16: the pre-issue forward (``scan="pallas"``: a Pallas scan
          per direction), the fused forward (``scan="fused"``) and W8A8 integer inference through
          the fused mixer (``gemm="mixed"`` on Hopper, "auto" elsewhere; RTN scales).
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ptq4vm_jax as pq
-from pallas_kernels import MixerDirection, selective_scan, vim_mixer
+from pallas_kernels import MixerDirection, selective_scan, vim_mixer, vim_mixer_trainable
 from ptq4vm_jax.ops.mixer import INTERPRETER_CONFIG, vim_mixer_ref
 from ptq4vm_jax.quant.integer import is_hopper
 
@@ -153,6 +157,39 @@ def mixer_shapes(cfg: RunConfig) -> list[MixerShape]:
     return [mixer_shape(m, b) for b in (64, 256) for m in ("vim_t", "vim_s", "vim_b")]
 
 
+def value_and_grads(fn: Callable) -> Callable:
+    """The value and the gradients for x, z and both directions of sum(fn(x, z, fwd, bwd))."""
+    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3))
+
+
+def mixer_train_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
+    """Value and gradients (x, z and both directions) of a linear readout, fused vs per-direction."""
+    config = INTERPRETER_CONFIG if cfg.interpret else None
+    variants = {
+        "fused vim_mixer_trainable": functools.partial(vim_mixer_trainable, interpret=cfg.interpret,
+                                                       config=config),
+        "per-direction: XLA glue + 2 Pallas trainable scans": functools.partial(vim_mixer_ref, scan="pallas"),
+    }
+    rows = []
+    for label, batch, seq, e, n, r in shapes:
+        shape = f"{label} B={batch} L={seq} E={e} N={n} R={r} fwd+bwd"
+        sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.float32) for s in range(1 if cfg.interpret else 2)]
+        _, g_ref = jax.jit(value_and_grads(vim_mixer_ref))(*sets[0])
+
+        def body(vname, fn, shape=shape, sets=sets, g_ref=g_ref):
+            f = value_and_grads(fn)
+            _, g = jax.jit(f)(*sets[0])
+            pairs = zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True)
+            err = max(bc.rel_err(a, b) for a, b in pairs)
+            secs = bc.time_ops(f, sets, **cfg.timing)
+            check = f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
+            return Row("mixer-train", shape, vname, secs, check=check)
+
+        for vname, fn in variants.items():
+            rows.append(bc.run_row(cfg, "mixer-train", shape, vname, functools.partial(body, vname, fn)))
+    return rows
+
+
 E2E_VARIANTS = ("bf16-unfused", "bf16-fused", "int-fused")
 
 
@@ -229,6 +266,8 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
 SECTIONS: dict[str, bc.Section] = {
     "mixer": lambda cfg: mixer_rows(mixer_shapes(cfg), cfg),
     "e2e-mixer": lambda cfg: e2e_rows(e2e_models(cfg), cfg),
+    "mixer-train": lambda cfg: mixer_train_rows(
+        mixer_shapes(cfg) if cfg.args.mixer_shapes or cfg.interpret else [mixer_shape("vim_t", 256)], cfg),
 }
 
 
