@@ -20,6 +20,12 @@
 #           every integer GEMM backend against the others, xla-bf16 and mixed among them
 #   ktests  the other kernel tests compiled: the Triton qmatmul (fused and on codes), the bf16-dot
 #           path, the selective scan forward (both layouts) and backward
+#   mixer   experiments/bench_mixer.py --quick: the fused bidirectional mixer kernel against the
+#           per-direction path per block (Vim-S and Vim-B, batch 256, with the exp-throughput
+#           bound), and Vim-S batch 256 end to end: bf16 with a Pallas scan per direction (the
+#           pre-issue forward), bf16 fused, W8A8 int fused
+#   mtests  the fused mixer's tests compiled (kernel vs reference, integer dt_proj feed, gradients,
+#           goldens and int == fake through the model)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
 #           official recipe (the first block includes compiling the training step)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
@@ -28,6 +34,8 @@
 # For a 15-minute device budget, two calls (BENCHMARKS.md has the step times of earlier runs):
 #   bash experiments/device_check.sh 540                          (timeout_s 570: env .. ktests)
 #   STEPS="calib" bash experiments/device_check.sh 250            (timeout_s 270)
+# The fused mixer (issue 20) alone, one call under 8 minutes:
+#   STEPS="env mixer mtests" bash experiments/device_check.sh 450 (timeout_s 480)
 set -u
 TOTAL=${1:-540}
 OUT=${OUT:-/tmp/ptq4vm_device}
@@ -47,7 +55,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
   echo "=== $name (limit ${limit}s, t=$(($(date +%s) - START))s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "=== $name exit $? after $(($(date +%s) - START))s"
-  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|first call|scales in|\| \*\*total|compilations|set-up|^# |exit" "$OUT/$name.log" | tail -n 25
+  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|\| mixer|first call|scales in|\| \*\*total|compilations|set-up|^# |exit" "$OUT/$name.log" | tail -n 25
 }
 
 step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
@@ -63,5 +71,9 @@ step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \
   tests/kernels/test_qmatmul.py
+step mixer 260 $PY experiments/bench_mixer.py --quick --budget-s 240 --sections mixer e2e-mixer \
+  --mixer-shapes vim_s:256 vim_b:256 --e2e-models vim_small:256
+step mtests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_vim_mixer.py \
+  tests/models/test_vim_fused_mixer.py
 step calib 240 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 echo "=== done after $(($(date +%s) - START))s"

@@ -1,5 +1,5 @@
-"""Pallas GPU kernels for PTQ4VM: the W2..8 A2..8 integer linear and the S6 scan (forward for
-inference, forward + backward for calibration).
+"""Pallas GPU kernels for PTQ4VM: the W2..8 A2..8 integer linear, the S6 scan (forward for
+inference, forward + backward for calibration) and Vim's fused bidirectional mixer core.
 
 A quantized linear's parameters are one pytree, :class:`QuantizedLinear` (``qlinear.py``), and
 every integer GEMM takes ``(x, layer, *, out_dtype=..., ...)``. ``qmatmul`` and the scan use the
@@ -46,15 +46,25 @@ from pallas_kernels.selective_scan import (
     selective_scan,
     selective_scan_trainable,
 )
+from pallas_kernels.vim_mixer import (
+    MixerConfig,
+    MixerDirection,
+    default_mixer_config,
+    vim_mixer,
+    vim_mixer_trainable,
+)
 
 __all__ = [
     "GemmConfig",
+    "MixerConfig",
+    "MixerDirection",
     "QuantizedLinear",
     "ScanConfig",
     "WgmmaConfig",
     "bf16_dot_plan",
     "check_bits",
     "default_gemm_config",
+    "default_mixer_config",
     "dense_weight",
     "default_scan_config",
     "is_packed",
@@ -75,5 +85,7 @@ __all__ = [
     "supports_wgmma",
     "unpack_int4",
     "unpack_weight",
+    "vim_mixer",
+    "vim_mixer_trainable",
     "weight_colsum",
 ]

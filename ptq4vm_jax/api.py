@@ -197,7 +197,7 @@ def quantized_apply(
     "wgmma" and "mixed"; all integer-exact; see ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``. It is
     a static argument: a jitted caller runs the GEMM it passed.
 
-    ``scan`` overrides the model's scan backend ("auto", "ref", "pallas"; None keeps the model's,
+    ``scan`` overrides the model's scan backend ("auto", "ref", "pallas", "fused"; None keeps the model's,
     "auto" for a model built from ``qparams``). The scan is part of the model, so float and
     quantized evaluation on one device run the same one unless asked otherwise; it matters:
     quantization turns the kernel's ~1e-7 rounding differences from ``lax.scan`` into flipped codes

@@ -53,12 +53,12 @@ def without(args: Sequence[str], *options: str) -> list[str]:
 def test_device_check_runs_every_step_it_documents():
     steps = device_check_steps()
     header = (ROOT / "experiments" / "device_check.sh").read_text().split("set -u")[0]
-    assert list(steps) == ["env", "kernels", "e2e", "hopper", "itests", "ktests", "calib"]
+    assert list(steps) == ["env", "kernels", "e2e", "hopper", "itests", "ktests", "mixer", "mtests", "calib"]
     for name in steps:
         assert f"#   {name} " in header, f"step {name!r} is not described in the script's header"
 
 
-@pytest.mark.parametrize("name", ["kernels", "e2e", "hopper", "itests", "ktests", "calib"])
+@pytest.mark.parametrize("name", ["kernels", "e2e", "hopper", "itests", "ktests", "mixer", "mtests", "calib"])
 def test_device_check_commands_parse_and_name_existing_files(name):
     words = device_check_steps()[name]
     assert words[0] == "$PY", words
@@ -124,3 +124,27 @@ def test_driver_runs_the_split_scripts_sections():
     assert driver.SECTIONS == {k: v for part in parts for k, v in part.SECTIONS.items()}
     args = driver.parse_args(["--sections", "scan", "gemm", "int-vs-fake", "--interpret"])
     assert args.sections == ["scan", "gemm", "int-vs-fake"]
+
+
+def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
+    """The ``mixer`` step's script: its per-block section at the smoke shape, every variant checked
+    against the reference. Its end-to-end section is left out (the test-time budget): it builds
+    the forwards ``bench_e2e.py`` builds, with ``scan="fused"``, whose model path
+    tests/models/test_vim_fused_mixer.py runs (goldens, int == fake). Typos in its options fail
+    before anything compiles."""
+    bench = load_script("bench_mixer")
+    for argv, flag in ((["--mixer-shapes", "vim_x:256"], "--mixer-shapes"),
+                       (["--e2e-models", "vmamba_tiny:64"], "not a Vim model"),
+                       (["--e2e-variants", "bf16-fusedd"], "--e2e-variants")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert flag in capsys.readouterr().err
+    words = device_check_steps()["mixer"]
+    args = without(words[2:], "--mixer-shapes", "--e2e-models", "--budget-s", "--quick", "--sections")
+    assert "e2e-mixer" in words and bench.parse_args(words[2:]).e2e_models == [("vim_small", 256)]
+    assert bench.main(["--interpret", *args, "--sections", "mixer"]) == 0, words
+    out = capsys.readouterr().out
+    rows = [line for line in out[out.index("| section |"):].splitlines() if line.startswith("| mixer")]
+    assert len(rows) == 4, rows
+    assert sum("fp32 rel" in row for row in rows) == 3
+    assert all("ERROR" not in row and "FAIL" not in row for row in rows)

@@ -21,6 +21,7 @@ from jax import lax
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage
 from ptq4vm_jax.models.inputs import check_images
+from ptq4vm_jax.ops.mixer import MixerDirection, mixer_backend, vim_mixer
 from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, check_scan_backend, selective_scan
 
 
@@ -41,8 +42,9 @@ class VimConfig:
     norm_epsilon: float = 1e-5
     dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
     # Runtime choices, not sizes (checkpoints do not store them): the selective scan's backend,
-    # one of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` ("auto": the Pallas kernel on GPU, lax.scan
-    # elsewhere; "pallas" off the GPU runs the kernel in the Pallas interpreter).
+    # one of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` ("auto": the fused mixer kernel on GPU, lax.scan
+    # elsewhere; "pallas": a Pallas scan per direction; "fused": the fused mixer kernel; off the
+    # GPU the Pallas kernels run in the interpreter).
     scan: str = "auto"
 
     def __post_init__(self) -> None:
@@ -148,9 +150,26 @@ class BiMambaMixer(nn.Module):
         a = -jnp.exp(a_log.astype(jnp.float32))
         return selective_scan(x, dt, a, b, cc, D=d, z=z, delta_softplus=True, backend=c.scan)
 
+    def _fused(self, x, z):
+        """The same function with conv + scans + gate + average in one kernel (``ops.mixer``);
+        x_proj and dt_proj stay the model's Dense calls (quantized by interception as above)."""
+        c = self.cfg
+        directions = []
+        for xd, conv, x_proj, dt_proj, a_log, d in (
+            (x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (jnp.flip(x, axis=1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+        ):
+            dt, b, cc = jnp.split(x_proj(nn.silu(conv(xd))), [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
+            w = conv.variables["params"]
+            directions.append(MixerDirection(w["kernel"], w["bias"], dt_proj(dt), b, cc,
+                                             -jnp.exp(a_log.astype(jnp.float32)), d))
+        return vim_mixer(x, z, *directions, backend=c.scan)
+
     def __call__(self, hidden: jax.Array) -> jax.Array:
         xz = self.in_proj(hidden.astype(self.cfg.dtype))
         x, z = jnp.split(xz, 2, axis=-1)
+        if mixer_backend(self.cfg.scan) == "fused":
+            return self.out_proj(self._fused(x, z))
         y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         flip = lambda t: jnp.flip(t, axis=1)
         y_b = self._branch(

@@ -66,7 +66,9 @@ def selective_scan_ref(
     return y.astype(out_dtype)
 
 
-SCAN_BACKENDS = ("auto", "ref", "pallas")
+#: "fused" is "pallas" plus, in a model that has one (Vim), the fused mixer kernel
+#: (``ptq4vm_jax.ops.mixer``); "auto" means "fused" on GPU there.
+SCAN_BACKENDS = ("auto", "ref", "pallas", "fused")
 
 
 def check_scan_backend(scan: str) -> str:
@@ -74,15 +76,16 @@ def check_scan_backend(scan: str) -> str:
     if scan not in SCAN_BACKENDS:
         choices = ", ".join(map(repr, SCAN_BACKENDS))
         raise ValueError(f"unknown scan backend {scan!r}; choose one of {choices} "
-                         "('auto': the Pallas kernel on GPU, the lax.scan reference elsewhere)")
+                         "('auto': the Pallas kernels on GPU, the lax.scan reference elsewhere)")
     return scan
 
 
 def resolve_scan_backend(scan: str) -> str:
-    """"auto" -> "pallas" on GPU (the kernel), "ref" elsewhere; "ref" and "pallas" stay as they are."""
+    """The selective scan's own backend: "auto" -> "pallas" on GPU (the kernel), "ref" elsewhere;
+    "fused" -> "pallas" (a scan outside a fused mixer); "ref" and "pallas" stay as they are."""
     if check_scan_backend(scan) == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "ref"
-    return scan
+    return "pallas" if scan == "fused" else scan
 
 
 def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -95,7 +98,8 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     "ref": ``selective_scan_ref``. "pallas": ``pallas_kernels.selective_scan_trainable``, whose
     undifferentiated call is the inference forward kernel and whose VJP is the Pallas backward,
     so one backend serves evaluation and calibration; off the GPU it runs in the Pallas
-    interpreter (for tests and parity checks). "auto": "pallas" on GPU, "ref" elsewhere.
+    interpreter (for tests and parity checks). "auto": "pallas" on GPU, "ref" elsewhere; "fused"
+    (the fused mixer's setting) runs "pallas" for a scan outside the fused kernel.
     ``config`` (tiles and layout, for tuning) reaches the kernel; None takes its default.
     """
     if resolve_scan_backend(backend) == "pallas":

@@ -1,0 +1,307 @@
+"""The fused bidirectional Vim mixer kernel against the per-direction path on one GPU: one run,
+one markdown table.
+
+    python experiments/bench_mixer.py --quick                     # Vim-S batch 256
+    python experiments/bench_mixer.py --quick --interpret         # CPU smoke test, tiny shapes
+    python experiments/bench_mixer.py --mixer-shapes vim_b:256 --e2e-models vim_base:256
+
+Sections:
+  mixer  the mixer core of one Vim block (from the in_proj output x, z and each direction's
+         x_proj outputs to SiLU(z)·(y_f + y_b)/2), bf16: the pre-issue path (XLA conv + SiLU per
+         direction on flipped copies, XLA dt_proj, two Pallas scans, flips, gate and average;
+         ``vim_mixer_ref(scan="pallas")``), the fused kernel fed XLA's dt_proj output (the
+         model's ``scan="fused"`` path), the fused kernel with dt_proj on chip, and XLA's dt_proj
+         with the two Pallas scans but none of the other glue (timing only). Rates: exponentials
+         per second against the special-function peak; ``x bound`` is the time over the
+         exp-throughput bound of both directions (2·B·L·E·N exponentials at EXP_PEAK). Each
+         variant is checked in fp32 against the reference (lax.scan) before it is timed in bf16.
+  mixer-train  (only with ``--sections``) value + gradients of the mixer core as calibration
+         needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer_trainable`` vs
+         jax.grad through the per-direction path with the Pallas trainable scans, checked against
+         jax.grad through the reference.
+  e2e-mixer  images/s end to end, bf16: the pre-issue forward (``scan="pallas"``: a Pallas scan
+         per direction), the fused forward (``scan="fused"``) and W8A8 integer inference through
+         the fused mixer (``gemm="mixed"`` on Hopper, "auto" elsewhere; RTN scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ptq4vm_jax as pq
+from pallas_kernels import MixerDirection, selective_scan, vim_mixer, vim_mixer_trainable
+from ptq4vm_jax.ops.mixer import INTERPRETER_CONFIG, vim_mixer_ref
+from ptq4vm_jax.quant.integer import is_hopper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared modules
+import bench_common as bc  # noqa: E402
+import bench_e2e  # noqa: E402
+from bench_common import SEQ, VIM_DIMS, Row, RunConfig  # noqa: E402
+
+MixerShape = tuple[str, int, int, int, int, int]  # (label, batch, L, E, N, R)
+
+
+def mixer_inputs(seed: int, batch: int, seq: int, e: int, n: int, r: int, dtype) -> tuple:
+    """x, z and both directions (Δ as x_proj's Δ-rank columns, dt_proj's weight and bias) with
+    Vim-like ranges."""
+    rng = np.random.default_rng(seed)
+    arr = lambda a, dt=jnp.float32: jnp.asarray(np.asarray(a, np.float32), dt)
+
+    def direction() -> MixerDirection:
+        return MixerDirection(
+            conv_weight=arr(rng.uniform(-0.5, 0.5, (4, e))), conv_bias=arr(rng.uniform(-0.5, 0.5, e)),
+            delta=arr(rng.normal(size=(batch, seq, r)), dtype),
+            B=arr(rng.normal(size=(batch, seq, n)), dtype),
+            C=arr(rng.normal(size=(batch, seq, n)), dtype), A=arr(-np.exp(0.5 * rng.normal(size=(e, n)))),
+            D=arr(rng.uniform(0.5, 1.5, e)), delta_bias=arr(rng.normal(size=e) * 0.2 - 1.0),
+            dt_weight=arr(rng.normal(size=(r, e)) * r ** -0.5))
+
+    x, z = (arr(rng.normal(size=(batch, seq, e)), dtype) for _ in range(2))
+    return x, z, direction(), direction()
+
+
+def xla_dt_proj(d: MixerDirection, dtype) -> MixerDirection:
+    """The direction with Δ = dt_proj(Δ-rank) + bias computed by XLA (as the model's Dense does)."""
+    dt = jnp.einsum("blr,re->ble", d.delta, d.dt_weight.astype(d.delta.dtype)) + d.delta_bias.astype(dtype)
+    return MixerDirection(d.conv_weight, d.conv_bias, dt.astype(dtype), d.B, d.C, d.A, d.D)
+
+
+def mixer_variants(interpret: bool) -> dict[str, Callable]:
+    """name -> fn(x, z, fwd, bwd) with the directions in Δ-rank form. In the interpreter the fused
+    kernel runs the plain token loop (``INTERPRETER_CONFIG``: compiles faster), on a GPU its default."""
+    config = INTERPRETER_CONFIG if interpret else None
+
+    def fused_xla_dt(x, z, fwd, bwd):
+        return vim_mixer(x, z, xla_dt_proj(fwd, x.dtype), xla_dt_proj(bwd, x.dtype), interpret=interpret,
+                         config=config)
+
+    def scans_only(x, z, fwd, bwd):  # x stands in for the conv output: no conv, flips or average
+        ys = [selective_scan(x, xla_dt_proj(d, x.dtype).delta, d.A, d.B, d.C, d.D, z, reverse=rev,
+                             interpret=interpret)
+              for d, rev in ((fwd, False), (bwd, True))]
+        return ys[0] + ys[1]
+
+    return {
+        "unfused (pre-issue): XLA glue + 2 Pallas scans": functools.partial(vim_mixer_ref, scan="pallas"),
+        "fused kernel, XLA dt_proj (model path)": fused_xla_dt,
+        "fused kernel, dt_proj on chip": functools.partial(vim_mixer, interpret=interpret, config=config),
+        "XLA dt_proj + 2 Pallas scans (no conv, flips, average)": scans_only,
+    }
+
+
+def mixer_row(cfg: RunConfig, shape: str, vname: str, fn: Callable, check_set: tuple, y_ref: np.ndarray,
+              sets: list[tuple], exps: int) -> Row:
+    jfn = jax.jit(fn)
+    y = jax.block_until_ready(jfn(*check_set))
+    if "no conv" in vname:
+        check = "not comparable (timing only)"
+    else:
+        err = bc.rel_err(y, y_ref)
+        check = f"fp32 rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
+    if cfg.interpret:  # the smoke test: one more call of the compiled check, not a timing
+        start = time.perf_counter()
+        jax.block_until_ready(jfn(*check_set))
+        secs = time.perf_counter() - start
+    else:
+        secs = bc.time_ops(fn, sets, **cfg.timing)
+    rate, pct = bc.rate_cells(exps, secs, bc.EXP_PEAK if cfg.peaks else None)
+    if cfg.peaks:
+        check += f"; {secs / (exps / bc.EXP_PEAK):.2f}x exp bound ({1e6 * exps / bc.EXP_PEAK:.0f} us)"
+    return Row("mixer", shape, vname, secs, rate, pct, check=check)
+
+
+def mixer_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
+    variants = mixer_variants(cfg.interpret)
+    rows = []
+    for label, batch, seq, e, n, r in shapes:
+        shape = f"{label} B={batch} L={seq} E={e} N={n} R={r}"
+        check_set = mixer_inputs(100, batch, seq, e, n, r, jnp.float32)
+        y_ref = np.asarray(jax.jit(vim_mixer_ref)(*check_set), np.float32)
+        set_bytes = 2 * batch * seq * (3 * e + 4 * n + 2 * r)
+        nsets = 0 if cfg.interpret else bc.n_input_sets(set_bytes)
+        sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.bfloat16) for s in range(nsets)]
+        exps = 2 * batch * seq * e * n
+        for vname, fn in variants.items():
+            body = functools.partial(mixer_row, cfg, shape, vname, fn, check_set, y_ref, sets, exps)
+            rows.append(bc.run_row(cfg, "mixer", shape, vname, body))
+    return rows
+
+
+def mixer_shape(name: str, batch: int) -> MixerShape:
+    """(label, batch, L, E, N, R) of a Vim model's mixer (vim_t / vim_s / vim_b)."""
+    if name not in VIM_DIMS or name == "smoke":
+        raise ValueError(f"unknown mixer shape {name!r}: use one of vim_t, vim_s, vim_b")
+    d = VIM_DIMS[name]
+    return name, batch, SEQ, 2 * d, 16, math.ceil(d / 16)
+
+
+def mixer_shapes(cfg: RunConfig) -> list[MixerShape]:
+    if cfg.args.mixer_shapes:
+        return [mixer_shape(*nb) for nb in cfg.args.mixer_shapes]
+    if cfg.interpret:
+        return [("smoke", 1, 9, 32, 4, 2)]
+    if cfg.quick:
+        return [mixer_shape("vim_s", 256), mixer_shape("vim_b", 256)]
+    return [mixer_shape(m, b) for b in (64, 256) for m in ("vim_t", "vim_s", "vim_b")]
+
+
+def value_and_grads(fn: Callable) -> Callable:
+    """The value and the gradients for x, z and both directions of sum(fn(x, z, fwd, bwd))."""
+    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3))
+
+
+def mixer_train_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
+    """Value and gradients (x, z and both directions) of a linear readout, fused vs per-direction."""
+    config = INTERPRETER_CONFIG if cfg.interpret else None
+    variants = {
+        "fused vim_mixer_trainable": functools.partial(vim_mixer_trainable, interpret=cfg.interpret,
+                                                       config=config),
+        "per-direction: XLA glue + 2 Pallas trainable scans": functools.partial(vim_mixer_ref, scan="pallas"),
+    }
+    rows = []
+    for label, batch, seq, e, n, r in shapes:
+        shape = f"{label} B={batch} L={seq} E={e} N={n} R={r} fwd+bwd"
+        sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.float32) for s in range(1 if cfg.interpret else 2)]
+        _, g_ref = jax.jit(value_and_grads(vim_mixer_ref))(*sets[0])
+
+        def body(vname, fn, shape=shape, sets=sets, g_ref=g_ref):
+            f = value_and_grads(fn)
+            _, g = jax.jit(f)(*sets[0])
+            pairs = zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True)
+            err = max(bc.rel_err(a, b) for a, b in pairs)
+            secs = bc.time_ops(f, sets, **cfg.timing)
+            check = f"rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
+            return Row("mixer-train", shape, vname, secs, check=check)
+
+        for vname, fn in variants.items():
+            rows.append(bc.run_row(cfg, "mixer-train", shape, vname, functools.partial(body, vname, fn)))
+    return rows
+
+
+E2E_VARIANTS = ("bf16-unfused", "bf16-fused", "int-fused")
+
+
+def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
+                   variants: Sequence[str] = E2E_VARIANTS) -> tuple[dict[str, Callable], list[jax.Array]]:
+    """bf16 forwards with a Pallas scan per direction and with the fused mixer, and W8A8 integer
+    inference through the fused mixer, of a randomly initialised Vim."""
+    size = pq.create_model(model_name).cfg.img_size
+    images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(2)]
+    model = {scan: pq.create_model(model_name, dtype=jnp.bfloat16, scan=scan) for scan in ("pallas", "fused")}
+    params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
+    gemm = "xla" if interpret else ("mixed" if is_hopper() else "auto")
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def float_fwd(scan: str, p, im):
+        return model[scan].apply({"params": p}, im)
+
+    @jax.jit
+    def int_fwd(q, im):
+        with warnings.catch_warnings():
+            if interpret:
+                warnings.filterwarnings("ignore", "gemm=.* runs its kernel in the Pallas interpreter")
+            return pq.quantized_apply(model["fused"], q, im, mode="int", gemm=gemm)
+
+    forwards = {}
+    if "bf16-unfused" in variants:
+        forwards[f"{model_name} bf16, a Pallas scan per direction (pre-issue)"] = functools.partial(
+            float_fwd, "pallas", params)
+    if "bf16-fused" in variants:
+        forwards[f"{model_name} bf16, fused mixer"] = functools.partial(float_fwd, "fused", params)
+    if "int-fused" in variants:
+        qcfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
+        calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
+        t0 = time.perf_counter()
+        qp = pq.quantize_params(params, calib, model=model_name, config=qcfg, progress=False,
+                                log=lambda _: None)
+        print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+        forwards[f"{model_name} W8A8 int bf16, fused mixer (gemm={gemm})"] = functools.partial(int_fwd, qp)
+    return forwards, images
+
+
+def e2e_models(cfg: RunConfig) -> list[tuple[str, int]]:
+    if cfg.args.e2e_models:
+        return list(cfg.args.e2e_models)
+    if cfg.interpret:
+        return [("vim_nano", 1)]
+    if cfg.quick:
+        return [("vim_small", 256)]
+    return [(m, b) for b in (64, 256) for m in ("vim_tiny", "vim_small", "vim_base")]
+
+
+def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
+    """End-to-end rows per (model, batch), the first variant the baseline of the others."""
+    rows = []
+    for name, batch in models:
+        if cfg.out_of_time(reserve_s=60.0):
+            rows.append(Row("e2e", f"batch {batch}", name, None, check="skipped: time budget"))
+            cfg.emit(rows[-1])
+            continue
+        try:
+            forwards, images = mixer_forwards(name, batch, interpret=cfg.interpret,
+                                              variants=cfg.args.e2e_variants)
+            new = bench_e2e.end_to_end_rows(forwards, images, label=f"batch {batch}", **cfg.timing)
+        except Exception as err:  # keep the other rows of this run
+            traceback.print_exc()
+            new = [Row("e2e", f"batch {batch}", name, None,
+                       check=f"ERROR {type(err).__name__}: {str(err)[:80]}")]
+        for r in new:
+            cfg.emit(r)
+        rows += new
+    return rows
+
+
+SECTIONS: dict[str, bc.Section] = {
+    "mixer": lambda cfg: mixer_rows(mixer_shapes(cfg), cfg),
+    "e2e-mixer": lambda cfg: e2e_rows(e2e_models(cfg), cfg),
+    "mixer-train": lambda cfg: mixer_train_rows(
+        mixer_shapes(cfg) if cfg.args.mixer_shapes or cfg.interpret else [mixer_shape("vim_t", 256)], cfg),
+}
+
+
+def add_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--mixer-shapes", nargs="+", type=bc.model_batch, metavar="NAME:BATCH",
+                    help="mixer section shapes: vim_t / vim_s / vim_b (L=197, E=2D, N=16), e.g. vim_b:256")
+    ap.add_argument("--e2e-models", nargs="+", type=bc.model_batch, metavar="MODEL:BATCH",
+                    help="end-to-end models, e.g. vim_small:256")
+    ap.add_argument("--e2e-variants", nargs="+", choices=E2E_VARIANTS, default=list(E2E_VARIANTS),
+                    help="end-to-end forwards (default: all)")
+
+
+def check_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name, batch in args.mixer_shapes or ():
+        try:
+            mixer_shape(name, batch)
+        except ValueError as err:
+            ap.error(f"--mixer-shapes: {err}")
+    for name, _ in args.e2e_models or ():
+        try:
+            if pq.models.model_family(name) != "vim":
+                ap.error(f"--e2e-models: {name} is not a Vim model (the fused mixer is Vim's)")
+        except ValueError as err:
+            ap.error(f"--e2e-models: {err}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return bc.parse_args(argv, __doc__, list(SECTIONS), [add_options], [check_options])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return bc.run(parse_args(argv), "bench_mixer.py", SECTIONS,
+                  lambda cfg: SECTIONS["mixer"](cfg) + SECTIONS["e2e-mixer"](cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

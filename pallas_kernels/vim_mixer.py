@@ -1,0 +1,378 @@
+"""Vim's bidirectional mixer core as one Pallas (Triton backend) kernel.
+
+Between in_proj and out_proj, a bimamba-v2 block runs, per direction, a causal depthwise conv1d +
+SiLU, x_proj, dt_proj and the S6 scan, then gates with SiLU(z) and averages the two directions
+(``if_divide_out``). Unfused, that is two convs, two flipped copies, the Δ round trips, two scans
+and the gate / average passes, each through HBM. Here one program per (batch element, tile of
+``block_e`` channels) reads x (and z) once per direction, recomputes the conv + SiLU from a
+sliding window of the last ``d_conv`` rows of x kept in registers, computes Δ on chip (softplus
+of Δ + bias, or of dt_proj itself from x_proj's Δ-rank columns: ``MixerDirection.dt_weight``),
+and runs both recurrences with the fp32 state in registers, in the channel-major layout of
+``selective_scan`` (N (block_e,) vectors, B_t and C_t read as scalars) with exp2 decays (A scaled
+by log2 e once per program). The backward direction is walked from the last token to the first
+by index, reading x and z in token order: no flipped copy exists. Its pass stores its ungated
+partial output (in the output's dtype, as the unfused path rounds each direction's output); the
+forward pass adds its own, gates, halves and writes
+``SiLU(z) · (y_f + y_b) / 2``, every element read back by the thread that wrote it.
+
+What stays outside: x_proj (its input is the conv + SiLU output, which the caller computes for
+it anyway; only the kernel's own copy of it is recomputed), so Δ-rank, B and C come in per
+direction. The backward direction's token-indexed inputs (Δ, B, C, the Δ-rank scale) are in its
+own order, token L-1-t at index t, which is how Vim's backward branch (which runs on the flipped
+sequence) produces them; its conv taps are those of ``conv1d_b`` applied to the flipped sequence.
+
+The semantics are ``ptq4vm_jax.ops.mixer.vim_mixer_ref`` (plain jnp: the model's unfused path).
+``vim_mixer_trainable`` adds a ``custom_vjp`` whose backward recomputes the conv and Δ in jnp and
+differentiates through the Pallas trainable scans (``selective_scan_trainable``) per direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.selective_scan import (
+    CHANNEL_MAJOR_MIN_CHANNELS,
+    ScanConfig,
+    _load,
+    _store,
+    _token_loop,
+    selective_scan_trainable,
+)
+
+__all__ = ["MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer", "vim_mixer_trainable"]
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+    """Channels per program (a power of two; E is masked to it), Triton's launch parameters, and
+    the token loop of ``ScanConfig`` (``unroll`` tokens per trip, ``prefetch`` of the next trip's
+    loads). ``preload_dt_weight``: with dt_proj on chip, hold its (R, block_e) weight in registers
+    (else it is reread from cache every token, which saves registers at R = 48)."""
+
+    block_e: int = 64
+    num_warps: int = 1
+    num_stages: int = 2
+    unroll: int = 4
+    prefetch: bool = True
+    preload_dt_weight: bool = True
+
+    def __post_init__(self):
+        if self.block_e < 1 or self.block_e & (self.block_e - 1):
+            raise ValueError(f"MixerConfig.block_e must be a power of two, got {self.block_e}")
+        if self.unroll < 1:
+            raise ValueError(f"MixerConfig.unroll must be >= 1, got {self.unroll}")
+
+    def scan_config(self) -> ScanConfig:
+        """The trainable scans' config for the VJP: the same tiles, the channel-major layout."""
+        return ScanConfig(self.block_e, self.num_warps, self.num_stages, unroll=self.unroll,
+                          prefetch=self.prefetch, exp2=True, channel_major=True)
+
+
+def default_mixer_config(batch: int, e: int) -> MixerConfig:
+    """The scan forward's channel-major tiles (64 channels per one-warp program, unroll 4 +
+    prefetch), halved to 32 channels below CHANNEL_MAJOR_MIN_CHANNELS batch x E channels so that
+    small batches still start enough programs. Not yet swept on a GPU for the fused kernel."""
+    return MixerConfig(64 if batch * e >= CHANNEL_MAJOR_MIN_CHANNELS else 32, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerDirection:
+    """One direction's parameters and x_proj outputs.
+
+    ``conv_weight`` (d_conv, E) with tap d_conv-1 on the current token (of the branch's own
+    order), ``conv_bias`` (E,); ``B, C`` (B, L, N); ``A`` (E, N), negative; ``D`` (E,) or None;
+    ``delta_bias`` (E,) or None. ``delta``: the pre-softplus step (B, L, E), or with
+    ``dt_weight`` (R, E) x_proj's Δ-rank columns (B, L, R), multiplied on chip:
+    Δ = (delta @ dt_weight) [· dt_row_scale[l] · dt_col_scale[e]] + delta_bias, then softplus.
+
+    The scales carry an integer dt_proj exactly: with ``delta`` the centered activation codes
+    q - z (as floats), ``dt_weight`` the weight codes, ``dt_row_scale`` the per-token static step
+    (L,) and ``dt_col_scale`` the per-channel weight step (E,), the integer sum is exact in fp32
+    (|Σ| < 2^24 for R <= 48 at 8 bits) and scaled in the order of ``simulate_int_linear``
+    (``(acc · s_a[l]) · s_w[e] + bias``), so Δ is the quantized layer's to the last bit.
+    Token-indexed arrays of the backward direction are in its own (flipped) order."""
+
+    conv_weight: jax.Array
+    conv_bias: jax.Array
+    delta: jax.Array
+    B: jax.Array
+    C: jax.Array
+    A: jax.Array
+    D: jax.Array | None = None
+    delta_bias: jax.Array | None = None
+    dt_weight: jax.Array | None = None
+    dt_row_scale: jax.Array | None = None
+    dt_col_scale: jax.Array | None = None
+
+
+jax.tree_util.register_dataclass(
+    MixerDirection,
+    data_fields=[f.name for f in dataclasses.fields(MixerDirection)],
+    meta_fields=[],
+)
+
+_OPTIONAL = ("D", "delta_bias", "dt_weight", "dt_row_scale", "dt_col_scale")
+
+
+def _check(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"vim_mixer: x must be (B, L, E), got shape {x.shape}")
+    batch, seq, e = x.shape
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"vim_mixer: z must match x's shape {x.shape}, got {z.shape}")
+    if batch * seq * e >= 2**31:
+        raise ValueError(f"vim_mixer: B*L*E = {batch * seq * e} elements overflow the kernel's int32 "
+                         "offsets; split the batch into chunks")
+    for name, d in (("fwd", fwd), ("bwd", bwd)):
+        if not isinstance(d, MixerDirection):
+            raise TypeError(f"vim_mixer: {name} must be a MixerDirection, got {type(d).__name__}")
+        n = d.A.shape[-1]
+        want = {"conv_weight": (d.conv_weight.shape[0], e), "conv_bias": (e,), "A": (e, n),
+                "B": (batch, seq, n), "C": (batch, seq, n), "D": (e,), "delta_bias": (e,),
+                "dt_col_scale": (e,), "dt_row_scale": (seq,)}
+        if d.dt_weight is None:
+            want["delta"] = x.shape
+            if d.dt_row_scale is not None or d.dt_col_scale is not None:
+                raise ValueError(f"vim_mixer: {name}.dt_row_scale / dt_col_scale scale an on-chip "
+                                 "dt_proj; give dt_weight too, or fold them into delta")
+        else:
+            want["dt_weight"] = (d.delta.shape[-1], e)
+            want["delta"] = (batch, seq, d.dt_weight.shape[0])
+        if d.conv_weight.ndim != 2 or d.conv_weight.shape[0] < 1:
+            raise ValueError(f"vim_mixer: {name}.conv_weight must be (d_conv, E), got {d.conv_weight.shape}")
+        for field, shape in want.items():
+            arr = getattr(d, field)
+            if arr is not None and arr.shape != shape:
+                raise ValueError(f"vim_mixer: {name}.{field} must have shape {shape}, got {arr.shape}")
+        if d.A.shape[0] != e:
+            raise ValueError(f"vim_mixer: {name}.A must be (E, N) with E={e}, got {d.A.shape}")
+
+
+def _inputs(x, z, fwd, bwd):
+    """The kernel's operands as (name, array) pairs, absent optional ones left out; A transposed
+    to (N, E) so each state's decay rates are one contiguous row."""
+    named = [("x", x)] + ([("z", z)] if z is not None else [])
+    for p, d in (("f_", fwd), ("b_", bwd)):
+        named += [(p + "conv_weight", d.conv_weight.astype(jnp.float32)),
+                  (p + "conv_bias", d.conv_bias.astype(jnp.float32)), (p + "delta", d.delta),
+                  (p + "B", d.B), (p + "C", d.C), (p + "A", d.A.astype(jnp.float32).T)]
+        named += [(p + k, getattr(d, k)) for k in _OPTIONAL if getattr(d, k) is not None]
+    return named
+
+
+def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg):
+    """``dims``: per direction prefix, (d_conv, N, R or None)."""
+    r = dict(zip(names, refs, strict=False))
+    o_ref = refs[len(names)]
+    f32 = jnp.float32
+    be = cfg.block_e
+    batch = pl.program_id(0)
+    e0 = pl.program_id(1) * be
+    cols = pl.ds(e0, be)
+    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+    idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
+
+    def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
+        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+
+    def direction(p, reverse, final):
+        """One direction's walk. The i-th step handles token t (t = i forwards, L-1-i backwards)
+        and reads the branch-ordered inputs (Δ, B, C) at index i."""
+        d_conv, n_state, rank = dims[p]
+        taps = [vec(r[p + "conv_weight"].at[idx(k), cols]) for k in range(d_conv)]
+        conv_bias = vec(r[p + "conv_bias"].at[cols])
+        a = [vec(r[p + "A"].at[idx(n), cols]) * f32(LOG2_E) for n in range(n_state)]
+        d = vec(r[p + "D"].at[cols]) if p + "D" in r else None
+        bias = vec(r[p + "delta_bias"].at[cols]) if p + "delta_bias" in r else None
+        col_scale = vec(r[p + "dt_col_scale"].at[cols]) if p + "dt_col_scale" in r else None
+        w_rows = None
+        if rank is not None and cfg.preload_dt_weight:
+            w_rows = [vec(r[p + "dt_weight"].at[idx(k), cols]) for k in range(rank)]
+
+        def delta(i):
+            if rank is None:
+                dt = vec(r[p + "delta"].at[batch, i, cols])
+            else:
+                dt = None
+                for k in range(rank):
+                    w_k = w_rows[k] if w_rows is not None else vec(r[p + "dt_weight"].at[idx(k), cols])
+                    term = r[p + "delta"][batch, i, idx(k)].astype(f32) * w_k
+                    dt = term if dt is None else dt + term
+                if p + "dt_row_scale" in r:
+                    dt = dt * r[p + "dt_row_scale"][i].astype(f32)
+                if col_scale is not None:
+                    dt = dt * col_scale
+            if bias is not None:
+                dt = dt + bias
+            return jax.nn.softplus(dt)
+
+        def load(i):
+            """Everything step i needs that does not depend on the carry."""
+            t = seq - 1 - i if reverse else i
+            x_t = vec(r["x"].at[batch, t, cols])
+            z_t = vec(r["z"].at[batch, t, cols]) if final and gate else None
+            other = vec(o_ref.at[batch, t, cols]) if final else None  # the first pass's partial
+            return i, t, x_t, delta(i), z_t, other
+
+        def update(carry, inputs):
+            h, window = carry  # window: the previous d_conv-1 rows of x in walk order, oldest first
+            i, t, x_t, dt, z_t, other = inputs
+            rows = (*window, x_t)
+            conv = taps[0] * rows[0]
+            for k in range(1, d_conv):
+                conv = conv + taps[k] * rows[k]
+            u = jax.nn.silu(conv + conv_bias)
+            dtu = dt * u
+            new_h, y = [], None
+            for n in range(n_state):
+                b_n = r[p + "B"][batch, i, idx(n)].astype(f32)
+                c_n = r[p + "C"][batch, i, idx(n)].astype(f32)
+                h_n = jnp.exp2(dt * a[n]) * h[n] + dtu * b_n
+                y = h_n * c_n if y is None else y + h_n * c_n
+                new_h.append(h_n)
+            if d is not None:
+                y = y + u * d
+            if final:
+                y = y + other
+                if gate:
+                    y = y * jax.nn.silu(z_t)
+                if divide_out:
+                    y = y * f32(0.5)
+            _store(o_ref.at[batch, t, cols], y, e_ok)
+            return tuple(new_h), rows[1:]
+
+        zeros = jnp.zeros((be,), f32)
+        carry = (tuple(zeros for _ in range(n_state)), tuple(zeros for _ in range(d_conv - 1)))
+        _token_loop(seq, cfg, load, update, carry)
+
+    direction("b_", reverse=True, final=False)
+    direction("f_", reverse=False, final=True)
+
+
+def _dims(d: MixerDirection) -> tuple[int, int, int | None]:
+    return d.conv_weight.shape[0], d.A.shape[1], None if d.dt_weight is None else d.dt_weight.shape[0]
+
+
+@functools.partial(jax.jit, static_argnames=("divide_out", "interpret", "config"))
+def vim_mixer(
+    x: jax.Array,
+    z: jax.Array | None,
+    fwd: MixerDirection,
+    bwd: MixerDirection,
+    *,
+    divide_out: bool = True,
+    interpret: bool = False,
+    config: MixerConfig | None = None,
+) -> jax.Array:
+    """``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype; ``z=None``: no gate; ``divide_out=False``:
+    the sum. ``x, z`` (B, L, E) are the in_proj halves in token order; ``fwd``/``bwd`` the two
+    directions (``MixerDirection``). Semantics: ``ptq4vm_jax.ops.mixer.vim_mixer_ref``."""
+    _check(x, z, fwd, bwd)
+    batch, seq, e = x.shape
+    cfg = config or default_mixer_config(batch, e)
+    names, arrays = zip(*_inputs(x, z, fwd, bwd), strict=True)
+    kernel = functools.partial(
+        _mixer_kernel, names=names, seq=seq, e=e, dims={"f_": _dims(fwd), "b_": _dims(bwd)},
+        gate=z is not None, divide_out=divide_out, cfg=cfg,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(batch, pl.cdiv(e, cfg.block_e)),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="ptq4vm_vim_mixer",
+    )(*arrays)
+
+
+# ----------------------------------------------------------------------------- training (VJP)
+
+
+def _conv_silu(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """SiLU of the causal depthwise conv over tokens in fp32 (the kernel's prologue, in jnp)."""
+    k, seq = weight.shape[0], x.shape[1]
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (k - 1, 0), (0, 0)))
+    y = sum(xp[:, i:i + seq, :] * weight[i].astype(jnp.float32) for i in range(k))
+    return jax.nn.silu(y + bias.astype(jnp.float32))
+
+
+def _full_delta(d: MixerDirection) -> jax.Array:
+    """Δ before bias and softplus, (B, L, E) fp32, in the branch's order."""
+    if d.dt_weight is None:
+        return d.delta.astype(jnp.float32)
+    dt = jnp.einsum("blr,re->ble", d.delta.astype(jnp.float32), d.dt_weight.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST)
+    if d.dt_row_scale is not None:
+        dt = dt * d.dt_row_scale.astype(jnp.float32)[:, None]
+    if d.dt_col_scale is not None:
+        dt = dt * d.dt_col_scale.astype(jnp.float32)
+    return dt
+
+
+def _composed(x, z, fwd, bwd, divide_out, interpret, scan_cfg):
+    """The mixer as jnp around two Pallas trainable scans (what the VJP differentiates)."""
+    flip = lambda t: jnp.flip(t, axis=1)
+    ys = []
+    for d, order in ((fwd, lambda t: t), (bwd, flip)):
+        u = _conv_silu(order(x), d.conv_weight, d.conv_bias)
+        y = selective_scan_trainable(u, _full_delta(d), d.A, d.B, d.C, d.D, None, d.delta_bias,
+                                     interpret=interpret, config=scan_cfg)
+        ys.append(order(y))
+    y = ys[0] + ys[1]
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    if divide_out:
+        y = y * 0.5
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _trainable(divide_out, interpret, cfg, x, z, fwd, bwd):
+    return vim_mixer(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=cfg)
+
+
+def _trainable_fwd(divide_out, interpret, cfg, x, z, fwd, bwd):
+    return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd), (x, z, fwd, bwd)
+
+
+def _trainable_bwd(divide_out, interpret, cfg, res, g):
+    composed = functools.partial(_composed, divide_out=divide_out, interpret=interpret,
+                                 scan_cfg=cfg.scan_config())
+    _, vjp = jax.vjp(composed, *res)
+    return vjp(g)
+
+
+_trainable.defvjp(_trainable_fwd, _trainable_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("divide_out", "interpret", "config"))
+def vim_mixer_trainable(
+    x: jax.Array,
+    z: jax.Array | None,
+    fwd: MixerDirection,
+    bwd: MixerDirection,
+    *,
+    divide_out: bool = True,
+    interpret: bool = False,
+    config: MixerConfig | None = None,
+) -> jax.Array:
+    """``vim_mixer`` with a VJP for every array input (x, z and both directions' fields).
+
+    Undifferentiated it is ``vim_mixer`` itself. The backward saves nothing but the inputs: it
+    recomputes the convs and Δ in jnp (XLA fuses them) and runs the Pallas trainable scan per
+    direction (``selective_scan_trainable``: states recomputed by the forward kernel, then the
+    reverse-time kernel), with the same tiles in the channel-major layout; the gate and average
+    are differentiated by jax.
+    """
+    _check(x, z, fwd, bwd)
+    cfg = config or default_mixer_config(x.shape[0], x.shape[2])
+    return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd)

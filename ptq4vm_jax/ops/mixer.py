@@ -1,0 +1,82 @@
+"""Vim's bidirectional mixer core (conv + SiLU, S6 scan per direction, gate, average): the
+plain-jnp reference of the fused kernel ``pallas_kernels.vim_mixer`` and the dispatch between
+them by the model's scan backend (``ptq4vm_jax.ops.scan.SCAN_BACKENDS``), an explicit argument.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer_trainable
+from ptq4vm_jax.ops.scan import (
+    causal_depthwise_conv1d,
+    check_scan_backend,
+    resolve_scan_backend,
+    selective_scan,
+)
+
+#: The kernel's token loop in the Pallas interpreter (off the GPU): one token per trip, no
+#: prefetch. Unrolling and prefetching hide a GPU's load latency; in the interpreter they only
+#: multiply the compiled program (the kernel tests run them).
+INTERPRETER_CONFIG = MixerConfig(64, 1, 2, unroll=1, prefetch=False)
+
+
+def mixer_backend(scan: str) -> str:
+    """What Vim's mixer core runs for the model's scan backend: "fused" (the kernel) for
+    scan="fused", and for "auto" on GPU; else the scan backend the per-direction ops use."""
+    if check_scan_backend(scan) == "fused" or (scan == "auto" and jax.default_backend() == "gpu"):
+        return "fused"
+    return resolve_scan_backend(scan)
+
+
+def _delta(d: MixerDirection) -> jax.Array:
+    """Δ before bias and softplus, (B, L, E) fp32: given, or x_proj's Δ-rank columns times dt_proj."""
+    if d.dt_weight is None:
+        return d.delta.astype(jnp.float32)
+    dt = jnp.einsum("blr,re->ble", d.delta.astype(jnp.float32), d.dt_weight.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST)
+    if d.dt_row_scale is not None:
+        dt = dt * d.dt_row_scale.astype(jnp.float32)[:, None]
+    if d.dt_col_scale is not None:
+        dt = dt * d.dt_col_scale.astype(jnp.float32)
+    return dt
+
+
+def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
+                  divide_out: bool = True, scan: str = "ref") -> jax.Array:
+    """The model's unfused mixer core, op for op: per direction SiLU(conv1d) (the backward one on
+    the flipped sequence), the selective scan (on the backend ``scan``; "ref": ``lax.scan``) with
+    the gate SiLU(z) (flipped for the backward branch), the backward output flipped back, then
+    (y_f + y_b) / 2 in fp32, in x.dtype.
+
+    ``z=None``: no gate; ``divide_out=False``: the sum. Arguments as ``vim_mixer``'s; the
+    backward direction's token-indexed inputs are in its own (flipped) order."""
+    flip = lambda t: jnp.flip(t, axis=1)
+    ys = []
+    for d, order in ((fwd, lambda t: t), (bwd, flip)):
+        conv = causal_depthwise_conv1d(order(x), d.conv_weight.astype(x.dtype), d.conv_bias.astype(x.dtype))
+        u = jax.nn.silu(conv)
+        y = selective_scan(u, _delta(d).astype(x.dtype), d.A, d.B, d.C, d.D, None if z is None else order(z),
+                           d.delta_bias, delta_softplus=True, backend=scan)
+        ys.append(order(y).astype(jnp.float32))
+    y = ys[0] + ys[1]
+    if divide_out:
+        y = y / 2
+    return y.astype(x.dtype)
+
+
+def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
+              divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None) -> jax.Array:
+    """The mixer core for the scan backend named (static, one of ``SCAN_BACKENDS``; see
+    ``mixer_backend``): the fused Pallas kernel (``vim_mixer_trainable``, which serves inference
+    and calibration; the interpreter off the GPU, by default with ``INTERPRETER_CONFIG``), or
+    ``vim_mixer_ref`` on that scan backend. ``config``: the kernel's tiles (None: its default)."""
+    resolved = mixer_backend(backend)
+    if resolved == "fused":
+        interpret = jax.default_backend() != "gpu"
+        if config is None and interpret:
+            config = INTERPRETER_CONFIG
+        return vim_mixer_trainable(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config)
+    return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)
