@@ -67,7 +67,7 @@ def selective_scan_ref(
 
 
 #: "fused" is "pallas" plus, in a model that has one (Vim), the fused mixer kernel
-#: (``ptq4vm_jax.ops.mixer``); "auto" means "fused" on GPU there.
+#: (``ptq4vm_jax.ops.mixer``); opt-in: "auto" keeps the per-direction scans.
 SCAN_BACKENDS = ("auto", "ref", "pallas", "fused")
 
 
