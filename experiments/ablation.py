@@ -4,8 +4,9 @@ For each model, bit width, method and calibration draw (a seeded subset of the d
 split), the model is calibrated and evaluated on the test split against the float model: top-1,
 agreement with the float argmax, KL(float || quantized) and the cosine between the logit vectors.
 Each finished cell is appended to ``cells.jsonl`` in ``--out`` as one JSON line, so a rerun of the
-same command skips what is done (an interrupted run resumes); a rerun with other settings is
-refused, since mixing cells of two grids would make every mean meaningless.
+same command skips what is done (an interrupted run resumes). A rerun with another calibration
+size, seed, epoch count or test limit is refused, since a mean over cells computed two ways would
+mean nothing; another grid (models, bits, methods, draws) reuses the cells it shares.
 
 Draws are shared by every method and bit width (draw ``d`` is the same images everywhere), so
 methods can be compared draw by draw (paired over draws) and image by image (paired over images).
@@ -50,8 +51,9 @@ METHODS = {
 # (a, b): the comparisons the study is for; each test is of a against b.
 PAIRS = (("jlss_cos", "pts"), ("jlss_mse", "pts"), ("pts", "rtn"), ("jlss_cos", "jlss_mse"))
 METRICS = ("top1", "agreement", "kl", "cosine")
-# The settings a cell's numbers depend on: a resumed run must match them all.
 GRID_KEYS = ("models", "bits", "methods", "draws", "calib_size", "seed", "epochs", "limit")
+# The settings a cell's numbers depend on: cells already in --out are reused only when they match.
+CELL_KEYS = ("calib_size", "seed", "epochs", "limit")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -156,19 +158,18 @@ def parse_list(text: str, choices: Sequence[str], flag: str) -> list[str]:
     return items
 
 
-def parse_epochs(text: str | None, models: Sequence[str]) -> dict[str, int | None]:
-    """``N`` (every model) or ``model=N,model=N``; None keeps each model's recipe."""
-    out: dict[str, int | None] = {m: None for m in models}
+def parse_epochs(text: str | None) -> dict[str, int | None]:
+    """``N`` (every model) or ``model=N,model=N``; None keeps a model's recipe."""
+    out: dict[str, int | None] = {m: None for m in MODELS}
     if text is None:
         return out
     try:
         if "=" not in text:
-            return {m: int(text) for m in models}
+            return {m: int(text) for m in MODELS}
         for part in text.split(","):
             name, value = part.split("=")
             if name.strip() not in out:
-                raise SystemExit(f"--epochs names {name.strip()!r}, which is not among --models "
-                                 f"{list(models)}")
+                raise SystemExit(f"--epochs names {name.strip()!r}; the models are {', '.join(MODELS)}")
             out[name.strip()] = int(value)
     except ValueError:
         raise SystemExit("--epochs must be an integer or model=N,model=N (e.g. vim_micro=6,"
@@ -197,7 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = parse_list(args.models, MODELS, "--models")
     args.bits = parse_list(args.bits, list(BITS), "--bits")
     args.methods = parse_list(args.methods, list(METHODS), "--methods")
-    args.epochs = parse_epochs(args.epochs, args.models)
+    args.epochs = parse_epochs(args.epochs)
     if args.draws < 1:
         raise SystemExit(f"--draws must be >= 1, got {args.draws}")
     if args.calib_size < 1:
@@ -248,30 +249,34 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def prepare_out(out: Path, grid: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """Create ``out`` with ``settings.json``, or check that an existing one has the same grid."""
+    """Create ``out`` with ``settings.json``, or check that the cells already in it were computed
+    with the same ``CELL_KEYS`` settings. The grid itself (models, bits, methods, draws) may grow
+    or shrink between runs: a cell's numbers do not depend on it, so done cells are reused."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} is a file; give a directory (new, or one this script wrote)")
     path = out / "settings.json"
+    cell = {k: grid[k] for k in CELL_KEYS}
     if path.exists():
         saved = json.loads(path.read_text())
-        diff = [f"{k}: saved {saved['grid'].get(k)!r}, now {grid[k]!r}" for k in GRID_KEYS
-                if saved["grid"].get(k) != grid[k]]
+        diff = [f"{k}: saved {saved['cells'].get(k)!r}, now {cell[k]!r}" for k in CELL_KEYS
+                if saved["cells"].get(k) != cell[k]]
         if diff:
-            raise SystemExit(f"{out} holds cells of another grid ({'; '.join(diff)}); rerun with the saved "
-                             f"settings ({saved['env']['command']}) to resume, or give a new --out")
-        machine = saved["env"]["machine"]
-        if machine != env["machine"] or saved["env"]["jax"] != env["jax"]:
-            print(f"note: resuming cells computed on {machine['cpu']} with jax {saved['env']['jax']}; "
+            raise SystemExit(f"{out} holds cells computed with other settings ({'; '.join(diff)}); rerun "
+                             f"with the saved ones (as in: {saved['runs'][-1]['env']['command']}) to resume, "
+                             "or give a new --out")
+        first = saved["runs"][0]["env"]
+        if first["machine"] != env["machine"] or first["jax"] != env["jax"]:
+            print(f"note: {out} holds cells computed on {first['machine']['cpu']} with jax {first['jax']}; "
                   f"this run is on {env['machine']['cpu']} with jax {env['jax']} (floats may differ)",
                   file=sys.stderr)
-        saved.setdefault("resumed", []).append(env)
-        write_json_atomic(path, saved)
-        return saved
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"--out {out} exists and is not an ablation output (no settings.json); give a new "
-                         "or empty directory")
-    out.mkdir(parents=True, exist_ok=True)
-    saved = {"grid": grid, "env": env}
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"--out {out} exists and is not an ablation output (no settings.json); give a "
+                             "new or empty directory")
+        out.mkdir(parents=True, exist_ok=True)
+        saved = {"cells": cell, "runs": []}
+    saved["grid"] = grid
+    saved["runs"].append({"env": env, "grid": grid})
     write_json_atomic(path, saved)
     return saved
 
@@ -407,6 +412,16 @@ class ModelRun:
             "preds": preds.astype(int).tolist(),
             "image_kl": kl.tolist(),
         }
+
+
+_RUNS: dict[tuple[str, int | None], ModelRun] = {}
+
+
+def model_run(name: str, limit: int | None) -> ModelRun:
+    """The loaded model, kept for the process: its compiled evaluation serves every later run."""
+    if (name, limit) not in _RUNS:
+        _RUNS[name, limit] = ModelRun(name, limit)
+    return _RUNS[name, limit]
 
 
 # ----------------------------------------------------------------------------- summary
@@ -593,15 +608,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for meth in args.methods if cell_key(m, b, meth, d) not in cells]
     if not args.quiet:
         print(f"{len(cells)} cells done in {out}, {len(todo)} to run", flush=True)
-    runs: dict[str, ModelRun] = {}
     bar = progress_bar(len(todo), "ablation", unit="cell", enabled=not args.quiet and bool(todo))
     t_start = time.perf_counter()
     try:
         for i, key in enumerate(todo):
             model, bits, method, draw = key
-            if model not in runs:
-                runs[model] = ModelRun(model, args.limit)
-            rec = runs[model].cell(bits, method, draw, grid)
+            rec = model_run(model, args.limit).cell(bits, method, draw, grid)
             append_cell(cells_path, rec)
             cells[key] = rec
             bar.update(1)
@@ -612,11 +624,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"{elapsed / 60:.1f} min so far)", flush=True)
     finally:
         bar.close()
-    if todo:
-        saved = json.loads((out / "settings.json").read_text())
-        saved.setdefault("run_seconds", []).append(round(time.perf_counter() - t_start, 1))
-        write_json_atomic(out / "settings.json", saved)
-        settings = saved
+    settings["runs"][-1].update(seconds=round(time.perf_counter() - t_start, 1), cells_run=len(todo))
+    write_json_atomic(out / "settings.json", settings)
     labels = {model: test_labels(args.limit) for model in args.models}
     summary = write_outputs(out, settings, cells, labels, args.quiet)
     return summary
