@@ -526,9 +526,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot(path: Path, rows: list[dict], grid: dict) -> None:
-    """KL to the float model per method and bit width, one panel per model, log scale, error bars
-    of one standard deviation over the draws."""
+def plot(path: Path, rows: list[dict], grid: dict, cells: dict[tuple, dict]) -> None:
+    """KL to the float model per method and bit width, one panel per model, log scale: bars of
+    the mean, error bars of one standard deviation over the draws, a dot per draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -549,6 +549,9 @@ def plot(path: Path, rows: list[dict], grid: dict) -> None:
                     continue
                 xs.append(j + (i - (len(grid["methods"]) - 1) / 2) * width)
                 ys.append(r["kl_mean"])
+                keys = [cell_key(model, bits, method, d) for d in range(grid["draws"])]
+                kls = [cells[k]["kl"] for k in keys if k in cells]
+                ax.plot([xs[-1]] * len(kls), kls, "k.", markersize=3, zorder=3)
                 es.append(0.0 if math.isnan(r["kl_std"]) else r["kl_std"])
             # a log axis cannot draw an error bar down to zero or below
             lower = [min(e, 0.95 * y) for e, y in zip(es, ys, strict=True)]
@@ -558,7 +561,7 @@ def plot(path: Path, rows: list[dict], grid: dict) -> None:
         ax.set_xlabel("bit width")
         ax.set_ylabel("KL(float || quantized), nats per image")
         n = max((r["draws"] for r in rows if r["model"] == model), default=0)
-        ax.set_title(f"{model}: mean ± std over {n} calibration draws")
+        ax.set_title(f"{model}: mean ± std over {n} calibration draws (dots: draws)")
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -579,7 +582,7 @@ def write_outputs(out: Path, settings: dict, cells: dict[tuple, dict], labels: d
     summary = {"settings": settings, "cells_done": done, "cells_expected": expected,
                "methods": {m: METHODS[m][2] for m in grid["methods"]}, "rows": rows, "paired_tests": tests}
     write_json_atomic(out / "summary.json", summary)
-    plot(out / "ablation_kl.png", rows, grid)
+    plot(out / "ablation_kl.png", rows, grid, cells)
     if not quiet:
         print(f"\n{done}/{expected} cells; mean ± std over draws (std with ddof=1)")
         print(table_text(rows, grid["methods"]))
