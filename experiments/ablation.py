@@ -515,6 +515,32 @@ def tests_text(tests: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict], tests: list[dict]) -> str:
+    """The summary and the paired tests as Markdown tables (for EXPERIMENTS.md)."""
+    out = ["| model | bits | method | draws | top-1 % | agreement % | KL to float | logit cosine | calib s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['draws']} | "
+                   f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['agreement_mean']:.2f} ± "
+                   f"{r['agreement_std']:.2f} | {r['kl_mean']:.2e} ± {r['kl_std']:.1e} | "
+                   f"{r['cosine_mean']:.5f} ± {r['cosine_std']:.1e} | {r['seconds_mean']:.0f} |")
+    if tests:
+        out += ["", "| model | bits | a vs b | draws | KL a/b | draws a lower | paired t p | signed-rank p "
+                "| images a lower | images signed-rank p | top-1 a−b | McNemar only a / only b "
+                "| McNemar p per draw |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in tests:
+            mc = t["mcnemar_p"]
+            t_p = fmt_p(t["draw_t"]["p_value"] if t["draw_t"] else None)
+            out.append(
+                f"| {t['model']} | {t['bits']} | {t['a']} vs {t['b']} | {t['draws']} | {t['kl_ratio']:.2f} | "
+                f"{t['draws_a_lower_kl']}/{t['draws']} | {t_p} | "
+                f"{fmt_p(t['draw_signed_rank']['p_value'])} | {t['images_a_lower_kl']}/{t['images']} | "
+                f"{fmt_p(t['image_signed_rank']['p_value'])} | {t['top1_diff']:+.2f} | "
+                f"{t['mcnemar_only_a']} / {t['mcnemar_only_b']} | {fmt_p(min(mc))}–{fmt_p(max(mc))} |")
+    return "\n".join(out) + "\n"
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -577,8 +603,9 @@ def write_outputs(out: Path, settings: dict, cells: dict[tuple, dict], labels: d
     rows = summarize(cells, grid)
     tests = paired_tests(cells, grid, labels)
     expected = len(grid["models"]) * len(grid["bits"]) * len(grid["methods"]) * grid["draws"]
-    done = sum(1 for k in cells if k[0] in grid["models"])
+    done = sum(r["draws"] for r in rows)
     write_csv(out / "results.csv", rows)
+    (out / "table.md").write_text(markdown(rows, tests))
     summary = {"settings": settings, "cells_done": done, "cells_expected": expected,
                "methods": {m: METHODS[m][2] for m in grid["methods"]}, "rows": rows, "paired_tests": tests}
     write_json_atomic(out / "summary.json", summary)
@@ -592,7 +619,8 @@ def write_outputs(out: Path, settings: dict, cells: dict[tuple, dict], labels: d
                   "draw-averaged KL is lower under a, and its signed-rank p; McN a|b = images only a | only "
                   "b gets right, summed over draws")
             print(tests_text(tests))
-        print(f"\nwritten: {out / 'results.csv'}, {out / 'summary.json'}, {out / 'ablation_kl.png'}")
+        print(f"\nwritten: {out / 'results.csv'}, {out / 'summary.json'}, {out / 'table.md'}, "
+              f"{out / 'ablation_kl.png'}")
     return summary
 
 

@@ -72,8 +72,10 @@ def tiny_run(tmp_path, fake_runs, capsys):
 
 def test_tiny_grid_writes_every_output(tiny_run):
     out, argv, summary = tiny_run
-    for name in ("settings.json", "cells.jsonl", "results.csv", "summary.json", "ablation_kl.png"):
+    names = ("settings.json", "cells.jsonl", "results.csv", "summary.json", "table.md", "ablation_kl.png")
+    for name in names:
         assert (out / name).is_file(), name
+    assert "| vim_micro | W4A8 | jlss_cos vs pts | 2 |" in (out / "table.md").read_text()
     lines = (out / "cells.jsonl").read_text().splitlines()
     assert len(lines) == 6  # 1 model x 1 bit width x 3 methods x 2 draws
     cells = [json.loads(line) for line in lines]
