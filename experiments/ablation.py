@@ -193,6 +193,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(vim_micro 12 epochs of batch 32, vmamba_micro the official 50)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--out", default="ablation_out", help="output directory (default ablation_out)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="run no cell: write the tables and plot of the grid's cells already in --out")
     p.add_argument("--quiet", action="store_true", help="no per-cell lines or progress")
     args = p.parse_args(argv)
     args.models = parse_list(args.models, MODELS, "--models")
@@ -638,7 +640,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     todo = [cell_key(m, b, meth, d) for d in range(args.draws) for m in args.models for b in args.bits
             for meth in args.methods if cell_key(m, b, meth, d) not in cells]
     if not args.quiet:
-        print(f"{len(cells)} cells done in {out}, {len(todo)} to run", flush=True)
+        print(f"{len(cells)} cells done in {out}, {len(todo)} to run"
+              f"{' (not run: --summary-only)' if args.summary_only and todo else ''}", flush=True)
+    if args.summary_only:
+        todo = []
     bar = progress_bar(len(todo), "ablation", unit="cell", enabled=not args.quiet and bool(todo))
     t_start = time.perf_counter()
     try:

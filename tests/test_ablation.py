@@ -138,6 +138,10 @@ def test_resume_refuses_other_cell_settings_and_reuses_cells_of_another_grid(tin
     assert sorted(fake_runs) == [("W4A8", "pts", 2), ("W4A8", "rtn", 2)]
     assert [(r["method"], r["draws"]) for r in summary["rows"]] == [("rtn", 3), ("pts", 3)]
     assert "6 cells done in" in capsys.readouterr().out
+    fake_runs.clear()
+    summary = ab.main([*argv, "--draws", "4", "--summary-only"])
+    assert fake_runs == [] and summary["cells_done"] == 8 and summary["cells_expected"] == 12
+    assert "8 cells done in" in capsys.readouterr().out
 
 
 def test_bad_arguments_are_refused():
