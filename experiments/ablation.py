@@ -32,9 +32,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ptq4vm_jax import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,7 +347,9 @@ def draw_indices(seed: int, draw: int, n_train: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, draw]).choice(n_train, size, replace=False)
 
 
-def quant_config(method: str, bits: str, model: str, calib_size: int, epochs: int | None):
+def quant_config(method: str, bits: str, model: str, calib_size: int, epochs: int | None) -> QuantConfig:
+    """The ``QuantConfig`` of one cell: JLSS with the demo's recipe (``epochs`` overriding its
+    epoch count), the other methods with the library's defaults."""
     from ptq4vm_jax import QuantConfig
     from ptq4vm_jax.cli.demo import DEMO_RECIPE
     from ptq4vm_jax.models import model_family
