@@ -1,5 +1,6 @@
-"""``experiments/ablation.py``: its machinery on a tiny grid (outputs, resume, refusal of another
-grid, seeded reproduction of a cell) and its paired tests against scipy and hand-computed values."""
+"""``experiments/ablation.py``: its machinery on a tiny grid (outputs, resume, refusal of other cell
+settings, reuse of cells by another grid), a real cell reproduced by a rerun, and its paired tests
+against scipy and hand-computed values."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ ab = load_ablation()
 
 
 class FakeRun:
-    """Stands in for ``ModelRun`` in the machinery tests: a deterministic function of the draw's
-    images, the method and the bit width instead of a calibration (which the last test runs)."""
+    """Stands in for ``ModelRun`` in the machinery tests: logits that are a deterministic function
+    of the draw's images and the method, instead of a calibration (the last test runs a real one)."""
 
     calls: list = []
 
