@@ -24,6 +24,9 @@ from pathlib import Path
 import jax
 import pytest
 
+# Tests run small programs on small inputs, where LLVM's optimisation passes cost far more
+# than they save: the suite compiles with them off (the same IEEE arithmetic, no fast math).
+_TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
 # Programs that compile faster than this are not written to the cache (nearly free to redo).
 _CACHE_MIN_COMPILE_SECS = 0.2
 # Clear compiled programs once the process maps more than this share of vm.max_map_count.
@@ -47,6 +50,15 @@ def _start_compilation_cache() -> Path | None:
     return None if given else path
 
 
+def _set_xla_flags() -> None:
+    """Add ``_TEST_XLA_FLAGS`` to ``XLA_FLAGS`` (before the first computation starts XLA), keeping
+    the caller's flags; processes started by the tests inherit them."""
+    given = os.environ.get("XLA_FLAGS", "").split()
+    names = {flag.split("=")[0] for flag in given}
+    os.environ["XLA_FLAGS"] = " ".join(given + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in names])
+
+
+_set_xla_flags()
 _OWN_CACHE = _start_compilation_cache()
 
 

@@ -26,11 +26,25 @@ def micro():
     return params, calib, test_x, test_y
 
 
+@pytest.fixture(scope="module")
+def pts(micro):
+    """The PTQ4VM initialisation of the trained vim_micro at the given bits, made once per module."""
+    params, calib, _, _ = micro
+    made = {}
+
+    def get(bits):
+        if bits not in made:
+            cfg = pq.QuantConfig(*bits, method="pts_only")
+            made[bits] = pq.quantize_params(params, calib, model="vim_micro", config=cfg, progress=False)
+        return made[bits]
+
+    return get
+
+
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8), (4, 4)], ids=["w8a8", "w4a8", "w4a4"])
-def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, bits):
-    params, calib, test_x, _ = micro
-    cfg = pq.QuantConfig(*bits, method="pts_only")
-    qp = pq.quantize_params(params, calib, model="vim_micro", config=cfg, progress=False)
+def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, pts, bits):
+    test_x = micro[2]
+    qp = pts(bits)
     fake = np.asarray(pq.quantized_apply(None, qp, test_x, mode="fake"))
     real = np.asarray(pq.quantized_apply(None, qp, test_x, mode="int"))
     assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()  # the issue's bound, any device
@@ -41,11 +55,10 @@ def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, bits):
         np.testing.assert_array_equal(fake, real)
 
 
-def test_bf16_int_mode_error_is_small(micro):
+def test_bf16_int_mode_error_is_small(micro, pts):
     """The speed variant: projections fed bf16 activations; its error is measured, not hidden."""
-    params, calib, test_x, _ = micro
-    qp = pq.quantize_params(params, calib, model="vim_micro",
-                            config=pq.QuantConfig(8, 8, method="pts_only"), progress=False)
+    test_x = micro[2]
+    qp = pts((8, 8))
     fake = np.asarray(pq.quantized_apply(None, qp, test_x, mode="fake"))
     bf16_model = pq.create_model("vim_micro", dtype=jnp.bfloat16)
     real = np.asarray(pq.quantized_apply(bf16_model, qp, test_x, mode="int"), np.float32)

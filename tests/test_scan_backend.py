@@ -39,6 +39,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # the Pallas interpreter through a model
 def test_scan_field_picks_the_backend(kernel_calls):
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     ref = pq.create_model("vim_nano", scan="ref")
@@ -51,6 +52,7 @@ def test_scan_field_picks_the_backend(kernel_calls):
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4 * np.abs(y_ref).max())
 
 
+@pytest.mark.slow  # the Pallas interpreter through a model
 def test_vmamba_block_runs_the_backend_of_its_config(kernel_calls):
     """VMamba's four scan directions: one vmapped kernel call per block."""
     model = {scan: pq.create_model("vmamba_micro", img_size=16, scan=scan) for scan in ("ref", "pallas")}
@@ -77,6 +79,7 @@ def nano():
     return params, np.asarray(images)
 
 
+@pytest.mark.slow  # the Pallas interpreter through a model
 def test_float_and_quantized_evaluation_run_the_same_scan(nano, kernel_calls, monkeypatch):
     """On a GPU ("auto" resolves to the kernel) both the float model and ``quantized_apply`` run
     the kernel; elsewhere both run the reference. The platform check is faked both ways."""
@@ -93,6 +96,7 @@ def test_float_and_quantized_evaluation_run_the_same_scan(nano, kernel_calls, mo
         assert float_calls == len(kernel_calls) - float_calls == (4 if platform == "gpu" else 0), platform
 
 
+@pytest.mark.slow  # the Pallas interpreter through a model
 def test_scan_is_a_runtime_choice_not_saved(nano, kernel_calls):
     """Calibration runs the scan the overrides name; the qparams do not keep it;
     ``quantized_apply(scan=...)`` or a model built with another scan override it."""
@@ -116,6 +120,7 @@ def test_scan_is_a_runtime_choice_not_saved(nano, kernel_calls):
         pq.quantized_apply(None, qp, images[:2], scan="lax")
 
 
+@pytest.mark.slow  # the Pallas interpreter through a model
 def test_calibration_differentiates_through_the_kernel(nano, kernel_calls):
     """What JLSS differentiates, a block's output, has the same gradients through the kernel
     (its Pallas backward) as through the reference."""

@@ -463,7 +463,10 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     near-zero gradients flip directions), so after learning only its effect is compared:
     learning moved every block's loss, and the two runs' learned losses are within 10 % of each
     other (whether a few W4A4 steps on this random model lower or raise a block's loss depends on
-    such ulps)."""
+    such ulps). The one-device run is this process's (one CPU device), the four-device one a
+    subprocess (XLA's host device count is fixed at jax import)."""
+    import contextlib
+    import io
     import json
     import os
     import subprocess
@@ -489,13 +492,27 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
         quantized_apply(None, learned, jax.device_put(x[:2], last))  # the result runs on any one device
         print(json.dumps([init.summary["devices"], learned.summary["stages"]]))
     """)
+    def run(n):
+        """The script's stdout, on ``n`` devices."""
+        out = str(tmp_path / f"{n}.npz")
+        if n == jax.local_device_count():
+            stdout, argv = io.StringIO(), sys.argv
+            sys.argv = ["-c", out]
+            try:
+                with contextlib.redirect_stdout(stdout):
+                    exec(compile(code, "<data-parallel calibration>", "exec"), {"__name__": "__main__"})
+            finally:
+                sys.argv = argv
+            return stdout.getvalue()
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        r = subprocess.run([sys.executable, "-c", code, out], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
     states, stages = {}, {}
     for n in (1, 4):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{n}.npz")], env=env,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        devices, stages[n] = json.loads(r.stdout.strip().splitlines()[-1])
+        devices, stages[n] = json.loads(run(n).strip().splitlines()[-1])
         assert devices == n  # calibration really used every device
         states[n] = dict(np.load(tmp_path / f"{n}.npz"))
     assert states[4].keys() == states[1].keys()

@@ -44,4 +44,7 @@ def test_good_images_pass_eagerly_and_under_jit(model_and_params):
     eager = model.apply({"params": params}, x)
     jitted = jax.jit(lambda p, im: model.apply({"params": p}, im))(params, x)
     assert np.ptp(np.asarray(eager), axis=0).max() > 1e-3  # the two images give different logits
-    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)
+    # One program and op by op round differently in the last bits (fusion, and the tests compile
+    # without LLVM's optimisations): a few ulps of the largest logit.
+    scale = float(np.abs(np.asarray(jitted)).max())
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-5 * scale)
