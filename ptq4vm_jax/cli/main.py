@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax.quant.integer import GEMM_BACKENDS
     from ptq4vm_jax.quant.layer import MODES
 
-    def recipe(field: str) -> str:  # "(default: Vim 0.5, VMamba 0.65)": the family recipes
+    def recipe(field: str) -> str:  # "(default: Vim and LocalVim 0.5, VMamba and LocalVMamba 0.65)"
         vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
                        for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
-        return f"(default: Vim {vim}, VMamba {vmamba})"
+        if any(FAMILY_DEFAULTS[f"local_{f}"][field] != FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")):
+            raise AssertionError(f"the LocalMamba recipes no longer share {field} with Vim/VMamba: name them")
+        return f"(default: Vim and LocalVim {vim}, VMamba and LocalVMamba {vmamba})"
 
     p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
                                 "Mamba models: demo, convert, quantize, eval, report.")
