@@ -5,6 +5,8 @@ default placement, the CLI, integer == fake, and the checkpoint round trip.
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -176,8 +178,6 @@ def test_report_profiles_each_direction_in_its_padded_scan_order(micro, tmp_path
     """`ptq4vm report` on the CLI's checkpoint with data: the block's out_proj and
     its four x_proj_k by default, each direction's stored a_scale laid on the grid through that
     direction's padded order (padding cells dropped), the float-vs-quantized numbers with data."""
-    import json
-
     _, _, _, root = micro
     qp = load_quantized(root / "q")
     x_projs = [f"layers_0/blocks_0/op/x_proj_{k}" for k in range(4)]
