@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax.quant.layer import MODES
 
     def recipe(field: str) -> str:  # "(default: Vim and LocalVim 0.5, VMamba and LocalVMamba 0.65)"
-        vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
-                       for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
-        if any(FAMILY_DEFAULTS[f"local_{f}"][field] != FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")):
-            raise AssertionError(f"the LocalMamba recipes no longer share {field} with Vim/VMamba: name them")
-        return f"(default: Vim and LocalVim {vim}, VMamba and LocalVMamba {vmamba})"
+        names = {"vim": "Vim", "local_vim": "LocalVim", "vmamba": "VMamba", "local_vmamba": "LocalVMamba"}
+        by_value: dict[float, list[str]] = {}
+        for family, name in names.items():
+            by_value.setdefault(FAMILY_DEFAULTS[family][field], []).append(name)
+        shown = (f"{' and '.join(fams)} {f'{v:.0e}'.replace('e-0', 'e-') if v < 0.1 else f'{v:g}'}"
+                 for v, fams in by_value.items())
+        return f"(default: {', '.join(shown)})"
 
     p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
                                 "Mamba models: demo, convert, quantize, eval, report.")
