@@ -29,10 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax.quant.integer import GEMM_BACKENDS
     from ptq4vm_jax.quant.layer import MODES
 
-    def recipe(field: str) -> str:  # "(default: Vim 0.5, VMamba 0.65)": the family recipes
-        vim, vmamba = (f"{v:.0e}".replace("e-0", "e-") if v < 0.1 else f"{v:g}"
-                       for v in (FAMILY_DEFAULTS[f][field] for f in ("vim", "vmamba")))
-        return f"(default: Vim {vim}, VMamba {vmamba})"
+    def recipe(field: str) -> str:  # "(default: Vim and LocalVim 0.5, VMamba and LocalVMamba 0.65)"
+        names = {"vim": "Vim", "local_vim": "LocalVim", "vmamba": "VMamba", "local_vmamba": "LocalVMamba"}
+        by_value: dict[float, list[str]] = {}
+        for family, name in names.items():
+            by_value.setdefault(FAMILY_DEFAULTS[family][field], []).append(name)
+        shown = (f"{' and '.join(fams)} {f'{v:.0e}'.replace('e-0', 'e-') if v < 0.1 else f'{v:g}'}"
+                 for v, fams in by_value.items())
+        return f"(default: {', '.join(shown)})"
 
     p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
                                 "Mamba models: demo, convert, quantize, eval, report.")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.qlinear import QuantizedLinear, check_bits, unpack_weight
+from pallas_kernels.qmatmul import quantize_activations
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
 from ptq4vm_jax.quant.integer import check_gemm, int_linear
@@ -117,12 +118,18 @@ def simulate_int_linear(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     (s_a (q - z)) @ (s_w w) == s_a s_w ((q - z) @ w) exactly in real numbers; summing the integer
     codes first (exact in fp32 while partial sums stay below 2^24) and scaling after, as the
     kernels do, makes this simulation agree with ``mode="int"`` to the last bit in practice.
+    It takes the integer path's own steps around the dot: the same quantizer (signed codes
+    ``q - c``), the int32 zero-point correction ``(c - z) colsum(w)``, the same dequantisation.
+    XLA fuses that epilogue into the next float ops (LocalVim's RoPE, whose products LLVM
+    contracts into FMAs), and it can only contract them the same way in both modes when the
+    fused loops are the same.
     """
-    codes = qz.quantize_act_int(x, layer.smooth, layer.a_scale, layer.a_zero, layer.a_bits)
-    centered = (codes - layer.a_zero[:, None]).astype(jnp.float32)
-    w = unpack_weight(layer.w_int, layer.w_bits, layer.in_features).astype(jnp.float32)
-    acc = jnp.einsum("...k,kn->...n", centered, w, precision=jax.lax.Precision.HIGHEST)
-    y = acc * layer.a_scale[:, None] * layer.w_scale
+    codes = quantize_activations(x, layer).astype(jnp.float32)
+    w = unpack_weight(layer.w_int, layer.w_bits, layer.in_features)
+    acc = jnp.einsum("...k,kn->...n", codes, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    shift = (2 ** (layer.a_bits - 1) - layer.a_zero.astype(jnp.int32))[:, None]
+    acc = acc.astype(jnp.int32) + shift * jnp.sum(w.astype(jnp.int32), axis=0)
+    y = acc.astype(jnp.float32) * layer.a_scale[:, None] * layer.w_scale
     return y if layer.bias is None else y + layer.bias
 
 

@@ -24,6 +24,9 @@ from ptq4vm_jax.api import quantized_apply
 from ptq4vm_jax.calibrate.jlss import init_layer
 from ptq4vm_jax.evaluate import compare_logits, paired_top1
 from ptq4vm_jax.models import image_shape
+from ptq4vm_jax.models.local_scan import parse_direction, scan_order
+from ptq4vm_jax.models.local_vim import LocalVisionMamba
+from ptq4vm_jax.models.local_vmamba import LocalVMamba, block_orders
 from ptq4vm_jax.models.vim import VisionMamba
 from ptq4vm_jax.models.vmamba import VMamba
 from ptq4vm_jax.progress import progress_bar
@@ -47,9 +50,10 @@ class TokenOrder:
     """How the token axis of one layer's input (its ``a_scale`` index) maps onto the image.
 
     ``cell``: for each index, the (row, col) of its patch on the token grid, or (-1, -1) for the
-    class token; ``class_index``: where the class token sits in this layer's order (None: the
-    model has none); ``direction``: the scan order, in words; ``grid``: the token grid (H, W), or
-    None where the layer's token axis is not the model's token sequence.
+    class token or a padding cell (a windowed scan over a grid its window does not divide);
+    ``class_index``: where the class token sits in this layer's order (None: the model has none);
+    ``direction``: the scan order, in words; ``grid``: the token grid (H, W), or None where the
+    layer's token axis is not the model's token sequence.
     """
 
     direction: str
@@ -69,7 +73,9 @@ def token_order(model: nn.Module, path: Path, length: int) -> TokenOrder:
     Vim: the sequence is the patches in row-major order with the class token inserted at
     ``cls_position``; the backward branch (``x_proj_b``, ``dt_proj_b``) sees it flipped.
     VMamba: each stage's tokens in row-major order; ``x_proj_k`` / ``dt_proj_k`` see direction
-    k of the cross-scan. Any other model: the input order, no grid.
+    k of the cross-scan. LocalVim and LocalVMamba: ``x_proj_k`` / ``dt_proj_k`` see block
+    direction k's scan order (padding cells included; LocalVMamba pads every direction to the
+    longest), the other linears the row-major tokens. Any other model: the input order, no grid.
     """
     name = path[-1]
     if isinstance(model, VisionMamba) and length == model.cfg.seq_len:
@@ -95,7 +101,64 @@ def token_order(model: nn.Module, path: Path, length: int) -> TokenOrder:
             if k >= 2:
                 cell = cell[::-1].copy()
             return TokenOrder(VMAMBA_DIRECTIONS[k], cell, None, (h, w))
+    if isinstance(model, LocalVisionMamba) and path[0].startswith("layers_"):
+        return _local_vim_order(model, path, length)
+    if isinstance(model, LocalVMamba) and path[0].startswith("layers_") and len(path) > 1:
+        s, b = (int(part.split("_")[1]) for part in path[:2])
+        h, w = model.cfg.stage_hw[s]
+        m = _DIRECTION_SUFFIX.match(name)
+        if m and m["base"] in ("x_proj", "dt_proj") and m["dir"].isdigit():
+            directions = model.cfg.block_directions(s, b)
+            orders = block_orders(directions, h, w)[0]  # each direction padded to the longest
+            k = int(m["dir"])
+            if k < len(directions) and length == orders.shape[1]:
+                return TokenOrder(_local_words(directions[k]), _cells(orders[k], h, w), None, (h, w))
+        elif length == h * w:
+            return TokenOrder("row-major", _cells(np.arange(h * w), h, w), None, (h, w))
     return TokenOrder("the layer's input order", None, None, None)
+
+
+def _cells(order: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(row, col) of each row-major grid index in ``order``; (-1, -1) for padding (index >= h*w
+    or < 0)."""
+    order = np.asarray(order, np.int64)
+    pad = (order < 0) | (order >= h * w)
+    cell = np.stack(np.divmod(np.where(pad, 0, order), w), axis=1)
+    cell[pad] = -1
+    return cell
+
+
+def _local_words(name: str) -> str:
+    """A LocalMamba direction in words, with its official name: ``w2_flip`` -> "reversed 2x2
+    windows (w2_flip)"."""
+    d = parse_direction(name)
+    kind = {"h": "row-major", "v": "column-major"}.get(d.kind) or f"{d.window}x{d.window} windows"
+    return f"{'reversed ' if d.flip else ''}{kind} ({name})"
+
+
+def _local_vim_order(model: LocalVisionMamba, path: Path, length: int) -> TokenOrder:
+    """LocalVim: in_proj/out_proj see the row-major sequence (with the middle class token, if
+    any); x_proj_k/dt_proj_k see direction k's scan order (padded for windows), with the class
+    token put back at ``cls_position``."""
+    c = model.cfg
+    h, w = c.grid_size
+    pos = c.cls_position if c.cls_token else None
+    layer = int(path[0].split("_")[1])
+    m = _DIRECTION_SUFFIX.match(path[-1])
+    if m and m["base"] in ("x_proj", "dt_proj") and m["dir"].isdigit() and layer < len(c.directions):
+        directions = c.directions[layer]
+        if int(m["dir"]) >= len(directions):
+            return TokenOrder("the layer's input order", None, None, None)
+        name = directions[int(m["dir"])]
+        order, words = scan_order(name, h, w), _local_words(name)
+    else:
+        order, words = np.arange(h * w), "row-major"
+    cell = _cells(order, h, w)
+    if pos is not None:
+        cell = np.concatenate([cell[:pos], [[-1, -1]], cell[pos:]])
+    if len(cell) != length:
+        return TokenOrder("the layer's input order", None, None, None)
+    return TokenOrder(words, cell, pos, (h, w))
 
 
 def on_grid(values: Sequence[float], order: TokenOrder) -> np.ndarray | None:
@@ -133,16 +196,19 @@ def default_layers(model: nn.Module, qlayers: Mapping[Path, QuantizedLinear]) ->
 
     The last block's ``out_proj`` (the paper's Figure 1 profiles an out_proj late in Vim-Ti) among
     the blocks with the most token positions (VMamba's later stages have few tokens), and in
-    VMamba also that block's per-direction ``x_proj_k`` (each sees its own scan order). Where no
+    VMamba and the LocalMamba families also that block's per-direction ``x_proj_k`` (each sees
+    its own scan order). Where no
     layer is an out_proj: the first quantized layer.
     """
-    most = max(layer.a_scale.shape[0] for layer in qlayers.values())
-    outs = [p for p, layer in qlayers.items() if p[-1] == "out_proj" and layer.a_scale.shape[0] == most]
+    outs = {p: layer.a_scale.shape[0] for p, layer in qlayers.items() if p[-1] == "out_proj"}
     if not outs:
         return [next(iter(qlayers))]
+    # among the out_projs only: a padded windowed scan makes x_proj_k longer than the grid
+    most = max(outs.values())
+    outs = [p for p, n in outs.items() if n == most]
     last = sorted(outs, key=_natural_key)[-1]
     chosen = [last]
-    if isinstance(model, VMamba):
+    if isinstance(model, (VMamba, LocalVisionMamba, LocalVMamba)):
         chosen += [p for p in qlayers if p[:-1] == last[:-1] and re.fullmatch(r"x_proj_\d+", p[-1])]
     return chosen
 

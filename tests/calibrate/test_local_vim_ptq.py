@@ -9,6 +9,7 @@ round trip. Untrained weights: this checks mechanics, not accuracy. Both layers 
 directions, so one compiled calibration program serves both blocks.
 """
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,9 +50,8 @@ def micro():
 
 @pytest.fixture(scope="module", autouse=True)
 def quick_compiles():
-    """XLA without its optimisation passes: these tiny programs compile several times faster,
-    and fake and integer mode compile to the same elementwise code around their linears (with
-    fusion, XLA may pick differently rounded exp/log code for one of the two programs)."""
+    """XLA without its optimisation passes: these tiny programs compile several times faster
+    (the int == fake test turns the optimisations back on)."""
     before = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", True)
     yield
@@ -102,10 +102,24 @@ def test_every_projection_of_each_direction_is_quantized_and_calibrated_blockwis
                                                          for k, n in enumerate((25, 36, 25, 64))}}
 
 
+@contextlib.contextmanager
+def default_xla():
+    """XLA's default optimisations, as a user runs: with fusion, each out_proj's dequantisation
+    is fused into the next block's RoPE, whose products LLVM contracts into FMAs; int == fake
+    must survive that, not only the unoptimised programs of the module's other tests."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
 def test_int_mode_equals_fake_mode_and_tracks_float(micro, w4a8, float_run):
     x = jnp.asarray(micro.test)
     run = {m: jax.jit(lambda x, m=m: quantized_apply(micro.model, w4a8, x, mode=m)) for m in ("fake", "int")}
-    fake, real = np.asarray(run["fake"](x)), np.asarray(run["int"](x))
+    with default_xla():
+        fake, real = np.asarray(run["fake"](x)), np.asarray(run["int"](x))
     np.testing.assert_array_equal(fake, real)  # the CPU's XLA integer path: bit for bit
     ref = float_run.test_logits
     assert 0 < np.abs(fake - ref).max() <= 0.2 * np.abs(ref).max()
@@ -188,3 +202,44 @@ def test_cli_converts_quantizes_like_the_api_and_evaluates(w4a8, tmp_path, capsy
     cli(["eval", "--quantized", str(out), "--mode", "int", "--data", "digits:test", "--limit", "4",
          "--batch-size", "4"])
     assert "top-1" in capsys.readouterr().out.lower()
+
+
+def test_middle_class_token_variant_at_w8a8_through_the_cli(tmp_path):
+    """An untrained one-layer LocalVim with the middle class token (4x4 grid, class token at
+    sequence position 8 of every direction, w3 padding its grid to 6x6), W8A8 PTS init through
+    ``ptq4vm quantize``: the class token keeps its own scale in each direction's sequence,
+    ``mode="int"`` equals fake mode bit for bit under XLA's defaults, and the report places
+    each direction's tokens on the grid with the class token off it."""
+    from ptq4vm_jax.checkpoint import save_params
+    from ptq4vm_jax.report.stats import token_order
+
+    name, dirs = "local_vim_tiny_midcls", ("h", "v_flip", "w3", "w2_flip")
+    overrides = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, d_state=4, num_classes=10,
+                     directions=(dirs,))
+    model = create_model(name, **overrides)
+    assert model.cfg.cls_token and model.cfg.cls_position == 8 and model.cfg.seq_len == 17
+    images = load_digits_dataset("train", image_size=16)[0]
+    rng = np.random.default_rng(0)  # drawn in numpy: compiling model.init costs more than the test
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:1])["params"]
+    params = jax.tree.map(lambda a: (rng.standard_normal(a.shape) / np.sqrt(a.shape[0])).astype(np.float32),
+                          shapes)
+    save_params(tmp_path / "fp", params, model_name=name, model_overrides=overrides)
+    cli(["quantize", "--params", str(tmp_path / "fp"), "--calib", "digits:train", "--num-calib", "8",
+         "--method", "pts_only", "--w-bits", "8", "--a-bits", "8", "--out", str(tmp_path / "q")])
+    qp = load_quantized(tmp_path / "q")
+    assert (qp.config.w_bits, qp.config.a_bits, qp.config.method) == (8, 8, "pts_only")
+    lengths = {p[-1]: to_arrays(v)["a_scale"].shape[0] for p, v in quantized_layers(qp).items()}
+    assert lengths == {"in_proj": 17, "out_proj": 17, **{f"{p}_{k}": n for p in ("x_proj", "dt_proj")
+                                                         for k, n in enumerate((17, 17, 37, 17))}}
+    x = jnp.asarray(images[8:10])
+    with default_xla():
+        fake, real = (np.asarray(jax.jit(lambda x, m=m: quantized_apply(None, qp, x, mode=m))(x))
+                      for m in ("fake", "int"))
+    np.testing.assert_array_equal(fake, real)
+    order = token_order(model, ("layers_0", "mixer", "x_proj_1"), 17)  # v_flip, class token at 8
+    assert order.class_index == 8 and order.direction == "reversed column-major (v_flip)"
+    cells = [tuple(c) for c in order.cell]
+    column_major = [(r, c) for c in range(4) for r in range(4)][::-1]
+    assert cells == column_major[:8] + [(-1, -1)] + column_major[8:]
+    padded = token_order(model, ("layers_0", "mixer", "dt_proj_2"), 37)  # w3: 36 cells + class token
+    assert padded.class_index == 8 and sum(c[0] >= 0 for c in padded.cell) == 16

@@ -5,6 +5,8 @@ default placement, the CLI, integer == fake, and the checkpoint round trip.
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -170,3 +172,35 @@ def test_cli_quantize_int_equals_fake_and_checkpoint_round_trips(micro, tmp_path
     assert floats.keys() == floats_back.keys()
     for path in floats:
         np.testing.assert_array_equal(floats_back[path], floats[path], err_msg=path)
+
+
+def test_report_profiles_each_direction_in_its_padded_scan_order(micro, tmp_path):
+    """`ptq4vm report` on the CLI's checkpoint with data: the block's out_proj and
+    its four x_proj_k by default, each direction's stored a_scale laid on the grid through that
+    direction's padded order (padding cells dropped), the float-vs-quantized numbers with data."""
+    _, _, _, root = micro
+    qp = load_quantized(root / "q")
+    x_projs = [f"layers_0/blocks_0/op/x_proj_{k}" for k in range(4)]
+    orders = direction_orders(OVERRIDES["directions"][0], 8, 8)
+    out = tmp_path / "r"
+    main(["report", "--quantized", str(root / "q"), "--out", str(out), "--params", str(root / "fp"),
+          "--data", "digits:test", "--limit", "8"])
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["layers"]) == ["layers_0/blocks_0/op/out_proj", *x_projs]
+    assert report["directions"] == {"layers_0/blocks_0/op/x_proj": x_projs}
+    figures = [f["file"] for f in report["figures"]]
+    assert "directions_layers_0_blocks_0_op_x_proj.png" in figures
+    assert all((out / f).stat().st_size > 0 for f in figures)
+    for k, name in enumerate(x_projs):
+        entry = report["layers"][name]
+        stored = np.asarray(to_arrays(quantized_layers(qp)[tuple(name.split("/"))])["a_scale"])
+        np.testing.assert_array_equal(np.asarray(entry["a_scale"], np.float32), stored)
+        assert entry["order"]["grid"] == [8, 8] and entry["order"]["class_token_index"] is None
+        want = np.full(64, np.nan)
+        for position, token in enumerate(orders[k]):
+            if token != PAD:
+                want[token] = stored[position]
+        np.testing.assert_array_equal(np.asarray(entry["a_scale_on_grid"], np.float64).ravel(), want)
+    assert report["layers"]["layers_0/blocks_0/op/x_proj_2"]["order"]["direction"] == "3x3 windows (w3)"
+    assert report["metrics"]["images"] == 8 and 0.0 <= report["metrics"]["agreement"] <= 100.0
+    assert len(report["layer_error"]["layers"]) == 10 and "layer_error.png" in figures
