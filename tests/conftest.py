@@ -31,6 +31,24 @@ _TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
 _CACHE_MIN_COMPILE_SECS = 0.2
 # Clear compiled programs once the process maps more than this share of vm.max_map_count.
 _MAPS_CLEAR_FRACTION = 0.4
+# The files that take longest, longest first. Under ``-n auto --dist loadfile`` a file is one
+# unit of work handed to the next free worker in collection order, so a long file collected
+# last keeps one worker busy long after the other has finished; collected first, the short
+# files fill in around it. Files not listed keep their order, after these.
+_LONGEST_FILES = (
+    "tests/calibrate/test_vmamba_ptq.py",
+    "tests/test_int_mode.py",
+    "tests/cli/test_demo.py",
+    "tests/cli/test_cli.py",
+    "tests/calibrate/test_jlss.py",
+    "tests/test_quantized_checkpoint.py",
+    "tests/kernels/test_selective_scan.py",
+    "tests/kernels/test_qmatmul.py",
+    "tests/calibrate/test_local_vim_ptq.py",
+    "tests/kernels/test_vim_mixer.py",
+    "tests/test_scan_backend.py",
+    "tests/calibrate/test_resume.py",
+)
 
 
 def _start_compilation_cache() -> Path | None:
@@ -60,6 +78,23 @@ def _set_xla_flags() -> None:
 
 _set_xla_flags()
 _OWN_CACHE = _start_compilation_cache()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist orders files by their number of tests unless told not to; the order of
+    # pytest_collection_modifyitems below is the one that balances the two workers.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
+    root = Path(str(config.rootpath))
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(rank))
+
+    items.sort(key=key)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
