@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptq4vm_jax import create_model, load_quantized, save_quantized
+from ptq4vm_jax import create_model, load_quantized, quantize_params, save_quantized
 from ptq4vm_jax.api import quantized_apply, quantized_layers
 from ptq4vm_jax.checkpoint import abstract_params, save_params
 from ptq4vm_jax.cli.main import main
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import init as qinit
-from ptq4vm_jax.quant.config import DEFAULT_RULES
+from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig
 from ptq4vm_jax.quant.params import to_arrays
 from ptq4vm_jax.trees import flatten_tree, unflatten_tree
 
@@ -204,3 +204,23 @@ def test_report_profiles_each_direction_in_its_padded_scan_order(micro, tmp_path
     assert report["layers"]["layers_0/blocks_0/op/x_proj_2"]["order"]["direction"] == "3x3 windows (w3)"
     assert report["metrics"]["images"] == 8 and 0.0 <= report["metrics"]["agreement"] <= 100.0
     assert len(report["layer_error"]["layers"]) == 10 and "layer_error.png" in figures
+
+
+@pytest.mark.slow
+def test_w4a8_with_jlss_through_the_api_learns_and_int_equals_fake(micro):
+    """W4A8 PTQ4VM through ``quantize_params`` (JLSS: one epoch of two mini-batches per block, all
+    three scale families learning): learning ran and kept a block loss no worse than the PTS
+    start, 4-bit weights are stored, and integer mode equals fake mode bit for bit."""
+    model, params, images, _ = micro
+    config = QuantConfig(4, 8, num_calib=16, train_batch=8, epochs=1)
+    qp = quantize_params(params, images, model=MODEL, model_overrides=OVERRIDES, config=config,
+                         progress=False)
+    (stage,) = qp.summary["stages"]
+    assert stage["name"] == "layers_0/blocks_0" and stage["loss_learned"] is not None
+    assert np.isfinite(stage["loss_init"]) and stage["loss_final"] <= stage["loss_init"]
+    layers = {p[-1]: q for p, q in quantized_layers(qp).items()}
+    assert {q.w_bits for q in layers.values()} == {4} and {q.a_bits for q in layers.values()} == {8}
+    x = jnp.asarray(load_digits_dataset("test", image_size=32)[0][:8])
+    fake = np.asarray(quantized_apply(None, qp, x, mode="fake"))
+    np.testing.assert_array_equal(np.asarray(quantized_apply(None, qp, x, mode="int")), fake)
+    assert np.isfinite(fake).all()
