@@ -221,6 +221,7 @@ def test_per_image_kl_and_cosine_by_hand():
     assert np.allclose(cos, [1.0, 0.0])
 
 
+@pytest.mark.slow  # a real calibration and evaluation, twice
 def test_a_real_cell_is_reproduced_by_a_rerun():
     """One real calibration (RTN, 8 images) of the bundled model, evaluated, then done again."""
     run = ab.ModelRun("vim_micro", 16)

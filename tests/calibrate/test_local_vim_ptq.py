@@ -29,6 +29,9 @@ from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig
 from ptq4vm_jax.quant.layer import capture_dense_inputs
 from ptq4vm_jax.quant.params import to_arrays
 
+# Calibration end to end on a converted model (several seconds a test): the slow tier.
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "local_vim_golden"
 CASE = "tiny_dirs_d48_l2_n4_img40_p8"
 GOLDEN = DATA / f"{CASE}.pth"

@@ -23,6 +23,9 @@ from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig
 from ptq4vm_jax.quant.params import to_arrays
 from ptq4vm_jax.trees import flatten_tree, unflatten_tree
 
+# Calibration end to end through the CLI and the API (several seconds a test): the slow tier.
+pytestmark = pytest.mark.slow
+
 MODEL = "local_vmamba_micro"
 # One stage (an 8x8 grid) of the micro model, for CI time: its block scans h, v_flip, w3 (the
 # grid padded to 9x9) and w2_flip.
@@ -206,7 +209,6 @@ def test_report_profiles_each_direction_in_its_padded_scan_order(micro, tmp_path
     assert len(report["layer_error"]["layers"]) == 10 and "layer_error.png" in figures
 
 
-@pytest.mark.slow
 def test_w4a8_with_jlss_through_the_api_learns_and_int_equals_fake(micro):
     """W4A8 PTQ4VM through ``quantize_params`` (JLSS: one epoch of two mini-batches per block, all
     three scale families learning): learning ran and kept a block loss no worse than the PTS

@@ -73,6 +73,7 @@ def reports(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # shares the reports fixture: three reports with data
 def test_report_without_data_shows_what_the_checkpoint_stores(reports):
     out, report = reports["w8"]
     _check_page(out, report)
@@ -101,6 +102,7 @@ def test_report_without_data_shows_what_the_checkpoint_stores(reports):
     assert all(25.0 < v < 80.0 for v in err["weight_sqnr_db"])  # 8-bit weights: ~6 dB per bit
 
 
+@pytest.mark.slow  # shares the reports fixture: three reports with data
 def test_an_earlier_report_is_replaced_and_nothing_else_touched(reports, capsys):
     out, report = reports["w8"]
     assert not (out / "pts_old.png").exists()  # the earlier report's figure
@@ -109,6 +111,7 @@ def test_an_earlier_report_is_replaced_and_nothing_else_touched(reports, capsys)
     assert (out / "index.html").read_text().startswith("<!DOCTYPE html>")
 
 
+@pytest.mark.slow  # shares the reports fixture: three reports with data
 def test_report_with_data_compares_with_the_float_model(reports):
     out, report = reports["w8_data"]
     _check_page(out, report, least=11)  # 3 profiles, 3 σ, 3 w_scale, x_proj/x_proj_b, loss, error
@@ -132,6 +135,7 @@ def test_report_with_data_compares_with_the_float_model(reports):
     assert np.mean(err["alone_sqnr_db"]) >= np.mean(err["output_sqnr_db"]) - 1.0
 
 
+@pytest.mark.slow  # shares the reports fixture: three reports with data
 def test_w4_report_recomputes_the_stored_init_on_the_calibration_images(reports):
     """A PTS-only checkpoint stores its initialisation: recomputed on the calibration images it
     comes back; and 4-bit weights lose more than 8-bit ones of the same model."""
