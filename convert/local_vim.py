@@ -27,40 +27,31 @@ from convert.errors import CheckpointError
 from convert.mapping import (
     FamilySpec,
     Rule,
-    conv2d_to_hwio,
     depthwise_conv1d_to_taps,
-    linear_to_dense,
+    linear_rules,
+    norm_rules,
     strip_module_prefix,
+    strip_module_prefixes,
 )
+from convert.skeletons import vision_mamba_overrides, vision_mamba_rules
 
 _M, _O = "layers.{i}.mixer.", "layers_{i}/mixer/"
 _A_LOG = re.compile(r"^(layers\.\d+\.mixer\.)A_log_(\d+)$")
 ROPE_PT_SEQ_LEN = 14  # VisionMamba's pt_hw_seq_len default, which no LocalVim builder changes
 ROPE_ATOL = 1e-5  # float32 cos/sin of the same angles agree far closer than this
 
-RULES: tuple[Rule, ...] = (
-    Rule("patch_embed.proj.weight", "patch_embed/proj/kernel", conv2d_to_hwio),
-    Rule("patch_embed.proj.bias", "patch_embed/proj/bias"),
-    Rule("cls_token", "cls_token"),
-    Rule("pos_embed", "pos_embed"),
-    Rule("layers.{i}.norm.weight", "layers_{i}/norm/weight"),
-    Rule(f"{_M}in_proj.weight", f"{_O}in_proj/kernel", linear_to_dense),
-    Rule(f"{_M}out_proj.weight", f"{_O}out_proj/kernel", linear_to_dense),
+RULES: tuple[Rule, ...] = vision_mamba_rules(
+    *linear_rules(f"{_M}in_proj", f"{_O}in_proj", bias=False),
+    *linear_rules(f"{_M}out_proj", f"{_O}out_proj", bias=False),
     Rule(f"{_M}A_log", f"{_O}A_log"),  # written by preprocess from the last A_log_k
     Rule(f"{_M}D_{{k}}", f"{_O}D_{{k}}"),
     Rule(f"{_M}conv1d_{{k}}.weight", f"{_O}conv1d_{{k}}/kernel", depthwise_conv1d_to_taps),
     Rule(f"{_M}conv1d_{{k}}.bias", f"{_O}conv1d_{{k}}/bias"),
-    Rule(f"{_M}x_proj_{{k}}.weight", f"{_O}x_proj_{{k}}/kernel", linear_to_dense),
-    Rule(f"{_M}dt_proj_{{k}}.weight", f"{_O}dt_proj_{{k}}/kernel", linear_to_dense),
-    Rule(f"{_M}dt_proj_{{k}}.bias", f"{_O}dt_proj_{{k}}/bias"),
-    Rule(f"{_M}attn.norm.weight", f"{_O}attn/norm/scale"),
-    Rule(f"{_M}attn.norm.bias", f"{_O}attn/norm/bias"),
-    *(Rule(f"{_M}attn.{n}.weight", f"{_O}attn/{n}/kernel", linear_to_dense)
-      for n in ("global_reduce", "channel_select")),
-    *(Rule(f"{_M}attn.{n}.bias", f"{_O}attn/{n}/bias") for n in ("global_reduce", "channel_select")),
-    Rule("norm_f.weight", "norm_f/weight"),
-    Rule("head.weight", "head/kernel", linear_to_dense),
-    Rule("head.bias", "head/bias"),
+    *linear_rules(f"{_M}x_proj_{{k}}", f"{_O}x_proj_{{k}}", bias=False),
+    *linear_rules(f"{_M}dt_proj_{{k}}", f"{_O}dt_proj_{{k}}", bias=True),
+    *norm_rules(f"{_M}attn.norm", f"{_O}attn/norm"),
+    *linear_rules(f"{_M}attn.global_reduce", f"{_O}attn/global_reduce", bias=True),
+    *linear_rules(f"{_M}attn.channel_select", f"{_O}attn/channel_select", bias=True),
 )
 
 
@@ -123,30 +114,11 @@ def preprocess(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def infer_overrides(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Constructor sizes and the variant implied by the shapes (directions are not recorded)."""
-    sd = {strip_module_prefix(k): v for k, v in state_dict.items()}
-    shape = lambda k: tuple(getattr(sd.get(k), "shape", ()))
-    found: dict[str, Any] = {}
+    sd = strip_module_prefixes(state_dict)
     has_cls = "cls_token" in sd
-    proj = shape("patch_embed.proj.weight")
-    if len(proj) == 4:
-        found.update(embed_dim=proj[0], channels=proj[1], patch_size=proj[2])
-        tokens = shape("pos_embed")
-        patches = tokens[1] - int(has_cls) if len(tokens) == 3 else 0
-        grid = math.isqrt(patches) if patches > 0 else 0
-        if grid and grid * grid == patches:
-            found["img_size"] = grid * proj[2]
-    if proj or "pos_embed" in sd:
-        found.update(cls_token=has_cls, rope="rope.freqs_cos" in sd)
-    layers = [int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))]
-    if layers:
-        found["depth"] = max(layers) + 1
     a_log = next((tuple(v.shape) for k, v in sd.items() if _A_LOG.match(k) and hasattr(v, "shape")), ())
-    if len(a_log) == 2:
-        found["d_state"] = a_log[1]
-    head = shape("head.weight")
-    if len(head) == 2:
-        found["num_classes"] = head[0]
-    return found
+    return vision_mamba_overrides(sd, class_tokens=int(has_cls), a_log=a_log,
+                                  variant={"cls_token": has_cls, "rope": "rope.freqs_cos" in sd})
 
 
 SPEC = FamilySpec(family="local_vim", rules=RULES, infer_overrides=infer_overrides, preprocess=preprocess)

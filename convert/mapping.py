@@ -47,6 +47,9 @@ def depthwise_conv1d_to_taps(weight: np.ndarray) -> np.ndarray:
     return weight[:, 0, :].T
 
 
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
 @functools.cache
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = _FIELD.split(template)  # literal, field, literal, field, ...
@@ -60,7 +63,7 @@ class Rule:
 
     official: str
     ours: str
-    transform: Callable[[np.ndarray], np.ndarray] = identity
+    transform: Transform = identity
 
     def to_ours(self, key: str) -> str | None:
         m = _template_regex(self.official).fullmatch(key)
@@ -69,6 +72,24 @@ class Rule:
     def to_official(self, path: str) -> str | None:
         m = _template_regex(self.ours).fullmatch(path)
         return None if m is None else self.official.format(**m.groupdict())
+
+
+def norm_rules(official: str, ours: str) -> tuple[Rule, Rule]:
+    """A torch LayerNorm (weight, bias) -> a Flax LayerNorm (scale, bias)."""
+    return Rule(f"{official}.weight", f"{ours}/scale"), Rule(f"{official}.bias", f"{ours}/bias")
+
+
+def conv_rules(official: str, ours: str) -> tuple[Rule, Rule]:
+    """A torch Conv2d with bias -> a Flax Conv."""
+    weight = Rule(f"{official}.weight", f"{ours}/kernel", conv2d_to_hwio)
+    return weight, Rule(f"{official}.bias", f"{ours}/bias")
+
+
+def linear_rules(official: str, ours: str, bias: bool, transform: Transform = linear_to_dense
+                 ) -> tuple[Rule, ...]:
+    """A torch Linear (``transform`` turns its weight into a kernel) -> a Flax Dense."""
+    weight = Rule(f"{official}.weight", f"{ours}/kernel", transform)
+    return (weight, Rule(f"{official}.bias", f"{ours}/bias")) if bias else (weight,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +148,16 @@ class Mismatch:
 def strip_module_prefix(key: str) -> str:
     """``DistributedDataParallel`` checkpoints prefix every key with ``module.``."""
     return key[len("module."):] if key.startswith("module.") else key
+
+
+def strip_module_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state_dict with every key's ``module.`` prefix stripped."""
+    return {strip_module_prefix(k): v for k, v in state_dict.items()}
+
+
+def shape_of(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """The shape of ``state_dict[key]``; ``()`` where the key is absent or not an array."""
+    return tuple(getattr(state_dict.get(key), "shape", ()))
 
 
 def map_state_dict(

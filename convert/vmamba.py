@@ -10,7 +10,6 @@ each maps onto its own ``x_proj_{k}``/``dt_proj_{k}`` Dense.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from convert.errors import CheckpointError
-from convert.mapping import FamilySpec, Rule, conv2d_to_hwio, linear_to_dense, strip_module_prefix
+from convert.mapping import (
+    FamilySpec,
+    Rule,
+    conv_rules,
+    linear_rules,
+    norm_rules,
+    shape_of,
+    strip_module_prefix,
+)
+from convert.skeletons import BLOCK, OUR_BLOCK, split_directions, vssm_overrides, vssm_rules
 
 # The cross-scan's directions (row-major, column-major, both reversed): the leading axis of the
 # official stacked tensors. ptq4vm_jax.models.vmamba.NUM_DIRECTIONS (tests check they agree).
@@ -31,7 +39,6 @@ _LEGACY_PREFIXES = (
 )
 _LEGACY_BLOCK = re.compile(r"^(layers\.\d+\.blocks\.\d+\.)(ln_1|self_attention)")
 _LEGACY_TAIL = (("norm", "classifier.norm"), ("head", "classifier.head"))
-_STACKED = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias")
 
 
 def _rename(key: str) -> str:
@@ -49,12 +56,7 @@ def preprocess(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Legacy renames, then ``op.<stacked>`` (K, ...) -> ``op.<stacked>[k]`` for k < K."""
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        key = _rename(strip_module_prefix(key))
-        stacked = key.rsplit(".", 1)[-1] in _STACKED and ".op." in key
-        if stacked and isinstance(value, np.ndarray) and value.ndim >= 1:
-            out.update({f"{key}[{k}]": value[k] for k in range(value.shape[0])})
-        else:
-            out[key] = value
+        out.update(split_directions(_rename(strip_module_prefix(key)), value))
     return out
 
 
@@ -74,86 +76,30 @@ def _per_direction(array: np.ndarray) -> np.ndarray:
     return array.reshape(NUM_DIRECTIONS, -1, *array.shape[1:])
 
 
-_OP, _OUR_OP = "layers.{s}.blocks.{j}.op.", "layers_{s}/blocks_{j}/op/"
-_BLOCK, _OUR_BLOCK = "layers.{s}.blocks.{j}.", "layers_{s}/blocks_{j}/"
-_FCS = ("fc1", "fc2")
-
-
-def _norm(official: str, ours: str) -> tuple[Rule, Rule]:
-    return Rule(f"{official}.weight", f"{ours}/scale"), Rule(f"{official}.bias", f"{ours}/bias")
-
-
-def _conv(official: str, ours: str) -> tuple[Rule, Rule]:
-    weight = Rule(f"{official}.weight", f"{ours}/kernel", conv2d_to_hwio)
-    return weight, Rule(f"{official}.bias", f"{ours}/bias")
-
-
-RULES: tuple[Rule, ...] = (
-    *_conv("patch_embed.0", "patch_embed/conv1"),
-    *_norm("patch_embed.2", "patch_embed/norm1"),
-    *_conv("patch_embed.5", "patch_embed/conv2"),
-    *_norm("patch_embed.7", "patch_embed/norm2"),
-    *_norm(f"{_BLOCK}norm", f"{_OUR_BLOCK}norm"),
-    *_norm(f"{_BLOCK}norm2", f"{_OUR_BLOCK}norm2"),
-    *_norm(f"{_OP}out_norm", f"{_OUR_OP}out_norm"),
-    Rule(f"{_OP}in_proj.weight", f"{_OUR_OP}in_proj/kernel", linear2d_to_dense),
-    Rule(f"{_OP}out_proj.weight", f"{_OUR_OP}out_proj/kernel", linear2d_to_dense),
-    *_conv(f"{_OP}conv2d", f"{_OUR_OP}conv2d"),
-    Rule(f"{_OP}x_proj_weight[{{k}}]", f"{_OUR_OP}x_proj_{{k}}/kernel", linear_to_dense),
-    Rule(f"{_OP}dt_projs_weight[{{k}}]", f"{_OUR_OP}dt_proj_{{k}}/kernel", linear_to_dense),
-    Rule(f"{_OP}dt_projs_bias[{{k}}]", f"{_OUR_OP}dt_proj_{{k}}/bias"),
-    Rule(f"{_OP}A_logs", f"{_OUR_OP}A_logs", _per_direction),
-    Rule(f"{_OP}Ds", f"{_OUR_OP}Ds", _per_direction),
-    *(Rule(f"{_BLOCK}mlp.{fc}.weight", f"{_OUR_BLOCK}mlp/{fc}/kernel", linear2d_to_dense) for fc in _FCS),
-    *(Rule(f"{_BLOCK}mlp.{fc}.bias", f"{_OUR_BLOCK}mlp/{fc}/bias") for fc in _FCS),
-    *_conv("layers.{s}.downsample.1", "layers_{s}/downsample/conv"),
-    *_norm("layers.{s}.downsample.3", "layers_{s}/downsample/norm"),
-    *_norm("classifier.norm", "norm"),
-    Rule("classifier.head.weight", "head/kernel", linear_to_dense),
-    Rule("classifier.head.bias", "head/bias"),
+RULES: tuple[Rule, ...] = vssm_rules(
+    *conv_rules("patch_embed.0", "patch_embed/conv1"),
+    *norm_rules("patch_embed.2", "patch_embed/norm1"),
+    *conv_rules("patch_embed.5", "patch_embed/conv2"),
+    *norm_rules("patch_embed.7", "patch_embed/norm2"),
+    *norm_rules(f"{BLOCK}norm2", f"{OUR_BLOCK}norm2"),
+    *linear_rules(f"{BLOCK}mlp.fc1", f"{OUR_BLOCK}mlp/fc1", bias=True, transform=linear2d_to_dense),
+    *linear_rules(f"{BLOCK}mlp.fc2", f"{OUR_BLOCK}mlp/fc2", bias=True, transform=linear2d_to_dense),
+    *conv_rules("layers.{s}.downsample.1", "layers_{s}/downsample/conv"),
+    *norm_rules("layers.{s}.downsample.3", "layers_{s}/downsample/norm"),
+    linear=linear2d_to_dense,
+    per_direction=_per_direction,
 )
 
 
 def infer_overrides(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """``VMambaConfig`` sizes implied by the shapes (``img_size`` is not visible in them)."""
     sd = preprocess(state_dict)
-    shape = lambda k: tuple(getattr(sd.get(k), "shape", ()))
-    found: dict[str, Any] = {}
-    embed = shape("patch_embed.0.weight")
-    if len(embed) == 4:
-        found["in_chans"] = embed[1]
-    blocks: dict[int, int] = {}
-    for key in sd:
-        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key):
-            s, j = int(m.group(1)), int(m.group(2))
-            blocks[s] = max(blocks.get(s, 0), j + 1)
-    if blocks:
-        found["depths"] = tuple(blocks.get(s, 0) for s in range(max(blocks) + 1))
-        widths = [shape(f"layers.{s}.blocks.0.norm.weight") for s in range(len(found["depths"]))]
-        if all(len(w) == 1 for w in widths):
-            dims = tuple(w[0] for w in widths)
-            found["dims"] = dims[0] if dims == tuple(dims[0] * 2**s for s in range(len(dims))) else dims
-            op = "layers.0.blocks.0.op."
-            in_proj, a_logs = shape(op + "in_proj.weight"), shape(op + "A_logs")
-            if in_proj:
-                found["ssm_ratio"] = in_proj[0] / dims[0]
-            if len(a_logs) == 2:
-                found["ssm_d_state"] = a_logs[1]
-            dt = shape(op + "dt_projs_weight[0]")
-            if len(dt) == 2:
-                found["ssm_dt_rank"] = "auto" if dt[1] == math.ceil(dims[0] / 16) else dt[1]
-            fc1 = shape("layers.0.blocks.0.mlp.fc1.weight")
-            if len(fc1) == 2:
-                found["mlp_ratio"] = fc1[0] / dims[0]
-            conv = shape(op + "conv2d.weight")
-            if len(conv) == 4:
-                found["ssm_conv"] = conv[-1]
-                found["ssm_conv_bias"] = op + "conv2d.bias" in sd
-    head = shape("classifier.head.weight")
-    if len(head) == 2:
-        found["num_classes"] = head[0]
+    embed = shape_of(sd, "patch_embed.0.weight")
+    found = vssm_overrides(sd, stem={"in_chans": embed[1]} if len(embed) == 4 else {}, in_proj_streams=1)
+    dims = found.get("dims", ())
+    if dims and dims == tuple(dims[0] * 2**s for s in range(len(dims))):  # as the official builder doubles
+        found["dims"] = dims[0]
     return found
-
 
 
 # The official yacs config (checkpoint["config"]) settings this port implements.

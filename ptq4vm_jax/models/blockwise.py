@@ -14,6 +14,11 @@ from ptq4vm_jax.trees import get_path
 Carry = Any  # a pytree of (batch, ...) arrays passed from stage to stage
 
 
+def carry_args(carry: Carry) -> tuple:
+    """A tuple carry is spread over a method's arguments; any other carry is its one argument."""
+    return carry if isinstance(carry, tuple) else (carry,)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """``module.apply({"params": params[path]}, *carry) -> carry``; ``output(carry)`` is compared."""
@@ -23,8 +28,7 @@ class Stage:
     output: Callable[[Carry], jax.Array]
 
     def apply(self, params: Any, carry: Carry) -> Carry:
-        args = carry if isinstance(carry, tuple) else (carry,)
-        return self.module.apply({"params": get_path(params, self.path)}, *args)
+        return self.module.apply({"params": get_path(params, self.path)}, *carry_args(carry))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,3 +36,12 @@ class Blockwise:
     embed: Callable[[Any, jax.Array], Carry]
     stages: tuple[Stage, ...]
     classify: Callable[[Any, Carry], jax.Array]
+
+
+def model_blockwise(model: nn.Module, stages: tuple[Stage, ...]) -> Blockwise:
+    """``stages`` between the model's own ``embed`` and ``classify`` methods."""
+    return Blockwise(
+        embed=lambda params, images: model.apply({"params": params}, images, method="embed"),
+        stages=stages,
+        classify=lambda params, carry: model.apply({"params": params}, *carry_args(carry), method="classify"),
+    )

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -38,11 +37,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq4vm_jax.models.blockwise import Blockwise, Stage
-from ptq4vm_jax.models.inputs import check_images
+from ptq4vm_jax.models.layers import (
+    GATE_RATIO,
+    CausalConv1d,
+    ChannelGate,
+    RMSNorm,
+    a_log_init,
+    dense,
+    mamba_direction,
+)
 from ptq4vm_jax.models.local_scan import parse_direction, reverse_order, scan_order
-from ptq4vm_jax.models.vim import CausalConv1d, PatchEmbed, RMSNorm, _a_log_init, mixer_output
-from ptq4vm_jax.ops.scan import check_scan_backend, selective_scan
+from ptq4vm_jax.models.vision_mamba import (
+    VisionMambaBase,
+    VisionMambaParts,
+    VisionMambaSizes,
+    vision_mamba_blockwise,
+)
+from ptq4vm_jax.ops.scan import check_scan_backend
 
 # The searched directions of the official ``local_vim_tiny`` (also ``..._middle_cls_token``).
 TINY_DIRECTIONS: tuple[tuple[str, ...], ...] = (
@@ -71,12 +82,9 @@ TINY_DIRECTIONS: tuple[tuple[str, ...], ...] = (
 # whose directions are these, the same in every layer.
 SMALL_DIRECTIONS: tuple[tuple[str, ...], ...] = (("h", "h_flip", "w2", "w2_flip"),) * 20
 
-GATE_RATIO = 0.125  # BiAttn's act_ratio: the gate's bottleneck is int(d_inner * 0.125) channels
-LN_EPS = 1e-5  # the gate's nn.LayerNorm default
-
 
 @dataclasses.dataclass(frozen=True)
-class LocalVimConfig:
+class LocalVimConfig(VisionMambaSizes):
     """Size arguments of the official ``VisionMamba`` of local_vim.py (same names), plus the
     per-layer ``directions`` and the two variants' switches (``rope``: RoPE on both streams
     and mean pooling; ``cls_token``: a middle class token, pooled by itself)."""
@@ -147,31 +155,6 @@ class LocalVimConfig:
     def stride(self) -> int:  # the official PatchEmbed's stride is its patch size
         return self.patch_size
 
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.embed_dim
-
-    @property
-    def dt_rank(self) -> int:
-        return math.ceil(self.embed_dim / 16)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        g = self.img_size // self.patch_size
-        return (g, g)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def seq_len(self) -> int:
-        return self.num_patches + int(self.cls_token)
-
-    @property
-    def cls_position(self) -> int:
-        return self.num_patches // 2
-
 
 @functools.cache
 def rope_tables(grid: int, embed_dim: int, pt_seq_len: int = 14) -> tuple[np.ndarray, np.ndarray]:
@@ -199,22 +182,6 @@ def apply_rope(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.Array:
     return x * cos + rotated * sin
 
 
-class ChannelGate(nn.Module):
-    """The official ``BiAttn``: x · sigmoid(select(GELU(reduce(mean over tokens of LN(x)))))."""
-
-    cfg: LocalVimConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        e = x.shape[-1]
-        dense = lambda f, name: nn.Dense(f, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
-        t = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=jnp.float32,
-                         param_dtype=jnp.float32, name="norm")(x.astype(jnp.float32))
-        t = jnp.mean(t, axis=1, keepdims=True)
-        t = jax.nn.gelu(dense(int(e * GATE_RATIO), "global_reduce")(t), approximate=False)
-        return x * jax.nn.sigmoid(dense(e, "channel_select")(t))
-
-
 class MultiMambaMixer(nn.Module):
     """The official ``MultiMamba`` for the directions of one layer."""
 
@@ -224,27 +191,21 @@ class MultiMambaMixer(nn.Module):
     def setup(self) -> None:
         c = self.cfg
         e, n, r = c.d_inner, c.d_state, c.dt_rank
-        dense = lambda f, bias, name: nn.Dense(
-            f, use_bias=bias, dtype=c.dtype, param_dtype=jnp.float32, name=name
-        )
-        self.in_proj = dense(2 * e, False, "in_proj")
-        self.out_proj = dense(c.embed_dim, False, "out_proj")
+        self.in_proj = dense(c.dtype, 2 * e, False, "in_proj")
+        self.out_proj = dense(c.dtype, c.embed_dim, False, "out_proj")
         k = range(len(self.directions))
         self.convs = [CausalConv1d(c.d_conv, name=f"conv1d_{i}") for i in k]
-        self.x_projs = [dense(r + 2 * n, False, f"x_proj_{i}") for i in k]
-        self.dt_projs = [dense(e, True, f"dt_proj_{i}") for i in k]
+        self.x_projs = [dense(c.dtype, r + 2 * n, False, f"x_proj_{i}") for i in k]
+        self.dt_projs = [dense(c.dtype, e, True, f"dt_proj_{i}") for i in k]
         self.Ds = [self.param(f"D_{i}", nn.initializers.ones, (e,)) for i in k]
-        self.A_log = self.param("A_log", _a_log_init, (e, n))  # shared: see the module doc
-        self.attn = ChannelGate(c, name="attn")
+        self.A_log = self.param("A_log", a_log_init, (e, n))  # shared: see the module doc
+        # BiAttn's projections compute in float32 whatever the config's dtype.
+        self.attn = ChannelGate(jnp.float32, name="attn")
 
     def _direction(self, xz: jax.Array, i: int) -> jax.Array:
-        c = self.cfg
         x, z = jnp.split(xz, 2, axis=-1)
-        x = nn.silu(self.convs[i](x))
-        dt, b, cc = jnp.split(self.x_projs[i](x), [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
-        dt = self.dt_projs[i](dt)
-        a = -jnp.exp(self.A_log.astype(jnp.float32))
-        return selective_scan(x, dt, a, b, cc, D=self.Ds[i], z=z, delta_softplus=True, backend=c.scan)
+        return mamba_direction(self.cfg, x, z, self.convs[i], self.x_projs[i], self.dt_projs[i], self.A_log,
+                               self.Ds[i])
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         c = self.cfg
@@ -296,64 +257,12 @@ class LocalVimBlock(nn.Module):
         return MultiMambaMixer(c, self.directions, name="mixer")(normed), residual
 
 
-class LocalVisionMamba(nn.Module):
+class LocalVisionMamba(VisionMambaBase):
     """``apply({"params": p}, nhwc) -> logits``; ``embed``/``classify`` for block-wise use."""
 
     cfg: LocalVimConfig
-
-    def setup(self) -> None:
-        c = self.cfg
-        self.patch_embed = PatchEmbed(c)
-        if c.cls_token:
-            self.cls_token = self.param(
-                "cls_token", nn.initializers.truncated_normal(0.02), (1, 1, c.embed_dim)
-            )
-        self.pos_embed = self.param(
-            "pos_embed", nn.initializers.truncated_normal(0.02), (1, c.seq_len, c.embed_dim)
-        )
-        self.layers = [LocalVimBlock(c, c.directions[i], name=f"layers_{i}") for i in range(c.depth)]
-        self.norm_f = RMSNorm(c.norm_epsilon)
-        self.head = nn.Dense(c.num_classes, dtype=jnp.float32, param_dtype=jnp.float32)
-
-    def check_images(self, images: jax.Array) -> None:
-        c = self.cfg
-        check_images(images, (c.img_size, c.img_size, c.channels), "LocalVim")
-
-    def embed(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Patch embed, middle class token (if any), position embedding -> (hidden, zero residual)."""
-        self.check_images(images)
-        c = self.cfg
-        x = self.patch_embed(images).astype(jnp.float32)
-        if c.cls_token:
-            pos = c.cls_position
-            cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, c.embed_dim))
-            x = jnp.concatenate([x[:, :pos], cls, x[:, pos:]], axis=1)
-        x = x + self.pos_embed
-        return x, jnp.zeros_like(x)
-
-    def classify(self, hidden: jax.Array, residual: jax.Array) -> jax.Array:
-        """Final add + RMSNorm; the class token, or the mean over tokens, into the head."""
-        h = self.norm_f(residual + hidden.astype(jnp.float32))
-        pooled = h[:, self.cfg.cls_position] if self.cfg.cls_token else jnp.mean(h, axis=1)
-        return self.head(pooled)
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        hidden, residual = self.embed(images)
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-        return self.classify(hidden, residual)
+    parts = VisionMambaParts(arch="LocalVim", block=lambda cfg, i: LocalVimBlock(cfg, cfg.directions[i]))
 
 
-def local_vim_blockwise(model: LocalVisionMamba) -> Blockwise:
-    """LocalVim as stem -> ``depth`` x (hidden, residual) blocks -> head; JLSS compares the mixer
-    output (the RoPE of the next block is a fixed rotation of it)."""
-    cfg = model.cfg
-    stages = tuple(
-        Stage(path=(f"layers_{i}",), module=LocalVimBlock(cfg, cfg.directions[i]), output=mixer_output)
-        for i in range(cfg.depth)
-    )
-    return Blockwise(
-        embed=lambda params, images: model.apply({"params": params}, images, method="embed"),
-        stages=stages,
-        classify=lambda params, carry: model.apply({"params": params}, *carry, method="classify"),
-    )
+# JLSS compares each block's mixer output (the RoPE of the next block is a fixed rotation of it).
+local_vim_blockwise = vision_mamba_blockwise

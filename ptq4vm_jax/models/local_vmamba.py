@@ -20,7 +20,6 @@ can quantize any of them by module path.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,23 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq4vm_jax.models.blockwise import Blockwise, Stage
-from ptq4vm_jax.models.inputs import check_images
+from ptq4vm_jax.models.layers import GATE_RATIO, ChannelGate, conv, dense, layer_norm
 from ptq4vm_jax.models.local_scan import parse_direction, reverse_order, scan_order
-from ptq4vm_jax.models.vmamba import (
-    _a_logs_init,
-    _conv,
-    _dense,
-    _dt_bias_init,
-    _is_int,
-    _layer_norm,
-    _positive_int,
-    _positive_number,
-    block_output,
+from ptq4vm_jax.models.vssm import (
+    SS2DBase,
+    VSSMBase,
+    VSSMParts,
+    VSSMSizes,
+    positive_int,
+    size_problems,
+    stage_lists_to_tuples,
+    vssm_blockwise,
 )
-from ptq4vm_jax.ops.scan import check_scan_backend, selective_scan
-
-GATE_RATIO = 0.125  # the channel gate's bottleneck width, ``int(d_inner * 0.125)`` officially
+from ptq4vm_jax.ops.scan import check_scan_backend
 
 # The searched directions of the official builders, one entry per block in stage order.
 TINY_DIRECTIONS: tuple[tuple[str, ...], ...] = (
@@ -79,8 +74,9 @@ SMALL_DIRECTIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
+
 @dataclasses.dataclass(frozen=True)
-class LocalVMambaConfig:
+class LocalVMambaConfig(VSSMSizes):
     """Arguments of the official ``VSSM`` constructor (same names), plus ``img_size``.
 
     Defaults are ``local_vssm_tiny``. ``dims`` is one width per stage (an int given is doubled
@@ -107,33 +103,20 @@ class LocalVMambaConfig:
 
     def __post_init__(self) -> None:
         check_scan_backend(self.scan)
-        # Lists from yaml/CLI overrides become tuples so the config stays hashable.
-        for name in ("depths", "dims"):
-            value = getattr(self, name)
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(int(v) if _is_int(v) else v for v in value))
+        stage_lists_to_tuples(self)
         dirs = self.directions
         if isinstance(dirs, Sequence) and not isinstance(dirs, str):
             object.__setattr__(self, "directions", tuple(
                 tuple(d) if isinstance(d, Sequence) and not isinstance(d, str) else d for d in dirs))
-        sizes = ("img_size", "patch_size", "in_chans", "num_classes", "ssm_d_state", "ssm_conv")
-        problems = [f"{name} must be a positive int, got {getattr(self, name)!r}" for name in sizes
-                    if not _positive_int(getattr(self, name))]
-        if not (isinstance(self.depths, tuple) and self.depths and all(map(_positive_int, self.depths))):
-            problems.append(f"depths must be positive ints, one per stage, got {self.depths!r}")
-        per_stage = isinstance(self.dims, tuple) and all(map(_positive_int, self.dims))
-        if not (_positive_int(self.dims) or per_stage):
-            problems.append(f"dims must be a positive int or one per stage, got {self.dims!r}")
-        if not _positive_number(self.ssm_ratio):
-            problems.append(f"ssm_ratio must be a number > 0, got {self.ssm_ratio!r}")
-        if not (self.ssm_dt_rank == "auto" or _positive_int(self.ssm_dt_rank)):
+        problems = size_problems(self, ("ssm_ratio",))
+        if not (self.ssm_dt_rank == "auto" or positive_int(self.ssm_dt_rank)):
             problems.append(f"ssm_dt_rank must be 'auto' or a positive int, got {self.ssm_dt_rank!r}")
         if not isinstance(self.ssm_conv_bias, bool):
             problems.append(f"ssm_conv_bias must be True or False, got {self.ssm_conv_bias!r}")
         problems += _direction_problems(self.directions)
         if problems:
             raise ValueError("invalid LocalVMamba config: " + "; ".join(problems))
-        if _positive_int(self.dims):  # the official VSSM doubles an int width per stage
+        if positive_int(self.dims):  # the official VSSM doubles an int width per stage
             object.__setattr__(self, "dims", tuple(self.dims * 2**s for s in range(len(self.depths))))
         if len(self.dims) != len(self.depths):
             problems.append(f"dims {self.dims} needs one width per stage of depths {self.depths}")
@@ -149,17 +132,8 @@ class LocalVMambaConfig:
             raise ValueError("invalid LocalVMamba config: " + "; ".join(problems))
 
     @property
-    def num_stages(self) -> int:
-        return len(self.depths)
-
-    @property
     def stage_dims(self) -> tuple[int, ...]:
         return self.dims
-
-    @property
-    def channels(self) -> int:
-        """``in_chans`` under the name the other families' configs use."""
-        return self.in_chans
 
     @property
     def stage_hw(self) -> tuple[tuple[int, int], ...]:
@@ -171,12 +145,6 @@ class LocalVMambaConfig:
 
     def block_directions(self, stage: int, block: int) -> tuple[str, ...]:
         return self.directions[sum(self.depths[:stage]) + block]
-
-    def d_inner(self, dim: int) -> int:
-        return int(self.ssm_ratio * dim)
-
-    def dt_rank(self, dim: int) -> int:
-        return math.ceil(dim / 16) if self.ssm_dt_rank == "auto" else int(self.ssm_dt_rank)
 
     def gate_dim(self, dim: int) -> int:
         return int(self.d_inner(dim) * GATE_RATIO)
@@ -216,69 +184,32 @@ def block_orders(directions: Sequence[str], h: int, w: int) -> tuple[np.ndarray,
 # ----------------------------------------------------------------------------- layers
 
 
-class ChannelGate(nn.Module):
-    """The official ``BiAttn``: x * sigmoid(W2 GELU(W1 mean_L(LN(x)))) on (B, L, C)."""
-
-    cfg: LocalVMambaConfig
-    dim: int  # the SS2D's d_inner
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.cfg
-        t = jnp.mean(_layer_norm("norm")(x), axis=1, keepdims=True)
-        t = jax.nn.gelu(_dense(c, int(self.dim * GATE_RATIO), True, "global_reduce")(t.astype(c.dtype)),
-                        approximate=False)
-        gate = jax.nn.sigmoid(_dense(c, self.dim, True, "channel_select")(t).astype(jnp.float32))
-        return x * gate
-
-
-class SS2D(nn.Module):
+class SS2D(SS2DBase):
     """The official local ``SS2D`` (d_conv > 1, no low rank): (B, H, W, C) -> (B, H, W, C)."""
 
     cfg: LocalVMambaConfig
-    dim: int
     directions: tuple[str, ...]
+    in_streams = 2  # x and the gate z
+
+    @property
+    def num_directions(self) -> int:
+        return len(self.directions)
 
     def setup(self) -> None:
-        c = self.cfg
-        e, r, n, k = c.d_inner(self.dim), c.dt_rank(self.dim), c.ssm_d_state, len(self.directions)
-        self.in_proj = _dense(c, 2 * e, False, "in_proj")
-        self.conv2d = _conv(c, e, c.ssm_conv, 1, (c.ssm_conv - 1) // 2, c.ssm_conv_bias, groups=e,
-                            name="conv2d")
-        self.x_proj = [_dense(c, r + 2 * n, False, f"x_proj_{i}") for i in range(k)]
-        bound = r**-0.5
-        dt_kernel_init = lambda key, s, d: jax.random.uniform(key, s, d, -bound, bound)
-        self.dt_proj = [_dense(c, e, True, f"dt_proj_{i}", kernel_init=dt_kernel_init,
-                               bias_init=_dt_bias_init) for i in range(k)]
-        self.A_logs = self.param("A_logs", _a_logs_init, (k, e, n))
-        self.Ds = self.param("Ds", nn.initializers.ones, (k, e))
-        self.attn = ChannelGate(c, e)
-        self.out_norm = _layer_norm("out_norm")
-        self.out_proj = _dense(c, self.dim, False, "out_proj")
+        super().setup()
+        self.attn = ChannelGate(self.cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         b, h, w, _ = x.shape
-        r, n, tokens = c.dt_rank(self.dim), c.ssm_d_state, h * w
+        tokens = h * w
         xz = self.in_proj(x.reshape(b, tokens, -1).astype(c.dtype))
         x, z = jnp.split(xz, 2, axis=-1)
         x = nn.silu(self.conv2d(x.reshape(b, h, w, -1)))
         orders, reverses = block_orders(self.directions, h, w)
         # Cell h*w is the padding: a zero token appended to the row-major sequence.
         cells = jnp.concatenate([x.reshape(b, tokens, -1), jnp.zeros_like(x[:, :1, 0])], axis=1)
-        us, dts, bs, cs = [], [], [], []
-        for k, order in enumerate(orders):
-            seq = cells[:, order]
-            dt, b_k, c_k = jnp.split(self.x_proj[k](seq), [r, r + n], axis=-1)
-            us.append(seq)
-            dts.append(self.dt_proj[k](dt))  # the official delta_bias is this Dense's bias
-            bs.append(b_k)
-            cs.append(c_k)
-        a = -jnp.exp(self.A_logs.astype(jnp.float32))
-        f32 = lambda ts: jnp.stack(ts).astype(jnp.float32)
-        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k,
-                                                                backend=c.scan)
-        ys = jax.vmap(scan)(f32(us), f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32))
+        ys = self.scan_directions([cells[:, order] for order in orders])
         # Back to row-major (padded positions dropped), each direction gated on its own (one
         # call, the directions stacked on the batch axis), summed.
         k = len(self.directions)
@@ -299,7 +230,7 @@ class VSSBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         op = SS2D(self.cfg, self.dim, self.directions, name="op")
-        return x + op(_layer_norm("norm")(x)).astype(jnp.float32)
+        return x + op(layer_norm("norm")(x)).astype(jnp.float32)
 
 
 class PatchMerging(nn.Module):
@@ -314,9 +245,9 @@ class PatchMerging(nn.Module):
         b, h, w, _ = x.shape
         x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        x = _layer_norm("norm")(x)
+        x = layer_norm("norm")(x)
         hh, ww = x.shape[1:3]
-        reduction = _dense(self.cfg, self.out_dim, False, "reduction")
+        reduction = dense(self.cfg.dtype, self.out_dim, False, "reduction")
         x = reduction(x.reshape(b, hh * ww, -1).astype(self.cfg.dtype))
         return x.reshape(b, hh, ww, self.out_dim)
 
@@ -329,75 +260,22 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         c = self.cfg
-        proj = _conv(c, c.stage_dims[0], c.patch_size, c.patch_size, 0, True, name="proj")
+        proj = conv(c.dtype, c.stage_dims[0], c.patch_size, c.patch_size, 0, True, name="proj")
         x = proj(images.astype(c.dtype))
-        return _layer_norm("norm")(x)
+        return layer_norm("norm")(x)
 
 
-class VSSLayer(nn.Module):
-    """One stage: ``blocks_{j}`` then (except the last stage) ``downsample``."""
-
-    cfg: LocalVMambaConfig
-    stage: int
-
-    def setup(self) -> None:
-        c, s = self.cfg, self.stage
-        dims = c.stage_dims
-        self.blocks = [VSSBlock(c, dims[s], c.block_directions(s, j)) for j in range(c.depths[s])]
-        self.downsample = PatchMerging(c, dims[s + 1]) if s + 1 < c.num_stages else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class LocalVMamba(nn.Module):
+class LocalVMamba(VSSMBase):
     """The official LocalVMamba ``VSSM``: ``apply({"params": p}, nhwc) -> logits``;
     ``embed``/``classify`` and the per-stage modules serve block-wise use."""
 
     cfg: LocalVMambaConfig
-
-    def setup(self) -> None:
-        c = self.cfg
-        self.patch_embed = PatchEmbed(c)
-        self.layers = [VSSLayer(c, s, name=f"layers_{s}") for s in range(c.num_stages)]
-        self.norm = _layer_norm()
-        self.head = nn.Dense(c.num_classes, dtype=jnp.float32, param_dtype=jnp.float32)
-
-    def check_images(self, images: jax.Array) -> None:
-        c = self.cfg
-        check_images(images, (c.img_size, c.img_size, c.in_chans), "LocalVMamba")
-
-    def embed(self, images: jax.Array) -> jax.Array:
-        """Patch embed: NHWC images -> (B, H/p, W/p, dims[0]) fp32 tokens."""
-        self.check_images(images)
-        return self.patch_embed(images)
-
-    def classify(self, x: jax.Array) -> jax.Array:
-        """LN -> global average pool over H, W -> head."""
-        x = self.norm(x.astype(jnp.float32))
-        return self.head(jnp.mean(x, axis=(1, 2)))
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        x = self.embed(images)
-        for layer in self.layers:
-            x = layer(x)
-        return self.classify(x)
-
-
-def local_vmamba_blockwise(model: LocalVMamba) -> Blockwise:
-    """Stem -> per stage: VSS blocks, then the patch merging -> head (as ``vmamba_blockwise``)."""
-    cfg = model.cfg
-    stages: list[Stage] = []
-    for s, dim in enumerate(cfg.stage_dims):
-        stages += [Stage((f"layers_{s}", f"blocks_{j}"), VSSBlock(cfg, dim, cfg.block_directions(s, j)),
-                         block_output) for j in range(cfg.depths[s])]
-        if s + 1 < cfg.num_stages:
-            stages.append(Stage((f"layers_{s}", "downsample"), PatchMerging(cfg, cfg.stage_dims[s + 1]),
-                                block_output))
-    return Blockwise(
-        embed=lambda params, images: model.apply({"params": params}, images, method="embed"),
-        stages=tuple(stages),
-        classify=lambda params, x: model.apply({"params": params}, x, method="classify"),
+    parts = VSSMParts(
+        arch="LocalVMamba",
+        stem=PatchEmbed,
+        block=lambda cfg, s, j: VSSBlock(cfg, cfg.stage_dims[s], cfg.block_directions(s, j)),
+        downsample=lambda cfg, s: PatchMerging(cfg, cfg.stage_dims[s + 1]),
     )
+
+
+local_vmamba_blockwise = vssm_blockwise  # stem -> per stage: VSS blocks, then the patch merging -> head
