@@ -56,6 +56,8 @@ def dt_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float3
 
 
 class RMSNorm(nn.Module):
+    """mamba_ssm's RMSNorm (a weight, no bias), computed in float32 whatever the input dtype."""
+
     eps: float = 1e-5
 
     @nn.compact
