@@ -3,6 +3,12 @@
 Two costs dominate the suite on a CPU: XLA compiles, and the memory mappings that compiled
 programs keep. Both are handled here, once for every test module:
 
+- Most tests run small programs once, where XLA's optimisation passes cost far more than they
+  save: they compile with ``jax_disable_most_optimizations`` (LLVM at -O0, the same IEEE
+  arithmetic, no fast math), and so do the processes they start. Tests marked ``xla_optimized``,
+  whose time goes into running programs (calibration over hundreds of images, the demo),
+  compile fully optimised, where the same programs run several times faster.
+
 - A persistent compilation cache for the session (a fresh temporary directory, also given to
   the subprocesses the tests start through ``JAX_COMPILATION_CACHE_DIR``): a program compiled
   again, by a new ``jax.jit`` wrapper, after ``jax.clear_caches()`` or in another process, is
@@ -24,9 +30,9 @@ from pathlib import Path
 import jax
 import pytest
 
-# Tests run small programs on small inputs, where LLVM's optimisation passes cost far more
-# than they save: the suite compiles with them off (the same IEEE arithmetic, no fast math).
-_TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
+# jax's switch for the fast-compiling, slow-running programs most tests want; its environment
+# variable carries the choice to the processes tests start. A value the caller set is kept.
+_NO_OPT_FLAG, _NO_OPT_ENV = "jax_disable_most_optimizations", "JAX_DISABLE_MOST_OPTIMIZATIONS"
 # Programs that compile faster than this are not written to the cache (nearly free to redo).
 _CACHE_MIN_COMPILE_SECS = 0.2
 # Clear compiled programs once the process maps more than this share of vm.max_map_count.
@@ -68,15 +74,15 @@ def _start_compilation_cache() -> Path | None:
     return None if given else path
 
 
-def _set_xla_flags() -> None:
-    """Add ``_TEST_XLA_FLAGS`` to ``XLA_FLAGS`` (before the first computation starts XLA), keeping
-    the caller's flags; processes started by the tests inherit them."""
-    given = os.environ.get("XLA_FLAGS", "").split()
-    names = {flag.split("=")[0] for flag in given}
-    os.environ["XLA_FLAGS"] = " ".join(given + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in names])
+def _fast_compiles_by_default() -> bool:
+    """Turn ``_NO_OPT_FLAG`` on unless the caller set ``_NO_OPT_ENV``; the session's default."""
+    if _NO_OPT_ENV not in os.environ:
+        os.environ[_NO_OPT_ENV] = "1"
+        jax.config.update(_NO_OPT_FLAG, True)
+    return bool(jax.config.values[_NO_OPT_FLAG])
 
 
-_set_xla_flags()
+_NO_OPT_DEFAULT = _fast_compiles_by_default()
 _OWN_CACHE = _start_compilation_cache()
 
 
@@ -95,6 +101,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(rank))
 
     items.sort(key=key)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """A test marked ``xla_optimized`` compiles fully optimised, its fixtures' set-up and
+    tear-down included; every other test with the session's default."""
+    optimized = item.get_closest_marker("xla_optimized") is not None
+    if optimized:
+        jax.config.update(_NO_OPT_FLAG, False)
+    try:
+        yield
+    finally:
+        if optimized:
+            jax.config.update(_NO_OPT_FLAG, _NO_OPT_DEFAULT)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -218,6 +218,7 @@ def test_paired_top1_rejects_mismatched_lengths():
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # the whole test split through the model
 def test_bundled_vim_micro_reaches_its_logged_accuracy():
     params, meta = load_params(REPO / "ptq4vm_jax" / "assets" / "vim_micro", model_name="vim_micro")
     out = _digits_top1("vim_micro", params)

@@ -41,6 +41,7 @@ def pts(micro):
     return get
 
 
+@pytest.mark.xla_optimized  # PTS over 256 images, then 355 images op by op
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8), (4, 4)], ids=["w8a8", "w4a8", "w4a4"])
 def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, pts, bits):
     test_x = micro[2]
@@ -55,6 +56,7 @@ def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, pts, bits):
         np.testing.assert_array_equal(fake, real)
 
 
+@pytest.mark.xla_optimized
 def test_bf16_int_mode_error_is_small(micro, pts):
     """The speed variant: projections fed bf16 activations; its error is measured, not hidden."""
     test_x = micro[2]

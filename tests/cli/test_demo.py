@@ -14,6 +14,8 @@ from ptq4vm_jax import load_quantized
 from ptq4vm_jax.cli import main
 
 DEMO_EPOCHS = 3
+# The demo's time goes into calibrating and evaluating, not compiling.
+pytestmark = pytest.mark.xla_optimized
 
 
 @pytest.fixture(scope="module")

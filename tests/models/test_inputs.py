@@ -6,7 +6,8 @@ import pytest
 
 from ptq4vm_jax import create_model
 
-pytestmark = pytest.mark.slow  # every check run eagerly, op by op, on two models
+# Every check runs eagerly, op by op, on two models: running the ops, not compiling them, costs.
+pytestmark = [pytest.mark.slow, pytest.mark.xla_optimized]
 
 @pytest.fixture(scope="module", params=["vim_nano", "vmamba_micro"])
 def model_and_params(request):
