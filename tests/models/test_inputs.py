@@ -6,8 +6,7 @@ import pytest
 
 from ptq4vm_jax import create_model
 
-# Every check runs eagerly, op by op, on two models: running the ops, not compiling them, costs.
-pytestmark = [pytest.mark.slow, pytest.mark.xla_optimized]
+pytestmark = pytest.mark.slow  # every check run eagerly, op by op, on two models
 
 @pytest.fixture(scope="module", params=["vim_nano", "vmamba_micro"])
 def model_and_params(request):
