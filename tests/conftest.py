@@ -75,7 +75,7 @@ def _start_compilation_cache() -> Path | None:
 
 
 def _fast_compiles_by_default() -> bool:
-    """Turn ``_NO_OPT_FLAG`` on unless the caller set ``_NO_OPT_ENV``; the session's default."""
+    """Turn ``_NO_OPT_FLAG`` on unless the caller set ``_NO_OPT_ENV``; the default of this test run."""
     if _NO_OPT_ENV not in os.environ:
         os.environ[_NO_OPT_ENV] = "1"
         jax.config.update(_NO_OPT_FLAG, True)
@@ -106,7 +106,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """A test marked ``xla_optimized`` compiles fully optimised, its fixtures' set-up and
-    tear-down included; every other test with the session's default."""
+    tear-down included; every other test with the test run's default."""
     optimized = item.get_closest_marker("xla_optimized") is not None
     if optimized:
         jax.config.update(_NO_OPT_FLAG, False)

@@ -98,10 +98,7 @@ class SS2DBase(nn.Module):
     cfg: Any
     dim: int
     in_streams: ClassVar[int]  # 1: in_proj gives x; 2: x and the gate z
-
-    @property
-    def num_directions(self) -> int:
-        raise NotImplementedError
+    num_directions: ClassVar[int]  # scan directions, each with its own x_proj/dt_proj (or a property)
 
     def setup(self) -> None:
         c = self.cfg
