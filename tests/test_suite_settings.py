@@ -4,22 +4,47 @@ import os
 
 import jax
 import pytest
+from jax._src import compiler as jax_compiler
 
 FLAG = "jax_disable_most_optimizations"
+FAST_CODEGEN = ("xla_cpu_use_fusion_emitters", False)
 
 
 def _session_default() -> bool:
     return os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "t", "yes", "y", "on")
 
 
+def _xla_knows_fast_codegen() -> bool:
+    try:
+        jax.jit(lambda x: x * 2, compiler_options=dict([FAST_CODEGEN])).lower(1.0).compile()
+    except Exception:
+        return False
+    return True
+
+
+def _overrides_of_a_compile_now() -> list:
+    return list(jax_compiler.get_compile_options(num_replicas=1, num_partitions=1).env_option_overrides)
+
+
 def test_tests_compile_with_the_sessions_fast_setting_and_pass_it_to_subprocesses():
     assert jax.config.values[FLAG] == _session_default()
 
 
+def test_fast_compiles_use_the_classic_cpu_emitters_where_xla_has_them():
+    want = [FAST_CODEGEN] if _session_default() and _xla_knows_fast_codegen() else []
+    assert _overrides_of_a_compile_now() == want
+    # Options a caller passes are kept, beside the suite's.
+    got = jax_compiler.get_compile_options(num_replicas=1, num_partitions=1,
+                                           env_options_overrides={"xla_cpu_enable_fast_math": False})
+    assert dict(got.env_option_overrides) == {**dict(want), "xla_cpu_enable_fast_math": False}
+
+
 @pytest.mark.xla_optimized
-def test_a_test_marked_xla_optimized_compiles_fully_optimised():
+def test_a_test_marked_xla_optimized_compiles_as_users_do():
     assert jax.config.values[FLAG] is False
+    assert _overrides_of_a_compile_now() == []
 
 
 def test_the_setting_is_restored_after_a_marked_test():
     assert jax.config.values[FLAG] == _session_default()
+    test_fast_compiles_use_the_classic_cpu_emitters_where_xla_has_them()

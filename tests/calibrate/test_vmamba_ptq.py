@@ -313,6 +313,7 @@ def w4a8_logits(trained, w4a8):
     return logits_of(trained, w4a8[0])
 
 
+@pytest.mark.xla_optimized  # integer == fake holds under the compiler users run
 def test_fake_and_int_modes_agree_on_the_test_split(trained, w4a8, w4a8_logits):
     fake = w4a8_logits
     integer = logits_of(trained, w4a8[0], "int")
