@@ -124,6 +124,19 @@ _OWN_CACHE = _start_compilation_cache()
 _FAST_CODEGEN_INSTALLED = _install_fast_codegen()
 
 
+@pytest.fixture(scope="session")
+def host_devices_env():
+    """``env(n, base=None)``: the environment (``base``, else this process's) for a Python
+    subprocess on ``n`` CPU devices that compiles as the calling test does."""
+    def env(n: int, base: dict | None = None) -> dict:
+        base = dict(os.environ if base is None else base)
+        flags = [base.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}"]
+        flags += [f"--{k}={str(v).lower()}" for k, v in _fast_codegen_overrides().items()]
+        return {**base, "XLA_FLAGS": " ".join(f for f in flags if f)}
+
+    return env
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # pytest-xdist orders files by their number of tests unless told not to; the order of
     # pytest_collection_modifyitems below is the one that balances the two workers.

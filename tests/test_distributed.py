@@ -77,9 +77,10 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def _env(**extra):
+def _env(host_devices_env, devices: int, **extra):
+    """This process's environment without its launch settings (or XLA flags), on ``devices``."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and k != "XLA_FLAGS"}
-    return {**env, **extra}
+    return {**host_devices_env(devices, env), **extra}
 
 
 def _free_port():
@@ -89,18 +90,17 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def launched():
+def launched(host_devices_env):
     """Start the four-device process and the two-process pair together; their (rc, out, err)."""
     four = subprocess.Popen([sys.executable, "-c", FOUR_DEVICES], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                            env=_env(host_devices_env, 4))
     port = _free_port()
     pair = [
         subprocess.Popen(
             [sys.executable, "-c", TWO_PROCESSES, *EVAL_LIMITS], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
-            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+            env=_env(host_devices_env, 2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                      JAX_PROCESS_ID=str(i)),
         )
         for i in range(2)

@@ -455,7 +455,7 @@ def test_rules_that_decide_no_layer_are_refused_before_any_data_is_read(setup):
 
 
 @pytest.mark.slow
-def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
+def test_calibration_runs_data_parallel_over_local_devices(tmp_path, host_devices_env):
     """Four virtual CPU devices calibrate as one does. The PTS initialisation (statistics and grid
     search over the sharded batch) gives the same state, every array of every layer, and block
     0's loss at that state is the same. Learning amplifies reduction-order differences (Adam's
@@ -468,7 +468,6 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
     import contextlib
     import io
     import json
-    import os
     import subprocess
     import sys
     import textwrap
@@ -504,7 +503,7 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path):
             finally:
                 sys.argv = argv
             return stdout.getvalue()
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        env = host_devices_env(n)
         r = subprocess.run([sys.executable, "-c", code, out], env=env, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]

@@ -193,7 +193,7 @@ def test_a_resumed_run_gives_the_uninterrupted_logits(setup, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_resumed_chains_stay_sharded_over_local_devices():
+def test_resumed_chains_stay_sharded_over_local_devices(host_devices_env):
     """On four (virtual CPU) devices, the chains of a resumed run are data-parallel again."""
     import subprocess
     import sys
@@ -227,7 +227,7 @@ def test_resumed_chains_stay_sharded_over_local_devices():
         same = jax.tree_util.tree_all(jax.tree.map(np.array_equal, resumed, whole))
         print(jax.local_device_count(), devices, same)
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = host_devices_env(4)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

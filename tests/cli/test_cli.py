@@ -303,7 +303,7 @@ def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_is_data_parallel_over_local_devices(converted, capsys):
+def test_eval_is_data_parallel_over_local_devices(converted, capsys, host_devices_env):
     """Four virtual CPU devices give the same metrics as one (batch sharded, padding dropped).
     The one-device run is this process's, the four-device one a subprocess (XLA's host device
     count is fixed at jax import)."""
@@ -322,7 +322,7 @@ def test_eval_is_data_parallel_over_local_devices(converted, capsys):
             exec(compile(code, "<eval>", "exec"), {"__name__": "__main__"})
             got = capsys.readouterr().out.strip().splitlines()
         else:
-            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+            env = host_devices_env(n)
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                  timeout=300)
             assert out.returncode == 0, out.stderr[-2000:]
