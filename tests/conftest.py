@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import os
 import shutil
 import tempfile
@@ -103,17 +104,20 @@ def _install_fast_codegen() -> bool:
     ``_FAST_CODEGEN``. False, with nothing changed, where this jax has no such builder or this
     XLA does not know the options (the suite then compiles with XLA's emitters, only slower)."""
     build = getattr(_jax_compiler, "get_compile_options", None)
-    if build is None:
-        return False
     try:
+        signature = inspect.signature(build)
+        if "env_options_overrides" not in signature.parameters:
+            return False
         jax.jit(lambda x: x + 1, compiler_options=_FAST_CODEGEN).lower(1.0).compile()
-    except Exception:  # e.g. "No such compile option" from a newer XLA
+    except Exception:  # no such builder, or "No such compile option" from another XLA
         return False
 
     @functools.wraps(build)
-    def get_compile_options(*args, env_options_overrides=None, **kwargs):
-        overrides = {**_fast_codegen_overrides(), **(env_options_overrides or {})}
-        return build(*args, env_options_overrides=overrides or None, **kwargs)
+    def get_compile_options(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        given = call.arguments.get("env_options_overrides") or {}
+        call.arguments["env_options_overrides"] = {**_fast_codegen_overrides(), **given} or None
+        return build(*call.args, **call.kwargs)
 
     _jax_compiler.get_compile_options = get_compile_options
     return True
