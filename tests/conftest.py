@@ -6,12 +6,12 @@ programs keep. Both are handled here, once for every test module:
 - Most tests run small programs once, where XLA's optimisation passes cost far more than they
   save: they compile with ``jax_disable_most_optimizations`` (LLVM at -O0, no fast math), and
   so do the processes they start. They also use XLA's classic CPU emitters (``_FAST_CODEGEN``,
-  here and in the processes ``host_devices_env`` prepares), which compile the same programs in
-  about half the time of the fusion emitters XLA uses by default, and can differ from them in
-  the last bit of a result.
+  here and in the processes ``host_devices_env`` prepares), which compile the same programs
+  faster than the fusion emitters XLA uses by default (BENCHMARKS.md, "Test suite compile
+  settings") and can differ from them in the last bit of a result.
 - Tests marked ``xla_optimized`` compile exactly as users' programs do (XLA's defaults): those
   whose time goes into running programs (calibration over hundreds of images, the demo), where
-  optimised programs run several times faster, and those that claim bit equality (integer ==
+  optimised programs run faster, and those that claim bit equality (integer ==
   fake quantization, a golden reproduced exactly), which must hold under the compiler users
   run. Switching between the two settings drops the compiled programs, so no test runs a
   program compiled under the other one.

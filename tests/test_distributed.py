@@ -100,8 +100,8 @@ def launched(host_devices_env):
         subprocess.Popen(
             [sys.executable, "-c", TWO_PROCESSES, *EVAL_LIMITS], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
-            env=_env(host_devices_env, 2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                     JAX_PROCESS_ID=str(i)),
+            env=_env(host_devices_env, 2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
         )
         for i in range(2)
     ]
