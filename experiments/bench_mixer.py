@@ -16,7 +16,7 @@ Sections:
          exp-throughput bound of both directions (2·B·L·E·N exponentials at EXP_PEAK). Each
          variant is checked in fp32 against the reference (lax.scan) before it is timed in bf16.
   mixer-train  (only with ``--sections``) value + gradients of the mixer core as calibration
-         needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer_trainable`` vs
+         needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer`` (its VJP) vs
          jax.grad through the per-direction path with the Pallas trainable scans, checked against
          jax.grad through the reference.
   e2e-mixer  images/s end to end, bf16: the pre-issue forward (``scan="pallas"``: a Pallas scan
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ptq4vm_jax as pq
-from pallas_kernels import MixerDirection, selective_scan, vim_mixer, vim_mixer_trainable
+from pallas_kernels import MixerDirection, selective_scan, vim_mixer
 from ptq4vm_jax.ops.mixer import INTERPRETER_CONFIG, vim_mixer_ref
 from ptq4vm_jax.quant.integer import is_hopper
 
@@ -166,8 +166,7 @@ def mixer_train_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
     """Value and gradients (x, z and both directions) of a linear readout, fused vs per-direction."""
     config = INTERPRETER_CONFIG if cfg.interpret else None
     variants = {
-        "fused vim_mixer_trainable": functools.partial(vim_mixer_trainable, interpret=cfg.interpret,
-                                                       config=config),
+        "fused vim_mixer (its VJP)": functools.partial(vim_mixer, interpret=cfg.interpret, config=config),
         "per-direction: XLA glue + 2 Pallas trainable scans": functools.partial(vim_mixer_ref, scan="pallas"),
     }
     rows = []

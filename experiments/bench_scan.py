@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from numpy.typing import ArrayLike
 
-from pallas_kernels import ScanConfig, default_scan_config, selective_scan, selective_scan_trainable
+from pallas_kernels import ScanConfig, default_scan_config, selective_scan
 from ptq4vm_jax.ops.scan import selective_scan_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared module
@@ -140,9 +140,9 @@ def scan_train_rows(shapes: Sequence[ScanShape], cfg: RunConfig) -> list[Row]:
     """Differentiable scans (value + gradients) at calibration shapes: the Pallas custom_vjp vs
     ``jax.grad`` through ``lax.scan`` and through ``lax.associative_scan``."""
     variants = {
-        "pallas selective_scan_trainable (default: tile-layout backward)": functools.partial(
-            selective_scan_trainable, interpret=cfg.interpret),
-        "pallas trainable, channel-major backward": channel_major(selective_scan_trainable, cfg.interpret),
+        "pallas selective_scan VJP (default: tile-layout backward)": functools.partial(
+            selective_scan, interpret=cfg.interpret),
+        "pallas trainable, channel-major backward": channel_major(selective_scan, cfg.interpret),
         "xla grad lax.scan (selective_scan_ref)": selective_scan_ref,
         "xla grad lax.associative_scan": selective_scan_assoc,
     }

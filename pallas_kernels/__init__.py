@@ -44,14 +44,12 @@ from pallas_kernels.selective_scan import (
     ScanConfig,
     default_scan_config,
     selective_scan,
-    selective_scan_trainable,
 )
 from pallas_kernels.vim_mixer import (
     MixerConfig,
     MixerDirection,
     default_mixer_config,
     vim_mixer,
-    vim_mixer_trainable,
 )
 
 __all__ = [
@@ -81,11 +79,9 @@ __all__ = [
     "qmatmul_wgmma",
     "quantize_activations",
     "selective_scan",
-    "selective_scan_trainable",
     "supports_wgmma",
     "unpack_int4",
     "unpack_weight",
     "vim_mixer",
-    "vim_mixer_trainable",
     "weight_colsum",
 ]

@@ -9,11 +9,11 @@ HBM and no (B, L, E, N) tensor exists. Two state layouts (``ScanConfig.channel_m
 ``reverse=True`` walks from the last token to the first without flipped copies. Semantics are
 those of ``ptq4vm_jax.ops.scan.selective_scan_ref`` (the reference and the non-GPU path).
 
-``selective_scan_trainable`` adds a ``custom_vjp`` for calibration, which differentiates
-through the scan (``lax.scan`` on GPU is launch-bound, one step per token). Only the recurrence
+``selective_scan`` carries a ``custom_vjp`` for calibration, which differentiates through the
+scan (``lax.scan`` on GPU is launch-bound, one step per token). Only the recurrence
 y_t = <h_t, C_t> runs in kernels; the elementwise parts (softplus, D·u, the SiLU(z) gate) are
-differentiated by hand in jnp, where XLA fuses them. By default its forward pass takes the
-forward's default layout and its backward the tile layout (a ``config`` sets both).
+differentiated by hand in jnp, where XLA fuses them. By default the forward takes the
+forward's default layout and the backward the tile layout (a ``config`` sets both).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-__all__ = ["ScanConfig", "default_scan_config", "selective_scan", "selective_scan_trainable"]
+__all__ = ["ScanConfig", "default_scan_config", "selective_scan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,34 +297,18 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
         )
 
 
-@functools.partial(jax.jit, static_argnames=("delta_softplus", "reverse", "interpret", "config"))
-def selective_scan(
-    u: jax.Array,
-    delta: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array | None = None,
-    z: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
-    delta_softplus: bool = True,
-    reverse: bool = False,
-    *,
-    interpret: bool = False,
-    config: ScanConfig | None = None,
-) -> jax.Array:
-    """S6 forward y (B, L, E) in u.dtype; same arguments and semantics as ``selective_scan_ref``.
+def _launch(cfg, interpret, name):
+    return dict(compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                interpret=interpret, name=name)
 
-    ``u, delta, z`` (B, L, E); ``A`` (E, N); ``B, C`` (B, L, N); ``D, delta_bias`` (E,).
-    """
-    _check(u, delta, A, B, C, D, z, delta_bias)
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, interpret, cfg):
+    """The forward kernel: y (B, L, E) in u.dtype."""
     batch, seq, e = u.shape
-    n_state = A.shape[1]
-    cfg = config or default_scan_config(batch, e, n_state)
     optional = [arr for arr in (D, z, delta_bias) if arr is not None]
     kernel = functools.partial(
         _scan_kernel_channels if cfg.channel_major else _scan_kernel, seq=seq, e=e,
-        n_state=n_state, cfg=cfg, reverse=reverse, softplus=delta_softplus, has_d=D is not None,
+        n_state=A.shape[1], cfg=cfg, reverse=reverse, softplus=softplus, has_d=D is not None,
         has_z=z is not None, has_bias=delta_bias is not None,
     )
     a = A.astype(jnp.float32)
@@ -332,9 +316,7 @@ def selective_scan(
         kernel,
         out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
         grid=(batch, pl.cdiv(e, cfg.block_e)),
-        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="ptq4vm_selective_scan",
+        **_launch(cfg, interpret, "ptq4vm_selective_scan"),
     )(u, delta, a.T if cfg.channel_major else a, B, C, *optional)
 
 
@@ -440,11 +422,6 @@ def _scan_bwd_kernel_channels(u_ref, dt_ref, a_ref, b_ref, c_ref, dy_ref, h_ref,
         _store(da_ref.at[batch, idx(n), pl.ds(e0, be)], da_n, e_ok)
 
 
-def _launch(cfg, interpret, name):
-    return dict(compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                interpret=interpret, name=name)
-
-
 def _states_shape(batch, seq, e, n_state, cfg):
     """The backward's state buffer: (B, L, E_pad, N_pad) in the tile layout, (B, L, N, E) channel-major."""
     if cfg.channel_major:
@@ -499,9 +476,8 @@ def _core_bwd(u, dt, A, B, C, dy, h, reverse, interpret, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _trainable(softplus, reverse, interpret, cfgs, u, delta, A, B, C, D, z, delta_bias):
-    """``cfgs``: (the forward's config, the backward's config); see ``selective_scan_trainable``."""
-    return selective_scan(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
-                          interpret=interpret, config=cfgs[0])
+    """``cfgs``: (the forward's config, the backward's config); see ``selective_scan``."""
+    return _forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, interpret, cfgs[0])
 
 
 def _trainable_fwd(softplus, reverse, interpret, cfgs, *args):
@@ -510,7 +486,7 @@ def _trainable_fwd(softplus, reverse, interpret, cfgs, *args):
     states = math.prod(_states_shape(batch, seq, e, A.shape[1], cfgs[1]))
     if states >= 2**31:  # checked when differentiating: the forward alone needs no state buffer
         raise ValueError(
-            f"selective_scan_trainable: the backward's (B, L, E, N) state buffer has {states} elements, "
+            f"selective_scan: the backward's (B, L, E, N) state buffer has {states} elements, "
             "which overflows the kernel's int32 offsets; split the batch into chunks"
         )
     return _trainable(softplus, reverse, interpret, cfgs, *args), args
@@ -547,7 +523,7 @@ _trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus", "reverse", "interpret", "config"))
-def selective_scan_trainable(
+def selective_scan(
     u: jax.Array,
     delta: jax.Array,
     A: jax.Array,
@@ -562,11 +538,13 @@ def selective_scan_trainable(
     interpret: bool = False,
     config: ScanConfig | None = None,
 ) -> jax.Array:
-    """``selective_scan`` with a Pallas VJP: gradients for u, delta, A, B, C, D, z, delta_bias.
+    """S6 forward y (B, L, E) in u.dtype, with a Pallas VJP: gradients for u, delta, A, B, C, D, z,
+    delta_bias. Same arguments and semantics as ``ptq4vm_jax.ops.scan.selective_scan_ref``.
 
-    Undifferentiated, it is ``selective_scan`` itself (the same kernel, config and outputs), so
-    one entry point serves inference and calibration. ``config`` runs both passes in its layout;
-    by default the forward takes ``default_scan_config`` and the backward the tile layout.
+    ``u, delta, z`` (B, L, E); ``A`` (E, N); ``B, C`` (B, L, N); ``D, delta_bias`` (E,). One entry
+    point serves inference (undifferentiated, only the forward kernel runs) and calibration.
+    ``config`` runs both passes in its layout; by default the forward takes
+    ``default_scan_config`` and the backward the tile layout.
 
     Nothing but the inputs is saved. The backward recomputes the states with the forward kernel,
     storing them as an fp32 (B, L, E, N) buffer (pass 1; (B, L, N, E) channel-major), then walks

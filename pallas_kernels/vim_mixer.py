@@ -22,8 +22,8 @@ own order, token L-1-t at index t, which is how Vim's backward branch (which run
 sequence) produces them; its conv taps are those of ``conv1d_b`` applied to the flipped sequence.
 
 The semantics are ``ptq4vm_jax.ops.mixer.vim_mixer_ref`` (plain jnp: the model's unfused path).
-``vim_mixer_trainable`` adds a ``custom_vjp`` whose backward recomputes the conv and Δ in jnp and
-differentiates through the Pallas trainable scans (``selective_scan_trainable``) per direction.
+``vim_mixer`` carries a ``custom_vjp`` whose backward recomputes the conv and Δ in jnp and
+differentiates through the Pallas scan (``selective_scan``, with its own VJP) per direction.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from pallas_kernels.selective_scan import (
     _load,
     _store,
     _token_loop,
-    selective_scan_trainable,
+    selective_scan,
 )
 
-__all__ = ["MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer", "vim_mixer_trainable"]
+__all__ = ["MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer"]
 
 LOG2_E = 1.4426950408889634
 
@@ -112,6 +112,19 @@ class MixerDirection:
     dt_weight: jax.Array | None = None
     dt_row_scale: jax.Array | None = None
     dt_col_scale: jax.Array | None = None
+
+    def full_delta(self) -> jax.Array:
+        """Δ before bias and softplus, (B, L, E) fp32, in the branch's order: ``delta`` itself, or
+        the Δ-rank columns times ``dt_weight`` with the optional row and column scales."""
+        if self.dt_weight is None:
+            return self.delta.astype(jnp.float32)
+        dt = jnp.einsum("blr,re->ble", self.delta.astype(jnp.float32), self.dt_weight.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST)
+        if self.dt_row_scale is not None:
+            dt = dt * self.dt_row_scale.astype(jnp.float32)[:, None]
+        if self.dt_col_scale is not None:
+            dt = dt * self.dt_col_scale.astype(jnp.float32)
+        return dt
 
 
 jax.tree_util.register_dataclass(
@@ -262,23 +275,9 @@ def _dims(d: MixerDirection) -> tuple[int, int, int | None]:
     return d.conv_weight.shape[0], d.A.shape[1], None if d.dt_weight is None else d.dt_weight.shape[0]
 
 
-@functools.partial(jax.jit, static_argnames=("divide_out", "interpret", "config"))
-def vim_mixer(
-    x: jax.Array,
-    z: jax.Array | None,
-    fwd: MixerDirection,
-    bwd: MixerDirection,
-    *,
-    divide_out: bool = True,
-    interpret: bool = False,
-    config: MixerConfig | None = None,
-) -> jax.Array:
-    """``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype; ``z=None``: no gate; ``divide_out=False``:
-    the sum. ``x, z`` (B, L, E) are the in_proj halves in token order; ``fwd``/``bwd`` the two
-    directions (``MixerDirection``). Semantics: ``ptq4vm_jax.ops.mixer.vim_mixer_ref``."""
-    _check(x, z, fwd, bwd)
+def _forward(x, z, fwd, bwd, divide_out, interpret, cfg):
+    """The fused kernel: ``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype."""
     batch, seq, e = x.shape
-    cfg = config or default_mixer_config(batch, e)
     names, arrays = zip(*_inputs(x, z, fwd, bwd), strict=True)
     kernel = functools.partial(
         _mixer_kernel, names=names, seq=seq, e=e, dims={"f_": _dims(fwd), "b_": _dims(bwd)},
@@ -305,27 +304,14 @@ def _conv_silu(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
     return jax.nn.silu(y + bias.astype(jnp.float32))
 
 
-def _full_delta(d: MixerDirection) -> jax.Array:
-    """Δ before bias and softplus, (B, L, E) fp32, in the branch's order."""
-    if d.dt_weight is None:
-        return d.delta.astype(jnp.float32)
-    dt = jnp.einsum("blr,re->ble", d.delta.astype(jnp.float32), d.dt_weight.astype(jnp.float32),
-                    precision=lax.Precision.HIGHEST)
-    if d.dt_row_scale is not None:
-        dt = dt * d.dt_row_scale.astype(jnp.float32)[:, None]
-    if d.dt_col_scale is not None:
-        dt = dt * d.dt_col_scale.astype(jnp.float32)
-    return dt
-
-
 def _composed(x, z, fwd, bwd, divide_out, interpret, scan_cfg):
     """The mixer as jnp around two Pallas trainable scans (what the VJP differentiates)."""
     flip = lambda t: jnp.flip(t, axis=1)
     ys = []
     for d, order in ((fwd, lambda t: t), (bwd, flip)):
         u = _conv_silu(order(x), d.conv_weight, d.conv_bias)
-        y = selective_scan_trainable(u, _full_delta(d), d.A, d.B, d.C, d.D, None, d.delta_bias,
-                                     interpret=interpret, config=scan_cfg)
+        y = selective_scan(u, d.full_delta(), d.A, d.B, d.C, d.D, None, d.delta_bias,
+                           interpret=interpret, config=scan_cfg)
         ys.append(order(y))
     y = ys[0] + ys[1]
     if z is not None:
@@ -337,7 +323,7 @@ def _composed(x, z, fwd, bwd, divide_out, interpret, scan_cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _trainable(divide_out, interpret, cfg, x, z, fwd, bwd):
-    return vim_mixer(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=cfg)
+    return _forward(x, z, fwd, bwd, divide_out, interpret, cfg)
 
 
 def _trainable_fwd(divide_out, interpret, cfg, x, z, fwd, bwd):
@@ -355,7 +341,7 @@ _trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("divide_out", "interpret", "config"))
-def vim_mixer_trainable(
+def vim_mixer(
     x: jax.Array,
     z: jax.Array | None,
     fwd: MixerDirection,
@@ -365,13 +351,15 @@ def vim_mixer_trainable(
     interpret: bool = False,
     config: MixerConfig | None = None,
 ) -> jax.Array:
-    """``vim_mixer`` with a VJP for every array input (x, z and both directions' fields).
+    """``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype; ``z=None``: no gate; ``divide_out=False``:
+    the sum. ``x, z`` (B, L, E) are the in_proj halves in token order; ``fwd``/``bwd`` the two
+    directions (``MixerDirection``). Semantics: ``ptq4vm_jax.ops.mixer.vim_mixer_ref``.
 
-    Undifferentiated it is ``vim_mixer`` itself. The backward saves nothing but the inputs: it
-    recomputes the convs and Δ in jnp (XLA fuses them) and runs the Pallas trainable scan per
-    direction (``selective_scan_trainable``: states recomputed by the forward kernel, then the
-    reverse-time kernel), with the same tiles in the channel-major layout; the gate and average
-    are differentiated by jax.
+    Differentiable in every array input (x, z and both directions' fields); undifferentiated,
+    only the fused kernel runs. The backward saves nothing but the inputs: it recomputes the
+    convs and Δ in jnp (XLA fuses them) and runs the Pallas scan's VJP per direction (states
+    recomputed by the forward kernel, then the reverse-time kernel), with the same tiles in the
+    channel-major layout; the gate and average are differentiated by jax.
     """
     _check(x, z, fwd, bwd)
     cfg = config or default_mixer_config(x.shape[0], x.shape[2])

@@ -31,11 +31,11 @@ def kernel_calls(monkeypatch):
     """Counts the scans that reach the Pallas kernel; the kernel runs as this machine can."""
     calls = []
 
-    def spy(*args, _fn=scan_ops.selective_scan_trainable, **kw):
+    def spy(*args, _fn=scan_ops.selective_scan_pallas, **kw):
         calls.append(args[0].shape)
         return _fn(*args, **{**kw, "interpret": not ON_GPU})
 
-    monkeypatch.setattr(scan_ops, "selective_scan_trainable", spy)
+    monkeypatch.setattr(scan_ops, "selective_scan_pallas", spy)
     return calls
 
 

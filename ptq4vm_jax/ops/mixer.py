@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer_trainable
+from pallas_kernels.vim_mixer import MixerConfig, MixerDirection
+from pallas_kernels.vim_mixer import vim_mixer as vim_mixer_pallas
 from ptq4vm_jax.ops.scan import (
     causal_depthwise_conv1d,
     check_scan_backend,
@@ -32,19 +32,6 @@ def mixer_backend(scan: str) -> str:
     return resolve_scan_backend(scan)
 
 
-def _delta(d: MixerDirection) -> jax.Array:
-    """Δ before bias and softplus, (B, L, E) fp32: given, or x_proj's Δ-rank columns times dt_proj."""
-    if d.dt_weight is None:
-        return d.delta.astype(jnp.float32)
-    dt = jnp.einsum("blr,re->ble", d.delta.astype(jnp.float32), d.dt_weight.astype(jnp.float32),
-                    precision=lax.Precision.HIGHEST)
-    if d.dt_row_scale is not None:
-        dt = dt * d.dt_row_scale.astype(jnp.float32)[:, None]
-    if d.dt_col_scale is not None:
-        dt = dt * d.dt_col_scale.astype(jnp.float32)
-    return dt
-
-
 def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
                   divide_out: bool = True, scan: str = "ref") -> jax.Array:
     """The model's unfused mixer core, op for op: per direction SiLU(conv1d) (the backward one on
@@ -59,8 +46,8 @@ def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: M
     for d, order in ((fwd, lambda t: t), (bwd, flip)):
         conv = causal_depthwise_conv1d(order(x), d.conv_weight.astype(x.dtype), d.conv_bias.astype(x.dtype))
         u = jax.nn.silu(conv)
-        y = selective_scan(u, _delta(d).astype(x.dtype), d.A, d.B, d.C, d.D, None if z is None else order(z),
-                           d.delta_bias, delta_softplus=True, backend=scan)
+        y = selective_scan(u, d.full_delta().astype(x.dtype), d.A, d.B, d.C, d.D,
+                           None if z is None else order(z), d.delta_bias, delta_softplus=True, backend=scan)
         ys.append(order(y).astype(jnp.float32))
     y = ys[0] + ys[1]
     if divide_out:
@@ -71,7 +58,7 @@ def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: M
 def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
               divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None) -> jax.Array:
     """The mixer core for the scan backend named (static, one of ``SCAN_BACKENDS``; see
-    ``mixer_backend``): the fused Pallas kernel (``vim_mixer_trainable``, which serves inference
+    ``mixer_backend``): the fused Pallas kernel (``pallas_kernels.vim_mixer``, which serves inference
     and calibration; the interpreter off the GPU, by default with ``INTERPRETER_CONFIG``), or
     ``vim_mixer_ref`` on that scan backend. ``config``: the kernel's tiles (None: its default)."""
     resolved = mixer_backend(backend)
@@ -79,5 +66,5 @@ def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: Mixer
         interpret = jax.default_backend() != "gpu"
         if config is None and interpret:
             config = INTERPRETER_CONFIG
-        return vim_mixer_trainable(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config)
+        return vim_mixer_pallas(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config)
     return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)

@@ -11,21 +11,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.selective_scan import ScanConfig, selective_scan_trainable
+from pallas_kernels.selective_scan import ScanConfig
+from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
 
 
-def selective_scan_ref(
-    u: jax.Array,
-    delta: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array | None = None,
-    z: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
-    delta_softplus: bool = True,
-    reverse: bool = False,
-) -> jax.Array:
+def selective_scan_ref(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                       D: jax.Array | None = None, z: jax.Array | None = None,
+                       delta_bias: jax.Array | None = None, delta_softplus: bool = True,
+                       reverse: bool = False) -> jax.Array:
     """S6 forward: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = <h_t, C_t> + D u_t.
 
     Shapes: ``u, delta, z`` (B, L, E); ``A`` (E, N); ``B, C`` (B, L, N); ``D, delta_bias`` (E,).
@@ -95,7 +88,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
                    config: ScanConfig | None = None) -> jax.Array:
     """The scan every model calls, on the backend its config names (static, chosen at trace time).
 
-    "ref": ``selective_scan_ref``. "pallas": ``pallas_kernels.selective_scan_trainable``, whose
+    "ref": ``selective_scan_ref``. "pallas": ``pallas_kernels.selective_scan``, whose
     undifferentiated call is the inference forward kernel and whose VJP is the Pallas backward,
     so one backend serves evaluation and calibration; off the GPU it runs in the Pallas
     interpreter (for tests and parity checks). "auto": "pallas" on GPU, "ref" elsewhere; "fused"
@@ -103,8 +96,8 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     ``config`` (tiles and layout, for tuning) reaches the kernel; None takes its default.
     """
     if resolve_scan_backend(backend) == "pallas":
-        return selective_scan_trainable(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                        interpret=jax.default_backend() != "gpu", config=config)
+        return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                     interpret=jax.default_backend() != "gpu", config=config)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 

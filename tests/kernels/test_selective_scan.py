@@ -1,4 +1,4 @@
-"""selective_scan and selective_scan_trainable: Pallas kernels (compiled on GPU, interpret mode
+"""selective_scan: the Pallas kernel and its VJP (compiled on GPU, interpret mode
 elsewhere) vs selective_scan_ref and its jax.grad, the dispatcher, and CUDA lowering."""
 
 import functools
@@ -13,7 +13,6 @@ from pallas_kernels.selective_scan import (
     ScanConfig,
     default_scan_config,
     selective_scan,
-    selective_scan_trainable,
 )
 from ptq4vm_jax.ops import scan as scan_ops
 from ptq4vm_jax.ops.scan import selective_scan_ref
@@ -123,11 +122,11 @@ def test_scan_config_reaches_the_dispatched_kernel(monkeypatch):
     """``selective_scan(..., backend="pallas", config=...)`` hands its config to the kernel."""
     seen = []
 
-    def spy(*args, _fn=scan_ops.selective_scan_trainable, **kw):
+    def spy(*args, _fn=scan_ops.selective_scan_pallas, **kw):
         seen.append(kw.get("config"))
         return _fn(*args, **{**kw, "interpret": INTERPRET})
 
-    monkeypatch.setattr(scan_ops, "selective_scan_trainable", spy)
+    monkeypatch.setattr(scan_ops, "selective_scan_pallas", spy)
     inp = make_inputs(6, 2, 9, 48, 16)
     config = ScanConfig(16, 1, 2, channel_major=True)
     y = scan_ops.selective_scan(**inp, backend="pallas", config=config)
@@ -181,7 +180,7 @@ def test_trainable_configs_per_pass(config, monkeypatch):
 
     monkeypatch.setattr(kernels, "_trainable", spy)
     inp = make_inputs(8, 1, 9, 32, 16)
-    kernels.selective_scan_trainable(**inp, interpret=INTERPRET, config=config)
+    kernels.selective_scan(**inp, interpret=INTERPRET, config=config)
     default = (default_scan_config(1, 32, 16), default_scan_config(1, 32, 16, channel_major=False))
     assert seen == [default if config is None else (config, config)]
 
@@ -270,7 +269,7 @@ def test_trainable_gradients_match_reference(batch, seq, e, n, use_d, use_z, use
         inp["delta"] = jax.nn.softplus(inp["delta"])
     # Channel-major in both passes; 32-wide tiles leave E = 72 and 40 a masked last tile.
     config = ScanConfig(32, 1, 2, exp2=True, channel_major=True) if layout == "channel-major" else None
-    value, g = grads(selective_scan_trainable, inp, softplus, reverse, interpret=INTERPRET, config=config)
+    value, g = grads(selective_scan, inp, softplus, reverse, interpret=INTERPRET, config=config)
     value_ref, g_ref = grads(selective_scan_ref, inp, softplus, reverse)
     np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-5)
     assert set(g) == {k for k in ARGS if inp[k] is not None}
@@ -291,7 +290,7 @@ def test_trainable_gradients_bf16_and_vmapped_directions():
         return lambda *xs: jnp.sum(w * jax.vmap(scan)(*xs).astype(jnp.float32))
 
     xs = tuple(stacked.values())
-    g = jax.grad(loss(selective_scan_trainable, interpret=INTERPRET), argnums=tuple(range(6)))(*xs)
+    g = jax.grad(loss(selective_scan, interpret=INTERPRET), argnums=tuple(range(6)))(*xs)
     g_ref = jax.grad(loss(selective_scan_ref), argnums=tuple(range(6)))(*xs)
     for x, name, gk, gr in zip(xs, stacked, g, g_ref, strict=True):
         assert gk.dtype == x.dtype, name
@@ -323,11 +322,11 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
     the routing is tested on every machine, not compared reference against reference."""
     calls = []
 
-    def spy(*args, _fn=scan_ops.selective_scan_trainable, **kw):
+    def spy(*args, _fn=scan_ops.selective_scan_pallas, **kw):
         calls.append(kw["interpret"])
         return _fn(*args, **{**kw, "interpret": INTERPRET})
 
-    monkeypatch.setattr(scan_ops, "selective_scan_trainable", spy)
+    monkeypatch.setattr(scan_ops, "selective_scan_pallas", spy)
     monkeypatch.setattr(scan_ops, "jax", _ReportsBackend("gpu" if on_gpu else "cpu"))
     # D, z and delta_bias all differ, delta_softplus=False and reverse=True are not the defaults:
     # a dropped or misplaced argument changes the output.
@@ -360,8 +359,8 @@ def test_trainable_state_buffer_overflow_is_explained():
     row, state = s((256, 197, 3072), jnp.float32), s((256, 197, 16), jnp.float32)
     a = s((3072, 16), jnp.float32)
     # The forward alone needs no state buffer: only differentiating is refused.
-    assert jax.eval_shape(selective_scan_trainable, row, row, a, state, state).shape == row.shape
-    loss = lambda u: jnp.sum(selective_scan_trainable(u, u, jnp.zeros(a.shape), jnp.zeros(state.shape),
+    assert jax.eval_shape(selective_scan, row, row, a, state, state).shape == row.shape
+    loss = lambda u: jnp.sum(selective_scan(u, u, jnp.zeros(a.shape), jnp.zeros(state.shape),
                                                       jnp.zeros(state.shape)))
     with pytest.raises(ValueError, match="state buffer .* split the batch"):
         jax.eval_shape(jax.grad(loss), row)
@@ -379,7 +378,7 @@ def test_backward_lowers_for_cuda_at_model_shapes(directions, seq, e, n, config,
     vec = s((directions, e), jnp.float32)
     args = (row, row, s((directions, e, n), jnp.float32), state, state, vec, row, vec)
     gated = n > 1
-    scan = lambda u, dt, a, b, c, d, z, bias: selective_scan_trainable(
+    scan = lambda u, dt, a, b, c, d, z, bias: selective_scan(
         u, dt, a, b, c, d, z if gated else None, bias, reverse=gated, config=config)
     loss = lambda *a: jnp.sum(jax.vmap(scan)(*a).astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).trace(*args).lower(

@@ -1,4 +1,4 @@
-"""vim_mixer and vim_mixer_trainable: the fused bidirectional Vim mixer kernel (compiled on GPU,
+"""vim_mixer: the fused bidirectional Vim mixer kernel and its VJP (compiled on GPU,
 interpret mode elsewhere) vs ops.mixer.vim_mixer_ref and its jax.grad, the integer dt_proj feed
 against the quantized layer, the dispatcher, and CUDA lowering."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.qlinear import QuantizedLinear
-from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer, vim_mixer_trainable
+from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer
 from ptq4vm_jax.ops import mixer as mixer_ops
 from ptq4vm_jax.ops.mixer import vim_mixer_ref
 from ptq4vm_jax.quant.layer import simulate_int_linear
@@ -111,7 +111,7 @@ def test_trainable_gradients_match_reference():
     # dt_proj on chip forwards, Δ given backwards; E = 24 masks the last 16-wide tile.
     args = make_inputs(7, 2, 11, 24, 2, rank_f=3)
     cfg = SMALL
-    value, g = grads(vim_mixer_trainable, args, interpret=INTERPRET, config=cfg)
+    value, g = grads(vim_mixer, args, interpret=INTERPRET, config=cfg)
     value_ref, g_ref = grads(vim_mixer_ref, args)
     np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-5)
     leaves, ref_leaves = jax.tree.leaves_with_path(g), jax.tree.leaves_with_path(g_ref)
@@ -141,11 +141,11 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
     interpreter off the GPU) and only for "fused": "auto" keeps the per-direction scans."""
     calls = []
 
-    def spy(*args, _fn=mixer_ops.vim_mixer_trainable, **kw):
+    def spy(*args, _fn=mixer_ops.vim_mixer_pallas, **kw):
         calls.append(kw["interpret"])
         return _fn(*args, **{**kw, "interpret": INTERPRET})
 
-    monkeypatch.setattr(mixer_ops, "vim_mixer_trainable", spy)
+    monkeypatch.setattr(mixer_ops, "vim_mixer_pallas", spy)
     monkeypatch.setattr(mixer_ops, "jax", _ReportsBackend("gpu" if on_gpu else "cpu"))
     x, z, fwd, bwd = make_inputs(5, 1, 9, 16, 2)
     y = mixer_ops.vim_mixer(x, z, fwd, bwd, divide_out=False, backend=backend,
@@ -192,7 +192,7 @@ def test_lowers_for_cuda_at_vim_shapes(cuda_target):
     text = jax.jit(vim_mixer).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_vim_mixer" in text
     assert "__nv_exp2f" in text  # exp2 decays
-    loss = lambda *a: jnp.sum(vim_mixer_trainable(*a).astype(jnp.float32))
+    loss = lambda *a: jnp.sum(vim_mixer(*a).astype(jnp.float32))
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "ptq4vm_vim_mixer" in text and "ptq4vm_selective_scan_bwd" in text
