@@ -28,13 +28,15 @@ def micro():
 
 @pytest.fixture(scope="module")
 def pts(micro):
-    """The PTQ4VM initialisation of the trained vim_micro at the given bits, made once per module."""
+    """The PTQ4VM initialisation of the trained vim_micro at the given bits, made once per module:
+    on the official 256 images at W8A8 (whose bf16 error bound below depends on them), on 64 at
+    the other bits, whose tests claim integer == fake, which holds for any scales."""
     params, calib, _, _ = micro
     made = {}
 
     def get(bits):
         if bits not in made:
-            cfg = pq.QuantConfig(*bits, method="pts_only")
+            cfg = pq.QuantConfig(*bits, method="pts_only", num_calib=256 if bits == (8, 8) else 64)
             made[bits] = pq.quantize_params(params, calib, model="vim_micro", config=cfg, progress=False)
         return made[bits]
 
