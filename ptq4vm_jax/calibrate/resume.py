@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path as FsPath
 from typing import Any
@@ -24,9 +23,12 @@ import jax
 import numpy as np
 
 from ptq4vm_jax.calibrate.report import StageReport
+from ptq4vm_jax.dirs import foreign_files, probe_writable
 from ptq4vm_jax.errors import ArgumentError
 
 RESUME_VERSION = 2
+#: What a resume directory holds: one with other files and none of these is someone else's.
+RESUME_FILES = frozenset({"progress.json", "state.npz", "progress.tmp.json", "state.tmp.npz"})
 # What a damaged state.npz raises from zipfile/np.load/json/tree_unflatten: a truncated zip, a
 # garbled entry, a file that is not a zip at all, an entry or key that is missing or malformed.
 _CORRUPT = (zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError, EOFError)
@@ -135,18 +137,14 @@ class ResumeStore:
         if d.exists() and not d.is_dir():
             raise ArgumentError(f"resume_dir {d} is a file; give a directory for the resume state",
                                 argument="resume_dir")
-        ours = {"progress.json", "state.npz", "state.tmp.npz", "progress.tmp.json"}
-        if d.is_dir():
-            names = set(os.listdir(d))
-            if names and not names & ours:
-                shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-                raise ArgumentError(f"resume_dir {d} holds other files ({shown}) and no resume state; give "
-                                    "a new or empty directory, so that the resume state is never mixed "
-                                    "with (or deleted along with) other files", argument="resume_dir")
+        shown = foreign_files(d, RESUME_FILES)
+        if shown:
+            raise ArgumentError(f"resume_dir {d} holds other files ({shown}) and no resume state; give "
+                                "a new or empty directory, so that the resume state is never mixed "
+                                "with (or deleted along with) other files", argument="resume_dir")
         try:
             d.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=d):
-                pass
+            probe_writable(d)
         except OSError as e:
             raise ArgumentError(f"resume_dir {d} cannot be created or written ({e.strerror or e}); "
                                 "choose a writable directory", argument="resume_dir") from None

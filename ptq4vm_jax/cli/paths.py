@@ -8,17 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ptq4vm_jax.calibrate.resume import RESUME_FILES
 from ptq4vm_jax.cli.errors import UsageError
-
-# What a resume directory holds (the library's ResumeStore): a directory with other files and none
-# of these is someone else's, and is refused rather than mixed with (or deleted along with) them.
-RESUME_FILES = frozenset({"progress.json", "state.npz", "progress.tmp.json", "state.tmp.npz"})
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
+from ptq4vm_jax.dirs import foreign_files, nearest_existing, probe_writable
 
 
 def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str | None],
@@ -47,7 +39,7 @@ def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str
             print(f"note: --out {out} holds a checkpoint ({what}, written {held.get('created', '?')}); "
                   "it will be replaced at the end", file=sys.stderr)
     parent = target.parent  # the result is written beside --out first, then renamed into place
-    existing = _nearest_existing(parent)
+    existing = nearest_existing(parent)
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, so no directory can be made under it")
     try:
@@ -75,23 +67,13 @@ def check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
         if path and where.is_relative_to(Path(path).expanduser().absolute()):
             raise UsageError(f"--resume {resume} lies inside {flag} {path}; give the resume state a "
                              "directory of its own")
-    if where.is_dir():
-        names = set(os.listdir(where))
-        if names and not names & RESUME_FILES:
-            shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-            raise UsageError(f"--resume {resume} holds other files ({shown}) and no resume state; give a "
-                             "new or empty directory, so that the resume state is never mixed with (or "
-                             "deleted along with) other files")
-    existing = _nearest_existing(where)
+    shown = foreign_files(where, RESUME_FILES)
+    if shown:
+        raise UsageError(f"--resume {resume} holds other files ({shown}) and no resume state; give a "
+                         "new or empty directory, so that the resume state is never mixed with (or "
+                         "deleted along with) other files")
     try:
-        if existing == where:
-            with tempfile.TemporaryFile(dir=where):
-                pass
-        elif not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        else:
-            with tempfile.TemporaryDirectory(dir=existing):
-                pass
+        probe_writable(where)
     except OSError as e:
         raise UsageError(f"--resume {resume} cannot be created or written ({e.strerror or e}); choose a "
                          "writable directory") from None

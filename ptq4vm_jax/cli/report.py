@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from ptq4vm_jax.cli.dataspecs import data_source
 from ptq4vm_jax.cli.demo import ASSETS, bundled_models
 from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import _format_of
+from ptq4vm_jax.dirs import listing, nearest_existing, probe_writable
 
 WHERE_FROM = "a directory written by `ptq4vm quantize` or `ptq4vm demo`"
 
@@ -88,23 +88,14 @@ def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
         except (OSError, ValueError):
             held = None
         if not isinstance(held, dict) or held.get("format") != REPORT_FORMAT:
-            names = sorted(os.listdir(target))
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise UsageError(f"--out {out} holds other files ({shown}) and no report; give a new or empty "
-                             "directory (only a previous report there is replaced)")
+            raise UsageError(f"--out {out} holds other files ({listing(os.listdir(target))}) and no report; "
+                             "give a new or empty directory (only a previous report there is replaced)")
         previous = [f for f in report_files(held) if (target / f).is_file() and Path(f).name == f]
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(target)
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, so no directory can be made under it")
     try:
-        if existing == target:
-            with tempfile.TemporaryFile(dir=target):
-                pass
-        else:
-            with tempfile.TemporaryDirectory(dir=existing):
-                pass
+        probe_writable(target)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e}); choose a writable "
                          "place") from None
