@@ -5,7 +5,8 @@ same work: PTQ4VM on the bundled vmamba_micro and vim_micro (64 calibration imag
 vim_micro's fake and integer forwards, and the Pallas selective scan's gradient in the
 interpreter. Prints one markdown table: seconds of XLA backend compile and of wall time.
 
-    python experiments/bench_compile_settings.py
+    python experiments/bench_compile_settings.py            # the four kinds of work above
+    python experiments/bench_compile_settings.py --recipe   # the VMamba recipe run alone
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ SETTINGS = {
     "-O0 (jax_disable_most_optimizations)": {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
     "-O0 + classic CPU emitters": {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
                                    "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"},
+    "XLA optimisations + classic CPU emitters": {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"},
 }
 WORK = ("calibrate vmamba_micro", "calibrate vim_micro", "vim_micro fake+int forward",
         "pallas scan gradient (interpreter)")
+#: ``--recipe``: the VMamba W4A8 recipe run of tests/calibrate/test_vmamba_ptq.py (256 images,
+#: 50 epochs: 2000 learning steps), whose time goes into running programs.
+RECIPE = "vmamba_micro W4A8 recipe"
 
 
-def measure() -> dict[str, tuple[float, float]]:
+def measure(recipe: bool = False) -> dict[str, tuple[float, float]]:
     """{work: (compile s, wall s)} in this process, under the setting it was started with."""
     import jax
     import jax.monitoring
@@ -75,10 +80,19 @@ def measure() -> dict[str, tuple[float, float]]:
         loss = lambda *a: jnp.sum(selective_scan(*a, backend="pallas") ** 2)
         jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args))
 
+    def vmamba_recipe():
+        params, _ = load_params(ASSETS / "vmamba_micro", model_name="vmamba_micro")
+        images = load_digits_dataset("train", image_size=32)[0][:256]
+        quantize_params(params, images, model="vmamba_micro", config=QuantConfig(4, 8), progress=False,
+                        log=lambda _: None)
+
     steps = (lambda: calibrate("vmamba_micro", (4, 8)), lambda: calibrate("vim_micro", (8, 8)),
              forwards, scan_gradient)
+    work = WORK
+    if recipe:
+        work, steps = (RECIPE,), (vmamba_recipe,)
     out = {}
-    for name, step in zip(WORK, steps, strict=True):
+    for name, step in zip(work, steps, strict=True):
         compile_s.clear()
         t = time.perf_counter()
         step()
@@ -89,23 +103,26 @@ def measure() -> dict[str, tuple[float, float]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", action="store_true",
+                    help=f"time only the {RECIPE} (256 images, 50 epochs; about a minute per setting)")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(measure()))
+        print(json.dumps(measure(args.recipe)))
         return 0
+    work = (RECIPE,) if args.recipe else WORK
     rows = {}
     for setting, env in SETTINGS.items():
         base = {k: v for k, v in os.environ.items()
                 if k not in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-        r = subprocess.run([sys.executable, __file__, "--child"], env={**base, **env},
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run([sys.executable, __file__, "--child", *(["--recipe"] if args.recipe else [])],
+                           env={**base, **env}, capture_output=True, text=True, check=True)
         rows[setting] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"measured: {setting}", file=sys.stderr, flush=True)
-    print("| setting | " + " | ".join(f"{w}: compile s / wall s" for w in WORK) + " | total compile s |")
-    print("|---" * (len(WORK) + 2) + "|")
+    print("| setting | " + " | ".join(f"{w}: compile s / wall s" for w in work) + " | total compile s |")
+    print("|---" * (len(work) + 2) + "|")
     for setting, got in rows.items():
-        cells = [f"{got[w][0]:.1f} / {got[w][1]:.1f}" for w in WORK]
-        print(f"| {setting} | " + " | ".join(cells) + f" | {sum(got[w][0] for w in WORK):.1f} |")
+        cells = [f"{got[w][0]:.1f} / {got[w][1]:.1f}" for w in work]
+        print(f"| {setting} | " + " | ".join(cells) + f" | {sum(got[w][0] for w in work):.1f} |")
     return 0
 
 

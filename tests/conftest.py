@@ -14,7 +14,8 @@ programs keep. Both are handled here, once for every test module:
   optimised programs run faster, and those that claim bit equality (integer ==
   fake quantization, a golden reproduced exactly), which must hold under the compiler users
   run. Switching between the two settings drops the compiled programs, so no test runs a
-  program compiled under the other one.
+  program compiled under the other one; marked tests run last in their file, so a file
+  switches once.
 - A persistent compilation cache for the session (a fresh temporary directory, also given to
   the subprocesses the tests start through ``JAX_COMPILATION_CACHE_DIR``): a program compiled
   again, by a new ``jax.jit`` wrapper, after ``jax.clear_caches()`` or in another process, is
@@ -149,11 +150,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files in ``_LONGEST_FILES`` order; within a file, the tests marked ``xla_optimized`` last,
+    so that a file switches the compile setting (which drops the compiled programs) at most
+    once and its other tests share what they compile."""
     rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
     root = Path(str(config.rootpath))
+    first_seen: dict[Path, int] = {}
+    for item in items:
+        first_seen.setdefault(item.path, len(first_seen))
 
-    def key(item: pytest.Item) -> int:
-        return rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(rank))
+    def key(item: pytest.Item) -> tuple[int, int, bool]:
+        file_rank = rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(rank))
+        return file_rank, first_seen[item.path], item.get_closest_marker("xla_optimized") is not None
 
     items.sort(key=key)
 
