@@ -9,12 +9,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ptq4vm_jax.checkpoint import nonfinite_report, tree_mismatches
-from ptq4vm_jax.models import canonical_name, image_shape, model_family
+from ptq4vm_jax.models import canonical_name, model_family, param_shapes
 from ptq4vm_jax.ops.scan import check_scan_backend
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantRule, deciding_rule, path_str
 from ptq4vm_jax.trees import flatten_tree
@@ -31,9 +30,7 @@ def check_params(net: nn.Module, params: Any, name: str) -> None:
                 else "")
         raise TypeError(f"params must be the param tree of {name} (a dict, e.g. variables['params']), "
                         f"got {type(params).__name__}{hint}")
-    images = jax.ShapeDtypeStruct(image_shape(net), jnp.float32)
-    abstract = jax.eval_shape(net.init, jax.random.key(0), images)["params"]
-    problems = tree_mismatches(params, abstract, dtypes=False)
+    problems = tree_mismatches(params, param_shapes(net), dtypes=False)
     if not problems:
         flat = flatten_tree(params)
         dtypes = {p: getattr(v, "dtype", None) or np.asarray(v).dtype for p, v in flat.items()}

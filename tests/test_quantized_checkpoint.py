@@ -21,6 +21,7 @@ from ptq4vm_jax import (
     save_quantized,
 )
 from ptq4vm_jax.checkpoint.store import metadata_digest
+from ptq4vm_jax.models import param_shapes
 
 MODEL = "vim_nano"
 
@@ -285,7 +286,7 @@ def test_vim_tiny_w8a8_checkpoint_is_well_under_half_the_float_size(tmp_path):
     model = create_model("vim_tiny", **small)
     images = np.asarray(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
     # Random weights of the right shapes (sizes, not accuracy, are checked): no init to compile.
-    shapes = jax.eval_shape(model.init, jax.random.key(1), images[:1])["params"]
+    shapes = param_shapes(model)
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map(lambda a: rng.normal(0, 0.02, a.shape).astype(a.dtype), shapes)
     cfg = QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=2)

@@ -5,20 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ptq4vm_jax.errors import CheckpointError
-from ptq4vm_jax.models import create_model, image_shape
+from ptq4vm_jax.models import create_model, param_shapes
 from ptq4vm_jax.trees import flatten_tree
 
 
 def abstract_params(model_name: str, **overrides: Any) -> dict[str, Any]:
     """``ShapeDtypeStruct`` tree of ``create_model(model_name, **overrides)``'s params (no compute)."""
-    model = create_model(model_name, **overrides)
-    images = jax.ShapeDtypeStruct(image_shape(model), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    return param_shapes(create_model(model_name, **overrides))
 
 
 def tree_mismatches(tree: Mapping[str, Any], abstract: Mapping[str, Any], *,

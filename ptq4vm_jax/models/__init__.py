@@ -5,8 +5,9 @@ from ptq4vm_jax.models.registry import (
     image_shape,
     list_models,
     model_family,
+    param_shapes,
 )
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba
 
 __all__ = ["VimConfig", "VisionMamba", "blockwise", "canonical_name", "create_model", "image_shape",
-           "list_models", "model_family"]
+           "list_models", "model_family", "param_shapes"]

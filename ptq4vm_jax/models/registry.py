@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from ptq4vm_jax.models.blockwise import Blockwise
 from ptq4vm_jax.models.local_vim import SMALL_DIRECTIONS as LOCAL_VIM_SMALL_DIRECTIONS
@@ -211,3 +214,18 @@ def image_shape(model: nn.Module, batch: int = 1) -> tuple[int, int, int, int]:
     """NHWC input shape the model was built for."""
     cfg = model.cfg
     return (batch, cfg.img_size, cfg.img_size, cfg.channels)
+
+
+def param_shapes(model: nn.Module) -> dict[str, Any]:
+    """``jax.ShapeDtypeStruct`` tree of ``model``'s params, as ``model.init`` makes them (no compute).
+
+    Traced once per distinct model and kept (a full-size model takes seconds to trace, and every
+    checkpoint check asks for it); each call returns its own dicts around the shared leaves.
+    """
+    return jax.tree_util.tree_map(lambda leaf: leaf, _traced_param_shapes(model))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_param_shapes(model: nn.Module) -> dict[str, Any]:
+    images = jax.ShapeDtypeStruct(image_shape(model), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]

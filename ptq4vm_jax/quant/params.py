@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.qlinear import QuantizedLinear, pack_weight
-from ptq4vm_jax.models import create_model, image_shape
+from ptq4vm_jax.models import create_model, param_shapes
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig
 from ptq4vm_jax.quant.layer import TrainLinear, is_layer
@@ -151,9 +151,7 @@ def abstract_checkpoint(model_name: str, model_overrides: Mapping[str, Any], tok
     ``quantize_params`` result writes. A path that is not a linear layer of the model (a
     ``kernel`` of rank 2) raises ValueError.
     """
-    net = create_model(model_name, **dict(model_overrides))
-    images = jax.ShapeDtypeStruct(image_shape(net), jnp.float32)
-    params = jax.eval_shape(net.init, jax.random.key(0), images)["params"]
+    params = param_shapes(create_model(model_name, **dict(model_overrides)))
     biased = {}
     for path in tokens:
         try:

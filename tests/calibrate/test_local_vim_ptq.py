@@ -24,6 +24,7 @@ from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
 from ptq4vm_jax.checkpoint.quantized import load_quantized, save_quantized
 from ptq4vm_jax.cli.main import main as cli
 from ptq4vm_jax.data import load_digits_dataset
+from ptq4vm_jax.models import param_shapes
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig
 from ptq4vm_jax.quant.layer import capture_dense_inputs
@@ -223,7 +224,7 @@ def test_middle_class_token_variant_at_w8a8_through_the_cli(tmp_path):
     assert model.cfg.cls_token and model.cfg.cls_position == 8 and model.cfg.seq_len == 17
     images = load_digits_dataset("train", image_size=16)[0]
     rng = np.random.default_rng(0)  # drawn in numpy: compiling model.init costs more than the test
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:1])["params"]
+    shapes = param_shapes(model)
     params = jax.tree.map(lambda a: (rng.standard_normal(a.shape) / np.sqrt(a.shape[0])).astype(np.float32),
                           shapes)
     save_params(tmp_path / "fp", params, model_name=name, model_overrides=overrides)

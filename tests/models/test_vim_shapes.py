@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import pytest
 
 from ptq4vm_jax import create_model
-from ptq4vm_jax.models import canonical_name
+from ptq4vm_jax.models import canonical_name, param_shapes, registry
 
 
 @pytest.mark.slow
@@ -47,3 +47,18 @@ def test_wrong_image_size_is_explained():
     model = create_model("vim_micro")
     with pytest.raises(ValueError, match="NHWC images of shape"):
         model.init(jax.random.key(0), jnp.ones((1, 3, 32, 32)))
+
+
+def test_param_shapes_are_the_initialised_ones_traced_once_per_model():
+    model = create_model("vim_nano")
+    params = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
+    shapes = param_shapes(model)
+    spec = lambda a: (a.shape, a.dtype)
+    assert jax.tree.map(spec, shapes) == jax.tree.map(spec, params)
+    hits = registry._traced_param_shapes.cache_info().hits
+    shapes["layers_0"].clear()  # each call has its own dicts
+    again = param_shapes(create_model("vim_nano"))  # an equal model: no second trace
+    assert registry._traced_param_shapes.cache_info().hits == hits + 1
+    assert jax.tree.map(spec, again) == jax.tree.map(spec, params)
+    wider = param_shapes(create_model("vim_nano", embed_dim=40))
+    assert wider["pos_embed"].shape[-1] == 40

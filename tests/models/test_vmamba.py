@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ptq4vm_jax import create_model
-from ptq4vm_jax.models import canonical_name, model_family
+from ptq4vm_jax.models import canonical_name, model_family, param_shapes
 from ptq4vm_jax.models.vmamba import (
     NUM_DIRECTIONS,
     Downsample,
@@ -21,7 +21,7 @@ from ptq4vm_jax.models.vmamba import (
 )
 
 
-def random_params(model, images, seed: int = 0) -> dict:
+def random_params(model, seed: int = 0) -> dict:
     """Every parameter drawn off its init (no ones/zeros no-ops), without compiling ``init``."""
     rng = np.random.default_rng(seed)
 
@@ -33,7 +33,7 @@ def random_params(model, images, seed: int = 0) -> dict:
             return 0.3 * rng.standard_normal(shape, np.float32)
         return rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1]))  # kernels
 
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    shapes = param_shapes(model)
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
@@ -41,7 +41,7 @@ def random_params(model, images, seed: int = 0) -> dict:
 def micro():
     model = create_model("vmamba_micro")
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    return model, random_params(model, images), images
+    return model, random_params(model), images
 
 
 @pytest.fixture(scope="module")
