@@ -1,8 +1,8 @@
 """The README's first command: `ptq4vm demo` on the bundled vim_micro, with the issue's criteria.
 
-The demo runs in-process with its recipe at ``DEMO_EPOCHS`` epochs instead of its 12: the same
+The demo runs in-process with its recipe at ``DEMO_EPOCHS`` epoch instead of its 12: the same
 code path (both bit widths, RTN and PTQ4VM, the table, the paired test, the checkpoints) at a
-quarter of the learning steps, and the criteria below hold there already.
+twelfth of the learning steps, and the criteria below hold there already.
 """
 
 import math
@@ -13,7 +13,7 @@ import pytest
 from ptq4vm_jax import load_quantized
 from ptq4vm_jax.cli import main
 
-DEMO_EPOCHS = 3
+DEMO_EPOCHS = 1
 # The demo's time goes into calibrating and evaluating, not compiling.
 pytestmark = pytest.mark.xla_optimized
 
