@@ -7,8 +7,8 @@ is initialised on the float input, learned with AdamW against the block loss (1 
 default, ``QuantConfig.loss``), then the quantized chain is pushed through the learned stage.
 State is saved after every stage.
 
-Compiled programs are keyed on ``QuantConfig.program`` (bits, method, grid, loss, which layers
-learn); learning rates, alpha, grid_p, weight decay and clipping are traced values (the
+Compiled programs are keyed on ``QuantConfig.program`` (method, grid, loss, which layers learn);
+bit widths, learning rates, alpha, grid_p, weight decay and clipping are traced values (the
 optimizer's through ``optax.inject_hyperparams``), so a new value of those compiles nothing.
 """
 
@@ -89,35 +89,32 @@ LOSSES = {"cosine": cosine_loss, "mse": relative_mse_loss}
 def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array, cfg: QuantConfig) -> TrainLinear:
     """Train-form state of one linear from its float input ``x`` (N, L, C) (docs/method.md §4.2, §5)."""
     alpha = 0.0 if cfg.alpha is None else cfg.alpha  # (unused by the methods that do not smooth)
-    state, finite = _init_layer(kernel, bias, x, jnp.float32(alpha), jnp.float32(cfg.grid_p),
-                                program=cfg.program)
+    arrays, finite = _init_layer(kernel, bias, x, jnp.float32(alpha), jnp.float32(cfg.grid_p),
+                                 cfg.w_bits, cfg.a_bits, program=cfg.program)
     for k, ok in jax.device_get(finite).items():
         if not ok:
             raise CalibrationError(f"non-finite {k} while initialising a layer (input has NaN/inf?)")
-    return state
+    return TrainLinear(**arrays, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
 
 
 @functools.partial(jax.jit, static_argnames="program")
-def _init_layer(kernel, bias, x, alpha, grid_p, *, program: QuantProgram):
-    """One compiled program per layer shape and program (eagerly, each small op compiled on its own)."""
+def _init_layer(kernel, bias, x, alpha, grid_p, w_bits, a_bits, *, program: QuantProgram):
+    """One compiled program per layer shape and program, for every bit width (eagerly, each small
+    op would compile on its own)."""
     kernel = kernel.astype(jnp.float32)
     x = x.astype(jnp.float32).reshape(-1, x.shape[-2], x.shape[-1])
     if program.smooths:  # PTS: SmoothQuant scales, then the grid searches
         absmax = jnp.max(jnp.abs(x), axis=(0, 1))
         smooth = qinit.smoothing_scale(absmax, kernel, alpha)
-        w_scale = qinit.init_weight_scale(kernel, smooth, program.w_bits, p=grid_p)
-        a_scale, a_zero = qinit.init_act_scale(x, smooth, program.a_bits, grid=program.act_grid, p=grid_p)
+        w_scale = qinit.init_weight_scale(kernel, smooth, w_bits, p=grid_p)
+        a_scale, a_zero = qinit.init_act_scale(x, smooth, a_bits, grid=program.act_grid, p=grid_p)
     else:
         smooth = jnp.ones((kernel.shape[0],), jnp.float32)
-        w_scale = qinit.minmax_weight_scale(kernel, smooth, program.w_bits)
-        a_scale, a_zero = qinit.minmax_act_scale_per_tensor(x, smooth, program.a_bits)
-    state = TrainLinear(kernel=kernel, smooth=smooth, w_scale=w_scale, a_scale=a_scale,
-                        a_zero=a_zero.astype(jnp.int32),
-                        bias=None if bias is None else bias.astype(jnp.float32),
-                        w_bits=program.w_bits, a_bits=program.a_bits)
-    arrays = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-              if isinstance(getattr(state, f.name), jax.Array)}
-    return state, {k: jnp.all(jnp.isfinite(v)) for k, v in arrays.items()}
+        w_scale = qinit.minmax_weight_scale(kernel, smooth, w_bits)
+        a_scale, a_zero = qinit.minmax_act_scale_per_tensor(x, smooth, a_bits)
+    arrays = dict(kernel=kernel, smooth=smooth, w_scale=w_scale, a_scale=a_scale,
+                  a_zero=a_zero.astype(jnp.int32), bias=None if bias is None else bias.astype(jnp.float32))
+    return arrays, {k: jnp.all(jnp.isfinite(v)) for k, v in arrays.items() if v is not None}
 
 
 def trainable_mask(rel_path: Path, cfg: QuantConfig | QuantProgram) -> bool:

@@ -193,8 +193,8 @@ class QuantConfig:
     @property
     def program(self) -> QuantProgram:
         """The fields that shape compiled calibration programs (their jit cache key)."""
-        return QuantProgram(w_bits=self.w_bits, a_bits=self.a_bits, method=self.method,
-                            act_grid=self.act_grid, loss=self.loss, train_inner_proj=self.train_inner_proj)
+        return QuantProgram(method=self.method, act_grid=self.act_grid, loss=self.loss,
+                            train_inner_proj=self.train_inner_proj)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -211,13 +211,11 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QuantProgram:
-    """The part of a ``QuantConfig`` that decides what a calibration program computes: code
-    ranges, which quantizers and grids run, the loss, which layers learn. Compiled programs are
-    keyed on it alone; learning rates, alpha, grid_p, weight decay, clipping, epochs and sample
+    """The part of a ``QuantConfig`` that decides what a calibration program computes: which
+    quantizers and grids run, the loss, which layers learn. Compiled programs are keyed on it
+    alone; bit widths, learning rates, alpha, grid_p, weight decay, clipping, epochs and sample
     counts enter them as values, so changing those reuses the compiled programs."""
 
-    w_bits: int
-    a_bits: int
     method: str
     act_grid: str
     loss: str

@@ -17,6 +17,7 @@ from jax import lax
 from ptq4vm_jax.quant.config import ACT_GRIDS
 from ptq4vm_jax.quant.quantizers import (
     EPS,
+    Bits,
     act_qmax,
     asym_scale_zero,
     check_act_shapes,
@@ -47,14 +48,14 @@ def _check_grid(n_grid: int) -> None:
         raise ValueError(f"n_grid must be a positive int, got {n_grid!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "n_grid"))
-def _weight_grid(w: jax.Array, qmax: int, p: jax.Array, n_grid: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("n_grid",))
+def _weight_grid(w: jax.Array, qmax: jax.Array, p: jax.Array, n_grid: int) -> jax.Array:
     r = jnp.maximum(jnp.abs(w.min(axis=0)), w.max(axis=0))  # (out,)
 
     def body(i, carry):
         best_score, best_m = carry
         m = div_exact(r, float(n_grid)) * i.astype(jnp.float32)
-        s = jnp.maximum(div_exact(m, float(qmax)), EPS)
+        s = jnp.maximum(div_exact(m, qmax), EPS)
         w_hat = s * jnp.clip(jnp.round(div_exact(w, s)), -qmax, qmax)
         score = jnp.mean(jnp.abs(w - w_hat) ** p, axis=0)
         better = score < best_score
@@ -63,11 +64,11 @@ def _weight_grid(w: jax.Array, qmax: int, p: jax.Array, n_grid: int) -> jax.Arra
     # +inf, not the official 1e10: they differ only if every candidate scores above 1e10
     init = (jnp.full_like(r, jnp.inf), r)
     _, best_m = lax.fori_loop(1, n_grid + 1, body, init)
-    return jnp.maximum(div_exact(jnp.maximum(best_m, 0.0), float(qmax)), EPS)
+    return jnp.maximum(div_exact(jnp.maximum(best_m, 0.0), qmax), EPS)
 
 
 def init_weight_scale(
-    kernel: jax.Array, smooth: jax.Array, bits: int, *, p: float | jax.Array = 2.4, n_grid: int = 100
+    kernel: jax.Array, smooth: jax.Array, bits: Bits, *, p: float | jax.Array = 2.4, n_grid: int = 100
 ) -> jax.Array:
     """Per-output-channel step s_w (out,) from an L_p grid search on W̃ = kernel·σ (docs/method.md §5.2).
 
@@ -79,7 +80,7 @@ def init_weight_scale(
     kernel = jnp.asarray(kernel, jnp.float32)
     smooth = jnp.asarray(smooth, jnp.float32)
     check_weight_shapes(kernel, smooth, None)
-    return _weight_grid(kernel * smooth[:, None], qmax, jnp.float32(p), n_grid)
+    return _weight_grid(kernel * smooth[:, None], jnp.asarray(qmax, jnp.float32), jnp.float32(p), n_grid)
 
 
 def _act_alphas(grid: str, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,9 +95,9 @@ def _act_alphas(grid: str, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(np.float32), (1.0 - a).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("qmax",))
+@jax.jit
 def _act_grid(
-    xt: jax.Array, alpha: jax.Array, one_minus: jax.Array, qmax: int, p: jax.Array
+    xt: jax.Array, alpha: jax.Array, one_minus: jax.Array, qmax: jax.Array, p: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     tok = xt.ndim - 2
     axes = tuple(a for a in range(xt.ndim) if a != tok)
@@ -128,7 +129,7 @@ def _act_grid(
 def init_act_scale(
     x: jax.Array,
     smooth: jax.Array,
-    bits: int,
+    bits: Bits,
     *,
     grid: str = "fixed",
     p: float | jax.Array = 2.4,
@@ -149,10 +150,11 @@ def init_act_scale(
     x = jnp.asarray(x, jnp.float32)
     smooth = jnp.asarray(smooth, jnp.float32)
     check_act_shapes(x, smooth)
-    return _act_grid(x / smooth, jnp.asarray(alpha), jnp.asarray(one_minus), qmax, jnp.float32(p))
+    return _act_grid(x / smooth, jnp.asarray(alpha), jnp.asarray(one_minus), jnp.asarray(qmax, jnp.float32),
+                     jnp.float32(p))
 
 
-def minmax_weight_scale(kernel: jax.Array, smooth: jax.Array, bits: int) -> jax.Array:
+def minmax_weight_scale(kernel: jax.Array, smooth: jax.Array, bits: Bits) -> jax.Array:
     """RTN baseline: s_w = max|kernel·σ| / qmax per output channel (floored at 1e-8)."""
     qmax = weight_qmax(bits)
     kernel = jnp.asarray(kernel, jnp.float32)
@@ -161,7 +163,7 @@ def minmax_weight_scale(kernel: jax.Array, smooth: jax.Array, bits: int) -> jax.
     return jnp.maximum(jnp.abs(kernel * smooth[:, None]).max(axis=0) / qmax, EPS)
 
 
-def minmax_act_scale_per_tensor(x: jax.Array, smooth: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+def minmax_act_scale_per_tensor(x: jax.Array, smooth: jax.Array, bits: Bits) -> tuple[jax.Array, jax.Array]:
     """Baseline: ONE static min-max range (containing 0) over the whole tensor, repeated per token.
 
     Repeating it over L lets the per-tensor baseline share the (L,) state layout of PTS.

@@ -35,7 +35,12 @@ MODES = ("fake", "int")
 @dataclasses.dataclass(frozen=True)
 class TrainLinear:
     """Calibration's form of a quantized linear: the float ``kernel`` (K, N) and ``bias`` (N,) or
-    None, with the quantization state of :class:`~pallas_kernels.qlinear.QuantizedLinear`."""
+    None, with the quantization state of :class:`~pallas_kernels.qlinear.QuantizedLinear`.
+
+    Its bit widths are pytree leaves, not static fields: only fake quantizers read them, as
+    values, so the compiled calibration programs serve every width. They are Python ints
+    outside ``jit`` (checked here), traced inside.
+    """
 
     kernel: jax.Array
     smooth: jax.Array
@@ -43,17 +48,18 @@ class TrainLinear:
     a_scale: jax.Array
     a_zero: jax.Array
     bias: jax.Array | None = None
-    w_bits: int = 8
-    a_bits: int = 8
+    w_bits: qz.Bits = 8
+    a_bits: qz.Bits = 8
 
     def __post_init__(self) -> None:
-        check_bits(self.a_bits, self.w_bits)
+        if isinstance(self.w_bits, int) or isinstance(self.a_bits, int):  # (jax rebuilds it with tracers)
+            check_bits(self.a_bits, self.w_bits)
 
 
 jax.tree_util.register_dataclass(
     TrainLinear,
-    data_fields=["kernel", "smooth", "w_scale", "a_scale", "a_zero", "bias"],
-    meta_fields=["w_bits", "a_bits"],
+    data_fields=["kernel", "smooth", "w_scale", "a_scale", "a_zero", "bias", "w_bits", "a_bits"],
+    meta_fields=[],
 )
 
 #: Either form of a quantized linear.

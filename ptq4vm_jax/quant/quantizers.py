@@ -20,6 +20,9 @@ exact rounding ties.
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,23 +30,47 @@ from jax import lax
 
 EPS = 1e-8  # floor of every step size, as in the official code
 
+#: A bit width: a Python int in 2..8, or, inside a compiled program, that int traced. The fake
+#: quantizers and the grid searches take it as a value, so one program serves every width; the
+#: integer forms take it static (it decides their codes' range and storage).
+Bits = int | jax.Array
+
 _jit_bits = functools.partial(jax.jit, static_argnames=("bits",))
 
 
-def _check_bits(bits: int) -> None:
+def _check_bits(bits: Bits) -> None:
+    if isinstance(bits, jax.core.Tracer):  # checked where it was still a Python int
+        return
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be a Python int in 2..8, got {bits!r}")
 
 
-def weight_qmax(bits: int) -> int:
-    """Symmetric signed grid [-qmax, qmax]; -2^(b-1) is never used (official ``n_lv//2 - 1``)."""
+def _jit_traced_bits(fn: Callable) -> Callable:
+    """``jax.jit(fn)`` with its ``bits`` argument traced, checked first where it is a Python value."""
+    jitted, signature = jax.jit(fn), inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        _check_bits(signature.bind(*args, **kwargs).arguments["bits"])
+        return jitted(*args, **kwargs)
+
+    return call
+
+
+def weight_qmax(bits: Bits) -> int | jax.Array:
+    """Symmetric signed grid [-qmax, qmax]; -2^(b-1) is never used (official ``n_lv//2 - 1``).
+    An int, or for traced ``bits`` the same value as a float32 array."""
     _check_bits(bits)
+    if isinstance(bits, jax.core.Tracer):
+        return (jnp.left_shift(1, bits - 1) - 1).astype(jnp.float32)
     return 2 ** (bits - 1) - 1
 
 
-def act_qmax(bits: int) -> int:
-    """Unsigned asymmetric grid [0, qmax]."""
+def act_qmax(bits: Bits) -> int | jax.Array:
+    """Unsigned asymmetric grid [0, qmax]: an int, or a float32 array for traced ``bits``."""
     _check_bits(bits)
+    if isinstance(bits, jax.core.Tracer):
+        return (jnp.left_shift(1, bits) - 1).astype(jnp.float32)
     return 2**bits - 1
 
 
@@ -120,8 +147,8 @@ def check_act_shapes(
         )
 
 
-@_jit_bits
-def fake_quant_weight(kernel: jax.Array, smooth: jax.Array, w_scale: jax.Array, bits: int) -> jax.Array:
+@_jit_traced_bits
+def fake_quant_weight(kernel: jax.Array, smooth: jax.Array, w_scale: jax.Array, bits: Bits) -> jax.Array:
     """Ŵ = s_w · clip(round(kernel·σ / s_w), ±qmax): smoothed, per output channel, symmetric.
 
     d/ds_w is round(v) - v inside the range and ±qmax when clipped (LSQ without its gradient
@@ -144,14 +171,14 @@ def quantize_weight_int(kernel: jax.Array, smooth: jax.Array, w_scale: jax.Array
     return jnp.clip(jnp.round(v), -qmax, qmax).astype(jnp.int8)
 
 
-def _fake_quant_asym(xt: jax.Array, s: jax.Array, z: jax.Array, qmax: int) -> jax.Array:
+def _fake_quant_asym(xt: jax.Array, s: jax.Array, z: jax.Array, qmax: int | jax.Array) -> jax.Array:
     """s · (clip(round(xt/s) + z, 0, qmax) − z), written in shifted form clip(round(v), −z, qmax−z)."""
     return s * _clipped_round_ste(xt * (1.0 / s), -z, qmax - z)
 
 
-@_jit_bits
+@_jit_traced_bits
 def fake_quant_act(
-    x: jax.Array, smooth: jax.Array, a_scale: jax.Array, a_zero: jax.Array, bits: int
+    x: jax.Array, smooth: jax.Array, a_scale: jax.Array, a_zero: jax.Array, bits: Bits
 ) -> jax.Array:
     """PTS: x̂ = s·(clip(round(x/σ/s) + z, 0, qmax) − z) with (s, z) per token position (axis -2).
 
@@ -184,7 +211,7 @@ def quantize_act_int(
     return codes.astype(jnp.int32)
 
 
-def asym_scale_zero(lo: jax.Array, hi: jax.Array, qmax: int) -> tuple[jax.Array, jax.Array]:
+def asym_scale_zero(lo: jax.Array, hi: jax.Array, qmax: int | jax.Array) -> tuple[jax.Array, jax.Array]:
     """Step and zero point of a range forced to contain 0, so z is a valid code (official final step)."""
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
@@ -193,8 +220,8 @@ def asym_scale_zero(lo: jax.Array, hi: jax.Array, qmax: int) -> tuple[jax.Array,
     return s, z.astype(jnp.int32)
 
 
-@_jit_bits
-def fake_quant_act_dynamic(x: jax.Array, smooth: jax.Array, bits: int) -> jax.Array:
+@_jit_traced_bits
+def fake_quant_act_dynamic(x: jax.Array, smooth: jax.Array, bits: Bits) -> jax.Array:
     """Baseline: asymmetric min-max per (batch, token) row, measured at run time.
 
     The statistics are treated as constants (no gradient through min/max), so x gets the

@@ -545,12 +545,12 @@ def test_a_float_model_that_overflows_is_blamed_with_what_to_check(setup):
 
 def test_new_learning_rates_alpha_and_epochs_reuse_the_compiled_programs(setup, monkeypatch, fresh_programs):
     """Compiled calibration programs are keyed on ``QuantConfig.program``: a config that differs
-    only in values (learning rates, alpha, grid_p, weight decay, clipping, epochs) traces nothing
-    new, and its result equals the one of a run that compiled everything afresh."""
+    only in values (bit widths, learning rates, alpha, grid_p, weight decay, clipping, epochs)
+    traces nothing new, and its result equals the one of a run that compiled everything afresh."""
     _, params, images = setup
     a = dataclasses.replace(BASE, epochs=1)
-    b = dataclasses.replace(BASE, epochs=2, lr_w=2e-3, lr_a=3e-3, lr_s=2e-2, alpha=0.6, grid_p=2.0,
-                            weight_decay=1e-4, grad_clip=1.0)
+    b = dataclasses.replace(BASE, w_bits=8, a_bits=6, epochs=2, lr_w=2e-3, lr_a=3e-3, lr_s=2e-2,
+                            alpha=0.6, grid_p=2.0, weight_decay=1e-4, grad_clip=1.0)
     assert a.program == b.program and a != b
     made = []
     real = jlss._compiled
