@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax._src import compiler as _jax_compiler  # builds the options of every XLA compile
 
@@ -127,6 +128,23 @@ def _install_fast_codegen() -> bool:
 _NO_OPT_DEFAULT = _fast_compiles_by_default()
 _OWN_CACHE = _start_compilation_cache()
 _FAST_CODEGEN_INSTALLED = _install_fast_codegen()
+
+
+@pytest.fixture(scope="session")
+def init_params():
+    """``init_params(model, seed)``: the params ``model.init`` draws from ``jax.random.key(seed)``,
+    by one compiled program per model. Run op by op, a model's first init compiles each of its
+    ops on its own, seconds per model and process; one program also reaches the persistent cache."""
+    from ptq4vm_jax.models import image_shape
+
+    programs = {}
+
+    def init(model, seed: int) -> dict:
+        if model not in programs:
+            programs[model] = jax.jit(model.init)
+        return programs[model](jax.random.key(seed), np.zeros(image_shape(model), np.float32))["params"]
+
+    return init
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ FOUR_DEVICES = textwrap.dedent("""
     assert shard_batch(x[:4], mesh)[0].shape[0] == 4
 
     model = create_model("vim_nano", depth=1)
-    params = model.init(jax.random.key(0), x[:1])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
     rep = replicate(params, mesh)
     leaf = rep["head"]["kernel"]
     assert len(leaf.sharding.device_set) == 4 and leaf.addressable_shards[0].data.shape == leaf.shape

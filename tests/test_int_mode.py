@@ -117,13 +117,13 @@ def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
 
 
 @pytest.fixture(scope="module")
-def tiny64():
+def tiny64(init_params):
     """RTN W8A8 of a randomly initialised vim_micro with embed_dim 64 (the arithmetic, not
     accuracy): its in_proj (64 -> 256) and out_proj (128 -> 64) fit wgmma, the rest Triton."""
     embed_dim = 64
     images = jax.random.normal(jax.random.key(7), (8, 32, 32, 3))
     model = pq.create_model("vim_micro", embed_dim=embed_dim)
-    params = model.init(jax.random.key(0), images[:1])["params"]
+    params = init_params(model, 0)
     cfg = pq.QuantConfig(8, 8, method="rtn", num_calib=8, train_batch=8)
     return pq.quantize_params(params, np.asarray(images), model="vim_micro", config=cfg,
                               model_overrides={"embed_dim": embed_dim}, progress=False,

@@ -27,10 +27,10 @@ MODEL = "vim_nano"
 
 
 @pytest.fixture(scope="module")
-def model_params_images():
+def model_params_images(init_params):
     model = create_model(MODEL)
     images = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
-    params = model.init(jax.random.key(1), images[:1])["params"]
+    params = init_params(model, 1)
     return model, params, images
 
 

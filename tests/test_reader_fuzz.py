@@ -353,7 +353,7 @@ def write_quantized(path: Path) -> None:
 
     model = create_model("vim_nano", depth=1)
     images = np.asarray(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
-    params = model.init(jax.random.key(1), images)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), images[:1])["params"]  # one program, not op by op
     q = quantize_params(params, images, model="vim_nano", model_overrides={"depth": 1}, progress=False,
                         config=QuantConfig(w_bits=4, a_bits=8, method="rtn", num_calib=2), log=lambda _: None)
     save_quantized(path, q)
@@ -365,7 +365,7 @@ def write_float(path: Path) -> None:
     from ptq4vm_jax import create_model, save_params
 
     model = create_model("vim_nano", depth=1)
-    params = model.init(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    params = jax.jit(model.init)(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32))["params"]
     save_params(path, params, model_name="vim_nano", model_overrides={"depth": 1})
 
 

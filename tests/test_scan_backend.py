@@ -40,11 +40,11 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.mark.slow  # the Pallas interpreter through a model
-def test_scan_field_picks_the_backend(kernel_calls):
+def test_scan_field_picks_the_backend(kernel_calls, init_params):
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     ref = pq.create_model("vim_nano", scan="ref")
     assert ref.cfg.scan == "ref" and pq.create_model("vim_nano").cfg.scan == "auto"
-    params = ref.init(jax.random.key(1), images[:1])["params"]
+    params = init_params(ref, 1)
     y_ref = np.asarray(ref.apply({"params": params}, images))
     assert kernel_calls == []
     y = np.asarray(jax.jit(pq.create_model("vim_nano", scan="pallas").apply)({"params": params}, images))
@@ -53,11 +53,11 @@ def test_scan_field_picks_the_backend(kernel_calls):
 
 
 @pytest.mark.slow  # the Pallas interpreter through a model
-def test_vmamba_block_runs_the_backend_of_its_config(kernel_calls):
+def test_vmamba_block_runs_the_backend_of_its_config(kernel_calls, init_params):
     """VMamba's four scan directions: one vmapped kernel call per block."""
     model = {scan: pq.create_model("vmamba_micro", img_size=16, scan=scan) for scan in ("ref", "pallas")}
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))  # 16 tokens: the interpreter is slow
-    params = model["ref"].init(jax.random.key(1), images[:1])["params"]
+    params = init_params(model["ref"], 1)
     carry = model["ref"].apply({"params": params}, images, method="embed")
     out = {scan: np.asarray(jax.jit(pq.models.blockwise(m).stages[0].apply)(params, carry))
            for scan, m in model.items()}
@@ -73,9 +73,9 @@ def test_unknown_scan_backend_is_explained():
 
 
 @pytest.fixture(scope="module")
-def nano():
+def nano(init_params):
     images = jax.random.normal(jax.random.key(7), (8, 32, 32, 3))
-    params = pq.create_model("vim_nano").init(jax.random.key(0), images[:1])["params"]
+    params = init_params(pq.create_model("vim_nano"), 0)
     return params, np.asarray(images)
 
 

@@ -7,9 +7,11 @@ is initialised on the float input, learned with AdamW against the block loss (1 
 default, ``QuantConfig.loss``), then the quantized chain is pushed through the learned stage.
 State is saved after every stage.
 
-Compiled programs are keyed on ``QuantConfig.program`` (method, grid, loss, which layers learn);
-bit widths, learning rates, alpha, grid_p, weight decay and clipping are traced values (the
-optimizer's through ``optax.inject_hyperparams``), so a new value of those compiles nothing.
+Compiled programs are keyed on what they compute: the block forwards and learning steps on
+``QuantConfig.program`` (activation quantizer, loss, which layers learn), the initialisation on
+whether it smooths and its grid. Bit widths, learning rates, alpha, grid_p, weight decay and
+clipping are traced values (the optimizer's through ``optax.inject_hyperparams``), so a new value
+of those compiles nothing, and PTS, RTN and PTQ4VM share the block forwards.
 """
 
 from __future__ import annotations
@@ -90,24 +92,24 @@ def init_layer(kernel: jax.Array, bias: jax.Array | None, x: jax.Array, cfg: Qua
     """Train-form state of one linear from its float input ``x`` (N, L, C) (docs/method.md §4.2, §5)."""
     alpha = 0.0 if cfg.alpha is None else cfg.alpha  # (unused by the methods that do not smooth)
     arrays, finite = _init_layer(kernel, bias, x, jnp.float32(alpha), jnp.float32(cfg.grid_p),
-                                 cfg.w_bits, cfg.a_bits, program=cfg.program)
+                                 cfg.w_bits, cfg.a_bits, smooths=cfg.smooths, act_grid=cfg.act_grid)
     for k, ok in jax.device_get(finite).items():
         if not ok:
             raise CalibrationError(f"non-finite {k} while initialising a layer (input has NaN/inf?)")
     return TrainLinear(**arrays, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
 
 
-@functools.partial(jax.jit, static_argnames="program")
-def _init_layer(kernel, bias, x, alpha, grid_p, w_bits, a_bits, *, program: QuantProgram):
-    """One compiled program per layer shape and program, for every bit width (eagerly, each small
-    op would compile on its own)."""
+@functools.partial(jax.jit, static_argnames=("smooths", "act_grid"))
+def _init_layer(kernel, bias, x, alpha, grid_p, w_bits, a_bits, *, smooths: bool, act_grid: str):
+    """One compiled program per layer shape and kind of initialisation, for every bit width
+    (eagerly, each small op would compile on its own)."""
     kernel = kernel.astype(jnp.float32)
     x = x.astype(jnp.float32).reshape(-1, x.shape[-2], x.shape[-1])
-    if program.smooths:  # PTS: SmoothQuant scales, then the grid searches
+    if smooths:  # PTS: SmoothQuant scales, then the grid searches
         absmax = jnp.max(jnp.abs(x), axis=(0, 1))
         smooth = qinit.smoothing_scale(absmax, kernel, alpha)
         w_scale = qinit.init_weight_scale(kernel, smooth, w_bits, p=grid_p)
-        a_scale, a_zero = qinit.init_act_scale(x, smooth, a_bits, grid=program.act_grid, p=grid_p)
+        a_scale, a_zero = qinit.init_act_scale(x, smooth, a_bits, grid=act_grid, p=grid_p)
     else:
         smooth = jnp.ones((kernel.shape[0],), jnp.float32)
         w_scale = qinit.minmax_weight_scale(kernel, smooth, w_bits)

@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         qp = load_quantized(args.quantized)
         if args.model and canonical_name(args.model) != qp.model_name:
             raise UsageError(f"--quantized {args.quantized} holds {qp.model_name}, not {args.model}")
-        if args.mode == "int" and qp.config.method == "per_token_dynamic":
+        if args.mode == "int" and qp.config.dynamic_activations:
             raise UsageError(f"--quantized {args.quantized} is per_token_dynamic: its activation scales "
                              "are computed at run time, so it has no integer mode; use --mode fake")
         warn_if_interpreted(args)

@@ -191,9 +191,14 @@ class QuantConfig:
         return self.method in ("ptq4vm", "pts_only")
 
     @property
+    def dynamic_activations(self) -> bool:
+        """Activation ranges measured per token at run time (``per_token_dynamic``), none stored."""
+        return self.method == "per_token_dynamic"
+
+    @property
     def program(self) -> QuantProgram:
-        """The fields that shape compiled calibration programs (their jit cache key)."""
-        return QuantProgram(method=self.method, act_grid=self.act_grid, loss=self.loss,
+        """What the compiled block forwards and learning steps compute (their jit cache key)."""
+        return QuantProgram(dynamic_activations=self.dynamic_activations, loss=self.loss,
                             train_inner_proj=self.train_inner_proj)
 
     def to_json(self) -> dict:
@@ -211,19 +216,15 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QuantProgram:
-    """The part of a ``QuantConfig`` that decides what a calibration program computes: which
-    quantizers and grids run, the loss, which layers learn. Compiled programs are keyed on it
-    alone; bit widths, learning rates, alpha, grid_p, weight decay, clipping, epochs and sample
-    counts enter them as values, so changing those reuses the compiled programs."""
+    """The part of a ``QuantConfig`` that decides what the compiled block forwards and learning
+    steps compute: how activations are quantized, the loss, which layers learn. Those programs
+    are keyed on it alone (the initialisation's on ``smooths`` and ``act_grid``); the method
+    otherwise, bit widths, learning rates, alpha, grid_p, weight decay, clipping, epochs and
+    sample counts enter them as values or not at all, so changing those reuses the programs."""
 
-    method: str
-    act_grid: str
+    dynamic_activations: bool
     loss: str
     train_inner_proj: bool
-
-    @property
-    def smooths(self) -> bool:
-        return self.method in ("ptq4vm", "pts_only")
 
 
 def _is_int(value: object) -> bool:

@@ -64,7 +64,7 @@ jax.tree_util.register_dataclass(
 
 #: Either form of a quantized linear.
 Linear = TrainLinear | QuantizedLinear
-#: What the quantized linear reads of a configuration: its ``method``.
+#: What the quantized linear reads of a configuration: ``dynamic_activations``.
 Method = QuantConfig | QuantProgram
 
 
@@ -90,7 +90,7 @@ def dequantized_kernel(layer: Linear) -> jax.Array:
 
 
 def fake_quant_input(x: jax.Array, layer: Linear, cfg: Method) -> jax.Array:
-    if cfg.method == "per_token_dynamic":
+    if cfg.dynamic_activations:
         return qz.fake_quant_act_dynamic(x, layer.smooth, layer.a_bits)
     return qz.fake_quant_act(x, layer.smooth, layer.a_scale, layer.a_zero, layer.a_bits)
 
@@ -106,7 +106,7 @@ def qlinear(x: jax.Array, layer: Linear, cfg: Method, mode: str, gemm: str = "au
     if x.ndim == 2:
         return qlinear(x[:, None, :], layer, cfg, mode, gemm)[:, 0, :]
     out_dtype = x.dtype
-    if isinstance(layer, QuantizedLinear) and cfg.method != "per_token_dynamic":
+    if isinstance(layer, QuantizedLinear) and not cfg.dynamic_activations:
         if mode == "int":
             return int_linear(x, layer, gemm).astype(out_dtype)
         return simulate_int_linear(x.astype(jnp.float32), layer).astype(out_dtype)
@@ -167,7 +167,7 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
     check_gemm(gemm)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "int" and cfg.method == "per_token_dynamic":
+    if mode == "int" and cfg.dynamic_activations:
         raise ValueError("mode='int' needs static activation scales, and method='per_token_dynamic' "
                          "computes them from each input at run time: evaluate it with mode='fake'")
 

@@ -93,7 +93,7 @@ def make_report(
         figs.append({"file": file, "title": title, "caption": caption, "numbers": key})
 
     # --- per chosen layer: the PTS profile and σ
-    profiled = cfg.method != "per_token_dynamic"
+    profiled = not cfg.dynamic_activations
     if not profiled:
         notes.append("per_token_dynamic computes its activation scales from each input at run time: "
                      "there is no stored per-token profile to show")

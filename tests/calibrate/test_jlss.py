@@ -49,10 +49,10 @@ PTS = dataclasses.replace(BASE, method="pts_only", epochs=None)  # the same init
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(init_params):
     model = create_model(MODEL)
     images = np.asarray(jax.random.normal(jax.random.key(0), (16, 32, 32, 3)))
-    params = model.init(jax.random.key(1), images[:1])["params"]
+    params = init_params(model, 1)
     # Make the model less trivial: outlier channels the smoothing has to handle.
     params = jax.tree_util.tree_map(lambda a: a, params)
     kernel = params["layers_0"]["mixer"]["in_proj"]["kernel"]
@@ -479,7 +479,7 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path, host_device
         from ptq4vm_jax.quant.params import to_arrays
         m = create_model("vim_nano")
         x = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
-        p = m.init(jax.random.key(1), x[:1])["params"]
+        p = jax.jit(m.init)(jax.random.key(1), x[:1])["params"]
         last = jax.devices()[-1]  # params committed to one device, images spread over all
         init = quantize_params(jax.device_put(p, last), x, model="vim_nano", progress=False,
                                config=QuantConfig(4, 4, num_calib=8, method="pts_only"))
@@ -546,12 +546,14 @@ def test_a_float_model_that_overflows_is_blamed_with_what_to_check(setup):
 def test_new_learning_rates_alpha_and_epochs_reuse_the_compiled_programs(setup, monkeypatch, fresh_programs):
     """Compiled calibration programs are keyed on ``QuantConfig.program``: a config that differs
     only in values (bit widths, learning rates, alpha, grid_p, weight decay, clipping, epochs)
-    traces nothing new, and its result equals the one of a run that compiled everything afresh."""
+    traces nothing new, and its result equals the one of a run that compiled everything afresh.
+    PTS alone (``pts_only``) runs the same initialisation and block forwards: it traces nothing
+    new either."""
     _, params, images = setup
     a = dataclasses.replace(BASE, epochs=1)
     b = dataclasses.replace(BASE, w_bits=8, a_bits=6, epochs=2, lr_w=2e-3, lr_a=3e-3, lr_s=2e-2,
                             alpha=0.6, grid_p=2.0, weight_decay=1e-4, grad_clip=1.0)
-    assert a.program == b.program and a != b
+    assert a.program == b.program == PTS.program and a != b
     made = []
     real = jlss._compiled
 
@@ -572,6 +574,8 @@ def test_new_learning_rates_alpha_and_epochs_reuse_the_compiled_programs(setup, 
     assert after_a[0] >= 1 and after_a[1] >= 1 and after_a[2] >= 1
     got_b = run(b)
     assert programs() == after_a  # nothing traced for b
+    run(PTS)
+    assert programs() == after_a
     real.cache_clear()
     jax.clear_caches()
     fresh_b = run(b)

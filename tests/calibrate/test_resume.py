@@ -26,10 +26,10 @@ class Killed(BaseException):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(init_params):
     model = create_model(MODEL)
     images = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
-    params = model.init(jax.random.key(1), images[:1])["params"]
+    params = init_params(model, 1)
     kernel = params["layers_0"]["mixer"]["in_proj"]["kernel"]
     params["layers_0"]["mixer"]["in_proj"]["kernel"] = kernel.at[3].multiply(20.0)
     whole = quantize_params(params, images, model=MODEL, config=CFG, progress=False)
@@ -206,7 +206,7 @@ def test_resumed_chains_stay_sharded_over_local_devices(host_devices_env):
         from ptq4vm_jax.calibrate.resume import ResumeStore
         m = create_model("vim_nano")
         x = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))
-        p = m.init(jax.random.key(1), x[:1])["params"]
+        p = jax.jit(m.init)(jax.random.key(1), x[:1])["params"]
         cfg = QuantConfig(4, 4, num_calib=8, train_batch=4, method="pts_only")
         whole = quantized_layers(quantize_params(p, x, model="vim_nano", config=cfg, progress=False))
         devices, save = [], ResumeStore.save

@@ -112,13 +112,12 @@ def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_nan_in_the_float_checkpoint_is_named_before_calibration():
-    import jax
+def test_nan_in_the_float_checkpoint_is_named_before_calibration(init_params):
     import numpy as np
 
     from ptq4vm_jax import create_model, quantize_params
 
-    params = create_model("vim_nano").init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    params = init_params(create_model("vim_nano"), 0)
     params["layers_1"]["mixer"]["A_log"] = params["layers_1"]["mixer"]["A_log"] * np.nan
 
     def never_read():
@@ -369,13 +368,13 @@ def test_eval_dtype_bfloat16_builds_the_bf16_variant(tmp_path, capsys, monkeypat
         for dtype in ("float32", "bfloat16"):
             built.clear()
             capsys.readouterr()
-            main(["eval", *source, "--data", "digits:test", "--limit", "128", "--dtype", dtype])
+            main(["eval", *source, "--data", "digits:test", "--limit", "64", "--dtype", dtype])
             line = capsys.readouterr().out.strip().splitlines()[-1]
             assert jnp.dtype(dtype) in built  # the model evaluated (checks may build others)
             assert line.endswith(", bfloat16 projections)") == (dtype == "bfloat16")
             top1[source[0], dtype] = float(line.split()[1])
     for source in ("--params", "--quantized"):
-        assert abs(top1[source, "bfloat16"] - top1[source, "float32"]) <= 3.0  # a few of 128 images
+        assert abs(top1[source, "bfloat16"] - top1[source, "float32"]) <= 100 * 2 / 64  # two images
     assert top1["--params", "float32"] > 80
 
 
@@ -472,7 +471,8 @@ def test_a_library_warning_the_command_already_gave_is_not_repeated(tmp_path, ca
             w = UserWarning(f"about {argument}")
             w.argument = argument
             warnings.warn(w, stacklevel=2)
-        return real(*args, **kwargs)
+        # (XLA's GEMM: test_quantize_then_eval_on_tfds_mock_data runs the Triton kernel's path)
+        return real(*args, **{**kwargs, "gemm": "xla"})
 
     monkeypatch.setattr(ptq4vm_jax, "quantized_apply", warns)
     capsys.readouterr()

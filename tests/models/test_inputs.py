@@ -9,11 +9,11 @@ from ptq4vm_jax import create_model
 pytestmark = pytest.mark.slow  # every check run eagerly, op by op, on two models
 
 @pytest.fixture(scope="module", params=["vim_nano", "vmamba_micro"])
-def model_and_params(request):
+def model_and_params(request, init_params):
     model = create_model(request.param)
     size, ch = model.cfg.img_size, getattr(model.cfg, "channels", None) or model.cfg.in_chans
     x = np.asarray(jax.random.normal(jax.random.key(1), (2, size, size, ch)))  # a real forward pass
-    return model, model.init(jax.random.key(0), x)["params"], x
+    return model, init_params(model, 0), x
 
 
 def test_bad_images_are_refused(model_and_params):

@@ -7,10 +7,10 @@ from ptq4vm_jax.models import canonical_name, param_shapes, registry
 
 
 @pytest.mark.slow
-def test_vim_micro_forward_shapes():
+def test_vim_micro_forward_shapes(init_params):
     model = create_model("vim_micro")
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    params = model.init(jax.random.key(1), x)["params"]
+    params = init_params(model, 1)
     logits = model.apply({"params": params}, x)
     assert logits.shape == (2, 10)
     assert bool(jnp.all(jnp.isfinite(logits)))
@@ -49,9 +49,9 @@ def test_wrong_image_size_is_explained():
         model.init(jax.random.key(0), jnp.ones((1, 3, 32, 32)))
 
 
-def test_param_shapes_are_the_initialised_ones_traced_once_per_model():
+def test_param_shapes_are_the_initialised_ones_traced_once_per_model(init_params):
     model = create_model("vim_nano")
-    params = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = init_params(model, 1)
     shapes = param_shapes(model)
     spec = lambda a: (a.shape, a.dtype)
     assert jax.tree.map(spec, shapes) == jax.tree.map(spec, params)

@@ -23,10 +23,10 @@ MODEL = "vim_nano"
 
 
 @pytest.fixture(scope="module")
-def rtn():
+def rtn(init_params):
     model = create_model(MODEL)
     images = np.asarray(jax.random.normal(jax.random.key(0), (4, 32, 32, 3)))
-    params = model.init(jax.random.key(1), images[:1])["params"]
+    params = init_params(model, 1)
     cfg = QuantConfig(4, 8, method="rtn", num_calib=4, train_batch=4)
     return quantize_params(params, images, model=MODEL, config=cfg, progress=False, log=lambda _: None)
 
