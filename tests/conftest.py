@@ -13,9 +13,10 @@ programs keep. Both are handled here, once for every test module:
   whose time goes into running programs (calibration over hundreds of images, the demo), where
   optimised programs run faster, and those that claim bit equality (integer ==
   fake quantization, a golden reproduced exactly), which must hold under the compiler users
-  run. Switching between the two settings drops the compiled programs, so no test runs a
-  program compiled under the other one; marked tests run last in their file, so a file
-  switches once.
+  run. The setting is part of jax's jit cache key (``_SETTING_KEY``, a ``jax.make_user_context``),
+  so no test runs a program compiled under the other one, and each setting keeps its programs
+  across switches (a jax without user contexts drops them instead). Marked tests run last in
+  their file, so a file switches once.
 - A persistent compilation cache for the session (a fresh temporary directory, also given to
   the subprocesses the tests start through ``JAX_COMPILATION_CACHE_DIR``): a program compiled
   again, by a new ``jax.jit`` wrapper, after ``jax.clear_caches()`` or in another process, is
@@ -126,6 +127,7 @@ def _install_fast_codegen() -> bool:
 
 
 _NO_OPT_DEFAULT = _fast_compiles_by_default()
+_SETTING_KEY = jax.make_user_context(_NO_OPT_DEFAULT) if hasattr(jax, "make_user_context") else None
 _OWN_CACHE = _start_compilation_cache()
 _FAST_CODEGEN_INSTALLED = _install_fast_codegen()
 
@@ -188,10 +190,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """A test marked ``xla_optimized`` compiles with XLA's defaults, its fixtures' set-up and
     tear-down included; every other test with the test run's default. Compiled programs are
-    dropped when the setting changes: jax's caches do not tell the two apart."""
+    told apart by ``_SETTING_KEY`` in jax's caches (or dropped when the setting changes)."""
     want = False if item.get_closest_marker("xla_optimized") is not None else _NO_OPT_DEFAULT
     if jax.config.values[_NO_OPT_FLAG] != want:
-        _clear_compiled_programs()
+        if _SETTING_KEY is None:
+            _clear_compiled_programs()
+        else:
+            _SETTING_KEY.set_global(want)
         jax.config.update(_NO_OPT_FLAG, want)
     yield
 

@@ -26,8 +26,12 @@ def _overrides_of_a_compile_now() -> list:
     return list(jax_compiler.get_compile_options(num_replicas=1, num_partitions=1).env_option_overrides)
 
 
+_DOUBLE = jax.jit(lambda x: x * 2)  # compiled under both settings by the tests below
+
+
 def test_tests_compile_with_the_sessions_fast_setting_and_pass_it_to_subprocesses():
     assert jax.config.values[FLAG] == _session_default()
+    assert float(_DOUBLE(1.0)) == 2.0
 
 
 def test_fast_compiles_use_the_classic_cpu_emitters_where_xla_has_them():
@@ -43,6 +47,11 @@ def test_fast_compiles_use_the_classic_cpu_emitters_where_xla_has_them():
 def test_a_test_marked_xla_optimized_compiles_as_users_do():
     assert jax.config.values[FLAG] is False
     assert _overrides_of_a_compile_now() == []
+    # Its own program, not the one the fast setting compiled for the first test of this file
+    # (kept for later tests where jax has user contexts to key its caches on the setting).
+    kept = _DOUBLE._cache_size()
+    assert float(_DOUBLE(1.0)) == 2.0
+    assert _DOUBLE._cache_size() == kept + (1 if _session_default() else 0)
 
 
 def test_marked_tests_run_last_in_their_file(request):
