@@ -28,8 +28,8 @@ SETTINGS = {
 }
 WORK = ("calibrate vmamba_micro", "calibrate vim_micro", "vim_micro fake+int forward",
         "pallas scan gradient (interpreter)")
-#: ``--recipe``: the VMamba W4A8 recipe run of tests/calibrate/test_vmamba_ptq.py (256 images,
-#: 50 epochs: 2000 learning steps), whose time goes into running programs.
+#: ``--recipe``: the official VMamba W4A8 recipe on vmamba_micro (256 images, 50 epochs: 2000
+#: learning steps), whose time goes into running programs.
 RECIPE = "vmamba_micro W4A8 recipe"
 
 
