@@ -135,8 +135,8 @@ _FAST_CODEGEN_INSTALLED = _install_fast_codegen()
 @pytest.fixture(scope="session")
 def init_params():
     """``init_params(model, seed)``: the params ``model.init`` draws from ``jax.random.key(seed)``,
-    by one compiled program per model. Run op by op, a model's first init compiles each of its
-    ops on its own, seconds per model and process; one program also reaches the persistent cache."""
+    by one compiled program per model. Run op by op, a model's first init in a process compiles
+    each of its ops on its own; one program is compiled once and reaches the persistent cache."""
     from ptq4vm_jax.models import image_shape
 
     programs = {}

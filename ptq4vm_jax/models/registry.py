@@ -28,6 +28,7 @@ from ptq4vm_jax.models.local_vmamba import (
 )
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba, vim_blockwise
 from ptq4vm_jax.models.vmamba import VMamba, VMambaConfig, vmamba_blockwise
+from ptq4vm_jax.trees import copy_tree
 
 _VIM_ALIASES = {
     "vim_tiny": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
@@ -222,7 +223,7 @@ def param_shapes(model: nn.Module) -> dict[str, Any]:
     Traced once per distinct model and kept (a full-size model takes seconds to trace, and every
     checkpoint check asks for it); each call returns its own dicts around the shared leaves.
     """
-    return jax.tree_util.tree_map(lambda leaf: leaf, _traced_param_shapes(model))
+    return copy_tree(_traced_param_shapes(model))
 
 
 @functools.lru_cache(maxsize=32)
