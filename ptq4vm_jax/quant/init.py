@@ -146,6 +146,8 @@ def init_act_scale(
     """
     qmax = act_qmax(bits)
     _check_grid(n_grid)
+    if not isinstance(p, jax.core.Tracer) and not p > 0:
+        raise ValueError(f"p (the exponent of the L_p score) must be > 0, got {p!r}")
     alpha, one_minus = _act_alphas(grid, n_grid)
     x = jnp.asarray(x, jnp.float32)
     smooth = jnp.asarray(smooth, jnp.float32)

@@ -132,12 +132,45 @@ def test_act_grid_official_keeps_a_degenerate_candidate():
     np.testing.assert_array_equal(z, [3])
 
 
+def _act_grid_float64(x: np.ndarray, bits: int, n_grid: int, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-grid search of docs/method.md §5.1 in float64 NumPy, |e|^p by ``np.power``."""
+    qmax = 2**bits - 1
+    xmin, xmax = x.min(axis=(0, 2)), x.max(axis=(0, 2))
+    best = (np.full(xmin.shape, np.inf), xmin, xmax)
+    for i in range((n_grid + 1) // 2):
+        a = i / n_grid
+        lo, hi = xmin * (1 - a) + xmax * a, xmin * a + xmax * (1 - a)
+        s = np.maximum((hi - lo) / qmax, 1e-8)[:, None]
+        z = np.round(-lo / s[:, 0])[:, None]
+        x_hat = s * (np.clip(np.round(x / s) + z, 0, qmax) - z)
+        score = np.power(np.abs(x - x_hat), p).mean(axis=(0, 2))
+        better = score < best[0]
+        best = tuple(np.where(better, new, old) for new, old in zip((score, lo, hi), best, strict=True))
+    lo, hi = np.minimum(best[1], 0.0), np.maximum(best[2], 0.0)
+    s = np.maximum((hi - lo) / qmax, 1e-8)
+    return s, np.clip(-np.round(lo / s), 0, qmax).astype(np.int32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_grid_search_matches_a_float64_reference_on_random_tokens(bits):
+    """float32 under XLA picks the candidates float64 picks, away from hand-made ties."""
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal((6, 9, 24)) * rng.uniform(0.1, 5.0, (1, 9, 1)) + rng.uniform(-1, 1, (1, 9, 1)))
+    x = x.astype(np.float32)
+    s, z = qi.init_act_scale(x, np.ones(24, np.float32), bits, n_grid=40)
+    want_s, want_z = _act_grid_float64(x.astype(np.float64), bits, n_grid=40, p=2.4)
+    np.testing.assert_allclose(s, want_s, rtol=1e-6)
+    np.testing.assert_array_equal(z, want_z)
+
+
 def test_act_grid_rejects_bad_options():
     x = _tokens(ROWS, SMOOTH_A)
     with pytest.raises(ValueError, match="grid must be one of"):
         qi.init_act_scale(x, SMOOTH_A, 4, grid="torch")
     with pytest.raises(ValueError, match="n_grid must be a positive int"):
         qi.init_act_scale(x, SMOOTH_A, 4, n_grid=0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        qi.init_act_scale(x, SMOOTH_A, 4, p=0.0)
     with pytest.raises(ValueError, match=r"\(\.\.\., L, C\)"):
         qi.init_act_scale(np.ones(4, np.float32), np.ones(4, np.float32), 4)
 
