@@ -21,6 +21,9 @@ programs keep. Both are handled here, once for every test module:
   the subprocesses the tests start through ``JAX_COMPILATION_CACHE_DIR``): a program compiled
   again, by a new ``jax.jit`` wrapper, after ``jax.clear_caches()`` or in another process, is
   read back instead of recompiled.
+- Under pytest-xdist each worker's XLA computations run on one CPU core of their own
+  (``_one_compute_core_per_worker``): XLA's CPU thread pools are as large as the machine, so
+  two workers on two cores would otherwise run four busy threads and wait on each other's.
 - Compiled programs are dropped only when the process holds many memory mappings. Every CPU
   executable maps its code; the suite compiles thousands of programs (interpret-mode kernels
   among them, large ones), and kept alive to the end they crashed XLA's CPU compiler late in
@@ -41,6 +44,7 @@ import jax
 import numpy as np
 import pytest
 from jax._src import compiler as _jax_compiler  # builds the options of every XLA compile
+from jax._src import xla_bridge as _xla_bridge  # says whether the CPU client exists yet
 
 # jax's switch for the fast-compiling, slow-running programs most tests want; its environment
 # variable carries the choice to the processes tests start. A value the caller set is kept.
@@ -126,6 +130,36 @@ def _install_fast_codegen() -> bool:
     return True
 
 
+def _one_compute_core_per_worker() -> int | None:
+    """Under pytest-xdist, give this worker's XLA computations one CPU core of their own.
+
+    XLA's CPU client sizes its thread pools to the cores the process may run on when it is
+    created, and its threads keep the CPU affinity they were started with. Each worker runs
+    as many threads as there are cores, so two workers on two cores run four busy threads, and
+    XLA's parallel loops wait for whichever of theirs is descheduled. The client is therefore
+    created while this thread may run on one core only (worker i takes core i, modulo the
+    cores), and the thread then gets every core back, for tracing and compiling, as do the
+    processes the tests start. Returns the core, or None where nothing was changed (no
+    workers, no affinity API, fewer cores than workers, or a client that already exists).
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()):
+        return None
+    if not hasattr(os, "sched_setaffinity") or _xla_bridge.backends_are_initialized():
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < int(count) or int(count) < 2:
+        return None
+    core = cores[int(worker[2:]) % len(cores)]
+    os.sched_setaffinity(0, {core})
+    try:
+        jax.devices("cpu")  # creates the CPU client, and its thread pools on this core
+    finally:
+        os.sched_setaffinity(0, cores)
+    return core
+
+
+_COMPUTE_CORE = _one_compute_core_per_worker()
 _NO_OPT_DEFAULT = _fast_compiles_by_default()
 _SETTING_KEY = jax.make_user_context(_NO_OPT_DEFAULT) if hasattr(jax, "make_user_context") else None
 _OWN_CACHE = _start_compilation_cache()

@@ -64,3 +64,37 @@ def test_marked_tests_run_last_in_their_file(request):
         marks.append(item.get_closest_marker("xla_optimized") is not None)
     assert all(marks == sorted(marks) for marks in seen.values())
     assert seen[request.node.path] == [False] * (len(seen[request.node.path]) - 1) + [True]
+
+
+def _allowed_cores(status: str) -> set[int]:
+    """The cores of a /proc/<pid>/task/<tid>/status text's ``Cpus_allowed_list``."""
+    spec = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                if line.startswith("Cpus_allowed_list:"))
+    cores: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not hasattr(os, "sched_getaffinity"),
+                    reason="reads thread affinities from Linux's /proc")
+def test_a_workers_xla_threads_share_one_core_and_the_test_thread_has_them_all():
+    """tests/conftest.py's ``_one_compute_core_per_worker``: worker i's XLA thread pools run on
+    core i (modulo the cores); the thread running the tests keeps every core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    cores = sorted(os.sched_getaffinity(0))
+    threads = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            threads[int(tid)] = _allowed_cores(open(f"/proc/self/task/{tid}/status").read())
+        except (OSError, StopIteration):  # a thread that ended meanwhile
+            continue
+    assert threads[os.getpid()] == set(cores)  # the main thread traces and compiles on every core
+    single = {tid for tid, allowed in threads.items() if len(allowed) == 1}
+    if not (worker.startswith("gw") and 2 <= workers <= len(cores)):
+        assert not single or len(cores) == 1  # one process, or more workers than cores: no pinning
+        return
+    core = cores[int(worker[2:]) % len(cores)]
+    assert single and all(threads[tid] == {core} for tid in single), threads
