@@ -136,8 +136,8 @@ def _one_compute_core_per_worker() -> int | None:
     XLA's CPU client sizes its thread pools to the cores the process may run on when it is
     created, and its threads keep the CPU affinity they were started with. Each worker runs
     as many threads as there are cores, so two workers on two cores run four busy threads, and
-    XLA's parallel loops wait for whichever of theirs is descheduled. The client is therefore
-    created while this thread may run on one core only (worker i takes core i, modulo the
+    a parallel loop of XLA's can wait on a thread of its own that is descheduled. The client is
+    therefore created while this thread may run on one core only (worker i takes core i, modulo the
     cores), and the thread then gets every core back, for tracing and compiling, as do the
     processes the tests start. Returns the core, or None where nothing was changed (no
     workers, no affinity API, fewer cores than workers, or a client that already exists).
