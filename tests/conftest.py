@@ -130,7 +130,7 @@ def _install_fast_codegen() -> bool:
     return True
 
 
-def _one_compute_core_per_worker() -> int | None:
+def _one_compute_core_per_worker() -> None:
     """Under pytest-xdist, give this worker's XLA computations one CPU core of their own.
 
     XLA's CPU client sizes its thread pools to the cores the process may run on when it is
@@ -139,27 +139,26 @@ def _one_compute_core_per_worker() -> int | None:
     a parallel loop of XLA's can wait on a thread of its own that is descheduled. The client is
     therefore created while this thread may run on one core only (worker i takes core i, modulo the
     cores), and the thread then gets every core back, for tracing and compiling, as do the
-    processes the tests start. Returns the core, or None where nothing was changed (no
-    workers, no affinity API, fewer cores than workers, or a client that already exists).
+    processes the tests start. Nothing changes without workers, without the affinity API, with
+    fewer cores than workers, or when the client already exists.
     """
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
     if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()):
-        return None
+        return
     if not hasattr(os, "sched_setaffinity") or _xla_bridge.backends_are_initialized():
-        return None
+        return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < int(count) or int(count) < 2:
-        return None
+        return
     core = cores[int(worker[2:]) % len(cores)]
     os.sched_setaffinity(0, {core})
     try:
         jax.devices("cpu")  # creates the CPU client, and its thread pools on this core
     finally:
         os.sched_setaffinity(0, cores)
-    return core
 
 
-_COMPUTE_CORE = _one_compute_core_per_worker()
+_one_compute_core_per_worker()
 _NO_OPT_DEFAULT = _fast_compiles_by_default()
 _SETTING_KEY = jax.make_user_context(_NO_OPT_DEFAULT) if hasattr(jax, "make_user_context") else None
 _OWN_CACHE = _start_compilation_cache()
