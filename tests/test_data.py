@@ -317,6 +317,21 @@ def test_digits_split_is_fixed():
     assert np.bincount(y_te).tolist() == [35, 36, 35, 36, 36, 36, 36, 35, 34, 36]
 
 
+def test_digits_pixels_are_pinned_and_each_call_gets_its_own_arrays():
+    """The images every bundled model and logged result was made with (SHA-256 of the bytes);
+    the splits are cached per process, so a caller that writes into its arrays must not change
+    what the next caller gets."""
+    digest = lambda a: hashlib.sha256(a.tobytes()).hexdigest()[:16]
+    x, y = load_digits_dataset("test")
+    assert digest(x) == "5fb6d9a546473947"
+    assert digest(load_digits_dataset("train")[0]) == "e20687ca42442f38"
+    assert digest(load_digits_dataset("test", image_size=224)[0]) == "c5ad2ec4b2f9e8f5"
+    x[:] = 0.0
+    y[:] = -1
+    again_x, again_y = load_digits_dataset("test")
+    assert digest(again_x) == "5fb6d9a546473947" and again_y.min() == 0
+
+
 def test_digits_splits_partition_sklearn_digits():
     from sklearn.datasets import load_digits
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # Per-channel statistics of the 32 px digits train split after scaling pixels to [0, 1] and the
@@ -31,7 +33,10 @@ def _digits_split_mask(labels: np.ndarray) -> np.ndarray:
     return rank % 5 == 4
 
 
+@functools.lru_cache(maxsize=8)
 def _digits_pixels(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, S, S) float64 in [0, 1], labels (N,)), read-only: cached, since every caller
+    of a process asks for the same few splits and sizes."""
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test"):
@@ -42,8 +47,11 @@ def _digits_pixels(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]
     labels = np.asarray(digits.target, np.int32)
     keep = _digits_split_mask(labels) == (split == "test")
     m = _bilinear_matrix(8, image_size)
-    pixels = np.einsum("ij,njk,lk->nil", m, digits.images[keep] / 16.0, m)
-    return pixels, labels[keep]
+    pixels = m @ (digits.images[keep] / 16.0) @ m.T  # rows, then columns
+    labels = labels[keep]
+    for a in (pixels, labels):
+        a.flags.writeable = False
+    return pixels, labels
 
 
 def load_digits_dataset(split: str = "train", *, image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -56,4 +64,4 @@ def load_digits_dataset(split: str = "train", *, image_size: int = 32) -> tuple[
     """
     pixels, labels = _digits_pixels(split, image_size)
     x = ((pixels - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)
-    return np.repeat(x[..., None], 3, axis=-1), labels
+    return np.repeat(x[..., None], 3, axis=-1), labels.copy()
