@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 100
@@ -20,7 +21,11 @@ CLASS_COLOR = "tab:red"
 
 
 def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    """Write the PNG with one draw. ``savefig`` first draws the whole figure without rendering
+    only to run the layout engine; ``Figure.draw`` runs the engine itself, so printing on the
+    Agg canvas directly gives the same image from one draw."""
+    fig.set_facecolor("white")
+    FigureCanvasAgg(fig).print_png(path)
 
 
 def _mark_class_token(axes: Sequence[Any], index: int | None) -> None:

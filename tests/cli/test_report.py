@@ -211,3 +211,30 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, capsys):
             "--data compares the quantized model with the float one")
     assert not (tmp_path / "a").exists() and (tmp_path / "file").read_text() == "x"
     assert sorted(p.name for p in Path(q).iterdir()) == ["metadata.json", "params"]
+
+
+def test_a_figure_is_laid_out_and_drawn_once_as_matplotlib_would_save_it(tmp_path, monkeypatch):
+    """The report's figures execute their constrained layout once and draw once; the PNG is the
+    one matplotlib's own ``savefig`` writes (which draws twice: once only to lay out)."""
+    from matplotlib.figure import Figure
+
+    from ptq4vm_jax.report import figures
+
+    def make() -> Figure:
+        fig = Figure(figsize=(6, 4), dpi=figures.DPI, layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        top.plot(np.arange(20), np.sin(np.arange(20)), label="a curve")
+        top.set_title("a title long enough to need the margins")
+        top.legend()
+        bottom.step(np.arange(20), np.arange(20) ** 2, where="mid")
+        bottom.set_ylabel("a y label")
+        bottom.set_xlabel("token position")
+        return fig
+
+    make().savefig(tmp_path / "matplotlib.png", dpi=figures.DPI, facecolor="white")
+    draws = []
+    draw = Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda self, renderer: (draws.append(1), draw(self, renderer))[1])
+    figures._save(make(), tmp_path / "ours.png")
+    assert len(draws) == 1
+    assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "matplotlib.png").read_bytes()
