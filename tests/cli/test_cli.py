@@ -455,7 +455,6 @@ def test_a_library_error_naming_an_argument_names_its_flag(tmp_path, capsys, mon
 
 
 @pytest.mark.slow  # calibrates through the CLI
-@pytest.mark.xla_optimized
 def test_a_library_warning_the_command_already_gave_is_not_repeated(tmp_path, capsys, monkeypatch):
     import warnings
 
