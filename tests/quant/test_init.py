@@ -59,6 +59,14 @@ def test_weight_grid_search_exponent_changes_the_winner():
     np.testing.assert_array_equal(qi.init_weight_scale(kernel, smooth, 2, n_grid=4), [4.0])
 
 
+def test_weight_grid_search_refuses_an_exponent_that_is_not_positive():
+    # |e|^p is computed as exp(p·log|e|): at p <= 0 an exact zero error would give 1 or NaN.
+    kernel, smooth = np.ones((4, 2), np.float32), np.ones(4, np.float32)
+    for p in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="p \\(the exponent of the L_p score\\) must be > 0"):
+            qi.init_weight_scale(kernel, smooth, 4, p=p)
+
+
 def test_weight_grid_search_ties_keep_the_smaller_step():
     # [-3, -2, -1], 2 bit, n_grid 3: r = 3, s = m in {1, 2, 3}
     #   m=1: errors [2, 1, 0] -> (5.278 + 1)/3
