@@ -33,25 +33,28 @@ def _digits_split_mask(labels: np.ndarray) -> np.ndarray:
     return rank % 5 == 4
 
 
-@functools.lru_cache(maxsize=8)
-def _digits_pixels(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels (N, S, S) float64 in [0, 1], labels (N,)), read-only: cached, since every caller
-    of a process asks for the same few splits and sizes."""
+@functools.cache
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, read once per process: (images (1797, 8, 8) / 16 in [0, 1],
+    labels (1797,) int32), read-only."""
     from sklearn.datasets import load_digits
 
+    digits = load_digits()
+    images, labels = digits.images / 16.0, np.asarray(digits.target, np.int32)
+    for a in (images, labels):
+        a.flags.writeable = False
+    return images, labels
+
+
+def _digits_pixels(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if int(image_size) != image_size or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8 (digits are 8x8), got {image_size!r}")
-    digits = load_digits()
-    labels = np.asarray(digits.target, np.int32)
+    images, labels = _raw_digits()
     keep = _digits_split_mask(labels) == (split == "test")
     m = _bilinear_matrix(8, image_size)
-    pixels = m @ (digits.images[keep] / 16.0) @ m.T  # rows, then columns
-    labels = labels[keep]
-    for a in (pixels, labels):
-        a.flags.writeable = False
-    return pixels, labels
+    return m @ images[keep] @ m.T, labels[keep]  # rows, then columns
 
 
 def load_digits_dataset(split: str = "train", *, image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -64,4 +67,4 @@ def load_digits_dataset(split: str = "train", *, image_size: int = 32) -> tuple[
     """
     pixels, labels = _digits_pixels(split, image_size)
     x = ((pixels - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)
-    return np.repeat(x[..., None], 3, axis=-1), labels.copy()
+    return np.repeat(x[..., None], 3, axis=-1), labels
