@@ -85,7 +85,8 @@ def init_weight_scale(
     """Per-output-channel step s_w (out,) from an L_p grid search on W̃ = kernel·σ (docs/method.md §5.2).
 
     Candidates m = r·i/n_grid, i = 1..n_grid, r = max(|min|, max) of the channel, so the full
-    range is included; s_w = max(m*/qmax, 1e-8). Bit-identical to the released code.
+    range is included; s_w = max(m*/qmax, 1e-8). The released code's step, bit for bit, unless
+    two candidates score within float32 ulps (the score is exp·log here, ``pow`` in torch).
     """
     qmax = weight_qmax(bits)
     _check_grid(n_grid)
@@ -154,7 +155,8 @@ def init_act_scale(
     from both ends. ``grid="official"`` uses a = i/n_grid, i = 1..n_grid as the released code
     (full range never tried; a >= 0.5 gives degenerate steps of 1e-8); ``"fixed"`` uses
     a = 0, 1/n_grid, ... < 0.5. The winner is then widened to contain 0 (docs/method.md §5.1).
-    Matches the released code to ~2e-7 relative (XLA's division, pow and mean differ by ulps).
+    Matches the released code to ~2e-7 relative (XLA's division, exp·log for ``pow`` and mean
+    differ by ulps).
     Returns ``a_scale`` (L,) float32 and ``a_zero`` (L,) int32.
     """
     qmax = act_qmax(bits)
