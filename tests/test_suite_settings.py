@@ -1,6 +1,7 @@
 """The suite's compile settings (tests/conftest.py) reach the tests they are meant for."""
 
 import os
+from pathlib import Path
 
 import jax
 import pytest
@@ -87,7 +88,7 @@ def test_a_workers_xla_threads_share_one_core_and_the_test_thread_has_them_all()
     threads = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            threads[int(tid)] = _allowed_cores(open(f"/proc/self/task/{tid}/status").read())
+            threads[int(tid)] = _allowed_cores(Path(f"/proc/self/task/{tid}/status").read_text())
         except (OSError, StopIteration):  # a thread that ended meanwhile
             continue
     single = {tid for tid, allowed in threads.items() if len(allowed) == 1}
@@ -95,7 +96,7 @@ def test_a_workers_xla_threads_share_one_core_and_the_test_thread_has_them_all()
         assert not single or len(os.sched_getaffinity(0)) == 1
         return
     # pytest-xdist's controller started this worker and was never pinned.
-    cores = sorted(_allowed_cores(open(f"/proc/{os.getppid()}/status").read()))
+    cores = sorted(_allowed_cores(Path(f"/proc/{os.getppid()}/status").read_text()))
     assert threads[os.getpid()] == set(cores)  # the test thread traces and compiles on every core
     if workers > len(cores):  # more workers than cores: nothing pinned
         assert not single or len(cores) == 1
