@@ -142,8 +142,8 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
             cfg.emit(rows[-1])
             continue
         try:
-            forwards, images = vim_forwards(name, batch, n_sets=2, interpret=cfg.interpret,
-                                            variants=cfg.args.e2e_variants)
+            forwards, images = vim_forwards(name, batch, n_sets=1 if cfg.interpret else 2,
+                                            interpret=cfg.interpret, variants=cfg.args.e2e_variants)
             new = end_to_end_rows(forwards, images, label=f"batch {batch}", **cfg.timing)
         except Exception as err:  # keep the kernel rows of this run
             traceback.print_exc()

@@ -211,7 +211,7 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg: RunConfig) -> list[Row]
     for model, lname, batch in jobs:
         k, n = next((k, n) for name, k, n in vim_layers(VIM_DIMS[model]) if name == lname)
         m = batch * SEQ
-        nsets = 2 if cfg.interpret else bc.n_input_sets(2 * m * k)
+        nsets = 1 if cfg.interpret else bc.n_input_sets(2 * m * k)
         sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(nsets)]
         shape = f"{model} {lname} M={m} K={k} N={n}"
         for vname in gemm_variants(cfg.interpret):
