@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -34,7 +35,18 @@ __all__ = ["QuantizedParams", "blockwise", "dense_paths", "quantize_params", "qu
 
 
 def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) -> list[Path]:
-    """Every ``nn.Dense`` call site of the model, found by an abstract (shape-only) forward."""
+    """Every ``nn.Dense`` call site of the model, found by an abstract (shape-only) forward.
+
+    The answer depends on the params' shapes only, so it is kept per model, image shape and
+    params layout: tracing a full-size model takes seconds, and every ``quantize_params`` asks."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    layout = tuple((tuple(np.shape(a)), jnp.result_type(a)) for a in leaves)
+    return list(_traced_dense_paths(model, tuple(images_shape), treedef, layout))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_dense_paths(model: nn.Module, images_shape: tuple[int, ...], treedef: Any,
+                        layout: tuple) -> tuple[Path, ...]:
     found: list[Path] = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -46,8 +58,9 @@ def dense_paths(model: nn.Module, params: Any, images_shape: tuple[int, ...]) ->
         with nn.intercept_methods(interceptor):
             return model.apply({"params": p}, x)
 
+    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(*a) for a in layout])
     jax.eval_shape(run, params, jax.ShapeDtypeStruct(images_shape, jnp.float32))
-    return sorted(set(found))
+    return tuple(sorted(set(found)))
 
 
 def quantize_params(

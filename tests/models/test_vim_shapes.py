@@ -62,3 +62,35 @@ def test_param_shapes_are_the_initialised_ones_traced_once_per_model(init_params
     assert jax.tree.map(spec, again) == jax.tree.map(spec, params)
     wider = param_shapes(create_model("vim_nano", embed_dim=40))
     assert wider["pos_embed"].shape[-1] == 40
+
+
+def test_dense_paths_are_every_linear_traced_once_per_model_and_params_layout(init_params):
+    """The Dense call sites of a real forward; one abstract trace serves every equal model with
+    params of the same layout."""
+    import flax.linen as nn
+    import numpy as np
+
+    from ptq4vm_jax import api
+    from ptq4vm_jax.models import image_shape
+
+    model = create_model("vim_nano")
+    params = init_params(model, 1)
+    called = set()
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+            called.add(tuple(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply({"params": params}, np.zeros(image_shape(model), np.float32))
+    paths = api.dense_paths(model, params, image_shape(model))
+    assert paths == sorted(called) and len(called) > 4
+    misses = api._traced_dense_paths.cache_info().misses
+    paths.clear()  # each call has its own list
+    numpy_params = jax.tree.map(np.asarray, params)  # the same layout, other arrays: no second trace
+    assert api.dense_paths(create_model("vim_nano"), numpy_params, image_shape(model)) == sorted(called)
+    assert api._traced_dense_paths.cache_info().misses == misses
+    wider = create_model("vim_nano", embed_dim=40)
+    assert api.dense_paths(wider, init_params(wider, 1), image_shape(wider)) == sorted(called)
+    assert api._traced_dense_paths.cache_info().misses == misses + 1
