@@ -81,17 +81,18 @@ BACKENDS = ("xla", "xla-bf16", "pallas") + (
 
 
 def make_layer(seed, k, n, w_bits, a_bits, seq=13):
-    """A stored integer layer with random scales, every zero point and full-range weight codes."""
-    ks = jax.random.split(jax.random.key(seed), 6)
+    """A stored integer layer with random scales, every zero point and full-range weight codes
+    (numpy draws them: eager jax.random calls would compile one program per shape)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
     qmax = 2 ** (w_bits - 1) - 1
-    codes = jax.random.randint(ks[0], (k, n), -qmax, qmax + 1, jnp.int32).astype(jnp.int8)
     return QuantizedLinear(
-        w_int=pack_weight(codes, w_bits),
-        w_scale=0.02 * jnp.exp(jax.random.normal(ks[1], (n,))),
-        smooth=jnp.exp(0.5 * jax.random.normal(ks[2], (k,))),
-        a_scale=jnp.exp(0.3 * jax.random.normal(ks[3], (seq,))) * (8.0 / 2**a_bits),
-        a_zero=jax.random.randint(ks[4], (seq,), 0, 2**a_bits, jnp.int32),
-        bias=jax.random.normal(ks[5], (n,)),
+        w_int=pack_weight(jnp.asarray(rng.integers(-qmax, qmax + 1, (k, n)), jnp.int8), w_bits),
+        w_scale=jnp.asarray(0.02 * np.exp(normal(n))),
+        smooth=jnp.asarray(np.exp(0.5 * normal(k))),
+        a_scale=jnp.asarray(np.exp(0.3 * normal(seq)) * np.float32(8.0 / 2**a_bits)),
+        a_zero=jnp.asarray(rng.integers(0, 2**a_bits, seq), jnp.int32),
+        bias=jnp.asarray(normal(n)),
         w_bits=w_bits, a_bits=a_bits,
     )
 
@@ -103,7 +104,7 @@ def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
     N = 56, as in x_proj / dt_proj, zero-padded to 64) give the same outputs, and they equal
     fake quantization of the layer."""
     layer = make_layer(k + n + w_bits, k, n, w_bits, a_bits)
-    x = 3.0 * jax.random.normal(jax.random.key(k), (2, 13, k))
+    x = jnp.asarray(3.0 * np.random.default_rng(k).standard_normal((2, 13, k), np.float32))
     outs = {backend: np.asarray(int_linear(x, layer, backend)) for backend in BACKENDS}
     assert np.abs(outs["xla"]).max() > 0
     for backend in BACKENDS[1:]:
@@ -121,7 +122,7 @@ def tiny64(init_params):
     """RTN W8A8 of a randomly initialised vim_micro with embed_dim 64 (the arithmetic, not
     accuracy): its in_proj (64 -> 256) and out_proj (128 -> 64) fit wgmma, the rest Triton."""
     embed_dim = 64
-    images = jax.random.normal(jax.random.key(7), (8, 32, 32, 3))
+    images = np.random.default_rng(7).standard_normal((8, 32, 32, 3), np.float32)
     model = pq.create_model("vim_micro", embed_dim=embed_dim)
     params = init_params(model, 0)
     cfg = pq.QuantConfig(8, 8, method="rtn", num_calib=8, train_batch=8)
@@ -199,7 +200,7 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
     monkeypatch.setattr(integer, "NARROW", 64)  # embed_dim 64: in_proj and out_proj count as wide
     monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma", spy_codes)
     monkeypatch.setattr(integer, "qmatmul", spy_triton)
-    images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32))
     logits = {}
     for g in BACKENDS:
         backend.append(g)

@@ -32,22 +32,19 @@ def autodiff_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
 
 
 def inputs(seed, batch, seq, e, n, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 8)
-    return dict(
-        u=jax.random.normal(ks[0], (batch, seq, e)).astype(dtype),
-        delta=(0.5 * jax.random.normal(ks[1], (batch, seq, e)) - 1.0).astype(dtype),
-        A=-jnp.exp(0.5 * jax.random.normal(ks[2], (e, n))),
-        B=jax.random.normal(ks[3], (batch, seq, n)).astype(dtype),
-        C=jax.random.normal(ks[4], (batch, seq, n)).astype(dtype),
-        D=jax.random.normal(ks[5], (e,)),
-        z=jax.random.normal(ks[6], (batch, seq, e)).astype(dtype),
-        delta_bias=0.2 * jax.random.normal(ks[7], (e,)),
-    )
+    """A < 0 and softplus(delta) around 0.1..1, as in Mamba; numpy, not one compiled jax.random
+    program per shape."""
+    draw = np.random.default_rng(seed).standard_normal
+    x = lambda *shape, scale=1.0, shift=0.0: jnp.asarray(scale * draw(shape, np.float32) + shift, dtype)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return dict(u=x(batch, seq, e), delta=x(batch, seq, e, scale=0.5, shift=-1.0),
+                A=f32(-np.exp(0.5 * draw((e, n), np.float32))), B=x(batch, seq, n), C=x(batch, seq, n),
+                D=f32(draw(e, np.float32)), z=x(batch, seq, e), delta_bias=f32(0.2 * draw(e, np.float32)))
 
 
 def value_and_grads(fn, inp, softplus, reverse):
     used = tuple(k for k in ARGS if inp[k] is not None)
-    w = jax.random.normal(jax.random.key(1), inp["u"].shape)
+    w = np.random.default_rng(1).standard_normal(inp["u"].shape, np.float32)
 
     def loss(*xs):
         y = fn(**{**inp, **dict(zip(used, xs, strict=True))}, delta_softplus=softplus, reverse=reverse)
@@ -85,7 +82,7 @@ def test_gradients_vmapped_over_directions_and_in_bf16():
     """VMamba vmaps the scan over its directions; bf16 inputs get bf16 gradients."""
     dirs = [inputs(10 + k, 2, 9, 16, 1, jnp.bfloat16) for k in range(4)]
     stacked = tuple(jnp.stack([d[k] for d in dirs]) for k in ("u", "delta", "A", "B", "C", "D"))
-    w = jax.random.normal(jax.random.key(3), stacked[0].shape)
+    w = np.random.default_rng(3).standard_normal(stacked[0].shape, np.float32)
 
     def loss(fn):
         scan = lambda u, delta, A, B, C, D: fn(u, delta, A, B, C, D=D)

@@ -34,19 +34,17 @@ INTERPRET = jax.default_backend() != "gpu"
 
 
 def make_inputs(seed, batch, k, n, a_bits, w_bits, dtype=jnp.float32, seq=SEQ):
-    """Random layer: activations around the quantization grid, some clipped, every zero point used."""
-    ks = jax.random.split(jax.random.key(seed), 7)
-    x = (jax.random.normal(ks[0], (batch, seq, k)) * 3.0).astype(dtype)
-    smooth = jnp.exp(0.4 * jax.random.normal(ks[1], (k,)))
-    a_scale = jnp.exp(0.3 * jax.random.normal(ks[2], (seq,))) * (12.0 / 2**a_bits)
-    a_zero = jax.random.randint(ks[3], (seq,), 0, 2**a_bits, dtype=jnp.int32)
+    """Random layer: activations around the quantization grid, some clipped, every zero point used.
+    numpy draws them: eager jax.random calls would compile one program per shape."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
     wmax = 2 ** (w_bits - 1) - 1
-    w = jax.random.randint(ks[4], (k, n), -wmax, wmax + 1, dtype=jnp.int32).astype(jnp.int8)
-    w_scale = 0.02 * jnp.exp(jax.random.normal(ks[5], (n,)))
-    bias = jax.random.normal(ks[6], (n,))
-    w_q = pack_int4(w) if w_bits <= 4 else w
-    return dict(x=x, w=w, w_q=w_q, w_scale=w_scale, smooth=smooth, a_scale=a_scale, a_zero=a_zero,
-                bias=bias)
+    w = jnp.asarray(rng.integers(-wmax, wmax + 1, (k, n)), jnp.int8)
+    return dict(x=jnp.asarray(normal(batch, seq, k) * 3.0, dtype), w=w,
+                w_q=pack_int4(w) if w_bits <= 4 else w, w_scale=jnp.asarray(0.02 * np.exp(normal(n))),
+                smooth=jnp.asarray(np.exp(0.4 * normal(k))),
+                a_scale=jnp.asarray(np.exp(0.3 * normal(seq)) * np.float32(12.0 / 2**a_bits)),
+                a_zero=jnp.asarray(rng.integers(0, 2**a_bits, seq), jnp.int32), bias=jnp.asarray(normal(n)))
 
 
 def layer_of(inp, a_bits=8, w_bits=8, *, w=None, bias=True, **fields):
@@ -69,7 +67,7 @@ def naive_int32(inp, a_bits):
 
 
 def test_pack_int4_round_trip_halves_memory():
-    w = jax.random.randint(jax.random.key(0), (24, 40), -8, 8, dtype=jnp.int32).astype(jnp.int8)
+    w = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (24, 40)), jnp.int8)
     packed = pack_int4(w)
     assert packed.shape == (12, 40) and packed.dtype == jnp.int8
     # The stored layout (checkpoints depend on it), built independently: row i of the first half
@@ -135,7 +133,7 @@ def test_fake_quant_codes_use_reciprocal_products_on_every_backend():
     ieee = np.clip(np.round(np.asarray(x) / a) + 128, 0, 255)
     assert (host != ieee).mean() > 0.2  # the definitions really differ on these inputs
     np.testing.assert_array_equal(codes, host)
-    w = jax.random.randint(jax.random.key(8), (64, 32), -127, 128, dtype=jnp.int32).astype(jnp.int8)
+    w = jnp.asarray(np.random.default_rng(8).integers(-127, 128, (64, 32)), jnp.int8)
     layer = QuantizedLinear(w, jnp.ones(32), smooth, a_scale, a_zero)
     kernel_codes = np.asarray(quantize_activations(x, layer), np.int64) + 128
     np.testing.assert_array_equal(kernel_codes, host)
@@ -150,8 +148,8 @@ def test_reference_and_kernel_round_ties_to_even():
     # half-up rounding (a plausible jnp.floor(v + 0.5)) passes every random-input case.
     inp = make_inputs(3, 1, 64, 32, 8, 8)
     # Power-of-two scales and half-integer inputs: every x / smooth / a_scale is an exact tie.
-    ties = (jax.random.randint(jax.random.key(4), (1, SEQ, 64), -40, 40) + 0.5) * 0.25
-    inp.update(x=ties.astype(jnp.float32), smooth=jnp.ones(64), a_scale=jnp.full(SEQ, 0.25),
+    ties = (np.random.default_rng(4).integers(-40, 40, (1, SEQ, 64)) + 0.5) * 0.25
+    inp.update(x=jnp.asarray(ties, jnp.float32), smooth=jnp.ones(64), a_scale=jnp.full(SEQ, 0.25),
                a_zero=jnp.full(SEQ, 100, jnp.int32))
     layer = layer_of(inp)
     codes = quantize_activations(inp["x"], layer)

@@ -36,16 +36,16 @@ INTERPRET = jax.default_backend() != "gpu"
 
 
 def make_layer(seed, batch, k, n, a_bits=8, seq=SEQ):
-    """Random codes over the full int8 range of ``a_bits``, every zero point, int8 weights."""
-    ks = jax.random.split(jax.random.key(seed), 6)
+    """Random codes over the full int8 range of ``a_bits``, every zero point, int8 weights. numpy
+    draws them: eager jax.random calls would compile one program per shape."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
     half = 2 ** (a_bits - 1)
-    codes = jax.random.randint(ks[0], (batch, seq, k), -half, half, jnp.int32).astype(jnp.int8)
-    w = jax.random.randint(ks[1], (k, n), -127, 128, jnp.int32).astype(jnp.int8)
-    a_scale = jnp.exp(0.3 * jax.random.normal(ks[2], (seq,))) * (12.0 / 2**a_bits)
-    a_zero = jax.random.randint(ks[3], (seq,), 0, 2**a_bits, jnp.int32)
-    w_scale = 0.02 * jnp.exp(jax.random.normal(ks[4], (n,)))
-    bias = jax.random.normal(ks[5], (n,))
-    return dict(codes=codes, w=w, a_scale=a_scale, a_zero=a_zero, w_scale=w_scale, bias=bias)
+    return dict(codes=jnp.asarray(rng.integers(-half, half, (batch, seq, k)), jnp.int8),
+                w=jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8),
+                a_scale=jnp.asarray(np.exp(0.3 * normal(seq)) * np.float32(12.0 / 2**a_bits)),
+                a_zero=jnp.asarray(rng.integers(0, 2**a_bits, seq), jnp.int32),
+                w_scale=jnp.asarray(0.02 * np.exp(normal(n))), bias=jnp.asarray(normal(n)))
 
 
 @functools.partial(jax.jit, static_argnames=("a_bits", "out_dtype"))
@@ -111,16 +111,16 @@ def test_kernel_matches_reference(batch, k, n, a_bits, use_bias, out_dtype, conf
                          ids=["dt_proj-like K", "x_proj-like N", "packed w4, both padded"])
 def test_qmatmul_wgmma_pads_any_k_and_n_to_qmatmuls_result(k, n, a_bits, w_bits):
     """qmatmul's contract (float activations in, stored weight) on wgmma with K, N zero-padded."""
-    ks = jax.random.split(jax.random.key(k + n), 7)
-    x = 3.0 * jax.random.normal(ks[0], (2, SEQ, k))
+    rng = np.random.default_rng(k + n)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
+    x = jnp.asarray(3.0 * normal(2, SEQ, k))
     qmax = 2 ** (w_bits - 1) - 1
-    codes = jax.random.randint(ks[1], (k, n), -qmax, qmax + 1, jnp.int32).astype(jnp.int8)
+    codes = jnp.asarray(rng.integers(-qmax, qmax + 1, (k, n)), jnp.int8)
     w_q = pack_int4(codes) if w_bits == 4 else codes
-    layer = QuantizedLinear(w_q, 0.02 * jnp.exp(jax.random.normal(ks[2], (n,))),
-                            jnp.exp(0.3 * jax.random.normal(ks[3], (k,))),
-                            jnp.exp(0.3 * jax.random.normal(ks[4], (SEQ,))) * (8.0 / 2**a_bits),
-                            jax.random.randint(ks[5], (SEQ,), 0, 2**a_bits, jnp.int32),
-                            jax.random.normal(ks[6], (n,)), w_bits=w_bits, a_bits=a_bits)
+    layer = QuantizedLinear(w_q, jnp.asarray(0.02 * np.exp(normal(n))), jnp.asarray(np.exp(0.3 * normal(k))),
+                            jnp.asarray(np.exp(0.3 * normal(SEQ)) * np.float32(8.0 / 2**a_bits)),
+                            jnp.asarray(rng.integers(0, 2**a_bits, SEQ), jnp.int32),
+                            jnp.asarray(normal(n)), w_bits=w_bits, a_bits=a_bits)
     y = qmatmul_wgmma(x, layer, config=WgmmaConfig(64, 64, 64, 2), interpret=INTERPRET)
     ref = np.asarray(qmatmul_ref(x, layer))
     assert y.shape == (2, SEQ, n) and y.dtype == x.dtype and np.abs(ref).max() > 0
@@ -149,7 +149,7 @@ def test_accumulator_is_exact_and_colsum_is_reused():
 
 
 def test_prepare_weight_transposes_and_unpacks_4bit():
-    w = jax.random.randint(jax.random.key(1), (128, 64), -8, 8, jnp.int32).astype(jnp.int8)
+    w = jnp.asarray(np.random.default_rng(1).integers(-8, 8, (128, 64)), jnp.int8)
     lay = dict(w=w, w_scale=jnp.ones(64), a_scale=jnp.ones(SEQ), a_zero=jnp.zeros(SEQ, jnp.int32))
     for stored, bits in ((w, 8), (pack_int4(w), 4), (w.astype(jnp.int4), 4), (w, 4)):
         w_t = prepare_weight_wgmma(dataclasses.replace(qlayer(lay, w_int=stored), w_bits=bits))

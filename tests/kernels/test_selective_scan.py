@@ -23,17 +23,19 @@ INTERPRET = jax.default_backend() != "gpu"
 
 
 def make_inputs(seed, batch, seq, e, n, dtype=jnp.float32):
-    """Random S6 inputs with Mamba-like ranges: A < 0, softplus(delta) around 0.1..1."""
-    ks = jax.random.split(jax.random.key(seed), 8)
+    """Random S6 inputs with Mamba-like ranges: A < 0, softplus(delta) around 0.1..1. numpy draws
+    them: eager jax.random calls would compile one program per shape."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
     return dict(
-        u=jax.random.normal(ks[0], (batch, seq, e)).astype(dtype),
-        delta=(jax.random.normal(ks[1], (batch, seq, e)) * 0.5 - 1.0).astype(dtype),
-        A=-jnp.exp(0.5 * jax.random.normal(ks[2], (e, n))),
-        B=jax.random.normal(ks[3], (batch, seq, n)).astype(dtype),
-        C=jax.random.normal(ks[4], (batch, seq, n)).astype(dtype),
-        D=jax.random.normal(ks[5], (e,)),
-        z=jax.random.normal(ks[6], (batch, seq, e)).astype(dtype),
-        delta_bias=0.2 * jax.random.normal(ks[7], (e,)),
+        u=jnp.asarray(normal(batch, seq, e), dtype),
+        delta=jnp.asarray(normal(batch, seq, e) * 0.5 - 1.0, dtype),
+        A=jnp.asarray(-np.exp(0.5 * normal(e, n))),
+        B=jnp.asarray(normal(batch, seq, n), dtype),
+        C=jnp.asarray(normal(batch, seq, n), dtype),
+        D=jnp.asarray(normal(e)),
+        z=jnp.asarray(normal(batch, seq, e), dtype),
+        delta_bias=jnp.asarray(0.2 * normal(e)),
     )
 
 
@@ -231,7 +233,7 @@ ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 def grads(fn, inp, softplus, reverse, seed=7, **kw):
     """Value and gradients (for every non-None argument) of a random linear readout of ``fn``."""
     shape = inp["u"].shape
-    w = jax.random.normal(jax.random.key(seed), shape)
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
     used = tuple(k for k in ARGS if inp[k] is not None)
 
     def loss(*xs):
@@ -283,7 +285,7 @@ def test_trainable_gradients_bf16_and_vmapped_directions():
     # get bf16 gradients.
     dirs = [make_inputs(10 + k, 1, 24, 32, 1, jnp.bfloat16) for k in range(2)]
     stacked = {k: jnp.stack([d[k] for d in dirs]) for k in ("u", "delta", "A", "B", "C", "D")}
-    w = jax.random.normal(jax.random.key(3), stacked["u"].shape)
+    w = jnp.asarray(np.random.default_rng(3).standard_normal(stacked["u"].shape, np.float32))
 
     def loss(fn, **kw):
         scan = lambda u, delta, A, B, C, D: fn(u, delta, A, B, C, D=D, **kw)
