@@ -52,20 +52,28 @@ def selective_scan_ref(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Arra
     return y.astype(out_dtype)
 
 
+def _step(carry, inp):
+    """One token: the new state and its output. ``A`` rides in the carry and the step is a
+    module-level function, so an eager call reuses the compiled scan instead of tracing a new
+    closure (and compiling it again) at every layer and call."""
+    h, A = carry
+    dt_t, u_t, b_t, c_t = inp  # (B, E), (B, E), (B, N), (B, N)
+    decay = jnp.exp(dt_t[:, :, None] * A[None])
+    h = decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+    return (h, A), (jnp.einsum("ben,bn->be", h, c_t, precision=lax.Precision.HIGHEST), h)
+
+
+def _step_output(carry, inp):
+    carry, (y_t, _) = _step(carry, inp)
+    return carry, y_t
+
+
 def _scan_steps(dt: jax.Array, u: jax.Array, b: jax.Array, c: jax.Array, A: jax.Array, reverse: bool,
-                keep_states: bool) -> tuple[jax.Array, jax.Array | None]:
-    """The recurrence over time-major (L, B, ·) inputs: the outputs y (L, B, E) and, when asked,
-    every state h_t (L, B, E, N), which the backward pass reads."""
-
-    def step(h, inp):
-        dt_t, u_t, b_t, c_t = inp  # (B, E), (B, E), (B, N), (B, N)
-        decay = jnp.exp(dt_t[:, :, None] * A[None])
-        h = decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-        y_t = jnp.einsum("ben,bn->be", h, c_t, precision=lax.Precision.HIGHEST)
-        return h, (y_t, h) if keep_states else (y_t, None)
-
+                keep_states: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The recurrence over time-major (L, B, ·) inputs: the outputs y (L, B, E), and with
+    ``keep_states`` every state h_t (L, B, E, N) too, which the backward pass reads."""
     h0 = jnp.zeros((dt.shape[1], dt.shape[2], A.shape[1]), jnp.float32)
-    return lax.scan(step, h0, (dt, u, b, c), reverse=reverse)[1]
+    return lax.scan(_step if keep_states else _step_output, (h0, A), (dt, u, b, c), reverse=reverse)[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -77,12 +85,27 @@ def _recurrence(dt: jax.Array, u: jax.Array, b: jax.Array, c: jax.Array, A: jax.
     transposing the forward loop: the same sums, in about half the time on a CPU, where
     calibration spends most of each learning step in this backward pass.
     """
-    return _scan_steps(dt, u, b, c, A, reverse, keep_states=False)[0]
+    return _scan_steps(dt, u, b, c, A, reverse, keep_states=False)
 
 
 def _recurrence_fwd(dt, u, b, c, A, reverse):
     ys, hs = _scan_steps(dt, u, b, c, A, reverse, keep_states=True)
     return ys, (dt, u, b, c, A, hs)
+
+
+def _step_back(carry, inp):
+    """One token of :func:`_recurrence_bwd`, module-level for the reason of :func:`_step`."""
+    g_h, g_A, A = carry
+    gy_t, dt_t, u_t, b_t, c_t, h_t, hp_t = inp
+    g_h = g_h + gy_t[:, :, None] * c_t[:, None, :]
+    decay = jnp.exp(dt_t[:, :, None] * A[None])
+    g_a = g_h * hp_t * decay
+    g_A = g_A + jnp.einsum("ben,be->en", g_a, dt_t, precision=lax.Precision.HIGHEST)
+    g_x = jnp.einsum("ben,bn->be", g_h, b_t, precision=lax.Precision.HIGHEST)
+    g_b = jnp.einsum("ben,be->bn", g_h, dt_t * u_t, precision=lax.Precision.HIGHEST)
+    g_c = jnp.einsum("ben,be->bn", h_t, gy_t, precision=lax.Precision.HIGHEST)
+    g_dt = jnp.sum(g_a * A[None], axis=-1) + g_x * u_t
+    return (g_h * decay, g_A, A), (g_dt, g_x * dt_t, g_b, g_c)
 
 
 def _recurrence_bwd(reverse, res, gy):
@@ -93,23 +116,9 @@ def _recurrence_bwd(reverse, res, gy):
     dt, u, b, c, A, hs = res
     zero = jnp.zeros_like(hs[:1])
     h_prev = jnp.concatenate([hs[1:], zero]) if reverse else jnp.concatenate([zero, hs[:-1]])
-
-    def step(carry, inp):
-        g_h, g_A = carry
-        gy_t, dt_t, u_t, b_t, c_t, h_t, hp_t = inp
-        g_h = g_h + gy_t[:, :, None] * c_t[:, None, :]
-        decay = jnp.exp(dt_t[:, :, None] * A[None])
-        g_a = g_h * hp_t * decay
-        g_A = g_A + jnp.einsum("ben,be->en", g_a, dt_t, precision=lax.Precision.HIGHEST)
-        g_x = jnp.einsum("ben,bn->be", g_h, b_t, precision=lax.Precision.HIGHEST)
-        g_b = jnp.einsum("ben,be->bn", g_h, dt_t * u_t, precision=lax.Precision.HIGHEST)
-        g_c = jnp.einsum("ben,be->bn", h_t, gy_t, precision=lax.Precision.HIGHEST)
-        g_dt = jnp.sum(g_a * A[None], axis=-1) + g_x * u_t
-        return (g_h * decay, g_A), (g_dt, g_x * dt_t, g_b, g_c)
-
-    init = (jnp.zeros_like(hs[0]), jnp.zeros_like(A))
-    (_, g_A), (g_dt, g_u, g_b, g_c) = lax.scan(step, init, (gy, dt, u, b, c, hs, h_prev),
-                                              reverse=not reverse)
+    init = (jnp.zeros_like(hs[0]), jnp.zeros_like(A), A)
+    (_, g_A, _), (g_dt, g_u, g_b, g_c) = lax.scan(_step_back, init, (gy, dt, u, b, c, hs, h_prev),
+                                                 reverse=not reverse)
     return g_dt, g_u, g_b, g_c, g_A
 
 
