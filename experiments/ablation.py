@@ -387,8 +387,8 @@ class ModelRun:
             self.test_x, self.test_y = self.test_x[:limit], self.test_y[:limit]
         forward = jax.jit(lambda x: self.model.apply({"params": self.params}, x))
         self.fp_logits = np.asarray(forward(self.test_x))
-        # the quantized params as an argument: one compile per (bits, method), reused by every draw
-        self.forward_q = jax.jit(lambda qp, x: quantized_apply(self.model, qp, x))
+        # quantized_apply compiles once per bit width, shared by every method and draw
+        self.forward_q = lambda qp, x: quantized_apply(self.model, qp, x)
 
     def cell(self, bits: str, method: str, draw: int, settings: dict) -> dict:
         from ptq4vm_jax import quantize_params

@@ -22,11 +22,12 @@ from ptq4vm_jax.errors import ArgumentWarning
 from ptq4vm_jax.models import blockwise, canonical_name, create_model, image_shape, model_family
 from ptq4vm_jax.quant.config import (
     QuantConfig,
+    QuantProgram,
     is_quantized,
     path_str,
 )
 from ptq4vm_jax.quant.integer import PALLAS_GEMMS, check_gemm
-from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, intercept_dense
+from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, check_mode, intercept_dense
 from ptq4vm_jax.quant.params import Path, QuantizedParams, finalize, flatten_layers, nest_layers
 from ptq4vm_jax.trees import copy_tree, get_path
 
@@ -216,6 +217,12 @@ def quantized_apply(
     quantization turns the kernel's ~1e-7 rounding differences from ``lax.scan`` into flipped codes
     at rounding boundaries. ``model`` may be None (built from ``qparams``), a name or the module
     itself.
+
+    It runs one compiled program per model, mode, GEMM and input shapes, shared by every
+    ``QuantizedParams`` of those shapes, so evaluating several calibrations compiles once; inside
+    a caller's ``jax.jit`` it becomes part of that program. Jitting a function that takes the
+    ``QuantizedParams`` as an argument compiles again for each one (its config and calibration
+    summary are static pytree data): call ``quantized_apply`` directly instead.
     """
     if not isinstance(qparams, QuantizedParams):
         raise TypeError(f"qparams must be a QuantizedParams (from quantize_params or load_quantized), "
@@ -226,8 +233,37 @@ def quantized_apply(
         warnings.warn(ArgumentWarning(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: "
                                       "exact but slow, meant for testing (gemm='auto' or gemm='xla' is the "
                                       "fast path here)", argument="gemm"), stacklevel=2)
-    with intercept_dense(qparams.qlayers, qparams.config, mode, gemm=gemm):
-        return model.apply({"params": qparams.params}, images)
+    program = qparams.config.program
+    check_mode(mode, program)
+    forward = _forward(model, program, mode, gemm)
+    if _interceptors_active():  # theirs must see this forward's modules: trace it afresh, inline
+        return forward.__wrapped__(qparams.params, qparams.qlayers, images)
+    return forward(qparams.params, qparams.qlayers, images)
+
+
+@functools.lru_cache(maxsize=32)
+def _forward(model: nn.Module, program: QuantProgram, mode: str, gemm: str) -> Callable:
+    """One jitted forward per model, quantized program, mode and GEMM, taking the arrays as
+    arguments. A ``QuantizedParams`` carries its config and calibration summary as static data,
+    so a program keyed on it would compile again for every calibration of the same shapes; this
+    one serves them all, and eager calls run compiled rather than op by op."""
+
+    @jax.jit
+    def forward(params: Any, qlayers: Any, images: jax.Array) -> jax.Array:
+        with intercept_dense(qlayers, program, mode, gemm=gemm):
+            return model.apply({"params": params}, images)
+
+    return forward
+
+
+def _interceptors_active() -> bool:
+    """Whether a caller's ``nn.intercept_methods`` is active. A compiled program would hide the
+    modules from it, or keep it for later calls; where flax does not say, assume one is."""
+    stack = getattr(nn.module, "_global_interceptor_stack", None)
+    try:
+        return len(stack) > 0
+    except TypeError:
+        return True
 
 
 def quantized_layers(qparams: QuantizedParams) -> dict[Path, Any]:

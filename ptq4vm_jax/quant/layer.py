@@ -157,6 +157,15 @@ def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: 
     return jax.lax.stop_gradient(y_q) + (y_fp - jax.lax.stop_gradient(y_fp))
 
 
+def check_mode(mode: str, cfg: Method) -> None:
+    """``mode`` is one of ``MODES``, and "int" only for static activation scales."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "int" and cfg.dynamic_activations:
+        raise ValueError("mode='int' needs static activation scales, and method='per_token_dynamic' "
+                         "computes them from each input at run time: evaluate it with mode='fake'")
+
+
 @contextlib.contextmanager
 def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
                     float_backward: frozenset[tuple[str, ...]] = frozenset(), *,
@@ -165,11 +174,7 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
     in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`).
     ``gemm``: the integer GEMM of ``mode="int"`` (``ptq4vm_jax.quant.integer.GEMM_BACKENDS``)."""
     check_gemm(gemm)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "int" and cfg.dynamic_activations:
-        raise ValueError("mode='int' needs static activation scales, and method='per_token_dynamic' "
-                         "computes them from each input at run time: evaluate it with mode='fake'")
+    check_mode(mode, cfg)
 
     def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module

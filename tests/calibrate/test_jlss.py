@@ -488,8 +488,7 @@ def test_calibration_runs_data_parallel_over_local_devices(tmp_path, host_device
                                  for name, v in to_arrays(layer).items()})
         learned = quantize_params(p, x, model="vim_nano", progress=False,
                                   config=QuantConfig(4, 4, num_calib=8, epochs=3))
-        # The result runs on any one device (one program: op by op, each op would compile alone).
-        jax.jit(lambda q, x: quantized_apply(None, q, x))(learned, jax.device_put(x[:2], last))
+        quantized_apply(None, learned, jax.device_put(x[:2], last))  # the result runs on any one device
         print(json.dumps([init.summary["devices"], learned.summary["stages"]]))
     """)
     def run(n):

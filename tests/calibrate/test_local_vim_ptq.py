@@ -121,9 +121,8 @@ def default_xla():
 
 def test_int_mode_equals_fake_mode_and_tracks_float(micro, w4a8, float_run):
     x = jnp.asarray(micro.test)
-    run = {m: jax.jit(lambda x, m=m: quantized_apply(micro.model, w4a8, x, mode=m)) for m in ("fake", "int")}
     with default_xla():
-        fake, real = np.asarray(run["fake"](x)), np.asarray(run["int"](x))
+        fake, real = (np.asarray(quantized_apply(micro.model, w4a8, x, mode=m)) for m in ("fake", "int"))
     np.testing.assert_array_equal(fake, real)  # the CPU's XLA integer path: bit for bit
     ref = float_run.test_logits
     assert 0 < np.abs(fake - ref).max() <= 0.2 * np.abs(ref).max()
@@ -237,8 +236,7 @@ def test_middle_class_token_variant_at_w8a8_through_the_cli(tmp_path):
                                                          for k, n in enumerate((17, 17, 37, 17))}}
     x = jnp.asarray(images[8:10])
     with default_xla():
-        fake, real = (np.asarray(jax.jit(lambda x, m=m: quantized_apply(None, qp, x, mode=m))(x))
-                      for m in ("fake", "int"))
+        fake, real = (np.asarray(quantized_apply(None, qp, x, mode=m)) for m in ("fake", "int"))
     np.testing.assert_array_equal(fake, real)
     order = token_order(model, ("layers_0", "mixer", "x_proj_1"), 17)  # v_flip, class token at 8
     assert order.class_index == 8 and order.direction == "reversed column-major (v_flip)"

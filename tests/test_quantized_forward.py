@@ -1,0 +1,78 @@
+"""``quantized_apply`` runs one compiled program per model, quantized program, mode, GEMM and
+input shapes, shared by every ``QuantizedParams`` of those shapes (whose calibration summaries
+and configs, static pytree data, differ); a caller's ``nn.intercept_methods`` still sees the
+model's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import ptq4vm_jax as pq
+from ptq4vm_jax.data import load_digits_dataset
+
+ASSET = Path(pq.__file__).parent / "assets" / "vim_micro"
+
+
+@pytest.fixture(scope="module")
+def two_calibrations():
+    """Two W8A8 RTN calibrations of vim_micro on other images: other scales and other static data
+    (the calibration summary), the same shapes."""
+    params, _ = pq.load_params(ASSET, model_name="vim_micro")
+    calib = load_digits_dataset("train")[0][:16]
+    made = [pq.quantize_params(params, images, model="vim_micro", progress=False,
+                               config=pq.QuantConfig(8, 8, method="rtn", num_calib=8))
+            for images in (calib[:8], calib[8:])]
+    return made, calib[:3]
+
+
+@pytest.fixture
+def compiles():
+    """Names of the XLA programs compiled while the test runs."""
+    names, listening = [], [True]
+
+    def listener(event, secs, **kw):
+        if listening[0] and event.endswith("backend_compile_duration"):
+            names.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield names
+    listening[0] = False
+
+
+def test_calibrations_of_the_same_shapes_share_one_program(two_calibrations, compiles):
+    (one, other), images = two_calibrations
+    assert one.info != other.info
+    pq.api._forward.cache_clear()
+    first = np.asarray(pq.quantized_apply(None, one, images))
+    assert compiles.count("jit(forward)") <= 1, compiles  # (none where the persistent cache has it)
+    traced = pq.api._forward.cache_info().misses
+    before = len(compiles)
+    second = np.asarray(pq.quantized_apply(None, other, images))
+    assert compiles[before:] == [] and pq.api._forward.cache_info().misses == traced == 1
+    assert not np.allclose(first, second, rtol=1e-3)  # (their scales differ)
+
+
+def test_a_callers_interceptor_sees_the_modules_and_is_not_kept(two_calibrations):
+    (rtn, _), images = two_calibrations
+    compiled = np.asarray(pq.quantized_apply(None, rtn, images))  # (a program of these shapes exists)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+            seen.append(tuple(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        inside = np.asarray(pq.quantized_apply(None, rtn, images))
+    quantized = set(pq.api.quantized_layers(rtn))
+    assert quantized and quantized <= set(seen)
+    calls = len(seen)
+    again = np.asarray(pq.quantized_apply(None, rtn, images))
+    assert len(seen) == calls  # the interceptor did not stay in a compiled program
+    np.testing.assert_array_equal(again, compiled)
+    np.testing.assert_allclose(inside, compiled, rtol=1e-5, atol=1e-5 * np.abs(compiled).max())
