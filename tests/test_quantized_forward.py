@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 import ptq4vm_jax as pq
 from ptq4vm_jax.data import load_digits_dataset
+from ptq4vm_jax.quant.layer import capture_dense_inputs
 
 ASSET = Path(pq.__file__).parent / "assets" / "vim_micro"
 
@@ -60,19 +60,13 @@ def test_calibrations_of_the_same_shapes_share_one_program(two_calibrations, com
 def test_a_callers_interceptor_sees_the_modules_and_is_not_kept(two_calibrations):
     (rtn, _), images = two_calibrations
     compiled = np.asarray(pq.quantized_apply(None, rtn, images))  # (a program of these shapes exists)
-    seen = []
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
-            seen.append(tuple(context.module.path))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        inside = np.asarray(pq.quantized_apply(None, rtn, images))
     quantized = set(pq.api.quantized_layers(rtn))
-    assert quantized and quantized <= set(seen)
-    calls = len(seen)
+    seen: dict = {}
+    with capture_dense_inputs(quantized, seen):  # an nn.intercept_methods interceptor
+        inside = np.asarray(pq.quantized_apply(None, rtn, images))
+    assert quantized and set(seen) == quantized
+    seen.clear()
     again = np.asarray(pq.quantized_apply(None, rtn, images))
-    assert len(seen) == calls  # the interceptor did not stay in a compiled program
+    assert seen == {}  # the interceptor did not stay in a compiled program
     np.testing.assert_array_equal(again, compiled)
     np.testing.assert_allclose(inside, compiled, rtol=1e-5, atol=1e-5 * np.abs(compiled).max())
