@@ -235,10 +235,15 @@ def quantized_apply(
                                       "fast path here)", argument="gemm"), stacklevel=2)
     program = qparams.config.program
     check_mode(mode, program)
-    forward = _forward(model, program, mode, gemm)
     if _interceptors_active():  # theirs must see this forward's modules: trace it afresh, inline
-        return forward.__wrapped__(qparams.params, qparams.qlayers, images)
-    return forward(qparams.params, qparams.qlayers, images)
+        return _quantized_forward(model, program, mode, gemm, qparams.params, qparams.qlayers, images)
+    return _forward(model, program, mode, gemm)(qparams.params, qparams.qlayers, images)
+
+
+def _quantized_forward(model: nn.Module, program: QuantProgram, mode: str, gemm: str, params: Any,
+                       qlayers: Any, images: jax.Array) -> jax.Array:
+    with intercept_dense(qlayers, program, mode, gemm=gemm):
+        return model.apply({"params": params}, images)
 
 
 @functools.lru_cache(maxsize=32)
@@ -247,13 +252,7 @@ def _forward(model: nn.Module, program: QuantProgram, mode: str, gemm: str) -> C
     arguments. A ``QuantizedParams`` carries its config and calibration summary as static data,
     so a program keyed on it would compile again for every calibration of the same shapes; this
     one serves them all, and eager calls run compiled rather than op by op."""
-
-    @jax.jit
-    def forward(params: Any, qlayers: Any, images: jax.Array) -> jax.Array:
-        with intercept_dense(qlayers, program, mode, gemm=gemm):
-            return model.apply({"params": params}, images)
-
-    return forward
+    return jax.jit(functools.partial(_quantized_forward, model, program, mode, gemm))
 
 
 def _interceptors_active() -> bool:
