@@ -43,7 +43,7 @@ def pts(micro):
     return get
 
 
-@pytest.mark.xla_optimized  # PTS over 256 images, then 355 images op by op
+@pytest.mark.xla_optimized  # PTS over 256 images, int == fake under the compiler users run
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8), (4, 4)], ids=["w8a8", "w4a8", "w4a4"])
 def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, pts, bits):
     test_x = micro[2]
