@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import numpy as np
 import pytest
 
 import ptq4vm_jax
 from ptq4vm_jax.checkpoint import read_metadata
+from ptq4vm_jax.quant.params import flatten_layers, nest_layers
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "quantized_v1", "vim_micro_w4a8_pts")
 
@@ -47,14 +47,13 @@ def test_version_1_logits_reproduced(qparams: ptq4vm_jax.QuantizedParams, mode: 
 @pytest.mark.xla_optimized
 def test_one_changed_weight_code_exceeds_the_bound(qparams: ptq4vm_jax.QuantizedParams) -> None:
     """The tolerance above is far below what a damaged checkpoint computes."""
-    is_layer = lambda x: hasattr(x, "w_int")  # noqa: E731
-    layer = [x for x in jax.tree_util.tree_leaves(qparams.qlayers, is_leaf=is_layer) if is_layer(x)][4]
-    codes = np.array(layer.w_int)
+    layers = flatten_layers(qparams.qlayers)
+    path = sorted(layers)[4]
+    codes = np.array(layers[path].w_int)
     codes.flat[5] ^= 1
-    changed = jax.tree_util.tree_map(
-        lambda x: dataclasses.replace(x, w_int=codes) if x is layer else x, qparams.qlayers, is_leaf=is_layer
-    )
+    layers[path] = dataclasses.replace(layers[path], w_int=codes)
+    changed = qparams.replace(qlayers=nest_layers(layers))
     images = np.load(os.path.join(FIXTURE, "images.npy"))
     want = np.load(os.path.join(FIXTURE, "logits_fake.npy"))
-    got = np.asarray(ptq4vm_jax.quantized_apply(None, qparams.replace(qlayers=changed), images, mode="fake"))
+    got = np.asarray(ptq4vm_jax.quantized_apply(None, changed, images, mode="fake"))
     assert np.abs(got - want).max() > 100 * _logits_bound(want)
