@@ -1,5 +1,6 @@
 """Pallas GPU kernels for PTQ4VM: the W2..8 A2..8 integer linear, the S6 scan (forward for
-inference, forward + backward for calibration) and Vim's fused bidirectional mixer core.
+inference, forward + backward for calibration), Vim's fused bidirectional mixer core and the
+residual add + RMSNorm (both able to emit the next linear's int8 codes).
 
 A quantized linear's parameters are one pytree, :class:`QuantizedLinear` (``qlinear.py``), and
 every integer GEMM takes ``(x, layer, *, out_dtype=..., ...)``. ``qmatmul`` and the scan use the
@@ -10,7 +11,9 @@ plain-XLA references are ``qmatmul_ref`` and ``ptq4vm_jax.ops.scan.selective_sca
 XLA) for the layers too narrow for int8 kernels.
 """
 
+from pallas_kernels.add_norm import NormConfig, add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
 from pallas_kernels.qlinear import (
+    QuantizedActivation,
     QuantizedLinear,
     check_bits,
     dense_weight,
@@ -28,6 +31,8 @@ from pallas_kernels.qmatmul import (
     qmatmul,
     qmatmul_bf16_dot,
     qmatmul_codes,
+    qmatmul_codes_bf16_dot,
+    qmatmul_codes_ref,
     qmatmul_int32,
     qmatmul_int32_ref,
     qmatmul_ref,
@@ -38,6 +43,7 @@ from pallas_kernels.qmatmul_hopper import (
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
     qmatmul_wgmma,
+    qmatmul_wgmma_codes,
     supports_wgmma,
 )
 from pallas_kernels.selective_scan import (
@@ -56,9 +62,14 @@ __all__ = [
     "GemmConfig",
     "MixerConfig",
     "MixerDirection",
+    "NormConfig",
+    "QuantizedActivation",
     "QuantizedLinear",
     "ScanConfig",
     "WgmmaConfig",
+    "add_rmsnorm",
+    "add_rmsnorm_codes_ref",
+    "add_rmsnorm_ref",
     "bf16_dot_plan",
     "check_bits",
     "default_gemm_config",
@@ -72,11 +83,14 @@ __all__ = [
     "qmatmul",
     "qmatmul_bf16_dot",
     "qmatmul_codes",
+    "qmatmul_codes_bf16_dot",
+    "qmatmul_codes_ref",
     "qmatmul_codes_wgmma",
     "qmatmul_int32",
     "qmatmul_int32_ref",
     "qmatmul_ref",
     "qmatmul_wgmma",
+    "qmatmul_wgmma_codes",
     "quantize_activations",
     "selective_scan",
     "supports_wgmma",

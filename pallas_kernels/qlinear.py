@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
+    "QuantizedActivation",
     "QuantizedLinear",
     "check_bits",
     "dense_weight",
@@ -80,6 +81,28 @@ jax.tree_util.register_dataclass(
     data_fields=["w_int", "w_scale", "smooth", "a_scale", "a_zero", "bias"],
     meta_fields=["w_bits", "a_bits"],
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedActivation:
+    """An activation its producer already quantized with the consuming linear's input quantizer:
+    ``codes`` (B, L, K) int8, ``q - 2^(a_bits-1)`` as ``quantize_activations`` gives them, and
+    ``dtype`` the float dtype the activation had (the linear's output dtype). A fused kernel
+    returns it instead of floats so that no separate quantize pass reads the activation again."""
+
+    codes: jax.Array
+    dtype: jnp.dtype
+
+    def __post_init__(self) -> None:
+        if isinstance(self.codes, jax.Array | jax.ShapeDtypeStruct) and self.codes.dtype != jnp.int8:
+            raise ValueError(f"QuantizedActivation.codes must be int8, got {self.codes.dtype}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+
+jax.tree_util.register_dataclass(QuantizedActivation, data_fields=["codes"], meta_fields=["dtype"])
 
 
 def pack_int4(w_q: jax.Array) -> jax.Array:

@@ -49,6 +49,8 @@ __all__ = [
     "qmatmul",
     "qmatmul_bf16_dot",
     "qmatmul_codes",
+    "qmatmul_codes_bf16_dot",
+    "qmatmul_codes_ref",
     "qmatmul_int32",
     "qmatmul_int32_ref",
     "qmatmul_ref",
@@ -105,14 +107,14 @@ def _check_args(x: jax.Array, layer: QuantizedLinear, *, codes: bool = False) ->
     return w_q, storage_bits
 
 
-def _reciprocal(v: jax.Array) -> jax.Array:
+def reciprocal(v: jax.Array) -> jax.Array:
     """IEEE f32 1/v, computed once per layer; the quantizer multiplies by it (see module doc)."""
     return 1.0 / v.astype(jnp.float32)
 
 
 def quantize_activations(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     """Signed int8 codes ``q - 2^(a_bits-1)`` of (B, L, K) activations (fuses into the producer in XLA)."""
-    inv_smooth, inv_scale = _reciprocal(layer.smooth), _reciprocal(layer.a_scale)
+    inv_smooth, inv_scale = reciprocal(layer.smooth), reciprocal(layer.a_scale)
     v = x.astype(jnp.float32) * inv_smooth * inv_scale[:, None]
     qmax = 2**layer.a_bits - 1
     q = jnp.clip(jnp.round(v) + layer.a_zero.astype(jnp.float32)[:, None], 0, qmax)
@@ -166,10 +168,30 @@ def qmatmul_ref(
 
     ``colsum`` = :func:`weight_colsum` (precompute it once per layer); computed here when not given.
     """
-    w_q, w_bits = _check_args(x, layer)
-    codes = quantize_activations(x, layer)
+    _check_args(x, layer)
+    return qmatmul_codes_ref(quantize_activations(x, layer), layer, out_dtype=out_dtype or x.dtype,
+                             colsum=colsum)
+
+
+def _check_codes(codes: jax.Array, layer: QuantizedLinear) -> tuple[jax.Array, int]:
+    if codes.dtype != jnp.int8:
+        raise ValueError(f"codes must be int8 from quantize_activations, got {codes.dtype}")
+    return _check_args(codes, layer, codes=True)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def qmatmul_codes_ref(
+    codes: jax.Array,
+    layer: QuantizedLinear,
+    *,
+    out_dtype: DTypeLike = jnp.float32,
+    colsum: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`qmatmul_ref` on int8 codes ``q - 2^(a_bits-1)`` that a producer already quantized
+    with the layer's input quantizer (``quantize_activations``' contract; ``smooth`` not read)."""
+    w_q, w_bits = _check_codes(codes, layer)
     acc = _codes_matmul_int32(codes, w_q, layer.a_zero, layer.a_bits, w_bits, colsum)
-    return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype or x.dtype)
+    return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype)
 
 
 #: The largest integer up to which every f32 integer is exact: a bf16 dot with f32 accumulation
@@ -233,10 +255,23 @@ def qmatmul_bf16_dot(
     where an int8 kernel loses: the narrow layers (x_proj: N = 44..80; dt_proj: K = 12..48),
     where XLA can fuse the quantization and the dequantization into its own GEMM.
     """
-    w_q, w_bits = _check_args(x, layer)
-    codes = quantize_activations(x, layer)
+    _check_args(x, layer)
+    return qmatmul_codes_bf16_dot(quantize_activations(x, layer), layer, out_dtype=out_dtype or x.dtype,
+                                  colsum=colsum)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def qmatmul_codes_bf16_dot(
+    codes: jax.Array,
+    layer: QuantizedLinear,
+    *,
+    out_dtype: DTypeLike = jnp.float32,
+    colsum: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`qmatmul_bf16_dot` on int8 codes from a producer (see :func:`qmatmul_codes_ref`)."""
+    w_q, w_bits = _check_codes(codes, layer)
     acc = _codes_matmul_bf16(codes, w_q, layer.a_zero, layer.a_bits, w_bits, colsum)
-    return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype or x.dtype)
+    return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -306,7 +341,7 @@ def _ptx(asm: str, *args: jax.Array) -> jax.Array:
     return out
 
 
-def _quantize_tile(x, inv_smooth, inv_scale, zero_f, a_bits, exact_ptx):
+def quantize_tile(x, inv_smooth, inv_scale, zero_f, a_bits, exact_ptx):
     """Prologue: int8 codes of one (bm, bk) tile, bit-identical to :func:`quantize_activations`.
 
     Triton has no ``round`` lowering; on the GPU the kernel emits PTX ``cvt.rni.f32.f32``
@@ -347,7 +382,7 @@ def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits,
         if not fused:
             return x
         inv_smooth = _load(sm_ref.at[pl.ds(k0, bk)], k_ok, jnp.float32(1.0))[None, :]
-        return _quantize_tile(x, inv_smooth, inv_scale_col, zero_col, a_bits, exact_ptx)
+        return quantize_tile(x, inv_smooth, inv_scale_col, zero_col, a_bits, exact_ptx)
 
     def body(step, acc):
         k0 = step * bk
@@ -399,7 +434,7 @@ def _gemm_call(x, smooth, w_q, w_bits, layer, colsum, *, out_dtype, int_out, int
     operands = [x.reshape(m, k), w_q, a_scale.astype(jnp.float32), a_zero.astype(jnp.int32),
                 colsum.astype(jnp.int32)]
     if fused:
-        operands += [_reciprocal(smooth), _reciprocal(a_scale)]
+        operands += [reciprocal(smooth), reciprocal(a_scale)]
     if not int_out:
         operands.append(w_scale.astype(jnp.float32))
         if bias is not None:
@@ -474,8 +509,6 @@ def qmatmul_codes(
     The two-pass alternative to :func:`qmatmul`: quantization fused into the producer by XLA,
     each activation quantized once instead of once per N tile.
     """
-    if codes.dtype != jnp.int8:
-        raise ValueError(f"codes must be int8 from quantize_activations, got {codes.dtype}")
-    w_q, w_bits = _check_args(codes, layer, codes=True)
+    w_q, w_bits = _check_codes(codes, layer)
     return _gemm_call(codes, None, w_q, w_bits, layer, colsum, out_dtype=out_dtype, int_out=False,
                       interpret=interpret, config=config)

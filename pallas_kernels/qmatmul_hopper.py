@@ -35,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.typing import DTypeLike
 
 from pallas_kernels.qlinear import QuantizedLinear, dense_weight
-from pallas_kernels.qmatmul import _check_args, quantize_activations
+from pallas_kernels.qmatmul import _check_args, _check_codes, quantize_activations
 
 __all__ = [
     "WGMMA_SWEEP",
@@ -44,6 +44,7 @@ __all__ = [
     "prepare_weight_wgmma",
     "qmatmul_codes_wgmma",
     "qmatmul_wgmma",
+    "qmatmul_wgmma_codes",
     "smem_bytes",
     "supports_qmatmul_wgmma",
     "supports_wgmma",
@@ -394,18 +395,30 @@ def qmatmul_wgmma(
     config: WgmmaConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """:func:`~pallas_kernels.qmatmul.qmatmul`'s contract and result on Hopper, any K and N.
+    """:func:`~pallas_kernels.qmatmul.qmatmul`'s contract and result on Hopper, any K and N:
+    ``quantize_activations`` (an XLA op that fuses into x's producer), then
+    :func:`qmatmul_wgmma_codes`."""
+    _check_args(x, layer)
+    return qmatmul_wgmma_codes(quantize_activations(x, layer), layer, out_dtype=out_dtype or x.dtype,
+                               config=config, interpret=interpret)
 
-    ``quantize_activations`` (an XLA op that fuses into x's producer) + ``qmatmul_codes_wgmma``
-    on the layer's weight, dense, transposed and zero-padded to multiples of 64 in K and N. Zero
-    weight rows add nothing to the sums (whatever the padded codes hold) nor to the column sums;
-    padded output columns are cut. The weight preparation is part of the traced graph: a few MB
-    per layer, against the activations' tens of MB.
-    """
-    w_q, w_bits = _check_args(x, layer)
-    k, n = x.shape[-1], layer.out_features
+
+def qmatmul_wgmma_codes(
+    codes: jax.Array,
+    layer: QuantizedLinear,
+    *,
+    out_dtype: DTypeLike = jnp.bfloat16,
+    config: WgmmaConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``qmatmul_codes_wgmma`` for any K and N, on int8 codes a producer quantized with the layer's
+    input quantizer: the weight dense, transposed and zero-padded to multiples of 64 in K and N.
+    Zero weight rows add nothing to the sums (whatever the padded codes hold) nor to the column
+    sums; padded output columns are cut. The weight preparation is part of the traced graph: a
+    few MB per layer, against the activations' tens of MB."""
+    w_q, w_bits = _check_codes(codes, layer)
+    k, n = codes.shape[-1], layer.out_features
     kp, np_ = _padded(k), _padded(n)
-    codes = quantize_activations(x, layer)
     w = dense_weight(w_q, w_bits)[:k]
     if kp != k:
         codes = jnp.pad(codes, ((0, 0), (0, 0), (0, kp - k)))
@@ -414,6 +427,6 @@ def qmatmul_wgmma(
     if np_ != n:
         bias = None if layer.bias is None else jnp.pad(layer.bias, (0, np_ - n))
         padded = dataclasses.replace(layer, w_scale=jnp.pad(layer.w_scale, (0, np_ - n)), bias=bias)
-    y = qmatmul_codes_wgmma(codes, padded, w_t=w_t, out_dtype=out_dtype or x.dtype, config=config,
+    y = qmatmul_codes_wgmma(codes, padded, w_t=w_t, out_dtype=out_dtype, config=config,
                             interpret=interpret)
     return y[..., :n]

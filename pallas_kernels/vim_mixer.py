@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.qlinear import QuantizedLinear
+from pallas_kernels.qmatmul import quantize_tile, reciprocal
 from pallas_kernels.selective_scan import (
     CHANNEL_MAJOR_MIN_CHANNELS,
     ScanConfig,
@@ -182,10 +184,13 @@ def _inputs(x, z, fwd, bwd):
     return named
 
 
-def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg):
-    """``dims``: per direction prefix, (d_conv, N, R or None)."""
+def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg, a_bits, exact_ptx):
+    """``dims``: per direction prefix, (d_conv, N, R or None). ``a_bits`` None: one output, the
+    mixer's value (its first pass holds the backward direction's partial sum); else two, that
+    partial and the value's int8 codes under out_proj's input quantizer (operands ``q_*``)."""
     r = dict(zip(names, refs, strict=False))
     o_ref = refs[len(names)]
+    codes_ref = refs[len(names) + 1] if a_bits is not None else None
     f32 = jnp.float32
     be = cfg.block_e
     batch = pl.program_id(0)
@@ -193,6 +198,7 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg):
     cols = pl.ds(e0, be)
     e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
+    inv_smooth = None if codes_ref is None else _load(r["q_inv_smooth"].at[cols], e_ok, f32(1.0))
 
     def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
         return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
@@ -260,7 +266,13 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg):
                     y = y * jax.nn.silu(z_t)
                 if divide_out:
                     y = y * f32(0.5)
-            _store(o_ref.at[batch, t, cols], y, e_ok)
+            if final and codes_ref is not None:
+                # The codes of the value as the float path would hand it to out_proj (in x.dtype).
+                y = y.astype(o_ref.dtype).astype(f32)
+                codes = quantize_tile(y, inv_smooth, r["q_inv_scale"][t], r["q_zero"][t], a_bits, exact_ptx)
+                _store(codes_ref.at[batch, t, cols], codes, e_ok)
+            else:
+                _store(o_ref.at[batch, t, cols], y, e_ok)
             return tuple(new_h), rows[1:]
 
         zeros = jnp.zeros((be,), f32)
@@ -275,22 +287,31 @@ def _dims(d: MixerDirection) -> tuple[int, int, int | None]:
     return d.conv_weight.shape[0], d.A.shape[1], None if d.dt_weight is None else d.dt_weight.shape[0]
 
 
-def _forward(x, z, fwd, bwd, divide_out, interpret, cfg):
-    """The fused kernel: ``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype."""
+def _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant=None):
+    """The fused kernel: ``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype, or with ``quant`` (a
+    QuantizedLinear) its int8 codes under that linear's input quantizer."""
     batch, seq, e = x.shape
-    names, arrays = zip(*_inputs(x, z, fwd, bwd), strict=True)
+    named = _inputs(x, z, fwd, bwd)
+    out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    if quant is not None:
+        named += [("q_inv_smooth", reciprocal(quant.smooth)), ("q_inv_scale", reciprocal(quant.a_scale)),
+                  ("q_zero", quant.a_zero.astype(jnp.float32))]
+        out_shape = (out_shape, jax.ShapeDtypeStruct(x.shape, jnp.int8))
+    names, arrays = zip(*named, strict=True)
     kernel = functools.partial(
         _mixer_kernel, names=names, seq=seq, e=e, dims={"f_": _dims(fwd), "b_": _dims(bwd)},
         gate=z is not None, divide_out=divide_out, cfg=cfg,
+        a_bits=None if quant is None else quant.a_bits, exact_ptx=not interpret,
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        out_shape=out_shape,
         grid=(batch, pl.cdiv(e, cfg.block_e)),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="ptq4vm_vim_mixer",
     )(*arrays)
+    return out if quant is None else out[1]
 
 
 # ----------------------------------------------------------------------------- training (VJP)
@@ -350,10 +371,16 @@ def vim_mixer(
     divide_out: bool = True,
     interpret: bool = False,
     config: MixerConfig | None = None,
+    quant: QuantizedLinear | None = None,
 ) -> jax.Array:
     """``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype; ``z=None``: no gate; ``divide_out=False``:
     the sum. ``x, z`` (B, L, E) are the in_proj halves in token order; ``fwd``/``bwd`` the two
     directions (``MixerDirection``). Semantics: ``ptq4vm_jax.ops.mixer.vim_mixer_ref``.
+
+    ``quant``: the consuming linear (out_proj, a ``QuantizedLinear`` with K = E, per-token scales
+    over L). The kernel then returns the int8 codes ``quantize_activations(value, quant)`` of the
+    value in x.dtype, computed in its epilogue, instead of the value (inference only: not
+    differentiable).
 
     Differentiable in every array input (x, z and both directions' fields); undifferentiated,
     only the fused kernel runs. The backward saves nothing but the inputs: it recomputes the
@@ -363,4 +390,18 @@ def vim_mixer(
     """
     _check(x, z, fwd, bwd)
     cfg = config or default_mixer_config(x.shape[0], x.shape[2])
-    return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd)
+    if quant is None:
+        return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd)
+    _check_quant(x, quant)
+    return _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant)
+
+
+def _check_quant(x: jax.Array, quant: QuantizedLinear) -> None:
+    if not isinstance(quant, QuantizedLinear):
+        raise TypeError(f"vim_mixer: quant must be a QuantizedLinear (out_proj's), "
+                        f"got {type(quant).__name__}")
+    _, seq, e = x.shape
+    if quant.smooth.shape != (e,) or quant.a_scale.shape != (seq,) or quant.a_zero.shape != (seq,):
+        raise ValueError(f"vim_mixer: quant must quantize (B, L, E) = {x.shape} activations: smooth "
+                         f"({e},), a_scale and a_zero ({seq},); got {quant.smooth.shape}, "
+                         f"{quant.a_scale.shape}, {quant.a_zero.shape}")

@@ -21,6 +21,8 @@ from pallas_kernels.qmatmul import (
     qmatmul,
     qmatmul_bf16_dot,
     qmatmul_codes,
+    qmatmul_codes_bf16_dot,
+    qmatmul_codes_ref,
     qmatmul_int32,
     qmatmul_int32_ref,
     qmatmul_ref,
@@ -200,6 +202,11 @@ def test_two_pass_codes_path_matches_reference():
     y = qmatmul_codes(codes, layer, interpret=INTERPRET)
     y_ref = qmatmul_ref(inp["x"], layer, out_dtype=jnp.float32, colsum=weight_colsum(inp["w_q"], 8))
     r = np.asarray(y_ref)
+    # The XLA paths on codes (what a fused producer hands over) are the float entry points' second half.
+    np.testing.assert_array_equal(np.asarray(qmatmul_codes_ref(codes, layer)), r)
+    np.testing.assert_array_equal(np.asarray(qmatmul_codes_bf16_dot(codes, layer)), r)
+    with pytest.raises(ValueError, match="codes must be int8"):
+        qmatmul_codes_ref(inp["x"], layer)
     if INTERPRET:
         np.testing.assert_array_equal(np.asarray(y), r)
     else:

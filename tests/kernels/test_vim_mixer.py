@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.qlinear import QuantizedLinear
+from pallas_kernels.qmatmul import quantize_activations
 from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer
 from ptq4vm_jax.ops import mixer as mixer_ops
 from ptq4vm_jax.ops.mixer import vim_mixer_ref
@@ -100,6 +101,40 @@ def test_integer_dt_proj_feed_equals_the_quantized_layer():
     assert_close(y, vim_mixer_ref(x, None, given, bwd, divide_out=False), 1e-5)
 
 
+def out_quantizer(seed, seq, e, a_bits):
+    """out_proj's per-token asymmetric input quantizer over (B, L, E) values of about unit size
+    (its weight is not read)."""
+    rng = np.random.default_rng(seed)
+    top = 2**a_bits - 1
+    return QuantizedLinear(
+        w_int=jnp.zeros((e, 8), jnp.int8), w_scale=jnp.ones(8, jnp.float32),
+        smooth=jnp.asarray(rng.uniform(0.5, 2.0, e), jnp.float32),
+        a_scale=jnp.asarray(rng.uniform(1.0, 3.0, seq) / top, jnp.float32),
+        a_zero=jnp.asarray(rng.integers(top // 3, 2 * top // 3, seq), jnp.int32), a_bits=a_bits)
+
+
+@pytest.mark.parametrize("batch,seq,e,n,gate,dtype,a_bits,config", [
+    (2, 65, 128, 16, True, jnp.bfloat16, 8, MixerConfig(64, 1, 2, unroll=2)),
+    (1, 11, 24, 4, False, jnp.float32, 4, SMALL),  # a masked last tile, 4-bit codes
+])
+def test_out_proj_codes_epilogue(batch, seq, e, n, gate, dtype, a_bits, config):
+    """With ``quant`` (out_proj's input quantizer) the kernel writes the int8 codes of its value:
+    exactly what out_proj computes from the kernel's float output (so integer inference through
+    the kernel equals fake-quant through it), and in fp32 the reference value's codes but where
+    the two values straddle a rounding boundary."""
+    x, z, fwd, bwd = make_inputs(seq + e, batch, seq, e, n, gate=gate, dtype=dtype)
+    quant = out_quantizer(seq, seq, e, a_bits)
+    y = vim_mixer(x, z, fwd, bwd, interpret=INTERPRET, config=config)
+    codes = vim_mixer(x, z, fwd, bwd, interpret=INTERPRET, config=config, quant=quant)
+    assert codes.dtype == jnp.int8 and codes.shape == x.shape
+    c = np.asarray(codes).astype(int)
+    np.testing.assert_array_equal(c, np.asarray(quantize_activations(y, quant)))
+    assert len(np.unique(c)) > 2 ** (a_bits - 1), "the quantizer's range is hardly used"
+    if dtype == jnp.float32:
+        c_ref = np.asarray(quantize_activations(vim_mixer_ref(x, z, fwd, bwd), quant)).astype(int)
+        assert np.abs(c - c_ref).max() <= 1 and np.mean(c != c_ref) <= 1e-2
+
+
 def grads(fn, args, seed=3, **kw):
     """Value and gradients (every array leaf) of a random linear readout of ``fn(x, z, fwd, bwd)``."""
     w = jnp.asarray(np.random.default_rng(seed).normal(size=args[0].shape), jnp.float32)
@@ -167,6 +202,8 @@ def test_bad_arguments_are_explained():
                                           "dt_weight": jnp.ones((4, 16))}), bwd, interpret=True)
     with pytest.raises(ValueError, match="give dt_weight too"):
         vim_mixer(x, z, MixerDirection(**{**vars(fwd), "dt_col_scale": jnp.ones(16)}), bwd, interpret=True)
+    with pytest.raises(ValueError, match=r"quant must quantize .* a_scale and a_zero \(8,\)"):
+        vim_mixer(x, z, fwd, bwd, interpret=True, quant=out_quantizer(0, 7, 16, 8))
     with pytest.raises(ValueError, match="block_e must be a power of two"):
         MixerConfig(block_e=48)
     s = jax.ShapeDtypeStruct
@@ -192,6 +229,11 @@ def test_lowers_for_cuda_at_vim_shapes(cuda_target):
     text = jax.jit(vim_mixer).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_vim_mixer" in text
     assert "__nv_exp2f" in text  # exp2 decays
+    quant = QuantizedLinear(s((e, 384), jnp.int8), s((384,), jnp.float32), vec, s((seq,), jnp.float32),
+                            s((seq,), jnp.int32))
+    text = jax.jit(lambda *a: vim_mixer(*a[:4], quant=a[4])).trace(*args, quant).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "ptq4vm_vim_mixer" in text and "cvt.rni.f32.f32" in text  # out_proj's codes in the epilogue
     loss = lambda *a: jnp.sum(vim_mixer(*a).astype(jnp.float32))
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
