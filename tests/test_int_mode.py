@@ -9,7 +9,8 @@ import pytest
 
 import ptq4vm_jax as pq
 from pallas_kernels import qmatmul_hopper
-from pallas_kernels.qlinear import QuantizedLinear, pack_weight
+from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, pack_weight
+from pallas_kernels.qmatmul import quantize_activations
 from ptq4vm_jax.cli import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import integer
@@ -103,11 +104,17 @@ def make_layer(seed, k, n, w_bits, a_bits, seq=13):
 def test_every_int_gemm_backend_computes_the_same_linear(k, n, w_bits, a_bits):
     """xla, the Triton kernel and wgmma (Mosaic GPU interpreter off the GPU; K = 48, 47, 24 and
     N = 56, as in x_proj / dt_proj, zero-padded to 64) give the same outputs, and they equal
-    fake quantization of the layer."""
+    fake quantization of the layer. Each takes the codes of a fused producer too (a
+    QuantizedActivation; at K = 47 the packed weight's zero row gets a padded code column) and
+    gives the same output from them."""
     layer = make_layer(k + n + w_bits, k, n, w_bits, a_bits)
     x = jnp.asarray(3.0 * np.random.default_rng(k).standard_normal((2, 13, k), np.float32))
     outs = {backend: np.asarray(int_linear(x, layer, backend)) for backend in BACKENDS}
     assert np.abs(outs["xla"]).max() > 0
+    produced = QuantizedActivation(quantize_activations(x, layer), jnp.dtype(jnp.float32))
+    for backend in BACKENDS:
+        np.testing.assert_array_equal(np.asarray(int_linear(produced, layer, backend)), outs[backend],
+                                      err_msg=f"{backend} on codes")
     for backend in BACKENDS[1:]:
         if ON_GPU:  # a GPU build may contract the epilogue's (acc * s_a) * s_w + b into an FMA
             np.testing.assert_allclose(outs[backend], outs["xla"], rtol=2e-6,
@@ -179,29 +186,36 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
 def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
     """Every backend runs what ``gemm`` names, and all agree. ``quantized_apply`` compiles one
     program per GEMM, so each call below traces its own after the others ran: the GEMM is the
-    argument passed, fixed at trace time, not a context read while tracing."""
+    argument passed, fixed at trace time, not a context read while tracing. in_proj takes its
+    codes from the add + norm (integer mode's fused producer): each backend's entry point on codes
+    counts as that backend."""
     qp = tiny64
     calls = {g: {"codes": [], "triton": 0, "bf16": []} for g in BACKENDS}
     backend = []  # the one running now
-    wgmma, qmatmul = qmatmul_hopper.qmatmul_codes_wgmma, integer.qmatmul
-    bf16_dot = integer.qmatmul_bf16_dot
+    wgmma = qmatmul_hopper.qmatmul_codes_wgmma
 
     def spy_codes(codes, layer, *, w_t, **kw):
         calls[backend[-1]]["codes"].append(w_t.shape)  # (N, K) of the padded weight
         return wgmma(codes, layer, w_t=w_t, **kw)
 
-    def spy_triton(*a, **kw):
-        calls[backend[-1]]["triton"] += 1
-        return qmatmul(*a, **kw)
+    def spy_triton(fn):
+        def run(*a, **kw):
+            calls[backend[-1]]["triton"] += 1
+            return fn(*a, **kw)
+        return run
 
-    def spy_bf16(x, layer, **kw):
-        calls[backend[-1]]["bf16"].append((layer.out_features, x.shape[-1]))  # (N, K)
-        return bf16_dot(x, layer, **kw)
+    def spy_bf16(fn):
+        def run(x, layer, **kw):
+            calls[backend[-1]]["bf16"].append((layer.out_features, x.shape[-1]))  # (N, K)
+            return fn(x, layer, **kw)
+        return run
 
-    monkeypatch.setattr(integer, "qmatmul_bf16_dot", spy_bf16)
+    for name in ("qmatmul_bf16_dot", "qmatmul_codes_bf16_dot"):
+        monkeypatch.setattr(integer, name, spy_bf16(getattr(integer, name)))
+    for name in ("qmatmul", "qmatmul_codes"):
+        monkeypatch.setattr(integer, name, spy_triton(getattr(integer, name)))
     monkeypatch.setattr(integer, "NARROW", 64)  # embed_dim 64: in_proj and out_proj count as wide
     monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma", spy_codes)
-    monkeypatch.setattr(integer, "qmatmul", spy_triton)
     pq.api._forward.cache_clear()  # the spies count traces: no forward traced before them may be reused
     images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32))
     logits = {}

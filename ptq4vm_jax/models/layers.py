@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ptq4vm_jax.ops.norm import add_rmsnorm
 from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan
 
 LN_EPS = 1e-5  # torch nn.LayerNorm's default, which every official LayerNorm here keeps
@@ -66,6 +67,27 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         rstd = lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return x32 * rstd * weight
+
+
+class AddRMSNorm(nn.Module):
+    """mamba_ssm's fused residual add + RMSNorm with the residual in fp32 (its parameter is the
+    ``RMSNorm``'s ``weight``): ``(hidden, residual) -> (norm(residual + hidden) in dtype, residual
+    + hidden)``, on the Pallas kernel when ``backend`` is the fused Vim mixer's (``ops.norm``).
+
+    ``feeds``: the path, from this module's parent, of the linear that consumes the output. A
+    quantization transform that runs that linear in integers may pass it as ``quant=``; the
+    output is then that linear's ``QuantizedActivation`` (its input codes, quantized here)."""
+
+    eps: float
+    dtype: Any
+    backend: str
+    feeds: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, residual: jax.Array, quant: Any = None) -> tuple[Any, jax.Array]:
+        weight = self.param("weight", nn.initializers.ones, (hidden.shape[-1],), jnp.float32)
+        return add_rmsnorm(hidden, residual, weight, eps=self.eps, out_dtype=self.dtype,
+                           backend=self.backend, quant=quant)
 
 
 class CausalConv1d(nn.Module):

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptq4vm_jax.models.layers import CausalConv1d, RMSNorm, a_log_init, dense, mamba_direction
+from ptq4vm_jax.models.layers import AddRMSNorm, CausalConv1d, a_log_init, dense, mamba_direction
 from ptq4vm_jax.models.vision_mamba import (
     VisionMambaBase,
     VisionMambaParts,
@@ -46,9 +46,9 @@ class VimConfig(VisionMambaSizes):
     norm_epsilon: float = 1e-5
     dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
     # Runtime choices, not sizes (checkpoints do not store them): the selective scan's backend,
-    # one of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` ("auto": the fused mixer kernel on GPU, lax.scan
-    # elsewhere; "pallas": a Pallas scan per direction; "fused": the fused mixer kernel; off the
-    # GPU the Pallas kernels run in the interpreter).
+    # one of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` ("auto": a Pallas scan per direction on GPU,
+    # lax.scan elsewhere; "pallas": a Pallas scan per direction; "fused": the fused mixer kernel and
+    # the add + norm kernel; off the GPU the Pallas kernels run in the interpreter).
     scan: str = "auto"
 
     def __post_init__(self) -> None:
@@ -68,6 +68,18 @@ class VimConfig(VisionMambaSizes):
     def cls_token(self) -> bool:
         """Vim always has its middle class token (LocalVim's is a switch)."""
         return True
+
+
+class MixerCore(nn.Module):
+    """The fused mixer core as a module of its own (no parameters) so that its output has a
+    consumer to name: ``feeds`` is out_proj's path from the parent mixer (see ``AddRMSNorm``)."""
+
+    cfg: VimConfig
+    feeds: tuple[str, ...] = ("out_proj",)
+
+    def __call__(self, x: jax.Array, z: jax.Array, fwd: MixerDirection, bwd: MixerDirection,
+                 quant: Any = None) -> Any:
+        return vim_mixer(x, z, fwd, bwd, backend=self.cfg.scan, quant=quant)
 
 
 class BiMambaMixer(nn.Module):
@@ -90,6 +102,7 @@ class BiMambaMixer(nn.Module):
         self.A_b_log = self.param("A_b_log", a_log_init, (e, n))
         self.D = self.param("D", nn.initializers.ones, (e,))
         self.D_b = self.param("D_b", nn.initializers.ones, (e,))
+        self.core = MixerCore(c, name="core")
 
     def _fused(self, x, z):
         """The same function with conv + scans + gate + average in one kernel (``ops.mixer``);
@@ -104,11 +117,13 @@ class BiMambaMixer(nn.Module):
             w = conv.variables["params"]
             directions.append(MixerDirection(w["kernel"], w["bias"], dt_proj(dt), b, cc,
                                              -jnp.exp(a_log.astype(jnp.float32)), d))
-        return vim_mixer(x, z, *directions, backend=c.scan)
+        return self.core(x, z, *directions)
 
-    def __call__(self, hidden: jax.Array) -> jax.Array:
+    def __call__(self, hidden: Any) -> jax.Array:
+        """``hidden``: the normed block input in the compute dtype (or, in integer inference, its
+        in_proj codes from the norm)."""
         c = self.cfg
-        xz = self.in_proj(hidden.astype(c.dtype))
+        xz = self.in_proj(hidden)
         x, z = jnp.split(xz, 2, axis=-1)
         if mixer_backend(c.scan) == "fused":
             return self.out_proj(self._fused(x, z))
@@ -129,9 +144,10 @@ class VimBlock(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Block 0 gets residual = 0, which equals the official ``residual=None`` branch exactly.
-        residual = residual.astype(jnp.float32) + hidden.astype(jnp.float32)
-        normed = RMSNorm(self.cfg.norm_epsilon, name="norm")(residual)
-        return BiMambaMixer(self.cfg, name="mixer")(normed), residual
+        c = self.cfg
+        normed, residual = AddRMSNorm(c.norm_epsilon, c.dtype, c.scan, feeds=("mixer", "in_proj"),
+                                      name="norm")(hidden, residual)
+        return BiMambaMixer(c, name="mixer")(normed), residual
 
 
 class VisionMamba(VisionMambaBase):

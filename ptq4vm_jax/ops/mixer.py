@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear
+from pallas_kernels.qmatmul import quantize_activations
 from pallas_kernels.vim_mixer import MixerConfig, MixerDirection
 from pallas_kernels.vim_mixer import vim_mixer as vim_mixer_pallas
 from ptq4vm_jax.ops.scan import (
@@ -56,15 +58,21 @@ def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: M
 
 
 def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
-              divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None) -> jax.Array:
+              divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None,
+              quant: QuantizedLinear | None = None) -> jax.Array | QuantizedActivation:
     """The mixer core for the scan backend named (static, one of ``SCAN_BACKENDS``; see
     ``mixer_backend``): the fused Pallas kernel (``pallas_kernels.vim_mixer``, which serves inference
     and calibration; the interpreter off the GPU, by default with ``INTERPRETER_CONFIG``), or
-    ``vim_mixer_ref`` on that scan backend. ``config``: the kernel's tiles (None: its default)."""
+    ``vim_mixer_ref`` on that scan backend. ``config``: the kernel's tiles (None: its default).
+    ``quant`` (the consuming out_proj, integer inference): the value comes as its
+    ``QuantizedActivation`` (on the fused backend, codes from the kernel's epilogue)."""
     resolved = mixer_backend(backend)
     if resolved == "fused":
         interpret = jax.default_backend() != "gpu"
         if config is None and interpret:
             config = INTERPRETER_CONFIG
-        return vim_mixer_pallas(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config)
-    return vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)
+        y = vim_mixer_pallas(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config,
+                             quant=quant)
+        return y if quant is None else QuantizedActivation(y, jnp.dtype(x.dtype))
+    y = vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)
+    return y if quant is None else QuantizedActivation(quantize_activations(y, quant), jnp.dtype(x.dtype))

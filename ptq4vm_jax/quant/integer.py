@@ -12,9 +12,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qlinear import QuantizedLinear, is_packed
-from pallas_kernels.qmatmul import qmatmul, qmatmul_bf16_dot, qmatmul_ref
-from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, supports_qmatmul_wgmma
+from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, is_packed
+from pallas_kernels.qmatmul import (
+    qmatmul,
+    qmatmul_bf16_dot,
+    qmatmul_codes,
+    qmatmul_codes_bf16_dot,
+    qmatmul_codes_ref,
+    qmatmul_ref,
+)
+from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, qmatmul_wgmma_codes, supports_qmatmul_wgmma
 from ptq4vm_jax.errors import ArgumentError
 
 #: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
@@ -71,20 +78,35 @@ def gemm_backend_for(m: int, k: int, n: int, backend: str) -> str:
     return backend
 
 
-def int_linear(x: jax.Array, layer: QuantizedLinear, gemm: str = "auto") -> jax.Array:
+def int_linear(x: jax.Array | QuantizedActivation, layer: QuantizedLinear, gemm: str = "auto") -> jax.Array:
     """Integer-arithmetic linear of a (B, L, K) input on the GEMM ``gemm`` (one of
-    ``GEMM_BACKENDS``); every GEMM gives the same int32 accumulators and the same float epilogue."""
+    ``GEMM_BACKENDS``); every GEMM gives the same int32 accumulators and the same float epilogue.
+    ``x`` may come quantized already (a ``QuantizedActivation`` from a fused producer): the GEMM
+    then runs on its codes, with the output in its dtype."""
+    codes = x.codes if isinstance(x, QuantizedActivation) else None
+    dtype = x.dtype
     if is_packed(layer.w_bits) and layer.in_features % 2:
-        # The packed weight carries one zero row: a zero input column quantizes to the zero point
-        # and adds nothing.
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+        # The packed weight carries one zero row: a zero input column (any code) adds nothing.
+        pad = [(0, 0)] * (len(x.shape) - 1) + [(0, 1)]
+        if codes is None:
+            x = jnp.pad(x, pad)
+        else:
+            codes = jnp.pad(codes, pad)
         layer = dataclasses.replace(layer, smooth=jnp.pad(layer.smooth, (0, 1), constant_values=1.0))
     backend = gemm_backend_for(x.shape[0] * x.shape[1], layer.in_features, layer.out_features, gemm)
     interpret = jax.default_backend() != "gpu"
+    if codes is not None:
+        if backend == "xla":
+            return qmatmul_codes_ref(codes, layer, out_dtype=dtype)
+        if backend == "xla-bf16":
+            return qmatmul_codes_bf16_dot(codes, layer, out_dtype=dtype)
+        if backend == "pallas":
+            return qmatmul_codes(codes, layer, out_dtype=dtype, interpret=interpret)
+        return qmatmul_wgmma_codes(codes, layer, out_dtype=dtype, interpret=interpret)
     if backend == "xla":
-        return qmatmul_ref(x, layer, out_dtype=x.dtype)
+        return qmatmul_ref(x, layer, out_dtype=dtype)
     if backend == "xla-bf16":
-        return qmatmul_bf16_dot(x, layer, out_dtype=x.dtype)
+        return qmatmul_bf16_dot(x, layer, out_dtype=dtype)
     if backend == "pallas":
-        return qmatmul(x, layer, out_dtype=x.dtype, interpret=interpret)
-    return qmatmul_wgmma(x, layer, out_dtype=x.dtype, interpret=interpret)
+        return qmatmul(x, layer, out_dtype=dtype, interpret=interpret)
+    return qmatmul_wgmma(x, layer, out_dtype=dtype, interpret=interpret)

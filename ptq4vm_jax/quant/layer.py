@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qlinear import QuantizedLinear, check_bits, unpack_weight
+from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, check_bits, unpack_weight
 from pallas_kernels.qmatmul import quantize_activations
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
@@ -101,8 +101,14 @@ def qlinear(x: jax.Array, layer: Linear, cfg: Method, mode: str, gemm: str = "au
 
     A 2-D input (batch, features), e.g. the classifier head, is one token per example.
     ``per_token_dynamic`` has no static activation scales, so it runs fake (:func:`intercept_dense`
-    refuses ``mode="int"`` for it).
+    refuses ``mode="int"`` for it). A ``QuantizedActivation`` input (codes its producer quantized
+    for this layer, integer mode only) goes straight to the integer GEMM.
     """
+    if isinstance(x, QuantizedActivation):
+        if mode != "int" or not isinstance(layer, QuantizedLinear) or cfg.dynamic_activations:
+            raise ValueError("a QuantizedActivation is the input of an integer-mode QuantizedLinear with "
+                             f"static scales only (mode={mode!r}, layer {type(layer).__name__})")
+        return int_linear(x, layer, gemm).astype(x.dtype)
     if x.ndim == 2:
         return qlinear(x[:, None, :], layer, cfg, mode, gemm)[:, 0, :]
     out_dtype = x.dtype
@@ -172,13 +178,27 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
                     gemm: str = "auto") -> Iterator[None]:
     """Within this context, ``nn.Dense`` calls at paths present in ``qtree`` are quantized; those
     in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`).
-    ``gemm``: the integer GEMM of ``mode="int"`` (``ptq4vm_jax.quant.integer.GEMM_BACKENDS``)."""
+    ``gemm``: the integer GEMM of ``mode="int"`` (``ptq4vm_jax.quant.integer.GEMM_BACKENDS``).
+
+    In integer mode, a module that names the linear its output feeds (a ``feeds`` path from its
+    parent, e.g. Vim's add + norm feeding ``mixer/in_proj``) is called with that linear as
+    ``quant=`` when it is quantized here, and hands it the input codes (a ``QuantizedActivation``)
+    from its own kernel: no separate quantize pass."""
     check_gemm(gemm)
     check_mode(mode, cfg)
+    fuse_producers = mode == "int" and not cfg.dynamic_activations
 
     def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        feeds = getattr(module, "feeds", None)
+        if feeds and fuse_producers:
+            consumer = lookup(qtree, tuple(module.path[:-1]) + tuple(feeds))
+            if isinstance(consumer, QuantizedLinear):
+                return next_fun(*args, **kwargs, quant=consumer)
+            return next_fun(*args, **kwargs)
+        if not isinstance(module, nn.Dense):
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
         layer = lookup(qtree, path)

@@ -108,6 +108,37 @@ def test_int_equals_fake_through_the_fused_mixer(monkeypatch):
     assert np.abs(float_out - ref).max() > 1e-2 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("scan", ["fused", "ref"])
+def test_int_mode_feeds_in_proj_and_out_proj_their_producers_codes(scan):
+    """In integer mode the add + norm hands in_proj its input codes, and through the fused mixer
+    the kernel hands out_proj its codes (no separate quantize pass); x_proj and dt_proj, and
+    out_proj of the per-direction path, still take floats. Fake mode passes floats everywhere."""
+    import flax.linen as nn
+
+    from pallas_kernels.qlinear import QuantizedActivation
+
+    rng = np.random.default_rng(1)
+    cfg = dataclasses.replace(create_model("vim_nano").cfg, scan=scan)
+    params, qtree = random_block(cfg, rng)
+    hidden = jnp.asarray(rng.normal(size=(1, cfg.seq_len, cfg.embed_dim)), jnp.float32)
+    method = pq.QuantConfig(8, 8, method="pts_only")
+    fed = {}
+
+    def record(next_fun, args, kwargs, context):  # installed outside: sees what the model passes
+        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+            fed[context.module.path[-1]] = isinstance(args[0], QuantizedActivation)
+        return next_fun(*args, **kwargs)
+
+    for mode in ("fake", "int"):
+        fed.clear()
+        with nn.intercept_methods(record), intercept_dense(qtree, method, mode):
+            jax.eval_shape(VimBlock(cfg).apply, {"params": params}, hidden, hidden)
+        codes = {name for name, is_codes in fed.items() if is_codes}
+        assert len(fed) == 6
+        want = set() if mode == "fake" else {"in_proj", "out_proj"} if scan == "fused" else {"in_proj"}
+        assert codes == want, mode
+
+
 def dense_calls(scan: str) -> list[tuple[str, ...]]:
     """Module paths of the nn.Dense calls of a vim_nano forward (traced, not run)."""
     import flax.linen as nn
