@@ -15,6 +15,13 @@ Sections:
          per second against the special-function peak; ``x bound`` is the time over the
          exp-throughput bound of both directions (2·B·L·E·N exponentials at EXP_PEAK). Each
          variant is checked in fp32 against the reference (lax.scan) before it is timed in bf16.
+         Then the integer path's end of the mixer: the fused kernel's value quantized for out_proj
+         by a separate XLA pass, against the codes written by the kernel's epilogue (checked
+         equal to the quantized value).
+  norm   the residual add + RMSNorm that opens each block (from the mixer shapes: D = E/2), bf16:
+         XLA (float out; and with in_proj's quantizer, int8 out) against the Pallas kernel
+         (float out; codes from its epilogue). GB/s over the bytes each must move (bf16 hidden and
+         fp32 residual in, fp32 residual and the output out), against the card's HBM bandwidth.
   mixer-train  (only with ``--sections``) value + gradients of the mixer core as calibration
          needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer`` (its VJP) vs
          jax.grad through the per-direction path with the Pallas trainable scans, checked against
@@ -41,8 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import ptq4vm_jax as pq
-from pallas_kernels import MixerDirection, selective_scan, vim_mixer
+from pallas_kernels import MixerDirection, QuantizedLinear, quantize_activations, selective_scan, vim_mixer
+from pallas_kernels.add_norm import add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
 from ptq4vm_jax.ops.mixer import INTERPRETER_CONFIG, vim_mixer_ref
+from ptq4vm_jax.ops.norm import INTERPRETER_CONFIG as INTERPRETER_NORM
 from ptq4vm_jax.quant.integer import is_hopper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared modules
@@ -101,6 +110,101 @@ def mixer_variants(interpret: bool) -> dict[str, Callable]:
     }
 
 
+def act_quantizer(seed: int, seq: int, k: int, spread: float) -> QuantizedLinear:
+    """A W8A8 linear's per-token input quantizer for (B, seq, k) activations of about ``spread``
+    (the weight is not read by anything timed here)."""
+    rng = np.random.default_rng(seed)
+    return QuantizedLinear(w_int=jnp.zeros((k, 8), jnp.int8), w_scale=jnp.ones(8, jnp.float32),
+                           smooth=jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32),
+                           a_scale=jnp.asarray(rng.uniform(1.0, 3.0, seq) * spread / 255, jnp.float32),
+                           a_zero=jnp.asarray(rng.integers(100, 156, seq), jnp.int32))
+
+
+def codes_check(codes: jax.Array, value: jax.Array, quant: QuantizedLinear) -> str:
+    """The kernel's codes against the quantizer applied to the value they encode."""
+    bad = int(np.sum(np.asarray(codes) != np.asarray(quantize_activations(value, quant))))
+    return "codes exact" if bad == 0 else f"MISMATCH {bad} codes"
+
+
+def timed(cfg: RunConfig, fn: Callable, check_set: tuple, sets: list[tuple]) -> float:
+    """Seconds per op; in the interpreter (the smoke test) one more call of the compiled check."""
+    if not cfg.interpret:
+        return bc.time_ops(fn, sets, **cfg.timing)
+    jfn = jax.jit(fn)
+    jax.block_until_ready(jfn(*check_set))
+    start = time.perf_counter()
+    jax.block_until_ready(jfn(*check_set))
+    return time.perf_counter() - start
+
+
+def mixer_codes_rows(cfg: RunConfig, shape: str, check_set: tuple, sets: list[tuple], seq: int, e: int
+                     ) -> list[Row]:
+    """The fused kernel's value quantized for out_proj: by XLA after it, or in its epilogue."""
+    config = INTERPRETER_CONFIG if cfg.interpret else None
+    quant = act_quantizer(7, seq, e, 1.0)
+    value = lambda x, z, f, b: vim_mixer(x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype),
+                                         interpret=cfg.interpret, config=config)
+    variants = {
+        "fused kernel + XLA quantize pass (int8)": lambda *a: quantize_activations(value(*a), quant),
+        "fused kernel, out_proj codes in its epilogue": lambda x, z, f, b: vim_mixer(
+            x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype), interpret=cfg.interpret, config=config,
+            quant=quant),
+    }
+    rows = []
+    for vname, fn in variants.items():
+        def body(vname=vname, fn=fn):
+            check = codes_check(jax.jit(fn)(*check_set), jax.jit(value)(*check_set), quant)
+            return Row("mixer", shape, vname, timed(cfg, fn, check_set, sets), check=check)
+        rows.append(bc.run_row(cfg, "mixer", shape, vname, body))
+    return rows
+
+
+def norm_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
+    return [row for label, batch, seq, e, _, _ in shapes
+            for row in norm_shape_rows(cfg, label, batch, seq, e // 2)]
+
+
+def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int) -> list[Row]:
+    """XLA's add + RMSNorm (+ quantize) against the kernel's, float and int8 outputs."""
+    shape = f"{label} B={batch} L={seq} D={d}"
+    hbm = cfg.peaks[2] if cfg.peaks else None
+    weight = jnp.asarray(np.random.default_rng(d).uniform(0.5, 1.5, d), jnp.float32)
+    quant = act_quantizer(d, seq, d, 3.0)
+
+    def inputs(seed, dtype):
+        r = np.random.default_rng(seed)
+        return (jnp.asarray(r.normal(size=(batch, seq, d)).astype(np.float32), dtype),
+                jnp.asarray(r.normal(size=(batch, seq, d)).astype(np.float32) * 3))
+
+    check_set = inputs(100, jnp.float32)
+    nsets = 0 if cfg.interpret else bc.n_input_sets(batch * seq * d * 11)
+    sets = [inputs(s, jnp.bfloat16) for s in range(nsets)]
+    kernel = functools.partial(add_rmsnorm, weight=weight, eps=1e-5, interpret=cfg.interpret,
+                               config=INTERPRETER_NORM if cfg.interpret else None)
+    variants = {
+        "XLA add + RMSNorm": (lambda h, r: add_rmsnorm_ref(h, r, weight, eps=1e-5), False),
+        "Pallas add + RMSNorm": (lambda h, r: kernel(h, r), False),
+        "XLA add + RMSNorm + quantize (int8)": (
+            lambda h, r: add_rmsnorm_codes_ref(h, r, weight, quant, eps=1e-5), True),
+        "Pallas add + RMSNorm, codes in its epilogue": (lambda h, r: kernel(h, r, quant=quant), True),
+    }
+    ref = np.asarray(jax.jit(add_rmsnorm_ref, static_argnames="eps")(*check_set, weight, eps=1e-5)[0])
+
+    def body(vname: str, fn: Callable, codes: bool) -> Row:
+        out = jax.jit(fn)(*check_set)[0]
+        if codes:
+            check = codes_check(out, kernel(*check_set)[0] if "Pallas" in vname else ref, quant)
+        else:
+            err = bc.rel_err(out, ref)
+            check = f"fp32 rel {err:.1e}" + ("" if err < 1e-5 else " FAIL")
+        secs = timed(cfg, fn, check_set, sets)
+        gbs, pct = bc.bw_cells(batch * seq * d * (2 + 4 + 4 + (1 if codes else 2)), secs, hbm)
+        return Row("norm", shape, vname, secs, gbs=gbs, hbm_pct=pct, check=check)
+
+    return [bc.run_row(cfg, "norm", shape, vname, functools.partial(body, vname, fn, codes))
+            for vname, (fn, codes) in variants.items()]
+
+
 def mixer_row(cfg: RunConfig, shape: str, vname: str, fn: Callable, check_set: tuple, y_ref: np.ndarray,
               sets: list[tuple], exps: int) -> Row:
     jfn = jax.jit(fn)
@@ -136,6 +240,7 @@ def mixer_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
         for vname, fn in variants.items():
             body = functools.partial(mixer_row, cfg, shape, vname, fn, check_set, y_ref, sets, exps)
             rows.append(bc.run_row(cfg, "mixer", shape, vname, body))
+        rows += mixer_codes_rows(cfg, shape, check_set, sets, seq, e)
     return rows
 
 
@@ -264,6 +369,7 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
 
 SECTIONS: dict[str, bc.Section] = {
     "mixer": lambda cfg: mixer_rows(mixer_shapes(cfg), cfg),
+    "norm": lambda cfg: norm_rows(mixer_shapes(cfg), cfg),
     "e2e-mixer": lambda cfg: e2e_rows(e2e_models(cfg), cfg),
     "mixer-train": lambda cfg: mixer_train_rows(
         mixer_shapes(cfg) if cfg.args.mixer_shapes or cfg.interpret else [mixer_shape("vim_t", 256)], cfg),
@@ -299,7 +405,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return bc.run(parse_args(argv), "bench_mixer.py", SECTIONS,
-                  lambda cfg: SECTIONS["mixer"](cfg) + SECTIONS["e2e-mixer"](cfg))
+                  lambda cfg: SECTIONS["mixer"](cfg) + SECTIONS["norm"](cfg) + SECTIONS["e2e-mixer"](cfg))
 
 
 if __name__ == "__main__":

@@ -127,9 +127,10 @@ def test_driver_runs_the_split_scripts_sections():
 
 
 def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
-    """The ``mixer`` step's script: its per-block section at the smoke shape, every variant checked
-    against the reference. Its end-to-end section is left out (the test-time budget): it builds
-    the forwards ``bench_e2e.py`` builds, with ``scan="fused"``, whose model path
+    """The ``mixer`` step's script: its per-block and add + norm sections at the smoke shape, every
+    variant checked against the reference (codes against the quantized value they encode). Its
+    end-to-end section is left out (the test-time budget): it builds the forwards
+    ``bench_e2e.py`` builds, with ``scan="fused"``, whose model path
     tests/models/test_vim_fused_mixer.py runs (goldens, int == fake). Typos in its options fail
     before anything compiles."""
     bench = load_script("bench_mixer")
@@ -142,9 +143,14 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     words = device_check_steps()["mixer"]
     args = without(words[2:], "--mixer-shapes", "--e2e-models", "--budget-s", "--quick", "--sections")
     assert "e2e-mixer" in words and bench.parse_args(words[2:]).e2e_models == [("vim_small", 256)]
-    assert bench.main(["--interpret", *args, "--sections", "mixer"]) == 0, words
+    assert "norm" in words
+    assert bench.main(["--interpret", *args, "--sections", "mixer", "norm"]) == 0, words
     out = capsys.readouterr().out
-    rows = [line for line in out[out.index("| section |"):].splitlines() if line.startswith("| mixer")]
-    assert len(rows) == 4, rows
-    assert sum("fp32 rel" in row for row in rows) == 3
-    assert all("ERROR" not in row and "FAIL" not in row for row in rows)
+    table = out[out.index("| section |"):].splitlines()
+    rows = [line for line in table if line.startswith("| mixer")]
+    assert len(rows) == 6, rows
+    assert sum("fp32 rel" in row for row in rows) == 3 and sum("codes exact" in row for row in rows) == 2
+    norm = [line for line in table if line.startswith("| norm")]
+    assert len(norm) == 4
+    assert sum("fp32 rel" in r for r in norm) == 2 and sum("codes exact" in r for r in norm) == 2
+    assert all("ERROR" not in row and "FAIL" not in row and "MISMATCH" not in row for row in rows + norm)
