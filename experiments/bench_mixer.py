@@ -22,6 +22,10 @@ Sections:
          XLA (float out; and with in_proj's quantizer, int8 out) against the Pallas kernel
          (float out; codes from its epilogue). GB/s over the bytes each must move (bf16 hidden and
          fp32 residual in, fp32 residual and the output out), against the card's HBM bandwidth.
+  cross-scan  VMamba's four scan directions and their merge at VMamba-T's stage shapes (batch
+         64; ``--quick``: stages 1 and 3), fp32 as the model runs them: the unfused path (four
+         reordered copies, the Pallas scans vmapped, the reordering merge; ``scan="pallas"``)
+         against the fused kernel (``scan="fused"``), checked against the lax.scan composition.
   mixer-train  (only with ``--sections``) value + gradients of the mixer core as calibration
          needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer`` (its VJP) vs
          jax.grad through the per-direction path with the Pallas trainable scans, checked against
@@ -50,14 +54,19 @@ import numpy as np
 import ptq4vm_jax as pq
 from pallas_kernels import MixerDirection, QuantizedLinear, quantize_activations, selective_scan, vim_mixer
 from pallas_kernels.add_norm import add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
+from pallas_kernels.cross_scan import cross_scan_merge, cross_scan_merge_ref
+from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
+from ptq4vm_jax.ops.cross_scan import INTERPRETER_CONFIG as INTERPRETER_CROSS
+from ptq4vm_jax.ops.cross_scan import grid_orders
 from ptq4vm_jax.ops.mixer import INTERPRETER_CONFIG, vim_mixer_ref
 from ptq4vm_jax.ops.norm import INTERPRETER_CONFIG as INTERPRETER_NORM
+from ptq4vm_jax.ops.scan import selective_scan_ref
 from ptq4vm_jax.quant.integer import is_hopper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared modules
 import bench_common as bc  # noqa: E402
 import bench_e2e  # noqa: E402
-from bench_common import SEQ, VIM_DIMS, Row, RunConfig  # noqa: E402
+from bench_common import SEQ, VIM_DIMS, VMAMBA_SCANS, Row, RunConfig  # noqa: E402
 
 MixerShape = tuple[str, int, int, int, int, int]  # (label, batch, L, E, N, R)
 
@@ -203,6 +212,55 @@ def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int) ->
 
     return [bc.run_row(cfg, "norm", shape, vname, functools.partial(body, vname, fn, codes))
             for vname, (fn, codes) in variants.items()]
+
+
+def cross_scan_inputs(seed: int, batch: int, side: int, e: int) -> tuple:
+    """u and the four directions' stacked inputs (N = 1, VMamba v2v) on a side x side grid."""
+    rng = np.random.default_rng(seed)
+    k, seq = 4, side * side
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
+    return (f32(rng.normal(size=(batch, seq, e))), f32(rng.normal(size=(k, batch, seq, e)) * 0.5 - 1.0),
+            f32(-np.exp(0.5 * rng.normal(size=(k, e, 1)))), f32(rng.normal(size=(k, batch, seq, 1))),
+            f32(rng.normal(size=(k, batch, seq, 1))), f32(rng.uniform(0.5, 1.5, (k, e))))
+
+
+def cross_scan_rows(cfg: RunConfig) -> list[Row]:
+    """Unfused (reordered copies, vmapped Pallas scans, merge) against the fused kernel."""
+    stages = [(1, 64), (3, 64)] if cfg.quick and not cfg.interpret else [(s, 64) for s in (1, 2, 3, 4)]
+    if cfg.interpret:
+        stages = [(4, 1)]
+    config = INTERPRETER_CROSS if cfg.interpret else None
+    rows = []
+    for stage, batch in stages:
+        seq, e = VMAMBA_SCANS[stage - 1] if not cfg.interpret else (9, 16)
+        side = int(round(seq ** 0.5))
+        orders = jnp.asarray(grid_orders(side, side))
+        label = "smoke" if cfg.interpret else f"vmamba_t stage{stage}"
+        shape = f"{label} B={batch} L={seq} E={e} N=1 K=4"
+
+        def unfused(u, delta, a, b, c, d, side=side):
+            seqs = cross_scan(u.reshape(u.shape[0], side, side, -1))
+            scan = lambda s_k, dt, a_k, b_k, c_k, d_k: selective_scan(s_k, dt, a_k, b_k, c_k, d_k,
+                                                                      interpret=cfg.interpret)
+            return cross_merge(list(jax.vmap(scan)(jnp.stack(seqs), delta, a, b, c, d)), side, side)
+
+        def fused(u, delta, a, b, c, d, orders=orders):
+            return cross_scan_merge(u, delta, a, b, c, d, None, orders, interpret=cfg.interpret,
+                                    config=config)
+
+        check_set = cross_scan_inputs(100, batch, side, e)
+        ref = np.asarray(jax.jit(functools.partial(cross_scan_merge_ref, scan=selective_scan_ref))(
+            *check_set, None, orders))
+        nsets = 0 if cfg.interpret else bc.n_input_sets(batch * seq * e * 4 * 6)
+        sets = [cross_scan_inputs(s, batch, side, e) for s in range(nsets)]
+        for vname, fn in (("unfused: 4 copies + 4 Pallas scans + merge", unfused),
+                          ("fused cross-scan kernel", fused)):
+            def body(vname=vname, fn=fn, shape=shape, check_set=check_set, ref=ref, sets=sets):
+                err = bc.rel_err(jax.jit(fn)(*check_set), ref)
+                check = f"fp32 rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
+                return Row("cross-scan", shape, vname, timed(cfg, fn, check_set, sets), check=check)
+            rows.append(bc.run_row(cfg, "cross-scan", shape, vname, body))
+    return rows
 
 
 def mixer_row(cfg: RunConfig, shape: str, vname: str, fn: Callable, check_set: tuple, y_ref: np.ndarray,
@@ -370,6 +428,7 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
 SECTIONS: dict[str, bc.Section] = {
     "mixer": lambda cfg: mixer_rows(mixer_shapes(cfg), cfg),
     "norm": lambda cfg: norm_rows(mixer_shapes(cfg), cfg),
+    "cross-scan": cross_scan_rows,
     "e2e-mixer": lambda cfg: e2e_rows(e2e_models(cfg), cfg),
     "mixer-train": lambda cfg: mixer_train_rows(
         mixer_shapes(cfg) if cfg.args.mixer_shapes or cfg.interpret else [mixer_shape("vim_t", 256)], cfg),

@@ -25,7 +25,7 @@
 #           bound; out_proj's codes by an XLA pass or the kernel's epilogue), Vim-S batch 256 end
 #           to end: bf16 with a Pallas scan per direction (the pre-issue forward), bf16 fused, W8A8
 #           int fused; last, on what time is left, the add + RMSNorm kernel against XLA's (float
-#           and in_proj codes)
+#           and in_proj codes) and VMamba-T's four scans + merge, unfused against the fused kernel
 #   mtests  the fused mixer's tests compiled (kernel vs reference, integer dt_proj feed, gradients,
 #           goldens and int == fake through the model)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
@@ -73,7 +73,7 @@ step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \
   tests/kernels/test_qmatmul.py
-step mixer 260 $PY experiments/bench_mixer.py --quick --budget-s 240 --sections mixer e2e-mixer norm \
+step mixer 260 $PY experiments/bench_mixer.py --quick --budget-s 240 --sections mixer e2e-mixer norm cross-scan \
   --mixer-shapes vim_s:256 vim_b:256 --e2e-models vim_small:256
 step mtests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_vim_mixer.py \
   tests/models/test_vim_fused_mixer.py

@@ -1,6 +1,7 @@
 """Pallas GPU kernels for PTQ4VM: the W2..8 A2..8 integer linear, the S6 scan (forward for
 inference, forward + backward for calibration), Vim's fused bidirectional mixer core and the
-residual add + RMSNorm (both able to emit the next linear's int8 codes).
+residual add + RMSNorm (both able to emit the next linear's int8 codes), and VMamba's four scan
+directions with their merge.
 
 A quantized linear's parameters are one pytree, :class:`QuantizedLinear` (``qlinear.py``), and
 every integer GEMM takes ``(x, layer, *, out_dtype=..., ...)``. ``qmatmul`` and the scan use the
@@ -12,6 +13,7 @@ XLA) for the layers too narrow for int8 kernels.
 """
 
 from pallas_kernels.add_norm import NormConfig, add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
+from pallas_kernels.cross_scan import CrossScanConfig, cross_scan_merge, cross_scan_merge_ref
 from pallas_kernels.qlinear import (
     QuantizedActivation,
     QuantizedLinear,
@@ -59,6 +61,7 @@ from pallas_kernels.vim_mixer import (
 )
 
 __all__ = [
+    "CrossScanConfig",
     "GemmConfig",
     "MixerConfig",
     "MixerDirection",
@@ -72,6 +75,8 @@ __all__ = [
     "add_rmsnorm_ref",
     "bf16_dot_plan",
     "check_bits",
+    "cross_scan_merge",
+    "cross_scan_merge_ref",
     "default_gemm_config",
     "default_mixer_config",
     "dense_weight",

@@ -127,9 +127,9 @@ def test_driver_runs_the_split_scripts_sections():
 
 
 def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
-    """The ``mixer`` step's script: its per-block and add + norm sections at the smoke shape, every
-    variant checked against the reference (codes against the quantized value they encode). Its
-    end-to-end section is left out (the test-time budget): it builds the forwards
+    """The ``mixer`` step's script: its per-block, add + norm and cross-scan sections at the smoke
+    shape, every variant checked against the reference (codes against the quantized value they
+    encode). Its end-to-end section is left out (the test-time budget): it builds the forwards
     ``bench_e2e.py`` builds, with ``scan="fused"``, whose model path
     tests/models/test_vim_fused_mixer.py runs (goldens, int == fake). Typos in its options fail
     before anything compiles."""
@@ -143,8 +143,8 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     words = device_check_steps()["mixer"]
     args = without(words[2:], "--mixer-shapes", "--e2e-models", "--budget-s", "--quick", "--sections")
     assert "e2e-mixer" in words and bench.parse_args(words[2:]).e2e_models == [("vim_small", 256)]
-    assert "norm" in words
-    assert bench.main(["--interpret", *args, "--sections", "mixer", "norm"]) == 0, words
+    assert "norm" in words and "cross-scan" in words
+    assert bench.main(["--interpret", *args, "--sections", "mixer", "norm", "cross-scan"]) == 0, words
     out = capsys.readouterr().out
     table = out[out.index("| section |"):].splitlines()
     rows = [line for line in table if line.startswith("| mixer")]
@@ -153,4 +153,7 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     norm = [line for line in table if line.startswith("| norm")]
     assert len(norm) == 4
     assert sum("fp32 rel" in r for r in norm) == 2 and sum("codes exact" in r for r in norm) == 2
-    assert all("ERROR" not in row and "FAIL" not in row and "MISMATCH" not in row for row in rows + norm)
+    cross = [line for line in table if line.startswith("| cross-scan")]
+    assert len(cross) == 2 and all("fp32 rel" in r for r in cross)
+    bad = ("ERROR", "FAIL", "MISMATCH")
+    assert not [row for row in rows + norm + cross if any(word in row for word in bad)]

@@ -31,6 +31,7 @@ from ptq4vm_jax.models.vssm import (
     stage_lists_to_tuples,
     vssm_blockwise,
 )
+from ptq4vm_jax.ops.cross_scan import cross_scan_merge, grid_orders
 from ptq4vm_jax.ops.scan import check_scan_backend
 
 NUM_DIRECTIONS = 4  # cross-scan: row-major, column-major, and both reversed
@@ -59,7 +60,8 @@ class VMambaConfig(VSSMSizes):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32  # compute dtype of projections and convs; norms and scan stay fp32
     # Runtime choice, not a size (checkpoints do not store it): the selective scan's backend, one
-    # of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` (as ``VimConfig.scan``).
+    # of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` (as ``VimConfig.scan``; "fused": the four scans
+    # and their merge in one kernel, ``ptq4vm_jax.ops.cross_scan``).
     scan: str = "auto"
 
     def __post_init__(self) -> None:
@@ -142,8 +144,14 @@ class SS2D(SS2DBase):
         b, h, w, _ = x.shape
         x = self.in_proj(x.reshape(b, h * w, -1).astype(c.dtype))
         x = nn.silu(self.conv2d(x.reshape(b, h, w, -1)))
-        y = self.out_norm(cross_merge(list(self.scan_directions(cross_scan(x))), h, w))
-        return self.out_proj(y.astype(c.dtype)).reshape(b, h, w, self.dim)
+        seqs = cross_scan(x)
+        if c.scan == "fused":  # the K scans and the merge in one kernel, reading x in place
+            dts, a, bs, cs, ds = self.direction_inputs(seqs)
+            y = cross_scan_merge(x.reshape(b, h * w, -1).astype(jnp.float32), dts, a, bs, cs, ds, None,
+                                 jnp.asarray(grid_orders(h, w)), backend=c.scan)
+        else:
+            y = cross_merge(list(self.scan_directions(seqs)), h, w)
+        return self.out_proj(self.out_norm(y).astype(c.dtype)).reshape(b, h, w, self.dim)
 
 
 class Mlp(nn.Module):

@@ -116,9 +116,9 @@ class SS2DBase(nn.Module):
         self.out_norm = layer_norm("out_norm")
         self.out_proj = dense(c.dtype, self.dim, False, "out_proj")
 
-    def scan_directions(self, seqs: Sequence[jax.Array]) -> jax.Array:
-        """K (B, L, E) sequences, each in its own scan order through its own projections, then the
-        K selective scans as one vmapped float32 scan on the config's backend -> (K, B, L, E)."""
+    def direction_inputs(self, seqs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        """K (B, L, E) sequences, each in its own scan order through its own projections -> the
+        scans' stacked float32 inputs: Δ (K, B, L, E), A (K, E, N), B and C (K, B, L, N), D (K, E)."""
         c = self.cfg
         r, n = c.dt_rank(self.dim), c.ssm_d_state
         dts, bs, cs = [], [], []
@@ -127,10 +127,17 @@ class SS2DBase(nn.Module):
             dts.append(self.dt_proj[k](dt))
             bs.append(b_k)
             cs.append(c_k)
-        a = -jnp.exp(self.A_logs.astype(jnp.float32))
         f32 = lambda ts: jnp.stack(ts).astype(jnp.float32)
-        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k, backend=c.scan)
-        return jax.vmap(scan)(f32(seqs), f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32))
+        a = -jnp.exp(self.A_logs.astype(jnp.float32))
+        return f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32)
+
+    def scan_directions(self, seqs: Sequence[jax.Array]) -> jax.Array:
+        """The K selective scans of ``direction_inputs`` as one vmapped float32 scan on the
+        config's backend -> (K, B, L, E), each in its own order."""
+        dts, a, bs, cs, ds = self.direction_inputs(seqs)
+        backend = self.cfg.scan
+        scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k, backend=backend)
+        return jax.vmap(scan)(jnp.stack(seqs).astype(jnp.float32), dts, a, bs, cs, ds)
 
 
 # ----------------------------------------------------------------------------- skeleton

@@ -125,8 +125,9 @@ def _recurrence_bwd(reverse, res, gy):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-#: "fused" is "pallas" plus, in a model that has one (Vim), the fused mixer kernel
-#: (``ptq4vm_jax.ops.mixer``); opt-in: "auto" keeps the per-direction scans.
+#: "fused" is "pallas" plus, in a model that has them, the fused kernels around the scans (Vim's
+#: mixer and add + norm, ``ptq4vm_jax.ops.mixer`` / ``ops.norm``; VMamba's cross-scan and merge,
+#: ``ops.cross_scan``); opt-in: "auto" keeps the per-direction scans.
 SCAN_BACKENDS = ("auto", "ref", "pallas", "fused")
 
 

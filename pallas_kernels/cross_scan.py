@@ -1,0 +1,220 @@
+"""VMamba's cross-scan, K selective scans and cross-merge in one Triton kernel.
+
+VMamba's SS2D scans one (B, L, E) activation in K token orders (row-major, column-major and
+both reversed) and sums the K outputs back in row-major order. Unfused, that is K reordered
+copies of the activation, K scan outputs and a merge that reorders and adds them. Here each
+program (batch element, ``block_e`` channels) walks the K orders in turn: direction k's step i
+reads the activation's row ``orders[k, i]`` in place (the row-major layout stays the only copy),
+its own Δ, B, C at step i (x_proj / dt_proj ran on its ordered sequence), runs the recurrence
+with the fp32 state in registers and adds its output into row ``orders[k, i]`` of one fp32
+(B, L, E) result (the first direction writes, the others read, add and write back; each thread
+rereads only what it stored). The reference is :func:`cross_scan_merge_ref`; calibration
+differentiates through it with the per-direction Pallas scans (``jax.custom_vjp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.selective_scan import CHANNEL_MAJOR_MIN_CHANNELS, ScanConfig, _load, _store, _token_loop
+from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
+
+__all__ = ["CrossScanConfig", "cross_scan_merge", "cross_scan_merge_ref", "default_cross_scan_config"]
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossScanConfig:
+    """Channels per program (a power of two; E is masked to it), Triton's launch parameters and
+    the token loop of ``ScanConfig`` (``unroll`` tokens per trip, ``prefetch`` of the next trip's
+    loads)."""
+
+    block_e: int = 32
+    num_warps: int = 1
+    num_stages: int = 2
+    unroll: int = 4
+    prefetch: bool = True
+
+    def __post_init__(self):
+        if self.block_e < 1 or self.block_e & (self.block_e - 1):
+            raise ValueError(f"CrossScanConfig.block_e must be a power of two, got {self.block_e}")
+        if self.unroll < 1:
+            raise ValueError(f"CrossScanConfig.unroll must be >= 1, got {self.unroll}")
+
+    def scan_config(self) -> ScanConfig:
+        """The trainable per-direction scans' config for the VJP: the same tiles, channel-major."""
+        return ScanConfig(self.block_e, self.num_warps, self.num_stages, unroll=self.unroll,
+                          prefetch=self.prefetch, exp2=True, channel_major=True)
+
+
+def default_cross_scan_config(batch: int, e: int) -> CrossScanConfig:
+    """32 channels per one-warp program (one per thread), 64 from CHANNEL_MAJOR_MIN_CHANNELS
+    batch x E channels on: VMamba's stages have few channels and many tokens, so more programs
+    rather than wider ones. Not yet swept on a GPU."""
+    return CrossScanConfig(64 if batch * e >= CHANNEL_MAJOR_MIN_CHANNELS else 32, 1, 2)
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def cross_scan_merge_ref(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                         D: jax.Array | None, delta_bias: jax.Array | None, orders: jax.Array, *,
+                         scan: Callable) -> jax.Array:
+    """``Σ_k unorder_k(scan_k(u[:, orders[k]]))`` in fp32, (B, L, E), summed over k in order: the
+    composition the kernel fuses, with the selective scan given (``scan(u, delta, A, B, C, D, z,
+    delta_bias)`` with softplus on Δ: ``ptq4vm_jax.ops.scan.selective_scan_ref`` as the
+    reference, the Pallas ``selective_scan`` in the kernel's VJP).
+
+    ``u`` (B, L, E) in row-major token order; per direction k (leading axis K): ``delta`` (K, B, L,
+    E) pre-softplus, ``B, C`` (K, B, L, N), ``A`` (K, E, N), ``D, delta_bias`` (K, E) or None, all
+    in direction k's own order; ``orders`` (K, L) int32, step i of direction k reading row-major
+    token ``orders[k, i]`` (a permutation of 0..L-1)."""
+    y = None
+    for k in range(orders.shape[0]):
+        u_k = jnp.take(u, orders[k], axis=1)
+        d_k = None if D is None else D[k]
+        b_k = None if delta_bias is None else delta_bias[k]
+        y_k = scan(u_k, delta[k], A[k], B[k], C[k], d_k, None, b_k).astype(jnp.float32)
+        y_k = jnp.take(y_k, _inverse(orders[k]), axis=1)
+        y = y_k if y is None else y + y_k
+    return y
+
+
+def _kernel(*refs, names, seq, e, k_dirs, n_state, cfg):
+    r = dict(zip(names, refs, strict=False))
+    o_ref = refs[len(names)]
+    f32 = jnp.float32
+    be = cfg.block_e
+    batch = pl.program_id(0)
+    e0 = pl.program_id(1) * be
+    cols = pl.ds(e0, be)
+    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+    idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
+
+    def vec(ref):
+        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+
+    def direction(k):
+        a = [vec(r["A"].at[idx(k), idx(n), cols]) * f32(LOG2_E) for n in range(n_state)]
+        d = vec(r["D"].at[idx(k), cols]) if "D" in r else None
+        bias = vec(r["delta_bias"].at[idx(k), cols]) if "delta_bias" in r else None
+
+        def load(i):
+            t = r["orders"][idx(k), i]
+            dt = vec(r["delta"].at[idx(k), batch, i, cols])
+            if bias is not None:
+                dt = dt + bias
+            other = vec(o_ref.at[batch, t, cols]) if k > 0 else None
+            return i, t, vec(r["u"].at[batch, t, cols]), jax.nn.softplus(dt), other
+
+        def update(h, inputs):
+            i, t, u, dt, other = inputs
+            dtu = dt * u
+            new_h, y = [], None
+            for n in range(n_state):
+                b_n = r["B"][idx(k), batch, i, idx(n)].astype(f32)
+                c_n = r["C"][idx(k), batch, i, idx(n)].astype(f32)
+                h_n = jnp.exp2(dt * a[n]) * h[n] + dtu * b_n
+                y = h_n * c_n if y is None else y + h_n * c_n
+                new_h.append(h_n)
+            if d is not None:
+                y = y + u * d
+            if other is not None:
+                y = other + y
+            _store(o_ref.at[batch, t, cols], y, e_ok)
+            return tuple(new_h)
+
+        _token_loop(seq, cfg, load, update, tuple(jnp.zeros((be,), f32) for _ in range(n_state)))
+
+    for k in range(k_dirs):
+        direction(k)
+
+
+def _forward(u, delta, A, B, C, D, delta_bias, orders, interpret, cfg):
+    batch, seq, e = u.shape
+    named = [("u", u), ("delta", delta), ("A", jnp.swapaxes(A.astype(jnp.float32), 1, 2)), ("B", B), ("C", C),
+             ("orders", orders.astype(jnp.int32))]
+    named += [(name, arr.astype(jnp.float32)) for name, arr in (("D", D), ("delta_bias", delta_bias))
+              if arr is not None]
+    names, arrays = zip(*named, strict=True)
+    kernel = functools.partial(_kernel, names=names, seq=seq, e=e, k_dirs=orders.shape[0],
+                               n_state=A.shape[-1], cfg=cfg)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(u.shape, jnp.float32),
+        grid=(batch, pl.cdiv(e, cfg.block_e)),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="ptq4vm_cross_scan",
+    )(*arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _trainable(interpret, cfg, u, delta, A, B, C, D, delta_bias, orders):
+    return _forward(u, delta, A, B, C, D, delta_bias, orders, interpret, cfg)
+
+
+def _trainable_fwd(interpret, cfg, *args):
+    return _trainable(interpret, cfg, *args), args
+
+
+def _trainable_bwd(interpret, cfg, saved, g):
+    scan = functools.partial(selective_scan_pallas, interpret=interpret, config=cfg.scan_config())
+    *arrays, orders = saved
+    composed = lambda *a: cross_scan_merge_ref(*a, orders, scan=scan)
+    _, vjp = jax.vjp(composed, *arrays)
+    return (*vjp(g), None)
+
+
+_trainable.defvjp(_trainable_fwd, _trainable_bwd)
+
+
+def _check(u, delta, A, B, C, D, delta_bias, orders):
+    if u.ndim != 3:
+        raise ValueError(f"cross_scan_merge: u must be (B, L, E), got shape {u.shape}")
+    batch, seq, e = u.shape
+    if orders.ndim != 2 or orders.shape[1] != seq:
+        raise ValueError(f"cross_scan_merge: orders must be (K, L) with L={seq}, got {orders.shape}")
+    k, n = orders.shape[0], A.shape[-1]
+    want = {"delta": (k, batch, seq, e), "A": (k, e, n), "B": (k, batch, seq, n), "C": (k, batch, seq, n),
+            "D": (k, e), "delta_bias": (k, e)}
+    for name, arr in zip(want, (delta, A, B, C, D, delta_bias), strict=True):
+        if arr is not None and arr.shape != want[name]:
+            raise ValueError(f"cross_scan_merge: {name} must have shape {want[name]} (K={k} directions), "
+                             f"got {arr.shape}")
+    if batch * seq * e >= 2**31 or k * batch * seq * e >= 2**31:
+        raise ValueError(f"cross_scan_merge: K*B*L*E = {k * batch * seq * e} elements overflow the kernel's "
+                         "int32 offsets; split the batch into chunks")
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def cross_scan_merge(
+    u: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None,
+    delta_bias: jax.Array | None,
+    orders: jax.Array,
+    *,
+    interpret: bool = False,
+    config: CrossScanConfig | None = None,
+) -> jax.Array:
+    """:func:`cross_scan_merge_ref`'s function (B, L, E) fp32 in one kernel, differentiable in
+    every array but ``orders`` (the backward recomputes through the per-direction Pallas scans'
+    VJPs, gathers and scatters in jnp). ``orders`` must be permutations of 0..L-1 (not checked:
+    they are traced)."""
+    _check(u, delta, A, B, C, D, delta_bias, orders)
+    cfg = config or default_cross_scan_config(u.shape[0], u.shape[2])
+    return _trainable(interpret, cfg, u, delta, A, B, C, D, delta_bias, orders)

@@ -1,0 +1,41 @@
+"""VMamba's K-direction scan with its merge: the fused kernel ``pallas_kernels.cross_scan`` or
+the unfused composition, by the model's scan backend (an explicit argument)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from pallas_kernels.cross_scan import CrossScanConfig, cross_scan_merge_ref
+from pallas_kernels.cross_scan import cross_scan_merge as cross_scan_merge_pallas
+from ptq4vm_jax.ops.scan import check_scan_backend, selective_scan
+
+#: The kernel's token loop in the Pallas interpreter (off the GPU): one token per trip, no
+#: prefetch (they hide a GPU's load latency; the interpreter only compiles more).
+INTERPRETER_CONFIG = CrossScanConfig(32, 1, 2, unroll=1, prefetch=False)
+
+
+def grid_orders(h: int, w: int) -> np.ndarray:
+    """(4, H·W) int32: VMamba's cross-scan orders over a row-major (H, W) grid, step i of each
+    reading that token: row-major, column-major, and both reversed (official ``cross_scan_fwd``)."""
+    rows = np.arange(h * w, dtype=np.int32)
+    cols = rows.reshape(h, w).T.reshape(-1)
+    return np.stack([rows, cols, rows[::-1], cols[::-1]])
+
+
+def cross_scan_merge(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                     D: jax.Array | None, delta_bias: jax.Array | None, orders: jax.Array, *,
+                     backend: str = "auto", config: CrossScanConfig | None = None) -> jax.Array:
+    """``pallas_kernels.cross_scan.cross_scan_merge_ref``'s function, (B, L, E) fp32: the fused
+    kernel for ``backend="fused"`` (the interpreter off the GPU, by default with
+    ``INTERPRETER_CONFIG``), else the composition with the selective scan of that backend."""
+    if check_scan_backend(backend) == "fused":
+        interpret = jax.default_backend() != "gpu"
+        if config is None and interpret:
+            config = INTERPRETER_CONFIG
+        return cross_scan_merge_pallas(u, delta, A, B, C, D, delta_bias, orders, interpret=interpret,
+                                       config=config)
+    scan = functools.partial(selective_scan, backend=backend)
+    return cross_scan_merge_ref(u, delta, A, B, C, D, delta_bias, orders, scan=scan)

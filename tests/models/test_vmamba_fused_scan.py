@@ -1,0 +1,77 @@
+"""VMamba through the fused cross-scan kernel (``scan="fused"``; the Pallas interpreter off the
+GPU): the official golden outputs, and integer inference equal to fake-quant through it."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ptq4vm_jax as pq
+from convert import read_checkpoint
+from convert.vmamba import config_overrides
+from ptq4vm_jax import create_model, load_torch_checkpoint
+from ptq4vm_jax.models.vmamba import VSSBlock
+
+pytestmark = pytest.mark.slow  # the kernel in the Pallas interpreter inside whole models
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "vmamba_golden"
+CASE, BASE = "reduced_v2v", "vmamba_tiny"  # the configs PTQ4VM quantizes (v05_noz SS2D)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def spy_kernel(monkeypatch) -> list:
+    kernels = importlib.import_module("pallas_kernels.cross_scan")
+    calls, real = [], kernels._forward
+    monkeypatch.setattr(kernels, "_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_reduced_official_checkpoint_matches_official_outputs_through_the_fused_scan(monkeypatch):
+    """The reduced v2v checkpoint's logits, and one block alone on an H=5, W=7 grid (where a
+    transposed order would show), within 1e-4 of the official model's maximum, as the unfused
+    path is (tests/models/test_vmamba_golden.py)."""
+    calls = spy_kernel(monkeypatch)
+    path = GOLDEN / f"{CASE}.pth"
+    overrides = config_overrides(read_checkpoint(path)["config"])
+    model = create_model(BASE, **overrides, scan="fused")
+    io = np.load(GOLDEN / f"{CASE}.npz")
+    params = load_torch_checkpoint(path, BASE, **overrides)
+    assert rel_err(jax.jit(model.apply)({"params": params}, io["images"]), io["logits_model"]) <= 1e-4
+    cfg = model.cfg
+    block = jax.jit(VSSBlock(cfg, cfg.stage_dims[1]).apply)({"params": params["layers_1"]["blocks_0"]},
+                                                            io["block_input"])
+    assert rel_err(block, io["block_output"]) <= 1e-4
+    assert calls, "the fused kernel did not run"
+
+
+def test_int_equals_fake_through_the_fused_scan(init_params, monkeypatch):
+    """vmamba_micro with W8A8 RTN scales through scan="fused": mode="int" equals mode="fake"
+    exactly on the CPU (both run the kernel; the integer path is bit-exact), and fake mode through
+    the kernel is fake mode through the per-direction scans up to fp32 rounding."""
+    calls = spy_kernel(monkeypatch)
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+    params = init_params(create_model("vmamba_micro"), 0)
+    qcfg = pq.QuantConfig(8, 8, method="rtn", num_calib=4, train_batch=4)
+    qp = pq.quantize_params(params, images, model="vmamba_micro", config=qcfg, progress=False,
+                            log=lambda _: None)
+    fused = create_model("vmamba_micro", scan="fused")
+    x = jnp.asarray(images)
+    fake, real = (np.asarray(pq.quantized_apply(fused, qp, x, mode=m)) for m in ("fake", "int"))
+    assert calls, "the fused kernel did not run"
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(fake, real)
+    else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
+        assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
+    unfused = np.asarray(pq.quantized_apply(create_model("vmamba_micro", scan="ref"), qp, x))
+    assert rel_err(fake, unfused) <= 1e-4
