@@ -26,8 +26,9 @@
 #           to end: bf16 with a Pallas scan per direction (the pre-issue forward), bf16 fused, W8A8
 #           int fused; last, on what time is left, the add + RMSNorm kernel against XLA's (float
 #           and in_proj codes) and VMamba-T's four scans + merge, unfused against the fused kernel
-#   mtests  the fused mixer's tests compiled (kernel vs reference, integer dt_proj feed, gradients,
-#           goldens and int == fake through the model)
+#   mtests  the fused kernels' tests compiled: the mixer (kernel vs reference, integer dt_proj
+#           feed, out_proj codes, gradients, goldens and int == fake through the model), then the
+#           add + RMSNorm and VMamba's cross-scan (kernel, codes, gradients; goldens, int == fake)
 #   calib   experiments/bench_calibration.py: vim_tiny, 256 images, 100 steps per block, the
 #           official recipe (the first block includes compiling the training step)
 # Run from the repository root; nothing is installed (PYTHONPATH points at the checkout).
@@ -76,6 +77,7 @@ step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step mixer 260 $PY experiments/bench_mixer.py --quick --budget-s 240 --sections mixer e2e-mixer norm cross-scan \
   --mixer-shapes vim_s:256 vim_b:256 --e2e-models vim_small:256
 step mtests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_vim_mixer.py \
-  tests/models/test_vim_fused_mixer.py
+  tests/models/test_vim_fused_mixer.py tests/kernels/test_add_norm.py tests/kernels/test_cross_scan.py \
+  tests/models/test_vmamba_fused_scan.py
 step calib 240 $PY experiments/bench_calibration.py --model vim_tiny --num-calib 256 --epochs 100
 echo "=== done after $(($(date +%s) - START))s"
