@@ -164,3 +164,34 @@ def test_fused_mixer_calls_every_linear_the_unfused_one_does():
     fused = dense_calls("fused")
     assert fused == dense_calls("ref")
     assert ("layers_1", "mixer", "dt_proj_b") in fused and ("layers_0", "mixer", "x_proj") in fused
+
+
+def test_calibration_runs_through_the_fused_kernels(init_params, monkeypatch):
+    """Calibration of vim_nano through scan="fused" (the add + norm and mixer kernels, their
+    VJPs in training) against scan="pallas" (a Pallas scan per direction): PTS initialisation
+    gives the same quantized model to fp32 rounding; one JLSS epoch a close one (Adam's first,
+    normalised step turns rounding-level gradient differences into step-sized ones where a
+    gradient is near zero, as between the per-direction backends), against W4A8's distance from
+    the float model."""
+    kernels = [importlib.import_module(f"pallas_kernels.{name}") for name in ("vim_mixer", "add_norm")]
+    calls = []
+    for module in kernels:
+        monkeypatch.setattr(module, "_forward", partial(lambda real, *a: calls.append(1) or real(*a),
+                                                        module._forward))
+    images = np.random.default_rng(6).standard_normal((4, 32, 32, 3)).astype(np.float32)
+    params = init_params(create_model("vim_nano"), 0)
+    ref_model = create_model("vim_nano", scan="ref")
+    x = jnp.asarray(images)
+    float_logits = np.asarray(jax.jit(ref_model.apply)({"params": params}, x))
+    rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
+    for method, epochs, bound in (("pts_only", None, 1e-5), ("ptq4vm", 1, 5e-2)):
+        qcfg = pq.QuantConfig(4, 8, method=method, num_calib=4, train_batch=4, epochs=epochs,
+                              revert_worse=False)
+        logits = {}
+        for scan in ("pallas", "fused"):
+            qp = pq.quantize_params(params, images, model="vim_nano", config=qcfg, progress=False,
+                                    log=lambda _: None, model_overrides={"scan": scan})
+            logits[scan] = np.asarray(pq.quantized_apply(ref_model, qp, x))
+        assert calls, "the fused kernels did not run"
+        assert rel(logits["fused"], logits["pallas"]) <= bound, method
+        assert rel(logits["pallas"], float_logits) > 1e-1, method  # W4A8: far from float
