@@ -8,7 +8,7 @@ import sys
 
 from ptq4vm_jax.cli.dataspecs import data_source, images_in
 from ptq4vm_jax.cli.errors import UsageError
-from ptq4vm_jax.cli.loading import check_quantized_dir, load_float
+from ptq4vm_jax.cli.loading import check_quantized_dir, load_float, warn_if_scan_interpreted
 
 DTYPES = ("float32", "bfloat16")  # --dtype: the projections' compute dtype
 
@@ -58,6 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_flags(args)
     maybe_initialize_distributed()
     args.mode, args.gemm = args.mode or "fake", args.gemm or "auto"
+    warn_if_scan_interpreted(args)
     if args.quantized:
         check_quantized_dir(args.quantized)
         qp = load_quantized(args.quantized)
@@ -67,14 +68,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise UsageError(f"--quantized {args.quantized} is per_token_dynamic: its activation scales "
                              "are computed at run time, so it has no integer mode; use --mode fake")
         warn_if_interpreted(args)
-        model = qp.model(dtype=jnp.dtype(args.dtype))
+        model = qp.model(dtype=jnp.dtype(args.dtype), scan=args.scan)
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
         what = (f"{qp.model_name} {qp.config.method} W{qp.config.w_bits}A{qp.config.a_bits}, "
                 f"{args.mode} mode" + (f" ({args.gemm} GEMM)" if args.mode == "int" else ""))
     else:
         name, overrides, params = load_float(args)
-        model = create_model(name, **{**overrides, "dtype": jnp.dtype(args.dtype)})
+        model = create_model(name, **{**overrides, "dtype": jnp.dtype(args.dtype), "scan": args.scan})
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
         what = f"{name} float"
     shape = image_shape(model, args.batch_size)
@@ -89,4 +90,5 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = evaluate(logits_fn, batches, progress=jax.process_index() == 0, across_processes=True)
         print(f"process {jax.process_index()} of {jax.process_count()}: {metrics['local_n']} images")
     what += "" if args.dtype == "float32" else f", {args.dtype} projections"
+    what += "" if args.scan == "auto" else f", scan {args.scan}"
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (n={metrics['n']}; {what})")

@@ -11,6 +11,19 @@ from typing import Any
 from ptq4vm_jax.cli.errors import UsageError
 
 
+def warn_if_scan_interpreted(args: argparse.Namespace) -> None:
+    """A Pallas scan backend off the GPU runs in the Pallas interpreter: exact, far too slow for
+    real work. Said once, with the flag's name."""
+    import sys
+
+    import jax
+
+    if args.scan in ("pallas", "fused") and jax.default_backend() != "gpu":
+        print(f"ptq4vm {args.command}: warning: --scan {args.scan} off the GPU runs its kernels in the "
+              "Pallas interpreter: exact but slow, meant for testing (--scan auto is the fast path here)",
+              file=sys.stderr)
+
+
 def model_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """``--model-arg embed_dim=64`` -> {"embed_dim": 64} (values parsed as Python literals, else
     kept as strings)."""

@@ -25,9 +25,17 @@ from ptq4vm_jax.cli.signals import Terminated, sigterm_as_interrupt
 
 def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax import __version__
+    from ptq4vm_jax.ops.scan import SCAN_BACKENDS
     from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
     from ptq4vm_jax.quant.integer import GEMM_BACKENDS
     from ptq4vm_jax.quant.layer import MODES
+
+    def scan_arg(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--scan", default="auto", choices=SCAN_BACKENDS,
+                        help=f"the selective scan's backend {what} (default auto: the Pallas scan per "
+                             "direction on GPU, lax.scan elsewhere); fused: Vim's and VMamba's fused "
+                             "kernels (opt-in, GPU); pallas: a Pallas scan per direction; ref: lax.scan. "
+                             "Off the GPU the Pallas kernels run in the interpreter: exact but slow")
 
     def recipe(field: str) -> str:  # "(default: Vim and LocalVim 0.5, VMamba and LocalVMamba 0.65)"
         names = {"vim": "Vim", "local_vim": "LocalVim", "vmamba": "VMamba", "local_vmamba": "LocalVMamba"}
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-learned", action="store_true",
                    help="keep the learned scales of a block even where learning raised its loss, like "
                         "the released code (default: keep that block's initial scales)")
+    scan_arg(q, "calibration runs through (not saved: evaluation picks its own)")
     q.add_argument("--resume", default=None, help="directory for per-block resume state")
     q.add_argument("--out", required=True, help="new Orbax directory for the quantized checkpoint")
     q.set_defaults(func=cmd_quantize)
@@ -122,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer GEMM of --mode int (auto: wgmma on Hopper, XLA elsewhere; pallas: the "
                         "Triton kernel; xla-bf16: XLA's bf16 dot on the integer codes, exact; mixed: "
                         "Hopper, wgmma for in_proj/out_proj and xla-bf16 for x_proj/dt_proj)")
+    scan_arg(e, "of the evaluated model")
     e.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="compute dtype of the projections (norms, residual stream and scan stay "
                         "float32): bfloat16 is the float model's fast variant and, with --mode int, "

@@ -12,7 +12,7 @@ from typing import Any
 
 from ptq4vm_jax.cli.dataspecs import data_source, images_in
 from ptq4vm_jax.cli.errors import UsageError
-from ptq4vm_jax.cli.loading import load_float
+from ptq4vm_jax.cli.loading import load_float, warn_if_scan_interpreted
 from ptq4vm_jax.cli.paths import check_out, check_resume
 from ptq4vm_jax.cli.table import table
 
@@ -92,6 +92,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     check_resume(args.resume, {"--out": args.out, "--params": args.params})
     name, overrides, params = load_float(args)
     check_out(args.out, format=QUANT_FORMAT, model=name, inputs={})  # now that the model is known
+    warn_if_scan_interpreted(args)
+    overrides = {**overrides, "scan": args.scan}  # quantize_params calibrates with it, saves it not
     size = image_shape(create_model(name, **overrides))[1]
     calib = data_source(args.calib, args.data_dir, size, "--calib")
     check_recipe(args, model_family(name), images_in(calib))

@@ -50,12 +50,15 @@ class QuantizedParams:
     model_overrides: tuple = flax.struct.field(pytree_node=False, default=())
     info: str = flax.struct.field(pytree_node=False, default="{}")
 
-    def model(self, *, dtype: Any = None) -> nn.Module:
+    def model(self, *, dtype: Any = None, scan: str | None = None) -> nn.Module:
         """The model these parameters belong to; ``dtype`` (e.g. ``jnp.bfloat16``) sets its
-        projections' compute dtype: the bf16 speed variant of the integer mode."""
+        projections' compute dtype (the bf16 speed variant of the integer mode), ``scan`` its
+        selective scan's backend (``ptq4vm_jax.ops.scan.SCAN_BACKENDS``; None: "auto")."""
         overrides = dict(self.model_overrides)
         if dtype is not None:
             overrides["dtype"] = dtype
+        if scan is not None:
+            overrides["scan"] = scan
         return create_model(self.model_name, **overrides)
 
     @property

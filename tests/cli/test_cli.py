@@ -481,3 +481,43 @@ def test_a_library_warning_the_command_already_gave_is_not_repeated(tmp_path, ca
     assert err.count("warning: --gemm pallas off the GPU runs its kernel in the Pallas interpreter") == 1
     assert "about gemm" not in err  # the command said it already
     assert "warning: about mode (mode: --mode on the command line)" in err
+
+
+@pytest.mark.slow
+def test_scan_flag_reaches_calibration_and_evaluation(tmp_path, capsys, monkeypatch):
+    """--scan fused: `quantize` calibrates with it and does not store the choice; `eval` builds
+    the float and the quantized model with it (integer mode through the fused kernels counts what
+    --scan auto counts on the same images), says so, and warns once that off the GPU the kernels
+    run in the interpreter."""
+    from ptq4vm_jax import api
+    from ptq4vm_jax.quant import params as quant_params
+
+    calibrated, built = [], []
+    real_quantize, real_create = api.quantize_params, quant_params.create_model
+    monkeypatch.setattr(api, "quantize_params", lambda *a, **kw: calibrated.append(
+        kw["model_overrides"].get("scan")) or real_quantize(*a, **kw))
+    import ptq4vm_jax
+
+    monkeypatch.setattr(ptq4vm_jax, "quantize_params", api.quantize_params)
+    monkeypatch.setattr(ptq4vm_jax, "create_model", lambda name, **kw: built.append(kw.get("scan"))
+                        or real_create(name, **kw))
+    q = tmp_path / "q"
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+          "--method", "rtn", "--scan", "ref", "--out", str(q)])
+    assert calibrated == ["ref"] and "scan" not in load_quantized(q).model_overrides
+    with pytest.raises(SystemExit):  # before anything is loaded
+        main(["eval", "--params", str(MICRO), "--data", "digits:test", "--scan", "triton"])
+    assert "invalid choice: 'triton'" in capsys.readouterr().err
+    built.clear()
+    main(["eval", "--params", str(MICRO), "--data", "digits:test", "--limit", "8", "--scan", "ref"])
+    assert built == ["ref"] and capsys.readouterr().out.strip().endswith(", scan ref)")
+    lines = {}
+    for scan in ("fused", "auto"):
+        main(["eval", "--quantized", str(q), "--mode", "int", "--data", "digits:test", "--limit", "8",
+              "--batch-size", "8", "--scan", scan])
+        out, err = capsys.readouterr()
+        lines[scan] = out.strip().splitlines()[-1]
+        assert lines[scan].endswith(", scan fused)") == (scan == "fused"), lines[scan]
+        assert err.count("warning: --scan fused off the GPU runs its kernels in the Pallas interpreter") == (
+            scan == "fused"), err
+    assert lines["fused"].split("(")[0] == lines["auto"].split("(")[0]
