@@ -172,7 +172,7 @@ def test_calibration_runs_through_the_fused_kernels(init_params, monkeypatch):
     gives the same quantized model to fp32 rounding; one JLSS epoch a close one (Adam's first,
     normalised step turns rounding-level gradient differences into step-sized ones where a
     gradient is near zero, as between the per-direction backends), against W4A8's distance from
-    the float model."""
+    the float model. Then the whole W4A8 model through the kernels: mode="int" == mode="fake"."""
     kernels = [importlib.import_module(f"pallas_kernels.{name}") for name in ("vim_mixer", "add_norm")]
     calls = []
     for module in kernels:
@@ -195,3 +195,11 @@ def test_calibration_runs_through_the_fused_kernels(init_params, monkeypatch):
         assert calls, "the fused kernels did not run"
         assert rel(logits["fused"], logits["pallas"]) <= bound, method
         assert rel(logits["pallas"], float_logits) > 1e-1, method  # W4A8: far from float
+    # The whole model through the fused kernels, W4A8 as calibrated: integer inference (codes from
+    # the kernels' epilogues) equals fake-quant (the same kernels' float outputs, quantized).
+    fused = create_model("vim_nano", scan="fused")
+    fake, real = (np.asarray(pq.quantized_apply(fused, qp, x, mode=m)) for m in ("fake", "int"))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(fake, real)
+    else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
+        assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
