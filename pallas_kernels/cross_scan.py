@@ -24,36 +24,24 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.selective_scan import CHANNEL_MAJOR_MIN_CHANNELS, ScanConfig, _load, _store, _token_loop
+from pallas_kernels.selective_scan import (
+    CHANNEL_MAJOR_MIN_CHANNELS,
+    LOG2_E,
+    TokenLoopConfig,
+    _load,
+    _store,
+    _token_loop,
+)
 from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
 
 __all__ = ["CrossScanConfig", "cross_scan_merge", "cross_scan_merge_ref", "default_cross_scan_config"]
 
-LOG2_E = 1.4426950408889634
-
 
 @dataclasses.dataclass(frozen=True)
-class CrossScanConfig:
-    """Channels per program (a power of two; E is masked to it), Triton's launch parameters and
-    the token loop of ``ScanConfig`` (``unroll`` tokens per trip, ``prefetch`` of the next trip's
-    loads)."""
+class CrossScanConfig(TokenLoopConfig):
+    """The cross-scan's ``TokenLoopConfig``: one-warp programs by default."""
 
-    block_e: int = 32
     num_warps: int = 1
-    num_stages: int = 2
-    unroll: int = 4
-    prefetch: bool = True
-
-    def __post_init__(self):
-        if self.block_e < 1 or self.block_e & (self.block_e - 1):
-            raise ValueError(f"CrossScanConfig.block_e must be a power of two, got {self.block_e}")
-        if self.unroll < 1:
-            raise ValueError(f"CrossScanConfig.unroll must be >= 1, got {self.unroll}")
-
-    def scan_config(self) -> ScanConfig:
-        """The trainable per-direction scans' config for the VJP: the same tiles, channel-major."""
-        return ScanConfig(self.block_e, self.num_warps, self.num_stages, unroll=self.unroll,
-                          prefetch=self.prefetch, exp2=True, channel_major=True)
 
 
 def default_cross_scan_config(batch: int, e: int) -> CrossScanConfig:
@@ -169,7 +157,7 @@ def _trainable_fwd(interpret, cfg, *args):
 
 
 def _trainable_bwd(interpret, cfg, saved, g):
-    scan = functools.partial(selective_scan_pallas, interpret=interpret, config=cfg.scan_config())
+    scan = functools.partial(selective_scan_pallas, interpret=interpret, config=cfg.trainable_scan())
     *arrays, orders = saved
     composed = lambda *a: cross_scan_merge_ref(*a, orders, scan=scan)
     _, vjp = jax.vjp(composed, *arrays)

@@ -189,8 +189,13 @@ def qmatmul_codes_ref(
 ) -> jax.Array:
     """:func:`qmatmul_ref` on int8 codes ``q - 2^(a_bits-1)`` that a producer already quantized
     with the layer's input quantizer (``quantize_activations``' contract; ``smooth`` not read)."""
+    return _codes_linear(codes, layer, out_dtype, colsum, _codes_matmul_int32)
+
+
+def _codes_linear(codes, layer, out_dtype, colsum, matmul):
+    """The integer linear on producer codes with the int32 accumulator of ``matmul``."""
     w_q, w_bits = _check_codes(codes, layer)
-    acc = _codes_matmul_int32(codes, w_q, layer.a_zero, layer.a_bits, w_bits, colsum)
+    acc = matmul(codes, w_q, layer.a_zero, layer.a_bits, w_bits, colsum)
     return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype)
 
 
@@ -269,9 +274,7 @@ def qmatmul_codes_bf16_dot(
     colsum: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`qmatmul_bf16_dot` on int8 codes from a producer (see :func:`qmatmul_codes_ref`)."""
-    w_q, w_bits = _check_codes(codes, layer)
-    acc = _codes_matmul_bf16(codes, w_q, layer.a_zero, layer.a_bits, w_bits, colsum)
-    return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype)
+    return _codes_linear(codes, layer, out_dtype, colsum, _codes_matmul_bf16)
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -28,17 +28,42 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-__all__ = ["ScanConfig", "default_scan_config", "selective_scan"]
+__all__ = ["ScanConfig", "TokenLoopConfig", "default_scan_config", "selective_scan"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ScanConfig:
-    """Channel tile (a power of two; E is masked to it), Triton launch parameters, and two ways
-    to hide memory latency in the forward's latency-bound token loop, whose loads do not depend
-    on the state: ``unroll`` tokens per loop trip with their loads issued together, and
-    ``prefetch`` (software pipelining: the next trip's loads are issued before this trip's
-    updates and carried through the loop). The defaults (4, on) were the fastest loop at every
-    shape timed (BENCHMARKS.md).
+class TokenLoopConfig:
+    """What every kernel here that walks tokens with its state in registers is tuned by: channels
+    per program (a power of two; E is masked to it), Triton's launch parameters, and two ways to
+    hide memory latency in the latency-bound token loop, whose loads do not depend on the state:
+    ``unroll`` tokens per loop trip with their loads issued together, and ``prefetch`` (software
+    pipelining: the next trip's loads are issued before this trip's updates and carried through
+    the loop). The defaults (4, on) were the fastest loop at every scan shape timed
+    (BENCHMARKS.md)."""
+
+    block_e: int = 32
+    num_warps: int = 2
+    num_stages: int = 2
+    unroll: int = 4
+    prefetch: bool = True
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.block_e < 1 or self.block_e & (self.block_e - 1):
+            raise ValueError(f"{name}.block_e must be a power of two, got {self.block_e}")
+        if self.unroll < 1:
+            raise ValueError(f"{name}.unroll must be >= 1, got {self.unroll}")
+
+    def trainable_scan(self) -> ScanConfig:
+        """The config of the per-direction trainable scans a fused kernel's VJP runs: the same
+        tiles and loop, the channel-major layout, exp2 decays."""
+        return ScanConfig(self.block_e, self.num_warps, self.num_stages, unroll=self.unroll,
+                          prefetch=self.prefetch, exp2=True, channel_major=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig(TokenLoopConfig):
+    """The selective scan's ``TokenLoopConfig`` and its state layout.
 
     ``exp2`` computes the decay exp(Δ·A) as exp2(Δ·(A·log2 e)), A scaled once per program:
     libdevice's ``exp2f`` is the ``ex2.approx`` instruction alone where ``expf`` adds a range
@@ -53,25 +78,15 @@ class ScanConfig:
     channels and N > 1, loses at N = 1 and with few channels (``default_scan_config`` picks by
     N and batch x E)."""
 
-    block_e: int = 32
-    num_warps: int = 2
-    num_stages: int = 2
-    unroll: int = 4
-    prefetch: bool = True
     exp2: bool = False
     channel_major: bool = False
-
-    def __post_init__(self):
-        if self.block_e < 1 or self.block_e & (self.block_e - 1):
-            raise ValueError(f"ScanConfig.block_e must be a power of two, got {self.block_e}")
-        if self.unroll < 1:
-            raise ValueError(f"ScanConfig.unroll must be >= 1, got {self.unroll}")
 
 
 def _next_pow2(v: int) -> int:
     return 1 << (max(v, 1) - 1).bit_length()
 
 
+LOG2_E = 1.4426950408889634  # exp(Δ a) = exp2(Δ a log2 e): exp2 is one instruction on the GPU
 MIN_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100: the token loop is latency-bound
 CHANNEL_MAJOR_MIN_CHANNELS = 65536  # batch x E from which the channel-major layout wins (N > 1)
 
@@ -183,7 +198,7 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
     f32 = jnp.float32
     zero = f32(0.0)
     if cfg.exp2:
-        a = a * f32(1.4426950408889634)  # log2(e): exp(Δ a) = exp2(Δ a log2 e)
+        a = a * f32(LOG2_E)
     decay_of = jnp.exp2 if cfg.exp2 else jnp.exp
     d = _load(d_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_d else None
     bias = _load(bias_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_bias else None
@@ -234,7 +249,7 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
     def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
         return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
 
-    scale = f32(1.4426950408889634) if cfg.exp2 else None  # log2(e): exp(Δa) = exp2(Δ a log2 e)
+    scale = f32(LOG2_E) if cfg.exp2 else None
     a = [vec(a_ref.at[jnp.int32(n), pl.ds(e0, be)]) for n in range(n_state)]
     if scale is not None:
         a = [a_n * scale for a_n in a]

@@ -41,7 +41,8 @@ from pallas_kernels.qlinear import QuantizedLinear
 from pallas_kernels.qmatmul import quantize_tile, reciprocal
 from pallas_kernels.selective_scan import (
     CHANNEL_MAJOR_MIN_CHANNELS,
-    ScanConfig,
+    LOG2_E,
+    TokenLoopConfig,
     _load,
     _store,
     _token_loop,
@@ -50,33 +51,16 @@ from pallas_kernels.selective_scan import (
 
 __all__ = ["MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer"]
 
-LOG2_E = 1.4426950408889634
-
 
 @dataclasses.dataclass(frozen=True)
-class MixerConfig:
-    """Channels per program (a power of two; E is masked to it), Triton's launch parameters, and
-    the token loop of ``ScanConfig`` (``unroll`` tokens per trip, ``prefetch`` of the next trip's
-    loads). ``preload_dt_weight``: with dt_proj on chip, hold its (R, block_e) weight in registers
-    (else it is reread from cache every token, which saves registers at R = 48)."""
+class MixerConfig(TokenLoopConfig):
+    """The fused mixer's ``TokenLoopConfig`` (64 channels per one-warp program by default), and
+    ``preload_dt_weight``: with dt_proj on chip, hold its (R, block_e) weight in registers (else
+    it is reread from cache every token, which saves registers at R = 48)."""
 
     block_e: int = 64
     num_warps: int = 1
-    num_stages: int = 2
-    unroll: int = 4
-    prefetch: bool = True
     preload_dt_weight: bool = True
-
-    def __post_init__(self):
-        if self.block_e < 1 or self.block_e & (self.block_e - 1):
-            raise ValueError(f"MixerConfig.block_e must be a power of two, got {self.block_e}")
-        if self.unroll < 1:
-            raise ValueError(f"MixerConfig.unroll must be >= 1, got {self.unroll}")
-
-    def scan_config(self) -> ScanConfig:
-        """The trainable scans' config for the VJP: the same tiles, the channel-major layout."""
-        return ScanConfig(self.block_e, self.num_warps, self.num_stages, unroll=self.unroll,
-                          prefetch=self.prefetch, exp2=True, channel_major=True)
 
 
 def default_mixer_config(batch: int, e: int) -> MixerConfig:
@@ -353,7 +337,7 @@ def _trainable_fwd(divide_out, interpret, cfg, x, z, fwd, bwd):
 
 def _trainable_bwd(divide_out, interpret, cfg, res, g):
     composed = functools.partial(_composed, divide_out=divide_out, interpret=interpret,
-                                 scan_cfg=cfg.scan_config())
+                                 scan_cfg=cfg.trainable_scan())
     _, vjp = jax.vjp(composed, *res)
     return vjp(g)
 

@@ -94,19 +94,18 @@ def int_linear(x: jax.Array | QuantizedActivation, layer: QuantizedLinear, gemm:
             codes = jnp.pad(codes, pad)
         layer = dataclasses.replace(layer, smooth=jnp.pad(layer.smooth, (0, 1), constant_values=1.0))
     backend = gemm_backend_for(x.shape[0] * x.shape[1], layer.in_features, layer.out_features, gemm)
-    interpret = jax.default_backend() != "gpu"
+    on_floats, on_codes = _entry_points(backend)
+    kw = {"interpret": jax.default_backend() != "gpu"} if backend in PALLAS_GEMMS else {}
     if codes is not None:
-        if backend == "xla":
-            return qmatmul_codes_ref(codes, layer, out_dtype=dtype)
-        if backend == "xla-bf16":
-            return qmatmul_codes_bf16_dot(codes, layer, out_dtype=dtype)
-        if backend == "pallas":
-            return qmatmul_codes(codes, layer, out_dtype=dtype, interpret=interpret)
-        return qmatmul_wgmma_codes(codes, layer, out_dtype=dtype, interpret=interpret)
-    if backend == "xla":
-        return qmatmul_ref(x, layer, out_dtype=dtype)
-    if backend == "xla-bf16":
-        return qmatmul_bf16_dot(x, layer, out_dtype=dtype)
-    if backend == "pallas":
-        return qmatmul(x, layer, out_dtype=dtype, interpret=interpret)
-    return qmatmul_wgmma(x, layer, out_dtype=dtype, interpret=interpret)
+        return on_codes(codes, layer, out_dtype=dtype, **kw)
+    return on_floats(x, layer, out_dtype=dtype, **kw)
+
+
+def _entry_points(backend: str) -> tuple:
+    """(the GEMM on float activations, the same on a producer's codes) of a resolved backend."""
+    return {
+        "xla": (qmatmul_ref, qmatmul_codes_ref),
+        "xla-bf16": (qmatmul_bf16_dot, qmatmul_codes_bf16_dot),
+        "pallas": (qmatmul, qmatmul_codes),
+        "wgmma": (qmatmul_wgmma, qmatmul_wgmma_codes),
+    }[backend]
