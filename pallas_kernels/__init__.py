@@ -50,6 +50,7 @@ from pallas_kernels.qmatmul_hopper import (
 )
 from pallas_kernels.selective_scan import (
     ScanConfig,
+    TokenLoopConfig,
     default_scan_config,
     selective_scan,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "QuantizedActivation",
     "QuantizedLinear",
     "ScanConfig",
+    "TokenLoopConfig",
     "WgmmaConfig",
     "add_rmsnorm",
     "add_rmsnorm_codes_ref",
