@@ -12,8 +12,19 @@ plain-XLA references are ``qmatmul_ref`` and ``ptq4vm_jax.ops.scan.selective_sca
 XLA) for the layers too narrow for int8 kernels.
 """
 
-from pallas_kernels.add_norm import NormConfig, add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
-from pallas_kernels.cross_scan import CrossScanConfig, cross_scan_merge, cross_scan_merge_ref
+from pallas_kernels.add_norm import (
+    NormConfig,
+    add_rmsnorm,
+    add_rmsnorm_codes_ref,
+    add_rmsnorm_ref,
+    default_norm_config,
+)
+from pallas_kernels.cross_scan import (
+    CrossScanConfig,
+    cross_scan_merge,
+    cross_scan_merge_ref,
+    default_cross_scan_config,
+)
 from pallas_kernels.qlinear import (
     QuantizedActivation,
     QuantizedLinear,
@@ -79,8 +90,10 @@ __all__ = [
     "check_bits",
     "cross_scan_merge",
     "cross_scan_merge_ref",
+    "default_cross_scan_config",
     "default_gemm_config",
     "default_mixer_config",
+    "default_norm_config",
     "dense_weight",
     "default_scan_config",
     "is_packed",
