@@ -54,49 +54,40 @@ def test_reduced_official_checkpoint_matches_official_outputs_through_the_fused_
     assert calls, "the fused kernel did not run"
 
 
-def test_int_equals_fake_through_the_fused_scan(init_params, monkeypatch):
-    """vmamba_micro with W8A8 RTN scales through scan="fused": mode="int" equals mode="fake"
-    exactly on the CPU (both run the kernel; the integer path is bit-exact), and fake mode through
-    the kernel is fake mode through the per-direction scans up to fp32 rounding."""
-    calls = spy_kernel(monkeypatch)
-    rng = np.random.default_rng(4)
-    images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
-    params = init_params(create_model("vmamba_micro"), 0)
-    qcfg = pq.QuantConfig(8, 8, method="rtn", num_calib=4, train_batch=4)
-    qp = pq.quantize_params(params, images, model="vmamba_micro", config=qcfg, progress=False,
-                            log=lambda _: None)
-    fused = create_model("vmamba_micro", scan="fused")
-    x = jnp.asarray(images)
-    fake, real = (np.asarray(pq.quantized_apply(fused, qp, x, mode=m)) for m in ("fake", "int"))
-    assert calls, "the fused kernel did not run"
-    if jax.default_backend() == "cpu":
-        np.testing.assert_array_equal(fake, real)
-    else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
-        assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
-    unfused = np.asarray(pq.quantized_apply(create_model("vmamba_micro", scan="ref"), qp, x))
-    assert rel_err(fake, unfused) <= 1e-4
+#: vmamba_micro cut to its first two stages (grids 8 x 8 and 4 x 4): fewer programs to compile.
+SMALL = {"depths": (1, 1)}
 
 
-def test_calibration_runs_through_the_fused_scan(init_params, monkeypatch):
-    """PTQ4VM (PTS init + one JLSS epoch) on vmamba_micro through scan="fused", whose training
-    step differentiates through the kernel's VJP, against scan="pallas" (the same Pallas scans per
-    direction and their VJPs): close, not equal, since Adam's first, normalised step turns
-    rounding-level gradient differences into step-sized ones where a gradient is near zero
+def test_calibration_and_integer_inference_through_the_fused_scan(init_params, monkeypatch):
+    """PTQ4VM (PTS init + one JLSS epoch) on a two-stage vmamba_micro through scan="fused", whose
+    training step differentiates through the kernel's VJP, against scan="pallas" (the same Pallas
+    scans per direction and their VJPs): close, not equal, since Adam's first, normalised step
+    turns rounding-level gradient differences into step-sized ones where a gradient is near zero
     (scan="pallas" and scan="ref" differ by about 1e-2 of the max logit the same way), against
-    W4A8's distance from the float model. (PTS initialisation alone gives the same model to fp32
-    rounding; tests/models/test_vim_fused_mixer.py checks that for Vim's kernels.)"""
+    W4A8's distance from the float model. Then the calibrated model through the kernel:
+    mode="int" equals mode="fake" exactly on the CPU (both run the kernel; the integer path is
+    bit-exact), and fake mode through the kernel is fake mode through the per-direction scans up
+    to fp32 rounding."""
     calls = spy_kernel(monkeypatch)
     images = np.random.default_rng(6).standard_normal((4, 32, 32, 3)).astype(np.float32)
-    params = init_params(create_model("vmamba_micro"), 0)
+    params = init_params(create_model("vmamba_micro", **SMALL), 0)
     qcfg = pq.QuantConfig(4, 8, method="ptq4vm", num_calib=4, train_batch=4, epochs=1, revert_worse=False)
-    ref_model = create_model("vmamba_micro", scan="ref")
+    ref_model = create_model("vmamba_micro", **SMALL, scan="ref")
     x = jnp.asarray(images)
-    logits = {}
+    learned, logits = {}, {}
     for scan in ("pallas", "fused"):
-        qp = pq.quantize_params(params, images, model="vmamba_micro", config=qcfg, progress=False,
-                                log=lambda _: None, model_overrides={"scan": scan})
-        logits[scan] = np.asarray(pq.quantized_apply(ref_model, qp, x))
+        learned[scan] = pq.quantize_params(params, images, model="vmamba_micro", config=qcfg, progress=False,
+                                           log=lambda _: None, model_overrides={**SMALL, "scan": scan})
+        logits[scan] = np.asarray(pq.quantized_apply(ref_model, learned[scan], x))
     assert calls, "the fused kernel did not run"
     float_logits = np.asarray(jax.jit(ref_model.apply)({"params": params}, x))
     assert rel_err(logits["fused"], logits["pallas"]) <= 5e-2
     assert rel_err(logits["pallas"], float_logits) > 1e-1  # W4A8: far from float
+
+    fused = create_model("vmamba_micro", **SMALL, scan="fused")
+    fake, real = (np.asarray(pq.quantized_apply(fused, learned["fused"], x, mode=m)) for m in ("fake", "int"))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(fake, real)
+    else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
+        assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
+    assert rel_err(fake, logits["fused"]) <= 1e-4
