@@ -26,6 +26,9 @@ Sections:
          64; ``--quick``: stages 1 and 3), fp32 as the model runs them: the unfused path (four
          reordered copies, the Pallas scans vmapped, the reordering merge; ``scan="pallas"``)
          against the fused kernel (``scan="fused"``), checked against the lax.scan composition.
+  sweep  (only with ``--sections``) the three kernels' tuning sweeps (``MIXER_SWEEP``,
+         ``NORM_SWEEP``, ``CROSS_SCAN_SWEEP``) at the first mixer shape (Vim-S batch 256 by
+         default) and VMamba-T stage 1 batch 64, each row checked like its section's.
   mixer-train  (only with ``--sections``) value + gradients of the mixer core as calibration
          needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer`` (its VJP) vs
          jax.grad through the per-direction path with the Pallas trainable scans, checked against
@@ -53,8 +56,9 @@ import numpy as np
 
 import ptq4vm_jax as pq
 from pallas_kernels import MixerDirection, QuantizedLinear, quantize_activations, selective_scan, vim_mixer
-from pallas_kernels.add_norm import add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
-from pallas_kernels.cross_scan import cross_scan_merge, cross_scan_merge_ref
+from pallas_kernels.add_norm import NORM_SWEEP, add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
+from pallas_kernels.cross_scan import CROSS_SCAN_SWEEP, cross_scan_merge, cross_scan_merge_ref
+from pallas_kernels.vim_mixer import MIXER_SWEEP
 from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
 from ptq4vm_jax.ops.cross_scan import INTERPRETER_CONFIG as INTERPRETER_CROSS
 from ptq4vm_jax.ops.cross_scan import grid_orders
@@ -263,8 +267,80 @@ def cross_scan_rows(cfg: RunConfig) -> list[Row]:
     return rows
 
 
+def config_label(c) -> str:
+    """A sweep row's short name for a kernel config (its fields that differ from a plain loop)."""
+    parts = [f"block_e={c.block_e}" if hasattr(c, "block_e") else f"rows={c.block_rows}", f"w{c.num_warps}"]
+    if getattr(c, "unroll", 1) > 1:
+        parts.append(f"unroll {c.unroll}")
+    if getattr(c, "prefetch", False):
+        parts.append("prefetch")
+    return " ".join(parts)
+
+
+def sweep_rows(cfg: RunConfig) -> list[Row]:
+    """Each kernel under each configuration of its sweep (every fourth in the interpreter)."""
+    pick = (lambda sweep: sweep[::4]) if cfg.interpret else (lambda sweep: sweep)
+    label, batch, seq, e, n, r = mixer_shapes(cfg)[0]
+    shape = f"{label} B={batch} L={seq} E={e} N={n} R={r}"
+    check_set = mixer_inputs(100, batch, seq, e, n, r, jnp.float32)
+    y_ref = np.asarray(jax.jit(vim_mixer_ref)(*check_set), np.float32)
+    nsets = 0 if cfg.interpret else bc.n_input_sets(2 * batch * seq * (3 * e + 4 * n + 2 * r))
+    sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.bfloat16) for s in range(nsets)]
+    rows = []
+    for mc in pick(MIXER_SWEEP):
+        def fused(x, z, f, b, mc=mc):
+            return vim_mixer(x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype), interpret=cfg.interpret,
+                             config=mc)
+        vname = f"fused mixer {config_label(mc)}"
+        exps = 2 * batch * seq * e * n
+        body = functools.partial(mixer_row, cfg, shape, vname, fused, check_set, y_ref, sets, exps,
+                                 section="sweep")
+        rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
+
+    d = e // 2
+    weight = jnp.asarray(np.random.default_rng(d).uniform(0.5, 1.5, d), jnp.float32)
+    norm_inputs = lambda seed, dtype: (
+        jnp.asarray(np.random.default_rng(seed).normal(size=(batch, seq, d)).astype(np.float32), dtype),
+        jnp.asarray(np.random.default_rng(seed + 1).normal(size=(batch, seq, d)).astype(np.float32) * 3))
+    norm_check = norm_inputs(100, jnp.float32)
+    norm_ref = np.asarray(jax.jit(add_rmsnorm_ref, static_argnames="eps")(*norm_check, weight, eps=1e-5)[0])
+    norm_sets = [norm_inputs(s, jnp.bfloat16) for s in range(0 if cfg.interpret else bc.n_input_sets(
+        batch * seq * d * 11))]
+    norm_shape = f"{label} B={batch} L={seq} D={d}"
+    hbm = cfg.peaks[2] if cfg.peaks else None
+    for nc in pick(NORM_SWEEP):
+        def norm_body(nc=nc):
+            fn = functools.partial(add_rmsnorm, weight=weight, eps=1e-5, interpret=cfg.interpret, config=nc)
+            err = bc.rel_err(jax.jit(fn)(*norm_check)[0], norm_ref)
+            secs = timed(cfg, fn, norm_check, norm_sets)
+            gbs, pct = bc.bw_cells(batch * seq * d * (2 + 4 + 4 + 2), secs, hbm)
+            return Row("sweep", norm_shape, f"add + RMSNorm {config_label(nc)}", secs, gbs=gbs, hbm_pct=pct,
+                       check=f"fp32 rel {err:.1e}" + ("" if err < 1e-5 else " FAIL"))
+        rows.append(bc.run_row(cfg, "sweep", norm_shape, f"add + RMSNorm {config_label(nc)}", norm_body))
+
+    seq_v, e_v = (9, 16) if cfg.interpret else VMAMBA_SCANS[0]
+    side, batch_v = int(round(seq_v ** 0.5)), 1 if cfg.interpret else 64
+    orders = jnp.asarray(grid_orders(side, side))
+    cross_check = cross_scan_inputs(100, batch_v, side, e_v)
+    cross_ref = np.asarray(jax.jit(functools.partial(cross_scan_merge_ref, scan=selective_scan_ref))(
+        *cross_check, None, orders))
+    nsets = 0 if cfg.interpret else bc.n_input_sets(batch_v * seq_v * e_v * 24)
+    cross_sets = [cross_scan_inputs(s, batch_v, side, e_v) for s in range(nsets)]
+    cross_shape = f"{'smoke' if cfg.interpret else 'vmamba_t stage1'} B={batch_v} L={seq_v} E={e_v} N=1 K=4"
+    for cc in pick(CROSS_SCAN_SWEEP):
+        def cross_body(cc=cc):
+            fn = lambda u, dt, a, b, c, dd: cross_scan_merge(u, dt, a, b, c, dd, None, orders,
+                                                               interpret=cfg.interpret, config=cc)
+            err = bc.rel_err(jax.jit(fn)(*cross_check), cross_ref)
+            return Row("sweep", cross_shape, f"cross-scan {config_label(cc)}",
+                       timed(cfg, fn, cross_check, cross_sets),
+                       check=f"fp32 rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
+        rows.append(bc.run_row(cfg, "sweep", cross_shape, f"cross-scan {config_label(cc)}", cross_body))
+    return rows
+
+
 def mixer_row(cfg: RunConfig, shape: str, vname: str, fn: Callable, check_set: tuple, y_ref: np.ndarray,
-              sets: list[tuple], exps: int) -> Row:
+              sets: list[tuple], exps: int, section: str = "mixer") -> Row:
     jfn = jax.jit(fn)
     y = jax.block_until_ready(jfn(*check_set))
     if "no conv" in vname:
@@ -281,7 +357,7 @@ def mixer_row(cfg: RunConfig, shape: str, vname: str, fn: Callable, check_set: t
     rate, pct = bc.rate_cells(exps, secs, bc.EXP_PEAK if cfg.peaks else None)
     if cfg.peaks:
         check += f"; {secs / (exps / bc.EXP_PEAK):.2f}x exp bound ({1e6 * exps / bc.EXP_PEAK:.0f} us)"
-    return Row("mixer", shape, vname, secs, rate, pct, check=check)
+    return Row(section, shape, vname, secs, rate, pct, check=check)
 
 
 def mixer_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
@@ -429,6 +505,7 @@ SECTIONS: dict[str, bc.Section] = {
     "mixer": lambda cfg: mixer_rows(mixer_shapes(cfg), cfg),
     "norm": lambda cfg: norm_rows(mixer_shapes(cfg), cfg),
     "cross-scan": cross_scan_rows,
+    "sweep": sweep_rows,
     "e2e-mixer": lambda cfg: e2e_rows(e2e_models(cfg), cfg),
     "mixer-train": lambda cfg: mixer_train_rows(
         mixer_shapes(cfg) if cfg.args.mixer_shapes or cfg.interpret else [mixer_shape("vim_t", 256)], cfg),

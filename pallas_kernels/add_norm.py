@@ -33,7 +33,8 @@ from jax.typing import DTypeLike
 from pallas_kernels.qlinear import QuantizedLinear
 from pallas_kernels.qmatmul import quantize_activations, quantize_tile, reciprocal
 
-__all__ = ["NormConfig", "add_rmsnorm", "add_rmsnorm_codes_ref", "add_rmsnorm_ref", "default_norm_config"]
+__all__ = ["NORM_SWEEP", "NormConfig", "add_rmsnorm", "add_rmsnorm_codes_ref", "add_rmsnorm_ref",
+           "default_norm_config"]
 
 _MAX_WIDTH = 8192  # one row per tile: registers bound the width
 
@@ -48,6 +49,12 @@ class NormConfig:
     def __post_init__(self):
         if self.block_rows < 1 or self.block_rows & (self.block_rows - 1):
             raise ValueError(f"NormConfig.block_rows must be a power of two, got {self.block_rows}")
+
+
+#: Configurations of the add + norm's sweep on a GPU (``experiments/bench_mixer.py --sections
+#: sweep``): rows per program and warps.
+NORM_SWEEP: tuple[NormConfig, ...] = tuple(NormConfig(rows, warps) for rows, warps in
+                                           ((1, 4), (2, 4), (4, 4), (8, 4), (16, 4), (4, 8), (8, 8), (2, 2)))
 
 
 def default_norm_config(d: int) -> NormConfig:

@@ -34,7 +34,8 @@ from pallas_kernels.selective_scan import (
 )
 from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
 
-__all__ = ["CrossScanConfig", "cross_scan_merge", "cross_scan_merge_ref", "default_cross_scan_config"]
+__all__ = ["CROSS_SCAN_SWEEP", "CrossScanConfig", "cross_scan_merge", "cross_scan_merge_ref",
+           "default_cross_scan_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,18 @@ class CrossScanConfig(TokenLoopConfig):
     """The cross-scan's ``TokenLoopConfig``: one-warp programs by default."""
 
     num_warps: int = 1
+
+
+#: Configurations of the cross-scan's sweep on a GPU (``experiments/bench_mixer.py --sections
+#: sweep``): channels per program, warps, and the token loop.
+CROSS_SCAN_SWEEP: tuple[CrossScanConfig, ...] = (
+    CrossScanConfig(32, 1, 2),  # the default at few channels
+    CrossScanConfig(64, 1, 2),  # the default at many
+    CrossScanConfig(16, 1, 2),
+    CrossScanConfig(128, 4, 2),
+    CrossScanConfig(32, 1, 2, unroll=8),
+    CrossScanConfig(32, 1, 2, prefetch=False),
+)
 
 
 def default_cross_scan_config(batch: int, e: int) -> CrossScanConfig:

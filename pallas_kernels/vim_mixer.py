@@ -49,7 +49,7 @@ from pallas_kernels.selective_scan import (
     selective_scan,
 )
 
-__all__ = ["MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer"]
+__all__ = ["MIXER_SWEEP", "MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,20 @@ class MixerConfig(TokenLoopConfig):
     block_e: int = 64
     num_warps: int = 1
     preload_dt_weight: bool = True
+
+
+#: Configurations of the fused mixer's sweep on a GPU (``experiments/bench_mixer.py --sections
+#: sweep``): channels per program, warps, and the token loop around the default.
+MIXER_SWEEP: tuple[MixerConfig, ...] = (
+    MixerConfig(64, 1, 2),  # the default at many channels
+    MixerConfig(32, 1, 2),  # the default at few: one channel per thread
+    MixerConfig(128, 2, 2),
+    MixerConfig(128, 4, 2),
+    MixerConfig(64, 2, 2),
+    MixerConfig(64, 1, 2, unroll=2),
+    MixerConfig(64, 1, 2, unroll=8),
+    MixerConfig(64, 1, 2, prefetch=False),
+)
 
 
 def default_mixer_config(batch: int, e: int) -> MixerConfig:

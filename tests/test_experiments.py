@@ -157,3 +157,20 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     assert len(cross) == 2 and all("fp32 rel" in r for r in cross)
     bad = ("ERROR", "FAIL", "MISMATCH")
     assert not [row for row in rows + norm + cross if any(word in row for word in bad)]
+
+
+def test_bench_mixer_sweep_rows_run_in_the_interpreter(capsys):
+    """The three kernels' tuning sweeps (every fourth configuration in the interpreter), each row
+    checked against its reference."""
+    from pallas_kernels.add_norm import NORM_SWEEP
+    from pallas_kernels.cross_scan import CROSS_SCAN_SWEEP
+    from pallas_kernels.vim_mixer import MIXER_SWEEP
+
+    bench = load_script("bench_mixer")
+    assert bench.main(["--interpret", "--sections", "sweep"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out[out.index("| section |"):].splitlines() if line.startswith("| sweep")]
+    want = len(MIXER_SWEEP[::4]) + len(NORM_SWEEP[::4]) + len(CROSS_SCAN_SWEEP[::4])
+    assert len(rows) == want and all("fp32 rel" in row and "FAIL" not in row for row in rows), rows
+    for sweep in (MIXER_SWEEP, NORM_SWEEP, CROSS_SCAN_SWEEP):
+        assert len(set(sweep)) == len(sweep), "a configuration is swept twice"
