@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -28,6 +27,7 @@ from pallas_kernels.selective_scan import (
     CHANNEL_MAJOR_MIN_CHANNELS,
     LOG2_E,
     TokenLoopConfig,
+    _channel_tile,
     _load,
     _store,
     _token_loop,
@@ -96,10 +96,7 @@ def _kernel(*refs, names, seq, e, k_dirs, n_state, cfg):
     o_ref = refs[len(names)]
     f32 = jnp.float32
     be = cfg.block_e
-    batch = pl.program_id(0)
-    e0 = pl.program_id(1) * be
-    cols = pl.ds(e0, be)
-    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+    batch, e0, cols, e_ok = _channel_tile(e, be)
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
 
     def vec(ref):

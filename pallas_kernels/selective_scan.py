@@ -123,6 +123,14 @@ def _store(ref, value, mask):
         plt.store(ref, value.astype(ref.dtype), mask=mask)
 
 
+def _channel_tile(e: int, block_e: int):
+    """This program's batch element, first channel, its ``block_e`` channels as a slice, and the
+    mask of those below E (None when E fills every tile): grids are (batch, E tiles)."""
+    e0 = pl.program_id(1) * block_e
+    e_ok = None if e % block_e == 0 else e0 + lax.broadcasted_iota(jnp.int32, (block_e,), 0) < e
+    return pl.program_id(0), e0, pl.ds(e0, block_e), e_ok
+
+
 def _tile(a_ref, e, n_state, cfg):
     """This program's batch element, channel offset and mask, its A tile, and row loaders.
 
@@ -130,9 +138,7 @@ def _tile(a_ref, e, n_state, cfg):
     every gradient through them stay 0, and they are never stored to (B, L, E) outputs.
     """
     be, npow = cfg.block_e, _next_pow2(n_state)
-    batch = pl.program_id(0)
-    e0 = pl.program_id(1) * be
-    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+    batch, e0, _, e_ok = _channel_tile(e, be)
     n_ok = None if n_state == npow else lax.broadcasted_iota(jnp.int32, (npow,), 0) < n_state
     if e_ok is None and n_ok is None:
         a_mask = None
@@ -242,9 +248,7 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
 
     f32 = jnp.float32
     be = cfg.block_e
-    batch = pl.program_id(0)
-    e0 = pl.program_id(1) * be
-    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+    batch, e0, _, e_ok = _channel_tile(e, be)
 
     def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
         return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)

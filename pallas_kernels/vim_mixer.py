@@ -43,6 +43,7 @@ from pallas_kernels.selective_scan import (
     CHANNEL_MAJOR_MIN_CHANNELS,
     LOG2_E,
     TokenLoopConfig,
+    _channel_tile,
     _load,
     _store,
     _token_loop,
@@ -191,10 +192,7 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg, a_bits, exa
     codes_ref = refs[len(names) + 1] if a_bits is not None else None
     f32 = jnp.float32
     be = cfg.block_e
-    batch = pl.program_id(0)
-    e0 = pl.program_id(1) * be
-    cols = pl.ds(e0, be)
-    e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
+    batch, e0, cols, e_ok = _channel_tile(e, be)
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
     inv_smooth = None if codes_ref is None else _load(r["q_inv_smooth"].at[cols], e_ok, f32(1.0))
 
