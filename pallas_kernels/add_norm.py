@@ -31,10 +31,10 @@ from jax.experimental.pallas import triton as plt
 from jax.typing import DTypeLike
 
 from pallas_kernels.qlinear import QuantizedLinear
-from pallas_kernels.qmatmul import quantize_activations, quantize_tile, reciprocal
+from pallas_kernels.qmatmul import epilogue_quantizer, quantize_activations, quantize_tile
 
 __all__ = ["NORM_SWEEP", "NormConfig", "add_rmsnorm", "add_rmsnorm_codes_ref", "add_rmsnorm_ref",
-           "default_norm_config"]
+           "default_norm_config", "rms_norm_ref"]
 
 _MAX_WIDTH = 8192  # one row per tile: registers bound the width
 
@@ -63,12 +63,18 @@ def default_norm_config(d: int) -> NormConfig:
     return NormConfig(max(1, 4096 // pl.next_power_of_2(d)), 4)
 
 
+def rms_norm_ref(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """mamba_ssm's RMSNorm over the last axis in fp32, as XLA ops: ``x · rsqrt(mean x² + eps) · w``."""
+    x = x.astype(jnp.float32)
+    rstd = lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * rstd * weight.astype(jnp.float32)
+
+
 def add_rmsnorm_ref(hidden: jax.Array, residual: jax.Array, weight: jax.Array, *, eps: float,
                     out_dtype: DTypeLike | None = None) -> tuple[jax.Array, jax.Array]:
     """(normalised output in ``out_dtype`` (default hidden's), new residual in fp32), as XLA ops."""
     res = residual.astype(jnp.float32) + hidden.astype(jnp.float32)
-    rstd = lax.rsqrt(jnp.mean(jnp.square(res), axis=-1, keepdims=True) + eps)
-    return (res * rstd * weight.astype(jnp.float32)).astype(out_dtype or hidden.dtype), res
+    return rms_norm_ref(res, weight, eps).astype(out_dtype or hidden.dtype), res
 
 
 def _norm_kernel(*refs, m, seq, d, eps, out_dtype, a_bits, cfg, exact_ptx):
@@ -106,7 +112,7 @@ def _forward(hidden, residual, weight, eps, out_dtype, quant, interpret, cfg):
     operands = [hidden.reshape(m, d), residual.reshape(m, d), weight.astype(jnp.float32)]
     out_type = jax.ShapeDtypeStruct((m, d), out_dtype)
     if quant is not None:
-        operands += [reciprocal(quant.smooth), reciprocal(quant.a_scale), quant.a_zero.astype(jnp.float32)]
+        operands += epilogue_quantizer("add_rmsnorm", hidden.shape, quant)
         out_type = jax.ShapeDtypeStruct((m, d), jnp.int8)
     kernel = functools.partial(_norm_kernel, m=m, seq=seq, d=d, eps=eps, out_dtype=out_dtype,
                                a_bits=None if quant is None else quant.a_bits, cfg=cfg,
@@ -139,7 +145,7 @@ def _trainable_bwd(eps, out_dtype, interpret, cfg, saved, grads):
 _trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
-def _check(hidden, residual, weight, quant):
+def _check(hidden, residual, weight):
     if hidden.ndim != 3:
         raise ValueError(f"add_rmsnorm: hidden must be (B, L, D), got shape {hidden.shape}")
     batch, seq, d = hidden.shape
@@ -154,14 +160,6 @@ def _check(hidden, residual, weight, quant):
     if batch * seq * d >= 2**31:
         raise ValueError(f"add_rmsnorm: B*L*D = {batch * seq * d} elements overflow the kernel's int32 "
                          "offsets; split the batch into chunks")
-    if quant is None:
-        return
-    if not isinstance(quant, QuantizedLinear):
-        raise TypeError(f"add_rmsnorm: quant must be a QuantizedLinear, got {type(quant).__name__}")
-    if quant.smooth.shape != (d,) or quant.a_scale.shape != (seq,) or quant.a_zero.shape != (seq,):
-        raise ValueError(f"add_rmsnorm: quant must quantize (B, L, D) = {hidden.shape} activations: smooth "
-                         f"({d},), a_scale and a_zero ({seq},); got {quant.smooth.shape}, "
-                         f"{quant.a_scale.shape}, {quant.a_zero.shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "config"))
@@ -180,7 +178,7 @@ def add_rmsnorm(
     fp32 and ``out`` in ``out_dtype`` (default hidden's); hidden and residual (B, L, D), weight
     (D,). With ``quant`` (the consuming linear), ``out`` is its int8 codes
     ``quantize_activations(out, quant)`` instead (inference only). Differentiable without it."""
-    _check(hidden, residual, weight, quant)
+    _check(hidden, residual, weight)
     out_dtype = jnp.dtype(out_dtype or hidden.dtype)
     cfg = config or default_norm_config(hidden.shape[-1])
     if quant is None:

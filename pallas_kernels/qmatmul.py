@@ -344,6 +344,20 @@ def _ptx(asm: str, *args: jax.Array) -> jax.Array:
     return out
 
 
+def epilogue_quantizer(kernel: str, shape: tuple[int, ...], quant: QuantizedLinear) -> list[jax.Array]:
+    """A kernel that writes the consumer's codes from its epilogue: checks that ``quant`` (the
+    consuming linear) quantizes (B, L, K) = ``shape`` activations and returns the operands
+    :func:`quantize_tile` takes, 1/smooth (K,), 1/a_scale (L,) and the zero point (L,) as f32."""
+    if not isinstance(quant, QuantizedLinear):
+        raise TypeError(f"{kernel}: quant must be the consuming QuantizedLinear, got {type(quant).__name__}")
+    _, seq, k = shape
+    if quant.smooth.shape != (k,) or quant.a_scale.shape != (seq,) or quant.a_zero.shape != (seq,):
+        raise ValueError(f"{kernel}: quant must quantize (B, L, K) = {tuple(shape)} activations: smooth "
+                         f"({k},), a_scale and a_zero ({seq},); got {quant.smooth.shape}, "
+                         f"{quant.a_scale.shape}, {quant.a_zero.shape}")
+    return [reciprocal(quant.smooth), reciprocal(quant.a_scale), quant.a_zero.astype(jnp.float32)]
+
+
 def quantize_tile(x, inv_smooth, inv_scale, zero_f, a_bits, exact_ptx):
     """Prologue: int8 codes of one (bm, bk) tile, bit-identical to :func:`quantize_activations`.
 

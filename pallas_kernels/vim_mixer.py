@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.qlinear import QuantizedLinear
-from pallas_kernels.qmatmul import quantize_tile, reciprocal
+from pallas_kernels.qmatmul import epilogue_quantizer, quantize_tile
 from pallas_kernels.selective_scan import (
     CHANNEL_MAJOR_MIN_CHANNELS,
     LOG2_E,
@@ -290,8 +290,8 @@ def _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant=None):
     named = _inputs(x, z, fwd, bwd)
     out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
     if quant is not None:
-        named += [("q_inv_smooth", reciprocal(quant.smooth)), ("q_inv_scale", reciprocal(quant.a_scale)),
-                  ("q_zero", quant.a_zero.astype(jnp.float32))]
+        named += list(zip(("q_inv_smooth", "q_inv_scale", "q_zero"),
+                          epilogue_quantizer("vim_mixer", x.shape, quant), strict=True))
         out_shape = (out_shape, jax.ShapeDtypeStruct(x.shape, jnp.int8))
     names, arrays = zip(*named, strict=True)
     kernel = functools.partial(
@@ -388,16 +388,5 @@ def vim_mixer(
     cfg = config or default_mixer_config(x.shape[0], x.shape[2])
     if quant is None:
         return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd)
-    _check_quant(x, quant)
     return _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant)
 
-
-def _check_quant(x: jax.Array, quant: QuantizedLinear) -> None:
-    if not isinstance(quant, QuantizedLinear):
-        raise TypeError(f"vim_mixer: quant must be a QuantizedLinear (out_proj's), "
-                        f"got {type(quant).__name__}")
-    _, seq, e = x.shape
-    if quant.smooth.shape != (e,) or quant.a_scale.shape != (seq,) or quant.a_zero.shape != (seq,):
-        raise ValueError(f"vim_mixer: quant must quantize (B, L, E) = {x.shape} activations: smooth "
-                         f"({e},), a_scale and a_zero ({seq},); got {quant.smooth.shape}, "
-                         f"{quant.a_scale.shape}, {quant.a_zero.shape}")

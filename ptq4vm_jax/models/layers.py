@@ -13,8 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from pallas_kernels.add_norm import rms_norm_ref
 from ptq4vm_jax.ops.norm import add_rmsnorm
 from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan
 
@@ -64,9 +64,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        rstd = lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return x32 * rstd * weight
+        return rms_norm_ref(x, weight, self.eps)
 
 
 class AddRMSNorm(nn.Module):
