@@ -56,8 +56,19 @@ import numpy as np
 
 import ptq4vm_jax as pq
 from pallas_kernels import MixerDirection, QuantizedLinear, quantize_activations, selective_scan, vim_mixer
-from pallas_kernels.add_norm import NORM_SWEEP, add_rmsnorm, add_rmsnorm_codes_ref, add_rmsnorm_ref
-from pallas_kernels.cross_scan import CROSS_SCAN_SWEEP, cross_scan_merge, cross_scan_merge_ref
+from pallas_kernels.add_norm import (
+    NORM_SWEEP,
+    NormConfig,
+    add_rmsnorm,
+    add_rmsnorm_codes_ref,
+    add_rmsnorm_ref,
+)
+from pallas_kernels.cross_scan import (
+    CROSS_SCAN_SWEEP,
+    CrossScanConfig,
+    cross_scan_merge,
+    cross_scan_merge_ref,
+)
 from pallas_kernels.vim_mixer import MIXER_SWEEP
 from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
 from ptq4vm_jax.ops.cross_scan import INTERPRETER_CONFIG as INTERPRETER_CROSS
@@ -177,8 +188,10 @@ def norm_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
             for row in norm_shape_rows(cfg, label, batch, seq, e // 2)]
 
 
-def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int) -> list[Row]:
-    """XLA's add + RMSNorm (+ quantize) against the kernel's, float and int8 outputs."""
+def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int,
+                    configs: Sequence[NormConfig] | None = None) -> list[Row]:
+    """XLA's add + RMSNorm (+ quantize) against the kernel's, float and int8 outputs; with
+    ``configs``, the kernel's float output under each (the sweep's rows)."""
     shape = f"{label} B={batch} L={seq} D={d}"
     hbm = cfg.peaks[2] if cfg.peaks else None
     weight = jnp.asarray(np.random.default_rng(d).uniform(0.5, 1.5, d), jnp.float32)
@@ -194,13 +207,17 @@ def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int) ->
     sets = [inputs(s, jnp.bfloat16) for s in range(nsets)]
     kernel = functools.partial(add_rmsnorm, weight=weight, eps=1e-5, interpret=cfg.interpret,
                                config=INTERPRETER_NORM if cfg.interpret else None)
-    variants = {
-        "XLA add + RMSNorm": (lambda h, r: add_rmsnorm_ref(h, r, weight, eps=1e-5), False),
-        "Pallas add + RMSNorm": (lambda h, r: kernel(h, r), False),
-        "XLA add + RMSNorm + quantize (int8)": (
-            lambda h, r: add_rmsnorm_codes_ref(h, r, weight, quant, eps=1e-5), True),
-        "Pallas add + RMSNorm, codes in its epilogue": (lambda h, r: kernel(h, r, quant=quant), True),
-    }
+    if configs is None:
+        section, variants = "norm", {
+            "XLA add + RMSNorm": (lambda h, r: add_rmsnorm_ref(h, r, weight, eps=1e-5), False),
+            "Pallas add + RMSNorm": (lambda h, r: kernel(h, r), False),
+            "XLA add + RMSNorm + quantize (int8)": (
+                lambda h, r: add_rmsnorm_codes_ref(h, r, weight, quant, eps=1e-5), True),
+            "Pallas add + RMSNorm, codes in its epilogue": (lambda h, r: kernel(h, r, quant=quant), True),
+        }
+    else:
+        section, variants = "sweep", {
+            f"add + RMSNorm {config_label(c)}": (functools.partial(kernel, config=c), False) for c in configs}
     ref = np.asarray(jax.jit(add_rmsnorm_ref, static_argnames="eps")(*check_set, weight, eps=1e-5)[0])
 
     def body(vname: str, fn: Callable, codes: bool) -> Row:
@@ -212,9 +229,9 @@ def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int) ->
             check = f"fp32 rel {err:.1e}" + ("" if err < 1e-5 else " FAIL")
         secs = timed(cfg, fn, check_set, sets)
         gbs, pct = bc.bw_cells(batch * seq * d * (2 + 4 + 4 + (1 if codes else 2)), secs, hbm)
-        return Row("norm", shape, vname, secs, gbs=gbs, hbm_pct=pct, check=check)
+        return Row(section, shape, vname, secs, gbs=gbs, hbm_pct=pct, check=check)
 
-    return [bc.run_row(cfg, "norm", shape, vname, functools.partial(body, vname, fn, codes))
+    return [bc.run_row(cfg, section, shape, vname, functools.partial(body, vname, fn, codes))
             for vname, (fn, codes) in variants.items()]
 
 
@@ -230,41 +247,51 @@ def cross_scan_inputs(seed: int, batch: int, side: int, e: int) -> tuple:
 
 def cross_scan_rows(cfg: RunConfig) -> list[Row]:
     """Unfused (reordered copies, vmapped Pallas scans, merge) against the fused kernel."""
-    stages = [(1, 64), (3, 64)] if cfg.quick and not cfg.interpret else [(s, 64) for s in (1, 2, 3, 4)]
     if cfg.interpret:
         stages = [(4, 1)]
-    config = INTERPRETER_CROSS if cfg.interpret else None
-    rows = []
-    for stage, batch in stages:
-        seq, e = VMAMBA_SCANS[stage - 1] if not cfg.interpret else (9, 16)
-        side = int(round(seq ** 0.5))
-        orders = jnp.asarray(grid_orders(side, side))
-        label = "smoke" if cfg.interpret else f"vmamba_t stage{stage}"
-        shape = f"{label} B={batch} L={seq} E={e} N=1 K=4"
+    else:
+        stages = [(1, 64), (3, 64)] if cfg.quick else [(s, 64) for s in (1, 2, 3, 4)]
+    return [row for stage, batch in stages for row in cross_scan_stage_rows(cfg, stage, batch)]
 
-        def unfused(u, delta, a, b, c, d, side=side):
-            seqs = cross_scan(u.reshape(u.shape[0], side, side, -1))
-            scan = lambda s_k, dt, a_k, b_k, c_k, d_k: selective_scan(s_k, dt, a_k, b_k, c_k, d_k,
-                                                                      interpret=cfg.interpret)
-            return cross_merge(list(jax.vmap(scan)(jnp.stack(seqs), delta, a, b, c, d)), side, side)
 
-        def fused(u, delta, a, b, c, d, orders=orders):
-            return cross_scan_merge(u, delta, a, b, c, d, None, orders, interpret=cfg.interpret,
-                                    config=config)
+def cross_scan_stage_rows(cfg: RunConfig, stage: int, batch: int,
+                          configs: Sequence[CrossScanConfig] | None = None) -> list[Row]:
+    """One VMamba-T stage's rows (tiny shapes in the interpreter); with ``configs``, the fused
+    kernel under each (the sweep's rows)."""
+    seq, e = VMAMBA_SCANS[stage - 1] if not cfg.interpret else (9, 16)
+    side = int(round(seq ** 0.5))
+    orders = jnp.asarray(grid_orders(side, side))
+    label = "smoke" if cfg.interpret else f"vmamba_t stage{stage}"
+    shape = f"{label} B={batch} L={seq} E={e} N=1 K=4"
 
-        check_set = cross_scan_inputs(100, batch, side, e)
-        ref = np.asarray(jax.jit(functools.partial(cross_scan_merge_ref, scan=selective_scan_ref))(
-            *check_set, None, orders))
-        nsets = 0 if cfg.interpret else bc.n_input_sets(batch * seq * e * 4 * 6)
-        sets = [cross_scan_inputs(s, batch, side, e) for s in range(nsets)]
-        for vname, fn in (("unfused: 4 copies + 4 Pallas scans + merge", unfused),
-                          ("fused cross-scan kernel", fused)):
-            def body(vname=vname, fn=fn, shape=shape, check_set=check_set, ref=ref, sets=sets):
-                err = bc.rel_err(jax.jit(fn)(*check_set), ref)
-                check = f"fp32 rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
-                return Row("cross-scan", shape, vname, timed(cfg, fn, check_set, sets), check=check)
-            rows.append(bc.run_row(cfg, "cross-scan", shape, vname, body))
-    return rows
+    def unfused(u, delta, a, b, c, d):
+        seqs = cross_scan(u.reshape(u.shape[0], side, side, -1))
+        scan = lambda s_k, dt, a_k, b_k, c_k, d_k: selective_scan(s_k, dt, a_k, b_k, c_k, d_k,
+                                                                  interpret=cfg.interpret)
+        return cross_merge(list(jax.vmap(scan)(jnp.stack(seqs), delta, a, b, c, d)), side, side)
+
+    def fused(u, delta, a, b, c, d, config=INTERPRETER_CROSS if cfg.interpret else None):
+        return cross_scan_merge(u, delta, a, b, c, d, None, orders, interpret=cfg.interpret, config=config)
+
+    if configs is None:
+        section = "cross-scan"
+        variants = {"unfused: 4 copies + 4 Pallas scans + merge": unfused, "fused cross-scan kernel": fused}
+    else:
+        section = "sweep"
+        variants = {f"cross-scan {config_label(c)}": functools.partial(fused, config=c) for c in configs}
+    check_set = cross_scan_inputs(100, batch, side, e)
+    ref = np.asarray(jax.jit(functools.partial(cross_scan_merge_ref, scan=selective_scan_ref))(
+        *check_set, None, orders))
+    nsets = 0 if cfg.interpret else bc.n_input_sets(batch * seq * e * 4 * 6)
+    sets = [cross_scan_inputs(s, batch, side, e) for s in range(nsets)]
+
+    def body(vname: str, fn: Callable) -> Row:
+        err = bc.rel_err(jax.jit(fn)(*check_set), ref)
+        check = f"fp32 rel {err:.1e}" + ("" if err < 1e-4 else " FAIL")
+        return Row(section, shape, vname, timed(cfg, fn, check_set, sets), check=check)
+
+    return [bc.run_row(cfg, section, shape, vname, functools.partial(body, vname, fn))
+            for vname, fn in variants.items()]
 
 
 def config_label(c) -> str:
@@ -278,7 +305,8 @@ def config_label(c) -> str:
 
 
 def sweep_rows(cfg: RunConfig) -> list[Row]:
-    """Each kernel under each configuration of its sweep (every fourth in the interpreter)."""
+    """Each kernel under each configuration of its sweep (every fourth in the interpreter): the
+    mixer and the add + norm at the first mixer shape, the cross-scan at VMamba-T stage 1."""
     pick = (lambda sweep: sweep[::4]) if cfg.interpret else (lambda sweep: sweep)
     label, batch, seq, e, n, r = mixer_shapes(cfg)[0]
     shape = f"{label} B={batch} L={seq} E={e} N={n} R={r}"
@@ -292,51 +320,11 @@ def sweep_rows(cfg: RunConfig) -> list[Row]:
             return vim_mixer(x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype), interpret=cfg.interpret,
                              config=mc)
         vname = f"fused mixer {config_label(mc)}"
-        exps = 2 * batch * seq * e * n
-        body = functools.partial(mixer_row, cfg, shape, vname, fused, check_set, y_ref, sets, exps,
-                                 section="sweep")
+        body = functools.partial(mixer_row, cfg, shape, vname, fused, check_set, y_ref, sets,
+                                 2 * batch * seq * e * n, section="sweep")
         rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
-
-    d = e // 2
-    weight = jnp.asarray(np.random.default_rng(d).uniform(0.5, 1.5, d), jnp.float32)
-    norm_inputs = lambda seed, dtype: (
-        jnp.asarray(np.random.default_rng(seed).normal(size=(batch, seq, d)).astype(np.float32), dtype),
-        jnp.asarray(np.random.default_rng(seed + 1).normal(size=(batch, seq, d)).astype(np.float32) * 3))
-    norm_check = norm_inputs(100, jnp.float32)
-    norm_ref = np.asarray(jax.jit(add_rmsnorm_ref, static_argnames="eps")(*norm_check, weight, eps=1e-5)[0])
-    norm_sets = [norm_inputs(s, jnp.bfloat16) for s in range(0 if cfg.interpret else bc.n_input_sets(
-        batch * seq * d * 11))]
-    norm_shape = f"{label} B={batch} L={seq} D={d}"
-    hbm = cfg.peaks[2] if cfg.peaks else None
-    for nc in pick(NORM_SWEEP):
-        def norm_body(nc=nc):
-            fn = functools.partial(add_rmsnorm, weight=weight, eps=1e-5, interpret=cfg.interpret, config=nc)
-            err = bc.rel_err(jax.jit(fn)(*norm_check)[0], norm_ref)
-            secs = timed(cfg, fn, norm_check, norm_sets)
-            gbs, pct = bc.bw_cells(batch * seq * d * (2 + 4 + 4 + 2), secs, hbm)
-            return Row("sweep", norm_shape, f"add + RMSNorm {config_label(nc)}", secs, gbs=gbs, hbm_pct=pct,
-                       check=f"fp32 rel {err:.1e}" + ("" if err < 1e-5 else " FAIL"))
-        rows.append(bc.run_row(cfg, "sweep", norm_shape, f"add + RMSNorm {config_label(nc)}", norm_body))
-
-    seq_v, e_v = (9, 16) if cfg.interpret else VMAMBA_SCANS[0]
-    side, batch_v = int(round(seq_v ** 0.5)), 1 if cfg.interpret else 64
-    orders = jnp.asarray(grid_orders(side, side))
-    cross_check = cross_scan_inputs(100, batch_v, side, e_v)
-    cross_ref = np.asarray(jax.jit(functools.partial(cross_scan_merge_ref, scan=selective_scan_ref))(
-        *cross_check, None, orders))
-    nsets = 0 if cfg.interpret else bc.n_input_sets(batch_v * seq_v * e_v * 24)
-    cross_sets = [cross_scan_inputs(s, batch_v, side, e_v) for s in range(nsets)]
-    cross_shape = f"{'smoke' if cfg.interpret else 'vmamba_t stage1'} B={batch_v} L={seq_v} E={e_v} N=1 K=4"
-    for cc in pick(CROSS_SCAN_SWEEP):
-        def cross_body(cc=cc):
-            fn = lambda u, dt, a, b, c, dd: cross_scan_merge(u, dt, a, b, c, dd, None, orders,
-                                                               interpret=cfg.interpret, config=cc)
-            err = bc.rel_err(jax.jit(fn)(*cross_check), cross_ref)
-            return Row("sweep", cross_shape, f"cross-scan {config_label(cc)}",
-                       timed(cfg, fn, cross_check, cross_sets),
-                       check=f"fp32 rel {err:.1e}" + ("" if err < 1e-4 else " FAIL"))
-        rows.append(bc.run_row(cfg, "sweep", cross_shape, f"cross-scan {config_label(cc)}", cross_body))
-    return rows
+    rows += norm_shape_rows(cfg, label, batch, seq, e // 2, configs=pick(NORM_SWEEP))
+    return rows + cross_scan_stage_rows(cfg, 1, 1 if cfg.interpret else 64, configs=pick(CROSS_SCAN_SWEEP))
 
 
 def mixer_row(cfg: RunConfig, shape: str, vname: str, fn: Callable, check_set: tuple, y_ref: np.ndarray,
