@@ -6,18 +6,18 @@ one markdown table.
     python experiments/bench_mixer.py --mixer-shapes vim_b:256 --e2e-models vim_base:256
 
 Sections:
-  mixer  the mixer core of one Vim block (from the in_proj output x, z and each direction's
-         x_proj outputs to SiLU(z)·(y_f + y_b)/2), bf16: the pre-issue path (XLA conv + SiLU per
+  mixer  the mixer core of one Vim block (from the in_proj output x, z and each direction's x_proj
+         outputs to SiLU(z)·(y_f + y_b)/2), bf16: the pre-issue path (XLA conv + SiLU per
          direction on flipped copies, XLA dt_proj, two Pallas scans, flips, gate and average;
-         ``vim_mixer_ref(scan="pallas")``), the fused kernel fed XLA's dt_proj output (the
-         model's ``scan="fused"`` path), the fused kernel with dt_proj on chip, and XLA's dt_proj
-         with the two Pallas scans but none of the other glue (timing only). Rates: exponentials
-         per second against the special-function peak; ``x bound`` is the time over the
-         exp-throughput bound of both directions (2·B·L·E·N exponentials at EXP_PEAK). Each
-         variant is checked in fp32 against the reference (lax.scan) before it is timed in bf16.
-         Then the integer path's end of the mixer: the fused kernel's value quantized for out_proj
-         by a separate XLA pass, against the codes written by the kernel's epilogue (checked
-         equal to the quantized value).
+         ``vim_mixer_ref(scan="pallas")``), the fused kernel fed XLA's dt_proj output
+         (``MixerConfig.dt_on_chip=False``), the fused kernel with dt_proj on chip (the model's
+         ``scan="fused"`` path), and XLA's dt_proj with the two Pallas scans but none of the other
+         glue (timing only). Rates: exponentials per second against the special-function peak;
+         ``x bound`` is the time over the exp-throughput bound of both directions (2·B·L·E·N
+         exponentials at EXP_PEAK). Each variant is checked in fp32 against the reference
+         (lax.scan) before it is timed in bf16. Then the integer path's end of the mixer: the
+         fused kernel's value quantized for out_proj by a separate XLA pass, against the codes
+         written by the kernel's epilogue (checked equal to the quantized value).
   norm   the residual add + RMSNorm that opens each block (from the mixer shapes: D = E/2), bf16:
          XLA (float out; and with in_proj's quantizer, int8 out) against the Pallas kernel
          (float out; codes from its epilogue). GB/s over the bytes each must move (bf16 hidden and
@@ -128,8 +128,9 @@ def mixer_variants(interpret: bool) -> dict[str, Callable]:
 
     return {
         "unfused (pre-issue): XLA glue + 2 Pallas scans": functools.partial(vim_mixer_ref, scan="pallas"),
-        "fused kernel, XLA dt_proj (model path)": fused_xla_dt,
-        "fused kernel, dt_proj on chip": functools.partial(vim_mixer, interpret=interpret, config=config),
+        "fused kernel, XLA dt_proj": fused_xla_dt,
+        "fused kernel, dt_proj on chip (model path)": functools.partial(vim_mixer, interpret=interpret,
+                                                                        config=config),
         "XLA dt_proj + 2 Pallas scans (no conv, flips, average)": scans_only,
     }
 
@@ -301,6 +302,10 @@ def config_label(c) -> str:
         parts.append(f"unroll {c.unroll}")
     if getattr(c, "prefetch", False):
         parts.append("prefetch")
+    if not getattr(c, "dt_on_chip", True):
+        parts.append("XLA dt_proj")
+    elif not getattr(c, "preload_dt_weight", True):
+        parts.append("dt weight from cache")
     return " ".join(parts)
 
 
@@ -316,9 +321,8 @@ def sweep_rows(cfg: RunConfig) -> list[Row]:
     sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.bfloat16) for s in range(nsets)]
     rows = []
     for mc in pick(MIXER_SWEEP):
-        def fused(x, z, f, b, mc=mc):
-            return vim_mixer(x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype), interpret=cfg.interpret,
-                             config=mc)
+        def fused(x, z, f, b, mc=mc):  # dt_proj's operands given: on chip unless mc says not
+            return vim_mixer(x, z, f, b, interpret=cfg.interpret, config=mc)
         vname = f"fused mixer {config_label(mc)}"
         body = functools.partial(mixer_row, cfg, shape, vname, fused, check_set, y_ref, sets,
                                  2 * batch * seq * e * n, section="sweep")

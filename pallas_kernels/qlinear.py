@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
+    "LinearOperands",
     "QuantizedActivation",
     "QuantizedLinear",
     "check_bits",
@@ -103,6 +104,29 @@ class QuantizedActivation:
 
 
 jax.tree_util.register_dataclass(QuantizedActivation, data_fields=["codes"], meta_fields=["dtype"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOperands:
+    """A linear layer handed to a kernel that multiplies it on chip instead of its output:
+    ``y = ((x @ w) · row_scale[l]) · col_scale + bias``, a None scale or bias left out.
+
+    ``x`` (B, L, K) and ``w`` (K, N) are floats: the input and weight of a float layer, or, for an
+    integer layer, the centred activation codes ``q - a_zero`` and the weight codes, with the
+    per-token step ``row_scale`` (L,) and the per-channel step ``col_scale`` (N,). Integer sums
+    are exact in fp32 while |Σ| < 2^24 (|q - z| <= 255 and |w| <= 128: any K below 514), so a
+    kernel that scales in that order gives the integer layer's output to the last bit."""
+
+    x: jax.Array
+    w: jax.Array
+    row_scale: jax.Array | None = None
+    col_scale: jax.Array | None = None
+    bias: jax.Array | None = None
+
+
+jax.tree_util.register_dataclass(
+    LinearOperands, data_fields=["x", "w", "row_scale", "col_scale", "bias"], meta_fields=[]
+)
 
 
 def pack_int4(w_q: jax.Array) -> jax.Array:

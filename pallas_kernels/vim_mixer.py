@@ -56,12 +56,15 @@ __all__ = ["MIXER_SWEEP", "MixerConfig", "MixerDirection", "default_mixer_config
 @dataclasses.dataclass(frozen=True)
 class MixerConfig(TokenLoopConfig):
     """The fused mixer's ``TokenLoopConfig`` (64 channels per one-warp program by default), and
-    ``preload_dt_weight``: with dt_proj on chip, hold its (R, block_e) weight in registers (else
-    it is reread from cache every token, which saves registers at R = 48)."""
+    for a direction given dt_proj's operands (``MixerDirection.dt_weight``): ``dt_on_chip``,
+    multiply them in the kernel (else XLA computes Δ in x.dtype first, one (B, L, E) round trip
+    through memory per direction); ``preload_dt_weight``: hold the (R, block_e) weight in
+    registers (else it is reread from cache every token, which saves registers at R = 48)."""
 
     block_e: int = 64
     num_warps: int = 1
     preload_dt_weight: bool = True
+    dt_on_chip: bool = True
 
 
 #: Configurations of the fused mixer's sweep on a GPU (``experiments/bench_mixer.py --sections
@@ -75,6 +78,8 @@ MIXER_SWEEP: tuple[MixerConfig, ...] = (
     MixerConfig(64, 1, 2, unroll=2),
     MixerConfig(64, 1, 2, unroll=8),
     MixerConfig(64, 1, 2, prefetch=False),
+    MixerConfig(64, 1, 2, preload_dt_weight=False),
+    MixerConfig(64, 1, 2, dt_on_chip=False),
 )
 
 
@@ -98,7 +103,7 @@ class MixerDirection:
     The scales carry an integer dt_proj exactly: with ``delta`` the centered activation codes
     q - z (as floats), ``dt_weight`` the weight codes, ``dt_row_scale`` the per-token static step
     (L,) and ``dt_col_scale`` the per-channel weight step (E,), the integer sum is exact in fp32
-    (|Σ| < 2^24 for R <= 48 at 8 bits) and scaled in the order of ``simulate_int_linear``
+    (|Σ| < 2^24 for any R below 514 at 8 bits) and scaled in the order of ``simulate_int_linear``
     (``(acc · s_a[l]) · s_w[e] + bias``), so Δ is the quantized layer's to the last bit.
     Token-indexed arrays of the backward direction are in its own (flipped) order."""
 
@@ -126,6 +131,13 @@ class MixerDirection:
         if self.dt_col_scale is not None:
             dt = dt * self.dt_col_scale.astype(jnp.float32)
         return dt
+
+    def with_full_delta(self, dtype: jnp.dtype) -> MixerDirection:
+        """The same direction with Δ computed here (``full_delta``, in ``dtype``) instead of on chip."""
+        if self.dt_weight is None:
+            return self
+        return dataclasses.replace(self, delta=self.full_delta().astype(dtype), dt_weight=None,
+                                   dt_row_scale=None, dt_col_scale=None)
 
 
 jax.tree_util.register_dataclass(
@@ -386,6 +398,8 @@ def vim_mixer(
     """
     _check(x, z, fwd, bwd)
     cfg = config or default_mixer_config(x.shape[0], x.shape[2])
+    if not cfg.dt_on_chip:
+        fwd, bwd = fwd.with_full_delta(x.dtype), bwd.with_full_delta(x.dtype)
     if quant is None:
         return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd)
     return _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant)

@@ -8,13 +8,14 @@ gate follow the official torch modules.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.add_norm import rms_norm_ref
+from pallas_kernels.qlinear import LinearOperands
 from ptq4vm_jax.ops.norm import add_rmsnorm
 from ptq4vm_jax.ops.scan import causal_depthwise_conv1d, selective_scan
 
@@ -32,6 +33,29 @@ def layer_norm(name: str | None = None) -> nn.LayerNorm:
 def dense(dtype: Any, features: int, bias: bool, name: str | None = None, **kw: Any) -> nn.Dense:
     """A projection computing in ``dtype`` (its input is what quantization intercepts)."""
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+
+
+class OperandDense(nn.Dense):
+    """An ``nn.Dense`` (the same parameters, the same path) whose call returns its operands,
+    ``LinearOperands(inputs, kernel, bias=bias)`` in the compute dtype, for a consumer whose
+    kernel multiplies them on chip. Quantization intercepts it like any Dense and hands the
+    quantized layer's operands instead (``ptq4vm_jax.quant.layer.linear_operands``); observers
+    of Dense calls still see its input."""
+
+    emits_operands: ClassVar[bool] = True
+
+    def __call__(self, inputs: jax.Array) -> LinearOperands:
+        if self.is_initializing():
+            super().__call__(inputs)  # creates the parameters an nn.Dense has
+        p = self.variables["params"]
+        dtype = self.dtype or inputs.dtype
+        bias = p["bias"].astype(dtype) if self.use_bias else None
+        return LinearOperands(inputs.astype(dtype), p["kernel"].astype(dtype), bias=bias)
+
+
+def operand_dense(dtype: Any, features: int, bias: bool, name: str | None = None) -> OperandDense:
+    """``dense``'s projection as an ``OperandDense``."""
+    return OperandDense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def conv(dtype: Any, features: int, kernel: int, stride: int, pad: int, bias: bool,

@@ -18,14 +18,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptq4vm_jax.models.layers import AddRMSNorm, CausalConv1d, a_log_init, dense, mamba_direction
+from ptq4vm_jax.models.layers import (
+    AddRMSNorm,
+    CausalConv1d,
+    a_log_init,
+    dense,
+    mamba_direction,
+    operand_dense,
+)
 from ptq4vm_jax.models.vision_mamba import (
     VisionMambaBase,
     VisionMambaParts,
     VisionMambaSizes,
     vision_mamba_blockwise,
 )
-from ptq4vm_jax.ops.mixer import MixerDirection, mixer_backend, vim_mixer
+from ptq4vm_jax.ops.mixer import MixerDirection, mixer_backend, mixer_direction, vim_mixer
 from ptq4vm_jax.ops.scan import check_scan_backend
 
 
@@ -96,8 +103,10 @@ class BiMambaMixer(nn.Module):
         self.conv1d_b = CausalConv1d(c.d_conv, name="conv1d_b")
         self.x_proj = dense(c.dtype, r + 2 * n, False, "x_proj")
         self.x_proj_b = dense(c.dtype, r + 2 * n, False, "x_proj_b")
-        self.dt_proj = dense(c.dtype, e, True, "dt_proj")
-        self.dt_proj_b = dense(c.dtype, e, True, "dt_proj_b")
+        # The fused kernel multiplies dt_proj on chip: there it hands over its operands.
+        dt_dense = operand_dense if mixer_backend(c.scan) == "fused" else dense
+        self.dt_proj = dt_dense(c.dtype, e, True, "dt_proj")
+        self.dt_proj_b = dt_dense(c.dtype, e, True, "dt_proj_b")
         self.A_log = self.param("A_log", a_log_init, (e, n))
         self.A_b_log = self.param("A_b_log", a_log_init, (e, n))
         self.D = self.param("D", nn.initializers.ones, (e,))
@@ -105,8 +114,9 @@ class BiMambaMixer(nn.Module):
         self.core = MixerCore(c, name="core")
 
     def _fused(self, x, z):
-        """The same function with conv + scans + gate + average in one kernel (``ops.mixer``);
-        x_proj and dt_proj stay the model's Dense calls (quantized by interception as above)."""
+        """The same function with conv + scans + gate + average in one kernel (``ops.mixer``),
+        which also multiplies dt_proj (its operands, quantized by interception when it is);
+        x_proj stays a Dense call."""
         c = self.cfg
         directions = []
         for xd, conv, x_proj, dt_proj, a_log, d in (
@@ -115,8 +125,8 @@ class BiMambaMixer(nn.Module):
         ):
             dt, b, cc = jnp.split(x_proj(nn.silu(conv(xd))), [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
             w = conv.variables["params"]
-            directions.append(MixerDirection(w["kernel"], w["bias"], dt_proj(dt), b, cc,
-                                             -jnp.exp(a_log.astype(jnp.float32)), d))
+            directions.append(mixer_direction(w["kernel"], w["bias"], dt_proj(dt), b, cc,
+                                              -jnp.exp(a_log.astype(jnp.float32)), d))
         return self.core(x, z, *directions)
 
     def __call__(self, hidden: Any) -> jax.Array:

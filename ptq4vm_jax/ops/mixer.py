@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear
+from pallas_kernels.qlinear import LinearOperands, QuantizedActivation, QuantizedLinear
 from pallas_kernels.qmatmul import quantize_activations
 from pallas_kernels.vim_mixer import MixerConfig, MixerDirection
 from pallas_kernels.vim_mixer import vim_mixer as vim_mixer_pallas
@@ -32,6 +32,17 @@ def mixer_backend(scan: str) -> str:
     if check_scan_backend(scan) == "fused":
         return "fused"
     return resolve_scan_backend(scan)
+
+
+def mixer_direction(conv_weight: jax.Array, conv_bias: jax.Array, dt: jax.Array | LinearOperands,
+                    B: jax.Array, C: jax.Array, A: jax.Array, D: jax.Array | None) -> MixerDirection:
+    """One direction for the kernel. ``dt``: dt_proj's output (Δ before softplus, bias included),
+    or its ``LinearOperands`` (x_proj's Δ-rank columns and dt_proj's weight, or their integer
+    codes and steps) for the kernel to multiply on chip."""
+    if isinstance(dt, LinearOperands):
+        return MixerDirection(conv_weight, conv_bias, dt.x, B, C, A, D, delta_bias=dt.bias, dt_weight=dt.w,
+                              dt_row_scale=dt.row_scale, dt_col_scale=dt.col_scale)
+    return MixerDirection(conv_weight, conv_bias, dt, B, C, A, D)
 
 
 def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,

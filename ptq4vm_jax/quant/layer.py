@@ -23,7 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, check_bits, unpack_weight
+from pallas_kernels.qlinear import (
+    LinearOperands,
+    QuantizedActivation,
+    QuantizedLinear,
+    check_bits,
+    unpack_weight,
+)
 from pallas_kernels.qmatmul import quantize_activations
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
@@ -145,6 +151,33 @@ def simulate_int_linear(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     return y if layer.bias is None else y + layer.bias
 
 
+def integer_operands(x: jax.Array, layer: QuantizedLinear) -> LinearOperands:
+    """A stored layer with static scales as a kernel multiplies it on chip: the centred codes
+    ``q - a_zero`` and the weight codes (exact in fp32), the per-token and per-channel steps and
+    the bias. Scaled in ``simulate_int_linear``'s order, it gives that function's output to the
+    last bit in fake and in integer mode alike."""
+    if x.ndim != 3:
+        raise ValueError(f"integer_operands: the input must be (B, L, K) tokens, got shape {x.shape}")
+    shift = (2 ** (layer.a_bits - 1) - layer.a_zero.astype(jnp.int32))[:, None]
+    centred = (quantize_activations(x, layer).astype(jnp.int32) + shift).astype(jnp.float32)
+    w = unpack_weight(layer.w_int, layer.w_bits, layer.in_features).astype(jnp.float32)
+    return LinearOperands(centred, w, layer.a_scale, layer.w_scale, layer.bias)
+
+
+def linear_operands(x: jax.Array, layer: Linear, cfg: Method, mode: str, float_backward: bool = False
+                    ) -> LinearOperands | jax.Array:
+    """What a quantized layer that ``emits_operands`` hands its consumer's kernel: a stored layer
+    with static scales as :func:`integer_operands` (the same in both modes, so integer inference
+    equals fake-quant through the kernel); any other (calibration's train form, dynamic
+    activations) as its output, computed here as :func:`qlinear` computes it (the kernel takes
+    it as given)."""
+    if isinstance(layer, QuantizedLinear) and not cfg.dynamic_activations:
+        return integer_operands(x, layer)
+    if float_backward:
+        return qlinear_float_backward(x, layer, cfg, mode)
+    return qlinear(x, layer, cfg, mode)
+
+
 def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: str = "fake") -> jax.Array:
     """The quantized linear forward, differentiated as the float linear ``x @ kernel + bias``.
 
@@ -183,7 +216,9 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
     In integer mode, a module that names the linear its output feeds (a ``feeds`` path from its
     parent, e.g. Vim's add + norm feeding ``mixer/in_proj``) is called with that linear as
     ``quant=`` when it is quantized here, and hands it the input codes (a ``QuantizedActivation``)
-    from its own kernel: no separate quantize pass."""
+    from its own kernel: no separate quantize pass. A Dense that returns its operands for its
+    consumer's kernel (``emits_operands``, e.g. ``models.layers.OperandDense``) returns
+    :func:`linear_operands` in every mode."""
     check_gemm(gemm)
     check_mode(mode, cfg)
     fuse_producers = mode == "int" and not cfg.dynamic_activations
@@ -204,6 +239,8 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
         layer = lookup(qtree, path)
         if layer is None:
             return next_fun(*args, **kwargs)
+        if getattr(module, "emits_operands", False):
+            return linear_operands(args[0], layer, cfg, mode, path in float_backward)
         if path in float_backward:
             return qlinear_float_backward(args[0], layer, cfg, mode)
         return qlinear(args[0], layer, cfg, mode, gemm)

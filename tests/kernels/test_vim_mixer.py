@@ -2,6 +2,9 @@
 interpret mode elsewhere) vs ops.mixer.vim_mixer_ref and its jax.grad, the integer dt_proj feed
 against the quantized layer, the dispatcher, and CUDA lowering."""
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +192,21 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
     assert_close(y, vim_mixer_ref(x, z, fwd, bwd, divide_out=False), 1e-5)
 
 
+def test_dt_proj_off_chip_by_config(monkeypatch):
+    """``MixerConfig(dt_on_chip=False)``: given dt_proj's operands, XLA computes Δ first and the
+    kernel takes it as given (no dt_weight reaches it); the value is the reference's."""
+    kernels = importlib.import_module("pallas_kernels.vim_mixer")  # the package exports the function
+    seen = []
+    real = kernels._forward
+    monkeypatch.setattr(kernels, "_forward", lambda *a, **kw: seen.append([d.dt_weight for d in a[2:4]])
+                        or real(*a, **kw))
+    x, z, fwd, bwd = make_inputs(6, 1, 9, 24, 4, rank_f=5, rank_b=3)
+    config = MixerConfig(16, 1, 2, unroll=1, prefetch=False, dt_on_chip=False)
+    y = vim_mixer(x, z, fwd, bwd, interpret=INTERPRET, config=config)
+    assert seen == [[None, None]]
+    assert_close(y, vim_mixer_ref(x, z, fwd, bwd), 1e-5)
+
+
 def test_bad_arguments_are_explained():
     x, z, fwd, bwd = make_inputs(0, 1, 8, 16, 4)
     with pytest.raises(ValueError, match=r"unknown scan backend 'triton'.*'auto', 'ref', 'pallas', 'fused'"):
@@ -229,6 +247,11 @@ def test_lowers_for_cuda_at_vim_shapes(cuda_target):
     text = jax.jit(vim_mixer).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_vim_mixer" in text
     assert "__nv_exp2f" in text  # exp2 decays
+    # Integer inference's dt_proj in both directions (centred codes, weight codes, both steps).
+    integer = dataclasses.replace(direction(r), delta=s((batch, seq, r), jnp.float32),
+                                  dt_row_scale=s((seq,), jnp.float32), dt_col_scale=vec)
+    text = jax.jit(vim_mixer).trace(row, row, integer, integer).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ptq4vm_vim_mixer" in text
     quant = QuantizedLinear(s((e, 384), jnp.int8), s((384,), jnp.float32), vec, s((seq,), jnp.float32),
                             s((seq,), jnp.int32))
     text = jax.jit(lambda *a: vim_mixer(*a[:4], quant=a[4])).trace(*args, quant).lower(

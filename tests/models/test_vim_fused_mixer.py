@@ -75,14 +75,20 @@ def random_block(cfg, rng: np.random.Generator) -> tuple[dict, dict]:
 
 
 def test_int_equals_fake_through_the_fused_mixer(monkeypatch):
-    """A vim_nano block with W8A8 linears: through scan="fused" (the kernel runs), mode="int"
-    equals mode="fake", exactly on the CPU (the integer path is bit-exact, the kernel
-    deterministic, and x_proj / dt_proj are quantized in both), and fake mode through the kernel
-    is fake mode through the per-direction reference scans up to fp32 rounding."""
+    """A vim_nano block with W8A8 linears: through scan="fused" (the kernel runs, multiplying the
+    quantized dt_proj's integer operands on chip in both modes), mode="int" equals mode="fake",
+    exactly on the CPU (the integer path is bit-exact, the kernel deterministic, and x_proj /
+    dt_proj are quantized in both), and fake mode through the kernel is fake mode through the
+    per-direction reference scans up to fp32 rounding."""
     kernels = importlib.import_module("pallas_kernels.vim_mixer")
     calls = []
-    real_kernel = kernels._forward  # the fused kernel's launch
-    monkeypatch.setattr(kernels, "_forward", lambda *a, **kw: calls.append(1) or real_kernel(*a, **kw))
+    real_kernel = kernels._forward  # the fused kernel's launch: (x, z, fwd, bwd, ...)
+
+    def spy(*a, **kw):  # whether each direction's dt_proj came as integer operands (codes, steps)
+        calls.append(all(d.dt_weight is not None and d.dt_row_scale is not None for d in a[2:4]))
+        return real_kernel(*a, **kw)
+
+    monkeypatch.setattr(kernels, "_forward", spy)
     rng = np.random.default_rng(0)
     cfg = create_model("vim_nano").cfg
     params, qtree = random_block(cfg, rng)
@@ -96,7 +102,7 @@ def test_int_equals_fake_through_the_fused_mixer(monkeypatch):
             return VimBlock(dataclasses.replace(cfg, scan=scan)).apply({"params": p}, h, r)[0]
 
     fake, real = (np.asarray(run(mode, "fused", params, qtree, hidden, residual)) for mode in ("fake", "int"))
-    assert calls, "the fused kernel did not run"
+    assert calls == [True, True], "the fused kernel did not run, or not with dt_proj on chip"
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(fake, real)
     else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
