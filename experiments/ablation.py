@@ -493,7 +493,7 @@ def fmt_p(p: float | None) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.0e}"
 
 
-def table_text(rows: list[dict], methods_order: Sequence[str]) -> str:
+def table_text(rows: list[dict]) -> str:
     header = (f"{'model':<13} {'bits':<5} {'method':<9} {'n':>2}  {'top-1 %':>13}  {'agree %':>13}  "
               f"{'KL to FP':>19}  {'logit cos':>17}  {'calib s':>6}")
     lines = [header, "-" * len(header)]
@@ -619,7 +619,7 @@ def write_outputs(out: Path, settings: dict, cells: dict[tuple, dict], labels: d
     plot(out / "ablation_kl.png", rows, grid, cells)
     if not quiet:
         print(f"\n{done}/{expected} cells; mean ± std over draws (std with ddof=1)")
-        print(table_text(rows, grid["methods"]))
+        print(table_text(rows))
         if tests:
             print("\nPaired tests (a vs b): KL a/b = ratio of mean KLs; a<b = draws where a's KL is lower; "
                   "t p / SR p = paired t / exact signed-rank over draws on per-draw KL; img: images whose "

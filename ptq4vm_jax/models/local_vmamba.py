@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq4vm_jax.models.layers import GATE_RATIO, ChannelGate, conv, dense, layer_norm
+from ptq4vm_jax.models.layers import ChannelGate, conv, dense, layer_norm
 from ptq4vm_jax.models.local_scan import parse_direction, reverse_order, scan_order
 from ptq4vm_jax.models.vssm import (
     SS2DBase,
@@ -145,9 +145,6 @@ class LocalVMambaConfig(VSSMSizes):
 
     def block_directions(self, stage: int, block: int) -> tuple[str, ...]:
         return self.directions[sum(self.depths[:stage]) + block]
-
-    def gate_dim(self, dim: int) -> int:
-        return int(self.d_inner(dim) * GATE_RATIO)
 
 
 def _direction_problems(directions: object) -> list[str]:
