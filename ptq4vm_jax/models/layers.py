@@ -44,13 +44,15 @@ class OperandDense(nn.Dense):
 
     emits_operands: ClassVar[bool] = True
 
+    @nn.compact
     def __call__(self, inputs: jax.Array) -> LinearOperands:
-        if self.is_initializing():
-            super().__call__(inputs)  # creates the parameters an nn.Dense has
-        p = self.variables["params"]
+        # nn.Dense's parameters: the same names, shapes, initialisers and random streams.
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
         dtype = self.dtype or inputs.dtype
-        bias = p["bias"].astype(dtype) if self.use_bias else None
-        return LinearOperands(inputs.astype(dtype), p["kernel"].astype(dtype), bias=bias)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+        return LinearOperands(inputs.astype(dtype), kernel.astype(dtype), bias=bias)
 
 
 def operand_dense(dtype: Any, features: int, bias: bool, name: str | None = None) -> OperandDense:
