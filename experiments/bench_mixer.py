@@ -23,9 +23,11 @@ Sections:
          (float out; codes from its epilogue). GB/s over the bytes each must move (bf16 hidden and
          fp32 residual in, fp32 residual and the output out), against the card's HBM bandwidth.
   cross-scan  VMamba's four scan directions and their merge at VMamba-T's stage shapes (batch
-         64; ``--quick``: stages 1 and 3), fp32 as the model runs them: the unfused path (four
-         reordered copies, the Pallas scans vmapped, the reordering merge; ``scan="pallas"``)
-         against the fused kernel (``scan="fused"``), checked against the lax.scan composition.
+         64; ``--quick``: stages 1 and 3), fp32 as the model runs them, from dt_proj's input
+         (R = E/16) on: the unfused path (XLA's dt_proj, four reordered copies, the Pallas scans
+         vmapped, the reordering merge; ``scan="pallas"``), the fused kernel fed XLA's dt_proj
+         (``CrossScanConfig.dt_on_chip=False``) and the fused kernel with dt_proj on chip
+         (``scan="fused"``), checked against the lax.scan composition.
   sweep  (only with ``--sections``) the three kernels' tuning sweeps (``MIXER_SWEEP``,
          ``NORM_SWEEP``, ``CROSS_SCAN_SWEEP``) at the first mixer shape (Vim-S batch 256 by
          default) and VMamba-T stage 1 batch 64, each row checked like its section's.
@@ -41,6 +43,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import sys
@@ -68,6 +71,8 @@ from pallas_kernels.cross_scan import (
     CrossScanConfig,
     cross_scan_merge,
     cross_scan_merge_ref,
+    default_cross_scan_config,
+    full_delta,
 )
 from pallas_kernels.vim_mixer import MIXER_SWEEP
 from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
@@ -237,11 +242,13 @@ def norm_shape_rows(cfg: RunConfig, label: str, batch: int, seq: int, d: int,
 
 
 def cross_scan_inputs(seed: int, batch: int, side: int, e: int) -> tuple:
-    """u and the four directions' stacked inputs (N = 1, VMamba v2v) on a side x side grid."""
+    """u, the four directions' dt_proj input (K, B, L, R = E/16), weight (K, R, E) and bias
+    (K, E), and their stacked A, B, C, D (N = 1, VMamba v2v) on a side x side grid."""
     rng = np.random.default_rng(seed)
-    k, seq = 4, side * side
+    k, seq, r = 4, side * side, -(-e // 16)
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
-    return (f32(rng.normal(size=(batch, seq, e))), f32(rng.normal(size=(k, batch, seq, e)) * 0.5 - 1.0),
+    return (f32(rng.normal(size=(batch, seq, e))), f32(rng.normal(size=(k, batch, seq, r))),
+            f32(rng.normal(size=(k, r, e)) * r ** -0.5), f32(rng.normal(size=(k, e)) * 0.2 - 1.0),
             f32(-np.exp(0.5 * rng.normal(size=(k, e, 1)))), f32(rng.normal(size=(k, batch, seq, 1))),
             f32(rng.normal(size=(k, batch, seq, 1))), f32(rng.uniform(0.5, 1.5, (k, e))))
 
@@ -265,24 +272,31 @@ def cross_scan_stage_rows(cfg: RunConfig, stage: int, batch: int,
     label = "smoke" if cfg.interpret else f"vmamba_t stage{stage}"
     shape = f"{label} B={batch} L={seq} E={e} N=1 K=4"
 
-    def unfused(u, delta, a, b, c, d):
+    def unfused(u, dt, w, bias, a, b, c, d):
         seqs = cross_scan(u.reshape(u.shape[0], side, side, -1))
+        delta = full_delta(dt, w) + bias[:, None, None, :]  # XLA's dt_proj, as the model's Dense
         scan = lambda s_k, dt, a_k, b_k, c_k, d_k: selective_scan(s_k, dt, a_k, b_k, c_k, d_k,
                                                                   interpret=cfg.interpret)
         return cross_merge(list(jax.vmap(scan)(jnp.stack(seqs), delta, a, b, c, d)), side, side)
 
-    def fused(u, delta, a, b, c, d, config=INTERPRETER_CROSS if cfg.interpret else None):
-        return cross_scan_merge(u, delta, a, b, c, d, None, orders, interpret=cfg.interpret, config=config)
+    def fused(u, dt, w, bias, a, b, c, d, config=INTERPRETER_CROSS if cfg.interpret else None):
+        return cross_scan_merge(u, dt, a, b, c, d, bias, orders, dt_weight=w, interpret=cfg.interpret,
+                                config=config)
 
     if configs is None:
         section = "cross-scan"
-        variants = {"unfused: 4 copies + 4 Pallas scans + merge": unfused, "fused cross-scan kernel": fused}
+        plain = INTERPRETER_CROSS if cfg.interpret else default_cross_scan_config(batch, e)
+        variants = {"unfused: XLA dt_proj, 4 copies + 4 Pallas scans + merge": unfused,
+                    "fused cross-scan kernel, XLA dt_proj": functools.partial(
+                        fused, config=dataclasses.replace(plain, dt_on_chip=False)),
+                    "fused cross-scan kernel, dt_proj on chip (model path)": fused}
     else:
         section = "sweep"
         variants = {f"cross-scan {config_label(c)}": functools.partial(fused, config=c) for c in configs}
     check_set = cross_scan_inputs(100, batch, side, e)
+    u, dt, w, bias, *rest = check_set
     ref = np.asarray(jax.jit(functools.partial(cross_scan_merge_ref, scan=selective_scan_ref))(
-        *check_set, None, orders))
+        u, dt, *rest, bias, orders, dt_weight=w))
     nsets = 0 if cfg.interpret else bc.n_input_sets(batch * seq * e * 4 * 6)
     sets = [cross_scan_inputs(s, batch, side, e) for s in range(nsets)]
 

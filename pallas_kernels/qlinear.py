@@ -123,6 +123,16 @@ class LinearOperands:
     col_scale: jax.Array | None = None
     bias: jax.Array | None = None
 
+    def output(self) -> jax.Array:
+        """The layer's output in fp32, by XLA in the kernels' order (exact integer sums first)."""
+        y = jnp.einsum("...lk,kn->...ln", self.x.astype(jnp.float32), self.w.astype(jnp.float32),
+                       precision=lax.Precision.HIGHEST)
+        if self.row_scale is not None:
+            y = y * self.row_scale.astype(jnp.float32)[:, None]
+        if self.col_scale is not None:
+            y = y * self.col_scale.astype(jnp.float32)
+        return y if self.bias is None else y + self.bias.astype(jnp.float32)
+
 
 jax.tree_util.register_dataclass(
     LinearOperands, data_fields=["x", "w", "row_scale", "col_scale", "bias"], meta_fields=[]

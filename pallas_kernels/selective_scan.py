@@ -131,6 +131,19 @@ def _channel_tile(e: int, block_e: int):
     return pl.program_id(0), e0, pl.ds(e0, block_e), e_ok
 
 
+def _low_rank_product(column, weight_row, rank, row_scale=None, col_scale=None):
+    """dt_proj on chip for one token: Σ_j column(j) · weight_row(j) over the R Δ-rank columns
+    (scalars) and weight rows ((block_e,) vectors), then times the token's step and the
+    channels' steps when given (an integer layer's, in ``LinearOperands``' order)."""
+    acc = None
+    for j in range(rank):
+        term = column(j) * weight_row(j)
+        acc = term if acc is None else acc + term
+    if row_scale is not None:
+        acc = acc * row_scale
+    return acc if col_scale is None else acc * col_scale
+
+
 def _tile(a_ref, e, n_state, cfg):
     """This program's batch element, channel offset and mask, its A tile, and row loaders.
 

@@ -33,11 +33,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.qlinear import QuantizedLinear
+from pallas_kernels.qlinear import LinearOperands, QuantizedLinear
 from pallas_kernels.qmatmul import epilogue_quantizer, quantize_tile
 from pallas_kernels.selective_scan import (
     CHANNEL_MAJOR_MIN_CHANNELS,
@@ -45,6 +44,7 @@ from pallas_kernels.selective_scan import (
     TokenLoopConfig,
     _channel_tile,
     _load,
+    _low_rank_product,
     _store,
     _token_loop,
     selective_scan,
@@ -124,13 +124,7 @@ class MixerDirection:
         the Δ-rank columns times ``dt_weight`` with the optional row and column scales."""
         if self.dt_weight is None:
             return self.delta.astype(jnp.float32)
-        dt = jnp.einsum("blr,re->ble", self.delta.astype(jnp.float32), self.dt_weight.astype(jnp.float32),
-                        precision=lax.Precision.HIGHEST)
-        if self.dt_row_scale is not None:
-            dt = dt * self.dt_row_scale.astype(jnp.float32)[:, None]
-        if self.dt_col_scale is not None:
-            dt = dt * self.dt_col_scale.astype(jnp.float32)
-        return dt
+        return LinearOperands(self.delta, self.dt_weight, self.dt_row_scale, self.dt_col_scale).output()
 
     def with_full_delta(self, dtype: jnp.dtype) -> MixerDirection:
         """The same direction with Δ computed here (``full_delta``, in ``dtype``) instead of on chip."""
@@ -229,15 +223,11 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg, a_bits, exa
             if rank is None:
                 dt = vec(r[p + "delta"].at[batch, i, cols])
             else:
-                dt = None
-                for k in range(rank):
-                    w_k = w_rows[k] if w_rows is not None else vec(r[p + "dt_weight"].at[idx(k), cols])
-                    term = r[p + "delta"][batch, i, idx(k)].astype(f32) * w_k
-                    dt = term if dt is None else dt + term
-                if p + "dt_row_scale" in r:
-                    dt = dt * r[p + "dt_row_scale"][i].astype(f32)
-                if col_scale is not None:
-                    dt = dt * col_scale
+                weight_row = (w_rows.__getitem__ if w_rows is not None
+                              else lambda k: vec(r[p + "dt_weight"].at[idx(k), cols]))
+                row = r[p + "dt_row_scale"][i].astype(f32) if p + "dt_row_scale" in r else None
+                column = lambda k: r[p + "delta"][batch, i, idx(k)].astype(f32)
+                dt = _low_rank_product(column, weight_row, rank, row, col_scale)
             if bias is not None:
                 dt = dt + bias
             return jax.nn.softplus(dt)

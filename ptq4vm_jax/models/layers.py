@@ -55,9 +55,9 @@ class OperandDense(nn.Dense):
         return LinearOperands(inputs.astype(dtype), kernel.astype(dtype), bias=bias)
 
 
-def operand_dense(dtype: Any, features: int, bias: bool, name: str | None = None) -> OperandDense:
+def operand_dense(dtype: Any, features: int, bias: bool, name: str | None = None, **kw: Any) -> OperandDense:
     """``dense``'s projection as an ``OperandDense``."""
-    return OperandDense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+    return OperandDense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
 
 
 def conv(dtype: Any, features: int, kernel: int, stride: int, pad: int, bias: bool,

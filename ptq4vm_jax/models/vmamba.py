@@ -31,7 +31,7 @@ from ptq4vm_jax.models.vssm import (
     stage_lists_to_tuples,
     vssm_blockwise,
 )
-from ptq4vm_jax.ops.cross_scan import cross_scan_merge, grid_orders
+from ptq4vm_jax.ops.cross_scan import cross_scan_merge, grid_orders, stack_dt
 from ptq4vm_jax.ops.scan import check_scan_backend
 
 NUM_DIRECTIONS = 4  # cross-scan: row-major, column-major, and both reversed
@@ -139,6 +139,10 @@ class SS2D(SS2DBase):
     in_streams = 1  # no z gate
     num_directions = NUM_DIRECTIONS
 
+    def dt_on_chip(self) -> bool:
+        """The fused kernel multiplies dt_proj on chip (its operands; quantized by interception)."""
+        return self.cfg.scan == "fused"
+
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         b, h, w, _ = x.shape
@@ -147,8 +151,8 @@ class SS2D(SS2DBase):
         seqs = cross_scan(x)
         if c.scan == "fused":  # the K scans and the merge in one kernel, reading x in place
             dts, a, bs, cs, ds = self.direction_inputs(seqs)
-            y = cross_scan_merge(x.reshape(b, h * w, -1).astype(jnp.float32), dts, a, bs, cs, ds, None,
-                                 jnp.asarray(grid_orders(h, w)), backend=c.scan)
+            y = cross_scan_merge(x.reshape(b, h * w, -1).astype(jnp.float32), stack_dt(dts), a, bs, cs, ds,
+                                 None, jnp.asarray(grid_orders(h, w)), backend=c.scan)
         else:
             y = cross_merge(list(self.scan_directions(seqs)), h, w)
         return self.out_proj(self.out_norm(y).astype(c.dtype)).reshape(b, h, w, self.dim)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ptq4vm_jax.models.blockwise import Blockwise, Stage, model_blockwise
 from ptq4vm_jax.models.inputs import check_images
-from ptq4vm_jax.models.layers import a_log_init, conv, dense, dt_bias_init, layer_norm
+from ptq4vm_jax.models.layers import a_log_init, conv, dense, dt_bias_init, layer_norm, operand_dense
 from ptq4vm_jax.ops.scan import selective_scan
 
 # ----------------------------------------------------------------------------- configs
@@ -109,16 +109,23 @@ class SS2DBase(nn.Module):
         self.x_proj = [dense(c.dtype, r + 2 * n, False, f"x_proj_{i}") for i in range(k)]
         bound = r**-0.5
         dt_kernel_init = lambda key, s, d: jax.random.uniform(key, s, d, -bound, bound)
-        self.dt_proj = [dense(c.dtype, e, True, f"dt_proj_{i}", kernel_init=dt_kernel_init,
-                              bias_init=dt_bias_init) for i in range(k)]
+        dt_dense = operand_dense if self.dt_on_chip() else dense
+        self.dt_proj = [dt_dense(c.dtype, e, True, f"dt_proj_{i}", kernel_init=dt_kernel_init,
+                                 bias_init=dt_bias_init) for i in range(k)]
         self.A_logs = self.param("A_logs", a_log_init, (k, e, n))
         self.Ds = self.param("Ds", nn.initializers.ones, (k, e))
         self.out_norm = layer_norm("out_norm")
         self.out_proj = dense(c.dtype, self.dim, False, "out_proj")
 
-    def direction_inputs(self, seqs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    def dt_on_chip(self) -> bool:
+        """Whether the scan kernel multiplies dt_proj itself (its Dense then hands over its
+        operands, ``OperandDense``): a family's fused path may; by default not."""
+        return False
+
+    def direction_inputs(self, seqs: Sequence[jax.Array]) -> tuple[Any, ...]:
         """K (B, L, E) sequences, each in its own scan order through its own projections -> the
-        scans' stacked float32 inputs: Δ (K, B, L, E), A (K, E, N), B and C (K, B, L, N), D (K, E)."""
+        K dt_proj results (Δ, or its operands where ``dt_on_chip``) and the scans' stacked float32
+        inputs: A (K, E, N), B and C (K, B, L, N), D (K, E)."""
         c = self.cfg
         r, n = c.dt_rank(self.dim), c.ssm_d_state
         dts, bs, cs = [], [], []
@@ -129,7 +136,7 @@ class SS2DBase(nn.Module):
             cs.append(c_k)
         f32 = lambda ts: jnp.stack(ts).astype(jnp.float32)
         a = -jnp.exp(self.A_logs.astype(jnp.float32))
-        return f32(dts), a, f32(bs), f32(cs), self.Ds.astype(jnp.float32)
+        return dts, a, f32(bs), f32(cs), self.Ds.astype(jnp.float32)
 
     def scan_directions(self, seqs: Sequence[jax.Array]) -> jax.Array:
         """The K selective scans of ``direction_inputs`` as one vmapped float32 scan on the
@@ -137,7 +144,8 @@ class SS2DBase(nn.Module):
         dts, a, bs, cs, ds = self.direction_inputs(seqs)
         backend = self.cfg.scan
         scan = lambda u, dt, a_k, b_k, c_k, d_k: selective_scan(u, dt, a_k, b_k, c_k, D=d_k, backend=backend)
-        return jax.vmap(scan)(jnp.stack(seqs).astype(jnp.float32), dts, a, bs, cs, ds)
+        return jax.vmap(scan)(jnp.stack(seqs).astype(jnp.float32), jnp.stack(dts).astype(jnp.float32), a, bs,
+                              cs, ds)
 
 
 # ----------------------------------------------------------------------------- skeleton

@@ -4,13 +4,14 @@ through that composition, the orders against the model's cross-scan, the dispatc
 lowering."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.cross_scan import CrossScanConfig, cross_scan_merge, cross_scan_merge_ref
+from pallas_kernels.cross_scan import CrossScanConfig, cross_scan_merge, cross_scan_merge_ref, full_delta
 from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
 from ptq4vm_jax.ops import cross_scan as cross_scan_ops
 from ptq4vm_jax.ops.cross_scan import grid_orders
@@ -87,6 +88,95 @@ def test_trainable_gradients_match_reference():
         assert_close(got, want, 1e-5)
 
 
+def dt_operands(seed, batch, seq, e, rank, *, integer):
+    """Each direction's dt_proj input (K, B, L, R) and weight (K, R, E): floats, or an integer
+    layer's centred codes and weight codes with its per-token and per-channel steps."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
+    if not integer:
+        return {"delta": f32(rng.normal(size=(4, batch, seq, rank))),
+                "dt_weight": f32(rng.normal(size=(4, rank, e)) * rank ** -0.5)}
+    return {"delta": f32(rng.integers(-128, 128, (4, batch, seq, rank))),
+            "dt_weight": f32(rng.integers(-127, 128, (4, rank, e))),
+            "dt_row_scale": f32(rng.uniform(0.01, 0.03, (4, seq))),
+            "dt_col_scale": f32(rng.uniform(2e-3, 6e-3, (4, e)) * rank ** -0.5)}
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_dt_proj_on_chip_matches_reference(integer):
+    """Δ = dt_proj(Δ-rank) multiplied in the kernel (a float layer; an integer one's codes and
+    steps, whose sum is exact) gives the reference fed the Δ XLA computes: the same function."""
+    batch, h, w, e, n, rank = 1, 5, 7, 24, 1, 5
+    u, _, a, b, c, d, bias, orders = make_inputs(7, batch, h, w, e, n)
+    dt = dt_operands(8, batch, h * w, e, rank, integer=integer)
+    scales = {k: v for k, v in dt.items() if k != "delta"}
+    config = CrossScanConfig(16, 1, 2, unroll=1, prefetch=False)
+    y = cross_scan_merge(u, dt["delta"], a, b, c, d, bias, orders, **scales, interpret=INTERPRET,
+                         config=config)
+    assert_close(y, reference(u, full_delta(**dt), a, b, c, d, bias, orders), 1e-5)
+
+
+def test_dt_proj_off_chip_by_config(monkeypatch):
+    """``CrossScanConfig(dt_on_chip=False)``: XLA computes Δ and the kernel takes it as given."""
+    kernels = importlib.import_module("pallas_kernels.cross_scan")
+    seen = []
+    real = kernels._forward
+    # _forward(interpret, cfg, u, delta, A, B, C, D, delta_bias, dt_weight, ...)
+    monkeypatch.setattr(kernels, "_forward", lambda *a: seen.append(a[9]) or real(*a))
+    u, _, a, b, c, d, bias, orders = make_inputs(9, 1, 2, 3, 16, 1)
+    dt = dt_operands(10, 1, 6, 16, 3, integer=False)
+    config = CrossScanConfig(16, 1, 2, unroll=1, prefetch=False, dt_on_chip=False)
+    y = cross_scan_merge(u, dt["delta"], a, b, c, d, bias, orders, dt_weight=dt["dt_weight"],
+                         interpret=INTERPRET, config=config)
+    assert seen == [None]  # no dt_weight reached the kernel
+    assert_close(y, reference(u, full_delta(**dt), a, b, c, d, bias, orders), 1e-5)
+
+
+def test_trainable_gradients_with_dt_proj_on_chip():
+    """Gradients for dt_proj's input and weight (and the rest) through the kernel's VJP equal
+    jax.grad through the reference."""
+    u, _, a, b, c, d, bias, orders = make_inputs(11, 1, 2, 3, 16, 1)
+    dt = dt_operands(12, 1, 6, 16, 3, integer=False)
+    probe = jnp.asarray(np.random.default_rng(13).normal(size=u.shape), jnp.float32)
+    kernel = functools.partial(cross_scan_merge, interpret=INTERPRET, config=CrossScanConfig(16, 1, 2))
+
+    def loss(fn):
+        def value(u, delta, w, a, bias):
+            return jnp.sum(probe * fn(u, delta, a, b, c, d, bias, orders, dt_weight=w))
+        return value
+
+    args = (u, dt["delta"], dt["dt_weight"], a, bias)
+    value, g = jax.value_and_grad(loss(kernel), argnums=tuple(range(5)))(*args)
+    value_ref, g_ref = jax.value_and_grad(loss(reference), argnums=tuple(range(5)))(*args)
+    np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-5)
+    for got, want in zip(g, g_ref, strict=True):
+        assert got.shape == want.shape
+        assert_close(got, want, 1e-5)
+
+
+def test_stack_dt_keeps_operands_of_one_form_and_multiplies_out_the_rest():
+    """Four float dt_proj operands stack into one K-leading LinearOperands (what the kernel takes);
+    a mix of forms (a layer's output beside operands, or operands with and without steps) becomes
+    one fp32 Δ; either way the scan gets the same function."""
+    from pallas_kernels.qlinear import LinearOperands
+
+    u, _, a, b, c, d, bias, orders = make_inputs(14, 1, 2, 3, 16, 1)
+    dt = dt_operands(15, 1, 6, 16, 3, integer=False)
+    ops = [LinearOperands(dt["delta"][k], dt["dt_weight"][k], bias=bias[k]) for k in range(4)]
+    want = reference(u, full_delta(**dt), a, b, c, d, bias, orders)
+    scan = lambda delta: cross_scan_ops.cross_scan_merge(u, delta, a, b, c, d, None, orders, backend="ref")
+    stacked = cross_scan_ops.stack_dt(ops)
+    assert isinstance(stacked, LinearOperands)
+    assert stacked.w.shape == (4, 3, 16) and stacked.bias.shape == (4, 16)
+    assert_close(scan(stacked), want, 1e-5)
+    unit_steps = LinearOperands(ops[3].x, ops[3].w, col_scale=jnp.ones(16), bias=bias[3])
+    delta = cross_scan_ops.stack_dt([ops[0].output(), *ops[1:3], unit_steps])
+    assert not isinstance(delta, LinearOperands) and delta.shape == (4, 1, 6, 16)
+    assert_close(scan(delta), want, 1e-5)
+    with pytest.raises(ValueError, match="carry their own bias"):
+        cross_scan_ops.cross_scan_merge(u, stacked, a, b, c, d, bias, orders, backend="ref")
+
+
 @pytest.mark.parametrize("backend,kernel", [("fused", True), ("ref", False)])
 def test_dispatcher_runs_the_backend_it_is_given(backend, kernel, monkeypatch):
     calls = []
@@ -108,6 +198,11 @@ def test_bad_arguments_are_explained():
         cross_scan_merge(u, delta, a, b, c, d, bias, orders[:, :5], interpret=True)
     with pytest.raises(ValueError, match=r"B must have shape \(4, 1, 6, 1\) \(K=4 directions\)"):
         cross_scan_merge(u, delta, a, b[:3], c, d, bias, orders, interpret=True)
+    with pytest.raises(ValueError, match=r"dt_weight must have shape \(4, 2, 16\)"):
+        cross_scan_merge(u, delta[..., :2], a, b, c, d, bias, orders, dt_weight=jnp.ones((4, 3, 16)),
+                         interpret=True)
+    with pytest.raises(ValueError, match="give dt_weight too"):
+        cross_scan_merge(u, delta, a, b, c, d, bias, orders, dt_col_scale=jnp.ones((4, 16)), interpret=True)
     with pytest.raises(ValueError, match="block_e must be a power of two"):
         CrossScanConfig(block_e=24)
 
@@ -122,6 +217,14 @@ def test_lowers_for_cuda_at_vmamba_shapes(cuda_target):
             None, s((k, seq), jnp.int32))
     text = jax.jit(cross_scan_merge).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_cross_scan" in text and "__nv_exp2f" in text
+    # An integer dt_proj on chip (R = 6: centred codes, weight codes, both steps).
+    r = 6
+    dt = {"dt_weight": s((k, r, e), jnp.float32), "dt_row_scale": s((k, seq), jnp.float32),
+          "dt_col_scale": s((k, e), jnp.float32)}
+    low_rank = s((k, batch, seq, r), jnp.float32)
+    text = jax.jit(cross_scan_merge).trace(args[0], low_rank, *args[2:], **dt).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "ptq4vm_cross_scan" in text
     loss = lambda u, dt, a, b, c, d, o: jnp.sum(cross_scan_merge(u, dt, a, b, c, d, None, o))
     grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
     text = grads.trace(*args[:6], args[7]).lower(lowering_platforms=("cuda",)).as_text()

@@ -30,9 +30,13 @@ def rel_err(ours, ref) -> float:
 
 
 def spy_kernel(monkeypatch) -> list:
+    """Records, per kernel launch (traced), whether dt_proj came on chip (its weight) and as an
+    integer layer (with its per-token steps): ``_forward(interpret, cfg, u, delta, A, B, C, D,
+    delta_bias, dt_weight, dt_row_scale, ...)``."""
     kernels = importlib.import_module("pallas_kernels.cross_scan")
     calls, real = [], kernels._forward
-    monkeypatch.setattr(kernels, "_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "_forward", lambda *a: calls.append((a[9] is not None, a[10] is not None))
+                        or real(*a))
     return calls
 
 
@@ -51,7 +55,7 @@ def test_reduced_official_checkpoint_matches_official_outputs_through_the_fused_
     block = jax.jit(VSSBlock(cfg, cfg.stage_dims[1]).apply)({"params": params["layers_1"]["blocks_0"]},
                                                             io["block_input"])
     assert rel_err(block, io["block_output"]) <= 1e-4
-    assert calls, "the fused kernel did not run"
+    assert calls and set(calls) == {(True, False)}, "the fused kernel did not run with dt_proj on chip"
 
 
 #: vmamba_micro cut to its first two stages (grids 8 x 8 and 4 x 4): fewer programs to compile.
@@ -66,8 +70,8 @@ def test_calibration_and_integer_inference_through_the_fused_scan(init_params, m
     (scan="pallas" and scan="ref" differ by about 1e-2 of the max logit the same way), against
     W4A8's distance from the float model. Then the calibrated model through the kernel:
     mode="int" equals mode="fake" exactly on the CPU (both run the kernel; the integer path is
-    bit-exact), and fake mode through the kernel is fake mode through the per-direction scans up
-    to fp32 rounding."""
+    bit-exact; both multiply the quantized dt_proj's integer operands on chip), and fake mode
+    through the kernel is fake mode through the per-direction scans up to fp32 rounding."""
     calls = spy_kernel(monkeypatch)
     images = np.random.default_rng(6).standard_normal((4, 32, 32, 3)).astype(np.float32)
     params = init_params(create_model("vmamba_micro", **SMALL), 0)
@@ -85,7 +89,10 @@ def test_calibration_and_integer_inference_through_the_fused_scan(init_params, m
     assert rel_err(logits["pallas"], float_logits) > 1e-1  # W4A8: far from float
 
     fused = create_model("vmamba_micro", **SMALL, scan="fused")
+    calls.clear()
     fake, real = (np.asarray(pq.quantized_apply(fused, learned["fused"], x, mode=m)) for m in ("fake", "int"))
+    # Both modes multiply the quantized dt_proj on chip from its integer codes and steps.
+    assert calls and set(calls) == {(True, True)}
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(fake, real)
     else:  # GPU epilogues may fuse an FMA: tests/test_int_mode.py's bound
