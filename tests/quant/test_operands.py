@@ -132,3 +132,18 @@ def test_interception_hands_calibrations_train_form_as_its_output():
     want = jax.grad(lambda s: jnp.sum(qlinear(x, with_step(s), STATIC, "fake") ** 2))(train.a_scale)
     np.testing.assert_array_equal(grads, want)
     assert np.abs(np.asarray(grads)).max() > 0
+
+
+def test_interception_hands_dynamic_activation_layers_as_their_output():
+    """``per_token_dynamic`` quantizes each input by its own range at run time: no static steps
+    to hand a kernel, so the layer's fake-quant output goes instead."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    net = model(jnp.float32, True)
+    params = net.init(jax.random.key(0), x)
+    layer = stored_layer(rng, 8, 16, 5, 8, 8)
+    dynamic = pq.QuantConfig(8, 8, method="per_token_dynamic")
+    with intercept_dense({"proj": layer}, dynamic, "fake"):
+        y = net.apply(params, x)
+    assert not isinstance(y, LinearOperands)
+    np.testing.assert_array_equal(y, qlinear(x, layer, dynamic, "fake"))
