@@ -166,7 +166,8 @@ def dense_calls(scan: str) -> list[tuple[str, ...]]:
 
 def test_fused_mixer_calls_every_linear_the_unfused_one_does():
     """The fused path keeps x_proj, dt_proj (both directions), in_proj and out_proj as the model's
-    nn.Dense calls, in the same order, so quantization by interception reaches all of them."""
+    nn.Dense calls, in the same order (dt_proj an ``OperandDense``, which hands the kernel its
+    operands), so quantization by interception reaches all of them."""
     fused = dense_calls("fused")
     assert fused == dense_calls("ref")
     assert ("layers_1", "mixer", "dt_proj_b") in fused and ("layers_0", "mixer", "x_proj") in fused
