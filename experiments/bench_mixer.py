@@ -10,14 +10,16 @@ Sections:
          outputs to SiLU(z)·(y_f + y_b)/2), bf16: the pre-issue path (XLA conv + SiLU per
          direction on flipped copies, XLA dt_proj, two Pallas scans, flips, gate and average;
          ``vim_mixer_ref(scan="pallas")``), the fused kernel fed XLA's dt_proj output
-         (``MixerConfig.dt_on_chip=False``), the fused kernel with dt_proj on chip (the model's
-         ``scan="fused"`` path), and XLA's dt_proj with the two Pallas scans but none of the other
-         glue (timing only). Rates: exponentials per second against the special-function peak;
-         ``x bound`` is the time over the exp-throughput bound of both directions (2·B·L·E·N
-         exponentials at EXP_PEAK). Each variant is checked in fp32 against the reference
-         (lax.scan) before it is timed in bf16. Then the integer path's end of the mixer: the
-         fused kernel's value quantized for out_proj by a separate XLA pass, against the codes
-         written by the kernel's epilogue (checked equal to the quantized value).
+         (``MixerConfig.dt_on_chip=False``), the fused kernel given x and z as two arrays (XLA
+         copies the halves out of in_proj's output), the fused kernel with dt_proj on chip reading
+         x and z in place (the model's ``scan="fused"`` path), and XLA's dt_proj with the two
+         Pallas scans but none of the other glue (timing only). Rates: exponentials per second
+         against the special-function peak; ``x bound`` is the time over the exp-throughput bound
+         of both directions (2·B·L·E·N exponentials at EXP_PEAK). Each variant is checked in fp32
+         against the reference (lax.scan) before it is timed in bf16. Then the integer path's end
+         of the mixer: the fused kernel's value quantized for out_proj by a separate XLA pass,
+         against the codes written by the kernel's epilogue (checked equal to the quantized
+         value).
   norm   the residual add + RMSNorm that opens each block (from the mixer shapes: D = E/2), bf16:
          XLA (float out; and with in_proj's quantizer, int8 out) against the Pallas kernel
          (float out; codes from its epilogue). GB/s over the bytes each must move (bf16 hidden and
@@ -92,8 +94,9 @@ MixerShape = tuple[str, int, int, int, int, int]  # (label, batch, L, E, N, R)
 
 
 def mixer_inputs(seed: int, batch: int, seq: int, e: int, n: int, r: int, dtype) -> tuple:
-    """x, z and both directions (Δ as x_proj's Δ-rank columns, dt_proj's weight and bias) with
-    Vim-like ranges."""
+    """(xz, None, fwd, bwd): in_proj's output (x and z side by side, as the model hands it to
+    the kernel: ``packed=True``) and both directions (Δ as x_proj's Δ-rank columns, dt_proj's
+    weight and bias) with Vim-like ranges."""
     rng = np.random.default_rng(seed)
     arr = lambda a, dt=jnp.float32: jnp.asarray(np.asarray(a, np.float32), dt)
 
@@ -106,8 +109,8 @@ def mixer_inputs(seed: int, batch: int, seq: int, e: int, n: int, r: int, dtype)
             D=arr(rng.uniform(0.5, 1.5, e)), delta_bias=arr(rng.normal(size=e) * 0.2 - 1.0),
             dt_weight=arr(rng.normal(size=(r, e)) * r ** -0.5))
 
-    x, z = (arr(rng.normal(size=(batch, seq, e)), dtype) for _ in range(2))
-    return x, z, direction(), direction()
+    xz = arr(rng.normal(size=(batch, seq, 2 * e)), dtype)
+    return xz, None, direction(), direction()
 
 
 def xla_dt_proj(d: MixerDirection, dtype) -> MixerDirection:
@@ -117,25 +120,31 @@ def xla_dt_proj(d: MixerDirection, dtype) -> MixerDirection:
 
 
 def mixer_variants(interpret: bool) -> dict[str, Callable]:
-    """name -> fn(x, z, fwd, bwd) with the directions in Δ-rank form. In the interpreter the fused
-    kernel runs the plain token loop (``INTERPRETER_CONFIG``: compiles faster), on a GPU its default."""
+    """name -> fn(xz, None, fwd, bwd) (``mixer_inputs``). In the interpreter the fused kernel runs
+    the plain token loop (``INTERPRETER_CONFIG``: compiles faster), on a GPU its default."""
     config = INTERPRETER_CONFIG if interpret else None
+    fused = functools.partial(vim_mixer, interpret=interpret, config=config)
 
-    def fused_xla_dt(x, z, fwd, bwd):
-        return vim_mixer(x, z, xla_dt_proj(fwd, x.dtype), xla_dt_proj(bwd, x.dtype), interpret=interpret,
-                         config=config)
+    def fused_xla_dt(xz, _, fwd, bwd):
+        return fused(xz, None, xla_dt_proj(fwd, xz.dtype), xla_dt_proj(bwd, xz.dtype), packed=True)
 
-    def scans_only(x, z, fwd, bwd):  # x stands in for the conv output: no conv, flips or average
+    def fused_halves(xz, _, fwd, bwd):  # x and z as separate arrays: XLA copies the two halves
+        x, z = jnp.split(xz, 2, axis=-1)
+        return fused(x, z, fwd, bwd)
+
+    def scans_only(xz, _, fwd, bwd):  # x stands in for the conv output: no conv, flips or average
+        x, z = jnp.split(xz, 2, axis=-1)
         ys = [selective_scan(x, xla_dt_proj(d, x.dtype).delta, d.A, d.B, d.C, d.D, z, reverse=rev,
                              interpret=interpret)
               for d, rev in ((fwd, False), (bwd, True))]
         return ys[0] + ys[1]
 
     return {
-        "unfused (pre-issue): XLA glue + 2 Pallas scans": functools.partial(vim_mixer_ref, scan="pallas"),
+        "unfused (pre-issue): XLA glue + 2 Pallas scans": functools.partial(vim_mixer_ref, scan="pallas",
+                                                                            packed=True),
         "fused kernel, XLA dt_proj": fused_xla_dt,
-        "fused kernel, dt_proj on chip (model path)": functools.partial(vim_mixer, interpret=interpret,
-                                                                        config=config),
+        "fused kernel, x and z copied out of in_proj's output": fused_halves,
+        "fused kernel, dt_proj on chip (model path)": functools.partial(fused, packed=True),
         "XLA dt_proj + 2 Pallas scans (no conv, flips, average)": scans_only,
     }
 
@@ -172,13 +181,11 @@ def mixer_codes_rows(cfg: RunConfig, shape: str, check_set: tuple, sets: list[tu
     """The fused kernel's value quantized for out_proj: by XLA after it, or in its epilogue."""
     config = INTERPRETER_CONFIG if cfg.interpret else None
     quant = act_quantizer(7, seq, e, 1.0)
-    value = lambda x, z, f, b: vim_mixer(x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype),
-                                         interpret=cfg.interpret, config=config)
+    fused = functools.partial(vim_mixer, interpret=cfg.interpret, config=config, packed=True)
+    value = lambda xz, z, f, b: fused(xz, z, f, b)
     variants = {
         "fused kernel + XLA quantize pass (int8)": lambda *a: quantize_activations(value(*a), quant),
-        "fused kernel, out_proj codes in its epilogue": lambda x, z, f, b: vim_mixer(
-            x, z, xla_dt_proj(f, x.dtype), xla_dt_proj(b, x.dtype), interpret=cfg.interpret, config=config,
-            quant=quant),
+        "fused kernel, out_proj codes in its epilogue": lambda *a: fused(*a, quant=quant),
     }
     rows = []
     for vname, fn in variants.items():
@@ -330,13 +337,13 @@ def sweep_rows(cfg: RunConfig) -> list[Row]:
     label, batch, seq, e, n, r = mixer_shapes(cfg)[0]
     shape = f"{label} B={batch} L={seq} E={e} N={n} R={r}"
     check_set = mixer_inputs(100, batch, seq, e, n, r, jnp.float32)
-    y_ref = np.asarray(jax.jit(vim_mixer_ref)(*check_set), np.float32)
+    y_ref = np.asarray(jax.jit(functools.partial(vim_mixer_ref, packed=True))(*check_set), np.float32)
     nsets = 0 if cfg.interpret else bc.n_input_sets(2 * batch * seq * (3 * e + 4 * n + 2 * r))
     sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.bfloat16) for s in range(nsets)]
     rows = []
     for mc in pick(MIXER_SWEEP):
-        def fused(x, z, f, b, mc=mc):  # dt_proj's operands given: on chip unless mc says not
-            return vim_mixer(x, z, f, b, interpret=cfg.interpret, config=mc)
+        def fused(xz, z, f, b, mc=mc):  # dt_proj's operands given: on chip unless mc says not
+            return vim_mixer(xz, z, f, b, interpret=cfg.interpret, config=mc, packed=True)
         vname = f"fused mixer {config_label(mc)}"
         body = functools.partial(mixer_row, cfg, shape, vname, fused, check_set, y_ref, sets,
                                  2 * batch * seq * e * n, section="sweep")
@@ -372,7 +379,7 @@ def mixer_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
     for label, batch, seq, e, n, r in shapes:
         shape = f"{label} B={batch} L={seq} E={e} N={n} R={r}"
         check_set = mixer_inputs(100, batch, seq, e, n, r, jnp.float32)
-        y_ref = np.asarray(jax.jit(vim_mixer_ref)(*check_set), np.float32)
+        y_ref = np.asarray(jax.jit(functools.partial(vim_mixer_ref, packed=True))(*check_set), np.float32)
         set_bytes = 2 * batch * seq * (3 * e + 4 * n + 2 * r)
         nsets = 0 if cfg.interpret else bc.n_input_sets(set_bytes)
         sets = [mixer_inputs(s, batch, seq, e, n, r, jnp.bfloat16) for s in range(nsets)]
@@ -403,8 +410,8 @@ def mixer_shapes(cfg: RunConfig) -> list[MixerShape]:
 
 
 def value_and_grads(fn: Callable) -> Callable:
-    """The value and the gradients for x, z and both directions of sum(fn(x, z, fwd, bwd))."""
-    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3))
+    """The value and the gradients for xz and both directions of sum(fn(xz, None, fwd, bwd))."""
+    return jax.value_and_grad(lambda xz, z, f, b: jnp.sum(fn(xz, z, f, b, packed=True)), argnums=(0, 2, 3))
 
 
 def mixer_train_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:

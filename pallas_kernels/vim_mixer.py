@@ -143,15 +143,23 @@ jax.tree_util.register_dataclass(
 _OPTIONAL = ("D", "delta_bias", "dt_weight", "dt_row_scale", "dt_col_scale")
 
 
-def _check(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection) -> None:
+def _channels(x: jax.Array, packed: bool) -> int:
+    """E: x's channels, or half of them when x holds x and the gate side by side."""
+    return x.shape[2] // 2 if packed else x.shape[2]
+
+
+def _check(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, packed: bool) -> None:
     if x.ndim != 3:
-        raise ValueError(f"vim_mixer: x must be (B, L, E), got shape {x.shape}")
-    batch, seq, e = x.shape
+        raise ValueError(f"vim_mixer: x must be (B, L, {'2E' if packed else 'E'}), got shape {x.shape}")
+    if packed and (z is not None or x.shape[2] % 2):
+        raise ValueError(f"vim_mixer: packed=True takes in_proj's whole output (B, L, 2E) as x and z=None, "
+                         f"got x {x.shape} and z {None if z is None else z.shape}")
+    batch, seq, e = x.shape[0], x.shape[1], _channels(x, packed)
     if z is not None and z.shape != x.shape:
         raise ValueError(f"vim_mixer: z must match x's shape {x.shape}, got {z.shape}")
-    if batch * seq * e >= 2**31:
-        raise ValueError(f"vim_mixer: B*L*E = {batch * seq * e} elements overflow the kernel's int32 "
-                         "offsets; split the batch into chunks")
+    if x.size >= 2**31:
+        raise ValueError(f"vim_mixer: x's {x.size} elements overflow the kernel's int32 offsets; split the "
+                         "batch into chunks")
     for name, d in (("fwd", fwd), ("bwd", bwd)):
         if not isinstance(d, MixerDirection):
             raise TypeError(f"vim_mixer: {name} must be a MixerDirection, got {type(d).__name__}")
@@ -160,7 +168,7 @@ def _check(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDir
                 "B": (batch, seq, n), "C": (batch, seq, n), "D": (e,), "delta_bias": (e,),
                 "dt_col_scale": (e,), "dt_row_scale": (seq,)}
         if d.dt_weight is None:
-            want["delta"] = x.shape
+            want["delta"] = (batch, seq, e)
             if d.dt_row_scale is not None or d.dt_col_scale is not None:
                 raise ValueError(f"vim_mixer: {name}.dt_row_scale / dt_col_scale scale an on-chip "
                                  "dt_proj; give dt_weight too, or fold them into delta")
@@ -189,16 +197,18 @@ def _inputs(x, z, fwd, bwd):
     return named
 
 
-def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg, a_bits, exact_ptx):
-    """``dims``: per direction prefix, (d_conv, N, R or None). ``a_bits`` None: one output, the
-    mixer's value (its first pass holds the backward direction's partial sum); else two, that
-    partial and the value's int8 codes under out_proj's input quantizer (operands ``q_*``)."""
+def _mixer_kernel(*refs, names, seq, e, dims, gate, packed, divide_out, cfg, a_bits, exact_ptx):
+    """``dims``: per direction prefix, (d_conv, N, R or None). ``packed``: the gate z is channels
+    E..2E of x. ``a_bits`` None: one output, the mixer's value (its first pass holds the backward
+    direction's partial sum); else two, that partial and the value's int8 codes under out_proj's
+    input quantizer (operands ``q_*``)."""
     r = dict(zip(names, refs, strict=False))
     o_ref = refs[len(names)]
     codes_ref = refs[len(names) + 1] if a_bits is not None else None
     f32 = jnp.float32
     be = cfg.block_e
     batch, e0, cols, e_ok = _channel_tile(e, be)
+    z_ref, z_cols = (r["x"], pl.ds(e + e0, be)) if packed else (r.get("z"), cols)
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
     inv_smooth = None if codes_ref is None else _load(r["q_inv_smooth"].at[cols], e_ok, f32(1.0))
 
@@ -236,7 +246,7 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, divide_out, cfg, a_bits, exa
             """Everything step i needs that does not depend on the carry."""
             t = seq - 1 - i if reverse else i
             x_t = vec(r["x"].at[batch, t, cols])
-            z_t = vec(r["z"].at[batch, t, cols]) if final and gate else None
+            z_t = vec(z_ref.at[batch, t, z_cols]) if final and gate else None
             other = vec(o_ref.at[batch, t, cols]) if final else None  # the first pass's partial
             return i, t, x_t, delta(i), z_t, other
 
@@ -285,20 +295,20 @@ def _dims(d: MixerDirection) -> tuple[int, int, int | None]:
     return d.conv_weight.shape[0], d.A.shape[1], None if d.dt_weight is None else d.dt_weight.shape[0]
 
 
-def _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant=None):
+def _forward(x, z, fwd, bwd, divide_out, interpret, cfg, packed, quant=None):
     """The fused kernel: ``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype, or with ``quant`` (a
     QuantizedLinear) its int8 codes under that linear's input quantizer."""
-    batch, seq, e = x.shape
+    batch, seq, e = x.shape[0], x.shape[1], _channels(x, packed)
     named = _inputs(x, z, fwd, bwd)
-    out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    out_shape = jax.ShapeDtypeStruct((batch, seq, e), x.dtype)
     if quant is not None:
         named += list(zip(("q_inv_smooth", "q_inv_scale", "q_zero"),
-                          epilogue_quantizer("vim_mixer", x.shape, quant), strict=True))
-        out_shape = (out_shape, jax.ShapeDtypeStruct(x.shape, jnp.int8))
+                          epilogue_quantizer("vim_mixer", out_shape.shape, quant), strict=True))
+        out_shape = (out_shape, jax.ShapeDtypeStruct(out_shape.shape, jnp.int8))
     names, arrays = zip(*named, strict=True)
     kernel = functools.partial(
         _mixer_kernel, names=names, seq=seq, e=e, dims={"f_": _dims(fwd), "b_": _dims(bwd)},
-        gate=z is not None, divide_out=divide_out, cfg=cfg,
+        gate=packed or z is not None, packed=packed, divide_out=divide_out, cfg=cfg,
         a_bits=None if quant is None else quant.a_bits, exact_ptx=not interpret,
     )
     out = pl.pallas_call(
@@ -323,8 +333,10 @@ def _conv_silu(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
     return jax.nn.silu(y + bias.astype(jnp.float32))
 
 
-def _composed(x, z, fwd, bwd, divide_out, interpret, scan_cfg):
+def _composed(x, z, fwd, bwd, divide_out, interpret, scan_cfg, packed):
     """The mixer as jnp around two Pallas trainable scans (what the VJP differentiates)."""
+    if packed:
+        x, z = jnp.split(x, 2, axis=-1)
     flip = lambda t: jnp.flip(t, axis=1)
     ys = []
     for d, order in ((fwd, lambda t: t), (bwd, flip)):
@@ -340,18 +352,18 @@ def _composed(x, z, fwd, bwd, divide_out, interpret, scan_cfg):
     return y.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _trainable(divide_out, interpret, cfg, x, z, fwd, bwd):
-    return _forward(x, z, fwd, bwd, divide_out, interpret, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _trainable(divide_out, interpret, cfg, packed, x, z, fwd, bwd):
+    return _forward(x, z, fwd, bwd, divide_out, interpret, cfg, packed)
 
 
-def _trainable_fwd(divide_out, interpret, cfg, x, z, fwd, bwd):
-    return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd), (x, z, fwd, bwd)
+def _trainable_fwd(divide_out, interpret, cfg, packed, x, z, fwd, bwd):
+    return _trainable(divide_out, interpret, cfg, packed, x, z, fwd, bwd), (x, z, fwd, bwd)
 
 
-def _trainable_bwd(divide_out, interpret, cfg, res, g):
+def _trainable_bwd(divide_out, interpret, cfg, packed, res, g):
     composed = functools.partial(_composed, divide_out=divide_out, interpret=interpret,
-                                 scan_cfg=cfg.trainable_scan())
+                                 scan_cfg=cfg.trainable_scan(), packed=packed)
     _, vjp = jax.vjp(composed, *res)
     return vjp(g)
 
@@ -359,7 +371,7 @@ def _trainable_bwd(divide_out, interpret, cfg, res, g):
 _trainable.defvjp(_trainable_fwd, _trainable_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("divide_out", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("divide_out", "interpret", "config", "packed"))
 def vim_mixer(
     x: jax.Array,
     z: jax.Array | None,
@@ -370,10 +382,15 @@ def vim_mixer(
     interpret: bool = False,
     config: MixerConfig | None = None,
     quant: QuantizedLinear | None = None,
+    packed: bool = False,
 ) -> jax.Array:
     """``SiLU(z) · (y_f + y_b) / 2`` (B, L, E) in x.dtype; ``z=None``: no gate; ``divide_out=False``:
     the sum. ``x, z`` (B, L, E) are the in_proj halves in token order; ``fwd``/``bwd`` the two
     directions (``MixerDirection``). Semantics: ``ptq4vm_jax.ops.mixer.vim_mixer_ref``.
+
+    ``packed``: ``x`` is in_proj's whole output (B, L, 2E), x and the gate z side by side (Vim's
+    ``xz.chunk(2)``), and ``z`` None. The kernel reads both halves in place, where separate
+    halves would be copies (a slice of the minor axis is no view a kernel can take).
 
     ``quant``: the consuming linear (out_proj, a ``QuantizedLinear`` with K = E, per-token scales
     over L). The kernel then returns the int8 codes ``quantize_activations(value, quant)`` of the
@@ -386,11 +403,11 @@ def vim_mixer(
     recomputed by the forward kernel, then the reverse-time kernel), with the same tiles in the
     channel-major layout; the gate and average are differentiated by jax.
     """
-    _check(x, z, fwd, bwd)
-    cfg = config or default_mixer_config(x.shape[0], x.shape[2])
+    _check(x, z, fwd, bwd, packed)
+    cfg = config or default_mixer_config(x.shape[0], _channels(x, packed))
     if not cfg.dt_on_chip:
         fwd, bwd = fwd.with_full_delta(x.dtype), bwd.with_full_delta(x.dtype)
     if quant is None:
-        return _trainable(divide_out, interpret, cfg, x, z, fwd, bwd)
-    return _forward(x, z, fwd, bwd, divide_out, interpret, cfg, quant)
+        return _trainable(divide_out, interpret, cfg, packed, x, z, fwd, bwd)
+    return _forward(x, z, fwd, bwd, divide_out, interpret, cfg, packed, quant)
 

@@ -148,8 +148,8 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     out = capsys.readouterr().out
     table = out[out.index("| section |"):].splitlines()
     rows = [line for line in table if line.startswith("| mixer")]
-    assert len(rows) == 6, rows
-    assert sum("fp32 rel" in row for row in rows) == 3 and sum("codes exact" in row for row in rows) == 2
+    assert len(rows) == 7, rows
+    assert sum("fp32 rel" in row for row in rows) == 4 and sum("codes exact" in row for row in rows) == 2
     norm = [line for line in table if line.startswith("| norm")]
     assert len(norm) == 4
     assert sum("fp32 rel" in r for r in norm) == 2 and sum("codes exact" in r for r in norm) == 2

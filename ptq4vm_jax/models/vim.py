@@ -84,9 +84,9 @@ class MixerCore(nn.Module):
     cfg: VimConfig
     feeds: tuple[str, ...] = ("out_proj",)
 
-    def __call__(self, x: jax.Array, z: jax.Array, fwd: MixerDirection, bwd: MixerDirection,
-                 quant: Any = None) -> Any:
-        return vim_mixer(x, z, fwd, bwd, backend=self.cfg.scan, quant=quant)
+    def __call__(self, xz: jax.Array, fwd: MixerDirection, bwd: MixerDirection, quant: Any = None) -> Any:
+        """``xz``: in_proj's output, x and the gate z side by side (read in place by the kernel)."""
+        return vim_mixer(xz, None, fwd, bwd, backend=self.cfg.scan, quant=quant, packed=True)
 
 
 class BiMambaMixer(nn.Module):
@@ -113,11 +113,12 @@ class BiMambaMixer(nn.Module):
         self.D_b = self.param("D_b", nn.initializers.ones, (e,))
         self.core = MixerCore(c, name="core")
 
-    def _fused(self, x, z):
+    def _fused(self, xz):
         """The same function with conv + scans + gate + average in one kernel (``ops.mixer``),
         which also multiplies dt_proj (its operands, quantized by interception when it is);
         x_proj stays a Dense call."""
         c = self.cfg
+        x = xz[..., :c.d_inner]
         directions = []
         for xd, conv, x_proj, dt_proj, a_log, d in (
             (x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
@@ -127,16 +128,16 @@ class BiMambaMixer(nn.Module):
             w = conv.variables["params"]
             directions.append(mixer_direction(w["kernel"], w["bias"], dt_proj(dt), b, cc,
                                               -jnp.exp(a_log.astype(jnp.float32)), d))
-        return self.core(x, z, *directions)
+        return self.core(xz, *directions)
 
     def __call__(self, hidden: Any) -> jax.Array:
         """``hidden``: the normed block input in the compute dtype (or, in integer inference, its
         in_proj codes from the norm)."""
         c = self.cfg
         xz = self.in_proj(hidden)
-        x, z = jnp.split(xz, 2, axis=-1)
         if mixer_backend(c.scan) == "fused":
-            return self.out_proj(self._fused(x, z))
+            return self.out_proj(self._fused(xz))
+        x, z = jnp.split(xz, 2, axis=-1)
         y_f = mamba_direction(c, x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         flip = lambda t: jnp.flip(t, axis=1)
         y_b = mamba_direction(

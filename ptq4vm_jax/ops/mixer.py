@@ -46,14 +46,17 @@ def mixer_direction(conv_weight: jax.Array, conv_bias: jax.Array, dt: jax.Array 
 
 
 def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
-                  divide_out: bool = True, scan: str = "ref") -> jax.Array:
+                  divide_out: bool = True, scan: str = "ref", packed: bool = False) -> jax.Array:
     """The model's unfused mixer core, op for op: per direction SiLU(conv1d) (the backward one on
     the flipped sequence), the selective scan (on the backend ``scan``; "ref": ``lax.scan``) with
     the gate SiLU(z) (flipped for the backward branch), the backward output flipped back, then
     (y_f + y_b) / 2 in fp32, in x.dtype.
 
-    ``z=None``: no gate; ``divide_out=False``: the sum. Arguments as ``vim_mixer``'s; the
-    backward direction's token-indexed inputs are in its own (flipped) order."""
+    ``z=None``: no gate; ``divide_out=False``: the sum. Arguments as ``vim_mixer``'s (``packed``:
+    x is in_proj's output (B, L, 2E), x and z side by side); the backward direction's
+    token-indexed inputs are in its own (flipped) order."""
+    if packed:
+        x, z = jnp.split(x, 2, axis=-1)
     flip = lambda t: jnp.flip(t, axis=1)
     ys = []
     for d, order in ((fwd, lambda t: t), (bwd, flip)):
@@ -70,20 +73,21 @@ def vim_mixer_ref(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: M
 
 def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: MixerDirection, *,
               divide_out: bool = True, backend: str = "auto", config: MixerConfig | None = None,
-              quant: QuantizedLinear | None = None) -> jax.Array | QuantizedActivation:
+              quant: QuantizedLinear | None = None, packed: bool = False) -> jax.Array | QuantizedActivation:
     """The mixer core for the scan backend named (static, one of ``SCAN_BACKENDS``; see
     ``mixer_backend``): the fused Pallas kernel (``pallas_kernels.vim_mixer``, which serves inference
     and calibration; the interpreter off the GPU, by default with ``INTERPRETER_CONFIG``), or
     ``vim_mixer_ref`` on that scan backend. ``config``: the kernel's tiles (None: its default).
     ``quant`` (the consuming out_proj, integer inference): the value comes as its
-    ``QuantizedActivation`` (on the fused backend, codes from the kernel's epilogue)."""
+    ``QuantizedActivation`` (on the fused backend, codes from the kernel's epilogue). ``packed``:
+    x is in_proj's whole output (B, L, 2E) and z None (the kernel reads both halves in place)."""
     resolved = mixer_backend(backend)
     if resolved == "fused":
         interpret = jax.default_backend() != "gpu"
         if config is None and interpret:
             config = INTERPRETER_CONFIG
         y = vim_mixer_pallas(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config,
-                             quant=quant)
+                             quant=quant, packed=packed)
         return y if quant is None else QuantizedActivation(y, jnp.dtype(x.dtype))
-    y = vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved)
+    y = vim_mixer_ref(x, z, fwd, bwd, divide_out=divide_out, scan=resolved, packed=packed)
     return y if quant is None else QuantizedActivation(quantize_activations(y, quant), jnp.dtype(x.dtype))

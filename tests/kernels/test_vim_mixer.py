@@ -3,6 +3,7 @@ interpret mode elsewhere) vs ops.mixer.vim_mixer_ref and its jax.grad, the integ
 against the quantized layer, the dispatcher, and CUDA lowering."""
 
 import dataclasses
+import functools
 import importlib
 
 import jax
@@ -192,6 +193,28 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
     assert_close(y, vim_mixer_ref(x, z, fwd, bwd, divide_out=False), 1e-5)
 
 
+def test_packed_input_reads_x_and_the_gate_in_place():
+    """``packed=True`` (the model's call: in_proj's whole output, x and z side by side) is the
+    same kernel on the same values: bit-equal to separate halves in value and codes, gradients
+    to float ulps, with a masked last channel tile (E = 24, 16 channels per program) so the gate's offset and
+    mask both show."""
+    x, z, fwd, bwd = make_inputs(21, 2, 9, 24, 4, rank_f=3)
+    xz = jnp.concatenate([x, z], axis=-1)
+    config = MixerConfig(16, 1, 2, unroll=1, prefetch=False)
+    run = lambda *a, **kw: vim_mixer(*a, interpret=INTERPRET, config=config, **kw)
+    y = run(xz, None, fwd, bwd, packed=True)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(y, run(x, z, fwd, bwd))
+    quant = out_quantizer(22, 9, 24, 8)
+    np.testing.assert_array_equal(run(xz, None, fwd, bwd, packed=True, quant=quant),
+                                  run(x, z, fwd, bwd, quant=quant))
+    probe = jnp.asarray(np.random.default_rng(23).normal(size=x.shape), jnp.float32)
+    g_xz = jax.grad(lambda t: jnp.sum(probe * run(t, None, fwd, bwd, packed=True)))(xz)
+    g_x, g_z = jax.grad(lambda a, b: jnp.sum(probe * run(a, b, fwd, bwd)), argnums=(0, 1))(x, z)
+    # The backward is jnp around the Pallas scans: XLA fuses the split differently (float ulps).
+    assert_close(g_xz, jnp.concatenate([g_x, g_z], axis=-1), 1e-6)
+
+
 def test_dt_proj_off_chip_by_config(monkeypatch):
     """``MixerConfig(dt_on_chip=False)``: given dt_proj's operands, XLA computes Δ first and the
     kernel takes it as given (no dt_weight reaches it); the value is the reference's."""
@@ -218,6 +241,8 @@ def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match=r"fwd.dt_weight must have shape \(3, 16\)"):
         vim_mixer(x, z, MixerDirection(**{**vars(fwd), "delta": fwd.delta[..., :3],
                                           "dt_weight": jnp.ones((4, 16))}), bwd, interpret=True)
+    with pytest.raises(ValueError, match=r"packed=True takes in_proj's whole output"):
+        vim_mixer(x, z, fwd, bwd, interpret=True, packed=True)
     with pytest.raises(ValueError, match="give dt_weight too"):
         vim_mixer(x, z, MixerDirection(**{**vars(fwd), "dt_col_scale": jnp.ones(16)}), bwd, interpret=True)
     with pytest.raises(ValueError, match=r"quant must quantize .* a_scale and a_zero \(8,\)"):
@@ -247,6 +272,11 @@ def test_lowers_for_cuda_at_vim_shapes(cuda_target):
     text = jax.jit(vim_mixer).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "ptq4vm_vim_mixer" in text
     assert "__nv_exp2f" in text  # exp2 decays
+    # The model's call: in_proj's whole output, the gate read in place.
+    xz = s((batch, seq, 2 * e), jnp.bfloat16)
+    packed = functools.partial(vim_mixer, packed=True)
+    text = jax.jit(packed).trace(xz, None, *args[2:]).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ptq4vm_vim_mixer" in text
     # Integer inference's dt_proj in both directions (centred codes, weight codes, both steps).
     integer = dataclasses.replace(direction(r), delta=s((batch, seq, r), jnp.float32),
                                   dt_row_scale=s((seq,), jnp.float32), dt_col_scale=vec)
