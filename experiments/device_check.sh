@@ -20,12 +20,13 @@
 #           every integer GEMM backend against the others, xla-bf16 and mixed among them
 #   ktests  the other kernel tests compiled: the Triton qmatmul (fused and on codes), the bf16-dot
 #           path, the selective scan forward (both layouts) and backward
-#   mixer   experiments/bench_mixer.py --quick: the fused bidirectional mixer kernel against the
-#           per-direction path per block (Vim-S and Vim-B, batch 256, with the exp-throughput
-#           bound; out_proj's codes by an XLA pass or the kernel's epilogue), Vim-S batch 256 end
-#           to end: bf16 with a Pallas scan per direction (the pre-issue forward), bf16 fused, W8A8
-#           int fused; last, on what time is left, the add + RMSNorm kernel against XLA's (float
-#           and in_proj codes) and VMamba-T's four scans + merge, unfused against the fused kernel
+#   mixer   experiments/bench_mixer.py --quick, the issue's targets first: Vim-S and Vim-B at
+#           batch 256 end to end (bf16 with a Pallas scan per direction, the pre-issue forward;
+#           bf16 fused; W8A8 int fused), then the fused mixer kernel against the per-direction path
+#           per block (Vim-S, Vim-B; the exp-throughput bound; dt_proj on chip or by XLA, x and z
+#           in place or copied, out_proj's codes by an XLA pass or the kernel's epilogue); last, on
+#           what time is left, the add + RMSNorm kernel against XLA's (float and in_proj codes)
+#           and VMamba-T's four scans + merge, unfused against the fused kernel
 #   mtests  the fused kernels' tests compiled: the mixer (kernel vs reference, integer dt_proj
 #           feed, out_proj codes, gradients, goldens and int == fake through the model), then the
 #           add + RMSNorm and VMamba's cross-scan (kernel, codes, gradients; goldens, int == fake)
@@ -58,7 +59,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
   echo "=== $name (limit ${limit}s, t=$(($(date +%s) - START))s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "=== $name exit $? after $(($(date +%s) - START))s"
-  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|\| mixer|first call|scales in|\| \*\*total|compilations|set-up|^# |exit" "$OUT/$name.log" | tail -n 25
+  grep -E "passed|failed|error|Error|FAIL|MISMATCH|\| e2e|\| gemm|\| mixer|first call|scales in|\| \*\*total|compilations|set-up|^# |exit" "$OUT/$name.log" | tail -n 40
 }
 
 step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
@@ -74,8 +75,8 @@ step hopper 110 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels
 step itests 180 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/test_int_mode.py -s
 step ktests 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_selective_scan.py \
   tests/kernels/test_qmatmul.py
-step mixer 260 $PY experiments/bench_mixer.py --quick --budget-s 240 --sections mixer e2e-mixer norm cross-scan \
-  --mixer-shapes vim_s:256 vim_b:256 --e2e-models vim_small:256
+step mixer 260 $PY experiments/bench_mixer.py --quick --budget-s 240 --sections e2e-mixer mixer norm cross-scan \
+  --e2e-models vim_small:256 vim_base:256 --mixer-shapes vim_s:256 vim_b:256
 step mtests 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_vim_mixer.py \
   tests/models/test_vim_fused_mixer.py tests/kernels/test_add_norm.py tests/kernels/test_cross_scan.py \
   tests/models/test_vmamba_fused_scan.py

@@ -142,7 +142,8 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
         assert flag in capsys.readouterr().err
     words = device_check_steps()["mixer"]
     args = without(words[2:], "--mixer-shapes", "--e2e-models", "--budget-s", "--quick", "--sections")
-    assert "e2e-mixer" in words and bench.parse_args(words[2:]).e2e_models == [("vim_small", 256)]
+    assert "e2e-mixer" in words
+    assert bench.parse_args(words[2:]).e2e_models == [("vim_small", 256), ("vim_base", 256)]
     assert "norm" in words and "cross-scan" in words
     assert bench.main(["--interpret", *args, "--sections", "mixer", "norm", "cross-scan"]) == 0, words
     out = capsys.readouterr().out
