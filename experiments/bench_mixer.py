@@ -39,7 +39,8 @@ Sections:
          jax.grad through the reference.
   e2e-mixer  images/s end to end, bf16: the pre-issue forward (``scan="pallas"``: a Pallas scan
          per direction), the fused forward (``scan="fused"``) and W8A8 integer inference through
-         the fused mixer (``gemm="mixed"`` on Hopper, "auto" elsewhere; RTN scales).
+         the fused kernels (``gemm="mixed"`` on Hopper, "auto" elsewhere; RTN scales). Vim by
+         default; VMamba with ``--e2e-models vmamba_tiny:64`` (its fused cross-scan).
 """
 
 from __future__ import annotations
@@ -446,8 +447,8 @@ E2E_VARIANTS = ("bf16-unfused", "bf16-fused", "int-fused")
 
 def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
                    variants: Sequence[str] = E2E_VARIANTS) -> tuple[dict[str, Callable], list[jax.Array]]:
-    """bf16 forwards with a Pallas scan per direction and with the fused mixer, and W8A8 integer
-    inference through the fused mixer, of a randomly initialised Vim."""
+    """bf16 forwards with a Pallas scan per direction and with the fused kernels, and W8A8 integer
+    inference through the fused kernels, of a randomly initialised Vim or VMamba."""
     size = pq.create_model(model_name).cfg.img_size
     images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(2)]
     model = {scan: pq.create_model(model_name, dtype=jnp.bfloat16, scan=scan) for scan in ("pallas", "fused")}
@@ -470,7 +471,7 @@ def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
         forwards[f"{model_name} bf16, a Pallas scan per direction (pre-issue)"] = functools.partial(
             float_fwd, "pallas", params)
     if "bf16-fused" in variants:
-        forwards[f"{model_name} bf16, fused mixer"] = functools.partial(float_fwd, "fused", params)
+        forwards[f"{model_name} bf16, fused kernels"] = functools.partial(float_fwd, "fused", params)
     if "int-fused" in variants:
         qcfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
         calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
@@ -478,7 +479,7 @@ def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
         qp = pq.quantize_params(params, calib, model=model_name, config=qcfg, progress=False,
                                 log=lambda _: None)
         print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
-        forwards[f"{model_name} W8A8 int bf16, fused mixer (gemm={gemm})"] = functools.partial(int_fwd, qp)
+        forwards[f"{model_name} W8A8 int bf16, fused kernels (gemm={gemm})"] = functools.partial(int_fwd, qp)
     return forwards, images
 
 
@@ -529,7 +530,7 @@ def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mixer-shapes", nargs="+", type=bc.model_batch, metavar="NAME:BATCH",
                     help="mixer section shapes: vim_t / vim_s / vim_b (L=197, E=2D, N=16), e.g. vim_b:256")
     ap.add_argument("--e2e-models", nargs="+", type=bc.model_batch, metavar="MODEL:BATCH",
-                    help="end-to-end models, e.g. vim_small:256")
+                    help="end-to-end models (Vim or VMamba), e.g. vim_small:256 vmamba_tiny:64")
     ap.add_argument("--e2e-variants", nargs="+", choices=E2E_VARIANTS, default=list(E2E_VARIANTS),
                     help="end-to-end forwards (default: all)")
 
@@ -542,8 +543,8 @@ def check_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None
             ap.error(f"--mixer-shapes: {err}")
     for name, _ in args.e2e_models or ():
         try:
-            if pq.models.model_family(name) != "vim":
-                ap.error(f"--e2e-models: {name} is not a Vim model (the fused mixer is Vim's)")
+            if pq.models.model_family(name) not in ("vim", "vmamba"):
+                ap.error(f"--e2e-models: {name} is not a Vim or VMamba model (the fused kernels serve those)")
         except ValueError as err:
             ap.error(f"--e2e-models: {err}")
 

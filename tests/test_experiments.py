@@ -135,7 +135,7 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     before anything compiles."""
     bench = load_script("bench_mixer")
     for argv, flag in ((["--mixer-shapes", "vim_x:256"], "--mixer-shapes"),
-                       (["--e2e-models", "vmamba_tiny:64"], "not a Vim model"),
+                       (["--e2e-models", "local_vim_tiny:64"], "not a Vim or VMamba model"),
                        (["--e2e-variants", "bf16-fusedd"], "--e2e-variants")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
