@@ -129,10 +129,8 @@ def test_driver_runs_the_split_scripts_sections():
 def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     """The ``mixer`` step's script: its per-block, add + norm and cross-scan sections at the smoke
     shape, every variant checked against the reference (codes against the quantized value they
-    encode). Its end-to-end section is left out (the test-time budget): it builds the forwards
-    ``bench_e2e.py`` builds, with ``scan="fused"``, whose model path
-    tests/models/test_vim_fused_mixer.py runs (goldens, int == fake). Typos in its options fail
-    before anything compiles."""
+    encode); its end-to-end section is the next test's. Typos in its options fail before
+    anything compiles."""
     bench = load_script("bench_mixer")
     for argv, flag in ((["--mixer-shapes", "vim_x:256"], "--mixer-shapes"),
                        (["--e2e-models", "local_vim_tiny:64"], "not a Vim or VMamba model"),
@@ -158,6 +156,19 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     assert len(cross) == 3 and all("fp32 rel" in r for r in cross)
     bad = ("ERROR", "FAIL", "MISMATCH")
     assert not [row for row in rows + norm + cross if any(word in row for word in bad)]
+
+
+def test_device_check_mixer_end_to_end_rows_run_in_the_interpreter(capsys):
+    """The ``mixer`` step's first section, end to end (vim_nano at batch 1 in the interpreter):
+    the pre-issue bf16 forward, the fused one and W8A8 integer inference through the fused
+    kernels (RTN scales) each run, and the last two agree with the first on top-1."""
+    bench = load_script("bench_mixer")
+    assert bench.main(["--interpret", "--sections", "e2e-mixer"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out[out.index("| section |"):].splitlines() if line.startswith("| e2e")]
+    assert len(rows) == 3, rows
+    assert "baseline" in rows[0] and all("top-1 agrees 100%" in r for r in rows[1:]), rows
+    assert "fused kernels (gemm=" in rows[2]
 
 
 def test_bench_mixer_sweep_rows_run_in_the_interpreter(capsys):
