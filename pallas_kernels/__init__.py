@@ -26,6 +26,7 @@ from pallas_kernels.cross_scan import (
     default_cross_scan_config,
 )
 from pallas_kernels.qlinear import (
+    LinearOperands,
     QuantizedActivation,
     QuantizedLinear,
     check_bits,
@@ -75,6 +76,7 @@ from pallas_kernels.vim_mixer import (
 __all__ = [
     "CrossScanConfig",
     "GemmConfig",
+    "LinearOperands",
     "MixerConfig",
     "MixerDirection",
     "NormConfig",
