@@ -77,7 +77,7 @@ from pallas_kernels.cross_scan import (
     default_cross_scan_config,
     full_delta,
 )
-from pallas_kernels.vim_mixer import MIXER_SWEEP
+from pallas_kernels.vim_mixer import MIXER_SWEEP, default_mixer_config
 from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
 from ptq4vm_jax.ops.cross_scan import INTERPRETER_CONFIG as INTERPRETER_CROSS
 from ptq4vm_jax.ops.cross_scan import grid_orders
@@ -114,20 +114,16 @@ def mixer_inputs(seed: int, batch: int, seq: int, e: int, n: int, r: int, dtype)
     return xz, None, direction(), direction()
 
 
-def xla_dt_proj(d: MixerDirection, dtype) -> MixerDirection:
-    """The direction with Δ = dt_proj(Δ-rank) + bias computed by XLA (as the model's Dense does)."""
-    dt = jnp.einsum("blr,re->ble", d.delta, d.dt_weight.astype(d.delta.dtype)) + d.delta_bias.astype(dtype)
-    return MixerDirection(d.conv_weight, d.conv_bias, dt.astype(dtype), d.B, d.C, d.A, d.D)
-
-
 def mixer_variants(interpret: bool) -> dict[str, Callable]:
     """name -> fn(xz, None, fwd, bwd) (``mixer_inputs``). In the interpreter the fused kernel runs
     the plain token loop (``INTERPRETER_CONFIG``: compiles faster), on a GPU its default."""
     config = INTERPRETER_CONFIG if interpret else None
     fused = functools.partial(vim_mixer, interpret=interpret, config=config)
 
-    def fused_xla_dt(xz, _, fwd, bwd):
-        return fused(xz, None, xla_dt_proj(fwd, xz.dtype), xla_dt_proj(bwd, xz.dtype), packed=True)
+    def fused_xla_dt(xz, _, fwd, bwd):  # the kernel's own switch: XLA computes Δ first
+        base = config or default_mixer_config(xz.shape[0], xz.shape[2] // 2)
+        return vim_mixer(xz, None, fwd, bwd, interpret=interpret, packed=True,
+                         config=dataclasses.replace(base, dt_on_chip=False))
 
     def fused_halves(xz, _, fwd, bwd):  # x and z as separate arrays: XLA copies the two halves
         x, z = jnp.split(xz, 2, axis=-1)
@@ -135,8 +131,8 @@ def mixer_variants(interpret: bool) -> dict[str, Callable]:
 
     def scans_only(xz, _, fwd, bwd):  # x stands in for the conv output: no conv, flips or average
         x, z = jnp.split(xz, 2, axis=-1)
-        ys = [selective_scan(x, xla_dt_proj(d, x.dtype).delta, d.A, d.B, d.C, d.D, z, reverse=rev,
-                             interpret=interpret)
+        ys = [selective_scan(x, d.with_full_delta(x.dtype).delta, d.A, d.B, d.C, d.D, z, d.delta_bias,
+                             reverse=rev, interpret=interpret)
               for d, rev in ((fwd, False), (bwd, True))]
         return ys[0] + ys[1]
 
