@@ -224,6 +224,14 @@ def gemm_rows(jobs: Sequence[tuple[str, str, int]], cfg: RunConfig) -> list[Row]
 # ----------------------------------------------------------------------------- sweeps
 
 
+def wgmma_label(config: WgmmaConfig) -> str:
+    """``tile_m x tile_n x tile_k, stages`` and the schedule's switches, for a table row."""
+    flags = [name.replace("_", " ") for name in ("m_fastest", "warpgroup", "persistent")
+             if getattr(config, name)]
+    tiles = f"{config.tile_m}x{config.tile_n}x{config.tile_k} s{config.stages}"
+    return " ".join([tiles, *flags])
+
+
 def sweep_wgmma_row(cfg: RunConfig, shape: str, config: WgmmaConfig, sets: list[dict], work: int) -> Row:
     """One tile config of the wgmma kernel on codes: its int32 accumulator checked exactly, then timed."""
     i0 = sets[0]
@@ -236,12 +244,12 @@ def sweep_wgmma_row(cfg: RunConfig, shape: str, config: WgmmaConfig, sets: list[
     check = exact(acc, qmatmul_int32_ref(i0["x"], i0["layer"]))
     secs = bc.time_ops(fn, [tuple(st[k] for k in keys) for st in sets], **cfg.timing)
     rate, pct = bc.rate_cells(work, secs, None if cfg.peaks is None else cfg.peaks[1] * 1e12)
-    return Row("sweep", shape, f"mosaic wgmma on codes {config}", secs, rate, pct, check=check)
+    return Row("sweep", shape, f"mosaic wgmma on codes {wgmma_label(config)}", secs, rate, pct, check=check)
 
 
 def sweep_wgmma_rows(cfg: RunConfig) -> list[Row]:
-    """The wgmma GEMM's tile configs (Hopper; one small config in the interpreter) at Vim-B
-    in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run."""
+    """The wgmma GEMM's tile configs (Hopper; a small one per schedule in the interpreter) at
+    Vim-B in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run."""
     if not (cfg.interpret or is_hopper()):
         return []
     batch, model = (1, "smoke") if cfg.interpret else (256, "vim_b")
@@ -253,9 +261,10 @@ def sweep_wgmma_rows(cfg: RunConfig) -> list[Row]:
     for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
         body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, "sweep")
         rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
-    for wc in (WgmmaConfig(64, 64, 64, 2),) if cfg.interpret else WGMMA_SWEEP:
+    smoke = (WgmmaConfig(64, 64, 64, 2), WgmmaConfig(64, 64, 64, 2, persistent=True))
+    for wc in smoke if cfg.interpret else WGMMA_SWEEP:
         body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
-        rows.append(bc.run_row(cfg, "sweep", shape, str(wc), body))
+        rows.append(bc.run_row(cfg, "sweep", shape, wgmma_label(wc), body))
     return rows
 
 

@@ -9,6 +9,13 @@ Why a second kernel: the Triton backend cannot issue Hopper's asynchronous warpg
 stays far below the int8 peak there (BENCHMARKS.md). This one feeds ``wgmma`` from shared
 memory filled by TMA through a multi-stage ``plgpu.emit_pipeline`` over K.
 
+Two schedules hide the epilogue (dequantization in registers, TMA store) behind MMA work. By
+default one CTA computes one output tile and two CTAs share an SM, so one's epilogue runs while
+the other's K loop keeps the tensor cores busy. ``WgmmaConfig(persistent=True)`` launches one or
+two CTAs per SM that loop over the output tiles with the output tile double-buffered in shared
+memory: a tile's TMA store drains during the next tile's K loop. The tile sweep
+(``WGMMA_SWEEP``, ``experiments/bench_gemm.py --sections sweep-wgmma``) times both.
+
 Layout contract. int8 ``wgmma`` only reads K-major operands (PTX supports transposed operands
 for 16-bit types only), so the weight is passed transposed, ``w_t`` (N, K) int8, K contiguous:
 :func:`prepare_weight_wgmma` builds it once per layer (unpacking 4-bit storage; Hopper has no
@@ -41,6 +48,7 @@ __all__ = [
     "WGMMA_SWEEP",
     "WgmmaConfig",
     "default_wgmma_config",
+    "persistent_ctas",
     "prepare_weight_wgmma",
     "qmatmul_codes_wgmma",
     "qmatmul_wgmma",
@@ -52,6 +60,8 @@ __all__ = [
 
 _ALIGN = 64  # K and N granularity: 64-byte swizzle of int8 K rows, 64-column N tiles
 _SMEM_BYTES = 232448  # an sm_90 CTA's shared memory limit (227 KB), as Mosaic GPU checks it
+_SM_SMEM_BYTES = 233472  # an sm_90 SM's shared memory (228 KB), shared by its resident CTAs
+_INTERPRET_SMS = 3  # SMs the interpreter pretends to have: uneven tile loops at test shapes
 # plgpu.load's ``idx``: a required positional argument in jax 0.10, deprecated (optional) in 0.11.
 _LOAD_IDX_OPTIONAL = inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty
 _MAX_ACC_REGS = 128  # int32 accumulator registers per thread of the one compute warpgroup
@@ -71,6 +81,10 @@ class WgmmaConfig:
     ``warpgroup`` picks Mosaic GPU's warpgroup lowering, the default from jax 0.11 on; the
     default here is the lane lowering, the one checked on the CPU (jax 0.10.2's default), so the
     GPU builds what the tests lowered whatever the jax version.
+    ``persistent`` launches as many CTAs as fit on the card at once (one or two per SM, by shared
+    memory) and each loops over output tiles. The output tile and the epilogue vectors are double
+    buffered, so one tile's TMA store and the next tile's vector loads run under the next tile's
+    K loop instead of ending a CTA; no tail wave of short-lived CTAs.
     """
 
     tile_m: int = 128
@@ -79,6 +93,7 @@ class WgmmaConfig:
     stages: int = 4
     m_fastest: bool = False
     warpgroup: bool = False
+    persistent: bool = False
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k"):
@@ -120,16 +135,33 @@ WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
     WgmmaConfig(64, 256, 64, 3),  # 64 KB + out: two CTAs per SM
     WgmmaConfig(128, 128, 64, 4, m_fastest=True),
     WgmmaConfig(128, 128, 64, 4, warpgroup=True),
+    # persistent (bf16 output, two output tiles):
+    WgmmaConfig(128, 128, 64, 4, persistent=True),  # 135 KB: one CTA per SM
+    WgmmaConfig(128, 128, 64, 5, persistent=True),  # 151 KB: one CTA per SM, deeper pipeline
+    WgmmaConfig(128, 128, 128, 2, persistent=True),  # 135 KB: one CTA per SM, half the K steps
+    WgmmaConfig(128, 128, 64, 2, persistent=True),  # 103 KB: two CTAs per SM
 )
 
 
 def smem_bytes(cfg: WgmmaConfig, out_itemsize: int) -> int:
-    """Shared memory of one CTA: pipeline buffers, output tile, epilogue vectors and Mosaic's
+    """Shared memory of one CTA: pipeline buffers, output tile(s), epilogue vectors and Mosaic's
     reserve; a slight over-estimate (235 008 bytes where Mosaic GPU's own check counted 234 536
     for ``WgmmaConfig(64, 256, 128, 4)`` with f32 output)."""
     pipeline = cfg.stages * (cfg.tile_m + cfg.tile_n) * cfg.tile_k
     vectors = 4 * (2 * cfg.tile_m + 3 * cfg.tile_n)
-    return pipeline + cfg.tile_m * cfg.tile_n * out_itemsize + vectors + 2048
+    return pipeline + _buffers(cfg) * (cfg.tile_m * cfg.tile_n * out_itemsize + vectors) + 2048
+
+
+def _buffers(cfg: WgmmaConfig) -> int:
+    """Copies of the output tile and epilogue vectors: two when a CTA runs several tiles."""
+    return 2 if cfg.persistent else 1
+
+
+def persistent_ctas(cfg: WgmmaConfig, out_itemsize: int, tiles: int, sms: int) -> int:
+    """CTAs of a persistent launch: as many as ``sms`` SMs hold at once (two per SM where two fit
+    the SM's shared memory), at most one per output tile."""
+    per_sm = 2 if 2 * smem_bytes(cfg, out_itemsize) <= _SM_SMEM_BYTES else 1
+    return max(1, min(tiles, per_sm * sms))
 
 
 def _check_shape(m: int, k: int, n: int) -> None:
@@ -211,8 +243,11 @@ def _epilogue(acc, shift_smem, rscale_smem, colsum_smem, wscale_smem, bias_smem,
 
 
 def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gmem, *refs,
-            cfg: WgmmaConfig, k_steps: int, has_bias: bool, interpret: bool):
-    """One (tile_m, tile_n) output tile: TMA-pipelined K loop of wgmma, then the epilogue.
+            cfg: WgmmaConfig, k_steps: int, tiles: tuple[int, int], has_bias: bool, interpret: bool):
+    """Output tiles of (tile_m, tile_n): per tile a TMA-pipelined K loop of wgmma, then the
+    epilogue. One tile per CTA, at the CTA's grid position; with ``cfg.persistent`` the CTAs
+    share out the ``tiles`` (M tiles, N tiles) grid, each in turn, N fastest (M with
+    ``cfg.m_fastest``).
 
     ``interpret`` changes two things, because jax 0.10.2's Mosaic GPU interpreter cannot apply
     ``transpose_ref`` to a wgmma operand nor run ``plgpu.load``: the weight comes as (K, N) and
@@ -223,20 +258,7 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
         refs[1:] if has_bias else refs
     )
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-    m_sl = pl.ds(lax.axis_index("m") * tm, tm)
-    n_sl = pl.ds(lax.axis_index("n") * tn, tn)
-
-    # Epilogue vectors first: their copies overlap the main loop. Row vectors are padded to the
-    # tile grid by the wrapper, so these copies never leave their arrays.
-    vec_copies = [(shift_gmem.at[m_sl], shift_smem), (rscale_gmem.at[m_sl], rscale_smem),
-                  (colsum_gmem.at[n_sl], colsum_smem), (wscale_gmem.at[n_sl], wscale_smem)]
-    if has_bias:
-        vec_copies.append((bias_gmem.at[n_sl], bias_smem))
-    for src, dst in vec_copies:
-        plgpu.copy_gmem_to_smem(src, dst, vec_bar.at[0])
-
     in_flight = 1 if k_steps > 1 else 0  # wgmmas left running while the next tile loads
-
     a_tf = _smem_transforms(tk, 1)
     specs = [
         plgpu.BlockSpec((tm, tk), lambda k: (0, k), transforms=a_tf, delay_release=in_flight),
@@ -245,29 +267,56 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
         if interpret else
         plgpu.BlockSpec((tn, tk), lambda k: (0, k), transforms=a_tf, delay_release=in_flight),
     ]
-    w_tile = w_gmem.at[:, n_sl] if interpret else w_gmem.at[n_sl]
 
-    def main_loop(acc_ref):
-        def step(_, a_smem, b_smem):
-            b = b_smem if interpret else b_smem.transpose((1, 0))
-            plgpu.wgmma(acc_ref, a_smem, b)
-            plgpu.wgmma_wait(in_flight)
+    def tile(m_idx, n_idx, slot):
+        """One output tile; ``slot`` picks the copy of the output tile and epilogue vectors."""
+        m_sl, n_sl = pl.ds(m_idx * tm, tm), pl.ds(n_idx * tn, tn)
+        vec = [shift_smem, rscale_smem, colsum_smem, wscale_smem] + ([bias_smem] if has_bias else [])
+        vec = [ref.at[slot] for ref in vec]
+        # Epilogue vectors first: their copies overlap the main loop. Row vectors are padded to
+        # the tile grid by the wrapper, so these copies never leave their arrays.
+        srcs = [shift_gmem.at[m_sl], rscale_gmem.at[m_sl], colsum_gmem.at[n_sl], wscale_gmem.at[n_sl]]
+        if has_bias:
+            srcs.append(bias_gmem.at[n_sl])
+        for src, dst in zip(srcs, vec, strict=True):
+            plgpu.copy_gmem_to_smem(src, dst, vec_bar.at[slot])
 
-        plgpu.emit_pipeline(
-            step, grid=(k_steps,), in_specs=specs,
-            max_concurrent_steps=min(cfg.stages, k_steps) if k_steps > 1 else 1,
-        )(codes_gmem.at[m_sl], w_tile)
-        return acc_ref[...]
+        def main_loop(acc_ref):
+            def step(_, a_smem, b_smem):
+                b = b_smem if interpret else b_smem.transpose((1, 0))
+                plgpu.wgmma(acc_ref, a_smem, b)
+                plgpu.wgmma_wait(in_flight)
 
-    acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.int32))
+            plgpu.emit_pipeline(
+                step, grid=(k_steps,), in_specs=specs,
+                max_concurrent_steps=min(cfg.stages, k_steps) if k_steps > 1 else 1,
+            )(codes_gmem.at[m_sl], w_gmem.at[:, n_sl] if interpret else w_gmem.at[n_sl])
+            return acc_ref[...]
 
-    plgpu.barrier_wait(vec_bar.at[0])
+        acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.int32))
+        plgpu.barrier_wait(vec_bar.at[slot])
+        y = _epilogue(acc, *vec[:4], vec[4] if has_bias else None, out_smem.dtype, interpret)
+        if cfg.persistent:  # this slot's store, two tiles back, has finished reading it
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        out_smem.at[slot][...] = y
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[slot], out_gmem.at[m_sl, n_sl])
 
-    out_smem[...] = _epilogue(acc, shift_smem, rscale_smem, colsum_smem, wscale_smem,
-                              bias_smem if has_bias else None, out_smem.dtype, interpret)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[m_sl, n_sl])
+    if cfg.persistent:
+        grid = tiles[::-1] if cfg.m_fastest else tiles
+
+        @plgpu.nd_loop(grid, collective_axes="cta")
+        def _(info):
+            m_idx, n_idx = info.index[::-1] if cfg.m_fastest else info.index
+            tile(m_idx, n_idx, info.local_index % 2)
+    else:
+        tile(lax.axis_index("m"), lax.axis_index("n"), 0)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _sm_count() -> int:
+    """SMs of the default GPU (132 on an H100 or H200 SXM when the device does not say)."""
+    return int(getattr(jax.devices()[0], "core_count", None) or 132)
 
 
 def _interpret_params():
@@ -361,22 +410,30 @@ def _qmatmul_codes_wgmma(codes, w_t, layer, *, out_dtype, colsum, config, interp
     common = dict(interpret=_interpret_params() if interpret else None, kernel_name="ptq4vm_qmatmul_wgmma")
     tm, tn = cfg.tile_m, cfg.tile_n
     out_itemsize = jnp.dtype(out_dtype).itemsize
-    grid, names = ((m_tiles, n // tn), ("m", "n"))
-    if cfg.m_fastest:
-        grid, names = grid[::-1], names[::-1]
-    kernel = functools.partial(_kernel, cfg=cfg, k_steps=k // cfg.tile_k, has_bias=bias is not None,
-                               interpret=interpret)
+    tiles = (m_tiles, n // tn)
+    if cfg.persistent:
+        ctas = persistent_ctas(cfg, out_itemsize, m_tiles * tiles[1],
+                               _INTERPRET_SMS if interpret else _sm_count())
+        grid, names = (ctas,), ("cta",)
+    else:
+        grid, names = tiles, ("m", "n")
+        if cfg.m_fastest:
+            grid, names = grid[::-1], names[::-1]
+    kernel = functools.partial(_kernel, cfg=cfg, k_steps=k // cfg.tile_k, tiles=tiles,
+                               has_bias=bias is not None, interpret=interpret)
+    nb = _buffers(cfg)
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
         scratch_types=[
-            plgpu.SMEM((tm,), jnp.int32),
-            plgpu.SMEM((tm,), jnp.float32),
-            plgpu.SMEM((tn,), jnp.int32),
-            plgpu.SMEM((tn,), jnp.float32),
-            plgpu.SMEM((tn,), jnp.float32),
-            plgpu.SMEM((tm, tn), out_dtype, transforms=_smem_transforms(tn * out_itemsize, out_itemsize)),
-            plgpu.Barrier(num_arrivals=5 if bias is not None else 4, num_barriers=1),  # (1,) in 0.10 and 0.11
+            plgpu.SMEM((nb, tm), jnp.int32),
+            plgpu.SMEM((nb, tm), jnp.float32),
+            plgpu.SMEM((nb, tn), jnp.int32),
+            plgpu.SMEM((nb, tn), jnp.float32),
+            plgpu.SMEM((nb, tn), jnp.float32),
+            plgpu.SMEM((nb, tm, tn), out_dtype,
+                       transforms=_smem_transforms(tn * out_itemsize, out_itemsize)),
+            plgpu.Barrier(num_arrivals=5 if bias is not None else 4, num_barriers=nb),
         ],
         grid=grid,
         grid_names=names,

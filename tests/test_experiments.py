@@ -117,6 +117,23 @@ def test_device_check_kernel_and_e2e_rows_run_in_the_interpreter(capsys):
     assert all("ERROR" not in row and "MISMATCH" not in row for row in rows)
 
 
+def test_wgmma_sweep_runs_both_schedules_in_the_interpreter(capsys):
+    """bench_gemm's wgmma tile sweep: one small config per schedule (one tile per CTA, and the
+    persistent loop), each row's int32 accumulator checked exactly before it is timed."""
+    from pallas_kernels.qmatmul_hopper import WGMMA_SWEEP
+
+    bench = load_script("bench_gemm")
+    assert bench.main(["--interpret", "--sections", "sweep-wgmma"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out[out.index("| section |"):].splitlines() if line.startswith("| sweep")]
+    wgmma = [row for row in rows if "mosaic wgmma" in row]
+    assert len(rows) == 4 and len(wgmma) == 2, rows
+    assert all("int32 exact" in row for row in wgmma), wgmma
+    assert ["persistent" in row for row in wgmma] == [False, True], wgmma
+    assert len(set(WGMMA_SWEEP)) == len(WGMMA_SWEEP), "a configuration is swept twice"
+    assert bench.wgmma_label(WGMMA_SWEEP[-1]) == "128x128x64 s2 persistent"
+
+
 def test_driver_runs_the_split_scripts_sections():
     """bench_kernels.py offers every section of the split scripts, under the same names."""
     driver = load_script("bench_kernels")

@@ -22,6 +22,7 @@ from pallas_kernels.qmatmul_hopper import (
     WGMMA_SWEEP,
     WgmmaConfig,
     default_wgmma_config,
+    persistent_ctas,
     prepare_weight_wgmma,
     qmatmul_codes_wgmma,
     qmatmul_wgmma,
@@ -83,6 +84,11 @@ CASES = [
     (1, 128, 128, 8, False, jnp.int32, WgmmaConfig(64, 64, 64, 2, m_fastest=True)),
     (1, 192, 64, 4, False, jnp.bfloat16, None),  # K = 192: three 64-wide K steps; A4 codes
     (2, 384, 256, 8, True, jnp.float32, None),  # Vim-T-like in_proj K, M = 394: ragged 128-row tiles
+    # persistent: the interpreter's 3 CTAs loop over 8 tiles (3, 3, 2), so both output and vector
+    # slots are reused and each barrier is waited on in two phases
+    (1, 128, 128, 8, True, jnp.float32, WgmmaConfig(64, 64, 64, 2, persistent=True)),
+    (1, 128, 128, 8, False, jnp.int32, WgmmaConfig(64, 64, 64, 2, m_fastest=True, persistent=True)),
+    (2, 192, 128, 4, True, jnp.bfloat16, WgmmaConfig(128, 64, 64, 3, persistent=True)),  # 4 x 2 tiles
 ]
 
 
@@ -146,6 +152,20 @@ def test_accumulator_is_exact_and_colsum_is_reused():
     q_minus_z = (np.asarray(lay["codes"], np.int64) + 128 - np.asarray(lay["a_zero"])[:, None])
     naive = np.einsum("blk,kn->bln", q_minus_z, np.asarray(lay["w"], np.int64))
     np.testing.assert_array_equal(np.asarray(acc), naive)
+
+
+def test_persistent_launch_fills_the_card_once():
+    """One CTA per SM, two where two fit an SM's 228 KB of shared memory, never more than tiles."""
+    one, two = WgmmaConfig(128, 128, 64, 4, persistent=True), WgmmaConfig(128, 128, 64, 2, persistent=True)
+    assert 2 * smem_bytes(one, 2) > 233472 >= 2 * smem_bytes(two, 2)
+    assert persistent_ctas(one, 2, tiles=394 * 24, sms=132) == 132
+    assert persistent_ctas(two, 2, tiles=394 * 24, sms=132) == 264
+    assert persistent_ctas(two, 4, tiles=394 * 24, sms=132) == 132  # int32 output: one per SM
+    assert persistent_ctas(two, 2, tiles=5, sms=132) == 5
+    # The output tile and the epilogue vectors are double-buffered; the pipeline is not.
+    flat = WgmmaConfig(128, 128, 64, 2)
+    tile_and_vectors = 128 * 128 * 2 + 4 * (2 * 128 + 3 * 128)
+    assert smem_bytes(two, 2) - smem_bytes(flat, 2) == tile_and_vectors
 
 
 def test_prepare_weight_transposes_and_unpacks_4bit():
