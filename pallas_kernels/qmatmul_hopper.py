@@ -269,10 +269,12 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
     ]
 
     def tile(m_idx, n_idx, slot):
-        """One output tile; ``slot`` picks the copy of the output tile and epilogue vectors."""
+        """One output tile; ``slot`` picks the copy of the output tile and epilogue vectors (the
+        persistent schedule's scratch has two; the other's has one, without the leading axis)."""
         m_sl, n_sl = pl.ds(m_idx * tm, tm), pl.ds(n_idx * tn, tn)
+        at_slot = (lambda ref: ref.at[slot]) if cfg.persistent else (lambda ref: ref)
         vec = [shift_smem, rscale_smem, colsum_smem, wscale_smem] + ([bias_smem] if has_bias else [])
-        vec = [ref.at[slot] for ref in vec]
+        vec = [at_slot(ref) for ref in vec]
         # Epilogue vectors first: their copies overlap the main loop. Row vectors are padded to
         # the tile grid by the wrapper, so these copies never leave their arrays.
         srcs = [shift_gmem.at[m_sl], rscale_gmem.at[m_sl], colsum_gmem.at[n_sl], wscale_gmem.at[n_sl]]
@@ -298,9 +300,9 @@ def _kernel(codes_gmem, w_gmem, shift_gmem, rscale_gmem, colsum_gmem, wscale_gme
         y = _epilogue(acc, *vec[:4], vec[4] if has_bias else None, out_smem.dtype, interpret)
         if cfg.persistent:  # this slot's store, two tiles back, has finished reading it
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        out_smem.at[slot][...] = y
+        at_slot(out_smem)[...] = y
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[slot], out_gmem.at[m_sl, n_sl])
+        plgpu.copy_smem_to_gmem(at_slot(out_smem), out_gmem.at[m_sl, n_sl])
 
     if cfg.persistent:
         grid = tiles[::-1] if cfg.m_fastest else tiles
@@ -421,19 +423,20 @@ def _qmatmul_codes_wgmma(codes, w_t, layer, *, out_dtype, colsum, config, interp
             grid, names = grid[::-1], names[::-1]
     kernel = functools.partial(_kernel, cfg=cfg, k_steps=k // cfg.tile_k, tiles=tiles,
                                has_bias=bias is not None, interpret=interpret)
-    nb = _buffers(cfg)
+    slots = (_buffers(cfg),) if cfg.persistent else ()
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
         scratch_types=[
-            plgpu.SMEM((nb, tm), jnp.int32),
-            plgpu.SMEM((nb, tm), jnp.float32),
-            plgpu.SMEM((nb, tn), jnp.int32),
-            plgpu.SMEM((nb, tn), jnp.float32),
-            plgpu.SMEM((nb, tn), jnp.float32),
-            plgpu.SMEM((nb, tm, tn), out_dtype,
+            plgpu.SMEM((*slots, tm), jnp.int32),
+            plgpu.SMEM((*slots, tm), jnp.float32),
+            plgpu.SMEM((*slots, tn), jnp.int32),
+            plgpu.SMEM((*slots, tn), jnp.float32),
+            plgpu.SMEM((*slots, tn), jnp.float32),
+            plgpu.SMEM((*slots, tm, tn), out_dtype,
                        transforms=_smem_transforms(tn * out_itemsize, out_itemsize)),
-            plgpu.Barrier(num_arrivals=5 if bias is not None else 4, num_barriers=nb),
+            # (slots,) barriers: (1,) for one in jax 0.10 and 0.11 alike
+            plgpu.Barrier(num_arrivals=5 if bias is not None else 4, num_barriers=_buffers(cfg)),
         ],
         grid=grid,
         grid_names=names,
