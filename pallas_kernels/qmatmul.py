@@ -358,7 +358,8 @@ def epilogue_quantizer(kernel: str, shape: tuple[int, ...], quant: QuantizedLine
     return [reciprocal(quant.smooth), reciprocal(quant.a_scale), quant.a_zero.astype(jnp.float32)]
 
 
-def quantize_tile(x, inv_smooth, inv_scale, zero_f, a_bits, exact_ptx):
+def quantize_tile(x: jax.Array, inv_smooth: jax.Array, inv_scale: jax.Array, zero_f: jax.Array,
+                  a_bits: int, exact_ptx: bool) -> jax.Array:
     """Prologue: int8 codes of one (bm, bk) tile, bit-identical to :func:`quantize_activations`.
 
     Triton has no ``round`` lowering; on the GPU the kernel emits PTX ``cvt.rni.f32.f32``
