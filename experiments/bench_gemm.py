@@ -15,8 +15,9 @@ Sections:
         GPU wgmma GEMM, K and N zero-padded to multiples of 64; listed first.
         ``--gemm-shapes vim_s:256`` / ``--gemm-variants wgmma bf16`` narrow it.
   sweep-wgmma / sweep-gemm / sweep-codes  tile sweeps (only with ``--sections``): the wgmma GEMM
-        on codes (Hopper) beside XLA's bf16 and s8 dots; the fused Triton GEMM; the Triton GEMM on
-        precomputed codes.
+        on codes (Hopper; its tiles and both schedules, one tile per CTA or persistent, at Vim-B
+        in_proj, ``--sweep-layers in_proj out_proj`` for both) beside XLA's bf16 and s8 dots; the
+        fused Triton GEMM; the Triton GEMM on precomputed codes.
 """
 
 from __future__ import annotations
@@ -249,22 +250,25 @@ def sweep_wgmma_row(cfg: RunConfig, shape: str, config: WgmmaConfig, sets: list[
 
 def sweep_wgmma_rows(cfg: RunConfig) -> list[Row]:
     """The wgmma GEMM's tile configs (Hopper; a small one per schedule in the interpreter) at
-    Vim-B in_proj, batch 256, beside XLA's bf16 and s8 dots timed in the same run."""
+    Vim-B's ``--sweep-layers`` (in_proj, the issue's target, by default), batch 256, beside XLA's
+    bf16 and s8 dots timed in the same run."""
     if not (cfg.interpret or is_hopper()):
         return []
     batch, model = (1, "smoke") if cfg.interpret else (256, "vim_b")
-    _, k, n = vim_layers(VIM_DIMS[model])[0]
-    m = batch * SEQ
-    sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
-    shape = f"{model} in_proj M={m} K={k} N={n}"
+    dims = {name: (k, n) for name, k, n in vim_layers(VIM_DIMS[model])}
     rows = []
-    for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
-        body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, "sweep")
-        rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
-    smoke = (WgmmaConfig(64, 64, 64, 2), WgmmaConfig(64, 64, 64, 2, persistent=True))
-    for wc in smoke if cfg.interpret else WGMMA_SWEEP:
-        body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
-        rows.append(bc.run_row(cfg, "sweep", shape, wgmma_label(wc), body))
+    for layer in cfg.args.sweep_layers:
+        k, n = dims[layer]
+        m = batch * SEQ
+        sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
+        shape = f"{model} {layer} M={m} K={k} N={n}"
+        for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
+            body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, "sweep")
+            rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
+        smoke = (WgmmaConfig(64, 64, 64, 2), WgmmaConfig(64, 64, 64, 2, persistent=True))
+        for wc in smoke if cfg.interpret else WGMMA_SWEEP:
+            body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
+            rows.append(bc.run_row(cfg, "sweep", shape, wgmma_label(wc), body))
     return rows
 
 
@@ -351,6 +355,8 @@ def add_options(ap: argparse.ArgumentParser) -> None:
                     help="gemm section: the four linears of vim_t / vim_s / vim_b at a batch, e.g. vim_s:256")
     ap.add_argument("--gemm-variants", nargs="+", choices=GEMM_VARIANTS, default=list(GEMM_VARIANTS),
                     help="gemm section variants (default: all)")
+    ap.add_argument("--sweep-layers", nargs="+", choices=("in_proj", "out_proj"), default=["in_proj"],
+                    help="sweep-wgmma section: Vim-B layers to sweep, at batch 256 (default: in_proj)")
 
 
 def check_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -123,13 +123,19 @@ def test_wgmma_sweep_runs_both_schedules_in_the_interpreter(capsys):
     from pallas_kernels.qmatmul_hopper import WGMMA_SWEEP
 
     bench = load_script("bench_gemm")
-    assert bench.main(["--interpret", "--sections", "sweep-wgmma"]) == 0
+    assert bench.parse_args(["--sweep-layers", "out_proj"]).sweep_layers == ["out_proj"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sweep-layers", "x_proj"])  # K, N not multiples of 64
+    assert "--sweep-layers" in capsys.readouterr().err
+    argv = ["--interpret", "--sections", "sweep-wgmma", "--sweep-layers", "in_proj", "out_proj"]
+    assert bench.main(argv) == 0
     out = capsys.readouterr().out
     rows = [line for line in out[out.index("| section |"):].splitlines() if line.startswith("| sweep")]
     wgmma = [row for row in rows if "mosaic wgmma" in row]
-    assert len(rows) == 4 and len(wgmma) == 2, rows
+    assert len(rows) == 8 and len(wgmma) == 4, rows
+    assert ["in_proj" in row for row in rows] == [True] * 4 + [False] * 4, rows
     assert all("int32 exact" in row for row in wgmma), wgmma
-    assert ["persistent" in row for row in wgmma] == [False, True], wgmma
+    assert ["persistent" in row for row in wgmma] == [False, True] * 2, wgmma
     assert len(set(WGMMA_SWEEP)) == len(WGMMA_SWEEP), "a configuration is swept twice"
     assert bench.wgmma_label(WGMMA_SWEEP[-1]) == "128x128x64 s2 persistent"
 
