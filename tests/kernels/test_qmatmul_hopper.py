@@ -4,7 +4,9 @@ On a GPU the correctness cases run the compiled kernel (needs sm_90: H100/H200).
 run jax's Mosaic GPU interpreter, which differs from the GPU build in three documented places
 (weight tile read as (K, N), epilogue vectors read with ``ref[...]``, whole-tile output cut after
 the kernel): the K-major weight view and the partial TMA store of the last M tile are therefore
-verified only on a GPU. The CUDA lowering tests check the int8 wgmma instruction on the CPU.
+verified only on a GPU. The CUDA lowering tests check the int8 wgmma instruction on the CPU, and
+in the kernel's own Mosaic module the persistent schedule's tile loop and store waits (the
+interpreter performs TMA copies synchronously, so it cannot see a missing wait).
 """
 
 import dataclasses
@@ -260,6 +262,38 @@ def test_sweep_configs_lower_within_shared_memory():
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "wgmma.mma_async" in text, (cfg, out_dtype)
             assert smem_bytes(cfg, jnp.dtype(out_dtype).itemsize) <= 232448
+
+
+def mosaic_module(lowered: str) -> str:
+    """The Mosaic GPU kernel's own module, printed, from a lowering's text: the custom call holds
+    it as MLIR bytecode in an escaped string attribute (``\\XX`` hex bytes)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    raw = re.search(r'custom_call @mosaic_gpu\w*\(.*?module = "(.*?)", ', lowered, re.S).group(1)
+    data = re.sub(rb"\\([0-9A-Fa-f]{2})|\\(.)", lambda m: bytes.fromhex(m[1].decode()) if m[1] else m[2],
+                  raw.encode("latin1"))
+    ctx = mlir.make_ir_context()
+    ctx.allow_unregistered_dialects = True  # the serialized ops' "stable_mosaic_gpu." names
+    with ctx:
+        return ir.Module.parse(data).operation.get_asm(enable_debug_info=False)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile per CTA", "persistent"])
+def test_persistent_schedule_loops_over_tiles_and_waits_for_each_store(persistent):
+    """What the interpreter cannot check (its TMA copies are synchronous): the persistent kernel
+    loops over tiles around its K loop, and before it rewrites an output slot it waits until at
+    most one store (the other slot's) is still reading shared memory; the last wait drains all."""
+    args = abstract_args(256, 768, 3072)
+    cfg = WgmmaConfig(persistent=persistent)
+    fn = jax.jit(lambda c, w, lay: qmatmul_codes_wgmma(c, lay, w_t=w, config=cfg))
+    module = mosaic_module(fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text(debug_info=False))
+    waits = re.findall(r'"[\w.]*cp\.async\.bulk\.wait_group"\(\) \{group = (\d+) : i32, read\}', module)
+    loops = re.findall(r'"[\w.]*scf\.for"', module)
+    assert waits == (["1", "0"] if persistent else ["0"]), waits
+    assert len(loops) == (2 if persistent else 1), loops
+    # barriers initialised once, at the kernel's start: one per pipeline stage, one per vector slot
+    assert len(re.findall(r'"[\w.]*nvvm\.mbarrier\.init"', module)) == cfg.stages + (2 if persistent else 1)
 
 
 @pytest.mark.parametrize("warpgroup", [False, True], ids=["lane", "warpgroup"])
