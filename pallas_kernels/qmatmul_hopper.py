@@ -61,7 +61,7 @@ __all__ = [
 _ALIGN = 64  # K and N granularity: 64-byte swizzle of int8 K rows, 64-column N tiles
 _SMEM_BYTES = 232448  # an sm_90 CTA's shared memory limit (227 KB), as Mosaic GPU checks it
 _SM_SMEM_BYTES = 233472  # an sm_90 SM's shared memory (228 KB), shared by its resident CTAs
-_INTERPRET_SMS = 3  # SMs the interpreter pretends to have: uneven tile loops at test shapes
+_INTERPRET_SMS = 1  # SMs the interpreter pretends to have: at test shapes each CTA runs several tiles
 # plgpu.load's ``idx``: a required positional argument in jax 0.10, deprecated (optional) in 0.11.
 _LOAD_IDX_OPTIONAL = inspect.signature(plgpu.load).parameters["idx"].default is not inspect.Parameter.empty
 _MAX_ACC_REGS = 128  # int32 accumulator registers per thread of the one compute warpgroup

@@ -86,8 +86,8 @@ CASES = [
     (1, 128, 128, 8, False, jnp.int32, WgmmaConfig(64, 64, 64, 2, m_fastest=True)),
     (1, 192, 64, 4, False, jnp.bfloat16, None),  # K = 192: three 64-wide K steps; A4 codes
     (2, 384, 256, 8, True, jnp.float32, None),  # Vim-T-like in_proj K, M = 394: ragged 128-row tiles
-    # persistent: the interpreter's 3 CTAs loop over 8 tiles (3, 3, 2), so both output and vector
-    # slots are reused and each barrier is waited on in two phases
+    # persistent: the interpreter's one "SM" holds two of these CTAs, which loop over 8 tiles (4
+    # each), so both output and vector slots are reused and each barrier waited on in two phases
     (1, 128, 128, 8, True, jnp.float32, WgmmaConfig(64, 64, 64, 2, persistent=True)),
     (1, 128, 128, 8, False, jnp.int32, WgmmaConfig(64, 64, 64, 2, m_fastest=True, persistent=True)),
     (2, 192, 128, 4, True, jnp.bfloat16, WgmmaConfig(128, 64, 64, 3, persistent=True)),  # 4 x 2 tiles
@@ -154,6 +154,28 @@ def test_accumulator_is_exact_and_colsum_is_reused():
     q_minus_z = (np.asarray(lay["codes"], np.int64) + 128 - np.asarray(lay["a_zero"])[:, None])
     naive = np.einsum("blk,kn->bln", q_minus_z, np.asarray(lay["w"], np.int64))
     np.testing.assert_array_equal(np.asarray(acc), naive)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.int32, jnp.float32])
+def test_persistent_ctas_each_run_both_slots(out_dtype):
+    """More output tiles than resident CTAs, so every CTA writes both output slots and reuses
+    them: on a GPU, where the store hazards are real, 592 tiles over at most 264 CTAs; in the
+    interpreter 7 tiles over 2 CTAs (4 and 3)."""
+    from pallas_kernels import qmatmul_hopper
+
+    batch, k, n, cfg = ((2, 128, 64, WgmmaConfig(64, 64, 64, 2, persistent=True)) if INTERPRET
+                        else (24, 128, 2048, WgmmaConfig(128, 128, 64, 2, persistent=True)))
+    tiles = -(-batch * SEQ // cfg.tile_m) * (n // cfg.tile_n)
+    sms = qmatmul_hopper._INTERPRET_SMS if INTERPRET else qmatmul_hopper._sm_count()
+    assert tiles > 2 * persistent_ctas(cfg, jnp.dtype(out_dtype).itemsize, tiles, sms)
+    lay = make_layer(11, batch, k, n)
+    y = run(lay, 8, lay["bias"], out_dtype, cfg)
+    ref = reference(lay, 8, lay["bias"], out_dtype)
+    if out_dtype == jnp.int32 or INTERPRET:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+    else:  # the GPU build may contract the epilogue into an FMA
+        r = np.asarray(ref)
+        np.testing.assert_allclose(np.asarray(y), r, rtol=2e-6, atol=2e-6 * np.abs(r).max())
 
 
 def test_persistent_launch_fills_the_card_once():
