@@ -259,17 +259,27 @@ def sweep_wgmma_rows(cfg: RunConfig) -> list[Row]:
     rows = []
     for layer in cfg.args.sweep_layers:
         k, n = dims[layer]
-        m = batch * SEQ
-        sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
-        shape = f"{model} {layer} M={m} K={k} N={n}"
-        for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
-            body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, "sweep")
-            rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
+        shape, sets, baselines = sweep_baselines(cfg, model, layer, batch, k, n)
+        rows += baselines
         smoke = (WgmmaConfig(64, 64, 64, 2), WgmmaConfig(64, 64, 64, 2, persistent=True))
         for wc in smoke if cfg.interpret else WGMMA_SWEEP:
-            body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * m * k * n)
+            body = functools.partial(sweep_wgmma_row, cfg, shape, wc, sets, 2 * batch * SEQ * k * n)
             rows.append(bc.run_row(cfg, "sweep", shape, wgmma_label(wc), body))
     return rows
+
+
+def sweep_baselines(cfg: RunConfig, model: str, layer: str, batch: int, k: int,
+                    n: int) -> tuple[str, list[dict], list[Row]]:
+    """One swept GEMM shape: its label, its input sets, and XLA's bf16 and s8 dots timed on them
+    (the rows its sweep is read against)."""
+    m = batch * SEQ
+    sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
+    shape = f"{model} {layer} M={m} K={k} N={n}"
+    rows = []
+    for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
+        body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, "sweep")
+        rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
+    return shape, sets, rows
 
 
 GEMM_SWEEP = (GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
@@ -330,14 +340,10 @@ def sweep_codes_rows(cfg: RunConfig) -> list[Row]:
     rows = []
     for model, batch in shapes:
         _, k, n = vim_layers(VIM_DIMS[model])[0]
-        m = batch * SEQ
-        sets = [gemm_inputs(jax.random.key(s), batch, k, n) for s in range(2)]
-        shape = f"{model} in_proj M={m} K={k} N={n}"
-        for vname in ("xla bf16 dot", "xla s8 dot only (s32 out)"):
-            body = functools.partial(gemm_row, cfg, shape, vname, sets, m, k, n, "sweep")
-            rows.append(bc.run_row(cfg, "sweep", shape, vname, body))
+        shape, sets, baselines = sweep_baselines(cfg, model, "in_proj", batch, k, n)
+        rows += baselines
         for gc in CODES_SWEEP[:2] if cfg.interpret else CODES_SWEEP:
-            body = functools.partial(sweep_codes_row, cfg, shape, gc, sets, 2 * m * k * n)
+            body = functools.partial(sweep_codes_row, cfg, shape, gc, sets, 2 * batch * SEQ * k * n)
             rows.append(bc.run_row(cfg, "sweep", shape, str(gc), body))
     return rows
 
