@@ -39,7 +39,7 @@ class OperandDense(nn.Dense):
     """An ``nn.Dense`` (the same parameters, the same path) whose call returns its operands,
     ``LinearOperands(inputs, kernel, bias=bias)`` in the compute dtype, for a consumer whose
     kernel multiplies them on chip. Quantization intercepts it like any Dense and hands the
-    quantized layer's operands instead (``ptq4vm_jax.quant.layer.linear_operands``); observers
+    quantized layer's operands instead (``ptq4vm_jax.quant.layer.intercept_dense``); observers
     of Dense calls still see its input."""
 
     emits_operands: ClassVar[bool] = True

@@ -164,20 +164,6 @@ def integer_operands(x: jax.Array, layer: QuantizedLinear) -> LinearOperands:
     return LinearOperands(centred, w, layer.a_scale, layer.w_scale, layer.bias)
 
 
-def linear_operands(x: jax.Array, layer: Linear, cfg: Method, mode: str, float_backward: bool = False
-                    ) -> LinearOperands | jax.Array:
-    """What a quantized layer that ``emits_operands`` hands its consumer's kernel: a stored layer
-    with static scales as :func:`integer_operands` (the same in both modes, so integer inference
-    equals fake-quant through the kernel); any other (calibration's train form, dynamic
-    activations) as its output, computed here as :func:`qlinear` computes it (the kernel takes
-    it as given)."""
-    if isinstance(layer, QuantizedLinear) and not cfg.dynamic_activations:
-        return integer_operands(x, layer)
-    if float_backward:
-        return qlinear_float_backward(x, layer, cfg, mode)
-    return qlinear(x, layer, cfg, mode)
-
-
 def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: str = "fake") -> jax.Array:
     """The quantized linear forward, differentiated as the float linear ``x @ kernel + bias``.
 
@@ -217,8 +203,10 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
     parent, e.g. Vim's add + norm feeding ``mixer/in_proj``) is called with that linear as
     ``quant=`` when it is quantized here, and hands it the input codes (a ``QuantizedActivation``)
     from its own kernel: no separate quantize pass. A Dense that returns its operands for its
-    consumer's kernel (``emits_operands``, e.g. ``models.layers.OperandDense``) returns
-    :func:`linear_operands` in every mode."""
+    consumer's kernel (``emits_operands``, e.g. ``models.layers.OperandDense``) returns, for a
+    stored layer with static scales, :func:`integer_operands` in every mode; any other (calibration's
+    train form, dynamic activations) returns its output as for any Dense, which the kernel takes
+    as given."""
     check_gemm(gemm)
     check_mode(mode, cfg)
     fuse_producers = mode == "int" and not cfg.dynamic_activations
@@ -239,8 +227,9 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
         layer = lookup(qtree, path)
         if layer is None:
             return next_fun(*args, **kwargs)
-        if getattr(module, "emits_operands", False):
-            return linear_operands(args[0], layer, cfg, mode, path in float_backward)
+        if getattr(module, "emits_operands", False) and isinstance(layer, QuantizedLinear) \
+                and not cfg.dynamic_activations:
+            return integer_operands(args[0], layer)  # the same in both modes: int == fake
         if path in float_backward:
             return qlinear_float_backward(args[0], layer, cfg, mode)
         return qlinear(args[0], layer, cfg, mode, gemm)

@@ -1,4 +1,4 @@
-"""A linear handed to its consumer's kernel as operands (``OperandDense``, ``linear_operands``):
+"""A linear handed to its consumer's kernel as operands (``OperandDense``, ``intercept_dense``):
 the float layer's operands give the Dense's output, a stored layer's give the quantized layer's
 output to the last bit, and calibration's train form hands over its output."""
 
