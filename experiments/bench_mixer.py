@@ -179,15 +179,14 @@ def mixer_codes_rows(cfg: RunConfig, shape: str, check_set: tuple, sets: list[tu
     config = INTERPRETER_CONFIG if cfg.interpret else None
     quant = act_quantizer(7, seq, e, 1.0)
     fused = functools.partial(vim_mixer, interpret=cfg.interpret, config=config, packed=True)
-    value = lambda xz, z, f, b: fused(xz, z, f, b)
     variants = {
-        "fused kernel + XLA quantize pass (int8)": lambda *a: quantize_activations(value(*a), quant),
+        "fused kernel + XLA quantize pass (int8)": lambda *a: quantize_activations(fused(*a), quant),
         "fused kernel, out_proj codes in its epilogue": lambda *a: fused(*a, quant=quant),
     }
     rows = []
     for vname, fn in variants.items():
         def body(vname=vname, fn=fn):
-            check = codes_check(jax.jit(fn)(*check_set), jax.jit(value)(*check_set), quant)
+            check = codes_check(jax.jit(fn)(*check_set), jax.jit(fused)(*check_set), quant)
             return Row("mixer", shape, vname, timed(cfg, fn, check_set, sets), check=check)
         rows.append(bc.run_row(cfg, "mixer", shape, vname, body))
     return rows
