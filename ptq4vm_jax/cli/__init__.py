@@ -1,9 +1,9 @@
-"""``ptq4vm``: the command line (demo, convert, quantize, eval).
+"""``ptq4vm``: the command line (demo, convert, quantize, eval, report).
 
 ``main.py`` parses and dispatches and prints errors; each command has a module of its own
-(``convert``, ``quantize``, ``evaluation``, ``demo``); ``paths``, ``dataspecs``, ``loading`` and
-``signals`` hold the checks and plumbing the commands share; ``errors`` is the CLI's wording of
-mistakes. Importing this package loads no JAX: the commands import the library when they run.
+(``convert``, ``quantize``, ``evaluation``, ``demo``, ``report``); ``paths``, ``dataspecs``,
+``loading``, ``signals`` and ``table`` hold the checks and plumbing the commands share;
+``errors`` is the CLI's wording of mistakes.
 """
 
 from ptq4vm_jax.cli.demo import ASSETS

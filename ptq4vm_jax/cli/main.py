@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     r.add_argument("--layers", default=None,
                    help="regex over the quantized layers' paths choosing the profiled layers (default: the "
-                        "last block's out_proj; in VMamba also its per-direction x_proj_k)")
+                        "last out_proj among the blocks with the most tokens; in VMamba and the LocalMamba "
+                        "models also that block's per-direction x_proj_k)")
     r.set_defaults(func=cmd_report)
     return p
 

@@ -1,7 +1,7 @@
 """A quantized model as one pytree (``QuantizedParams``), how calibration's train form becomes it
 (:func:`finalize`), and how its layers map to the per-layer arrays of a checkpoint.
 
-On disk (format version 1) each quantized layer is a dict of arrays, ``w_int``, ``w_scale``,
+On disk (every format version) each quantized layer is a dict of arrays, ``w_int``, ``w_scale``,
 ``smooth``, ``a_scale``, ``a_zero`` and ``bias`` when the layer has one; the bit widths live in the
 checkpoint's config. :func:`to_arrays` / :func:`from_arrays` convert one layer, and
 :func:`abstract_checkpoint` gives the whole tree a checkpoint of a model must hold, as
