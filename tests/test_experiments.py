@@ -74,6 +74,33 @@ def test_device_check_commands_parse_and_name_existing_files(name):
         assert args.sections, "each GPU step should name its sections"
 
 
+
+def readme_commands() -> list[str]:
+    """The indented commands of experiments/README.md that run a script (the prepared calls)."""
+    text = (ROOT / "experiments" / "README.md").read_text()
+    return [line.split("#")[0].strip() for line in text.splitlines()
+            if line.startswith("    ") and "experiments/" in line]
+
+
+def test_experiments_readme_commands_parse():
+    """The prepared calls a GPU session copies from experiments/README.md: each script's own
+    parser takes them, and ``STEPS`` names steps device_check.sh has."""
+    commands = readme_commands()
+    assert len(commands) >= 5, commands
+    steps = device_check_steps()
+    for command in commands:
+        words = shlex.split(command)
+        env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+        words = [w for w in words if not ("=" in w and not w.startswith("-"))]
+        if words[0] == "bash":
+            assert words[1] == "experiments/device_check.sh" and words[2].isdigit(), command
+            assert set(env.get("STEPS", "").split()) <= set(steps), command
+            continue
+        assert words[0] == "python", command
+        script = pathlib.Path(words[1])
+        assert (ROOT / script).is_file(), command
+        load_script(script.stem).parse_args(words[2:])
+
 @pytest.mark.parametrize("script", ["bench_kernels", "bench_gemm", "bench_scan", "bench_e2e"])
 def test_bench_parsers_reject_typos_before_compiling(script, capsys):
     bench = load_script(script)
