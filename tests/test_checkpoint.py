@@ -311,6 +311,64 @@ def test_an_unwritable_place_is_named_at_once(tmp_path, params):
         save_params(tmp_path / "file" / "sub" / "ck", params, model_name="vim_micro")
 
 
+
+def _orbax_save_that(monkeypatch, first=None, then=None):
+    """Orbax's save with ``first()`` before it and ``then()`` after it (a Ctrl-C or a failure
+    arriving while a checkpoint is written); returns a list that gets True once the save has run
+    in full."""
+    import orbax.checkpoint as ocp
+
+    real, completed = ocp.StandardCheckpointer.save, []
+
+    def save(self, *args, **kwargs):
+        if first:
+            first()
+        real(self, *args, **kwargs)
+        completed.append(True)
+        if then:
+            then()
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save)
+    return completed
+
+
+def test_ctrl_c_while_saving_replaces_nothing_and_leaves_nothing(tmp_path, params, monkeypatch):
+    """The interrupt is held until Orbax has finished (an exception in mid-save would race its
+    writer threads for the directory), then the new directory is dropped, the old checkpoint
+    stays whole, and KeyboardInterrupt reaches the caller."""
+    import signal
+
+    path = tmp_path / "ck"
+    save_params(path, params, model_name="vim_micro")
+    before = json.loads((path / "metadata.json").read_text())
+    completed = _orbax_save_that(monkeypatch, first=lambda: os.kill(os.getpid(), signal.SIGINT))
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        save_params(path, _random_params(seed=1), model_name="vim_micro")
+    assert completed == [True], "the interrupt stopped Orbax in mid-save"
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert os.listdir(tmp_path) == ["ck"], "a temporary directory was left beside the checkpoint"
+    assert json.loads((path / "metadata.json").read_text()) == before
+    assert _same(load_params(path)[0], params)
+
+
+def test_a_failed_save_says_so_in_one_line_and_replaces_nothing(tmp_path, params, monkeypatch):
+    """Orbax's and TensorStore's own errors (not OSErrors) are reported as a failed write, a full
+    disk with what to do."""
+    path = tmp_path / "ck"
+    save_params(path, params, model_name="vim_micro")
+
+    def full():
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/manifest.ocdbt": No space left on '
+                         "device [os_error_code='28']")
+
+    _orbax_save_that(monkeypatch, then=full)
+    want = r"writing .*ck failed \(no space left on the device: free some, or write to another disk\)"
+    with pytest.raises(CheckpointError, match=want + "; nothing was replaced$"):
+        save_params(path, _random_params(seed=1), model_name="vim_micro")
+    assert os.listdir(tmp_path) == ["ck"]
+    assert _same(load_params(path)[0], params)
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, params):
     path = tmp_path_factory.mktemp("saved") / "ck"

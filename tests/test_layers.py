@@ -26,6 +26,7 @@ RANKS: dict[str, int] = {
     "ptq4vm_jax.trees": 0,  # nested-dict helpers
     "ptq4vm_jax.progress": 0,  # progress bars and log lines of long loops
     "ptq4vm_jax.dirs": 0,  # checks on the directories a run writes
+    "ptq4vm_jax.held_signals": 0,  # Ctrl-C / SIGTERM held while a write finishes or is undone
     "ptq4vm_jax.models": 1,
     "ptq4vm_jax.ops": 1,
     "ptq4vm_jax.quant": 2,

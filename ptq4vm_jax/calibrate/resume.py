@@ -12,6 +12,7 @@ written after the rename and never read back.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -162,15 +163,25 @@ class ResumeStore:
         for name, carry in (("fp", fp_carry), ("q", q_carry)):
             for i, leaf in enumerate(jax.tree_util.tree_leaves(carry)):
                 arrays[f"{name}|{i}"] = np.asarray(leaf)
-        tmp = self.directory / "state.tmp.npz"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._npz)  # the commit point
-        tmpj = self.directory / "progress.tmp.json"
-        tmpj.write_text(json.dumps(meta, indent=1))
-        os.replace(tmpj, self._json)
+        tmp, tmpj = self.directory / "state.tmp.npz", self.directory / "progress.tmp.json"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._npz)  # the commit point
+            tmpj.write_text(json.dumps(meta, indent=1))
+            os.replace(tmpj, self._json)
+        except OSError as e:  # a full disk, above all: say where, and leave no partial file filling it
+            for partial in (tmp, tmpj):
+                partial.unlink(missing_ok=True)
+            full = e.errno == errno.ENOSPC
+            raise ArgumentError(
+                f"saving the resume state in {self.directory} failed ("
+                f"{'no space left on the device' if full else e.strerror or e}); the blocks saved "
+                "before are kept. "
+                f"{'Free some space' if full else 'Fix this'} and rerun with the same resume_dir to "
+                "continue, or give a resume_dir elsewhere", argument="resume_dir") from e
 
     def load(self) -> tuple[int, dict, Any, Any, list]:
         """(next stage, layer states without kernel/bias, float chain, quantized chain, reports).

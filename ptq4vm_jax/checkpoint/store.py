@@ -11,6 +11,7 @@ quantized models) build on this.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from ptq4vm_jax.checkpoint.checks import (
 )
 from ptq4vm_jax.checkpoint.quiet_orbax import quiet_late_orbax_callbacks
 from ptq4vm_jax.errors import CheckpointError
+from ptq4vm_jax.held_signals import signals_held
 from ptq4vm_jax.models import canonical_name
 from ptq4vm_jax.trees import flatten_tree
 
@@ -141,26 +143,44 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
         raise CheckpointError(f"cannot write {path}: cannot create a directory in {parent} "
                               f"({e.strerror or e}); choose an output path in a directory you can write to"
                               ) from None
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, TREE_DIR), arrays)
-        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-            f.write(text)
-        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
-        if os.path.exists(path):
-            os.rename(path, old)
+    # Ctrl-C or SIGTERM during the save takes effect once Orbax has finished (nothing is
+    # published then): an exception in mid-save would race Orbax's writers for the directory.
+    with signals_held() as interrupted:
         try:
-            os.rename(tmp, path)
-        except OSError:
-            if os.path.exists(old):
-                os.rename(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise CheckpointError(f"writing {path} failed ({e}); nothing was replaced") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with quiet_late_orbax_callbacks(os.path.join(tmp, TREE_DIR)), ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(os.path.join(tmp, TREE_DIR), arrays)
+            with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+                f.write(text)
+            if not interrupted():
+                _swap_into_place(tmp, path)
+        except Exception as e:  # OSError, and Orbax's or TensorStore's own errors from the writes
+            raise CheckpointError(f"writing {path} failed ({_write_failure(e)}); nothing was replaced") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(text)
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+    """Rename the finished ``tmp`` to ``path``, the directory there (if any) moved aside first and
+    put back if the rename fails."""
+    parent, name = os.path.split(path)
+    old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+    if os.path.exists(path):
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if os.path.exists(old):
+            os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_failure(e: Exception) -> str:
+    """What went wrong in a write, with what to do where the cause is a full disk."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+        return "no space left on the device: free some, or write to another disk"
+    return str(e)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

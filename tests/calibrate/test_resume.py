@@ -232,3 +232,29 @@ def test_resumed_chains_stay_sharded_over_local_devices(host_devices_env):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "4 [[4], [4]] True"
+
+
+def test_a_full_disk_while_saving_keeps_the_last_state_and_no_partial_file(tmp_path, monkeypatch):
+    """A save that fails (a full disk, above all) names the directory and what to do, keeps the
+    state saved before, and leaves no half-written temporary file filling the disk."""
+    import errno
+
+    from ptq4vm_jax.calibrate.resume import ResumeStore
+    from ptq4vm_jax.errors import ArgumentError
+
+    carry = {"x": np.ones((2, 3), np.float32)}
+    store = ResumeStore(tmp_path / "r", "fp", jax.tree_util.tree_structure(carry))
+    store.save(1, {("layers_0", "in_proj"): {"a_scale": np.ones(3, np.float32)}}, carry, carry, [])
+    saved = (tmp_path / "r" / "state.npz").read_bytes()
+
+    def full(f, **arrays):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    want = r"saving the resume state in .*r failed \(no space left on the device\); the blocks saved before"
+    with pytest.raises(ArgumentError, match=want + " are kept. Free some space") as e:
+        store.save(2, {}, carry, carry, [])
+    assert e.value.argument == "resume_dir"
+    assert sorted(os.listdir(tmp_path / "r")) == ["progress.json", "state.npz"]
+    assert (tmp_path / "r" / "state.npz").read_bytes() == saved
