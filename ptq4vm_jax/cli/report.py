@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ptq4vm_jax.cli.demo import ASSETS, bundled_models
 from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import _format_of
 from ptq4vm_jax.dirs import listing, nearest_existing, probe_writable
+from ptq4vm_jax.held_signals import signals_held
 
 WHERE_FROM = "a directory written by `ptq4vm quantize` or `ptq4vm demo`"
 
@@ -70,11 +73,11 @@ def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
     can be written is tried without leaving anything behind."""
     from ptq4vm_jax.report import NUMBERS, REPORT_FORMAT, report_files
 
-    target = Path(out).expanduser().absolute()
+    target = Path(out).expanduser().resolve()  # resolved: a symlink or ".." must not hide an input
     for flag, path in inputs.items():
         if not path:
             continue
-        given = Path(path).expanduser().absolute()
+        given = Path(path).expanduser().resolve()
         if target == given or target.is_relative_to(given):
             how = "the same path as" if target == given else "inside"
             raise UsageError(f"--out {out} is {how} {flag} {path}: the report must not write into its "
@@ -100,6 +103,15 @@ def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
         raise UsageError(f"--out {out}: cannot create or write it ({e.strerror or e}); choose a writable "
                          "place") from None
     return previous
+
+
+def publish(staging: Path, out: Path, previous: list[str], files: list[str]) -> None:
+    """Move a finished report's ``files`` from ``staging`` into ``out``, replacing the earlier
+    report's files (``previous``); other files in ``out`` stay."""
+    for name in set(previous) - set(files):
+        (out / name).unlink(missing_ok=True)
+    for name in files:
+        os.replace(staging / name, out / name)
 
 
 def check_float_model(args: argparse.Namespace, held: dict[str, Any]) -> None:
@@ -148,7 +160,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from ptq4vm_jax import load_quantized
     from ptq4vm_jax.data import eval_batches
     from ptq4vm_jax.models import image_shape
-    from ptq4vm_jax.report import make_report
+    from ptq4vm_jax.report import make_report, report_files
     from ptq4vm_jax.report.stats import select_layers
 
     check_flags(args)
@@ -168,16 +180,22 @@ def cmd_report(args: argparse.Namespace) -> None:
         size = image_shape(qp.model())[1]
         source = data_source(args.data, args.data_dir, size, "--data")
         batches = eval_batches(source, min(args.batch_size, args.limit), image_size=size)
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
     if previous:
-        print(f"note: --out {args.out} holds an earlier report; its {len(previous)} files are replaced",
-              file=sys.stderr)
-        for name in previous:
-            (out / name).unlink()
-    report = make_report(qp, out, layers=args.layers, float_params=params, float_source=float_source,
-                         batches=batches, data_spec=args.data, limit=args.limit,
-                         source=str(args.quantized))
+        print(f"note: --out {args.out} holds an earlier report; its {len(previous)} files are replaced "
+              "once the new one is complete", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    # Made beside --out and moved in whole: an interrupted or failed run leaves the earlier report.
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        report = make_report(qp, staging, layers=args.layers, float_params=params, float_source=float_source,
+                             batches=batches, data_spec=args.data, limit=args.limit,
+                             source=str(args.quantized))
+        with signals_held():  # the moves complete, so no mix of two reports is left
+            publish(staging, out, previous, report_files(report))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if report["metrics"]:
         m = report["metrics"]
         print(f"on {m['images']} images of {args.data}: top-1 {m['quantized_top1']:.2f} (float "

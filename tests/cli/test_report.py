@@ -238,3 +238,45 @@ def test_a_figure_is_laid_out_and_drawn_once_as_matplotlib_would_save_it(tmp_pat
     figures._save(make(), tmp_path / "ours.png")
     assert len(draws) == 1
     assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "matplotlib.png").read_bytes()
+
+
+def test_an_interrupted_or_failed_report_leaves_the_earlier_one(tmp_path, capsys, monkeypatch):
+    """The new report is made beside --out and moved in whole, so a Ctrl-C or an error in the
+    middle leaves the earlier report as it was and nothing of the new one."""
+    import ptq4vm_jax.report
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    earlier = {"report.json": json.dumps({"format": "ptq4vm-jax/report", "figures": [{"file": "old.png"}]}),
+               "index.html": "earlier", "old.png": "earlier figure", "notes.txt": "mine"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+
+    for stop, code in ((KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 2)):
+        def half_written(qp, staging, stop=stop, **kwargs):
+            (Path(staging) / "index.html").write_text("half of a new report")
+            (Path(staging) / "pts_new.png").write_text("half")
+            raise stop
+
+        monkeypatch.setattr(ptq4vm_jax.report, "make_report", half_written)
+        with pytest.raises(SystemExit) as e:
+            main(["report", "--quantized", str(W8), "--out", str(out)])
+        assert e.value.code == code
+        assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"], "a staging directory was left"
+    assert "replaced once the new one is complete" in capsys.readouterr().err
+
+
+def test_report_out_through_a_symlink_into_an_input_is_refused(tmp_path, capsys):
+    """Paths are compared resolved: a link, or "..", does not hide that --out is inside an input."""
+    import shutil
+
+    q = tmp_path / "q"
+    shutil.copytree(W8, q)
+    (tmp_path / "link").symlink_to(q)
+    for out in (tmp_path / "link" / "figs", tmp_path / "other" / ".." / "q" / "figs"):
+        with pytest.raises(SystemExit) as e:
+            main(["report", "--quantized", str(q), "--out", str(out)])
+        assert e.value.code == 2 and "is inside --quantized" in capsys.readouterr().err
+    assert sorted(p.name for p in q.iterdir()) == ["metadata.json", "params"]
+    assert not (tmp_path / "other").exists()
