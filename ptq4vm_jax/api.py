@@ -19,7 +19,14 @@ from ptq4vm_jax.api_checks import check_params, check_rules, model_for_qparams
 from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
 from ptq4vm_jax.errors import ArgumentWarning
-from ptq4vm_jax.models import blockwise, canonical_name, create_model, image_shape, model_family
+from ptq4vm_jax.models import (
+    RUNTIME_CHOICES,
+    blockwise,
+    canonical_name,
+    create_model,
+    image_shape,
+    model_family,
+)
 from ptq4vm_jax.quant.config import (
     QuantConfig,
     QuantProgram,
@@ -95,10 +102,10 @@ def quantize_params(
                                                              if isinstance(config, Mapping) else ""))
     name = canonical_name(model)
     overrides = dict(model_overrides or {})
-    scan = overrides.pop("scan", "auto")  # a runtime choice: calibrates with it, not saved
+    runtime = {k: overrides.pop(k) for k in RUNTIME_CHOICES if k in overrides}  # used here, not saved
     family = model_family(name)
     cfg = (config or QuantConfig()).resolve(family)
-    net = create_model(name, **overrides, scan=scan)
+    net = create_model(name, **overrides, **runtime)
     check_params(net, params, name)
     params = _uncommitted(copy_tree(params))
     linears = dense_paths(net, params, image_shape(net))  # rules checked before data is read

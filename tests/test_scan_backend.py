@@ -143,3 +143,22 @@ def test_calibration_differentiates_through_the_kernel(nano, kernel_calls):
     for a, b in zip(flat, flat_ref, strict=True):
         scale = float(np.abs(b).max())
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-6))
+
+
+def test_dtype_is_a_runtime_choice_not_saved(nano, monkeypatch):
+    """Like the scan, a compute dtype given to calibration is used there and not kept with the
+    qparams (a checkpoint of them would otherwise run every later evaluation in it)."""
+    params, images = nano
+    built = []
+    real = pq.api.create_model
+
+    def spy(name, **overrides):
+        built.append(overrides.get("dtype"))
+        return real(name, **overrides)
+
+    monkeypatch.setattr(pq.api, "create_model", spy)
+    cfg = pq.QuantConfig(8, 8, method="rtn", num_calib=8, train_batch=8)
+    qp = pq.quantize_params(params, images, model="vim_nano", config=cfg, progress=False,
+                            log=lambda _: None, model_overrides={"dtype": jnp.bfloat16})
+    assert built[0] == jnp.bfloat16
+    assert dict(qp.model_overrides) == {} and qp.model().cfg.dtype == jnp.float32

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ptq4vm_jax.cli.errors import UsageError
+from ptq4vm_jax.models import RUNTIME_CHOICES
 
 
 def warn_if_scan_interpreted(args: argparse.Namespace) -> None:
@@ -32,6 +33,9 @@ def model_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. embed_dim=384")
+        if key in RUNTIME_CHOICES:  # they would be stored with the params and change every later run
+            raise UsageError(f"--model-arg {key}: not a size of the model but a choice of how it runs, "
+                             "which checkpoints do not store; use --scan (quantize, eval) or --dtype (eval)")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -1,4 +1,5 @@
 from ptq4vm_jax.models.registry import (
+    RUNTIME_CHOICES,
     blockwise,
     canonical_name,
     create_model,
@@ -9,5 +10,5 @@ from ptq4vm_jax.models.registry import (
 )
 from ptq4vm_jax.models.vim import VimConfig, VisionMamba
 
-__all__ = ["VimConfig", "VisionMamba", "blockwise", "canonical_name", "create_model", "image_shape",
-           "list_models", "model_family", "param_shapes"]
+__all__ = ["RUNTIME_CHOICES", "VimConfig", "VisionMamba", "blockwise", "canonical_name", "create_model",
+           "image_shape", "list_models", "model_family", "param_shapes"]
