@@ -4,6 +4,7 @@ W8A8 and W4A8, and print a table against the float model."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     targets = {label: out / label.lower().replace(" ", "_") for label, _ in runs}
     for target in targets.values():  # before any calibration, not after the first
         check_out(str(target), format=QUANT_FORMAT, model=args.model, inputs={}, announce=False)
+    replaced = [t.name for t in targets.values() if t.is_dir() and any(t.iterdir())]
+    if replaced:  # one line, not check_out's note per checkpoint: rerunning the demo is routine
+        print(f"note: {out} holds checkpoints ({', '.join(replaced)}); the demo replaces them",
+              file=sys.stderr)
     preds = {}
     for label, cfg in runs:
         print(f"== {label}", flush=True)

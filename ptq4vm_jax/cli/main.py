@@ -17,7 +17,7 @@ from ptq4vm_jax.cli.convert import cmd_convert
 from ptq4vm_jax.cli.demo import bundled_models, cmd_demo
 from ptq4vm_jax.cli.errors import UsageError, argument_of, for_the_command_line
 from ptq4vm_jax.cli.evaluation import DTYPES, cmd_eval
-from ptq4vm_jax.cli.paths import resume_hint
+from ptq4vm_jax.cli.paths import kept_blocks, resume_hint, user_path
 from ptq4vm_jax.cli.quantize import cmd_quantize
 from ptq4vm_jax.cli.report import cmd_report
 from ptq4vm_jax.cli.signals import Terminated, sigterm_as_interrupt
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")
     d.add_argument("--model", default="vim_micro", choices=bundled_models(), help="a bundled micro model")
-    d.add_argument("--out", default="ptq4vm_demo_out",
+    d.add_argument("--out", type=user_path, default="ptq4vm_demo_out",
                    help="where the quantized checkpoints go (in a directory named after the model)")
     d.add_argument("--epochs", type=int, default=None,
                    help="JLSS epochs over the 256 images (default: 12 in batches of 32 for Vim, the "
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="official .pth/.safetensors -> Orbax float params")
     c.add_argument("--model", required=True, help="e.g. vim_tiny, vim_small, vim_base, vmamba_tiny")
-    c.add_argument("--checkpoint", required=True, help="official .pth/.safetensors (read without torch)")
-    c.add_argument("--out", required=True, help="new Orbax directory for the float params")
+    c.add_argument("--checkpoint", type=user_path,
+                   required=True, help="official .pth/.safetensors (read without torch)")
+    c.add_argument("--out", type=user_path, required=True, help="new Orbax directory for the float params")
     c.add_argument("--key", default="model", help="sub-dict of the checkpoint (model, model_ema)")
     c.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="official constructor size argument, e.g. embed_dim=384 (repeatable)")
@@ -72,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def source_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", help="model name (required with --checkpoint)")
-        sp.add_argument("--checkpoint", help="official .pth/.safetensors")
-        sp.add_argument("--params", help="Orbax float params dir (ptq4vm convert)")
+        sp.add_argument("--checkpoint", type=user_path, help="official .pth/.safetensors")
+        sp.add_argument("--params", type=user_path, help="Orbax float params dir (ptq4vm convert)")
         sp.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
         sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                         help="official constructor size argument for --checkpoint (repeatable)")
-        sp.add_argument("--data-dir", default=None, help="tfds data_dir")
+        sp.add_argument("--data-dir", type=user_path, default=None, help="tfds data_dir")
 
     q = sub.add_parser("quantize", help="PTQ4VM-quantize a model and save an Orbax checkpoint")
     source_args(q)
@@ -116,14 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the learned scales of a block even where learning raised its loss, like "
                         "the released code (default: keep that block's initial scales)")
     scan_arg(q, "calibration runs through (not saved: evaluation picks its own)")
-    q.add_argument("--resume", default=None, help="directory for per-block resume state")
-    q.add_argument("--out", required=True, help="new Orbax directory for the quantized checkpoint")
+    q.add_argument("--resume", type=user_path, default=None, help="directory for per-block resume state")
+    q.add_argument("--out", type=user_path,
+                   required=True, help="new Orbax directory for the quantized checkpoint")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model")
     source_args(e)
-    e.add_argument("--quantized", help="Orbax dir written by `ptq4vm quantize` (instead of a float "
-                                       "--checkpoint / --params)")
+    e.add_argument("--quantized", type=user_path,
+                   help="Orbax dir written by `ptq4vm quantize` (instead of a float "
+                        "--checkpoint / --params)")
     e.add_argument("--mode", default=None, choices=MODES, help="for --quantized: fp32 fake-quant "
                                                                 "(default) or integer arithmetic (not "
                                                                 "for per_token_dynamic checkpoints)")
@@ -146,18 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="figures (PNG + index.html + report.json) of what calibration "
                                       "learned and where a quantized model's error is")
-    r.add_argument("--quantized", required=True,
+    r.add_argument("--quantized", type=user_path, required=True,
                    help="Orbax dir written by `ptq4vm quantize` / `ptq4vm demo`")
-    r.add_argument("--out", required=True, help="directory for the report (new, empty, or an earlier "
-                                                "report, which is replaced)")
-    r.add_argument("--params", help="float params of the checkpoint's model (Orbax dir from `ptq4vm "
-                                    "convert`; default for the bundled micro models: the bundled asset)")
-    r.add_argument("--checkpoint", help="the float model as an official .pth/.safetensors instead")
+    r.add_argument("--out", type=user_path,
+                   required=True, help="directory for the report (new, empty, or an earlier "
+                                       "report, which is replaced)")
+    r.add_argument("--params", type=user_path,
+                   help="float params of the checkpoint's model (Orbax dir from `ptq4vm "
+                        "convert`; default for the bundled micro models: the bundled asset)")
+    r.add_argument("--checkpoint", type=user_path,
+                   help="the float model as an official .pth/.safetensors instead")
     r.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
     r.add_argument("--data", default=None,
                    help="images for the data figures and the float-vs-quantized metrics: tfds:NAME:SPLIT "
                         "(prepared under --data-dir) or digits:train|test (default: none)")
-    r.add_argument("--data-dir", default=None, help="tfds data_dir")
+    r.add_argument("--data-dir", type=user_path, default=None, help="tfds data_dir")
     r.add_argument("--limit", type=int, default=256, help="use the first N images of --data (default: 256)")
     r.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     r.add_argument("--layers", default=None,
@@ -165,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "last out_proj among the blocks with the most tokens; in VMamba and the LocalMamba "
                         "models also that block's per-direction x_proj_k)")
     r.set_defaults(func=cmd_report)
+    for parser in (p, *sub.choices.values()):
+        parser.allow_abbrev = False  # a prefix such as --epoch must not stand for --epochs silently
     return p
 
 
@@ -172,7 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``ptq4vm``; errors a user can act on print as one line."""
     from ptq4vm_jax.calibrate.jlss import CalibrationError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the library was still being imported
+        if os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        print("ptq4vm: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
     def one_line(message: Warning | str, category: Any, *rest: Any, **kw: Any) -> None:
         # a user's warning, not a source location; one the command already said is left out
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("PTQ4VM_DEBUG"):
             raise
         more = "" if isinstance(e, ValueError) else " (PTQ4VM_DEBUG=1 shows the traceback)"
+        if kept_blocks(args) and argument_of(e) != "resume_dir":  # e.g. the final save failed
+            more += resume_hint(args.resume, "fix this and rerun")
         print(f"ptq4vm {args.command}: error: {for_the_command_line(e)}{more}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:

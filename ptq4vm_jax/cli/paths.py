@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ptq4vm_jax.calibrate.resume import RESUME_FILES
@@ -13,17 +12,24 @@ from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.dirs import foreign_files, nearest_existing, probe_writable
 
 
+def user_path(text: str) -> str:
+    """A path argument with a leading ``~`` expanded, once, at parsing: the shell leaves it
+    unexpanded in ``--out=~/x``, and the checks and the writers must all see the same path."""
+    return os.path.expanduser(text)
+
+
 def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str | None],
               announce: bool = True) -> None:
     """Refuse an --out that would fail or destroy something at the end: one of the run's inputs,
     a file, anything ``write_checkpoint`` would refuse to replace, or a place that cannot be
-    written (tried: its parent is created and a file written there). A checkpoint it will replace
-    is named (``announce``) once the model is known."""
+    written (tried in its nearest existing ancestor, leaving nothing behind). Paths are compared
+    resolved, through symlinks and "..". A checkpoint it will replace is named (``announce``) once
+    the model is known."""
     from ptq4vm_jax.checkpoint import check_replaceable, read_metadata
 
-    target = Path(out).expanduser().absolute()
+    target = Path(out).expanduser().resolve()
     for flag, path in inputs.items():
-        if path and Path(path).expanduser().absolute() == target:
+        if path and Path(path).expanduser().resolve() == target:
             raise UsageError(f"--out {out} is the same path as {flag}: writing the result would "
                              f"destroy {flag}; choose another --out")
     if target.exists() and not target.is_dir():
@@ -43,9 +49,7 @@ def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, so no directory can be made under it")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+        probe_writable(parent)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create or write in {parent} ({e.strerror or e}); choose a "
                          "writable place") from None
@@ -53,18 +57,19 @@ def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str
 
 def check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
     """--resume must be a directory of its own: not a file, not a checkpoint, not inside the
-    output or an input (writing --out replaces its tree), not holding other files, and creatable
-    and writable (tried without leaving anything behind)."""
+    output or an input (writing --out replaces its tree; compared resolved, through symlinks and
+    ".."), not holding other files, and creatable and writable (tried without leaving anything
+    behind)."""
     if not resume:
         return
-    where = Path(resume).expanduser().absolute()
+    where = Path(resume).expanduser().resolve()
     if where.exists() and not where.is_dir():
         raise UsageError(f"--resume {resume} is a file; give a directory for the resume state")
     if (where / "metadata.json").exists():
         raise UsageError(f"--resume {resume} is a checkpoint directory; give the resume state a "
                          "directory of its own")
     for flag, path in paths.items():
-        if path and where.is_relative_to(Path(path).expanduser().absolute()):
+        if path and where.is_relative_to(Path(path).expanduser().resolve()):
             raise UsageError(f"--resume {resume} lies inside {flag} {path}; give the resume state a "
                              "directory of its own")
     shown = foreign_files(where, RESUME_FILES)
@@ -77,6 +82,14 @@ def check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
     except OSError as e:
         raise UsageError(f"--resume {resume} cannot be created or written ({e.strerror or e}); choose a "
                          "writable directory") from None
+
+
+def kept_blocks(args: object) -> bool:
+    """Whether a quantize run's --resume holds completed blocks (worth naming in any error)."""
+    resume = getattr(args, "resume", None)
+    if getattr(args, "command", None) != "quantize" or not resume:
+        return False
+    return (Path(resume) / "state.npz").exists()
 
 
 def resume_hint(resume: str | None, action: str) -> str:

@@ -173,6 +173,48 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
     assert json.loads((q / "metadata.json").read_text())["model_name"] == "vim_micro"
 
 
+def test_paths_are_compared_resolved_and_expanded_once(tmp_path, capsys, monkeypatch):
+    """A symlink or ".." does not hide --resume inside --out (the run would fail at its end); an
+    unexpanded ~ (``--out=~/q``: the shell leaves it) is expanded once for the checks and the
+    writers alike; a refused run leaves no directories behind; flags are never abbreviated."""
+    from ptq4vm_jax.cli import build_parser
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    base = ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--method", "rtn"]
+    for out, resume in ((tmp_path / "link" / "q", real / "q" / "r"),
+                        (tmp_path / "x" / ".." / "q2", tmp_path / "q2" / "r")):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--out", str(out), "--resume", str(resume)])
+        assert e.value.code == 2 and "lies inside --out" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = build_parser().parse_args([*base, "--out=~/q", "--resume=~/r", "--data-dir=~/tfds"])
+    home = tmp_path / "home"
+    assert (args.out, args.resume, args.data_dir) == (str(home / "q"), str(home / "r"), str(home / "tfds"))
+    with pytest.raises(SystemExit) as e:  # refused after the --out and --resume checks
+        main([*base, "--calib", "digits:trian", "--out", str(tmp_path / "new" / "sub" / "q"),
+              "--resume", str(tmp_path / "new2" / "r")])
+    assert e.value.code == 2 and "digits:trian" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and not any(real.iterdir())
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--epoch", "3", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2 and "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "quantize"])
+def test_runtime_choices_are_not_model_args(tmp_path, capsys, command):
+    """``--model-arg dtype=...`` or ``scan=...`` would be stored as a size of the model and change
+    every later run silently; the flags that choose them are named instead."""
+    more = ["--calib", "digits:train"] if command == "quantize" else []
+    for pair in ("dtype=bfloat16", "scan=pallas"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--model", "vim_base", "--checkpoint", str(CKPT), *MODEL_ARGS, "--model-arg", pair,
+                  "--out", str(tmp_path / "out"), *more])
+        assert e.value.code == 2
+        assert f"--model-arg {pair.split('=')[0]}: not a size of the model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
 def test_interrupt_is_one_line_that_says_what_was_kept(tmp_path, capsys, monkeypatch):
     import ptq4vm_jax
 
