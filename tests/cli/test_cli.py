@@ -563,3 +563,63 @@ def test_scan_flag_reaches_calibration_and_evaluation(tmp_path, capsys, monkeypa
         assert err.count("warning: --scan fused off the GPU runs its kernels in the Pallas interpreter") == (
             scan == "fused"), err
     assert lines["fused"].split("(")[0] == lines["auto"].split("(")[0]
+
+
+def test_an_error_after_blocks_were_kept_names_the_resume_state(tmp_path, capsys, monkeypatch):
+    """A library error in quantize (a failed final save, say) says the completed blocks are kept."""
+    import ptq4vm_jax
+    from ptq4vm_jax.errors import CheckpointError
+
+    def save_failed(*args, **kwargs):
+        raise CheckpointError("writing q failed (no space left on the device); nothing was replaced")
+
+    monkeypatch.setattr(ptq4vm_jax, "quantize_params", save_failed)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "state.npz").write_bytes(b"")  # only its presence matters here
+    for resume, said in ((tmp_path / "done", "the blocks completed so far are saved in"), (None, "")):
+        with pytest.raises(SystemExit) as e:
+            main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+                  "--out", str(tmp_path / "q"), *(["--resume", str(resume)] if resume else [])])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no space left" in err and said in err, err
+        assert resume or "--resume" not in err, err
+
+
+def test_the_demo_says_it_replaces_earlier_checkpoints(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import ptq4vm_jax
+
+    earlier = tmp_path / "vim_micro" / "ptq4vm_w4a8"
+    shutil.copytree(Path(__file__).parents[1] / "data" / "quantized_v1" / "vim_micro_w4a8_pts", earlier)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptq4vm_jax, "quantize_params", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path), "--quiet"])
+    assert e.value.code == 130
+    assert "holds checkpoints (ptq4vm_w4a8); the demo replaces them" in capsys.readouterr().err
+    assert (earlier / "metadata.json").is_file()
+
+
+def test_python_dash_m_runs_the_command():
+    for module in ("ptq4vm_jax", "ptq4vm_jax.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.startswith("ptq4vm-jax "), done
+
+
+def test_ctrl_c_while_starting_up_is_one_line_and_130(capsys, monkeypatch):
+    import importlib
+
+    cli_main = importlib.import_module("ptq4vm_jax.cli.main")  # the module (the package exports main)
+
+    def importing(*args, **kwargs):  # Ctrl-C while the parser's imports still load jax
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", importing)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--params", str(MICRO)])
+    assert e.value.code == 130 and capsys.readouterr().err == "ptq4vm: interrupted\n"
