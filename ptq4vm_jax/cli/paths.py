@@ -62,6 +62,9 @@ def check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
     behind)."""
     if not resume:
         return
+    if Path(resume).is_symlink() and not Path(resume).exists():
+        raise UsageError(f"--resume {resume} is a broken symlink (to {os.readlink(resume)}); give a "
+                         "directory, or make the link's target first")
     where = Path(resume).expanduser().resolve()
     if where.exists() and not where.is_dir():
         raise UsageError(f"--resume {resume} is a file; give a directory for the resume state")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from ptq4vm_jax.cli.dataspecs import data_source, images_in
@@ -119,3 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
               "--lr-w/--lr-a/--lr-s to let them learn, or pass --keep-learned to keep the learned scales")
     print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s; "
           f"wrote {args.out}")
+    if args.resume and Path(args.resume).is_dir():
+        held = sum(f.stat().st_size for f in Path(args.resume).iterdir() if f.is_file())
+        print(f"note: --resume {args.resume} ({held / 2**20:.1f} MB) holds the finished run, which this "
+              "command would reuse; delete it when you no longer need it")

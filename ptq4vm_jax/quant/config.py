@@ -36,7 +36,8 @@ class QuantRule:
         try:
             re.compile(self.pattern)
         except re.error as e:
-            raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}") from None
+            raise ArgumentError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}",
+                                argument="rules") from None
 
 
 # The official placement: every projection of the mixer (docs/method.md §2.1, §7.1); norms, convs,
@@ -108,44 +109,50 @@ class QuantConfig:
         for name in ("w_bits", "a_bits"):
             b = getattr(self, name)
             if not _is_int(b) or not 2 <= b <= 8:
-                raise ValueError(f"{name} must be an integer from 2 to 8, got {b!r}")
+                raise ArgumentError(f"{name} must be an integer from 2 to 8, got {b!r}", argument=name)
         for name, value, choices in (("method", self.method, METHODS), ("act_grid", self.act_grid, ACT_GRIDS),
                                      ("loss", self.loss, LOSSES), ("loss_axis", self.loss_axis, LOSS_AXES)):
             if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+                raise ArgumentError(f"{name} must be one of {choices}, got {value!r}", argument=name)
         if not _is_int(self.num_calib) or self.num_calib < 1:
-            raise ValueError(f"num_calib must be a positive integer, got {self.num_calib!r}")
+            raise ArgumentError(f"num_calib must be a positive integer, got {self.num_calib!r}",
+                                argument="num_calib")
         if self.train_batch is not None and (not _is_int(self.train_batch) or self.train_batch < 1):
-            raise ValueError(f"train_batch must be a positive integer or None, got {self.train_batch!r}")
+            raise ArgumentError(f"train_batch must be a positive integer or None, got {self.train_batch!r}",
+                                argument="train_batch")
         if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 0):
-            raise ValueError(f"epochs must be an integer >= 0 or None, got {self.epochs!r}")
+            raise ArgumentError(f"epochs must be an integer >= 0 or None, got {self.epochs!r}",
+                                argument="epochs")
         optional = ("alpha", "lr_w", "lr_a", "lr_s")
         for name in (*optional, "weight_decay", "grad_clip", "grid_p"):
             value = getattr(self, name)
             if not (_is_number(value) or (value is None and name in optional)):
-                raise ValueError(f"{name} must be a number{' or None' if name in optional else ''}, got "
-                                 f"{value!r} ({type(value).__name__})")
+                raise ArgumentError(f"{name} must be a number{' or None' if name in optional else ''}, got "
+                                    f"{value!r} ({type(value).__name__})", argument=name)
         for name in ("train_inner_proj", "revert_worse"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}",
+                                    argument=name)
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha (SmoothQuant migration strength) must lie in [0, 1], got {self.alpha!r}")
+            raise ArgumentError(f"alpha (SmoothQuant migration strength) must lie in [0, 1], got "
+                                f"{self.alpha!r}", argument="alpha")
         for name in ("lr_w", "lr_a", "lr_s", "grad_clip", "grid_p"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+                raise ArgumentError(f"{name} must be a finite number > 0, got {value!r}", argument=name)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+            raise ArgumentError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}",
+                                argument="weight_decay")
         if isinstance(self.rules, (QuantRule, str)):
             one = self.rules if isinstance(self.rules, QuantRule) else QuantRule(self.rules)
-            raise ValueError(f"rules must be a sequence of QuantRule objects, got the single {self.rules!r}; "
-                             f"write rules=({one!r},)")
+            raise ArgumentError(f"rules must be a sequence of QuantRule objects, got the single "
+                                f"{self.rules!r}; write rules=({one!r},)", argument="rules")
         if self.rules is not None:
             rules = tuple(self.rules)
             bad = [r for r in rules if not isinstance(r, QuantRule)]
             if bad:
-                raise ValueError(f"rules must be QuantRule objects, got {bad[0]!r}; e.g. "
-                                 "(QuantRule(r'^head$'), *DEFAULT_RULES['vim'])")
+                raise ArgumentError(f"rules must be QuantRule objects, got {bad[0]!r}; e.g. "
+                                    "(QuantRule(r'^head$'), *DEFAULT_RULES['vim'])", argument="rules")
             object.__setattr__(self, "rules", rules)
 
     def resolve(self, family: str) -> QuantConfig:

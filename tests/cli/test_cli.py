@@ -200,6 +200,10 @@ def test_paths_are_compared_resolved_and_expanded_once(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:
         main([*base, "--epoch", "3", "--out", str(tmp_path / "q")])
     assert e.value.code == 2 and "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--out", str(tmp_path / "q"), "--resume", str(tmp_path / "dangling")])
+    assert e.value.code == 2 and "dangling is a broken symlink (to " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["convert", "quantize"])
@@ -623,3 +627,13 @@ def test_ctrl_c_while_starting_up_is_one_line_and_130(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--params", str(MICRO)])
     assert e.value.code == 130 and capsys.readouterr().err == "ptq4vm: interrupted\n"
+
+
+@pytest.mark.slow  # calibrates (RTN) through the CLI
+def test_a_finished_run_says_its_resume_state_is_kept(tmp_path, capsys):
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+          "--method", "rtn", "--out", str(tmp_path / "q"), "--resume", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert re.search(r"note: --resume .*r \(\d+\.\d MB\) holds the finished run, which this command would "
+                     r"reuse; delete it when you no longer need it", out), out
+    assert (tmp_path / "r" / "state.npz").is_file()

@@ -128,3 +128,17 @@ def test_numpy_scalars_are_stored_as_python_numbers_and_read_back_equal():
         {"x": 0.5, "n": 3}
     with pytest.raises(ValueError, match="w_bits must be an integer from 2 to 8"):
         QuantConfig(w_bits=np.float32(4.0))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("w_bits", 9), ("a_bits", 1), ("method", "gptq"), ("act_grid", "wide"), ("loss", "l1"),
+    ("loss_axis", "height"), ("num_calib", 0), ("train_batch", 0), ("epochs", -1), ("alpha", 1.5),
+    ("lr_w", 0.0), ("lr_s", float("nan")), ("grad_clip", -1.0), ("weight_decay", -1e-5),
+    ("revert_worse", 1), ("rules", "in_proj")])
+def test_a_bad_setting_names_its_field(field, value):
+    """Each refusal carries the field as ``argument``, so the CLI names the flag (--epochs, ...)."""
+    from ptq4vm_jax.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=field) as e:
+        QuantConfig(**{field: value})
+    assert e.value.argument == field
