@@ -23,6 +23,9 @@ def data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> 
         if rest not in ("train", "test"):
             raise UsageError(f"{flag} {spec}: give the split, digits:train or digits:test (calibrate on "
                              "train, evaluate on test)")
+        if data_dir is not None:
+            raise UsageError(f"--data-dir is where prepared tfds datasets are found, and {flag} {spec} is "
+                             "built in: drop --data-dir")
         return load_digits_dataset(rest, image_size=image_size)
     if kind == "tfds":
         name, _, split = rest.partition(":")

@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images for the data figures and the float-vs-quantized metrics: tfds:NAME:SPLIT "
                         "(prepared under --data-dir) or digits:train|test (default: none)")
     r.add_argument("--data-dir", type=user_path, default=None, help="tfds data_dir")
-    r.add_argument("--limit", type=int, default=256, help="use the first N images of --data (default: 256)")
-    r.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    r.add_argument("--limit", type=int, default=None, help="use the first N images of --data (default: 256)")
+    r.add_argument("--batch-size", type=int, default=None, help="images per step of --data (default: 64)")
     r.add_argument("--layers", default=None,
                    help="regex over the quantized layers' paths choosing the profiled layers (default: the "
                         "last out_proj among the blocks with the most tokens; in VMamba and the LocalMamba "

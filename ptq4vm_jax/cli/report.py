@@ -25,10 +25,19 @@ from ptq4vm_jax.cli.loading import _format_of
 from ptq4vm_jax.dirs import listing, nearest_existing, probe_writable
 from ptq4vm_jax.held_signals import signals_held
 
+LIMIT, BATCH = 256, 64  # --limit and --batch-size by default
 WHERE_FROM = "a directory written by `ptq4vm quantize` or `ptq4vm demo`"
 
 
 def check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations; fills in --limit and --batch-size, which only apply with --data."""
+    given = [flag for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size))
+             if value is not None]
+    if given and not args.data:
+        raise UsageError(f"{' and '.join(given)} choose the images of --data, and there is no --data; add "
+                         "--data or drop them")
+    args.limit = LIMIT if args.limit is None else args.limit
+    args.batch_size = BATCH if args.batch_size is None else args.batch_size
     if args.limit < 1:
         raise UsageError(f"--limit must be a positive integer, got {args.limit}")
     if args.batch_size < 1:

@@ -200,6 +200,10 @@ def test_paths_are_compared_resolved_and_expanded_once(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:
         main([*base, "--epoch", "3", "--out", str(tmp_path / "q")])
     assert e.value.code == 2 and "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--data-dir", str(tmp_path), "--out", str(tmp_path / "q")])
+    assert e.value.code == 2
+    assert "--calib digits:train is built in: drop --data-dir" in capsys.readouterr().err
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(SystemExit) as e:
         main([*base, "--out", str(tmp_path / "q"), "--resume", str(tmp_path / "dangling")])

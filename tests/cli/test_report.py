@@ -209,6 +209,9 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, capsys):
     refused(["--quantized", q, "--out", str(tmp_path)], "holds other files (file) and no report")
     refused(["--quantized", str(VMAMBA), "--out", str(tmp_path / "a"), "--data", "digits:test"],
             "--data compares the quantized model with the float one")
+    refused(["--quantized", q, "--out", str(tmp_path / "a"), "--limit", "10", "--batch-size", "5"],
+            "--limit and --batch-size choose the images of --data, and there is no --data; add --data or "
+            "drop them")
     assert not (tmp_path / "a").exists() and (tmp_path / "file").read_text() == "x"
     assert sorted(p.name for p in Path(q).iterdir()) == ["metadata.json", "params"]
 
