@@ -98,12 +98,14 @@ class ResumeStore:
     def _npz(self) -> FsPath:
         return self.directory / "state.npz"
 
-    def _corrupt(self, e: Exception) -> ValueError:
-        return ValueError(f"{self.directory}: resume state is corrupt ({type(e).__name__}: {e}); "
-                          "delete the directory to start afresh")
+    def _corrupt(self, reason: str) -> ArgumentError:
+        return ArgumentError(f"{self.directory}: resume state is corrupt ({reason}); delete the directory "
+                             "to start afresh", argument="resume_dir")
 
     def _read(self, arrays: bool) -> tuple[dict, dict[str, np.ndarray]]:
         """``meta`` of state.npz, checked for the format version, and its arrays if asked."""
+        if not zipfile.is_zipfile(self._npz):  # else np.load takes it for a pickle and says so
+            raise self._corrupt("state.npz is not an .npz archive")
         try:
             with np.load(self._npz) as data:
                 # no meta entry: written by the first format, which kept it in progress.json
@@ -111,7 +113,7 @@ class ResumeStore:
                 version = meta["version"]
                 content = {k: data[k] for k in data.files if k != "meta"} if arrays else {}
         except _CORRUPT as e:
-            raise self._corrupt(e) from e
+            raise self._corrupt(f"{type(e).__name__}: {e}") from e
         if version != RESUME_VERSION:
             raise ArgumentError(
                 f"{self.directory} holds calibration state of another format version "
@@ -192,7 +194,7 @@ class ResumeStore:
         try:
             return self._unpack(meta, arrays)
         except _CORRUPT as e:
-            raise self._corrupt(e) from e
+            raise self._corrupt(f"{type(e).__name__}: {e}") from e
 
     def _unpack(self, meta: dict, arrays: dict[str, np.ndarray]) -> tuple[int, dict, Any, Any, list]:
         layers: dict = {}

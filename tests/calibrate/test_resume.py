@@ -135,8 +135,11 @@ def not_a_zip(path):
 def test_damaged_state_is_reported_as_corrupt(setup, tmp_path, damage):
     run(setup, tmp_path)
     damage(tmp_path / "state.npz")
-    with pytest.raises(ValueError, match=r"resume state is corrupt \(.+\); delete the directory"):
+    with pytest.raises(ValueError, match=r"resume state is corrupt \(.+\); delete the directory") as e:
         run(setup, tmp_path)
+    assert e.value.argument == "resume_dir" and "allow_pickle" not in str(e.value)  # (np.load's advice)
+    if damage is not_a_zip:
+        assert "state.npz is not an .npz archive" in str(e.value)
 
 
 def test_a_deleted_state_file_is_said_and_the_run_starts_afresh(setup, tmp_path):
