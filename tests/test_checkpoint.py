@@ -246,6 +246,10 @@ def test_damaged_tree(tmp_path, params):
     shutil.rmtree(tmp_path / "ck" / "params")
     with pytest.raises(CheckpointError, match=r"ck/params is missing; the checkpoint is incomplete"):
         load_params(tmp_path / "ck")
+    (tmp_path / "ck" / "params").write_text("x")
+    with pytest.raises(CheckpointError, match=r"ck/params is a file, not the parameter tree's directory; "
+                                              r"the checkpoint is incomplete"):
+        load_params(tmp_path / "ck")
 
 
 @pytest.mark.slow

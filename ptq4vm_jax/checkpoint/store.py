@@ -310,7 +310,8 @@ def restore_tree(path: str | os.PathLike, abstract: Mapping[str, Any],
     tree_path = os.path.join(os.path.abspath(os.fspath(path)), TREE_DIR)
     redo = "the checkpoint is incomplete or corrupt: re-create it"
     if not os.path.isdir(tree_path):
-        raise CheckpointError(f"{tree_path} is missing; {redo}")
+        what = "is a file, not the parameter tree's directory" if os.path.exists(tree_path) else "is missing"
+        raise CheckpointError(f"{tree_path} {what}; {redo}")
     if not os.path.isfile(os.path.join(tree_path, "_METADATA")):
         raise CheckpointError(f"{tree_path}/_METADATA (the parameter tree's layout) is missing; {redo}")
     try:
