@@ -20,7 +20,7 @@ from ptq4vm_jax.cli.evaluation import DTYPES, cmd_eval
 from ptq4vm_jax.cli.paths import kept_blocks, resume_hint, user_path
 from ptq4vm_jax.cli.quantize import cmd_quantize
 from ptq4vm_jax.cli.report import cmd_report
-from ptq4vm_jax.cli.signals import Terminated, sigterm_as_interrupt
+from ptq4vm_jax.cli.signals import Terminated, stop_on_signals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ptq4vm {args.command}: warning: {for_the_command_line(message)}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings(), sigterm_as_interrupt():
+        with warnings.catch_warnings(), stop_on_signals():
             warnings.showwarning = one_line
             args.func(args)
     except UsageError as e:
