@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq4vm_jax.api_checks import check_params, check_rules, model_for_qparams
+from ptq4vm_jax.api_checks import check_eval_images, check_params, check_rules, model_for_qparams
 from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
 from ptq4vm_jax.errors import ArgumentWarning
@@ -87,6 +87,11 @@ def quantize_params(
     ``calib_ds``: an array of preprocessed images (N, H, W, C), an iterable of batches (arrays or
     dicts with "image"), a ``tfds.data_source`` or a grain dataset. Arrays and iterables give their
     first ``config.num_calib`` images, random-access sources a fixed random sample (seed 0).
+    Integer (uint8) images are taken for raw ImageNet pixels and get the official evaluation
+    transform (``ptq4vm_jax.data.imagenet_eval_preprocess``: resize, center crop, ImageNet
+    mean/std); normalise them yourself for a model trained otherwise (the bundled digits models).
+    ``model_overrides``: the model's sizes, stored with the result, and the runtime choices
+    (``models.RUNTIME_CHOICES``: ``scan``, ``dtype``) calibration runs with, not stored.
     ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
     with exactly the uninterrupted result.
     """
@@ -242,6 +247,7 @@ def quantized_apply(
                                       "fast path here)", argument="gemm"), stacklevel=2)
     program = qparams.config.program
     check_mode(mode, program)
+    check_eval_images(model, images)
     if _interceptors_active():  # theirs must see this forward's modules: trace it afresh, inline
         return _quantized_forward(model, program, mode, gemm, qparams.params, qparams.qlayers, images)
     return _forward(model, program, mode, gemm)(qparams.params, qparams.qlayers, images)

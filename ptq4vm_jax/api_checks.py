@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ptq4vm_jax.checkpoint import nonfinite_report, tree_mismatches
+from ptq4vm_jax.errors import ArgumentWarning
 from ptq4vm_jax.models import canonical_name, model_family, param_shapes
 from ptq4vm_jax.ops.scan import check_scan_backend
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantRule, deciding_rule, path_str
@@ -106,3 +109,20 @@ def model_for_qparams(model: nn.Module | str | None, qparams: Any, scan: str | N
     if scan is not None:
         model = model.clone(cfg=dataclasses.replace(model.cfg, scan=check_scan_backend(scan)))
     return model
+
+
+def check_eval_images(model: nn.Module, images: Any) -> None:
+    """The model's own image checks, run before the compiled forward, where they see values:
+    NaN/inf pixels are refused (quantization would turn them into ordinary codes and confident
+    logits), and a batch with no negative value, which looks like raw pixels rather than
+    normalised images, is warned about, as calibration does."""
+    model.check_images(images)
+    try:
+        raw = bool(jnp.min(images) >= 0)
+    except jax.errors.ConcretizationTypeError:  # inside a caller's jit: values unknown
+        return
+    if raw:
+        warnings.warn(ArgumentWarning(
+            f"every pixel value is >= 0 (max {float(jnp.max(images)):.3g}): these look like raw pixels "
+            "(0..1 or 0..255), not normalised images; normalise them as the model was trained (ImageNet: "
+            "ptq4vm_jax.data.imagenet_eval_preprocess)", argument="images"), stacklevel=3)

@@ -13,6 +13,7 @@ import pytest
 
 import ptq4vm_jax as pq
 from ptq4vm_jax.data import load_digits_dataset
+from ptq4vm_jax.errors import ArgumentWarning
 from ptq4vm_jax.quant.layer import capture_dense_inputs
 
 ASSET = Path(pq.__file__).parent / "assets" / "vim_micro"
@@ -70,3 +71,32 @@ def test_a_callers_interceptor_sees_the_modules_and_is_not_kept(two_calibrations
     assert seen == {}  # the interceptor did not stay in a compiled program
     np.testing.assert_array_equal(again, compiled)
     np.testing.assert_allclose(inside, compiled, rtol=1e-5, atol=1e-5 * np.abs(compiled).max())
+
+
+def test_images_are_checked_before_the_compiled_forward(two_calibrations):
+    """The compiled forward cannot see values, so ``quantized_apply`` checks them first: NaN/inf
+    pixels would become ordinary codes and confident logits; raw pixels are warned about; labels
+    and a wrong channel count are named."""
+    (qp, _), images = two_calibrations
+    model = qp.model()
+    broken = np.array(images)
+    broken[1, 4, 4, 0] = np.inf
+    with pytest.raises(ValueError, match=r"image\(s\) #\[1\] of the batch hold NaN/inf pixels"):
+        pq.quantized_apply(model, qp, broken)
+    with pytest.raises(ValueError, match="A 1-D array looks like labels"):
+        pq.quantized_apply(model, qp, np.arange(3.0))
+    with pytest.raises(ValueError, match="They have 1 channels and the model takes 3"):
+        pq.quantized_apply(model, qp, np.asarray(images)[..., :1])
+    with pytest.warns(ArgumentWarning, match="these look like raw pixels"):
+        pq.quantized_apply(model, qp, np.abs(np.asarray(images)) * 255)
+    jitted = jax.jit(lambda x: pq.quantized_apply(model, qp, x))(images)  # inside jit: no value checks
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(pq.quantized_apply(model, qp, images)))
+
+
+def test_a_quantized_params_prints_what_it_is_and_is_not_saved_as_float(two_calibrations, tmp_path):
+    (qp, _), _ = two_calibrations
+    assert repr(qp) == "QuantizedParams(vim_micro: rtn W8A8, 24 quantized linears, calibrated in " \
+                       f"{qp.summary['calibration_seconds']:.1f} s)"
+    with pytest.raises(TypeError, match="a QuantizedParams is saved with save_quantized"):
+        pq.save_params(tmp_path / "x", qp, model_name="vim_micro")
+    assert not (tmp_path / "x").exists()

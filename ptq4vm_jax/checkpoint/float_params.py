@@ -21,6 +21,7 @@ from ptq4vm_jax.checkpoint.store import (
 )
 from ptq4vm_jax.errors import CheckpointError
 from ptq4vm_jax.models import canonical_name
+from ptq4vm_jax.quant.params import QuantizedParams
 
 # 1: no per-array digests; 2: ``array_sha256`` in the sealed metadata, verified at load.
 FLOAT_FORMAT_VERSION = 2
@@ -32,6 +33,8 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any], *, model_nam
                 overwrite: bool = True) -> dict[str, Any]:
     """Save float params of ``create_model(model_name, **model_overrides)``; returns the metadata."""
     name, overrides = canonical_name(model_name), dict(model_overrides or {})
+    if isinstance(params, QuantizedParams):
+        raise TypeError("save_params saves float params; a QuantizedParams is saved with save_quantized")
     params = jax.tree.map(np.asarray, dict(params))
     problems = tree_mismatches(params, abstract_params(name, **overrides))
     if problems:

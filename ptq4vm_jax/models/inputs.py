@@ -22,6 +22,10 @@ def check_images(images: jax.Array, want: tuple[int, int, int], arch: str) -> No
             hint = "They look channels-first (NCHW): transpose to NHWC, e.g. x.transpose(0, 2, 3, 1)."
         elif len(shape) == 3 and shape == want:
             hint = "That is one image: add a batch axis, e.g. x[None]."
+        elif len(shape) == 1:
+            hint = "A 1-D array looks like labels, not images."
+        elif len(shape) == 4 and shape[1:3] == want[:2]:
+            hint = f"They have {shape[3]} channels and the model takes {want[2]}."
         else:
             hint = (f"Resize/crop to {size}px (see ptq4vm_jax.data.imagenet_eval_preprocess) or "
                     "build the model with img_size=...")

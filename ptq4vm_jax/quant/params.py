@@ -65,6 +65,13 @@ class QuantizedParams:
     def summary(self) -> dict:
         return json.loads(self.info)
 
+    def __repr__(self) -> str:  # what it is, not every array (a notebook would print megabytes)
+        c, seconds = self.config, self.summary.get("calibration_seconds")
+        sizes = f", {dict(self.model_overrides)}" if self.model_overrides else ""
+        took = f", calibrated in {seconds:.1f} s" if seconds is not None else ""
+        return (f"QuantizedParams({self.model_name}{sizes}: {c.method} W{c.w_bits}A{c.a_bits}, "
+                f"{len(flatten_layers(self.qlayers))} quantized linears{took})")
+
 
 # ----------------------------------------------------------------------------- layer trees
 
