@@ -83,7 +83,7 @@ def readme_commands() -> list[str]:
 
 
 def test_experiments_readme_commands_parse():
-    """The prepared calls a GPU session copies from experiments/README.md: each script's own
+    """The prepared GPU calls experiments/README.md gives to copy: each script's own
     parser takes them, and ``STEPS`` names steps device_check.sh has."""
     commands = readme_commands()
     assert len(commands) >= 5, commands
