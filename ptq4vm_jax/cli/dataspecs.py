@@ -32,8 +32,8 @@ def data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> 
         if not name or not split:
             raise UsageError(f"{flag} {spec!r}: expected tfds:NAME:SPLIT, e.g. "
                              "tfds:imagenet2012:validation")
-        if data_dir is not None and not Path(data_dir).expanduser().is_dir() and "://" not in data_dir:
-            what = "is a file" if Path(data_dir).expanduser().exists() else "does not exist"
+        if data_dir is not None and not Path(data_dir).is_dir() and "://" not in data_dir:
+            what = "is a file" if Path(data_dir).exists() else "does not exist"
             raise UsageError(f"--data-dir {data_dir} {what}; give the directory that holds the prepared "
                              "tfds datasets (e.g. ~/tensorflow_datasets)")
         import tensorflow_datasets as tfds

@@ -14,7 +14,8 @@ from ptq4vm_jax.dirs import foreign_files, nearest_existing, probe_writable
 
 def user_path(text: str) -> str:
     """A path argument with a leading ``~`` expanded, once, at parsing: the shell leaves it
-    unexpanded in ``--out=~/x``, and the checks and the writers must all see the same path."""
+    unexpanded in ``--out=~/x``, and the checks and the writers must all see the same path
+    (so the commands and their checks take paths as parsed and expand nothing themselves)."""
     return os.path.expanduser(text)
 
 
@@ -27,9 +28,9 @@ def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str
     the model is known."""
     from ptq4vm_jax.checkpoint import check_replaceable, read_metadata
 
-    target = Path(out).expanduser().resolve()
+    target = Path(out).resolve()
     for flag, path in inputs.items():
-        if path and Path(path).expanduser().resolve() == target:
+        if path and Path(path).resolve() == target:
             raise UsageError(f"--out {out} is the same path as {flag}: writing the result would "
                              f"destroy {flag}; choose another --out")
     if target.exists() and not target.is_dir():
@@ -65,14 +66,14 @@ def check_resume(resume: str | None, paths: dict[str, str | None]) -> None:
     if Path(resume).is_symlink() and not Path(resume).exists():
         raise UsageError(f"--resume {resume} is a broken symlink (to {os.readlink(resume)}); give a "
                          "directory, or make the link's target first")
-    where = Path(resume).expanduser().resolve()
+    where = Path(resume).resolve()
     if where.exists() and not where.is_dir():
         raise UsageError(f"--resume {resume} is a file; give a directory for the resume state")
     if (where / "metadata.json").exists():
         raise UsageError(f"--resume {resume} is a checkpoint directory; give the resume state a "
                          "directory of its own")
     for flag, path in paths.items():
-        if path and where.is_relative_to(Path(path).expanduser().resolve()):
+        if path and where.is_relative_to(Path(path).resolve()):
             raise UsageError(f"--resume {resume} lies inside {flag} {path}; give the resume state a "
                              "directory of its own")
     shown = foreign_files(where, RESUME_FILES)

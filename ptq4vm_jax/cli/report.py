@@ -54,7 +54,7 @@ def check_quantized(quantized: str) -> dict[str, Any]:
     parent directory, float params or any other directory are named as what they are."""
     from ptq4vm_jax.checkpoint import FLOAT_FORMAT, QUANT_FORMAT
 
-    where = Path(quantized).expanduser()
+    where = Path(quantized)
     if not where.exists():
         raise UsageError(f"--quantized {quantized} does not exist; give {WHERE_FROM}")
     if not where.is_dir():
@@ -82,11 +82,11 @@ def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
     can be written is tried without leaving anything behind."""
     from ptq4vm_jax.report import NUMBERS, REPORT_FORMAT, report_files
 
-    target = Path(out).expanduser().resolve()  # resolved: a symlink or ".." must not hide an input
+    target = Path(out).resolve()  # resolved: a symlink or ".." must not hide an input
     for flag, path in inputs.items():
         if not path:
             continue
-        given = Path(path).expanduser().resolve()
+        given = Path(path).resolve()
         if target == given or target.is_relative_to(given):
             how = "the same path as" if target == given else "inside"
             raise UsageError(f"--out {out} is {how} {flag} {path}: the report must not write into its "
