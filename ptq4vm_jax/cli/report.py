@@ -116,7 +116,8 @@ def check_report_out(out: str, inputs: dict[str, str | None]) -> list[str]:
 
 def publish(staging: Path, out: Path, previous: list[str], files: list[str]) -> None:
     """Move a finished report's ``files`` from ``staging`` into ``out``, replacing the earlier
-    report's files (``previous``); other files in ``out`` stay."""
+    report's files (``previous``); other files in ``out`` stay. ``out`` is made here, and only here."""
+    out.mkdir(parents=True, exist_ok=True)
     for name in set(previous) - set(files):
         (out / name).unlink(missing_ok=True)
     for name in files:
@@ -193,9 +194,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     if previous:
         print(f"note: --out {args.out} holds an earlier report; its {len(previous)} files are replaced "
               "once the new one is complete", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    # Made beside --out and moved in whole: an interrupted or failed run leaves the earlier report.
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    # Made beside --out (beside its nearest existing parent while --out is new) and moved in whole:
+    # an interrupted or failed run leaves the earlier report, and no new directories.
+    staging = nearest_existing(out.parent) / f".{out.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
         report = make_report(qp, staging, layers=args.layers, float_params=params, float_source=float_source,

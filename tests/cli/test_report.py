@@ -245,7 +245,7 @@ def test_a_figure_is_laid_out_and_drawn_once_as_matplotlib_would_save_it(tmp_pat
 
 def test_an_interrupted_or_failed_report_leaves_the_earlier_one(tmp_path, capsys, monkeypatch):
     """The new report is made beside --out and moved in whole, so a Ctrl-C or an error in the
-    middle leaves the earlier report as it was and nothing of the new one."""
+    middle leaves the earlier report as it was and nothing of the new one, not even its directory."""
     import ptq4vm_jax.report
 
     out = tmp_path / "rep"
@@ -268,6 +268,9 @@ def test_an_interrupted_or_failed_report_leaves_the_earlier_one(tmp_path, capsys
         assert {p.name: p.read_text() for p in out.iterdir()} == earlier
         assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"], "a staging directory was left"
     assert "replaced once the new one is complete" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # a new --out, and its parent, are made only at the end
+        main(["report", "--quantized", str(W8), "--out", str(tmp_path / "new" / "rep")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"], "new directories were left"
 
 
 def test_report_out_through_a_symlink_into_an_input_is_refused(tmp_path, capsys):
