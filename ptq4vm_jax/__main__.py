@@ -1,6 +1,6 @@
 """``python -m ptq4vm_jax``: the ``ptq4vm`` command."""
 
-from ptq4vm_jax.cli.main import main
+from ptq4vm_jax.cli.main import run
 
 if __name__ == "__main__":
-    main()
+    run()

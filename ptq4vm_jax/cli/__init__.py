@@ -7,6 +7,6 @@
 """
 
 from ptq4vm_jax.cli.demo import ASSETS
-from ptq4vm_jax.cli.main import build_parser, main
+from ptq4vm_jax.cli.main import build_parser, main, run
 
-__all__ = ["ASSETS", "build_parser", "main"]
+__all__ = ["ASSETS", "build_parser", "main", "run"]

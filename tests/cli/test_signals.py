@@ -1,9 +1,12 @@
 """``stop_on_signals``: Ctrl-C and SIGTERM stop a command even when they land where Python
-drops exceptions (a garbage-collector callback, which jax registers; a weakref callback)."""
+drops exceptions (a garbage-collector callback, which jax registers; a weakref callback); ``run``:
+an interrupted command's process ends at once."""
 
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
 import weakref
 
@@ -68,3 +71,35 @@ def test_outside_a_callback_the_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
             raise AssertionError("SIGTERM did not stop the block")
+
+
+_RUN = """
+import importlib, sys, threading, time
+cli = importlib.import_module("ptq4vm_jax.cli.main")
+
+def command():
+    threading.Thread(target=time.sleep, args=(60,)).start()  # XLA's compile thread, say
+    print("started")  # buffered: stdout is a pipe
+    raise SystemExit(int(sys.argv[1]))
+
+cli.main = command
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_an_interrupted_command_leaves_without_waiting_for_background_work(code):
+    """Interrupted, ``run`` ends the process at once with its output flushed: tearing the
+    interpreter down under a thread XLA is still compiling on crashes it. (The interpreter's own
+    exit would wait the thread's 60 s; other exits take that path, as ``python -m ... --version``
+    in test_cli shows.)"""
+    start = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (stdout stays buffered)
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(code)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (code, "started\n")
+    assert time.monotonic() - start < 40
