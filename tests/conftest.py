@@ -165,6 +165,22 @@ _OWN_CACHE = _start_compilation_cache()
 _FAST_CODEGEN_INSTALLED = _install_fast_codegen()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files made during the tests, by this process or those it starts, go under
+    pytest's own directory, which pytest prunes, not into the machine's: tfds's mock data, for
+    one, makes a temporary directory per dataset it looks up and leaves it."""
+    where = str(tmp_path_factory.mktemp("tempfile"))
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = where, where
+    yield
+    tempfile.tempdir = before[0]
+    if before[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[1]
+
+
 @pytest.fixture(scope="session")
 def init_params():
     """``init_params(model, seed)``: the params ``model.init`` draws from ``jax.random.key(seed)``,
