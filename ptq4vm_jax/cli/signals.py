@@ -28,8 +28,9 @@ def stop_on_signals() -> Iterator[None]:
     garbage-collector callback (jax registers one), a weakref callback or a ``__del__`` is
     dropped with an "Exception ignored" line: the command would run on. Such a dropped stop
     reaches ``sys.unraisablehook``, which here sends the signal again a moment later, once that
-    callback has returned. The previous handlers and hook are restored after. Only the main
-    thread can set handlers; elsewhere the block runs unchanged."""
+    callback has returned. The previous handlers and hook are restored after, and a hook installed
+    inside the block that still calls this one (Orbax's quieting of late reads) reaches the
+    previous hook only. Only the main thread can set handlers; elsewhere the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -38,10 +39,12 @@ def stop_on_signals() -> Iterator[None]:
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     previous_hook = sys.unraisablehook
+    inside = [True]  # a hook installed inside the block may keep calling ``dropped`` after it
 
     def dropped(unraisable: Any) -> None:
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            signum = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+        kind = unraisable.exc_type
+        if inside[0] and kind is not None and issubclass(kind, KeyboardInterrupt):
+            signum = signal.SIGTERM if issubclass(kind, Terminated) else signal.SIGINT
             threading.Timer(_RETRY_SECONDS, os.kill, (os.getpid(), signum)).start()
             return
         previous_hook(unraisable)
@@ -51,6 +54,7 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        inside[0] = False
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         if sys.unraisablehook is dropped:  # (a hook installed inside the block stays)

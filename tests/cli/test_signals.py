@@ -103,3 +103,19 @@ def test_an_interrupted_command_leaves_without_waiting_for_background_work(code)
         proc.kill()
     assert (proc.returncode, out) == (code, "started\n")
     assert time.monotonic() - start < 40
+
+
+def test_a_hook_installed_inside_the_block_sends_no_signal_after_it(monkeypatch):
+    """A hook set inside the block that wraps ours and stays (as Orbax's quieting of late reads
+    does after a failed read) must not re-send a dropped Ctrl-C once the command has ended."""
+    sent, seen = [], []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    with stop_on_signals():
+        ours = sys.unraisablehook
+        monkeypatch.setattr(sys, "unraisablehook", lambda u: ours(u))  # wraps ours, and stays
+    dropped = type("Unraisable", (), {"exc_type": KeyboardInterrupt, "exc_value": KeyboardInterrupt(),
+                                      "object": None})()
+    sys.unraisablehook(dropped)
+    time.sleep(0.2)  # (longer than the re-send's delay)
+    assert sent == [] and seen == [KeyboardInterrupt]
