@@ -121,7 +121,7 @@ def time_call(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int, inner: i
 
 def n_input_sets(set_bytes: float) -> int:
     """Distinct input sets that together overflow L2 where 4 can (2..4: each set is compiled into
-    the timed program, and compile time is what a one-call GPU session runs short of)."""
+    the timed program, and compile time is what a short GPU loan runs short of)."""
     return int(min(4, max(2, math.ceil(2 * L2_BYTES / max(set_bytes, 1)))))
 
 
@@ -180,7 +180,7 @@ def run_row(cfg: RunConfig, section: str, shape: str, variant: str, body: Callab
     else:
         try:
             row = body()
-        except Exception as err:  # one GPU session must still report every other row
+        except Exception as err:  # one GPU call must still report every other row
             traceback.print_exc()
             row = Row(section, shape, variant, None, check=f"ERROR {type(err).__name__}: {str(err)[:80]}")
     cfg.emit(row)

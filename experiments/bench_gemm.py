@@ -250,8 +250,8 @@ def sweep_wgmma_row(cfg: RunConfig, shape: str, config: WgmmaConfig, sets: list[
 
 def sweep_wgmma_rows(cfg: RunConfig) -> list[Row]:
     """The wgmma GEMM's tile configs (Hopper; a small one per schedule in the interpreter) at
-    Vim-B's ``--sweep-layers`` (in_proj, the issue's target, by default), batch 256, beside XLA's
-    bf16 and s8 dots timed in the same run."""
+    Vim-B's ``--sweep-layers`` (by default in_proj, the layer of the GEMM target in BENCHMARKS.md),
+    batch 256, beside XLA's bf16 and s8 dots timed in the same run."""
     if not (cfg.interpret or is_hopper()):
         return []
     batch, model = (1, "smoke") if cfg.interpret else (256, "vim_b")

@@ -7,7 +7,7 @@ one markdown table.
 
 Sections:
   mixer  the mixer core of one Vim block (from the in_proj output x, z and each direction's x_proj
-         outputs to SiLU(z)·(y_f + y_b)/2), bf16: the pre-issue path (XLA conv + SiLU per
+         outputs to SiLU(z)·(y_f + y_b)/2), bf16: the baseline path (XLA conv + SiLU per
          direction on flipped copies, XLA dt_proj, two Pallas scans, flips, gate and average;
          ``vim_mixer_ref(scan="pallas")``), the fused kernel fed XLA's dt_proj output
          (``MixerConfig.dt_on_chip=False``), the fused kernel given x and z as two arrays (XLA
@@ -37,7 +37,7 @@ Sections:
          needs them (fp32, at ``--mixer-shapes`` or Vim-T batch 256): ``vim_mixer`` (its VJP) vs
          jax.grad through the per-direction path with the Pallas trainable scans, checked against
          jax.grad through the reference.
-  e2e-mixer  images/s end to end, bf16: the pre-issue forward (``scan="pallas"``: a Pallas scan
+  e2e-mixer  images/s end to end, bf16: the baseline forward (``scan="pallas"``: a Pallas scan
          per direction), the fused forward (``scan="fused"``) and W8A8 integer inference through
          the fused kernels (``gemm="mixed"`` on Hopper, "auto" elsewhere; RTN scales). Vim by
          default; VMamba with ``--e2e-models vmamba_tiny:64`` (its fused cross-scan).
@@ -137,7 +137,7 @@ def mixer_variants(interpret: bool) -> dict[str, Callable]:
         return ys[0] + ys[1]
 
     return {
-        "unfused (pre-issue): XLA glue + 2 Pallas scans": functools.partial(vim_mixer_ref, scan="pallas",
+        "unfused (baseline): XLA glue + 2 Pallas scans": functools.partial(vim_mixer_ref, scan="pallas",
                                                                             packed=True),
         "fused kernel, XLA dt_proj": fused_xla_dt,
         "fused kernel, x and z copied out of in_proj's output": fused_halves,
@@ -463,7 +463,7 @@ def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
 
     forwards = {}
     if "bf16-unfused" in variants:
-        forwards[f"{model_name} bf16, a Pallas scan per direction (pre-issue)"] = functools.partial(
+        forwards[f"{model_name} bf16, a Pallas scan per direction (baseline)"] = functools.partial(
             float_fwd, "pallas", params)
     if "bf16-fused" in variants:
         forwards[f"{model_name} bf16, fused kernels"] = functools.partial(float_fwd, "fused", params)

@@ -58,8 +58,7 @@ NORM_SWEEP: tuple[NormConfig, ...] = tuple(NormConfig(rows, warps) for rows, war
 
 
 def default_norm_config(d: int) -> NormConfig:
-    """About 4096 elements per four-warp program (32 per thread): 16 rows at D = 192, 4 at 768.
-    Not yet swept on a GPU."""
+    """About 4096 elements per four-warp program (32 per thread): 16 rows at D = 192, 4 at 768."""
     return NormConfig(max(1, 4096 // pl.next_power_of_2(d)), 4)
 
 

@@ -307,7 +307,7 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
 
 def default_gemm_config(m: int, k: int, n: int, w_bits: int = 8) -> GemmConfig:
     """Tiles for an (m, k) x (k, n) problem: 128 x 128 x 64 with 4 warps, smaller where the
-    problem is; the fastest of the tile sweep on Hopper (BENCHMARKS.md), wide N tiles the slowest."""
+    problem is: the tile sweep's choice (BENCHMARKS.md)."""
     k_eff = k // 2 if is_packed(w_bits) else k
     block_n = _pow2_at_least(n, 16, 128)
     block_m = _pow2_at_least(m, 16, 128)

@@ -5,8 +5,8 @@ codes ``q - c`` (``c = 2^(a_bits-1)``) from :func:`~pallas_kernels.qmatmul.quant
 times the int8 weight, summed exactly in int32, the zero point restored with the weight column
 sums, then ``(f32(acc) * a_scale[l]) * w_scale[n] + bias[n]`` with ``l = row mod L``.
 
-Why a second kernel: the Triton backend cannot issue Hopper's asynchronous warpgroup MMA, and
-stays far below the int8 peak there (BENCHMARKS.md). This one feeds ``wgmma`` from shared
+Why a second kernel: the Triton backend cannot issue Hopper's asynchronous warpgroup MMA, so
+it cannot approach the int8 peak there. This one feeds ``wgmma`` from shared
 memory filled by TMA through a multi-stage ``plgpu.emit_pipeline`` over K.
 
 Two schedules hide the epilogue (dequantization in registers, TMA store) behind MMA work. By
@@ -117,8 +117,8 @@ def _largest_tile(dim: int, candidates: tuple[int, ...]) -> int:
 
 
 def default_wgmma_config(m: int, k: int, n: int) -> WgmmaConfig:
-    """128 x 128 tiles, K tiles of 64 bytes, 4 stages (96 KB of SMEM: two CTAs per SM): the
-    fastest of ``WGMMA_SWEEP`` (BENCHMARKS.md); 64-column N tiles where N requires them."""
+    """128 x 128 tiles, K tiles of 64 bytes, 4 stages (96 KB of SMEM: two CTAs per SM): ``WGMMA_SWEEP``'s
+    choice (BENCHMARKS.md); 64-column N tiles where N requires them."""
     _check_shape(m, k, n)
     del m
     tile_n = _largest_tile(n, (128, 64))
@@ -145,8 +145,7 @@ WGMMA_SWEEP: tuple[WgmmaConfig, ...] = (
 
 def smem_bytes(cfg: WgmmaConfig, out_itemsize: int) -> int:
     """Shared memory of one CTA: pipeline buffers, output tile(s), epilogue vectors and Mosaic's
-    reserve; a slight over-estimate (235 008 bytes where Mosaic GPU's own check counted 234 536
-    for ``WgmmaConfig(64, 256, 128, 4)`` with f32 output)."""
+    reserve; a slight over-estimate of Mosaic GPU's own count, so a config it passes fits."""
     pipeline = cfg.stages * (cfg.tile_m + cfg.tile_n) * cfg.tile_k
     vectors = 4 * (2 * cfg.tile_m + 3 * cfg.tile_n)
     return pipeline + _buffers(cfg) * (cfg.tile_m * cfg.tile_n * out_itemsize + vectors) + 2048
@@ -474,8 +473,8 @@ def qmatmul_wgmma_codes(
     """``qmatmul_codes_wgmma`` for any K and N, on int8 codes a producer quantized with the layer's
     input quantizer: the weight dense, transposed and zero-padded to multiples of 64 in K and N.
     Zero weight rows add nothing to the sums (whatever the padded codes hold) nor to the column
-    sums; padded output columns are cut. The weight preparation is part of the traced graph: a
-    few MB per layer, against the activations' tens of MB."""
+    sums; padded output columns are cut. The weight preparation is part of the traced graph,
+    small beside the activations."""
     w_q, w_bits = _check_codes(codes, layer)
     k, n = codes.shape[-1], layer.out_features
     kp, np_ = _padded(k), _padded(n)

@@ -38,8 +38,7 @@ class TokenLoopConfig:
     hide memory latency in the latency-bound token loop, whose loads do not depend on the state:
     ``unroll`` tokens per loop trip with their loads issued together, and ``prefetch`` (software
     pipelining: the next trip's loads are issued before this trip's updates and carried through
-    the loop). The defaults (4, on) were the fastest loop at every scan shape timed
-    (BENCHMARKS.md)."""
+    the loop). The defaults (4, on) are the scan sweep's choice (BENCHMARKS.md)."""
 
     block_e: int = 32
     num_warps: int = 2
@@ -99,8 +98,8 @@ def default_scan_config(batch: int, e: int, n_state: int, *, channel_major: bool
     unroll 4 + prefetch, exp2 decays. With fewer channels its one-warp programs leave the GPU
     half idle and the tile layout (with exp2) wins. One state (VMamba, N = 1): the tile layout,
     up to 512 state elements per program (32 channels x 16 states, 512 x 1), halved down to 16
-    channels while fewer than MIN_PROGRAMS programs would run; exp2 stays off there (it was not
-    faster at N = 1). ``channel_major`` forces a layout (None: by N and size as above)."""
+    channels while fewer than MIN_PROGRAMS programs would run; exp2 stays off there (the
+    sweep's choice at N = 1). ``channel_major`` forces a layout (None: by N and size as above)."""
     if channel_major is None:
         channel_major = n_state > 1 and batch * e >= CHANNEL_MAJOR_MIN_CHANNELS
     if channel_major:

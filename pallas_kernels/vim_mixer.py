@@ -86,7 +86,7 @@ MIXER_SWEEP: tuple[MixerConfig, ...] = (
 def default_mixer_config(batch: int, e: int) -> MixerConfig:
     """The scan forward's channel-major tiles (64 channels per one-warp program, unroll 4 +
     prefetch), halved to 32 channels below CHANNEL_MAJOR_MIN_CHANNELS batch x E channels so that
-    small batches still start enough programs. Not yet swept on a GPU for the fused kernel."""
+    small batches still start enough programs."""
     return MixerConfig(64 if batch * e >= CHANNEL_MAJOR_MIN_CHANNELS else 32, 1, 2)
 
 

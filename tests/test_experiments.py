@@ -210,7 +210,7 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
 
 def test_device_check_mixer_end_to_end_rows_run_in_the_interpreter(capsys):
     """The ``mixer`` step's first section, end to end (vim_nano at batch 1 in the interpreter):
-    the pre-issue bf16 forward, the fused one and W8A8 integer inference through the fused
+    the baseline bf16 forward, the fused one and W8A8 integer inference through the fused
     kernels (RTN scales) each run, and the last two agree with the first on top-1."""
     bench = load_script("bench_mixer")
     assert bench.main(["--interpret", "--sections", "e2e-mixer"]) == 0

@@ -13,9 +13,10 @@ from ptq4vm_jax.cli.table import table
 
 ASSETS = Path(__file__).parents[1] / "assets"  # the bundled micro models (float params)
 
-# The Vim demo recipe: the official step count (~100 Adam steps per block) in mini-batches of 32
-# so it fits a few CPU minutes, and learning rates 1e-4 (the official VMamba ones) because the
-# micro model's activation steps are ~10x smaller than ImageNet Vim's, where 5e-4/1e-2 overshoot.
+# The Vim demo recipe: the official step count (about 100 Adam steps per block) in mini-batches
+# of 32 so that it runs in minutes on a CPU, and learning rates 1e-4 (the official VMamba ones)
+# because the micro model's activation steps are an order of magnitude smaller than ImageNet
+# Vim's, where 5e-4/1e-2 overshoot.
 DEMO_RECIPE = dict(train_batch=32, epochs=12, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4)
 
 

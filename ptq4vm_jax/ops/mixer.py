@@ -27,8 +27,8 @@ INTERPRETER_CONFIG = MixerConfig(64, 1, 2, unroll=1, prefetch=False)
 
 def mixer_backend(scan: str) -> str:
     """What Vim's mixer core runs for the model's scan backend: "fused" (the kernel) only when
-    asked for by name, since no GPU run has yet measured it against the per-direction scans
-    ("auto" stays on those); else the scan backend the per-direction ops use."""
+    asked for by name ("auto" keeps the per-direction scans; BENCHMARKS.md compares the two);
+    else the scan backend the per-direction ops use."""
     if check_scan_backend(scan) == "fused":
         return "fused"
     return resolve_scan_backend(scan)

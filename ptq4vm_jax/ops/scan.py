@@ -26,7 +26,7 @@ def selective_scan_ref(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Arra
     Shapes: ``u, delta, z`` (B, L, E); ``A`` (E, N); ``B, C`` (B, L, N); ``D, delta_bias`` (E,).
     The state (B, E, N) is carried in fp32 by ``lax.scan``; the forward builds no (B, L, E, N)
     tensor (its gradient keeps every state, for a reverse scan written out by hand: jax's own
-    transpose of the loop is about twice as slow on a CPU). ``reverse=True`` runs from the last
+    transpose of the loop is slower on a CPU). ``reverse=True`` runs from the last
     token to the first (outputs stay at their own positions) without flipped copies. (Vim's
     backward branch flips its input instead: its conv and per-token activation scales live in
     flipped order.)
@@ -82,7 +82,7 @@ def _recurrence(dt: jax.Array, u: jax.Array, b: jax.Array, c: jax.Array, A: jax.
     """y_t = <h_t, c_t>, h_t = exp(dt_t A) h_{t-1} + dt_t u_t b_t, over time-major fp32 inputs.
 
     Differentiated by a hand-written reverse scan (:func:`_recurrence_bwd`) instead of by
-    transposing the forward loop: the same sums, in about half the time on a CPU, where
+    transposing the forward loop: the same sums, faster on a CPU, where
     calibration spends most of each learning step in this backward pass.
     """
     return _scan_steps(dt, u, b, c, A, reverse, keep_states=False)

@@ -44,8 +44,8 @@ def smoothing_scale(act_absmax: jax.Array, kernel: jax.Array, alpha: float | jax
 
 
 def _abs_pow(e: jax.Array, p: jax.Array) -> jax.Array:
-    """|e|^p for p > 0 as exp(p·log|e|) (0 at e = 0): XLA's CPU ``pow`` is several times slower
-    than ``exp`` and ``log`` together, and the grid searches evaluate it once per element and
+    """|e|^p for p > 0 as exp(p·log|e|) (0 at e = 0): XLA's CPU ``pow`` is slower than ``exp``
+    and ``log`` together, and the grid searches evaluate it once per element and
     candidate. The two differ by float32 ulps."""
     return jnp.exp(p * jnp.log(jnp.abs(e)))
 
@@ -155,8 +155,8 @@ def init_act_scale(
     from both ends. ``grid="official"`` uses a = i/n_grid, i = 1..n_grid as the released code
     (full range never tried; a >= 0.5 gives degenerate steps of 1e-8); ``"fixed"`` uses
     a = 0, 1/n_grid, ... < 0.5. The winner is then widened to contain 0 (docs/method.md §5.1).
-    Matches the released code to ~2e-7 relative (XLA's division, exp·log for ``pow`` and mean
-    differ by ulps).
+    Matches the released code to float32 rounding (XLA's division, exp·log for ``pow`` and
+    mean differ by ulps).
     Returns ``a_scale`` (L,) float32 and ``a_zero`` (L,) int32.
     """
     qmax = act_qmax(bits)
