@@ -198,6 +198,21 @@ def init_params():
     return init
 
 
+@pytest.fixture
+def fresh_programs():
+    """Compiled calibration programs are shared by every config with the same program (learning
+    rates are not part of it), and jax keeps what it traced; a test that patches what they trace
+    (a spy, a poisoned update) traces its own and leaves none behind for later calibrations."""
+    from ptq4vm_jax.calibrate import jlss
+
+    compiled = jlss._compiled  # (the test may replace the module attribute by a spy)
+    compiled.cache_clear()
+    jax.clear_caches()
+    yield
+    compiled.cache_clear()
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def host_devices_env():
     """``env(n, base=None)``: the environment (``base``, else this process's) for a Python

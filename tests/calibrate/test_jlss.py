@@ -27,18 +27,6 @@ from ptq4vm_jax.trees import get_path, set_path
 MODEL = "vim_nano"  # 2 blocks, 17 tokens
 
 
-@pytest.fixture
-def fresh_programs():
-    """Compiled calibration programs are shared by every config with the same program; a test
-    that patches what they trace (a spy, a poisoned update) traces its own and leaves none behind."""
-    compiled = jlss._compiled  # (the test may replace the module attribute by a spy)
-    compiled.cache_clear()
-    jax.clear_caches()
-    yield
-    compiled.cache_clear()
-    jax.clear_caches()
-
-
 def layers_of(qp):
     """{path: {array name: array}} of every quantized layer."""
     return {p: to_arrays(layer) for p, layer in quantized_layers(qp).items()}

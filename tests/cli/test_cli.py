@@ -90,7 +90,8 @@ def test_errors_are_explained(converted, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsys, monkeypatch):
+def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsys, monkeypatch,
+                                                                 fresh_programs):
     """Learning that diverges (updates that poison the scales; step 1's loss is NaN): the block
     and step are named in one line with the resume hint, and no checkpoint is written."""
     import jax
@@ -99,7 +100,7 @@ def test_nan_during_calibration_is_one_line_with_the_resume_hint(tmp_path, capsy
 
     monkeypatch.setattr(jlss.optax, "apply_updates",
                         lambda params, updates: jax.tree.map(lambda a: a * jax.numpy.nan, params))
-    with pytest.raises(SystemExit) as e:  # (--lr-s of its own: no training step is reused)
+    with pytest.raises(SystemExit) as e:
         main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
               "--train-batch", "8", "--epochs", "2", "--lr-s", "0.0321", "--keep-learned",
               "--resume", str(tmp_path / "resume"), "--out", str(tmp_path / "q")])
