@@ -46,7 +46,7 @@ class NormConfig:
     block_rows: int = 4
     num_warps: int = 4
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.block_rows < 1 or self.block_rows & (self.block_rows - 1):
             raise ValueError(f"NormConfig.block_rows must be a power of two, got {self.block_rows}")
 

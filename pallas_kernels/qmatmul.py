@@ -294,7 +294,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 32)):
             v = getattr(self, name)
             if v < least or v & (v - 1):

@@ -95,7 +95,7 @@ class WgmmaConfig:
     warpgroup: bool = False
     persistent: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n", "tile_k"):
             v = getattr(self, name)
             if v < 64 or v % 64:
@@ -341,8 +341,8 @@ def qmatmul_codes_wgmma(
     ``out_dtype`` defaults to bf16 here, float32 there).
 
     ``codes`` (B, L, K) int8 from ``quantize_activations``; K and N multiples of 64. ``w_t``
-    (N, K) int8 = :func:`prepare_weight_wgmma` of the layer, made here when not given (then the
-    layer's ``w_int`` is not read); ``colsum`` (N,) int32 = ``weight_colsum`` of the same weight
+    (N, K) int8 = :func:`prepare_weight_wgmma` of the layer (given, the layer's ``w_int`` is not
+    read), made here when not given; ``colsum`` (N,) int32 = ``weight_colsum`` of the same weight
     (computed here when not given). Output (B, L, N) ``out_dtype``; ``out_dtype=jnp.int32``
     returns the exact accumulator ``sum_k (q - z) w`` instead (no scales, no bias), for tests.
     ``interpret=True`` runs jax's Mosaic GPU interpreter on the CPU (slow; small shapes only) with

@@ -46,7 +46,7 @@ class TokenLoopConfig:
     unroll: int = 4
     prefetch: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         name = type(self).__name__
         if self.block_e < 1 or self.block_e & (self.block_e - 1):
             raise ValueError(f"{name}.block_e must be a power of two, got {self.block_e}")

@@ -236,10 +236,10 @@ def calibrate_blockwise(
     resume: ResumeStore | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> tuple[dict[Path, dict], list[StageReport]]:
+) -> tuple[dict[Path, TrainLinear], list[StageReport]]:
     """Returns the train-form state of every quantized layer (absolute paths) and a report."""
     chunk = cfg.train_batch
-    layers: dict[Path, dict] = {}
+    layers: dict[Path, TrainLinear] = {}
     reports: list[StageReport] = []
     start = 0
     if resume is not None and resume.exists():

@@ -36,9 +36,9 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
     then left out by ``main``."""
     import jax
 
-    from ptq4vm_jax.quant.integer import HOPPER_ONLY
+    from ptq4vm_jax.quant.integer import PALLAS_GEMMS
 
-    if args.mode == "int" and args.gemm in ("pallas", *HOPPER_ONLY) and jax.default_backend() != "gpu":
+    if args.mode == "int" and args.gemm in PALLAS_GEMMS and jax.default_backend() != "gpu":
         print(f"ptq4vm eval: warning: --gemm {args.gemm} off the GPU runs its kernel in the Pallas "
               "interpreter: exact but slow, meant for testing (--gemm auto or xla is the fast path here)",
               file=sys.stderr)

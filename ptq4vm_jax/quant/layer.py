@@ -164,7 +164,7 @@ def integer_operands(x: jax.Array, layer: QuantizedLinear) -> LinearOperands:
     return LinearOperands(centred, w, layer.a_scale, layer.w_scale, layer.bias)
 
 
-def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: str = "fake") -> jax.Array:
+def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method) -> jax.Array:
     """The quantized linear forward, differentiated as the float linear ``x @ kernel + bias``.
 
     What the released Vim code does for x_proj/dt_proj (docs/method.md §6.4): they run quantized inside a
@@ -173,7 +173,7 @@ def qlinear_float_backward(x: jax.Array, layer: TrainLinear, cfg: Method, mode: 
     exactly (``stop_gradient(y_q) + (y_fp - stop_gradient(y_fp))`` adds an exact zero); the
     layer's own scales get no gradient.
     """
-    y_q = qlinear(x, layer, cfg, mode)
+    y_q = qlinear(x, layer, cfg, "fake")
     y_fp = jnp.einsum("...k,kn->...n", x, layer.kernel.astype(x.dtype),
                       precision=jax.lax.Precision.HIGHEST)
     if layer.bias is not None:
@@ -231,7 +231,7 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
                 and not cfg.dynamic_activations:
             return integer_operands(args[0], layer)  # the same in both modes: int == fake
         if path in float_backward:
-            return qlinear_float_backward(args[0], layer, cfg, mode)
+            return qlinear_float_backward(args[0], layer, cfg)
         return qlinear(args[0], layer, cfg, mode, gemm)
 
     with nn.intercept_methods(interceptor):
