@@ -29,6 +29,7 @@ from ptq4vm_jax.models.local_vim import LocalVisionMamba
 from ptq4vm_jax.models.local_vmamba import LocalVMamba, block_orders
 from ptq4vm_jax.models.vim import VisionMamba
 from ptq4vm_jax.models.vmamba import VMamba
+from ptq4vm_jax.ops.cross_scan import grid_orders
 from ptq4vm_jax.progress import progress_bar
 from ptq4vm_jax.quant.config import path_str
 from ptq4vm_jax.quant.init import minmax_weight_scale
@@ -37,7 +38,7 @@ from ptq4vm_jax.quant.params import Path, QuantizedParams, flatten_layers
 from ptq4vm_jax.quant.quantizers import act_qmax
 from ptq4vm_jax.trees import get_path
 
-# VMamba's cross-scan directions (``models.vmamba.cross_scan``), by the suffix of x_proj_k / dt_proj_k.
+# VMamba's cross-scan directions (``ops.cross_scan.grid_orders``), by the suffix of x_proj_k / dt_proj_k.
 VMAMBA_DIRECTIONS = ("row-major", "column-major", "reversed row-major", "reversed column-major")
 _DIRECTION_SUFFIX = re.compile(r"^(?P<base>.+?)_(?P<dir>b|\d+)$")
 
@@ -90,16 +91,11 @@ def token_order(model: nn.Module, path: Path, length: int) -> TokenOrder:
     if isinstance(model, VMamba) and path[0].startswith("layers_"):
         h, w = model.cfg.stage_hw[int(path[0].split("_")[1])]
         if length == h * w:
-            rows, cols = np.divmod(np.arange(h * w), w)
             k = 0
             m = _DIRECTION_SUFFIX.match(name)
             if m and m["base"] in ("x_proj", "dt_proj") and m["dir"].isdigit():
                 k = int(m["dir"]) % len(VMAMBA_DIRECTIONS)
-            if k % 2:  # column-major: index l is cell (l mod h, l div h)
-                cols, rows = np.divmod(np.arange(h * w), h)
-            cell = np.stack([rows, cols], axis=1).astype(np.int64)
-            if k >= 2:
-                cell = cell[::-1].copy()
+            cell = np.stack(np.divmod(grid_orders(h, w)[k], w), axis=1).astype(np.int64)  # (row, col)
             return TokenOrder(VMAMBA_DIRECTIONS[k], cell, None, (h, w))
     if isinstance(model, LocalVisionMamba) and path[0].startswith("layers_"):
         return _local_vim_order(model, path, length)
