@@ -14,10 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptq4vm_jax.api_checks import check_eval_images, check_params, check_rules, model_for_qparams
 from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
+from ptq4vm_jax.data import calibration_images
 from ptq4vm_jax.errors import ArgumentWarning
 from ptq4vm_jax.models import (
     RUNTIME_CHOICES,
@@ -95,8 +97,6 @@ def quantize_params(
     ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
     with exactly the uninterrupted result.
     """
-    from ptq4vm_jax.data import calibration_images
-
     if isinstance(model, nn.Module):
         raise TypeError(f"quantize_params takes the model's name (model='vim_tiny', with model_overrides="
                         f"{{...}} for a resized one), not a {type(model).__name__} module: the name and "
@@ -175,8 +175,6 @@ def _spread_over_devices(images: jax.Array, train_batch: int, log: Callable[[str
     if train_batch % n:
         log(f"train_batch {train_batch} is not a multiple of the {n} local devices: calibrating on one")
         return images
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     return jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
 

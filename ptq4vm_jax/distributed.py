@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ def lockstep(batches: Iterable[tuple[Any, ...]], image_shape: tuple[int, ...]) -
     A data-parallel call spans every process, so all of them must make the same number of calls
     even when their shares differ by a batch. One tiny all-gather per batch keeps them in step.
     """
-    from jax.experimental import multihost_utils
-
     it = iter(batches)
     while True:
         batch = next(it, None)
