@@ -9,7 +9,6 @@ round trip. Untrained weights: this checks mechanics, not accuracy. Both layers 
 directions, so one compiled calibration program serves both blocks.
 """
 
-import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,16 +51,6 @@ def micro():
     return SimpleNamespace(params=params, model=model, calib=images[:16], test=images[16:18])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """XLA without its optimisation passes: these tiny programs compile several times faster
-    (the int == fake test turns the optimisations back on)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 # JLSS learns the weight steps; σ and the activation steps keep their PTS initialisation (learning
 # rates 1e-30 move no float32 value), so the scan-order test can recompute them from the inputs.
 RECIPE = dict(num_calib=16, train_batch=8, epochs=1, lr_s=1e-30, lr_a=1e-30)
@@ -96,9 +85,10 @@ def test_every_projection_of_each_direction_is_quantized_and_calibrated_blockwis
     assert names == {f"layers_{i}/mixer/{n}" for i in range(2) for n in per_layer}
     stages = w4a8.summary["stages"]
     assert [s["name"] for s in stages] == ["layers_0", "layers_1"]  # JLSS, block by block
-    for s in stages:
-        assert np.isfinite(s["loss_init"]) and s["loss_learned"] is not None
-        assert s["loss_final"] <= s["loss_init"]
+    for s in stages:  # learning lowers each block's loss and is kept (revert_worse keeps the
+        # start whenever it does not, so a final loss no worse than the start proves nothing)
+        assert np.isfinite(s["loss_init"]) and s["loss_learned"] < s["loss_init"] and not s["reverted"], s
+        assert s["loss_final"] == s["loss_learned"]
     # a window that does not divide the 5x5 grid pads it: a scale per position of the padded sequence
     lengths = {p[-1]: to_arrays(q)["a_scale"].shape[0] for p, q in quantized_layers(w4a8).items()
                if p[0] == "layers_0"}
@@ -106,26 +96,18 @@ def test_every_projection_of_each_direction_is_quantized_and_calibrated_blockwis
                                                          for k, n in enumerate((25, 36, 25, 64))}}
 
 
-@contextlib.contextmanager
-def default_xla():
-    """XLA's default optimisations, as a user runs: with fusion, each out_proj's dequantisation
-    is fused into the next block's RoPE, whose products LLVM contracts into FMAs; int == fake
-    must survive that, not only the unoptimised programs of the module's other tests."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
-
-
+@pytest.mark.xla_optimized
 def test_int_mode_equals_fake_mode_and_tracks_float(micro, w4a8, float_run):
+    """Under XLA's default optimisations, as a user runs (with fusion, each out_proj's
+    dequantisation is fused into the next block's RoPE, whose products LLVM contracts into
+    FMAs), integer mode equals fake mode bit for bit on the CPU's XLA integer path, and W4A8
+    stays within a tenth of the largest float logit (modest headroom over this checkpoint's
+    error, so a broken scale or order fails it)."""
     x = jnp.asarray(micro.test)
-    with default_xla():
-        fake, real = (np.asarray(quantized_apply(micro.model, w4a8, x, mode=m)) for m in ("fake", "int"))
-    np.testing.assert_array_equal(fake, real)  # the CPU's XLA integer path: bit for bit
+    fake, real = (np.asarray(quantized_apply(micro.model, w4a8, x, mode=m)) for m in ("fake", "int"))
+    np.testing.assert_array_equal(fake, real)
     ref = float_run.test_logits
-    assert 0 < np.abs(fake - ref).max() <= 0.2 * np.abs(ref).max()
+    assert 0 < np.abs(fake - ref).max() <= 0.1 * np.abs(ref).max()
 
 
 def test_orbax_round_trip_is_bit_exact(w4a8, tmp_path):
@@ -207,6 +189,7 @@ def test_cli_converts_quantizes_like_the_api_and_evaluates(w4a8, tmp_path, capsy
     assert "top-1" in capsys.readouterr().out.lower()
 
 
+@pytest.mark.xla_optimized
 def test_middle_class_token_variant_at_w8a8_through_the_cli(tmp_path):
     """An untrained one-layer LocalVim with the middle class token (4x4 grid, class token at
     sequence position 8 of every direction, w3 padding its grid to 6x6), W8A8 PTS init through
@@ -235,8 +218,7 @@ def test_middle_class_token_variant_at_w8a8_through_the_cli(tmp_path):
     assert lengths == {"in_proj": 17, "out_proj": 17, **{f"{p}_{k}": n for p in ("x_proj", "dt_proj")
                                                          for k, n in enumerate((17, 17, 37, 17))}}
     x = jnp.asarray(images[8:10])
-    with default_xla():
-        fake, real = (np.asarray(quantized_apply(None, qp, x, mode=m)) for m in ("fake", "int"))
+    fake, real = (np.asarray(quantized_apply(None, qp, x, mode=m)) for m in ("fake", "int"))
     np.testing.assert_array_equal(fake, real)
     order = token_order(model, ("layers_0", "mixer", "x_proj_1"), 17)  # v_flip, class token at 8
     assert order.class_index == 8 and order.direction == "reversed column-major (v_flip)"

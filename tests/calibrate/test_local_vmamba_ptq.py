@@ -210,16 +210,19 @@ def test_report_profiles_each_direction_in_its_padded_scan_order(micro, tmp_path
 
 
 def test_w4a8_with_jlss_through_the_api_learns_and_int_equals_fake(micro):
-    """W4A8 PTQ4VM through ``quantize_params`` (JLSS: one epoch of two mini-batches per block, all
-    three scale families learning): learning ran and kept a block loss no worse than the PTS
-    start, 4-bit weights are stored, and integer mode equals fake mode bit for bit."""
+    """W4A8 PTQ4VM through ``quantize_params`` (JLSS: eight epochs of two mini-batches per block
+    at the LocalVMamba recipe's learning rates, all three scale families learning): learning
+    lowers the block loss below the PTS start and is kept (``revert_worse`` keeps the start
+    whenever it does not, so a final loss no worse than the start holds by construction),
+    4-bit weights are stored, and integer mode equals fake mode bit for bit."""
     model, params, images, _ = micro
-    config = QuantConfig(4, 8, num_calib=16, train_batch=8, epochs=1)
+    config = QuantConfig(4, 8, num_calib=16, train_batch=8, epochs=8)
     qp = quantize_params(params, images, model=MODEL, model_overrides=OVERRIDES, config=config,
                          progress=False)
     (stage,) = qp.summary["stages"]
-    assert stage["name"] == "layers_0/blocks_0" and stage["loss_learned"] is not None
-    assert np.isfinite(stage["loss_init"]) and stage["loss_final"] <= stage["loss_init"]
+    assert stage["name"] == "layers_0/blocks_0" and np.isfinite(stage["loss_init"])
+    assert stage["loss_learned"] < stage["loss_init"] and not stage["reverted"], stage
+    assert stage["loss_final"] == stage["loss_learned"]
     layers = {p[-1]: q for p, q in quantized_layers(qp).items()}
     assert {q.w_bits for q in layers.values()} == {4} and {q.a_bits for q in layers.values()} == {8}
     x = jnp.asarray(load_digits_dataset("test", image_size=32)[0][:8])
