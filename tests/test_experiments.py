@@ -17,6 +17,13 @@ pytestmark = pytest.mark.slow  # benchmark rows end to end in the interpreters
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def error_line(err: str) -> str:
+    """The one line argparse's ``error()`` writes (``prog: error: message``). The usage text above
+    it names every flag, so a flag found anywhere in stderr says nothing about what was refused."""
+    (line,) = [line for line in err.splitlines() if ": error: " in line]
+    return line
+
+
 def load_script(name: str) -> ModuleType:
     """An ``experiments/`` script as a module (the folder is not a package)."""
     if name in sys.modules:
@@ -104,23 +111,27 @@ def test_experiments_readme_commands_parse():
 @pytest.mark.parametrize("script", ["bench_kernels", "bench_gemm", "bench_scan", "bench_e2e"])
 def test_bench_parsers_reject_typos_before_compiling(script, capsys):
     bench = load_script(script)
-    cases = {"bench_gemm": [(["--gemm-shapes", "vim_x:256"], "--gemm-shapes"),
-                            (["--gemm-variants", "wgmma-1pass"], "--gemm-variants")],
-             "bench_scan": [(["--scan-shapes", "vmamba-stage9:64"], "--scan-shapes")],
-             "bench_e2e": [(["--e2e-models", "vim_smal:256"], "vim_small"),
-                           (["--e2e-variants", "bf16-tile-scan"], "--e2e-variants")]}
+    cases = {"bench_gemm": [(["--gemm-shapes", "vim_x:256"], "vim_x"),
+                            (["--gemm-variants", "wgmma-1pass"], "'wgmma-1pass'")],
+             "bench_scan": [(["--scan-shapes", "vmamba-stage9:64"], "'vmamba-stage9'")],
+             "bench_e2e": [(["--e2e-models", "vim_smal:256"], "did you mean 'vim_small'"),
+                           (["--e2e-variants", "bf16-tile-scan"], "'bf16-tile-scan'")]}
     cases["bench_kernels"] = [case for group in cases.values() for case in group]
-    for argv, flag in [*cases[script], (["--sections", "gemm", "e2e-x"], "--sections")]:
+    # a typo after a section the script has (its first)
+    sections = (["--sections", next(iter(bench.SECTIONS)), "e2e-x"], "'e2e-x'")
+    for argv, says in [*cases[script], sections]:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
-        assert flag in capsys.readouterr().err
+        line = error_line(capsys.readouterr().err)
+        assert argv[0] in line and says in line, line
 
 
 def test_bench_calibration_rejects_typos(capsys):
     calib = load_script("bench_calibration")
     with pytest.raises(SystemExit):
         calib.parse_args(["--model", "vim_tinny"])
-    assert "did you mean 'vim_tiny'" in capsys.readouterr().err
+    line = error_line(capsys.readouterr().err)
+    assert "--model" in line and "did you mean 'vim_tiny'" in line, line
 
 
 def test_device_check_kernel_and_e2e_rows_run_in_the_interpreter(capsys):
@@ -153,7 +164,8 @@ def test_wgmma_sweep_runs_both_schedules_in_the_interpreter(capsys):
     assert bench.parse_args(["--sweep-layers", "out_proj"]).sweep_layers == ["out_proj"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--sweep-layers", "x_proj"])  # K, N not multiples of 64
-    assert "--sweep-layers" in capsys.readouterr().err
+    line = error_line(capsys.readouterr().err)
+    assert "--sweep-layers" in line and "'x_proj'" in line, line
     argv = ["--interpret", "--sections", "sweep-wgmma", "--sweep-layers", "in_proj", "out_proj"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
@@ -182,12 +194,13 @@ def test_device_check_mixer_rows_run_in_the_interpreter(capsys):
     encode); its end-to-end section is the next test's. Typos in its options fail before
     anything compiles."""
     bench = load_script("bench_mixer")
-    for argv, flag in ((["--mixer-shapes", "vim_x:256"], "--mixer-shapes"),
-                       (["--e2e-models", "local_vim_tiny:64"], "not a Vim or VMamba model"),
-                       (["--e2e-variants", "bf16-fusedd"], "--e2e-variants")):
+    for argv, says in ((["--mixer-shapes", "vim_x:256"], "'vim_x'"),
+                       (["--e2e-models", "local_vim_tiny:64"], "local_vim_tiny is not a Vim or VMamba model"),
+                       (["--e2e-variants", "bf16-fusedd"], "'bf16-fusedd'")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
-        assert flag in capsys.readouterr().err
+        line = error_line(capsys.readouterr().err)
+        assert argv[0] in line and says in line, line
     words = device_check_steps()["mixer"]
     args = without(words[2:], "--mixer-shapes", "--e2e-models", "--budget-s", "--quick", "--sections")
     assert "e2e-mixer" in words
