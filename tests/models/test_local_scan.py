@@ -87,6 +87,8 @@ def test_unknown_direction_names_are_refused(bad):
 def test_parse_direction_fields():
     d = parse_direction("w7_flip")
     assert (d.kind, d.window, d.flip) == ("w", 7, True)
-    assert parse_direction("v") == parse_direction("v")
+    for name, fields in (("v", ("v", 0, False)), ("h_flip", ("h", 0, True)), ("w2", ("w", 2, False))):
+        d = parse_direction(name)
+        assert (d.name, d.kind, d.window, d.flip) == (name, *fields)
     with pytest.raises(ValueError, match="grid h must be a positive int"):
         scan_order("h", 0, 3)
