@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ptq4vm_jax", "convert", "pallas_kernels")
 LEAVES = ("convert", "pallas_kernels")
@@ -185,3 +187,24 @@ def test_import_convert_loads_no_jax() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "", f"import convert loaded {out.stdout.strip()}"
+
+
+def test_the_packages_export_their_names_lazily() -> None:
+    """``ptq4vm_jax`` and ``ptq4vm_jax.cli`` load no jax on import (the console command holds
+    Ctrl-C before jax loads), and every public name they list resolves to its module's object."""
+    code = ("import sys, ptq4vm_jax, ptq4vm_jax.cli, ptq4vm_jax.cli.entry; "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import importlib
+
+    for package in ("ptq4vm_jax", "ptq4vm_jax.cli"):
+        module = importlib.import_module(package)
+        assert sorted(module.__all__) == sorted(module._EXPORTS)
+        for name, home in module._EXPORTS.items():
+            assert getattr(module, name) is getattr(importlib.import_module(home), name)
+    import ptq4vm_jax
+
+    assert ptq4vm_jax.api is importlib.import_module("ptq4vm_jax.api")  # submodules as attributes
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        ptq4vm_jax.no_such_name  # noqa: B018

@@ -21,7 +21,7 @@ import pytest
 from ptq4vm_jax import create_model, load_torch_checkpoint
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
 from ptq4vm_jax.checkpoint.quantized import load_quantized, save_quantized
-from ptq4vm_jax.cli.main import main as cli
+from ptq4vm_jax.cli.app import main as cli
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.models import param_shapes
 from ptq4vm_jax.quant import init as qinit

@@ -16,7 +16,7 @@ import pytest
 from ptq4vm_jax import create_model, load_quantized, quantize_params, save_quantized
 from ptq4vm_jax.api import quantized_apply, quantized_layers
 from ptq4vm_jax.checkpoint import abstract_params, save_params
-from ptq4vm_jax.cli.main import main
+from ptq4vm_jax.cli.app import main
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig

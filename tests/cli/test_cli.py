@@ -623,7 +623,7 @@ def test_python_dash_m_runs_the_command():
 def test_ctrl_c_while_starting_up_is_one_line_and_130(capsys, monkeypatch):
     import importlib
 
-    cli_main = importlib.import_module("ptq4vm_jax.cli.main")  # the module (the package exports main)
+    cli_main = importlib.import_module("ptq4vm_jax.cli.app")  # the parser and dispatch
 
     def importing(*args, **kwargs):  # Ctrl-C while the parser's imports still load jax
         raise KeyboardInterrupt

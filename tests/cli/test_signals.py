@@ -75,15 +75,16 @@ def test_outside_a_callback_the_signal_stops_at_once():
 
 _RUN = """
 import importlib, sys, threading, time
-cli = importlib.import_module("ptq4vm_jax.cli.main")
+app = importlib.import_module("ptq4vm_jax.cli.app")
+entry = importlib.import_module("ptq4vm_jax.cli.entry")
 
 def command():
     threading.Thread(target=time.sleep, args=(60,)).start()  # XLA's compile thread, say
     print("started")  # buffered: stdout is a pipe
     raise SystemExit(int(sys.argv[1]))
 
-cli.main = command
-cli.run()
+app.main = command
+entry.run()
 """
 
 
@@ -119,3 +120,36 @@ def test_a_hook_installed_inside_the_block_sends_no_signal_after_it(monkeypatch)
     sys.unraisablehook(dropped)
     time.sleep(0.2)  # (longer than the re-send's delay)
     assert sent == [] and seen == [KeyboardInterrupt]
+
+
+_LOADING = """
+import gc, importlib.abc, os, signal, sys, time
+import ptq4vm_jax.cli.entry as entry
+
+class SlowLoad(importlib.abc.MetaPathFinder):  # Ctrl-C while the library loads
+    def find_spec(self, name, path, target=None):
+        if name == "ptq4vm_jax.cli.app":
+            if sys.argv[1] == "gc":  # where jax's garbage-collector callback drops the exception
+                def callback(phase, info):
+                    gc.callbacks.remove(callback)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)
+                gc.callbacks.append(callback)
+                gc.collect()
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(20)
+            print("ran on")
+        return None
+
+sys.meta_path.insert(0, SlowLoad())
+entry.run()
+"""
+
+
+@pytest.mark.parametrize("where", ["import", "gc"])
+def test_ctrl_c_while_the_library_loads_is_one_line(where):
+    """The console command holds Ctrl-C before it loads the library: one line and 130, never a
+    traceback, and never lost in a garbage-collector callback (the command would run on)."""
+    proc = subprocess.run([sys.executable, "-c", _LOADING, where], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "ptq4vm: interrupted\n")

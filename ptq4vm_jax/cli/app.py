@@ -8,7 +8,6 @@ Ctrl-C and 143 for SIGTERM. ``PTQ4VM_DEBUG=1`` shows the tracebacks instead.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -226,22 +225,3 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         raise SystemExit(1) from None
 
-
-def run() -> None:
-    """The ``ptq4vm`` console command: ``main``, and an interrupted command leaves at once.
-
-    Ctrl-C can land while XLA compiles on one of its worker threads (jax waits for a compile
-    interruptibly). Tearing the interpreter down under that thread crashes the process with a
-    segmentation fault after the "interrupted" line. By the time ``main`` exits with 130 or 143 the
-    command's own clean-up has run as the interrupt unwound, so the process ends without the
-    interpreter's teardown: streams and log handlers are flushed, and nothing else is pending.
-    """
-    try:
-        main()
-    except SystemExit as e:
-        if e.code in (130, 143):
-            logging.shutdown()
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os._exit(e.code)
-        raise
