@@ -1,5 +1,6 @@
 """ptq4vm_jax.dirs: the directory checks made before long work, and the resume store's use of them."""
 
+import errno
 from pathlib import Path
 
 import jax
@@ -35,8 +36,11 @@ def test_probe_writable_tries_without_leaving_anything(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         probe_writable(tmp_path / "f" / "sub")
-    with pytest.raises(OSError):
-        probe_writable(Path("/proc/ptq4vm_no/dir"))  # (a kernel file system: nothing can be made)
+    # A kernel file system, where nothing can be made: the probe's directory, made in the nearest
+    # existing ancestor (/proc), is refused as the system refuses it.
+    with pytest.raises(FileNotFoundError, match=r"No such file or directory: '/proc/[^/]+'$") as e:
+        probe_writable(Path("/proc/ptq4vm_no/dir"))
+    assert e.value.errno == errno.ENOENT and Path(e.value.filename).parent == Path("/proc")
 
 
 def test_resume_store_refuses_a_foreign_or_unusable_directory(tmp_path):

@@ -196,10 +196,11 @@ def test_calibration_runs_through_the_fused_kernels(init_params, monkeypatch):
                               revert_worse=False)
         logits = {}
         for scan in ("pallas", "fused"):
+            calls.clear()  # after the loop: what this method's fused calibration ran, alone
             qp = pq.quantize_params(params, images, model="vim_nano", config=qcfg, progress=False,
                                     log=lambda _: None, model_overrides={"scan": scan})
             logits[scan] = np.asarray(pq.quantized_apply(ref_model, qp, x))
-        assert calls, "the fused kernels did not run"
+        assert calls, f"{method}: the fused kernels did not run"
         assert rel(logits["fused"], logits["pallas"]) <= bound, method
         assert rel(logits["pallas"], float_logits) > 1e-1, method  # W4A8: far from float
     # The whole model through the fused kernels, W4A8 as calibrated: integer inference (codes from
