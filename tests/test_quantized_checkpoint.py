@@ -61,11 +61,16 @@ def test_round_trip_gives_bit_identical_outputs(qparams, model_params_images, tm
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # integer == fake holds under the compiler users run
 def test_int_mode_matches_fake_mode(qparams, model_params_images):
     model, _, images = model_params_images
     fake = np.asarray(quantized_apply(model, qparams, images, mode="fake"))
     real = np.asarray(quantized_apply(model, qparams, images, mode="int"))
-    assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()
+    assert np.abs(fake - real).max() <= 1e-3 * np.abs(fake).max()  # any device
+    if jax.default_backend() == "cpu":
+        # The CPU's XLA path sums the same integers and scales them in the simulation's order:
+        # bit for bit there (GPU epilogues may fuse an FMA).
+        np.testing.assert_array_equal(fake, real)
 
 
 @pytest.mark.slow

@@ -320,8 +320,12 @@ def w4a8_logits(trained, w4a8):
 def test_fake_and_int_modes_agree_on_the_test_split(trained, w4a8):
     fake = logits_of(trained, w4a8[0])  # both under this test's compiler, not a shared fixture's
     integer = logits_of(trained, w4a8[0], "int")
-    assert np.abs(integer - fake).max() <= 1e-3 * np.abs(fake).max()
+    assert np.abs(integer - fake).max() <= 1e-3 * np.abs(fake).max()  # any device
     assert (integer.argmax(-1) == fake.argmax(-1)).all()
+    if jax.default_backend() == "cpu":
+        # The CPU's XLA path sums the same integers and scales them in the simulation's order:
+        # bit for bit there (GPU epilogues may fuse an FMA).
+        np.testing.assert_array_equal(integer, fake)
 
 
 def test_w8a8_matches_float(trained):
