@@ -61,8 +61,9 @@ def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, pts, bits):
 
 @pytest.mark.xla_optimized
 def test_bf16_int_mode_error_is_small(micro, pts):
-    """The speed variant: projections fed bf16 activations; its error is measured, not hidden
-    (README, "Integer mode")."""
+    """The speed variant: projections fed bf16 activations; its error is measured, not hidden.
+    It holds to what the README states for it (README, "Status"): the fp32 fake mode's class on
+    every test image, and the maximum logit error it gives, to the precision printed there."""
     test_x = micro[2]
     qp = pts((8, 8))
     fake = np.asarray(pq.quantized_apply(None, qp, test_x, mode="fake"))
@@ -71,7 +72,7 @@ def test_bf16_int_mode_error_is_small(micro, pts):
     rel = np.abs(fake - real).max() / np.abs(fake).max()
     agree = np.mean(fake.argmax(-1) == real.argmax(-1))
     print(f"bf16 int mode vs fp32 fake: max rel error {rel:.2e}, agreement {100 * agree:.2f}%")
-    assert 0 < rel < 1e-1 and agree >= 0.99
+    assert 0 < rel <= 6e-2 and agree == 1.0
 
 
 # ----------------------------------------------------------------------------- GEMM backends
@@ -183,7 +184,7 @@ def test_gemm_backend_choice_and_bad_names(tiny64):
         pq.quantized_apply(None, tiny64, jnp.zeros((1, 32, 32, 3)), mode="int", gemm="tc")
 
 
-def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch):
+def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypatch, fresh_forwards):
     """Every backend runs what ``gemm`` names, and all agree. ``quantized_apply`` compiles one
     program per GEMM, so each call below traces its own after the others ran: the GEMM is the
     argument passed, fixed at trace time, not a context read while tracing. in_proj takes its
@@ -216,7 +217,7 @@ def test_quantized_apply_gemm_backends_agree_through_the_model(tiny64, monkeypat
         monkeypatch.setattr(integer, name, spy_triton(getattr(integer, name)))
     monkeypatch.setattr(integer, "NARROW", 64)  # embed_dim 64: in_proj and out_proj count as wide
     monkeypatch.setattr(qmatmul_hopper, "qmatmul_codes_wgmma", spy_codes)
-    pq.api._forward.cache_clear()  # the spies count traces: no forward traced before them may be reused
+    # (fresh_forwards: the spies count traces, so no forward traced before them may be reused)
     images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32))
     logits = {}
     for g in BACKENDS:

@@ -31,15 +31,6 @@ MANIFEST = json.loads((DATA / "manifest.json").read_text())
 CASES = {c["name"]: c for c in MANIFEST["cases"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """XLA without its optimisation passes: these tiny programs compile several times faster."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_logits_match_the_official_model(name):
     case = CASES[name]
