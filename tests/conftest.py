@@ -213,6 +213,18 @@ def fresh_programs():
     jax.clear_caches()
 
 
+@pytest.fixture
+def fresh_forwards():
+    """``quantized_apply`` keeps a compiled forward per (model, program, mode, gemm); a test that
+    patches what a forward traces (a faked platform, a spy, a narrower GEMM threshold) traces its
+    own and leaves none behind for later tests to run."""
+    from ptq4vm_jax import api
+
+    api._forward.cache_clear()
+    yield
+    api._forward.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def host_devices_env():
     """``env(n, base=None)``: the environment (``base``, else this process's) for a Python

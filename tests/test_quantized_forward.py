@@ -34,15 +34,15 @@ def two_calibrations():
 @pytest.fixture
 def compiles():
     """Names of the XLA programs compiled while the test runs."""
-    names, listening = [], [True]
+    names = []
 
     def listener(event, secs, **kw):
-        if listening[0] and event.endswith("backend_compile_duration"):
+        if event.endswith("backend_compile_duration"):
             names.append(kw.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     yield names
-    listening[0] = False
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_calibrations_of_the_same_shapes_share_one_program(two_calibrations, compiles):

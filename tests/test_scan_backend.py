@@ -27,8 +27,10 @@ class _ReportsBackend:
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the scans that reach the Pallas kernel; the kernel runs as this machine can."""
+def kernel_calls(monkeypatch, fresh_forwards):
+    """Counts the scans that reach the Pallas kernel; the kernel runs as this machine can. It
+    counts traces, so ``quantized_apply`` starts without compiled forwards and keeps none traced
+    through the spy (or under a platform a test fakes)."""
     calls = []
 
     def spy(*args, _fn=scan_ops.selective_scan_pallas, **kw):

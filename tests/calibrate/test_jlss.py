@@ -339,17 +339,17 @@ def test_calibration_compiles_a_few_programs_not_one_per_small_op(setup, fresh_p
     eager initialisation and checks compiled about 140 for Vim-T, block 0 alone)."""
     _, params, images = setup
     cfg = dataclasses.replace(BASE, epochs=1)
-    compiled, listening = [], [True]
+    compiled = []
 
     def listener(event, secs, **kw):
-        if listening[0] and event.endswith("backend_compile_duration"):
+        if event.endswith("backend_compile_duration"):
             compiled.append(kw.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         quantize_params(params, images, model=MODEL, config=cfg, progress=False)
     finally:
-        listening[0] = False
+        jax.monitoring.unregister_event_duration_listener(listener)
     # vim_nano: 4 layer shapes x (init + integer weight), embed, capture, loss, step, forward,
     # optimizer init, finiteness check
     assert 0 < len(compiled) <= 24, compiled
