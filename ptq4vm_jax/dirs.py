@@ -9,6 +9,10 @@ import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
+#: What a resume directory (``calibrate.resume``) holds: one with other files and none of these
+#: is someone else's.
+RESUME_FILES = frozenset({"progress.json", "state.npz", "progress.tmp.json", "state.tmp.npz"})
+
 
 def listing(names: Iterable[str], most: int = 3) -> str:
     """The first ``most`` names in sorted order, then "..." when there are more: for messages."""

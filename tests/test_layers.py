@@ -25,6 +25,7 @@ LEAVES = ("convert", "pallas_kernels")
 # matching prefix gives a module's rank; a module no entry matches fails test_every_module_has_a_rank.
 RANKS: dict[str, int] = {
     "ptq4vm_jax.errors": 0,  # error types every layer raises
+    "ptq4vm_jax.choices": 0,  # names of the runtime choices (backends, modes), without jax
     "ptq4vm_jax.trees": 0,  # nested-dict helpers
     "ptq4vm_jax.progress": 0,  # progress bars and log lines of long loops
     "ptq4vm_jax.dirs": 0,  # checks on the directories a run writes
@@ -191,8 +192,10 @@ def test_import_convert_loads_no_jax() -> None:
 
 def test_the_packages_export_their_names_lazily() -> None:
     """``ptq4vm_jax`` and ``ptq4vm_jax.cli`` load no jax on import (the console command holds
-    Ctrl-C before jax loads), and every public name they list resolves to its module's object."""
-    code = ("import sys, ptq4vm_jax, ptq4vm_jax.cli, ptq4vm_jax.cli.entry; "
+    Ctrl-C before jax loads), nor does the parser (``ptq4vm --help`` and a mistyped flag need
+    none), and every public name the packages list resolves to its module's object."""
+    code = ("import sys, ptq4vm_jax, ptq4vm_jax.cli, ptq4vm_jax.cli.entry, ptq4vm_jax.cli.app; "
+            "ptq4vm_jax.cli.app.build_parser(); "
             "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -24,12 +24,10 @@ import jax
 import numpy as np
 
 from ptq4vm_jax.calibrate.report import StageReport
-from ptq4vm_jax.dirs import foreign_files, probe_writable
+from ptq4vm_jax.dirs import RESUME_FILES, foreign_files, probe_writable
 from ptq4vm_jax.errors import ArgumentError
 
 RESUME_VERSION = 2
-#: What a resume directory holds: one with other files and none of these is someone else's.
-RESUME_FILES = frozenset({"progress.json", "state.npz", "progress.tmp.json", "state.tmp.npz"})
 # What a damaged state.npz raises from zipfile/np.load/json/tree_unflatten: a truncated zip, a
 # garbled entry, a file that is not a zip at all, an entry or key that is missing or malformed.
 _CORRUPT = (zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError, EOFError)

@@ -25,10 +25,8 @@ from ptq4vm_jax.cli.signals import Terminated, stop_on_signals
 
 def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax import __version__
-    from ptq4vm_jax.ops.scan import SCAN_BACKENDS
+    from ptq4vm_jax.choices import GEMM_BACKENDS, MODES, SCAN_BACKENDS
     from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
-    from ptq4vm_jax.quant.integer import GEMM_BACKENDS
-    from ptq4vm_jax.quant.layer import MODES
 
     def scan_arg(sp: argparse.ArgumentParser, what: str) -> None:
         sp.add_argument("--scan", default="auto", choices=SCAN_BACKENDS,
@@ -178,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Run ``ptq4vm``; errors a user can act on print as one line."""
-    from ptq4vm_jax.calibrate.jlss import CalibrationError
+    from ptq4vm_jax.calibrate.report import CalibrationError
 
     try:
         args = build_parser().parse_args(argv)

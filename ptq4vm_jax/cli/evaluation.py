@@ -36,7 +36,7 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
     then left out by ``main``."""
     import jax
 
-    from ptq4vm_jax.quant.integer import PALLAS_GEMMS
+    from ptq4vm_jax.choices import PALLAS_GEMMS
 
     if args.mode == "int" and args.gemm in PALLAS_GEMMS and jax.default_backend() != "gpu":
         print(f"ptq4vm eval: warning: --gemm {args.gemm} off the GPU runs its kernel in the Pallas "

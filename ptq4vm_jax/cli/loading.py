@@ -8,8 +8,8 @@ import ast
 from pathlib import Path
 from typing import Any
 
+from ptq4vm_jax.choices import RUNTIME_CHOICES
 from ptq4vm_jax.cli.errors import UsageError
-from ptq4vm_jax.models import RUNTIME_CHOICES
 
 
 def warn_if_scan_interpreted(args: argparse.Namespace) -> None:

@@ -7,9 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from ptq4vm_jax.calibrate.resume import RESUME_FILES
 from ptq4vm_jax.cli.errors import UsageError
-from ptq4vm_jax.dirs import foreign_files, nearest_existing, probe_writable
+from ptq4vm_jax.dirs import RESUME_FILES, foreign_files, nearest_existing, probe_writable
 
 
 def user_path(text: str) -> str:

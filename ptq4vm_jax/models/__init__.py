@@ -1,5 +1,5 @@
+from ptq4vm_jax.choices import RUNTIME_CHOICES
 from ptq4vm_jax.models.registry import (
-    RUNTIME_CHOICES,
     blockwise,
     canonical_name,
     create_model,

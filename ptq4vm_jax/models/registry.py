@@ -204,10 +204,6 @@ def list_models() -> list[str]:
     return sorted(n for n in _REGISTRY if n not in _VIM_ALIASES.values())
 
 
-#: Model arguments that choose how a model computes, not what it is: checkpoints never store them.
-RUNTIME_CHOICES = ("dtype", "scan")
-
-
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a model by name; ``overrides`` are the official constructor's size arguments, plus
     the ``RUNTIME_CHOICES``: ``dtype`` (the projections' compute dtype) and ``scan`` (the scan

@@ -15,6 +15,7 @@ from jax import lax
 
 from pallas_kernels.selective_scan import ScanConfig
 from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
+from ptq4vm_jax.choices import SCAN_BACKENDS
 
 
 def selective_scan_ref(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -123,12 +124,6 @@ def _recurrence_bwd(reverse, res, gy):
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-#: "fused" is "pallas" plus, in a model that has them, the fused kernels around the scans (Vim's
-#: mixer and add + norm, ``ptq4vm_jax.ops.mixer`` / ``ops.norm``; VMamba's cross-scan and merge,
-#: ``ops.cross_scan``); opt-in: "auto" keeps the per-direction scans.
-SCAN_BACKENDS = ("auto", "ref", "pallas", "fused")
 
 
 def check_scan_backend(scan: str) -> str:

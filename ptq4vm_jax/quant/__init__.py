@@ -1,8 +1,5 @@
-"""Quantization math (pure functions), configuration and the quantized linear."""
-
-from pallas_kernels.qlinear import QuantizedLinear
-from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
-from ptq4vm_jax.quant.layer import TrainLinear
-from ptq4vm_jax.quant.params import QuantizedParams
-
-__all__ = ["DEFAULT_RULES", "QuantConfig", "QuantRule", "QuantizedLinear", "QuantizedParams", "TrainLinear"]
+"""Quantization math (pure functions), configuration and the quantized linear: ``quantizers``,
+``init`` (the PTS / SmoothQuant initialisation), ``config`` (``QuantConfig``, ``QuantRule``; no
+jax, so the command line reads its choices without loading it), ``integer`` (the integer GEMMs),
+``layer`` (the quantized linear and the interception that applies it) and ``params``
+(``QuantizedParams``)."""

@@ -22,25 +22,9 @@ from pallas_kernels.qmatmul import (
     qmatmul_ref,
 )
 from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, qmatmul_wgmma_codes, supports_qmatmul_wgmma
+from ptq4vm_jax.choices import GEMM_BACKENDS, HOPPER_ONLY, PALLAS_GEMMS
 from ptq4vm_jax.errors import ArgumentError
 
-#: Integer GEMM implementations of ``mode="int"`` (all give the same integer accumulators):
-#:   auto      :func:`default_gemm`: "wgmma" on Hopper, "xla" on other GPUs and elsewhere
-#:             (the Triton GEMM runs slower than XLA's dot off Hopper: BENCHMARKS.md)
-#:   xla       quantize, ``dot_general(s8, s8 -> s32)``, dequantize as XLA ops (``qmatmul_ref``)
-#:   xla-bf16  the same with the integer dot as a bf16 dot with f32 accumulation
-#:             (``qmatmul_bf16_dot``: exact, see ``bf16_dot_plan``), on any GPU's or TPU's bf16 units
-#:   pallas    the fused Triton kernel ``qmatmul`` (any GPU; interpret mode off the GPU)
-#:   wgmma     Hopper only: ``qmatmul_wgmma`` (XLA quantize + the Mosaic GPU wgmma GEMM), K and N
-#:             zero-padded to multiples of 64, which adds no term to any sum (interpret mode off
-#:             the GPU)
-#:   mixed     Hopper only: "wgmma" for the wide layers (in_proj, out_proj), "xla-bf16" for those
-#:             with K or N below ``NARROW`` (x_proj, dt_proj), too narrow to keep int8 tensor
-#:             cores busy (the padded wgmma runs them slower than XLA's bf16 dot: BENCHMARKS.md)
-GEMM_BACKENDS: tuple[str, ...] = ("auto", "xla", "xla-bf16", "pallas", "wgmma", "mixed")
-HOPPER_ONLY = ("wgmma", "mixed")
-#: Backends that run a Pallas kernel (in the interpreter off the GPU: exact, slow).
-PALLAS_GEMMS = ("pallas", *HOPPER_ONLY)
 #: A layer with K or N below this is "narrow" for ``gemm="mixed"``.
 NARROW = 128
 

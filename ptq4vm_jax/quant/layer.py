@@ -31,11 +31,10 @@ from pallas_kernels.qlinear import (
     unpack_weight,
 )
 from pallas_kernels.qmatmul import quantize_activations
+from ptq4vm_jax.choices import MODES
 from ptq4vm_jax.quant import quantizers as qz
 from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
 from ptq4vm_jax.quant.integer import check_gemm, int_linear
-
-MODES = ("fake", "int")
 
 
 @dataclasses.dataclass(frozen=True)
