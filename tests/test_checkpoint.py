@@ -274,10 +274,14 @@ def test_a_damaged_tree_gives_one_error_and_no_tracebacks(tmp_path, params):
         time.sleep(0.5)  # let late TensorStore callbacks arrive before the interpreter exits
         gc.collect()
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    # On the CPU (no accelerator lookup notices); other notices jax or absl may print are not
+    # what this checks: the tracebacks and asyncio's complaints of the reads left running are.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("refused") == 8, out.stdout
-    assert out.stderr == "", out.stderr[-2000:]
+    for leftover in ("Traceback", "never retrieved", "Event loop is closed"):
+        assert leftover not in out.stderr, out.stderr[-2000:]
 
 
 def test_only_the_refused_trees_late_failures_are_dropped(tmp_path, params, caplog):
