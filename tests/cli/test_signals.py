@@ -94,16 +94,14 @@ def test_an_interrupted_command_leaves_without_waiting_for_background_work(code)
     interpreter down under a thread XLA is still compiling on crashes it. (The interpreter's own
     exit would wait the thread's 60 s; other exits take that path, as ``python -m ... --version``
     in test_cli shows.)"""
-    start = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (stdout stays buffered)
     proc = subprocess.Popen([sys.executable, "-c", _RUN, str(code)], stdout=subprocess.PIPE, text=True,
                             env=env)
-    try:
+    try:  # (a process that waited for the thread would not end within the timeout)
         out, _ = proc.communicate(timeout=40)
     finally:
         proc.kill()
     assert (proc.returncode, out) == (code, "started\n")
-    assert time.monotonic() - start < 40
 
 
 def test_a_hook_installed_inside_the_block_sends_no_signal_after_it(monkeypatch):
