@@ -25,17 +25,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.qlinear import LinearOperands
-from pallas_kernels.selective_scan import (
-    CHANNEL_MAJOR_MIN_CHANNELS,
-    LOG2_E,
-    TokenLoopConfig,
-    _channel_tile,
-    _load,
-    _low_rank_product,
-    _store,
-    _token_loop,
-)
+from pallas_kernels.selective_scan import CHANNEL_MAJOR_MIN_CHANNELS, TokenLoopConfig
 from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
+from pallas_kernels.token_loop import (
+    LOG2_E,
+    channel_tile,
+    low_rank_product,
+    masked_load,
+    masked_store,
+    token_loop,
+)
 
 __all__ = ["CROSS_SCAN_SWEEP", "CrossScanConfig", "cross_scan_merge", "cross_scan_merge_ref",
            "default_cross_scan_config", "full_delta"]
@@ -117,11 +116,11 @@ def _kernel(*refs, names, seq, e, k_dirs, n_state, rank, cfg):
     o_ref = refs[len(names)]
     f32 = jnp.float32
     be = cfg.block_e
-    batch, e0, cols, e_ok = _channel_tile(e, be)
+    batch, e0, cols, e_ok = channel_tile(e, be)
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
 
     def vec(ref):
-        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+        return masked_load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
 
     def direction(k):
         a = [vec(r["A"].at[idx(k), idx(n), cols]) * f32(LOG2_E) for n in range(n_state)]
@@ -137,7 +136,7 @@ def _kernel(*refs, names, seq, e, k_dirs, n_state, rank, cfg):
                 return vec(r["delta"].at[idx(k), batch, i, cols])
             row = r["dt_row_scale"][idx(k), i].astype(f32) if "dt_row_scale" in r else None
             column = lambda j: r["delta"][idx(k), batch, i, idx(j)].astype(f32)
-            return _low_rank_product(column, w_rows.__getitem__, rank, row, col_scale)
+            return low_rank_product(column, w_rows.__getitem__, rank, row, col_scale)
 
         def load(i):
             t = r["orders"][idx(k), i]
@@ -161,10 +160,10 @@ def _kernel(*refs, names, seq, e, k_dirs, n_state, rank, cfg):
                 y = y + u * d
             if other is not None:
                 y = other + y
-            _store(o_ref.at[batch, t, cols], y, e_ok)
+            masked_store(o_ref.at[batch, t, cols], y, e_ok)
             return tuple(new_h)
 
-        _token_loop(seq, cfg, load, update, tuple(jnp.zeros((be,), f32) for _ in range(n_state)))
+        token_loop(seq, cfg, load, update, tuple(jnp.zeros((be,), f32) for _ in range(n_state)))
 
     for k in range(k_dirs):
         direction(k)

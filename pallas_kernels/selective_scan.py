@@ -28,6 +28,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.token_loop import (
+    LOG2_E,
+    channel_tile,
+    masked_load,
+    masked_store,
+    next_pow2,
+    token_loop,
+)
+
 __all__ = ["ScanConfig", "TokenLoopConfig", "default_scan_config", "selective_scan"]
 
 
@@ -81,11 +90,6 @@ class ScanConfig(TokenLoopConfig):
     channel_major: bool = False
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << (max(v, 1) - 1).bit_length()
-
-
-LOG2_E = 1.4426950408889634  # exp(Δ a) = exp2(Δ a log2 e): exp2 is one instruction on the GPU
 MIN_PROGRAMS = 512  # ~4 programs per SM on a 132-SM H100: the token loop is latency-bound
 CHANNEL_MAJOR_MIN_CHANNELS = 65536  # batch x E from which the channel-major layout wins (N > 1)
 
@@ -104,43 +108,11 @@ def default_scan_config(batch: int, e: int, n_state: int, *, channel_major: bool
         channel_major = n_state > 1 and batch * e >= CHANNEL_MAJOR_MIN_CHANNELS
     if channel_major:
         return ScanConfig(64, 1, 2, exp2=True, channel_major=True)
-    block_e = max(1, min(_next_pow2(e), 512 // _next_pow2(n_state)))
+    block_e = max(1, min(next_pow2(e), 512 // next_pow2(n_state)))
     while block_e > 16 and batch * -(-e // block_e) < MIN_PROGRAMS:
         block_e //= 2
-    num_warps = max(1, min(4, block_e * _next_pow2(n_state) // 256))
+    num_warps = max(1, min(4, block_e * next_pow2(n_state) // 256))
     return ScanConfig(block_e, num_warps, 2, exp2=n_state > 1)  # unroll 4 + prefetch: defaults
-
-
-def _load(ref, mask, other):
-    return ref[...] if mask is None else plt.load(ref, mask=mask, other=other)
-
-
-def _store(ref, value, mask):
-    if mask is None:
-        ref[...] = value.astype(ref.dtype)
-    else:
-        plt.store(ref, value.astype(ref.dtype), mask=mask)
-
-
-def _channel_tile(e: int, block_e: int):
-    """This program's batch element, first channel, its ``block_e`` channels as a slice, and the
-    mask of those below E (None when E fills every tile): grids are (batch, E tiles)."""
-    e0 = pl.program_id(1) * block_e
-    e_ok = None if e % block_e == 0 else e0 + lax.broadcasted_iota(jnp.int32, (block_e,), 0) < e
-    return pl.program_id(0), e0, pl.ds(e0, block_e), e_ok
-
-
-def _low_rank_product(column, weight_row, rank, row_scale=None, col_scale=None):
-    """dt_proj on chip for one token: Σ_j column(j) · weight_row(j) over the R Δ-rank columns
-    (scalars) and weight rows ((block_e,) vectors), then times the token's step and the
-    channels' steps when given (an integer layer's, in ``LinearOperands``' order)."""
-    acc = None
-    for j in range(rank):
-        term = column(j) * weight_row(j)
-        acc = term if acc is None else acc + term
-    if row_scale is not None:
-        acc = acc * row_scale
-    return acc if col_scale is None else acc * col_scale
 
 
 def _tile(a_ref, e, n_state, cfg):
@@ -149,8 +121,8 @@ def _tile(a_ref, e, n_state, cfg):
     Padded channels/states get A = 0 and u = Δ = B = C = 0 (masked loads): their state and
     every gradient through them stay 0, and they are never stored to (B, L, E) outputs.
     """
-    be, npow = cfg.block_e, _next_pow2(n_state)
-    batch, e0, _, e_ok = _channel_tile(e, be)
+    be, npow = cfg.block_e, next_pow2(n_state)
+    batch, e0, _, e_ok = channel_tile(e, be)
     n_ok = None if n_state == npow else lax.broadcasted_iota(jnp.int32, (npow,), 0) < n_state
     if e_ok is None and n_ok is None:
         a_mask = None
@@ -160,43 +132,17 @@ def _tile(a_ref, e, n_state, cfg):
         a_mask = n_ok[None, :]
     else:
         a_mask = e_ok[:, None] & n_ok[None, :]
-    a = _load(a_ref.at[pl.ds(e0, be), pl.ds(0, npow)], a_mask, jnp.float32(0.0)).astype(jnp.float32)
+    a = masked_load(a_ref.at[pl.ds(e0, be), pl.ds(0, npow)], a_mask, jnp.float32(0.0)).astype(jnp.float32)
 
     def row(ref, t):
-        return _load(ref.at[batch, t, pl.ds(e0, be)], e_ok, jnp.zeros((), ref.dtype)).astype(jnp.float32)
+        block = masked_load(ref.at[batch, t, pl.ds(e0, be)], e_ok, jnp.zeros((), ref.dtype))
+        return block.astype(jnp.float32)
 
     def state_row(ref, t):
-        return _load(ref.at[batch, t, pl.ds(0, npow)], n_ok, jnp.zeros((), ref.dtype)).astype(jnp.float32)
+        block = masked_load(ref.at[batch, t, pl.ds(0, npow)], n_ok, jnp.zeros((), ref.dtype))
+        return block.astype(jnp.float32)
 
     return batch, e0, be, e_ok, a, row, state_row
-
-
-def _token_loop(seq, cfg, load, update, h):
-    """Walk the tokens: ``load(i)`` fetches what token i needs independently of the state,
-    ``update(h, loaded)`` advances the state. ``cfg.unroll`` tokens per loop trip with their loads
-    issued first; ``cfg.prefetch`` issues the next trip's loads before this trip's updates."""
-    unroll, trips = cfg.unroll, seq // cfg.unroll
-
-    def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row
-        return tuple(load(jnp.minimum(j * unroll + k, seq - 1)) for k in range(unroll))
-
-    def trip(j, h):
-        for inputs in trip_loads(j):
-            h = update(h, inputs)
-        return h
-
-    def pipelined_trip(j, carry):  # this trip's inputs arrive in the carry; fetch the next's
-        h, current = carry
-        upcoming = trip_loads(j + 1)
-        for inputs in current:
-            h = update(h, inputs)
-        return h, upcoming
-
-    if cfg.prefetch and trips > 0:
-        h, _ = lax.fori_loop(0, trips, pipelined_trip, (h, trip_loads(0)))
-    else:
-        h = lax.fori_loop(0, trips, trip, h)
-    lax.fori_loop(trips * unroll, seq, lambda i, h: update(h, load(i)), h)
 
 
 def _forward_refs(refs, has_d, has_z, has_bias, states):
@@ -218,8 +164,8 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
     if cfg.exp2:
         a = a * f32(LOG2_E)
     decay_of = jnp.exp2 if cfg.exp2 else jnp.exp
-    d = _load(d_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_d else None
-    bias = _load(bias_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_bias else None
+    d = masked_load(d_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_d else None
+    bias = masked_load(bias_ref.at[pl.ds(e0, be)], e_ok, zero).astype(f32) if has_bias else None
 
     def load(i):
         """Everything token i needs that does not depend on the state."""
@@ -240,12 +186,12 @@ def _scan_kernel(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, h
             y = y + u * d
         if has_z:
             y = y * jax.nn.silu(z)
-        _store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
+        masked_store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
         if states:  # padded (E_pad, N_pad) rows: no mask
             h_ref.at[batch, t, pl.ds(e0, be)][...] = h
         return h
 
-    _token_loop(seq, cfg, load, update, jnp.zeros((be, _next_pow2(n_state)), f32))
+    token_loop(seq, cfg, load, update, jnp.zeros((be, next_pow2(n_state)), f32))
 
 
 def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d, has_z, has_bias,
@@ -260,10 +206,10 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
 
     f32 = jnp.float32
     be = cfg.block_e
-    batch, e0, _, e_ok = _channel_tile(e, be)
+    batch, e0, _, e_ok = channel_tile(e, be)
 
     def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
-        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+        return masked_load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
 
     scale = f32(LOG2_E) if cfg.exp2 else None
     a = [vec(a_ref.at[jnp.int32(n), pl.ds(e0, be)]) for n in range(n_state)]
@@ -295,15 +241,15 @@ def _scan_kernel_channels(*refs, seq, e, n_state, cfg, reverse, softplus, has_d,
             y = h_n * c_n if y is None else y + h_n * c_n
             new_h.append(h_n)
             if states:
-                _store(h_ref.at[batch, t, jnp.int32(n), pl.ds(e0, be)], h_n, e_ok)
+                masked_store(h_ref.at[batch, t, jnp.int32(n), pl.ds(e0, be)], h_n, e_ok)
         if has_d:
             y = y + u * d
         if has_z:
             y = y * jax.nn.silu(z)
-        _store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
+        masked_store(o_ref.at[batch, t, pl.ds(e0, be)], y, e_ok)
         return tuple(new_h)
 
-    _token_loop(seq, cfg, load, update, tuple(jnp.zeros((be,), f32) for _ in range(n_state)))
+    token_loop(seq, cfg, load, update, tuple(jnp.zeros((be,), f32) for _ in range(n_state)))
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -385,13 +331,13 @@ def _scan_bwd_kernel(u_ref, dt_ref, a_ref, b_ref, c_ref, dy_ref, h_ref,
         decay = jnp.exp(dt[:, None] * a)
         dh_ah = dh * (decay * h_prev)
         s = jnp.sum(dh * b_t, axis=1)
-        _store(du_ref.at[batch, t, pl.ds(e0, be)], dt * s, e_ok)
-        _store(ddt_ref.at[batch, t, pl.ds(e0, be)], jnp.sum(dh_ah * a, axis=1) + u * s, e_ok)
+        masked_store(du_ref.at[batch, t, pl.ds(e0, be)], dt * s, e_ok)
+        masked_store(ddt_ref.at[batch, t, pl.ds(e0, be)], jnp.sum(dh_ah * a, axis=1) + u * s, e_ok)
         db_ref.at[batch, t, tile][...] = jnp.sum(dh * (dt * u)[:, None], axis=0)
         dc_ref.at[batch, t, tile][...] = jnp.sum(dy[:, None] * h_t, axis=0)
         return decay * dh, h_prev, da + dh_ah * dt[:, None]
 
-    zeros = jnp.zeros((be, _next_pow2(n_state)), f32)
+    zeros = jnp.zeros((be, next_pow2(n_state)), f32)
     _, _, da = lax.fori_loop(0, seq, step, (zeros, states(time_of(seq - 1)), zeros))
     da_ref.at[batch, pl.ds(e0, be)][...] = da
 
@@ -408,7 +354,7 @@ def _scan_bwd_kernel_channels(u_ref, dt_ref, a_ref, b_ref, c_ref, dy_ref, h_ref,
     e_ok = None if e % be == 0 else e0 + lax.broadcasted_iota(jnp.int32, (be,), 0) < e
 
     def vec(ref):  # zero beyond E: padded channels carry zero state and gradients
-        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+        return masked_load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
 
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
     a = [vec(a_ref.at[idx(n), pl.ds(e0, be)]) for n in range(n_state)]
@@ -443,21 +389,21 @@ def _scan_bwd_kernel_channels(u_ref, dt_ref, a_ref, b_ref, c_ref, dy_ref, h_ref,
             dc_ref[batch, t, tile, idx(n)] = jnp.sum(dy * h_t[n])
             new_g.append(decay * dh)
             new_da.append(da[n] + dh_ah * dt)
-        _store(du_ref.at[batch, t, pl.ds(e0, be)], dt * s, e_ok)
-        _store(ddt_ref.at[batch, t, pl.ds(e0, be)], dadt + u * s, e_ok)
+        masked_store(du_ref.at[batch, t, pl.ds(e0, be)], dt * s, e_ok)
+        masked_store(ddt_ref.at[batch, t, pl.ds(e0, be)], dadt + u * s, e_ok)
         return tuple(new_g), h_prev, tuple(new_da)
 
     zeros = tuple(jnp.zeros((be,), f32) for _ in range(n_state))
     _, _, da = lax.fori_loop(0, seq, step, (zeros, states(time_of(seq - 1)), zeros))
     for n, da_n in enumerate(da):
-        _store(da_ref.at[batch, idx(n), pl.ds(e0, be)], da_n, e_ok)
+        masked_store(da_ref.at[batch, idx(n), pl.ds(e0, be)], da_n, e_ok)
 
 
 def _states_shape(batch, seq, e, n_state, cfg):
     """The backward's state buffer: (B, L, E_pad, N_pad) in the tile layout, (B, L, N, E) channel-major."""
     if cfg.channel_major:
         return batch, seq, n_state, e
-    return batch, seq, pl.cdiv(e, cfg.block_e) * cfg.block_e, _next_pow2(n_state)
+    return batch, seq, pl.cdiv(e, cfg.block_e) * cfg.block_e, next_pow2(n_state)
 
 
 def _core_states(u, dt, A, B, C, reverse, interpret, cfg):
@@ -485,7 +431,7 @@ def _core_bwd(u, dt, A, B, C, dy, h, reverse, interpret, cfg):
     batch, seq, e = u.shape
     n_state = A.shape[1]
     cm = cfg.channel_major
-    tiles, npow = pl.cdiv(e, cfg.block_e), n_state if cm else _next_pow2(n_state)
+    tiles, npow = pl.cdiv(e, cfg.block_e), n_state if cm else next_pow2(n_state)
     kernel = functools.partial(_scan_bwd_kernel_channels if cm else _scan_bwd_kernel, seq=seq, e=e,
                                n_state=n_state, cfg=cfg, reverse=reverse)
     f32 = jnp.float32

@@ -38,16 +38,14 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.qlinear import LinearOperands, QuantizedLinear
 from pallas_kernels.qmatmul import epilogue_quantizer, quantize_tile
-from pallas_kernels.selective_scan import (
-    CHANNEL_MAJOR_MIN_CHANNELS,
+from pallas_kernels.selective_scan import CHANNEL_MAJOR_MIN_CHANNELS, TokenLoopConfig, selective_scan
+from pallas_kernels.token_loop import (
     LOG2_E,
-    TokenLoopConfig,
-    _channel_tile,
-    _load,
-    _low_rank_product,
-    _store,
-    _token_loop,
-    selective_scan,
+    channel_tile,
+    low_rank_product,
+    masked_load,
+    masked_store,
+    token_loop,
 )
 
 __all__ = ["MIXER_SWEEP", "MixerConfig", "MixerDirection", "default_mixer_config", "vim_mixer"]
@@ -207,13 +205,13 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, packed, divide_out, cfg, a_b
     codes_ref = refs[len(names) + 1] if a_bits is not None else None
     f32 = jnp.float32
     be = cfg.block_e
-    batch, e0, cols, e_ok = _channel_tile(e, be)
+    batch, e0, cols, e_ok = channel_tile(e, be)
     z_ref, z_cols = (r["x"], pl.ds(e + e0, be)) if packed else (r.get("z"), cols)
     idx = jnp.int32  # static indices as int32 arrays: a Python int fails to discharge in interpret mode
-    inv_smooth = None if codes_ref is None else _load(r["q_inv_smooth"].at[cols], e_ok, f32(1.0))
+    inv_smooth = None if codes_ref is None else masked_load(r["q_inv_smooth"].at[cols], e_ok, f32(1.0))
 
     def vec(ref):  # a (block_e,) slice of an (E,)-indexed ref, zero beyond E
-        return _load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
+        return masked_load(ref, e_ok, jnp.zeros((), ref.dtype)).astype(f32)
 
     def direction(p, reverse, final):
         """One direction's walk. The i-th step handles token t (t = i forwards, L-1-i backwards)
@@ -237,7 +235,7 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, packed, divide_out, cfg, a_b
                               else lambda k: vec(r[p + "dt_weight"].at[idx(k), cols]))
                 row = r[p + "dt_row_scale"][i].astype(f32) if p + "dt_row_scale" in r else None
                 column = lambda k: r[p + "delta"][batch, i, idx(k)].astype(f32)
-                dt = _low_rank_product(column, weight_row, rank, row, col_scale)
+                dt = low_rank_product(column, weight_row, rank, row, col_scale)
             if bias is not None:
                 dt = dt + bias
             return jax.nn.softplus(dt)
@@ -278,14 +276,14 @@ def _mixer_kernel(*refs, names, seq, e, dims, gate, packed, divide_out, cfg, a_b
                 # The codes of the value as the float path would hand it to out_proj (in x.dtype).
                 y = y.astype(o_ref.dtype).astype(f32)
                 codes = quantize_tile(y, inv_smooth, r["q_inv_scale"][t], r["q_zero"][t], a_bits, exact_ptx)
-                _store(codes_ref.at[batch, t, cols], codes, e_ok)
+                masked_store(codes_ref.at[batch, t, cols], codes, e_ok)
             else:
-                _store(o_ref.at[batch, t, cols], y, e_ok)
+                masked_store(o_ref.at[batch, t, cols], y, e_ok)
             return tuple(new_h), rows[1:]
 
         zeros = jnp.zeros((be,), f32)
         carry = (tuple(zeros for _ in range(n_state)), tuple(zeros for _ in range(d_conv - 1)))
-        _token_loop(seq, cfg, load, update, carry)
+        token_loop(seq, cfg, load, update, carry)
 
     direction("b_", reverse=True, final=False)
     direction("f_", reverse=False, final=True)
