@@ -12,8 +12,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 
 class Progress:
     """The calls a loop makes: ``update(n)``, ``set_postfix(**values)`` and ``close()`` (also as
@@ -43,6 +41,8 @@ class _Bar(Progress):
     """A tqdm bar (the terminal)."""
 
     def __init__(self, total: int | None, desc: str, unit: str, leave: bool, stream: TextIO) -> None:
+        from tqdm import tqdm  # only where a bar is drawn: logs, pipes and quiet runs need none
+
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=stream)
 
     def update(self, n: int = 1) -> None:
