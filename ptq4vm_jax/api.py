@@ -96,6 +96,12 @@ def quantize_params(
     (``models.RUNTIME_CHOICES``: ``scan``, ``dtype``) calibration runs with, not stored.
     ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
     with exactly the uninterrupted result.
+
+    Raises TypeError or ValueError (``ptq4vm_jax.errors.ArgumentError`` naming the parameter) for
+    unusable inputs, checked before any long work: params that are not the model's, NaN/inf in
+    them or in the images, too few images, rules matching no linear, a resume directory that is
+    someone else's. Raises ``CalibrationError`` when calibration itself fails (non-finite block
+    outputs); with ``resume_dir`` the finished blocks are kept.
     """
     if isinstance(model, nn.Module):
         raise TypeError(f"quantize_params takes the model's name (model='vim_tiny', with model_overrides="

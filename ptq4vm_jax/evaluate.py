@@ -39,6 +39,9 @@ def evaluate(
     and ``n``, the number of examples counted; with ``across_processes`` the counts of every
     process are summed first (multi-host evaluation, each process having evaluated its own
     share) and ``local_n`` is this process's count.
+
+    Raises ValueError for a malformed batch (its index named), logits of the wrong shape or with
+    NaN/inf (the examples named), and when no example was counted.
     """
     if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
         raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
