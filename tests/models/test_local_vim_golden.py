@@ -55,8 +55,43 @@ def test_goldens_cover_padding_the_state_dict_key_and_the_middle_class_token():
               if d.startswith("w") and (c["overrides"]["img_size"] // c["overrides"].get("patch_size", 16))
               % int(d[1:].split("_")[0])]
     assert padded  # some window does not divide its grid
-    # every parameter family moves the logits by more than the test's tolerance
-    assert min(min(c["sensitivity"].values()) for c in CASES.values()) > 1e-4
+
+
+def exchange_directions(params: dict, family: str, k: int, j: int) -> dict:
+    """``params`` with scan directions k and j exchanging their ``{family}_{i}`` params in every
+    layer's mixer."""
+    out = dict(params)
+    for name, layer in params.items():
+        if name.startswith("layers_"):
+            mixer = dict(layer["mixer"])
+            mixer[f"{family}_{k}"], mixer[f"{family}_{j}"] = mixer[f"{family}_{j}"], mixer[f"{family}_{k}"]
+            out[name] = {**layer, "mixer": mixer}
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_logits_catch_a_mixup_of_scan_directions(name):
+    """The goldens see every direction's own params: exchanging one family's params of scan
+    directions k and k+1 (conv1d, x_proj, dt_proj or D, in every layer, as a port's mix-up would
+    be) moves the model's logits by well over the parity tolerance, so a model that feeds a
+    direction another's params cannot pass ``test_logits_match_the_official_model``. Measured
+    against the model's own logits with the params in place (the parity test compares those with
+    the official ones): a model that reads one direction's params for all would move nothing.
+    A_log is one per mixer (``test_every_direction_uses_the_last_a_log``), so not exchanged."""
+    case = CASES[name]
+    params = load_torch_checkpoint(DATA / f"{name}.pth", case["model"], **case["overrides"])
+    model = create_model(case["model"], **case["overrides"], scan="ref")
+    assert {len(d) for d in model.cfg.directions} == {4}  # the exchanges below are built for 4
+    x = jnp.asarray(np.load(DATA / f"{name}_inputs.npy"))
+    bound = 10 * 1e-4 * float(np.abs(np.load(DATA / f"{name}_logits.npy")).max())
+    apply = jax.jit(model.apply)
+    base = np.asarray(apply({"params": params}, x))
+    for family in ("conv1d", "x_proj", "dt_proj", "D"):
+        for k in range(4):
+            j = (k + 1) % 4
+            moved = float(np.abs(np.asarray(apply({"params": exchange_directions(params, family, k, j)}, x))
+                                 - base).max())
+            assert moved > bound, (family, k, j, moved, bound)
 
 
 def test_every_direction_uses_the_last_a_log():
