@@ -36,7 +36,7 @@ from ptq4vm_jax.quant.config import (
     path_str,
 )
 from ptq4vm_jax.quant.integer import PALLAS_GEMMS, check_gemm
-from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, check_mode, intercept_dense
+from ptq4vm_jax.quant.layer import TrainLinear, capture_dense, check_mode, intercept_dense
 from ptq4vm_jax.quant.params import Path, QuantizedParams, finalize, flatten_layers, nest_layers
 from ptq4vm_jax.trees import copy_tree, get_path
 
@@ -59,13 +59,8 @@ def _traced_dense_paths(model: nn.Module, images_shape: tuple[int, ...], treedef
                         layout: tuple) -> tuple[Path, ...]:
     found: list[Path] = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
-            found.append(tuple(context.module.path))
-        return next_fun(*args, **kwargs)
-
     def run(p, x):
-        with nn.intercept_methods(interceptor):
+        with capture_dense(called=found):
             return model.apply({"params": p}, x)
 
     params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(*a) for a in layout])
@@ -195,7 +190,7 @@ def _init_outside(net, params, images, paths, layers, cfg) -> dict[Path, TrainLi
     @jax.jit
     def run(params, qtree, x):  # weights as arguments, not constants folded into the program
         store: dict = {}
-        with capture_dense_inputs(want, store), intercept_dense(qtree, cfg, "fake"):
+        with capture_dense(want, inputs=store), intercept_dense(qtree, cfg, "fake"):
             net.apply({"params": params}, x)
         return store
 

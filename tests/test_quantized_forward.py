@@ -14,7 +14,7 @@ import pytest
 import ptq4vm_jax as pq
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.errors import ArgumentWarning
-from ptq4vm_jax.quant.layer import capture_dense_inputs
+from ptq4vm_jax.quant.layer import capture_dense
 
 ASSET = Path(pq.__file__).parent / "assets" / "vim_micro"
 
@@ -63,7 +63,7 @@ def test_a_callers_interceptor_sees_the_modules_and_is_not_kept(two_calibrations
     compiled = np.asarray(pq.quantized_apply(None, rtn, images))  # (a program of these shapes exists)
     quantized = set(pq.api.quantized_layers(rtn))
     seen: dict = {}
-    with capture_dense_inputs(quantized, seen):  # an nn.intercept_methods interceptor
+    with capture_dense(quantized, inputs=seen):  # an nn.intercept_methods interceptor
         inside = np.asarray(pq.quantized_apply(None, rtn, images))
     assert quantized and set(seen) == quantized
     seen.clear()

@@ -34,7 +34,7 @@ from ptq4vm_jax.models.blockwise import Blockwise, Stage
 from ptq4vm_jax.progress import progress_bar
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import QuantConfig, QuantProgram
-from ptq4vm_jax.quant.layer import TrainLinear, capture_dense_inputs, intercept_dense
+from ptq4vm_jax.quant.layer import TrainLinear, capture_dense, intercept_dense
 from ptq4vm_jax.quant.params import Path, flatten_layers, nest_layers
 from ptq4vm_jax.trees import get_path
 
@@ -211,7 +211,7 @@ def _compiled_float(stage_module: Any):
     @functools.partial(jax.jit, static_argnums=2)
     def fp_forward_capture(params, carry, paths):
         store: dict = {}
-        with capture_dense_inputs(set(paths), store):
+        with capture_dense(set(paths), inputs=store):
             out = stage.apply(params, carry)
         return out, {p: store[p] for p in paths}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -238,16 +238,26 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
 
 
 @contextlib.contextmanager
-def capture_dense_inputs(paths: set[tuple[str, ...]], store: dict) -> Iterator[None]:
-    """Record the input of every ``nn.Dense`` at ``paths`` into ``store`` (path -> array)."""
+def capture_dense(paths: Collection[tuple[str, ...]] | None = None, *, inputs: dict | None = None,
+                  outputs: dict | None = None, called: list | None = None) -> Iterator[None]:
+    """Record each ``nn.Dense`` call at ``paths`` (None: every one): its input into ``inputs``
+    and its output into ``outputs`` (path -> array), its path into ``called``, those given.
+    Installed outside ``intercept_dense``, it sees the quantized layer's output (Flax runs the
+    interceptor installed first outermost)."""
 
     def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        out = next_fun(*args, **kwargs)
         module = context.module
         if context.method_name == "__call__" and isinstance(module, nn.Dense):
             path = tuple(module.path)
-            if path in paths:
-                store[path] = args[0]
-        return next_fun(*args, **kwargs)
+            if paths is None or path in paths:
+                if inputs is not None:
+                    inputs[path] = args[0]
+                if outputs is not None:
+                    outputs[path] = out
+                if called is not None:
+                    called.append(path)
+        return out
 
     with nn.intercept_methods(interceptor):
         yield

@@ -8,10 +8,9 @@ Python float and JSON unchanged).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -33,7 +32,7 @@ from ptq4vm_jax.ops.cross_scan import grid_orders
 from ptq4vm_jax.progress import progress_bar
 from ptq4vm_jax.quant.config import path_str
 from ptq4vm_jax.quant.init import minmax_weight_scale
-from ptq4vm_jax.quant.layer import qlinear
+from ptq4vm_jax.quant.layer import capture_dense, qlinear
 from ptq4vm_jax.quant.params import Path, QuantizedParams, flatten_layers
 from ptq4vm_jax.quant.quantizers import act_qmax
 from ptq4vm_jax.trees import get_path
@@ -215,7 +214,7 @@ def call_order(model: nn.Module, qparams: QuantizedParams) -> list[Path]:
     seen: dict = {}
 
     def run(qp: QuantizedParams, images: jax.Array) -> jax.Array:
-        with capture_dense(paths, None, seen):
+        with capture_dense(paths, outputs=seen):
             return quantized_apply(model, qp, images)
 
     jax.eval_shape(run, qparams, jax.ShapeDtypeStruct(image_shape(model), jnp.float32))
@@ -291,26 +290,6 @@ def stage_of(path: Path, blocks: Sequence[Mapping[str, Any]]) -> Mapping[str, An
 # ----------------------------------------------------------------------------- data pass
 
 
-@contextlib.contextmanager
-def capture_dense(paths: set[Path], inputs: dict | None, outputs: dict) -> Iterator[None]:
-    """Record the input (when ``inputs`` is given) and the output of every ``nn.Dense`` call at
-    ``paths``. Installed outside ``intercept_dense``, it records the quantized layer's output
-    (Flax runs the interceptor installed first outermost)."""
-
-    def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
-            path = tuple(context.module.path)
-            if path in paths:
-                if inputs is not None:
-                    inputs[path] = args[0]
-                outputs[path] = out
-        return out
-
-    with nn.intercept_methods(interceptor):
-        yield
-
-
 def _per_example(x: jax.Array) -> jax.Array:
     """Sum over every axis but the first (the batch): one number per image."""
     return jnp.sum(x.astype(jnp.float32).reshape(x.shape[0], -1), axis=1)
@@ -344,10 +323,10 @@ def data_pass(model: nn.Module, qparams: QuantizedParams, float_params: Any,
     def step(fparams: Any, qp: QuantizedParams, images: jax.Array) -> tuple:
         f_in: dict = {}
         f_out: dict = {}
-        with capture_dense(paths, f_in, f_out):
+        with capture_dense(paths, inputs=f_in, outputs=f_out):
             fp_logits = model.apply({"params": fparams}, images)
         q_out: dict = {}
-        with capture_dense(paths, None, q_out):
+        with capture_dense(paths, outputs=q_out):
             q_logits = quantized_apply(model, qp, images)
         layers = flatten_layers(qp.qlayers)
         sums = {}

@@ -15,7 +15,7 @@ from ptq4vm_jax.calibrate.jlss import CalibrationError, cosine_loss
 from ptq4vm_jax.models.vim import vim_blockwise
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 from ptq4vm_jax.quant.layer import (
-    capture_dense_inputs,
+    capture_dense,
     intercept_dense,
     qlinear,
     qlinear_float_backward,
@@ -182,7 +182,7 @@ def test_second_block_initialises_on_float_inputs_and_is_scored_on_quantized_one
         for path, layer in qlayers.items():
             set_path(tree, path, layer)
         store = {}
-        with capture_dense_inputs(set(block1), store), intercept_dense(tree, cfg, "fake"):
+        with capture_dense(set(block1), inputs=store), intercept_dense(tree, cfg, "fake"):
             model.apply({"params": params}, images)
         return store
 

@@ -26,7 +26,7 @@ from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.models import param_shapes
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig
-from ptq4vm_jax.quant.layer import capture_dense_inputs
+from ptq4vm_jax.quant.layer import capture_dense
 from ptq4vm_jax.quant.params import to_arrays
 
 # Calibration end to end on a converted model (several seconds a test): the slow tier.
@@ -63,7 +63,7 @@ def float_run(micro):
 
     def run(x):
         store = {}
-        with capture_dense_inputs({path}, store):
+        with capture_dense({path}, inputs=store):
             logits = micro.model.apply({"params": micro.params}, x)
         return logits, store[path]
 
