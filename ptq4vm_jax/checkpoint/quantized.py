@@ -40,7 +40,7 @@ from ptq4vm_jax.quant.params import (
     layers_to_arrays,
 )
 from ptq4vm_jax.quant.quantizers import act_qmax, weight_qmax
-from ptq4vm_jax.trees import flatten_tree
+from ptq4vm_jax.trees import flatten_tree, set_path
 
 # 1: no per-array digests (still read); 2: ``array_sha256`` in the sealed metadata, verified at load.
 QUANT_FORMAT_VERSION = 2
@@ -145,10 +145,7 @@ def _expected_tree(name: str, overrides: Mapping[str, Any], specs: Mapping[str, 
             if have[leaf].shape != expected[leaf].shape:
                 raise wrong(f"{layer}/{leaf} has shape {have[leaf].shape}, the model needs "
                             f"{expected[leaf].shape}")
-        node = restore
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = dict(have)
+        set_path(restore, keys, dict(have))
     return {"params": want["params"], "qlayers": restore}
 
 
