@@ -6,7 +6,7 @@ prefetching (``selective_scan.TokenLoopConfig``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +14,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-if TYPE_CHECKING:
-    from pallas_kernels.selective_scan import TokenLoopConfig
-
-__all__ = ["LOG2_E", "channel_tile", "low_rank_product", "masked_load", "masked_store", "next_pow2",
-           "token_loop"]
+__all__ = ["LOG2_E", "LoopSchedule", "channel_tile", "low_rank_product", "masked_load", "masked_store",
+           "next_pow2", "token_loop"]
 
 
 #: exp(Δ a) = exp2(Δ a log2 e): exp2 is one instruction on the GPU.
 LOG2_E = 1.4426950408889634
+
+
+class LoopSchedule(Protocol):
+    """What ``token_loop`` reads of a kernel's config (``selective_scan.TokenLoopConfig``)."""
+
+    unroll: int
+    prefetch: bool
 
 
 def next_pow2(v: int) -> int:
@@ -65,7 +69,7 @@ def low_rank_product(column: Callable, weight_row: Callable, rank: int, row_scal
     return acc if col_scale is None else acc * col_scale
 
 
-def token_loop(seq: int, cfg: TokenLoopConfig, load: Callable, update: Callable, h: Any) -> Any:
+def token_loop(seq: int, cfg: LoopSchedule, load: Callable, update: Callable, h: Any) -> Any:
     """Walk the tokens: ``load(i)`` fetches what token i needs independently of the state,
     ``update(h, loaded)`` advances the state. ``cfg.unroll`` tokens per loop trip with their loads
     issued first; ``cfg.prefetch`` issues the next trip's loads before this trip's updates."""
