@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from ptq4vm_jax.cli.signals import Terminated, stop_on_signals
 
@@ -19,10 +20,14 @@ def _leave(code: int) -> None:
     """End the process now, its output flushed, without the interpreter's teardown: Ctrl-C can
     land while XLA compiles on one of its worker threads (jax waits for a compile
     interruptibly), and tearing the interpreter down under that thread crashes the process with a
-    segmentation fault. The command's own clean-up has run as the interrupt unwound."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    segmentation fault. The command's own clean-up has run as the interrupt unwound. A stream
+    that cannot be flushed (a pipe whose reader Ctrl-C ended too) loses its last lines, not the
+    exit status."""
+    for flush in (logging.shutdown, sys.stdout.flush, sys.stderr.flush):
+        try:
+            flush()
+        except (OSError, ValueError):
+            pass
     os._exit(code)
 
 
@@ -34,13 +39,14 @@ def run() -> None:
             from ptq4vm_jax.cli.app import main
 
             main()
-    except KeyboardInterrupt as e:  # while loading (``main`` turns its own into an exit status)
-        if os.environ.get("PTQ4VM_DEBUG"):
-            raise
+    except KeyboardInterrupt as e:  # while loading; under PTQ4VM_DEBUG=1 also from ``main``
         killed = isinstance(e, Terminated)
-        print(f"ptq4vm: {'terminated (SIGTERM)' if killed else 'interrupted'}", file=sys.stderr)
+        if os.environ.get("PTQ4VM_DEBUG"):
+            traceback.print_exc()
+        else:
+            print(f"ptq4vm: {'terminated (SIGTERM)' if killed else 'interrupted'}", file=sys.stderr)
         _leave(143 if killed else 130)
     except SystemExit as e:
-        if e.code in (130, 143):
+        if isinstance(e.code, int) and e.code in (130, 143):
             _leave(e.code)
         raise

@@ -81,6 +81,8 @@ entry = importlib.import_module("ptq4vm_jax.cli.entry")
 def command():
     threading.Thread(target=time.sleep, args=(60,)).start()  # XLA's compile thread, say
     print("started")  # buffered: stdout is a pipe
+    if sys.argv[2] == "reader gone":
+        time.sleep(1)  # while the test closes the pipe's reading end
     raise SystemExit(int(sys.argv[1]))
 
 app.main = command
@@ -95,13 +97,28 @@ def test_an_interrupted_command_leaves_without_waiting_for_background_work(code)
     exit would wait the thread's 60 s; other exits take that path, as ``python -m ... --version``
     in test_cli shows.)"""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (stdout stays buffered)
-    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(code)], stdout=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(code), "reading"], stdout=subprocess.PIPE,
+                            text=True, env=env)
     try:  # (a process that waited for the thread would not end within the timeout)
         out, _ = proc.communicate(timeout=40)
     finally:
         proc.kill()
     assert (proc.returncode, out) == (code, "started\n")
+
+
+def test_an_interrupted_command_whose_reader_is_gone_still_exits_130():
+    """Ctrl-C also ends the reader of a pipe (``ptq4vm ... | tee log``): the output that can no
+    longer be flushed is dropped, and the exit status stays 130, with nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, "130", "reader gone"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        proc.wait(timeout=40)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "")
 
 
 def test_a_hook_installed_inside_the_block_sends_no_signal_after_it(monkeypatch):
@@ -151,3 +168,11 @@ def test_ctrl_c_while_the_library_loads_is_one_line(where):
     traceback, and never lost in a garbage-collector callback (the command would run on)."""
     proc = subprocess.run([sys.executable, "-c", _LOADING, where], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "ptq4vm: interrupted\n")
+
+
+def test_with_ptq4vm_debug_an_interrupt_shows_its_traceback_and_keeps_its_status():
+    env = {**os.environ, "PTQ4VM_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-c", _LOADING, "import"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 130
+    assert proc.stderr.startswith("Traceback") and proc.stderr.rstrip().endswith("KeyboardInterrupt")
