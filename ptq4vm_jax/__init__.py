@@ -13,12 +13,13 @@ the ``ptq4vm`` command takes charge of Ctrl-C before they load (``cli.entry``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ptq4vm_jax.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from ptq4vm_jax.api import QuantizedParams, quantize_params, quantized_apply
-    from ptq4vm_jax.calibrate.jlss import CalibrationError
+    from ptq4vm_jax.calibrate.report import CalibrationError
     from ptq4vm_jax.checkpoint import (
         load_params,
         load_quantized,
@@ -35,7 +36,7 @@ _EXPORTS = {
     "QuantizedParams": "ptq4vm_jax.api",
     "quantize_params": "ptq4vm_jax.api",
     "quantized_apply": "ptq4vm_jax.api",
-    "CalibrationError": "ptq4vm_jax.calibrate.jlss",
+    "CalibrationError": "ptq4vm_jax.calibrate.report",
     "load_params": "ptq4vm_jax.checkpoint",
     "load_quantized": "ptq4vm_jax.checkpoint",
     "load_torch_checkpoint": "ptq4vm_jax.checkpoint",
@@ -69,19 +70,4 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    else:
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_attributes(__name__, __path__, _EXPORTS, globals())

@@ -25,6 +25,7 @@ LEAVES = ("convert", "pallas_kernels")
 # matching prefix gives a module's rank; a module no entry matches fails test_every_module_has_a_rank.
 RANKS: dict[str, int] = {
     "ptq4vm_jax.errors": 0,  # error types every layer raises
+    "ptq4vm_jax.lazy": 0,  # package attributes loaded on first use
     "ptq4vm_jax.choices": 0,  # names of the runtime choices (backends, modes), without jax
     "ptq4vm_jax.trees": 0,  # nested-dict helpers
     "ptq4vm_jax.progress": 0,  # progress bars and log lines of long loops
@@ -211,3 +212,18 @@ def test_the_packages_export_their_names_lazily() -> None:
     assert ptq4vm_jax.api is importlib.import_module("ptq4vm_jax.api")  # submodules as attributes
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         ptq4vm_jax.no_such_name  # noqa: B018
+
+
+def test_lazy_packages_reach_their_submodules_and_list_only_their_api() -> None:
+    """``ptq4vm_jax.quant.config.QuantConfig`` works after ``import ptq4vm_jax`` alone, as it did
+    when the package imported everything; ``dir()`` lists the API; other names are refused."""
+    code = ("import ptq4vm_jax as pq; "
+            "print(pq.quant.config.QuantConfig.__name__, pq.ops.scan.selective_scan_ref.__name__, "
+            "pq.calibrate.jlss.__name__, pq.cli.run.__name__); "
+            "print(sorted(n for n in dir(pq.cli) if not n.startswith('_'))); "
+            "print(hasattr(pq, 'assets'), hasattr(pq, '__main__'), 'TYPE_CHECKING' in dir(pq))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names, cli_dir, refused = out.splitlines()
+    assert names == "QuantConfig selective_scan_ref ptq4vm_jax.calibrate.jlss run"
+    assert {"ASSETS", "build_parser", "main", "run", "app", "entry"} <= set(eval(cli_dir))
+    assert refused == "False False False"

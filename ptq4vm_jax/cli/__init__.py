@@ -9,8 +9,9 @@ with their modules on first use, so that importing ``entry`` loads no jax.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ptq4vm_jax.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from ptq4vm_jax.cli.app import build_parser, main
@@ -20,11 +21,4 @@ if TYPE_CHECKING:
 _EXPORTS = {"ASSETS": "ptq4vm_jax.cli.demo", "build_parser": "ptq4vm_jax.cli.app",
             "main": "ptq4vm_jax.cli.app", "run": "ptq4vm_jax.cli.entry"}
 __all__ = ["ASSETS", "build_parser", "main", "run"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, __path__, _EXPORTS, globals())
