@@ -194,9 +194,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     if previous:
         print(f"note: --out {args.out} holds an earlier report; its {len(previous)} files are replaced "
               "once the new one is complete", file=sys.stderr)
-    # Made beside --out (beside its nearest existing parent while --out is new) and moved in whole:
-    # an interrupted or failed run leaves the earlier report, and no new directories.
-    staging = nearest_existing(out.parent) / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    # Made beside --out (beside its nearest existing parent while --out is new; beside where a
+    # symlinked --out points, on its disk) and moved in whole: an interrupted or failed run leaves
+    # the earlier report, and no new directories.
+    staging = nearest_existing(out.resolve().parent) / f".{out.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
         report = make_report(qp, staging, layers=args.layers, float_params=params, float_source=float_source,

@@ -273,6 +273,26 @@ def test_an_interrupted_or_failed_report_leaves_the_earlier_one(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"], "new directories were left"
 
 
+def test_a_symlinked_out_is_staged_beside_where_it_points(tmp_path, monkeypatch):
+    """The new report is made beside the directory a symlinked --out points to, on that disk:
+    beside the link it could lie on another file system, where the final move would fail."""
+    import ptq4vm_jax.report
+
+    real = tmp_path / "elsewhere" / "rep"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    staged = []
+
+    def stop(qp, staging, **kwargs):
+        staged.append(Path(staging))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptq4vm_jax.report, "make_report", stop)
+    with pytest.raises(SystemExit):
+        main(["report", "--quantized", str(W8), "--out", str(tmp_path / "link")])
+    assert staged[0].parent == real.parent and not staged[0].exists()
+
+
 def test_report_out_through_a_symlink_into_an_input_is_refused(tmp_path, capsys):
     """Paths are compared resolved: a link, or "..", does not hide that --out is inside an input."""
     import shutil
