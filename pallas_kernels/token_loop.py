@@ -69,10 +69,11 @@ def low_rank_product(column: Callable, weight_row: Callable, rank: int, row_scal
     return acc if col_scale is None else acc * col_scale
 
 
-def token_loop(seq: int, cfg: LoopSchedule, load: Callable, update: Callable, h: Any) -> Any:
+def token_loop(seq: int, cfg: LoopSchedule, load: Callable, update: Callable, h: Any) -> None:
     """Walk the tokens: ``load(i)`` fetches what token i needs independently of the state,
     ``update(h, loaded)`` advances the state. ``cfg.unroll`` tokens per loop trip with their loads
-    issued first; ``cfg.prefetch`` issues the next trip's loads before this trip's updates."""
+    issued first; ``cfg.prefetch`` issues the next trip's loads before this trip's updates. The
+    kernels write their outputs from ``update``; the state after the last token is not kept."""
     unroll, trips = cfg.unroll, seq // cfg.unroll
 
     def trip_loads(j):  # index clamped: the prefetch after the last trip rereads a valid row

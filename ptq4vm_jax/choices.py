@@ -1,6 +1,7 @@
 """The names of what a run chooses at run time: the library checks them and the command line
-offers them without loading jax (``ptq4vm --help`` needs none). Their implementations live in
-``ops.scan``, ``quant.integer`` and ``quant.layer``.
+offers them without loading jax (``ptq4vm --help`` needs none). The backends and modes are
+implemented in ``ops`` (scans), ``quant.integer`` (GEMMs) and ``quant.layer`` (modes); the
+runtime model arguments are read by ``models``, ``api`` and the command line.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args = build_parser().parse_args(argv)
-    except KeyboardInterrupt:  # Ctrl-C while the library was still being imported
+    except KeyboardInterrupt:  # Ctrl-C while parsing, before the command holds signals
         if os.environ.get("PTQ4VM_DEBUG"):
             raise
         print("ptq4vm: interrupted", file=sys.stderr)
@@ -222,4 +222,3 @@ def main(argv: list[str] | None = None) -> None:
               f"{resume_hint(getattr(args, 'resume', None), 'after a transient fault, rerun')}",
               file=sys.stderr)
         raise SystemExit(1) from None
-

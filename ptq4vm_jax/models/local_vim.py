@@ -104,7 +104,7 @@ class LocalVimConfig(VisionMambaSizes):
     cls_token: bool = False
     pt_hw_seq_len: int = 14  # RoPE's pretraining grid side (the official default)
     dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
-    scan: str = "auto"  # the selective scan's backend (ptq4vm_jax.ops.scan.SCAN_BACKENDS)
+    scan: str = "auto"  # the selective scan's backend (ptq4vm_jax.choices.SCAN_BACKENDS)
 
     def __post_init__(self) -> None:
         check_scan_backend(self.scan)

@@ -207,7 +207,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a model by name; ``overrides`` are the official constructor's size arguments, plus
     the ``RUNTIME_CHOICES``: ``dtype`` (the projections' compute dtype) and ``scan`` (the scan
-    backend: "auto", "ref", "pallas", "fused"; ``ptq4vm_jax.ops.scan.SCAN_BACKENDS``)."""
+    backend: "auto", "ref", "pallas", "fused"; ``ptq4vm_jax.choices.SCAN_BACKENDS``)."""
     return _REGISTRY[canonical_name(name)][1](**overrides)
 
 

@@ -53,7 +53,7 @@ class VimConfig(VisionMambaSizes):
     norm_epsilon: float = 1e-5
     dtype: Any = jnp.float32  # compute dtype of the projections; norms, residual and scan stay fp32
     # Runtime choices, not sizes (checkpoints do not store them): the selective scan's backend,
-    # one of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` ("auto": a Pallas scan per direction on GPU,
+    # one of ``ptq4vm_jax.choices.SCAN_BACKENDS`` ("auto": a Pallas scan per direction on GPU,
     # lax.scan elsewhere; "pallas": a Pallas scan per direction; "fused": the fused mixer kernel and
     # the add + norm kernel; off the GPU the Pallas kernels run in the interpreter).
     scan: str = "auto"

@@ -60,7 +60,7 @@ class VMambaConfig(VSSMSizes):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32  # compute dtype of projections and convs; norms and scan stay fp32
     # Runtime choice, not a size (checkpoints do not store it): the selective scan's backend, one
-    # of ``ptq4vm_jax.ops.scan.SCAN_BACKENDS`` (as ``VimConfig.scan``; "fused": the four scans
+    # of ``ptq4vm_jax.choices.SCAN_BACKENDS`` (as ``VimConfig.scan``; "fused": the four scans
     # and their merge in one kernel, ``ptq4vm_jax.ops.cross_scan``).
     scan: str = "auto"
 

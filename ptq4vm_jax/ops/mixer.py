@@ -1,6 +1,6 @@
 """Vim's bidirectional mixer core (conv + SiLU, S6 scan per direction, gate, average): the
 plain-jnp reference of the fused kernel ``pallas_kernels.vim_mixer`` and the dispatch between
-them by the model's scan backend (``ptq4vm_jax.ops.scan.SCAN_BACKENDS``), an explicit argument.
+them by the model's scan backend (``ptq4vm_jax.choices.SCAN_BACKENDS``), an explicit argument.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def fake_quant_input(x: jax.Array, layer: Linear, cfg: Method) -> jax.Array:
 
 def qlinear(x: jax.Array, layer: Linear, cfg: Method, mode: str, gemm: str = "auto") -> jax.Array:
     """y = Q_a(x/σ) · Q_w(W·diag(σ)) + b, in fake-quant (fp32) or integer arithmetic (on the
-    integer GEMM ``gemm``, see ``ptq4vm_jax.quant.integer.GEMM_BACKENDS``).
+    integer GEMM ``gemm``, see ``ptq4vm_jax.choices.GEMM_BACKENDS``).
 
     A 2-D input (batch, features), e.g. the classifier head, is one token per example.
     ``per_token_dynamic`` has no static activation scales, so it runs fake (:func:`intercept_dense`
@@ -196,7 +196,7 @@ def intercept_dense(qtree: Mapping, cfg: Method, mode: str = "fake",
                     gemm: str = "auto") -> Iterator[None]:
     """Within this context, ``nn.Dense`` calls at paths present in ``qtree`` are quantized; those
     in ``float_backward`` (train form) are differentiated as float (:func:`qlinear_float_backward`).
-    ``gemm``: the integer GEMM of ``mode="int"`` (``ptq4vm_jax.quant.integer.GEMM_BACKENDS``).
+    ``gemm``: the integer GEMM of ``mode="int"`` (``ptq4vm_jax.choices.GEMM_BACKENDS``).
 
     In integer mode, a module that names the linear its output feeds (a ``feeds`` path from its
     parent, e.g. Vim's add + norm feeding ``mixer/in_proj``) is called with that linear as

@@ -53,7 +53,7 @@ class QuantizedParams:
     def model(self, *, dtype: Any = None, scan: str | None = None) -> nn.Module:
         """The model these parameters belong to; ``dtype`` (e.g. ``jnp.bfloat16``) sets its
         projections' compute dtype (the bf16 speed variant of the integer mode), ``scan`` its
-        selective scan's backend (``ptq4vm_jax.ops.scan.SCAN_BACKENDS``; None: "auto")."""
+        selective scan's backend (``ptq4vm_jax.choices.SCAN_BACKENDS``; None: "auto")."""
         overrides = dict(self.model_overrides)
         if dtype is not None:
             overrides["dtype"] = dtype

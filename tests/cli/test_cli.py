@@ -625,7 +625,7 @@ def test_ctrl_c_while_starting_up_is_one_line_and_130(capsys, monkeypatch):
 
     cli_main = importlib.import_module("ptq4vm_jax.cli.app")  # the parser and dispatch
 
-    def importing(*args, **kwargs):  # Ctrl-C while the parser's imports still load jax
+    def importing(*args, **kwargs):  # Ctrl-C while the arguments are parsed
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_main, "build_parser", importing)

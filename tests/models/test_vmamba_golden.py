@@ -213,7 +213,9 @@ def test_golden_logits_catch_a_mixup_of_scan_directions(case: str, family: str) 
     k+1 (in the first block) moves the model's logits by well over the parity tolerance, so a
     model that feeds a direction another's params cannot pass the tests above. Measured against
     the model's own logits with the params in place (the parity tests compare those with the
-    official ones): a model that reads one direction's params for all would move nothing."""
+    official ones): a model that reads one direction's params for all would move nothing. (``Ds``
+    is left out: the merge sums the directions, so their D·u terms add up to the same whatever
+    direction holds which D.)"""
     path = GOLDEN / f"{case}.pth"
     overrides = config_overrides(read_checkpoint(path)["config"])
     model = create_model(REDUCED_BASE[case], **overrides)
