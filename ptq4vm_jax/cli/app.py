@@ -22,6 +22,10 @@ from ptq4vm_jax.cli.quantize import cmd_quantize
 from ptq4vm_jax.cli.report import cmd_report
 from ptq4vm_jax.cli.signals import Terminated, stop_on_signals
 
+#: Packages only some inputs need (import name -> pip name): digits data, tfds data, grain sources.
+OPTIONAL_PACKAGES = {"sklearn": "scikit-learn", "tensorflow_datasets": "tensorflow-datasets",
+                     "grain": "grain"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ptq4vm_jax import __version__
@@ -199,6 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         print(f"ptq4vm {args.command}: error: {e}", file=sys.stderr)
         raise
+    except ModuleNotFoundError as e:
+        package = OPTIONAL_PACKAGES.get((e.name or "").partition(".")[0])
+        if package is None or os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        print(f"ptq4vm {args.command}: error: this needs {package}, which is not installed here: "
+              f"pip install {package}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("PTQ4VM_DEBUG"):
             raise

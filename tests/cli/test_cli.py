@@ -642,3 +642,22 @@ def test_a_finished_run_says_its_resume_state_is_kept(tmp_path, capsys):
     assert re.search(r"note: --resume .*r \(\d+\.\d MB\) holds the finished run, which this command would "
                      r"reuse; delete it when you no longer need it", out), out
     assert (tmp_path / "r" / "state.npz").is_file()
+
+
+def test_a_missing_optional_package_is_one_line_with_its_pip_name(tmp_path, capsys, monkeypatch):
+    """The digits data needs scikit-learn, which a machine may lack (the GPU machine does)."""
+    from ptq4vm_jax.data import digits
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # (import sklearn now raises ModuleNotFoundError)
+    digits._raw_digits.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+                  "--method", "rtn", "--out", str(tmp_path / "q")])
+    finally:
+        digits._raw_digits.cache_clear()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ptq4vm quantize: error: this needs scikit-learn, which is not installed here: "
+                   "pip install scikit-learn"), err
+    assert not (tmp_path / "q").exists()
