@@ -648,7 +648,8 @@ def test_a_missing_optional_package_is_one_line_with_its_pip_name(tmp_path, caps
     """The digits data needs scikit-learn, which a machine may lack (the GPU machine does)."""
     from ptq4vm_jax.data import digits
 
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # (import sklearn now raises ModuleNotFoundError)
+    for name in ("sklearn", "sklearn.datasets"):  # (importing them now raises ModuleNotFoundError)
+        monkeypatch.setitem(sys.modules, name, None)
     digits._raw_digits.cache_clear()
     try:
         with pytest.raises(SystemExit) as e:
