@@ -211,13 +211,14 @@ def default_layers(model: nn.Module, qlayers: Mapping[Path, QuantizedLinear]) ->
 def call_order(model: nn.Module, qparams: QuantizedParams) -> list[Path]:
     """The quantized layers in the order the model calls them (an abstract, shape-only forward)."""
     paths = set(flatten_layers(qparams.qlayers))
-    seen: dict = {}
+    called: list[Path] = []
 
     def run(qp: QuantizedParams, images: jax.Array) -> jax.Array:
-        with capture_dense(paths, outputs=seen):
+        with capture_dense(paths, called=called):
             return quantized_apply(model, qp, images)
 
     jax.eval_shape(run, qparams, jax.ShapeDtypeStruct(image_shape(model), jnp.float32))
+    seen = list(dict.fromkeys(called))  # first calls, in order
     return [*seen, *sorted(paths - set(seen), key=_natural_key)]
 
 
