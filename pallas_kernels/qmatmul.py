@@ -41,6 +41,7 @@ from pallas_kernels.qlinear import (
     nibbles,
     weight_colsum,
 )
+from pallas_kernels.token_loop import masked_load
 
 __all__ = [
     "GemmConfig",
@@ -326,10 +327,6 @@ def _mask2(rows_ok, cols_ok):
     return rows_ok[:, None] & cols_ok[None, :]
 
 
-def _load(ref, mask, other):
-    return ref[...] if mask is None else plt.load(ref, mask=mask, other=other)
-
-
 def _ptx(asm: str, *args: jax.Array) -> jax.Array:
     """Elementwise f32 PTX instruction (for operations Triton does not lower)."""
     args = jnp.broadcast_arrays(*args)
@@ -396,16 +393,16 @@ def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits,
     def codes_at(k0, k_ok):
         """Int8 codes of x[rows, k0:k0+bk] (masked K columns give code of 0 -> times w=0)."""
         xm = _mask2(rows_ok, k_ok)
-        x = _load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], xm, jnp.zeros((), x_ref.dtype))
+        x = masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], xm, jnp.zeros((), x_ref.dtype))
         if not fused:
             return x
-        inv_smooth = _load(sm_ref.at[pl.ds(k0, bk)], k_ok, jnp.float32(1.0))[None, :]
+        inv_smooth = masked_load(sm_ref.at[pl.ds(k0, bk)], k_ok, jnp.float32(1.0))[None, :]
         return quantize_tile(x, inv_smooth, inv_scale_col, zero_col, a_bits, exact_ptx)
 
     def body(step, acc):
         k0 = step * bk
         k_ok = None if kq % bk == 0 else (k0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < kq
-        w = _load(w_ref.at[pl.ds(k0, bk), pl.ds(col0, bn)], _mask2(k_ok, cols_ok), jnp.int8(0))
+        w = masked_load(w_ref.at[pl.ds(k0, bk), pl.ds(col0, bn)], _mask2(k_ok, cols_ok), jnp.int8(0))
         if not packed:
             return acc + jnp.dot(codes_at(k0, k_ok), w, preferred_element_type=jnp.int32)
         w_low, w_high = nibbles(w)
@@ -413,15 +410,15 @@ def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits,
         return acc + jnp.dot(codes_at(kq + k0, k_ok), w_high, preferred_element_type=jnp.int32)
 
     acc = lax.fori_loop(0, pl.cdiv(kq, bk), body, jnp.zeros((bm, bn), jnp.int32))
-    colsum = _load(cs_ref.at[pl.ds(col0, bn)], cols_ok, jnp.int32(0))
+    colsum = masked_load(cs_ref.at[pl.ds(col0, bn)], cols_ok, jnp.int32(0))
     acc = acc + (2 ** (a_bits - 1) - a_zero)[:, None] * colsum[None, :]
     if int_out:
         y = acc
     else:
-        w_scale = _load(ws_ref.at[pl.ds(col0, bn)], cols_ok, jnp.float32(0.0))
+        w_scale = masked_load(ws_ref.at[pl.ds(col0, bn)], cols_ok, jnp.float32(0.0))
         y = acc.astype(jnp.float32) * a_scale_col * w_scale[None, :]
         if b_ref is not None:
-            y = y + _load(b_ref.at[pl.ds(col0, bn)], cols_ok, jnp.float32(0.0))[None, :]
+            y = y + masked_load(b_ref.at[pl.ds(col0, bn)], cols_ok, jnp.float32(0.0))[None, :]
     out = o_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
     mask = _mask2(rows_ok, cols_ok)
     if mask is None:

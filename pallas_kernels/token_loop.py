@@ -1,5 +1,6 @@
 """What the Triton kernels that walk tokens with their state in registers share (the selective
-scan, Vim's fused mixer, VMamba's cross-scan): masked loads and stores, a program's tile of
+scan, Vim's fused mixer, VMamba's cross-scan): masked loads and stores (the Triton integer GEMM
+loads with them too), a program's tile of
 channels, dt_proj's low-rank product on chip, and the token loop with its unrolling and
 prefetching (``selective_scan.TokenLoopConfig``)."""
 
