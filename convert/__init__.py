@@ -12,96 +12,35 @@ Model families plug in by module: ``convert/<family>.py``, the family being
 from __future__ import annotations
 
 import importlib
-import os
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+# Each public name and the module defining it, loaded on first use (PEP 562), so that importing
+# ``convert.errors`` (which ``ptq4vm_jax.errors`` does for every command, ``--help`` included)
+# does not load the readers and ml_dtypes with them.
+_EXPORTS = {
+    "CheckpointError": "convert.errors",
+    "CheckpointMismatchError": "convert.errors",
+    "UnsafeCheckpointError": "convert.errors",
+    "FamilySpec": "convert.mapping",
+    "Rule": "convert.mapping",
+    "family_spec": "convert.reading",
+    "name_coverage": "convert.reading",
+    "read_checkpoint": "convert.reading",
+    "select_state_dict": "convert.reading",
+    "read_safetensors": "convert.safetensors_reader",
+    "read_torch_checkpoint": "convert.torch_reader",
+}
 
-from convert.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
-from convert.mapping import FamilySpec, Rule, strip_module_prefix
-from convert.safetensors_reader import read_safetensors
-from convert.torch_reader import read_torch_checkpoint
-
-__all__ = [
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "FamilySpec",
-    "Rule",
-    "UnsafeCheckpointError",
-    "family_spec",
-    "name_coverage",
-    "read_checkpoint",
-    "read_safetensors",
-    "read_torch_checkpoint",
-    "select_state_dict",
-]
+__all__ = sorted(_EXPORTS)
 
 
-def _looks_like_safetensors(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from None
-    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a ``.safetensors`` file (by suffix or content) or else a ``torch.save`` zip."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors") or (os.path.isfile(path) and _looks_like_safetensors(path)):
-        return read_safetensors(path)
-    return read_torch_checkpoint(path)
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(isinstance(v, np.ndarray) for v in obj.values()) and all(
-        isinstance(k, str) and (isinstance(v, np.ndarray) or v is None) for k, v in obj.items()
-    )
-
-
-def _describe(value: Any) -> str:
-    if _is_state_dict(value):
-        return f"state_dict of {sum(isinstance(v, np.ndarray) for v in value.values())} tensors"
-    return type(value).__name__
-
-
-def select_state_dict(checkpoint: Any, key: str | None, path: str = "checkpoint") -> Mapping[str, Any]:
-    """``checkpoint[key]`` ('model', 'model_ema', ...), or the checkpoint if it is a bare state_dict."""
-    if _is_state_dict(checkpoint):
-        return checkpoint
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict with a state_dict")
-    listing = ", ".join(f"{k!r} ({_describe(v)})" for k, v in checkpoint.items())
-    if key is None or key not in checkpoint:
-        raise CheckpointError(f"{path} has no entry {key!r} and is not a bare state_dict; its top-level "
-                              f"entries: {listing}. Pass key=<the entry holding the weights>", argument="key")
-    if not _is_state_dict(checkpoint[key]):
-        raise CheckpointError(f"{path}: entry {key!r} is a {_describe(checkpoint[key])}, not a state_dict "
-                              f"of tensors; top-level entries: {listing}")
-    return checkpoint[key]
-
-
-def family_spec(family: str) -> FamilySpec:
-    """The key map of a model family, from ``convert/<family>.py``."""
-    try:
-        module = importlib.import_module(f"convert.{family}")
-    except ModuleNotFoundError as e:
-        if e.name != f"convert.{family}":
-            raise
-        raise CheckpointError(f"no checkpoint converter for model family {family!r} "
-                              f"(expected convert/{family}.py defining SPEC)") from None
-    spec = getattr(module, "SPEC", None)
-    if not isinstance(spec, FamilySpec):
-        raise CheckpointError(f"convert/{family}.py does not define SPEC = FamilySpec(...)")
-    return spec
-
-
-def name_coverage(spec: FamilySpec, state_dict: Mapping[str, Any]) -> float:
-    """The fraction of the checkpoint's keys that ``spec``'s rules know by name."""
-    try:
-        keys = [strip_module_prefix(k) for k in spec.preprocess(state_dict)]
-    except Exception:  # another family's tensors may not fit this family's rewrites
-        return 0.0
-    return sum(any(r.to_ours(k) is not None for r in spec.rules) for k in keys) / max(len(keys), 1)
+def __dir__() -> list[str]:
+    return __all__

@@ -194,15 +194,16 @@ def test_import_convert_loads_no_jax() -> None:
 def test_the_packages_export_their_names_lazily() -> None:
     """``ptq4vm_jax`` and ``ptq4vm_jax.cli`` load no jax on import (the console command holds
     Ctrl-C before jax loads), nor does the parser (``ptq4vm --help`` and a mistyped flag need
-    none), and every public name the packages list resolves to its module's object."""
+    none, nor numpy and ml_dtypes, whose import alone takes most of a second), and every public
+    name the packages list resolves to its module's object."""
     code = ("import sys, ptq4vm_jax, ptq4vm_jax.cli, ptq4vm_jax.cli.entry, ptq4vm_jax.cli.app; "
             "ptq4vm_jax.cli.app.build_parser(); "
-            "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))")
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'numpy', 'ml_dtypes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     import importlib
 
-    for package in ("ptq4vm_jax", "ptq4vm_jax.cli"):
+    for package in ("ptq4vm_jax", "ptq4vm_jax.cli", "convert"):
         module = importlib.import_module(package)
         assert sorted(module.__all__) == sorted(module._EXPORTS)
         for name, home in module._EXPORTS.items():

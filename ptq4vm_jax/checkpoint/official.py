@@ -13,8 +13,8 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from convert import family_spec, name_coverage, read_checkpoint, select_state_dict
 from convert.mapping import FamilySpec, Mismatch, map_state_dict
+from convert.reading import family_spec, name_coverage, read_checkpoint, select_state_dict
 from ptq4vm_jax.checkpoint.checks import abstract_params, nonfinite_report
 from ptq4vm_jax.checkpoint.float_params import save_params
 from ptq4vm_jax.checkpoint.store import file_sha256
