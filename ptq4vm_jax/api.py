@@ -229,8 +229,9 @@ def quantized_apply(
     at rounding boundaries. ``model`` may be None (built from ``qparams``), a name or the module
     itself.
 
-    It runs one compiled program per model, mode, GEMM and input shapes, shared by every
-    ``QuantizedParams`` of those shapes, so evaluating several calibrations compiles once; inside
+    It runs one compiled program per model, mode, GEMM, input shapes and quantized program (the
+    layers' bit widths and ``QuantConfig.program``), shared by every ``QuantizedParams`` of those,
+    so evaluating several calibrations compiles once; inside
     a caller's ``jax.jit`` it becomes part of that program. Jitting a function that takes the
     ``QuantizedParams`` as an argument compiles again for each one (its config and calibration
     summary are static pytree data): call ``quantized_apply`` directly instead.

@@ -1,5 +1,5 @@
 """What calibration reports: a summary per stage, and the error that stops it. A leaf module, so
-the loop (``jlss``) and its resume state (``resume``) both import it without importing each other."""
+that the resume state (``resume``, which the loop ``jlss`` imports) needs nothing from the loop."""
 
 from __future__ import annotations
 
