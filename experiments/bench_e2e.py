@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ptq4vm_jax as pq
-from ptq4vm_jax.quant.integer import HOPPER_ONLY, is_hopper
+from ptq4vm_jax.gpu import is_hopper
+from ptq4vm_jax.quant.integer import HOPPER_ONLY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared module
 import bench_common as bc  # noqa: E402

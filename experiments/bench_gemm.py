@@ -53,7 +53,7 @@ from pallas_kernels import (
     weight_colsum,
 )
 from pallas_kernels.qmatmul_hopper import WGMMA_SWEEP, default_wgmma_config
-from ptq4vm_jax.quant.integer import is_hopper
+from ptq4vm_jax.gpu import is_hopper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared module
 import bench_common as bc  # noqa: E402

@@ -78,13 +78,13 @@ from pallas_kernels.cross_scan import (
     full_delta,
 )
 from pallas_kernels.vim_mixer import MIXER_SWEEP, default_mixer_config
+from ptq4vm_jax.gpu import is_hopper
 from ptq4vm_jax.models.vmamba import cross_merge, cross_scan
 from ptq4vm_jax.ops.cross_scan import INTERPRETER_CONFIG as INTERPRETER_CROSS
 from ptq4vm_jax.ops.cross_scan import grid_orders
 from ptq4vm_jax.ops.mixer import INTERPRETER_CONFIG, vim_mixer_ref
 from ptq4vm_jax.ops.norm import INTERPRETER_CONFIG as INTERPRETER_NORM
 from ptq4vm_jax.ops.scan import selective_scan_ref
-from ptq4vm_jax.quant.integer import is_hopper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling shared modules
 import bench_common as bc  # noqa: E402

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ptq4vm_jax import gpu
 from ptq4vm_jax.api_checks import check_eval_images, check_params, check_rules, model_for_qparams
 from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
@@ -241,7 +242,7 @@ def quantized_apply(
                         f"got {type(qparams).__name__}")
     model = model_for_qparams(model, qparams, scan)
     check_gemm(gemm)
-    if mode == "int" and gemm in PALLAS_GEMMS and jax.default_backend() != "gpu":
+    if mode == "int" and gemm in PALLAS_GEMMS and gpu.interpret_kernels():
         warnings.warn(ArgumentWarning(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: "
                                       "exact but slow, meant for testing (gemm='auto' or gemm='xla' is the "
                                       "fast path here)", argument="gemm"), stacklevel=2)

@@ -11,10 +11,11 @@ import ptq4vm_jax as pq
 from pallas_kernels import qmatmul_hopper
 from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, pack_weight
 from pallas_kernels.qmatmul import quantize_activations
+from ptq4vm_jax import gpu
 from ptq4vm_jax.cli import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import integer
-from ptq4vm_jax.quant.integer import gemm_backend_for, int_linear, is_hopper
+from ptq4vm_jax.quant.integer import gemm_backend_for, int_linear
 from ptq4vm_jax.quant.layer import simulate_int_linear
 
 pytestmark = pytest.mark.slow  # whole models through every integer GEMM, interpreters included
@@ -80,7 +81,7 @@ def test_bf16_int_mode_error_is_small(micro, pts):
 ON_GPU = jax.default_backend() == "gpu"
 # wgmma runs compiled on Hopper, in the Mosaic GPU interpreter off the GPU, not on other GPUs.
 BACKENDS = ("xla", "xla-bf16", "pallas") + (
-    ("wgmma", "mixed") if not ON_GPU or integer.is_hopper() else ())
+    ("wgmma", "mixed") if not ON_GPU or gpu.is_hopper() else ())
 
 
 def make_layer(seed, k, n, w_bits, a_bits, seq=13):
@@ -147,23 +148,23 @@ def tiny64(init_params):
 ])
 def test_auto_gemm_picks_wgmma_on_hopper_only(monkeypatch, platform, hopper, want):
     # in_proj, x_proj (N = 56) and dt_proj (K = 24): wgmma pads K and N to multiples of 64.
-    monkeypatch.setattr(integer.jax, "default_backend", lambda: platform)
-    monkeypatch.setattr(integer, "is_hopper", lambda: hopper)
+    monkeypatch.setattr(gpu, "on_gpu", lambda: platform == "gpu")
+    monkeypatch.setattr(gpu, "is_hopper", lambda: hopper)
     got = [gemm_backend_for(394, k, n, "auto") for k, n in [(768, 3072), (768, 56), (24, 768)]]
     assert got == want
 
 
 @pytest.mark.parametrize("backend", ["wgmma", "mixed"])
 def test_wgmma_backends_off_hopper_are_explained(monkeypatch, backend):
-    monkeypatch.setattr(integer.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(integer, "is_hopper", lambda: False)
+    monkeypatch.setattr(gpu, "on_gpu", lambda: True)
+    monkeypatch.setattr(gpu, "is_hopper", lambda: False)
     with pytest.raises(ValueError, match=rf"gemm='{backend}' needs a Hopper GPU .* gemm='pallas', "
                                          r"'xla-bf16' or 'xla'"):
         gemm_backend_for(394, 768, 3072, backend)
 
 
 def test_gemm_backend_choice_and_bad_names(tiny64):
-    auto = "wgmma" if ON_GPU and is_hopper() else "xla"
+    auto = "wgmma" if gpu.is_hopper() else "xla"
     assert gemm_backend_for(394, 768, 3072, "auto") == auto
     assert gemm_backend_for(394, 768, 56, "auto") == auto  # x_proj: N padded to 64 on wgmma
     if "wgmma" in BACKENDS:

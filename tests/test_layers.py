@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "ptq4vm_jax.errors": 0,  # error types every layer raises
     "ptq4vm_jax.lazy": 0,  # package attributes loaded on first use
     "ptq4vm_jax.choices": 0,  # names of the runtime choices (backends, modes), without jax
+    "ptq4vm_jax.gpu": 0,  # whether programs compile for a GPU: the one place the platform is read
     "ptq4vm_jax.trees": 0,  # nested-dict helpers
     "ptq4vm_jax.progress": 0,  # progress bars and log lines of long loops
     "ptq4vm_jax.dirs": 0,  # checks on the directories a run writes
@@ -228,3 +229,17 @@ def test_lazy_packages_reach_their_submodules_and_list_only_their_api() -> None:
     assert names == "QuantConfig selective_scan_ref ptq4vm_jax.calibrate.jlss run"
     assert {"ASSETS", "build_parser", "main", "run", "app", "entry"} <= set(eval(cli_dir))
     assert refused == "False False False"
+
+
+def test_only_the_gpu_module_reads_the_platform() -> None:
+    """``ptq4vm_jax.gpu`` is the one place the library asks jax which platform it compiles for
+    ("auto" backends, the Pallas interpreter off the GPU); everything else takes its backend as
+    an argument, so a test fakes the platform by patching that module alone."""
+    readers = []
+    for name, path in _modules().items():
+        if not name.startswith("ptq4vm_jax") or name == "ptq4vm_jax.gpu":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("default_backend", "compute_capability"):
+                readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not readers, "read the platform through ptq4vm_jax.gpu instead: " + ", ".join(readers)

@@ -8,22 +8,10 @@ import numpy as np
 import pytest
 
 import ptq4vm_jax as pq
+from ptq4vm_jax import gpu
 from ptq4vm_jax.ops import scan as scan_ops
 
 ON_GPU = jax.default_backend() == "gpu"
-
-
-class _ReportsBackend:
-    """jax as ``ptq4vm_jax.ops.scan`` sees it when its platform check is faked."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def default_backend(self):
-        return self.backend
-
-    def __getattr__(self, name):
-        return getattr(jax, name)
 
 
 @pytest.fixture
@@ -90,7 +78,7 @@ def test_float_and_quantized_evaluation_run_the_same_scan(nano, kernel_calls, mo
     qp = pq.quantize_params(params, images, model="vim_nano", config=cfg, progress=False, log=lambda _: None)
     model = pq.create_model("vim_nano")
     for platform in ("cpu", "gpu"):
-        monkeypatch.setattr(scan_ops, "jax", _ReportsBackend(platform))
+        monkeypatch.setattr(gpu, "on_gpu", lambda platform=platform: platform == "gpu")
         pq.api._forward.cache_clear()  # the platform is faked: a forward traced for the other must go
         kernel_calls.clear()
         model.apply({"params": params}, images[:2])

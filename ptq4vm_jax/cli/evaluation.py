@@ -34,11 +34,10 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
     """A Pallas GEMM off the GPU runs in the Pallas interpreter: exact, but far too slow for a
     dataset. Said once here; the library's own warning about it (``argument == "gemm"``) is
     then left out by ``main``."""
-    import jax
-
+    from ptq4vm_jax import gpu
     from ptq4vm_jax.choices import PALLAS_GEMMS
 
-    if args.mode == "int" and args.gemm in PALLAS_GEMMS and jax.default_backend() != "gpu":
+    if args.mode == "int" and args.gemm in PALLAS_GEMMS and gpu.interpret_kernels():
         print(f"ptq4vm eval: warning: --gemm {args.gemm} off the GPU runs its kernel in the Pallas "
               "interpreter: exact but slow, meant for testing (--gemm auto or xla is the fast path here)",
               file=sys.stderr)

@@ -17,9 +17,9 @@ def warn_if_scan_interpreted(args: argparse.Namespace) -> None:
     real work. Said once, with the flag's name."""
     import sys
 
-    import jax
+    from ptq4vm_jax import gpu
 
-    if args.scan in ("pallas", "fused") and jax.default_backend() != "gpu":
+    if args.scan in ("pallas", "fused") and gpu.interpret_kernels():
         print(f"ptq4vm {args.command}: warning: --scan {args.scan} off the GPU runs its kernels in the "
               "Pallas interpreter: exact but slow, meant for testing (--scan auto is the fast path here)",
               file=sys.stderr)

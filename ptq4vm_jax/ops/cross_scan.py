@@ -13,6 +13,7 @@ import numpy as np
 from pallas_kernels.cross_scan import CrossScanConfig, cross_scan_merge_ref
 from pallas_kernels.cross_scan import cross_scan_merge as cross_scan_merge_pallas
 from pallas_kernels.qlinear import LinearOperands
+from ptq4vm_jax import gpu
 from ptq4vm_jax.ops.scan import check_scan_backend, selective_scan
 
 #: The kernel's token loop in the Pallas interpreter (off the GPU): one token per trip, no
@@ -57,7 +58,7 @@ def cross_scan_merge(u: jax.Array, delta: jax.Array | LinearOperands, A: jax.Arr
         dt = {"dt_weight": delta.w, "dt_row_scale": delta.row_scale, "dt_col_scale": delta.col_scale}
         delta, delta_bias = delta.x, delta.bias
     if check_scan_backend(backend) == "fused":
-        interpret = jax.default_backend() != "gpu"
+        interpret = gpu.interpret_kernels()
         if config is None and interpret:
             config = INTERPRETER_CONFIG
         return cross_scan_merge_pallas(u, delta, A, B, C, D, delta_bias, orders, **dt, interpret=interpret,

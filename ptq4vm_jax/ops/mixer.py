@@ -12,6 +12,7 @@ from pallas_kernels.qlinear import LinearOperands, QuantizedActivation, Quantize
 from pallas_kernels.qmatmul import quantize_activations
 from pallas_kernels.vim_mixer import MixerConfig, MixerDirection
 from pallas_kernels.vim_mixer import vim_mixer as vim_mixer_pallas
+from ptq4vm_jax import gpu
 from ptq4vm_jax.ops.scan import (
     causal_depthwise_conv1d,
     check_scan_backend,
@@ -83,7 +84,7 @@ def vim_mixer(x: jax.Array, z: jax.Array | None, fwd: MixerDirection, bwd: Mixer
     x is in_proj's whole output (B, L, 2E) and z None (the kernel reads both halves in place)."""
     resolved = mixer_backend(backend)
     if resolved == "fused":
-        interpret = jax.default_backend() != "gpu"
+        interpret = gpu.interpret_kernels()
         if config is None and interpret:
             config = INTERPRETER_CONFIG
         y = vim_mixer_pallas(x, z, fwd, bwd, divide_out=divide_out, interpret=interpret, config=config,

@@ -12,6 +12,7 @@ from pallas_kernels.add_norm import NormConfig, add_rmsnorm_ref
 from pallas_kernels.add_norm import add_rmsnorm as add_rmsnorm_pallas
 from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear
 from pallas_kernels.qmatmul import quantize_activations
+from ptq4vm_jax import gpu
 from ptq4vm_jax.ops.mixer import mixer_backend
 
 #: The kernel's tiles in the Pallas interpreter (off the GPU): many rows per step, since each
@@ -31,7 +32,7 @@ def add_rmsnorm(hidden: jax.Array, residual: jax.Array, weight: jax.Array, *, ep
     kernel's epilogue on the fused backend)."""
     dtype = jnp.dtype(out_dtype)
     if mixer_backend(backend) == "fused":
-        interpret = jax.default_backend() != "gpu"
+        interpret = gpu.interpret_kernels()
         config = INTERPRETER_CONFIG if interpret else None
         out, res = add_rmsnorm_pallas(hidden, residual, weight, eps=eps, out_dtype=dtype, quant=quant,
                                       interpret=interpret, config=config)

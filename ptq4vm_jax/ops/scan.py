@@ -15,6 +15,7 @@ from jax import lax
 
 from pallas_kernels.selective_scan import ScanConfig
 from pallas_kernels.selective_scan import selective_scan as selective_scan_pallas
+from ptq4vm_jax import gpu
 from ptq4vm_jax.choices import SCAN_BACKENDS
 
 
@@ -139,7 +140,7 @@ def resolve_scan_backend(scan: str) -> str:
     """The selective scan's own backend: "auto" -> "pallas" on GPU (the kernel), "ref" elsewhere;
     "fused" -> "pallas" (a scan outside a fused mixer); "ref" and "pallas" stay as they are."""
     if check_scan_backend(scan) == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "ref"
+        return "pallas" if gpu.on_gpu() else "ref"
     return "pallas" if scan == "fused" else scan
 
 
@@ -159,7 +160,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     """
     if resolve_scan_backend(backend) == "pallas":
         return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                     interpret=jax.default_backend() != "gpu", config=config)
+                                     interpret=gpu.interpret_kernels(), config=config)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 

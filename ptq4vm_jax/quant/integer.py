@@ -22,6 +22,7 @@ from pallas_kernels.qmatmul import (
     qmatmul_ref,
 )
 from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, qmatmul_wgmma_codes, supports_qmatmul_wgmma
+from ptq4vm_jax import gpu
 from ptq4vm_jax.choices import GEMM_BACKENDS, HOPPER_ONLY, PALLAS_GEMMS
 from ptq4vm_jax.errors import ArgumentError
 
@@ -34,24 +35,18 @@ def check_gemm(gemm: str) -> None:
         raise ValueError(f"gemm must be one of {GEMM_BACKENDS}, got {gemm!r}")
 
 
-def is_hopper() -> bool:
-    """Whether the default device is an sm_90 GPU (H100/H200), the one wgmma runs on."""
-    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
-
-
 def default_gemm() -> str:
     """What ``gemm="auto"`` means on this platform: "wgmma" on Hopper, "xla" elsewhere."""
-    return "wgmma" if jax.default_backend() == "gpu" and is_hopper() else "xla"
+    return "wgmma" if gpu.is_hopper() else "xla"
 
 
 def gemm_backend_for(m: int, k: int, n: int, backend: str) -> str:
     """The implementation one (M, K) x (K, N) integer linear runs on."""
     check_gemm(backend)
-    on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
         backend = default_gemm()
     if backend in HOPPER_ONLY:
-        if on_gpu and not is_hopper():
+        if gpu.on_gpu() and not gpu.is_hopper():
             raise ArgumentError(f"gemm={backend!r} needs a Hopper GPU (sm_90: H100/H200), not "
                                 f"{jax.devices()[0].device_kind}; use gemm='pallas', 'xla-bf16' or 'xla'",
                                 argument="gemm")
@@ -79,7 +74,7 @@ def int_linear(x: jax.Array | QuantizedActivation, layer: QuantizedLinear, gemm:
         layer = dataclasses.replace(layer, smooth=jnp.pad(layer.smooth, (0, 1), constant_values=1.0))
     backend = gemm_backend_for(x.shape[0] * x.shape[1], layer.in_features, layer.out_features, gemm)
     on_floats, on_codes = _entry_points(backend)
-    kw = {"interpret": jax.default_backend() != "gpu"} if backend in PALLAS_GEMMS else {}
+    kw = {"interpret": gpu.interpret_kernels()} if backend in PALLAS_GEMMS else {}
     if codes is not None:
         return on_codes(codes, layer, out_dtype=dtype, **kw)
     return on_floats(x, layer, out_dtype=dtype, **kw)

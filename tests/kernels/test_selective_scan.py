@@ -14,6 +14,7 @@ from pallas_kernels.selective_scan import (
     default_scan_config,
     selective_scan,
 )
+from ptq4vm_jax import gpu
 from ptq4vm_jax.ops import scan as scan_ops
 from ptq4vm_jax.ops.scan import selective_scan_ref
 
@@ -299,19 +300,6 @@ def test_trainable_gradients_bf16_and_vmapped_directions():
         assert_close(gk, gr, 2e-2)
 
 
-class _ReportsBackend:
-    """jax as ``ptq4vm_jax.ops.scan`` sees it when its platform check is faked."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def default_backend(self):
-        return self.backend
-
-    def __getattr__(self, name):
-        return getattr(jax, name)
-
-
 @pytest.mark.parametrize("backend,on_gpu,kernel", [
     ("ref", True, False), ("pallas", False, True), ("pallas", True, True), ("auto", True, True),
     ("auto", False, False),
@@ -329,7 +317,7 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
         return _fn(*args, **{**kw, "interpret": INTERPRET})
 
     monkeypatch.setattr(scan_ops, "selective_scan_pallas", spy)
-    monkeypatch.setattr(scan_ops, "jax", _ReportsBackend("gpu" if on_gpu else "cpu"))
+    monkeypatch.setattr(gpu, "on_gpu", lambda: on_gpu)
     # D, z and delta_bias all differ, delta_softplus=False and reverse=True are not the defaults:
     # a dropped or misplaced argument changes the output.
     inp = make_inputs(5, 1, 16, 32, 16)

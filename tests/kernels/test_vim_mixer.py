@@ -14,7 +14,9 @@ import pytest
 from pallas_kernels.qlinear import QuantizedLinear
 from pallas_kernels.qmatmul import quantize_activations
 from pallas_kernels.vim_mixer import MixerConfig, MixerDirection, vim_mixer
+from ptq4vm_jax import gpu
 from ptq4vm_jax.ops import mixer as mixer_ops
+from ptq4vm_jax.ops import scan as scan_ops
 from ptq4vm_jax.ops.mixer import vim_mixer_ref
 from ptq4vm_jax.quant.layer import simulate_int_linear
 from ptq4vm_jax.quant.quantizers import quantize_act_int
@@ -160,19 +162,6 @@ def test_trainable_gradients_match_reference():
         assert_close(gk, gr, 1e-5)
 
 
-class _ReportsBackend:
-    """jax as ``ptq4vm_jax.ops.mixer`` sees it when its platform check is faked."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def default_backend(self):
-        return self.backend
-
-    def __getattr__(self, name):
-        return getattr(jax, name)
-
-
 @pytest.mark.parametrize("backend,on_gpu,kernel", [("fused", False, True), ("auto", True, False),
                                                    ("auto", False, False), ("ref", True, False)])
 def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkeypatch):
@@ -185,7 +174,11 @@ def test_dispatcher_runs_the_backend_it_is_given(backend, on_gpu, kernel, monkey
         return _fn(*args, **{**kw, "interpret": INTERPRET})
 
     monkeypatch.setattr(mixer_ops, "vim_mixer_pallas", spy)
-    monkeypatch.setattr(mixer_ops, "jax", _ReportsBackend("gpu" if on_gpu else "cpu"))
+    monkeypatch.setattr(gpu, "on_gpu", lambda: on_gpu)
+    # ("auto" on a faked GPU runs the per-direction Pallas scans: as this machine can)
+    scan = scan_ops.selective_scan_pallas
+    monkeypatch.setattr(scan_ops, "selective_scan_pallas",
+                        lambda *a, **kw: scan(*a, **{**kw, "interpret": INTERPRET}))
     x, z, fwd, bwd = make_inputs(5, 1, 9, 16, 2)
     y = mixer_ops.vim_mixer(x, z, fwd, bwd, divide_out=False, backend=backend,
                             config=SMALL)
