@@ -76,8 +76,8 @@ def evaluate(
             hits5 += int((_topk_hits(logits, labels, k) & mask).sum())
             seen = int(mask.sum())
             n += seen
+            bar.set_postfix(top1=f"{100.0 * hits1 / max(n, 1):.2f}")  # before the update that draws it
             bar.update(seen)
-            bar.set_postfix(top1=f"{100.0 * hits1 / max(n, 1):.2f}")
             if num_examples is not None and n >= num_examples:
                 break
     finally:

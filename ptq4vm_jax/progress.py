@@ -17,7 +17,11 @@ class Progress:
     """The calls a loop makes: ``update(n)``, ``set_postfix(**values)`` and ``close()`` (also as
     a context manager). This base class draws nothing (progress turned off). ``closed`` says
     whether ``close()`` ran (a loop stopped by an exception must still close its bar, or the
-    next message lands on the half-drawn line)."""
+    next message lands on the half-drawn line).
+
+    ``set_postfix`` draws nothing: it sets the values shown from the next ``update`` (or the
+    ``close``) on, so a loop calls it before ``update`` with the values that hold once the new
+    units are counted, and every drawn line shows a count and the values of that count."""
 
     closed = False
 
@@ -49,7 +53,7 @@ class _Bar(Progress):
         self.bar.update(n)
 
     def set_postfix(self, **values: Any) -> None:
-        self.bar.set_postfix(**values)
+        self.bar.set_postfix(refresh=False, **values)  # drawn by the update that follows
 
     def close(self) -> None:
         self.bar.close()

@@ -80,6 +80,63 @@ def test_progress_on_a_terminal_is_a_bar(monkeypatch):
     assert "\r" in term.getvalue() and "6/6" in term.getvalue()  # redrawn in place by tqdm
 
 
+def _running_top1_batches(hits_per_batch, size=3):
+    """Batches of ``size`` images of which the first ``hits`` are predicted right, and the
+    running top-1 (as printed) after each image count, so every printed line can be checked."""
+    batches, running, hits, n = [], {}, 0, 0
+    for h in hits_per_batch:
+        labels = np.arange(size) % 10
+        preds = np.where(np.arange(size) < h, labels, (labels + 1) % 10)
+        batches.append((preds, labels))
+        hits, n = hits + h, n + size
+        running[n] = f"{100.0 * hits / n:.2f}"
+    return batches, running
+
+
+HITS = [3, 0, 2, 1, 3, 0, 0, 2, 3, 1]  # a running top-1 that changes after every batch
+
+
+def test_each_progress_line_shows_the_top1_of_its_own_count(capsys):
+    """In a log, every line's top1 is that of the images counted on it, the last one the result."""
+    batches, running = _running_top1_batches(HITS)
+    out = evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=30)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10
+    for line in lines:
+        count = int(line.split()[1].split("/")[0])
+        assert line.endswith(f" top1={running[count]}"), (line, running[count])
+    assert lines[-1].startswith("eval: 30/30 img (100%)")
+    assert lines[-1].endswith(f" top1={out['top1']:.2f}")
+    batches, running = _running_top1_batches(HITS[:7])  # unknown total: only the closing line
+    out = evaluate(lambda p: one_hot_logits(p), batches, progress=True)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f" top1={out['top1']:.2f}")
+
+
+def test_each_bar_drawn_on_a_terminal_shows_the_top1_of_its_own_count(monkeypatch):
+    import io
+    import re
+    import sys
+    import time
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    batches, running = _running_top1_batches(HITS[:4])
+
+    def slow(p):  # past tqdm's minimum interval between redraws, so every update draws
+        time.sleep(0.12)
+        return one_hot_logits(p)
+
+    out = evaluate(slow, batches, progress=True, total=12)
+    drawn = re.findall(r"(\d+)/12 [^\r\n]*top1=([\d.]+)", term.getvalue())
+    assert len(drawn) >= 4
+    assert all(top1 == running[int(count)] for count, top1 in drawn), (drawn, running)
+    assert drawn[-1] == ("12", f"{out['top1']:.2f}")
+
+
 def test_evaluate_errors():
     with pytest.raises(ValueError, match=r"returned shape \(3,\) for a batch of 3 labels"):
         evaluate(lambda _: np.zeros(3), [(None, np.zeros(3))], progress=False)

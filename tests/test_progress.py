@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 
 import pytest
 
@@ -18,10 +19,11 @@ def test_a_terminal_gets_a_bar_redrawn_in_place():
     term = Terminal()
     with progress_bar(40, "work", unit="step", stream=term) as bar:
         for _ in range(40):
-            bar.update()
             bar.set_postfix(loss="0.5")
+            bar.update()
     out = term.getvalue()
-    assert out.count("\r") > 2 and "40/40" in out and "loss=0.5" in out
+    assert out.count("\r") >= 2 and out.count("\n") == 1  # redrawn in place, one line left at the end
+    assert "40/40" in out and "loss=0.5" in out
 
 
 def test_a_pipe_gets_one_plain_line_per_tenth():
@@ -29,13 +31,26 @@ def test_a_pipe_gets_one_plain_line_per_tenth():
     with os.fdopen(write, "w") as stream, progress_bar(1000, "work", unit="img", stream=stream) as bar:
         assert not stream.isatty()
         for _ in range(1000):
-            bar.update()
             bar.set_postfix(top1="50.00")
+            bar.update()
     with os.fdopen(read) as f:
         lines = f.read().splitlines()
     assert "\r" not in "".join(lines) and len(lines) == 10
     assert [line.split()[1] for line in lines] == [f"{k * 100}/1000" for k in range(1, 11)]
     assert lines[4].startswith("work: 500/1000 img (50%), ") and lines[4].endswith(" top1=50.00")
+
+
+@pytest.mark.parametrize("stream", [Terminal(), io.StringIO()])
+def test_every_line_drawn_shows_the_values_of_its_own_count(stream):
+    """set_postfix before update: the values go with the units that update adds, and nothing is
+    drawn between the two calls (a line with the old count and the new values)."""
+    with progress_bar(5, "eval", unit="img", lines=5, stream=stream) as bar:
+        for k in range(1, 6):
+            bar.set_postfix(done=k)
+            bar.update()
+    drawn = re.findall(r"(\d)/5[^\r\n]*done=(\d)", stream.getvalue())
+    assert drawn and drawn[-1] == ("5", "5")
+    assert all(count == done for count, done in drawn), drawn
 
 
 def test_lines_and_leave_control_what_a_log_gets():
