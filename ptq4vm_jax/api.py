@@ -91,7 +91,10 @@ def quantize_params(
     ``model_overrides``: the model's sizes, stored with the result, and the runtime choices
     (``models.RUNTIME_CHOICES``: ``scan``, ``dtype``) calibration runs with, not stored.
     ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
-    with exactly the uninterrupted result.
+    with exactly the uninterrupted result. The summary's ``calibration_seconds`` counts every
+    block, those restored from ``resume_dir`` with the seconds recorded when they ran;
+    ``calibration_seconds_this_run`` is this call's share and ``resumed_stages`` names the
+    restored blocks.
 
     Raises TypeError or ValueError (``ptq4vm_jax.errors.ArgumentError`` naming the parameter) for
     unusable inputs, checked before any long work: params that are not the model's, NaN/inf in
@@ -150,8 +153,12 @@ def quantize_params(
     seconds = time.perf_counter() - t0
     qlayers, float_params = finalize(layers, params)
     qlayers = _uncommitted(qlayers)
+    # Blocks finished by an interrupted run and restored here count with their recorded seconds.
+    restored = store.restored if store is not None else []
     info = dict(
-        calibration_seconds=seconds,
+        calibration_seconds=seconds + sum(r.seconds for r in restored),
+        calibration_seconds_this_run=seconds,
+        resumed_stages=[r.name for r in restored],
         num_calib=int(images.shape[0]),
         devices=len(images.sharding.device_set),
         quantized_layers=[path_str(p) for p in paths],

@@ -68,6 +68,7 @@ class ResumeStore:
         self.carry_treedef = carry_treedef
         self.digests = dict(digests or {})
         self.settings = json.loads(json.dumps(settings or {}, default=str))  # as stored and read back
+        self.restored: list[StageReport] = []  # the finished blocks' reports that load() returned
 
     def _differences(self, meta: dict) -> str:
         theirs, their_settings = meta.get("digests") or {}, meta.get("settings") or {}
@@ -190,9 +191,11 @@ class ResumeStore:
         """
         meta, arrays = self._read(arrays=True)
         try:
-            return self._unpack(meta, arrays)
+            loaded = self._unpack(meta, arrays)
         except _CORRUPT as e:
             raise self._corrupt(f"{type(e).__name__}: {e}") from e
+        self.restored = list(loaded[4])
+        return loaded
 
     def _unpack(self, meta: dict, arrays: dict[str, np.ndarray]) -> tuple[int, dict, Any, Any, list]:
         layers: dict = {}

@@ -82,6 +82,17 @@ def check_recipe(args: argparse.Namespace, family: str, available: int | None) -
                          "larger dataset")
 
 
+def resumed_note(summary: dict) -> str:
+    """What part of the calibration time an earlier, interrupted run spent (its blocks restored
+    from --resume), or "" when this run calibrated every block."""
+    names = summary.get("resumed_stages") or []
+    if not names:
+        return ""
+    which = (f"block {names[0]}" if len(names) == 1 else
+             f"{len(names)} blocks, {names[0]} to {names[-1]},")
+    return f" ({summary['calibration_seconds_this_run']:.1f}s in this run; {which} from --resume)"
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ptq4vm_jax import create_model, quantize_params, save_quantized
     from ptq4vm_jax.checkpoint import QUANT_FORMAT
@@ -118,8 +129,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"{head}, which kept their "
               f"initial scales ({', '.join(reverted[:5])}{', ...' if len(reverted) > 5 else ''}); lower "
               "--lr-w/--lr-a/--lr-s to let them learn, or pass --keep-learned to keep the learned scales")
-    print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s; "
-          f"wrote {args.out}")
+    print(f"calibrated {len(s['quantized_layers'])} linears in {s['calibration_seconds']:.1f}s"
+          f"{resumed_note(s)}; wrote {args.out}")
     if args.resume and Path(args.resume).is_dir():
         held = sum(f.stat().st_size for f in Path(args.resume).iterdir() if f.is_file())
         print(f"note: --resume {args.resume} ({held / 2**20:.1f} MB) holds the finished run, which this "

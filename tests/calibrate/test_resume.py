@@ -1,7 +1,10 @@
 """Resumable calibration: a kill anywhere, a layer outside the blocks, damaged state files."""
 
 import dataclasses
+import itertools
 import os
+import time
+import types
 
 import jax
 import numpy as np
@@ -9,7 +12,9 @@ import pytest
 
 from ptq4vm_jax import create_model
 from ptq4vm_jax.api import quantize_params, quantized_apply, quantized_layers
+from ptq4vm_jax.calibrate import jlss
 from ptq4vm_jax.calibrate.resume import fingerprints
+from ptq4vm_jax.cli.quantize import resumed_note
 from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule
 from ptq4vm_jax.quant.params import to_arrays
 
@@ -98,6 +103,33 @@ def test_a_kill_at_any_replace_resumes_to_the_uninterrupted_result(setup, tmp_pa
     said = (f"resuming after stage {committed} of 2 (layers_{committed - 1}; {committed} calibrated blocks "
             f"done) from {tmp_path}")
     assert resumed == ([said] if committed else [])
+
+
+def test_a_resumed_run_counts_the_seconds_of_its_restored_blocks(setup, tmp_path, monkeypatch):
+    """The recorded total is every block's time, those of the interrupted run included; the CLI
+    line says how much of it this run spent and which blocks came from --resume."""
+    ticks = itertools.count(1)
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + 100.0 * next(ticks))
+    with monkeypatch.context() as m:  # the interrupted run's block took 100 s more than it did
+        m.setattr(jlss, "time", clock)
+        kill_at_replace(m, tmp_path, call=2, after=True)  # killed once layers_0 is saved
+        with pytest.raises(Killed):
+            run(setup, tmp_path)
+    s = run(setup, tmp_path).summary
+    assert s["stages"][0]["seconds"] >= 100.0  # (as recorded before the interruption)
+    assert s["calibration_seconds"] >= sum(st["seconds"] for st in s["stages"])  # the table's sum
+    assert s["resumed_stages"] == ["layers_0"]
+    this_run = s["calibration_seconds_this_run"]
+    assert this_run < 100.0 and this_run >= s["stages"][1]["seconds"]
+    assert s["calibration_seconds"] == pytest.approx(this_run + s["stages"][0]["seconds"])
+    assert resumed_note(s) == f" ({this_run:.1f}s in this run; block layers_0 from --resume)"
+    s = run(setup, tmp_path).summary  # a finished run again: every block restored
+    assert s["resumed_stages"] == ["layers_0", "layers_1"]
+    assert s["calibration_seconds"] >= sum(st["seconds"] for st in s["stages"]) >= 100.0
+    assert resumed_note(s).endswith("in this run; 2 blocks, layers_0 to layers_1, from --resume)")
+    fresh = run(setup, tmp_path / "fresh").summary
+    assert fresh["resumed_stages"] == [] and resumed_note(fresh) == ""
+    assert fresh["calibration_seconds"] == fresh["calibration_seconds_this_run"]
 
 
 def test_rerunning_a_finished_run_with_a_head_rule_gives_its_result(setup, tmp_path):
