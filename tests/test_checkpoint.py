@@ -137,6 +137,20 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path, params):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
+def test_refuses_to_replace_a_checkpoint_holding_other_files(tmp_path, params):
+    """A checkpoint's directory holds its metadata and its tree; anything else put there (notes,
+    a result written inside it) would go with a replacement, so it is refused and kept."""
+    save_params(tmp_path / "ck", params, model_name="vim_micro")
+    (tmp_path / "ck" / "w8a8").mkdir()
+    (tmp_path / "ck" / "w8a8" / "metadata.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"ck holds a checkpoint and also other files \(w8a8\), which "
+                                              "replacing it would delete; refusing to replace it"):
+        save_params(tmp_path / "ck", params, model_name="vim_micro")
+    assert (tmp_path / "ck" / "w8a8" / "metadata.json").read_text() == "{}"
+    shutil.rmtree(tmp_path / "ck" / "w8a8")
+    save_params(tmp_path / "ck", params, model_name="vim_micro")  # its own entries alone: replaced
+
+
 def test_wrong_params_are_caught_at_save(tmp_path, params):
     bad = jax.tree.map(lambda a: a, params)
     bad["head"]["kernel"] = np.zeros((48, 3), np.float32)

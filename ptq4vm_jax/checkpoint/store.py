@@ -32,6 +32,7 @@ from ptq4vm_jax.checkpoint.checks import (
     tree_mismatches,
 )
 from ptq4vm_jax.checkpoint.quiet_orbax import quiet_late_orbax_callbacks
+from ptq4vm_jax.dirs import listing
 from ptq4vm_jax.errors import CheckpointError
 from ptq4vm_jax.held_signals import signals_held
 from ptq4vm_jax.models import canonical_name
@@ -70,10 +71,12 @@ def _held_model(meta: Mapping[str, Any]) -> str | None:
 
 def check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
     """Overwriting replaces only a checkpoint of the same format and model (``metadata``'s
-    ``model_name`` None: any model, for checks made before the model is known).
+    ``model_name`` None: any model, for checks made before the model is known), holding nothing
+    but a checkpoint's own entries.
 
-    A mistyped output path must neither wipe unrelated files nor turn a float checkpoint (the
-    expensive, converted or trained one) into a quantized one or into another model's params.
+    A mistyped output path must neither wipe unrelated files (also not the notes or results
+    someone put inside a checkpoint's directory) nor turn a float checkpoint (the expensive,
+    converted or trained one) into a quantized one or into another model's params.
     """
     if os.path.isdir(path) and not os.listdir(path):
         return
@@ -95,6 +98,11 @@ def check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{path} holds {kind} of {held}; refusing to replace it with {kind} of "
                               f"{new}: a checkpoint is only replaced by one of the same model. To keep "
                               f"it, {fix}")
+    others = set(os.listdir(path)) - {METADATA_FILE, TREE_DIR}
+    if others:
+        raise CheckpointError(f"{path} holds a checkpoint and also other files ({listing(others)}), which "
+                              f"replacing it would delete; refusing to replace it. Move them out of {path}, "
+                              f"or {fix}")
 
 
 def array_digest(array: Any) -> str:

@@ -20,11 +20,11 @@ def user_path(text: str) -> str:
 
 def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str | None],
               announce: bool = True) -> None:
-    """Refuse an --out that would fail or destroy something at the end: one of the run's inputs,
-    a file, anything ``write_checkpoint`` would refuse to replace, or a place that cannot be
-    written (tried in its nearest existing ancestor, leaving nothing behind). Paths are compared
-    resolved, through symlinks and "..". A checkpoint it will replace is named (``announce``) once
-    the model is known."""
+    """Refuse an --out that would fail or destroy something at the end: one of the run's inputs
+    or a place inside one, a file, anything ``write_checkpoint`` would refuse to replace, or a
+    place that cannot be written (tried in its nearest existing ancestor, leaving nothing behind).
+    Paths are compared resolved, through symlinks and "..". A checkpoint it will replace is named
+    (``announce``) once the model is known."""
     from ptq4vm_jax.checkpoint import check_replaceable, read_metadata
 
     target = Path(out).resolve()
@@ -32,6 +32,9 @@ def check_out(out: str, *, format: str, model: str | None, inputs: dict[str, str
         if path and Path(path).resolve() == target:
             raise UsageError(f"--out {out} is the same path as {flag}: writing the result would "
                              f"destroy {flag}; choose another --out")
+        if path and target.is_relative_to(Path(path).resolve()):
+            raise UsageError(f"--out {out} lies inside {flag} {path}: replacing or deleting {flag} would "
+                             "delete the result; give it a directory of its own, outside every input")
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {out} is an existing file; give a directory path")
     if target.exists():

@@ -142,6 +142,12 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
         main([*base, "--out", str(fc)])
     with pytest.raises(SystemExit, match="same path as --resume"):
         main([*base, "--resume", str(tmp_path / "r"), "--out", str(tmp_path / "r")])
+    # Inside an input: replacing or deleting the input would take the result with it.
+    with pytest.raises(SystemExit, match=r"--out .*float/w8a8 lies inside --params"):
+        main([*base, "--out", str(fc / "w8a8")])
+    with pytest.raises(SystemExit, match=r"--out .*r/q lies inside --resume"):
+        main([*base, "--resume", str(tmp_path / "r"), "--out", str(tmp_path / "r" / "q")])
+    assert not (fc / "w8a8").exists() and not (tmp_path / "r").exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     for out, said in ((tmp_path / "notes", "exists and is not a ptq4vm-jax checkpoint; refusing"),
@@ -166,6 +172,12 @@ def test_out_that_would_fail_or_destroy_is_refused_before_any_work(tmp_path, cap
     main([*base, "--out", str(q)])
     main([*base, "--w-bits", "4", "--out", str(q)])
     assert json.loads((q / "metadata.json").read_text())["config"]["w_bits"] == 4
+    (q / "notes.txt").write_text("mine")  # a checkpoint that someone keeps other files in
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--out", str(q)])
+    assert e.value.code == 2 and "also other files (notes.txt)" in capsys.readouterr().err
+    assert (q / "notes.txt").read_text() == "mine"
+    (q / "notes.txt").unlink()
     with pytest.raises(SystemExit) as e:
         main(["quantize", "--params", str(MICRO.parent / "vmamba_micro"), "--calib", "digits:train",
               "--num-calib", "8", "--method", "rtn", "--out", str(q)])
@@ -601,7 +613,8 @@ def test_the_demo_says_it_replaces_earlier_checkpoints(tmp_path, capsys, monkeyp
     import ptq4vm_jax
 
     earlier = tmp_path / "vim_micro" / "ptq4vm_w4a8"
-    shutil.copytree(Path(__file__).parents[1] / "data" / "quantized_v1" / "vim_micro_w4a8_pts", earlier)
+    fixture = Path(__file__).parents[1] / "data" / "quantized_v1" / "vim_micro_w4a8_pts"
+    shutil.copytree(fixture, earlier, ignore=shutil.ignore_patterns("*.npy"))  # the checkpoint alone
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
