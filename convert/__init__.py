@@ -27,6 +27,7 @@ _EXPORTS = {
     "name_coverage": "convert.reading",
     "read_checkpoint": "convert.reading",
     "select_state_dict": "convert.reading",
+    "state_dict_entry": "convert.reading",
     "read_safetensors": "convert.safetensors_reader",
     "read_torch_checkpoint": "convert.torch_reader",
 }

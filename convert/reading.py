@@ -14,7 +14,11 @@ from convert.mapping import FamilySpec, strip_module_prefix
 from convert.safetensors_reader import read_safetensors
 from convert.torch_reader import read_torch_checkpoint
 
-__all__ = ["family_spec", "name_coverage", "read_checkpoint", "select_state_dict"]
+__all__ = ["family_spec", "name_coverage", "read_checkpoint", "select_state_dict", "state_dict_entry"]
+
+#: The entries that hold the weights when no key is given, in the order they are looked for: the
+#: official Vim and VMamba training scripts save ``{'model': ...}``, LocalMamba's ``{'state_dict': ...}``.
+DEFAULT_KEYS = ("model", "state_dict")
 
 
 def _looks_like_safetensors(path: str) -> bool:
@@ -46,20 +50,37 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def select_state_dict(checkpoint: Any, key: str | None, path: str = "checkpoint") -> Mapping[str, Any]:
-    """``checkpoint[key]`` ('model', 'model_ema', ...), or the checkpoint if it is a bare state_dict."""
+def state_dict_entry(checkpoint: Any, key: str | None = None, path: str = "checkpoint") -> str | None:
+    """The top-level entry of ``checkpoint`` that holds its state_dict, or None for a bare state_dict.
+
+    ``key=None`` (the default) takes the first of ``DEFAULT_KEYS`` the checkpoint has, else a bare
+    state_dict. A ``key`` given explicitly must be an entry of the checkpoint: a bare state_dict
+    has none, and is refused rather than read in place of the entry asked for.
+    """
     if _is_state_dict(checkpoint):
-        return checkpoint
+        if key is None:
+            return None
+        raise CheckpointError(f"{path} is a bare {_describe(checkpoint)} with no entry {key!r}: drop key= "
+                              "to read it", argument="key")
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict with a state_dict")
     listing = ", ".join(f"{k!r} ({_describe(v)})" for k, v in checkpoint.items())
-    if key is None or key not in checkpoint:
-        raise CheckpointError(f"{path} has no entry {key!r} and is not a bare state_dict; its top-level "
+    entry = key if key is not None else next((k for k in DEFAULT_KEYS if k in checkpoint), None)
+    if entry is None or entry not in checkpoint:
+        wanted = repr(key) if key is not None else " or ".join(map(repr, DEFAULT_KEYS))
+        raise CheckpointError(f"{path} has no entry {wanted} and is not a bare state_dict; its top-level "
                               f"entries: {listing}. Pass key=<the entry holding the weights>", argument="key")
-    if not _is_state_dict(checkpoint[key]):
-        raise CheckpointError(f"{path}: entry {key!r} is a {_describe(checkpoint[key])}, not a state_dict "
-                              f"of tensors; top-level entries: {listing}")
-    return checkpoint[key]
+    if not _is_state_dict(checkpoint[entry]):
+        raise CheckpointError(f"{path}: entry {entry!r} is a {_describe(checkpoint[entry])}, not a "
+                              f"state_dict of tensors; top-level entries: {listing}", argument="key")
+    return entry
+
+
+def select_state_dict(checkpoint: Any, key: str | None = None, path: str = "checkpoint") -> Mapping[str, Any]:
+    """``checkpoint[key]`` ('model', 'model_ema', ...); with ``key=None`` the first of ``DEFAULT_KEYS``
+    the checkpoint has, or the checkpoint itself if it is a bare state_dict (``state_dict_entry``)."""
+    entry = state_dict_entry(checkpoint, key, path)
+    return checkpoint if entry is None else checkpoint[entry]
 
 
 def family_spec(family: str) -> FamilySpec:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from convert.mapping import FamilySpec, Mismatch, map_state_dict
-from convert.reading import family_spec, name_coverage, read_checkpoint, select_state_dict
+from convert.reading import family_spec, name_coverage, read_checkpoint, state_dict_entry
 from ptq4vm_jax.checkpoint.checks import abstract_params, nonfinite_report
 from ptq4vm_jax.checkpoint.float_params import save_params
 from ptq4vm_jax.checkpoint.store import file_sha256
@@ -35,9 +35,23 @@ def _pairs(sizes: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sizes.items())
 
 
+def _flags(sizes: Mapping[str, Any]) -> str:
+    """``sizes`` as the ``--model-arg`` flags that pass them (a tuple as its comma-separated items)."""
+    return " ".join(
+        "--model-arg " + shlex.quote(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}")
+        for k, v in sizes.items())
+
+
+def _either(options: list[dict[str, Any]], show: Any) -> str:
+    return "either " + " or ".join(show(o) for o in options)
+
+
 def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any], model_name: str,
                overrides: dict, mismatch: Mismatch) -> str:
-    """Which model (or overrides) the checkpoint's shapes, and the training args it records, point to."""
+    """Which model (or overrides) the checkpoint's shapes, and the training args it records, point to.
+
+    Each hint names the keyword arguments to pass and, after "CLI:", the exact flags that pass them.
+    """
     own = name_coverage(spec, state_dict)
     if own < 1.0:
         for family in sorted({model_family(n) for n in list_models()} - {spec.family}):
@@ -46,11 +60,12 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
             if other >= 0.9 and (own < 0.5 or other == 1.0):
                 models = ", ".join(n for n in list_models() if model_family(n) == family)
                 return (f"hint: the parameter names are those of a {family} checkpoint, not a "
-                        f"{spec.family} one: convert it as a {family} model ({models})")
+                        f"{spec.family} one: convert it as a {family} model ({models}: model_name=, "
+                        "CLI: --model)")
     inferred = spec.infer_overrides(state_dict)
     if not inferred:
         return (f"hint: none of the {spec.family} parameter names were found: is this a {spec.family} "
-                "checkpoint, and is key= the entry holding its weights?")
+                "checkpoint, and is key= (CLI: --key) the entry holding its weights?")
     options: list[dict[str, Any]] = []
     recorded = _recorded(spec, checkpoint)
     if spec.settle_sizes is not None:
@@ -59,9 +74,11 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
         inferred = {**inferred, **{k: v for k, v in recorded.items() if k not in inferred}}
     said = "the shapes and the checkpoint's training args say" if recorded else "the shapes say"
     sizes = _pairs(inferred)
-    either = (" plus either " + " or ".join(f"({_pairs(o)})" for o in options)
-              + " (the token count fits both and the checkpoint records no input size: pass the pair it "
-              "was trained with)") if options else ""
+    # the pairs the token count fits: the caller must pass one (kwargs, then its flags)
+    pair_kw = _either(options, _pairs) if options else ""
+    pair_cli = _either(options, _flags) if options else ""
+    why = (" (the token count fits each pair and the checkpoint records no input size: pass the pair it "
+           "was trained with)") if options else ""
 
     def differing(name: str, extra: dict) -> dict[str, Any]:
         cfg = create_model(name, **extra).cfg
@@ -70,8 +87,8 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
     own = differing(model_name, overrides)
     if not own:
         if options:
-            return f"hint: {said} {sizes}, as {model_name} has, but not its image size and stride: " \
-                f"pass{either}"
+            return (f"hint: {said} {sizes}, as {model_name} has, but not its image size and stride: pass "
+                    f"{pair_kw} (CLI: {pair_cli}){why}")
         renamed = bool(mismatch.missing or mismatch.unexpected)
         differ = {(True, False): "only key names differ", (False, True): "only tensor shapes/dtypes differ",
                   (True, True): "key names and tensor shapes/dtypes differ"}[renamed, bool(mismatch.wrong)]
@@ -82,33 +99,40 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
     count, best, diff = candidates[0]
     stale = [k for k in overrides if k in inferred]
     drop = f" without the overrides {', '.join(stale)}" if stale else ""
+    drop_cli = f" without {' '.join(f'--model-arg {k}' for k in stale)}" if stale else ""
+    also_kw = f", plus {pair_kw}" if options else ""
+    also_cli = f", plus {pair_cli}" if options else ""
     if count == 0:
-        return f"hint: {said} {sizes}: that is {best}; pass model_name={best!r}{drop} " \
-            f"(CLI: --model {best}){either}"
+        return (f"hint: {said} {sizes}: that is {best}; pass model_name={best!r}{drop}{also_kw} "
+                f"(CLI: --model {best}{drop_cli}{also_cli}){why}")
     if count <= 2:
-        return (f"hint: {said} {sizes}: closest is {best} with {_pairs(diff)} (CLI: --model {best} plus "
-                f"those){either}")
-    cli = " ".join(f"--model-arg {k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                   for k, v in own.items())
+        return (f"hint: {said} {sizes}: closest is {best} with {_pairs(diff)} (pass model_name={best!r}"
+                f"{drop} and {_pairs(diff)}{also_kw}; CLI: --model {best}{drop_cli} {_flags(diff)}{also_cli})"
+                f"{why}")
     return (f"hint: {said} {sizes}; no registered model has them: keep {model_name} and pass "
-            f"{_pairs(own)} (CLI: {cli}){either}")
+            f"{_pairs(own)}{also_kw} (CLI: {_flags(own)}{also_cli}){why}")
 
 
 def load_torch_checkpoint(
-    path: str | os.PathLike, model_name: str, *, key: str | None = "model", **overrides: Any
+    path: str | os.PathLike, model_name: str, *, key: str | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """Official checkpoint -> our float32 param tree for ``create_model(model_name, **overrides)``.
 
     Strict: every missing, unexpected or mis-shaped parameter is reported in one error.
-    ``key="model"`` also reads a checkpoint whose weights are under ``"state_dict"`` instead.
+    ``key``: the checkpoint's entry holding the weights ('model', 'model_ema', ...), which must be
+    there; None (the default) reads the entry 'model', else 'state_dict' (LocalMamba's tools save
+    ``{'state_dict': ...}``), else a bare state_dict.
     """
+    return _load(path, model_name, key, overrides)[0]
+
+
+def _load(path: str | os.PathLike, model_name: str, key: str | None, overrides: dict[str, Any]
+          ) -> tuple[dict[str, Any], str | None]:
+    """``load_torch_checkpoint``, and the entry it read (None: the file is a bare state_dict)."""
     path = os.fspath(path)
     checkpoint = read_checkpoint(path)
-    # LocalMamba's tools save {'state_dict': ...}; its loader reads either entry
-    if key == "model" and isinstance(checkpoint, Mapping) and "model" not in checkpoint \
-            and "state_dict" in checkpoint:
-        key = "state_dict"
-    state_dict = select_state_dict(checkpoint, key, path)
+    key = state_dict_entry(checkpoint, key, path)
+    state_dict = checkpoint if key is None else checkpoint[key]
     spec = family_spec(model_family(model_name))
     expected = {p: tuple(s.shape) for p, s in flatten_tree(abstract_params(model_name, **overrides)).items()}
     mapped, mismatch = map_state_dict(spec.preprocess(state_dict), spec.rules, expected)
@@ -120,7 +144,7 @@ def load_torch_checkpoint(
         )
     bad = nonfinite_report(state_dict)
     if bad:
-        where = "the state_dict" if state_dict is checkpoint else f"entry {key!r}"
+        where = "the state_dict" if key is None else f"entry {key!r}"
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise CheckpointError(
             f"{path}: NaN or infinite weights in {len(bad)} tensor(s) of {where} (float64 values beyond "
@@ -133,7 +157,7 @@ def load_torch_checkpoint(
                                        create_model(model_name, **overrides).cfg)
         recorded = {**settled, **recorded}
     _check_training_config(recorded, model_name, overrides, path)
-    return unflatten_tree(mapped)
+    return unflatten_tree(mapped), key
 
 
 def _check_training_config(official: Mapping[str, Any], model_name: str, overrides: dict[str, Any],
@@ -158,9 +182,13 @@ def _check_training_config(official: Mapping[str, Any], model_name: str, overrid
 
 
 def convert_checkpoint(checkpoint_path: str | os.PathLike, model_name: str, out_dir: str | os.PathLike, *,
-                       key: str | None = "model", **overrides: Any) -> dict[str, Any]:
-    """Official ``.pth``/``.safetensors`` -> float-params checkpoint in ``out_dir``; returns its metadata."""
-    params = load_torch_checkpoint(checkpoint_path, model_name, key=key, **overrides)
+                       key: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Official ``.pth``/``.safetensors`` -> float-params checkpoint in ``out_dir``; returns its metadata.
+
+    ``key`` as for ``load_torch_checkpoint``; the metadata's ``extra["key"]`` is the entry read, or
+    None where the file is a bare state_dict.
+    """
+    params, entry = _load(checkpoint_path, model_name, key, overrides)
     return save_params(out_dir, params, model_name=model_name, model_overrides=overrides,
                        source=os.path.basename(os.fspath(checkpoint_path)),
-                       source_sha256=file_sha256(checkpoint_path), extra={"key": key})
+                       source_sha256=file_sha256(checkpoint_path), extra={"key": entry})

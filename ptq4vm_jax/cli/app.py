@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "kernels (opt-in, GPU); pallas: a Pallas scan per direction; ref: lax.scan. "
                              "Off the GPU the Pallas kernels run in the interpreter: exact but slow")
 
+    # one wording for every command's --key (the library's key=None: 'model', else 'state_dict')
+    key_help = ("the entry of the checkpoint file holding the weights, e.g. model_ema (default: model, "
+                "else state_dict, else the file's bare state dict)")
+
     def recipe(field: str) -> str:  # "(default: Vim and LocalVim 0.5, VMamba and LocalVMamba 0.65)"
         names = {"vim": "Vim", "local_vim": "LocalVim", "vmamba": "VMamba", "local_vmamba": "LocalVMamba"}
         by_value: dict[float, list[str]] = {}
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", type=user_path,
                    required=True, help="official .pth/.safetensors (read without torch)")
     c.add_argument("--out", type=user_path, required=True, help="new Orbax directory for the float params")
-    c.add_argument("--key", default="model", help="sub-dict of the checkpoint (model, model_ema)")
+    c.add_argument("--key", default=None, help=key_help)
     c.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="official constructor size argument, e.g. embed_dim=384 (repeatable)")
     c.set_defaults(func=cmd_convert)
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="model name (required with --checkpoint)")
         sp.add_argument("--checkpoint", type=user_path, help="official .pth/.safetensors")
         sp.add_argument("--params", type=user_path, help="Orbax float params dir (ptq4vm convert)")
-        sp.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
+        sp.add_argument("--key", default=None, help=f"for --checkpoint: {key_help}")
         sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                         help="official constructor size argument for --checkpoint (repeatable)")
         sp.add_argument("--data-dir", type=user_path, default=None, help="tfds data_dir")
@@ -161,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "convert`; default for the bundled micro models: the bundled asset)")
     r.add_argument("--checkpoint", type=user_path,
                    help="the float model as an official .pth/.safetensors instead")
-    r.add_argument("--key", default=None, help="sub-dict of a --checkpoint (default: model)")
+    r.add_argument("--key", default=None, help=f"for --checkpoint: {key_help}")
     r.add_argument("--data", default=None,
                    help="images for the data figures and the float-vs-quantized metrics: tfds:NAME:SPLIT "
                         "(prepared under --data-dir) or digits:train|test (default: none)")

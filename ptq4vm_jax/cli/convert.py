@@ -13,5 +13,5 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     check_out(args.out, format=FLOAT_FORMAT, model=args.model, inputs={"--checkpoint": args.checkpoint})
     meta = convert_checkpoint(args.checkpoint, args.model, args.out, key=args.key,
-                              **model_overrides(args.model_arg))
+                              **model_overrides(args.model_arg, args.model))
     print(f"wrote {args.out}: {meta['model_name']} from {meta['source']} (sha256 {meta['source_sha256']})")

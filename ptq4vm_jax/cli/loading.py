@@ -25,9 +25,9 @@ def warn_if_scan_interpreted(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
-def model_overrides(pairs: list[str] | None) -> dict[str, Any]:
+def model_overrides(pairs: list[str] | None, model: str | None = None) -> dict[str, Any]:
     """``--model-arg embed_dim=64`` -> {"embed_dim": 64} (values parsed as Python literals, else
-    kept as strings)."""
+    kept as strings). With ``model``, each name must be one of that model's size arguments."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -40,7 +40,24 @@ def model_overrides(pairs: list[str] | None) -> dict[str, Any]:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             out[key] = value
+    if model is not None and out:
+        accepted = model_arguments(model)
+        unknown = [k for k in out if k not in accepted]
+        if unknown:
+            raise UsageError(f"--model-arg {', '.join(unknown)}: not an argument of {model}; accepted: "
+                             f"{', '.join(accepted)}")
     return out
+
+
+def model_arguments(model: str) -> list[str]:
+    """The names ``--model-arg`` accepts for ``model``: its constructor's arguments less the
+    ``RUNTIME_CHOICES``, which the library's own list of accepted arguments includes."""
+    import dataclasses
+
+    from ptq4vm_jax.models import create_model
+
+    cfg = create_model(model).cfg
+    return sorted(f.name for f in dataclasses.fields(cfg) if f.name not in RUNTIME_CHOICES)
 
 
 def _format_of(directory: str) -> dict[str, Any]:
@@ -80,9 +97,9 @@ def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     if args.checkpoint:
         if not args.model:
             raise UsageError("--checkpoint needs --model (e.g. vim_tiny)")
-        overrides = model_overrides(args.model_arg)
+        overrides = model_overrides(args.model_arg, args.model)
         return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model,
-                                                            key=args.key or "model", **overrides)
+                                                            key=args.key, **overrides)
     if args.model_arg or args.key:
         raise UsageError("--model-arg and --key apply to --checkpoint; --params already records its "
                          "model's sizes and holds one set of weights")

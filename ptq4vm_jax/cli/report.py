@@ -155,7 +155,7 @@ def float_model(args: argparse.Namespace, qp: Any) -> tuple[Any, str | None]:
 
     overrides = dict(qp.model_overrides)
     if args.checkpoint:
-        params = load_torch_checkpoint(args.checkpoint, qp.model_name, key=args.key or "model", **overrides)
+        params = load_torch_checkpoint(args.checkpoint, qp.model_name, key=args.key, **overrides)
         return params, args.checkpoint
     if args.params:
         params, _ = load_params(args.params, model_name=qp.model_name)

@@ -50,7 +50,8 @@ def test_stride_in_the_recorded_model_name_settles_the_image_size(tmp_path):
 def test_without_recorded_args_both_readings_of_the_token_count_are_named(tmp_path):
     hint = _hint(_resave(tmp_path))
     assert "img_size=80" not in hint.split("either")[0]
-    assert "either (img_size=80, stride=16) or (img_size=48, stride=8)" in hint
+    assert ("pass either img_size=80, stride=16 or img_size=48, stride=8 (CLI: either --model-arg "
+            "img_size=80 --model-arg stride=16 or --model-arg img_size=48 --model-arg stride=8)") in hint
     assert "checkpoint records no input size" in hint
     # what the user asked for, if it fits the grid, is taken as the reading
     load_torch_checkpoint(_resave(tmp_path), "vim_tiny", **SIZES, img_size=80)
