@@ -18,6 +18,7 @@ FLAGS = {
     "epochs": "--epochs", "train_batch": "--train-batch", "alpha": "--alpha", "act_grid": "--act-grid",
     "loss": "--loss", "loss_axis": "--loss-axis", "lr_w": "--lr-w", "lr_a": "--lr-a", "lr_s": "--lr-s",
     "train_inner_proj": "--official-inner-proj", "revert_worse": "--keep-learned",
+    "float_params": "--params or --checkpoint",
 }
 
 

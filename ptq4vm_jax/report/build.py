@@ -9,10 +9,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ptq4vm_jax.errors import ArgumentError
 from ptq4vm_jax.quant.config import path_str
 from ptq4vm_jax.quant.params import QuantizedParams, flatten_layers
 from ptq4vm_jax.report import figures, html, stats
-from ptq4vm_jax.trees import get_path
+from ptq4vm_jax.trees import flatten_tree, get_path
 
 REPORT_FORMAT = "ptq4vm-jax/report"
 REPORT_VERSION = 1
@@ -21,6 +24,22 @@ INDEX, NUMBERS = "index.html", "report.json"
 
 def _file_name(prefix: str, name: str) -> str:
     return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+
+
+def check_float_params(qparams: QuantizedParams, float_params: Any) -> None:
+    """Raise ``ArgumentError`` unless ``float_params`` are those ``qparams`` were quantized from.
+
+    A quantized checkpoint keeps, unchanged, every float parameter outside its quantized linears
+    (embeddings, norms, convolutions, the scans' A and D, ...); another model of the same
+    architecture differs there, and a report against it would compare two different networks."""
+    kept, given = flatten_tree(qparams.params), flatten_tree(float_params)
+    differ = [path for path, value in sorted(kept.items()) if path in given and not np.array_equal(
+        np.asarray(given[path], np.float32), np.asarray(value, np.float32))]
+    if differ:
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ArgumentError(f"the float params are not those this checkpoint was quantized from: "
+                            f"{len(differ)} of the {len(kept)} float parameters it keeps differ ({shown}); "
+                            "pass the float model it was quantized from", argument="float_params")
 
 
 def _state(path: tuple[str, ...], cfg: Any, blocks: list[dict[str, Any]]) -> str:
@@ -54,12 +73,15 @@ def make_report(
 
     ``layers``: a regex over the quantized layers' paths choosing the profiled layers (default:
     ``stats.default_layers``). ``float_params``: the float model's params (weight error; needed
-    with ``batches``). ``batches``: ``(images, labels, mask)`` batches (``data.eval_batches``),
-    at most ``limit`` images, for the data figures and the logit metrics. ``float_source``,
-    ``data_spec`` and ``source`` (the checkpoint's path) are recorded as given.
+    with ``batches``), those ``qparams`` were quantized from (checked: ``check_float_params``).
+    ``batches``: ``(images, labels, mask)`` batches (``data.eval_batches``), at most ``limit``
+    images, for the data figures and the logit metrics. ``float_source``, ``data_spec`` and
+    ``source`` (the checkpoint's path) are recorded as given.
     """
     if batches is not None and float_params is None:
         raise ValueError("a report on data needs the float model's params, to compare against")
+    if float_params is not None:
+        check_float_params(qparams, float_params)
     out = Path(out_dir)
     model = qparams.model()
     cfg = qparams.config

@@ -306,3 +306,23 @@ def test_report_out_through_a_symlink_into_an_input_is_refused(tmp_path, capsys)
         assert e.value.code == 2 and "is inside --quantized" in capsys.readouterr().err
     assert sorted(p.name for p in q.iterdir()) == ["metadata.json", "params"]
     assert not (tmp_path / "other").exists()
+
+
+def test_a_float_model_other_than_the_checkpoints_source_is_refused(tmp_path, capsys):
+    """The float model a report compares with must be the one the checkpoint was quantized from:
+    the float parameters the checkpoint keeps (norms, embeddings, the scans' A and D) must match.
+    Another model of the same architecture would make every comparison meaningless."""
+    from ptq4vm_jax import load_params, save_params
+
+    params, meta = load_params(Path(__file__).parents[2] / "ptq4vm_jax" / "assets" / "vim_micro")
+    params["norm_f"]["weight"] = np.asarray(params["norm_f"]["weight"]) * 1.01
+    save_params(tmp_path / "other", params, model_name=meta["model_name"])
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--quantized", str(W8), "--out", str(tmp_path / "r"), "--params",
+              str(tmp_path / "other")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert ("the float params are not those this checkpoint was quantized from: 1 of the 43 float parameters "
+            "it keeps differ (norm_f/weight); pass the float model it was quantized from "
+            "(float_params: --params or --checkpoint on the command line)") in err, err
+    assert not (tmp_path / "r").exists()
