@@ -182,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What to lower when a command runs out of device memory.
+MEMORY_FLAGS = {"eval": "--batch-size", "report": "--batch-size or --limit",
+                "quantize": "--train-batch (images per learning step) or --num-calib"}
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA failing to allocate device memory (its RESOURCE_EXHAUSTED status;
+    jax's runtime error is recognised by name, so that the parser never loads jax)."""
+    runtime = type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+    return runtime and "RESOURCE_EXHAUSTED" in str(error)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``ptq4vm``; errors a user can act on print as one line."""
     from ptq4vm_jax.calibrate.report import CalibrationError
@@ -236,4 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ptq4vm {args.command}: calibration failed: {for_the_command_line(e)}"
               f"{resume_hint(getattr(args, 'resume', None), 'after a transient fault, rerun')}",
               file=sys.stderr)
+        raise SystemExit(1) from None
+    except RuntimeError as e:
+        if not out_of_memory(e) or os.environ.get("PTQ4VM_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = resume_hint(args.resume, "then rerun") if kept_blocks(args) else ""
+        print(f"ptq4vm {args.command}: error: the device ran out of memory ({first[:200]}); lower "
+              f"{MEMORY_FLAGS.get(args.command, 'the batch size')}{hint}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -79,8 +79,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         what = f"{name} float"
     shape = image_shape(model, args.batch_size)
     source = data_source(args.data, args.data_dir, shape[1], "--data")
-    if jax.process_count() == 1:
-        batches = eval_batches(source, args.batch_size, image_size=shape[1])
+    if jax.process_count() == 1:  # a batch larger than what is evaluated would only be padding
+        batch = max(1, min([args.batch_size, *(n for n in (args.limit, images_in(source)) if n is not None)]))
+        batches = eval_batches(source, batch, image_size=shape[1])
         metrics = evaluate(logits_fn, batches, num_examples=args.limit, total=images_in(source))
     else:  # each host evaluates its own share; the counts are summed
         share = process_share(source, jax.process_index(), jax.process_count(), limit=args.limit)

@@ -1,0 +1,48 @@
+"""Device memory on the command line: a batch no larger than what is evaluated, and running out
+of memory is one line naming the flag to lower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from ptq4vm_jax import data
+from ptq4vm_jax.cli import main
+
+MICRO = Path(__file__).parents[2] / "ptq4vm_jax" / "assets" / "vim_micro"
+
+
+def test_eval_batches_no_larger_than_the_images_it_evaluates(monkeypatch, capsys):
+    """A --batch-size above --limit (or the dataset) would only pad every step with blank images."""
+    sizes, real = [], data.eval_batches
+
+    def spy(source, batch_size, **kw):
+        sizes.append(batch_size)
+        return real(source, batch_size, **kw)
+
+    monkeypatch.setattr(data, "eval_batches", spy)
+    main(["eval", "--params", str(MICRO), "--data", "digits:test", "--batch-size", "100000", "--limit", "40"])
+    main(["eval", "--params", str(MICRO), "--data", "digits:test", "--batch-size", "100000"])
+    assert sizes == [40, 355]
+    assert "(n=40;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,flag", [("eval", "lower --batch-size"),
+                                          ("quantize", "lower --train-batch (images per learning step)")])
+def test_running_out_of_device_memory_is_one_line_naming_the_flag(command, flag, monkeypatch, capsys,
+                                                                  tmp_path):
+    def too_big(args):  # a real allocation failure: XLA's RESOURCE_EXHAUSTED, as a GPU's would be
+        jnp.ones((2**38,), jnp.float32).block_until_ready()
+
+    monkeypatch.setattr(f"ptq4vm_jax.cli.app.cmd_{command}", too_big)
+    argv = {"eval": ["eval", "--params", str(MICRO), "--data", "digits:test"],
+            "quantize": ["quantize", "--params", str(MICRO), "--calib", "digits:train", "--out",
+                         str(tmp_path / "q")]}[command]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1
+    assert err.startswith(f"ptq4vm {command}: error: the device ran out of memory (RESOURCE_EXHAUSTED: "), err
+    assert flag in err and len(err.strip().splitlines()) == 1, err
