@@ -159,9 +159,11 @@ def _layer_shapes(qlayers: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *, overwrite: bool = True
-                   ) -> dict[str, Any]:
-    """Save a ``QuantizedParams`` (see README, "Quantized checkpoint layout"); returns the metadata."""
+def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *,
+                   provenance: Mapping[str, Any] | None = None, overwrite: bool = True) -> dict[str, Any]:
+    """Save a ``QuantizedParams`` (see README, "Quantized checkpoint layout"); returns the metadata.
+    ``provenance``: where it came from (JSON values: the float model, the calibration data), kept
+    in the metadata as given; the library does not know the paths its arrays came from."""
     if not isinstance(qparams, QuantizedParams):
         raise TypeError(f"save_quantized needs a QuantizedParams (from quantize_params or load_quantized), "
                         f"got {type(qparams).__name__}; float params are saved with save_params")
@@ -170,6 +172,7 @@ def save_quantized(path: str | os.PathLike, qparams: QuantizedParams, *, overwri
         "format": QUANT_FORMAT, "format_version": QUANT_FORMAT_VERSION,
         "model_name": qparams.model_name, "model_overrides": dict(qparams.model_overrides),
         "config": qparams.config.to_json(), "calibration": qparams.summary, "layers": _layer_shapes(qlayers),
+        "provenance": dict(provenance or {}),
     }
     tree = {"params": qparams.params, "qlayers": qlayers}
     return write_checkpoint(path, tree, metadata, overwrite=overwrite)

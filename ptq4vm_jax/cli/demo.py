@@ -76,7 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         logits = np.asarray(quantized_apply(model, qp, test_x))  # one program per bit width
         cmp = compare_logits(fp_logits, logits)
         preds[label] = logits.argmax(-1)
-        save_quantized(targets[label], qp)
+        save_quantized(targets[label], qp, provenance={
+            "float_model": {"params": str(ASSETS / args.model)}, "calib": "digits:train",
+            "num_calib": cfg.num_calib, "data_dir": None})
         rows.append(dict(name=label, top1=100 * float(np.mean(logits.argmax(-1) == test_y)),
                          agreement=cmp["agreement"], kl=cmp["mean_kl"], seconds=seconds))
     described = recipe or f"official {model_family(args.model)}"

@@ -44,6 +44,21 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
         args.warned_about = {*getattr(args, "warned_about", ()), "gemm"}
 
 
+def warn_if_calibration_data(args: argparse.Namespace) -> None:
+    """Evaluating on the data a checkpoint was calibrated on (its metadata's provenance) measures
+    images its scales were fitted to: said once, since the top-1 then overstates the accuracy."""
+    import os
+
+    from ptq4vm_jax.checkpoint import read_metadata
+
+    origin = read_metadata(args.quantized).get("provenance") or {}
+    data_dir = None if args.data_dir is None else os.path.abspath(args.data_dir)
+    if origin.get("calib") == args.data and origin.get("data_dir") == data_dir:
+        print(f"ptq4vm eval: warning: --data {args.data} is the data --quantized {args.quantized} was "
+              f"calibrated on ({origin.get('num_calib')} of its images): its top-1 there overstates the "
+              "accuracy on unseen images", file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
@@ -67,6 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise UsageError(f"--quantized {args.quantized} is per_token_dynamic: its activation scales "
                              "are computed at run time, so it has no integer mode; use --mode fake")
         warn_if_interpreted(args)
+        warn_if_calibration_data(args)
         model = qp.model(dtype=jnp.dtype(args.dtype), scan=args.scan)
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)

@@ -7,7 +7,10 @@ images (a multiple of the calibration batch when the run learns)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,25 @@ def resumed_note(summary: dict) -> str:
     return f" ({summary['calibration_seconds_this_run']:.1f}s in this run; {which} from --resume)"
 
 
+def provenance(args: argparse.Namespace, params: Any) -> dict[str, Any]:
+    """Where a quantized checkpoint comes from, for its metadata: the float model (its path, the
+    file's sha256 for --checkpoint, and ``params_sha256``: a sha256 of every parameter's
+    ``array_digest`` by path, the same for those weights however they were stored) and the
+    calibration data (the spec, its data_dir and the number of images)."""
+    from ptq4vm_jax.checkpoint import file_sha256
+    from ptq4vm_jax.checkpoint.store import array_digests
+
+    digests = json.dumps(array_digests(params), sort_keys=True).encode()
+    if args.checkpoint:
+        float_model = {"checkpoint": os.path.abspath(args.checkpoint), "sha256": file_sha256(args.checkpoint),
+                       "key": args.key}
+    else:
+        float_model = {"params": os.path.abspath(args.params)}
+    float_model["params_sha256"] = hashlib.sha256(digests).hexdigest()
+    return {"float_model": float_model, "calib": args.calib, "num_calib": args.num_calib,
+            "data_dir": None if args.data_dir is None else os.path.abspath(args.data_dir)}
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ptq4vm_jax import create_model, quantize_params, save_quantized
     from ptq4vm_jax.checkpoint import QUANT_FORMAT
@@ -103,6 +125,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
               inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
     check_resume(args.resume, {"--out": args.out, "--params": args.params})
     name, overrides, params = load_float(args)
+    origin = provenance(args, params)  # (digests of what was just read)
     check_out(args.out, format=QUANT_FORMAT, model=name, inputs={})  # now that the model is known
     warn_if_scan_interpreted(args)
     overrides = {**overrides, "scan": args.scan}  # quantize_params calibrates with it, saves it not
@@ -113,7 +136,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         calib = calib[0]
     qp = quantize_params(params, calib, model=name, config=config, model_overrides=overrides,
                          resume_dir=args.resume)
-    save_quantized(args.out, qp)
+    save_quantized(args.out, qp, provenance=origin)
     s = qp.summary
     print(table(s["stages"], [("name", "block", "s"), ("loss_init", "loss (PTS init)", ".5f"),
                               ("loss_learned", "loss (learned)", ".5f"),
