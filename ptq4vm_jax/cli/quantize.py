@@ -138,9 +138,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                          resume_dir=args.resume)
     save_quantized(args.out, qp, provenance=origin)
     s = qp.summary
-    print(table(s["stages"], [("name", "block", "s"), ("loss_init", "loss (PTS init)", ".5f"),
-                              ("loss_learned", "loss (learned)", ".5f"),
-                              ("loss_final", "loss (kept)", ".5f"), ("seconds", "seconds", ".1f")]))
+    losses = ([("loss_init", "loss (PTS init)", ".5f"), ("loss_learned", "loss (learned)", ".5f"),
+               ("loss_final", "loss (kept)", ".5f")] if qp.config.learns else
+              [("loss_final", "loss", ".5f")])  # (no learning: one state, PTS or the method's own)
+    print(table(s["stages"], [("name", "block", "s"), *losses, ("seconds", "seconds", ".1f")]))
     reverted = [st["name"] for st in s["stages"] if st.get("reverted")]
     if reverted:
         n, total = len(reverted), len(s["stages"])

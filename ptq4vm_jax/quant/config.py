@@ -169,9 +169,13 @@ class QuantConfig:
                                 "kernel keeps x_proj/dt_proj from learning; the released "
                                 f"{family} code trains them: leave it True", argument="train_inner_proj")
         unused = ("epochs", "lr_w", "lr_a", "lr_s") + (("alpha",) if not self.smooths else ())
-        # (a value equal to the recipe's is what resolving fills in: a resolved config resolves quietly)
-        ignored = [f"{k}={getattr(self, k)!r}" for k in unused
-                   if getattr(self, k) not in (None, FAMILY_DEFAULTS[family][k])]
+        # (a value equal to the recipe's is what resolving fills in: a resolved config resolves
+        # quietly; epochs=0 asks for no learning, which such a method already does)
+        recipe = FAMILY_DEFAULTS[family]
+        ignored = [f"{k}={v!r}" for k in unused
+                   if (v := getattr(self, k)) is not None and v != recipe[k] and (k, v) != ("epochs", 0)]
+        if not self.train_inner_proj:
+            ignored.append("train_inner_proj=False")  # (which linears learn: nothing learns here)
         if self.method != "ptq4vm" and ignored:
             warnings.warn(f"method={self.method!r} does not learn{'' if self.smooths else ' or smooth'}: "
                           f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored",
@@ -180,6 +184,8 @@ class QuantConfig:
         if self.rules is None:
             fill["rules"] = DEFAULT_RULES[family]
         cfg = dataclasses.replace(self, **fill)
+        if cfg.method == "ptq4vm" and cfg.epochs == 0:  # the initialisation alone: named as what ran
+            cfg = dataclasses.replace(cfg, method="pts_only")
         if cfg.train_batch > cfg.num_calib:
             cfg = dataclasses.replace(cfg, train_batch=cfg.num_calib)
         if cfg.learns and cfg.num_calib % cfg.train_batch:  # (otherwise it only sizes forward chunks)

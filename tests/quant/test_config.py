@@ -81,6 +81,9 @@ def test_settings_a_method_does_not_use_are_named():
         QuantConfig(method="rtn", epochs=5, alpha=0.9).resolve("vim")
     with pytest.warns(UserWarning, match=r"method='pts_only' does not learn: lr_s=0.1 is ignored"):
         QuantConfig(method="pts_only", alpha=0.9, lr_s=0.1).resolve("vim")
+    with pytest.warns(UserWarning, match=r"method='rtn' does not learn or smooth: train_inner_proj=False is "
+                                         "ignored"):
+        QuantConfig(method="rtn", train_inner_proj=False).resolve("vim")
     import warnings
 
     with warnings.catch_warnings():  # a resolved config (e.g. qparams.config) resolves again quietly
@@ -93,6 +96,13 @@ def test_valid_settings_resolve_to_the_family_recipe():
     rules = (QuantRule(r"^head$"), *DEFAULT_RULES["vim"])
     cfg = QuantConfig(w_bits=4, a_bits=8, epochs=0, alpha=0.0, rules=list(rules)).resolve("vim")
     assert cfg.rules == rules and cfg.epochs == 0 and not cfg.learns
+    assert cfg.method == "pts_only"  # PTQ4VM without learning is its initialisation: named as what ran
+    import warnings
+
+    with warnings.catch_warnings():  # and asking a non-learning method for no learning is no conflict
+        warnings.simplefilter("error")
+        cfg.resolve("vim")
+        QuantConfig(method="rtn", epochs=0).resolve("vim")
     assert (cfg.lr_w, cfg.lr_a, cfg.lr_s, cfg.train_batch) == (5e-4, 5e-4, 1e-2, 256)
 
 
