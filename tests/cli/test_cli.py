@@ -675,3 +675,16 @@ def test_a_missing_optional_package_is_one_line_with_its_pip_name(tmp_path, caps
     assert err == ("ptq4vm quantize: error: this needs scikit-learn, which is not installed here: "
                    "pip install scikit-learn"), err
     assert not (tmp_path / "q").exists()
+
+
+def test_the_summary_table_shows_learning_columns_only_when_something_learned(tmp_path, capsys):
+    """A run that learns shows the loss at the PTS initialisation, after learning and kept; one
+    that does not (RTN, PTS only, epochs 0) has one state per block and shows one loss."""
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8",
+          "--method", "rtn", "--out", str(tmp_path / "q")])
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("block"))
+    assert header.split() == ["block", "loss", "seconds"], header
+    main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--num-calib", "8", "--epochs", "1",
+          "--train-batch", "8", "--out", str(tmp_path / "q")])
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("block"))
+    assert "loss (PTS init)" in header and "loss (learned)" in header and "loss (kept)" in header, header
