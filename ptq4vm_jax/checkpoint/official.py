@@ -89,6 +89,12 @@ def _size_hint(spec: FamilySpec, checkpoint: Any, state_dict: Mapping[str, Any],
         if options:
             return (f"hint: {said} {sizes}, as {model_name} has, but not its image size and stride: pass "
                     f"{pair_kw} (CLI: {pair_cli}){why}")
+        if mismatch.missing and not (mismatch.unexpected or mismatch.wrong):
+            keys = ", ".join(official or ours for ours, official in mismatch.missing[:3])
+            more = f" and {len(mismatch.missing) - 3} more" if len(mismatch.missing) > 3 else ""
+            return (f"hint: {said} {sizes}, as {model_name} has, and only lacks some tensors ({keys}{more}): "
+                    "a partial export, e.g. a backbone without its classifier head? Converting needs every "
+                    "weight of the model")
         renamed = bool(mismatch.missing or mismatch.unexpected)
         differ = {(True, False): "only key names differ", (False, True): "only tensor shapes/dtypes differ",
                   (True, True): "key names and tensor shapes/dtypes differ"}[renamed, bool(mismatch.wrong)]

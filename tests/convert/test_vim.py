@@ -85,6 +85,18 @@ def test_missing_extra_and_misshaped_keys_reported_together(tmp_path, vim_micro_
     assert "hint: the shapes say embed_dim=48" in msg
 
 
+def test_a_checkpoint_lacking_only_some_tensors_is_called_partial(tmp_path, vim_micro_official):
+    """A backbone export without its head has the architecture's shapes and names: the hint says
+    what is missing, not that the key names differ."""
+    sd = {k: v for k, v in vim_micro_official.items() if not k.startswith("head.")}
+    torch.save({"model": _torch_sd(sd)}, tmp_path / "nohead.pth")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_torch_checkpoint(tmp_path / "nohead.pth", "vim_micro")
+    msg = str(err.value)
+    assert "only lacks some tensors (head.bias, head.weight): a partial export, e.g. a backbone" in msg, msg
+    assert "only key names differ" not in msg
+
+
 def test_wrong_model_points_to_the_right_one(tmp_path, vim_micro_official):
     torch.save({"model": _torch_sd(vim_micro_official)}, tmp_path / "micro.pth")
     want = r"does not fit vim_nano:(.|\n)*layers\.3\.norm\.weight(.|\n)*that is vim_micro; pass model_name"
