@@ -126,7 +126,8 @@ def quantize_params(
     _, height, _, channels = image_shape(net)
     what = (f"PTQ4VM, {cfg.epochs} epochs per block" if cfg.learns else cfg.method)
     log(f"{name} W{cfg.w_bits}A{cfg.a_bits} ({what}) on {len(paths)} linears: reading {cfg.num_calib} "
-        "calibration images; the first block then compiles what the later ones reuse")
+        "calibration images; the first block of each shape (the first of each stage where stages "
+        "differ) then compiles what the later ones reuse")
     images = jax.device_put(calibration_images(calib_ds, cfg.num_calib, image_size=height,
                                                channels=channels, count_name="QuantConfig.num_calib",
                                                batch=cfg.train_batch if cfg.learns else 1))
