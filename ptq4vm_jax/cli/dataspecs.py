@@ -3,6 +3,7 @@ library reads."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -38,18 +39,27 @@ def data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> 
                              "tfds datasets (e.g. ~/tensorflow_datasets)")
         import tensorflow_datasets as tfds
 
+        absl = logging.getLogger("absl")  # (its warnings about the folders it tried precede our error)
+        level = absl.level
+        absl.setLevel(logging.ERROR)
         try:
             return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises many types; the user needs the path advice
             where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-            root = Path(where).expanduser()
-            missing = "://" not in where and not (root / name.split("/")[0]).is_dir()
+            folder = Path(where).expanduser() / name.split("/")[0]
             # (tfds's own message for a missing local dataset blames the file format)
-            cause = f"there is no prepared {name} under {root}" if missing else str(e)
+            if "://" in where or (folder.is_dir() and any(folder.rglob("dataset_info.json"))):
+                cause = str(e)
+            elif folder.is_dir():
+                cause = f"{folder} holds no prepared dataset (no dataset_info.json in it)"
+            else:
+                cause = f"there is no prepared {name} under {folder.parent}"
             raise UsageError(
                 f"could not open {spec} (data_dir={data_dir}): {cause}\nPrepare the dataset with tfds "
                 "(array_record format) under --data-dir; nothing is downloaded at run time."
             ) from None
+        finally:
+            absl.setLevel(level)
     raise UsageError(f"{flag} {spec!r}: unknown data spec; use {SPEC_FORMS}")
 
 

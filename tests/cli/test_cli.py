@@ -364,6 +364,19 @@ def test_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
               str(tmp_path / "tfds")])
 
 
+def test_an_empty_tfds_dataset_folder_is_named_without_tfds_noise(tmp_path, capsys, caplog):
+    """A dataset folder with nothing prepared in it: tfds blames the file format and absl warns
+    about the folder first; the error says what is missing, and nothing comes before it."""
+    (tmp_path / "tfds" / "mnist" / "3.0.1").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(["eval", "--params", str(MICRO), "--data", "tfds:mnist:test", "--data-dir",
+              str(tmp_path / "tfds")])
+    err = capsys.readouterr().err
+    assert err.startswith("ptq4vm eval: error: could not open tfds:mnist:test"), err
+    assert "mnist holds no prepared dataset (no dataset_info.json in it)" in err, err
+    assert not [r for r in caplog.records if r.name == "absl"], caplog.records
+
+
 @pytest.mark.slow
 def test_eval_is_data_parallel_over_local_devices(converted, capsys, host_devices_env):
     """Four virtual CPU devices give the same metrics as one (batch sharded, padding dropped).
