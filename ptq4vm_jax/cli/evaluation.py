@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ptq4vm_jax.data import eval_batches, process_share
     from ptq4vm_jax.distributed import data_parallel, lockstep, maybe_initialize_distributed
     from ptq4vm_jax.evaluate import evaluate
-    from ptq4vm_jax.models import canonical_name, image_shape
+    from ptq4vm_jax.models import canonical_name, image_shape, model_label
 
     check_flags(args)
     maybe_initialize_distributed()
@@ -86,13 +86,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model = qp.model(dtype=jnp.dtype(args.dtype), scan=args.scan)
         logits_fn = data_parallel(
             lambda q, x: quantized_apply(model, q, x, mode=args.mode, gemm=args.gemm), qp)
-        what = (f"{qp.model_name} {qp.config.method} W{qp.config.w_bits}A{qp.config.a_bits}, "
+        what = (f"{model_label(qp.model_name, dict(qp.model_overrides))} {qp.config.method} "
+                f"W{qp.config.w_bits}A{qp.config.a_bits}, "
                 f"{args.mode} mode" + (f" ({args.gemm} GEMM)" if args.mode == "int" else ""))
     else:
         name, overrides, params = load_float(args)
         model = create_model(name, **{**overrides, "dtype": jnp.dtype(args.dtype), "scan": args.scan})
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
-        what = f"{name} float"
+        what = f"{model_label(name, overrides)} float"
     shape = image_shape(model, args.batch_size)
     source = data_source(args.data, args.data_dir, shape[1], "--data")
     if jax.process_count() == 1:  # a batch larger than what is evaluated would only be padding

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ptq4vm_jax.choices import RUNTIME_CHOICES
 from ptq4vm_jax.models.blockwise import Blockwise
 from ptq4vm_jax.models.local_vim import SMALL_DIRECTIONS as LOCAL_VIM_SMALL_DIRECTIONS
 from ptq4vm_jax.models.local_vim import TINY_DIRECTIONS as LOCAL_VIM_TINY_DIRECTIONS
@@ -198,6 +199,16 @@ def canonical_name(name: str) -> str:
 
 def model_family(name: str) -> str:
     return _REGISTRY[canonical_name(name)][0]
+
+
+def model_label(name: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """A model as output names it: its name, with the sizes that differ from the named model's
+    (``vim_tiny (depth=4, embed_dim=48)``), so a resized model is never shown as the stock one;
+    the ``RUNTIME_CHOICES`` are not sizes and are left out."""
+    sizes = {k: v for k, v in (overrides or {}).items() if k not in RUNTIME_CHOICES}
+    if not sizes:
+        return name
+    return f"{name} ({', '.join(f'{k}={v!r}' for k, v in sorted(sizes.items()))})"
 
 
 def list_models() -> list[str]:

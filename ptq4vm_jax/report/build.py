@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ptq4vm_jax.errors import ArgumentError
+from ptq4vm_jax.models import model_label
 from ptq4vm_jax.quant.config import path_str
 from ptq4vm_jax.quant.params import QuantizedParams, flatten_layers
 from ptq4vm_jax.report import figures, html, stats
@@ -88,7 +89,8 @@ def make_report(
     stored = flatten_layers(qparams.qlayers)
     qlayers = {p: stored[p] for p in stats.call_order(model, qparams)}
     chosen = stats.select_layers(list(qlayers), layers) if layers else stats.default_layers(model, qlayers)
-    what = f"{qparams.model_name} {cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
+    label = model_label(qparams.model_name, dict(qparams.model_overrides))
+    what = f"{label} {cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
     blocks = stats.block_losses(qparams.summary)
     notes: list[str] = []
 

@@ -1,5 +1,5 @@
-"""Device memory on the command line: a batch no larger than what is evaluated, and running out
-of memory is one line naming the flag to lower."""
+"""Evaluation on the command line: a batch no larger than what is evaluated, a resized model named
+with its sizes, and running out of memory as one line naming the flag to lower."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def test_eval_batches_no_larger_than_the_images_it_evaluates(monkeypatch, capsys
 
     monkeypatch.setattr(data, "eval_batches", spy)
     main(["eval", "--params", str(MICRO), "--data", "digits:test", "--batch-size", "100000", "--limit", "40"])
+    assert "(n=40; vim_micro float)" in capsys.readouterr().out
     main(["eval", "--params", str(MICRO), "--data", "digits:test", "--batch-size", "100000"])
     assert sizes == [40, 355]
-    assert "(n=40;" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command,flag", [("eval", "lower --batch-size"),
@@ -46,3 +46,14 @@ def test_running_out_of_device_memory_is_one_line_naming_the_flag(command, flag,
     assert e.value.code == 1
     assert err.startswith(f"ptq4vm {command}: error: the device ran out of memory (RESOURCE_EXHAUSTED: "), err
     assert flag in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_names_a_resized_model_with_its_sizes(tmp_path, capsys):
+    import jax
+
+    from ptq4vm_jax import create_model, save_params
+
+    params = jax.jit(create_model("vim_nano", depth=1).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    save_params(tmp_path / "p", params["params"], model_name="vim_nano", model_overrides={"depth": 1})
+    main(["eval", "--params", str(tmp_path / "p"), "--data", "digits:test", "--limit", "8"])
+    assert "(n=8; vim_nano (depth=1) float)" in capsys.readouterr().out

@@ -94,3 +94,15 @@ def test_dense_paths_are_every_linear_traced_once_per_model_and_params_layout(in
     wider = create_model("vim_nano", embed_dim=40)
     assert api.dense_paths(wider, init_params(wider, 1), image_shape(wider)) == sorted(called)
     assert api._traced_dense_paths.cache_info().misses == misses + 1
+
+
+def test_a_resized_model_is_labelled_with_its_sizes():
+    """Output names a resized model with the sizes it was built with, never as the stock one; the
+    run-time choices (dtype, scan) are not sizes."""
+    import jax.numpy as jnp
+
+    from ptq4vm_jax.models import model_label
+
+    runtime = {"scan": "ref", "dtype": jnp.bfloat16}
+    assert model_label("vim_tiny") == model_label("vim_tiny", runtime) == "vim_tiny"
+    assert model_label("vim_tiny", {"embed_dim": 48, "depth": 4}) == "vim_tiny (depth=4, embed_dim=48)"
