@@ -1,5 +1,9 @@
 import importlib.util
+import io
 import math
+import re
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -65,15 +69,15 @@ def test_progress_in_a_log_is_a_few_plain_lines(capsys):
     assert capsys.readouterr().err == ""
 
 
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal, so progress draws a tqdm bar into it."""
+
+    def isatty(self):
+        return True
+
+
 def test_progress_on_a_terminal_is_a_bar(monkeypatch):
-    import io
-    import sys
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    term = Terminal()
+    term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     batches = [(np.array([1, 1]), np.array([1, 1]))] * 3
     evaluate(lambda p: one_hot_logits(p), batches, progress=True, total=6)
@@ -113,16 +117,7 @@ def test_each_progress_line_shows_the_top1_of_its_own_count(capsys):
 
 
 def test_each_bar_drawn_on_a_terminal_shows_the_top1_of_its_own_count(monkeypatch):
-    import io
-    import re
-    import sys
-    import time
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    term = Terminal()
+    term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     batches, running = _running_top1_batches(HITS[:4])
 
