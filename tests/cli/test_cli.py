@@ -64,9 +64,10 @@ def test_quantize_then_eval_on_tfds_mock_data(converted, tmp_path, capsys):
         f_line = capsys.readouterr().out.strip().splitlines()[-1]
     with pytest.raises(SystemExit, match="holds vim_base, not vim_tiny"):
         main(["eval", "--quantized", str(qdir), "--model", "vim_tiny"])
-    assert q_line.startswith("top-1 ") and "(n=12; vim_base ptq4vm W4A8, fake mode)" in q_line
-    assert "(n=7; vim_base float)" in f_line
-    assert "(n=5; vim_base ptq4vm W4A8, int mode (xla GEMM))" in int_lines[0]
+    resized = "vim_base (depth=3, embed_dim=32, img_size=48, num_classes=12)"  # named with its sizes
+    assert q_line.startswith("top-1 ") and f"(n=12; {resized} ptq4vm W4A8, fake mode)" in q_line
+    assert f"(n=7; {resized} float)" in f_line
+    assert f"(n=5; {resized} ptq4vm W4A8, int mode (xla GEMM))" in int_lines[0]
     assert int_lines[0].split("(n=")[0] == int_lines[1].split("(n=")[0] == int_lines[2].split("(n=")[0]
 
 
