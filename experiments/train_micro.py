@@ -165,8 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
               "train_seconds": round(time.perf_counter() - t0, 1)}
     log_lines.append(f"final: test top-1 {test_top1:.2f}% on {len(x_test)} images, "
                      f"{total} steps, {result['train_seconds']} s")
-    save_params(out_dir, params, model_name=args.model,
-                extra={**result, "dataset": "sklearn digits (ptq4vm_jax.data.load_digits_dataset)"})
+    # An asset directory holds the checkpoint, its training log (rewritten here) and notes such as
+    # a README (kept): set aside while the checkpoint is replaced, which refuses other files.
+    (out_dir / "train_log.txt").unlink(missing_ok=True)
+    notes = {p: p.read_bytes() for p in out_dir.glob("*") if p.is_file() and p.name != "metadata.json"}
+    for path in notes:
+        path.unlink()
+    try:
+        save_params(out_dir, params, model_name=args.model,
+                    extra={**result, "dataset": "sklearn digits (ptq4vm_jax.data.load_digits_dataset)"})
+    finally:
+        for path, data in notes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
     (out_dir / "train_log.txt").write_text("\n".join(log_lines) + "\n")
     print(log_lines[-1])
     print(f"saved to {out_dir}")

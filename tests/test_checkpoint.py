@@ -148,6 +148,7 @@ def test_refuses_to_replace_a_checkpoint_holding_other_files(tmp_path, params):
         save_params(tmp_path / "ck", params, model_name="vim_micro")
     assert (tmp_path / "ck" / "w8a8" / "metadata.json").read_text() == "{}"
     shutil.rmtree(tmp_path / "ck" / "w8a8")
+    (tmp_path / "ck" / ".DS_Store").write_bytes(b"\0")  # a file browser's, not someone's work
     save_params(tmp_path / "ck", params, model_name="vim_micro")  # its own entries alone: replaced
 
 

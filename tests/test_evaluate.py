@@ -293,3 +293,9 @@ def test_train_micro_script_trains_saves_and_logs(tmp_path):
     log = (tmp_path / "vim_nano" / "train_log.txt").read_text()
     assert "command: python experiments/train_micro.py --model vim_nano" in log
     assert "final: test top-1" in log and "jax " in log
+    # Rerun into it, as the assets are regenerated: the checkpoint and log replaced, notes kept.
+    (tmp_path / "vim_nano" / "README.md").write_text("notes")
+    train_micro.main(["--model", "vim_nano", "--batch-size", "16", "--max-steps", "1",
+                      "--out", str(tmp_path)])
+    assert (tmp_path / "vim_nano" / "README.md").read_text() == "notes"
+    assert load_params(tmp_path / "vim_nano")[1]["extra"]["steps"] == 1

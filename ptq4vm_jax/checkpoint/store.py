@@ -42,6 +42,8 @@ METADATA_FILE = "metadata.json"
 METADATA_HASH = "metadata_sha256"  # guards the settings that decide how the arrays are read
 ARRAY_DIGESTS = "array_sha256"  # {tree path: sha256 of the array}, guards the arrays themselves
 TREE_DIR = "params"
+#: What file browsers leave in a directory they showed: never a reason to keep a checkpoint.
+OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 FLOAT_FORMAT = "ptq4vm-jax/float-params"
 QUANT_FORMAT = "ptq4vm-jax/quantized"
@@ -98,7 +100,7 @@ def check_replaceable(path: str, metadata: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{path} holds {kind} of {held}; refusing to replace it with {kind} of "
                               f"{new}: a checkpoint is only replaced by one of the same model. To keep "
                               f"it, {fix}")
-    others = set(os.listdir(path)) - {METADATA_FILE, TREE_DIR}
+    others = set(os.listdir(path)) - {METADATA_FILE, TREE_DIR, *OS_METADATA_FILES}
     if others:
         raise CheckpointError(f"{path} holds a checkpoint and also other files ({listing(others)}), which "
                               f"replacing it would delete; refusing to replace it. Move them out of {path}, "
@@ -124,8 +126,9 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
     then swap it into place.
 
     An existing directory is only replaced if it is one of our checkpoints of the same format
-    and model, so a mistyped path cannot wipe unrelated files or another checkpoint. Returns
-    the metadata as written.
+    and model holding nothing else (``check_replaceable``), so a mistyped path cannot wipe
+    unrelated files, another checkpoint or files kept beside a checkpoint. Returns the metadata
+    as written.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):

@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         if not out_of_memory(e) or os.environ.get("PTQ4VM_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = resume_hint(args.resume, "then rerun") if kept_blocks(args) else ""
-        print(f"ptq4vm {args.command}: error: the device ran out of memory ({first[:200]}); lower "
-              f"{MEMORY_FLAGS.get(args.command, 'the batch size')}{hint}", file=sys.stderr)
+        lower = f"; lower {MEMORY_FLAGS[args.command]}" if args.command in MEMORY_FLAGS else ""
+        if kept_blocks(args):  # (those flags are part of what a resume directory continues)
+            lower += (f" (a new run: the blocks completed so far in --resume {args.resume} continue "
+                      "only a rerun with the same settings)")
+        print(f"ptq4vm {args.command}: error: the device ran out of memory ({first[:200]}){lower}",
+              file=sys.stderr)
         raise SystemExit(1) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -33,8 +34,9 @@ def test_eval_batches_no_larger_than_the_images_it_evaluates(monkeypatch, capsys
                                           ("quantize", "lower --train-batch (images per learning step)")])
 def test_running_out_of_device_memory_is_one_line_naming_the_flag(command, flag, monkeypatch, capsys,
                                                                   tmp_path):
-    def too_big(args):  # a real allocation failure: XLA's RESOURCE_EXHAUSTED, as a GPU's would be
-        jnp.ones((2**38,), jnp.float32).block_until_ready()
+    def too_big(args):  # XLA's allocation failure, as a device raises it (not provoked: an
+        # overcommitting host would hand out the memory and then kill the process)
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.")
 
     monkeypatch.setattr(f"ptq4vm_jax.cli.app.cmd_{command}", too_big)
     argv = {"eval": ["eval", "--params", str(MICRO), "--data", "digits:test"],
@@ -49,11 +51,27 @@ def test_running_out_of_device_memory_is_one_line_naming_the_flag(command, flag,
 
 
 def test_eval_names_a_resized_model_with_its_sizes(tmp_path, capsys):
-    import jax
-
     from ptq4vm_jax import create_model, save_params
 
     params = jax.jit(create_model("vim_nano", depth=1).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     save_params(tmp_path / "p", params["params"], model_name="vim_nano", model_overrides={"depth": 1})
     main(["eval", "--params", str(tmp_path / "p"), "--data", "digits:test", "--limit", "8"])
     assert "(n=8; vim_nano (depth=1) float)" in capsys.readouterr().out
+
+
+def test_out_of_memory_with_kept_blocks_says_lowering_the_flags_is_a_new_run(monkeypatch, capsys, tmp_path):
+    """--train-batch and --num-calib are part of what a resume directory continues: lowering them
+    cannot continue the kept blocks, and the line must not suggest it."""
+    def too_big(args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.")
+
+    monkeypatch.setattr("ptq4vm_jax.cli.app.cmd_quantize", too_big)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "state.npz").write_bytes(b"")  # blocks were completed
+    with pytest.raises(SystemExit):
+        main(["quantize", "--params", str(MICRO), "--calib", "digits:train", "--out", str(tmp_path / "q"),
+              "--resume", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert "lower --train-batch (images per learning step) or --num-calib (a new run: the blocks completed " \
+           f"so far in --resume {tmp_path / 'r'} continue only a rerun with the same settings)" in err, err
+    assert "with the same --resume to continue" not in err
