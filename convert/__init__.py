@@ -12,6 +12,7 @@ Model families plug in by module: ``convert/<family>.py``, the family being
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 # Each public name and the module defining it, loaded on first use (PEP 562), so that importing
@@ -36,9 +37,12 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. convert.mapping
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module 'convert' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
 

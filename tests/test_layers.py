@@ -195,8 +195,8 @@ def test_import_convert_loads_no_jax() -> None:
 def test_the_packages_export_their_names_lazily() -> None:
     """``ptq4vm_jax`` and ``ptq4vm_jax.cli`` load no jax on import (the console command holds
     Ctrl-C before jax loads), nor does the parser (``ptq4vm --help`` and a mistyped flag need
-    none, nor numpy and ml_dtypes, whose import alone takes most of a second), and every public
-    name the packages list resolves to its module's object."""
+    none, nor numpy and ml_dtypes, which are slow to import), and every public name the packages
+    list resolves to its module's object."""
     code = ("import sys, ptq4vm_jax, ptq4vm_jax.cli, ptq4vm_jax.cli.entry, ptq4vm_jax.cli.app; "
             "ptq4vm_jax.cli.app.build_parser(); "
             "print(sorted(m for m in ('jax', 'flax', 'orbax', 'numpy', 'ml_dtypes') if m in sys.modules))")
@@ -212,6 +212,9 @@ def test_the_packages_export_their_names_lazily() -> None:
     import ptq4vm_jax
 
     assert ptq4vm_jax.api is importlib.import_module("ptq4vm_jax.api")  # submodules as attributes
+    code = "import convert; print(convert.mapping.Rule.__name__, convert.vim.SPEC.__class__.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["Rule", "FamilySpec"]
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         ptq4vm_jax.no_such_name  # noqa: B018
 

@@ -120,6 +120,12 @@ def array_digests(tree: Mapping[str, Any]) -> dict[str, str]:
     return {path: array_digest(value) for path, value in sorted(flatten_tree(tree).items())}
 
 
+def tree_sha256(tree: Mapping[str, Any]) -> str:
+    """One sha256 of a whole tree of arrays: of its ``array_digests`` as sorted JSON (the same
+    weights give the same digest however they were stored)."""
+    return hashlib.sha256(json.dumps(array_digests(tree), sort_keys=True).encode()).hexdigest()
+
+
 def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata: Mapping[str, Any], *,
                      overwrite: bool = True) -> dict[str, Any]:
     """Write ``tree`` + ``metadata.json`` (sealed, with a digest per array) to a temporary sibling,

@@ -63,6 +63,15 @@ def data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> 
     raise UsageError(f"{flag} {spec!r}: unknown data spec; use {SPEC_FORMS}")
 
 
+def data_dir_of(spec: str, data_dir: str | None) -> str | None:
+    """The directory a spec's data is read from, absolute (tfds: ``--data-dir``, else
+    ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``); None for built-in data."""
+    if not spec.startswith("tfds:"):
+        return None
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return where if "://" in where else os.path.abspath(os.path.expanduser(where))
+
+
 def images_in(source: Any) -> int | None:
     """How many images a source from ``data_source`` holds (None where it cannot tell)."""
     if isinstance(source, tuple):

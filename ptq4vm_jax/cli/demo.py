@@ -37,6 +37,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         save_quantized,
     )
     from ptq4vm_jax.checkpoint import QUANT_FORMAT
+    from ptq4vm_jax.checkpoint.store import tree_sha256
     from ptq4vm_jax.data import load_digits_dataset
     from ptq4vm_jax.evaluate import compare_logits, paired_top1
     from ptq4vm_jax.models import image_shape, model_family
@@ -77,8 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         cmp = compare_logits(fp_logits, logits)
         preds[label] = logits.argmax(-1)
         save_quantized(targets[label], qp, provenance={
-            "float_model": {"params": str(ASSETS / args.model)}, "calib": "digits:train",
-            "num_calib": cfg.num_calib, "data_dir": None})
+            "float_model": {"params": str(ASSETS / args.model), "params_sha256": tree_sha256(params)},
+            "calib": "digits:train", "num_calib": qp.config.num_calib, "data_dir": None})
         rows.append(dict(name=label, top1=100 * float(np.mean(logits.argmax(-1) == test_y)),
                          agreement=cmp["agreement"], kl=cmp["mean_kl"], seconds=seconds))
     described = recipe or f"official {model_family(args.model)}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ptq4vm_jax.cli.dataspecs import data_source, images_in
+from ptq4vm_jax.cli.dataspecs import data_dir_of, data_source, images_in
 from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import check_quantized_dir, load_float, warn_if_scan_interpreted
 
@@ -47,13 +47,10 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
 def warn_if_calibration_data(args: argparse.Namespace) -> None:
     """Evaluating on the data a checkpoint was calibrated on (its metadata's provenance) measures
     images its scales were fitted to: said once, since the top-1 then overstates the accuracy."""
-    import os
-
     from ptq4vm_jax.checkpoint import read_metadata
 
     origin = read_metadata(args.quantized).get("provenance") or {}
-    data_dir = None if args.data_dir is None else os.path.abspath(args.data_dir)
-    if origin.get("calib") == args.data and origin.get("data_dir") == data_dir:
+    if origin.get("calib") == args.data and origin.get("data_dir") == data_dir_of(args.data, args.data_dir):
         print(f"ptq4vm eval: warning: --data {args.data} is the data --quantized {args.quantized} was "
               f"calibrated on ({origin.get('num_calib')} of its images): its top-1 there overstates the "
               "accuracy on unseen images", file=sys.stderr)

@@ -7,14 +7,12 @@ images (a multiple of the calibration batch when the run learns)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from ptq4vm_jax.cli.dataspecs import data_source, images_in
+from ptq4vm_jax.cli.dataspecs import data_dir_of, data_source, images_in
 from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import load_float, warn_if_scan_interpreted
 from ptq4vm_jax.cli.paths import check_out, check_resume
@@ -102,17 +100,16 @@ def provenance(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     ``array_digest`` by path, the same for those weights however they were stored) and the
     calibration data (the spec, its data_dir and the number of images)."""
     from ptq4vm_jax.checkpoint import file_sha256
-    from ptq4vm_jax.checkpoint.store import array_digests
+    from ptq4vm_jax.checkpoint.store import tree_sha256
 
-    digests = json.dumps(array_digests(params), sort_keys=True).encode()
-    if args.checkpoint:
+    if args.checkpoint:  # (key: as passed; None: the default lookup, 'model', else 'state_dict', else bare)
         float_model = {"checkpoint": os.path.abspath(args.checkpoint), "sha256": file_sha256(args.checkpoint),
                        "key": args.key}
     else:
         float_model = {"params": os.path.abspath(args.params)}
-    float_model["params_sha256"] = hashlib.sha256(digests).hexdigest()
+    float_model["params_sha256"] = tree_sha256(params)
     return {"float_model": float_model, "calib": args.calib, "num_calib": args.num_calib,
-            "data_dir": None if args.data_dir is None else os.path.abspath(args.data_dir)}
+            "data_dir": data_dir_of(args.calib, args.data_dir)}
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

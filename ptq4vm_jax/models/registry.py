@@ -205,7 +205,9 @@ def model_label(name: str, overrides: Mapping[str, Any] | None = None) -> str:
     """A model as output names it: its name, with the sizes that differ from the named model's
     (``vim_tiny (depth=4, embed_dim=48)``), so a resized model is never shown as the stock one;
     the ``RUNTIME_CHOICES`` are not sizes and are left out."""
-    sizes = {k: v for k, v in (overrides or {}).items() if k not in RUNTIME_CHOICES}
+    stock = create_model(name).cfg
+    sizes = {k: v for k, v in (overrides or {}).items()
+             if k not in RUNTIME_CHOICES and getattr(stock, k, not v) != v}
     if not sizes:
         return name
     return f"{name} ({', '.join(f'{k}={v!r}' for k, v in sorted(sizes.items()))})"

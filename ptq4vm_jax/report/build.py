@@ -34,8 +34,14 @@ def check_float_params(qparams: QuantizedParams, float_params: Any) -> None:
     (embeddings, norms, convolutions, the scans' A and D, ...); another model of the same
     architecture differs there, and a report against it would compare two different networks."""
     kept, given = flatten_tree(qparams.params), flatten_tree(float_params)
-    differ = [path for path, value in sorted(kept.items()) if path in given and not np.array_equal(
-        np.asarray(given[path], np.float32), np.asarray(value, np.float32))]
+
+    def same(path: str, value: Any) -> bool:  # compared in the stored dtype (a bf16 model keeps bf16)
+        if path not in given or np.shape(given[path]) != np.shape(value):
+            return False
+        stored = np.asarray(value)
+        return np.array_equal(np.asarray(given[path]).astype(stored.dtype), stored)
+
+    differ = [path for path, value in sorted(kept.items()) if not same(path, value)]
     if differ:
         shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
         raise ArgumentError(f"the float params are not those this checkpoint was quantized from: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ptq4vm_jax.checkpoint import load_params, read_metadata
@@ -33,3 +34,17 @@ def test_quantize_records_its_float_model_and_calibration_data(tmp_path, capsys)
             "images): its top-1 there overstates the accuracy on unseen images") in said, said
     main(["eval", "--quantized", str(out), "--data", "digits:test", "--limit", "16"])
     assert "calibrated on" not in capsys.readouterr().err
+
+
+def test_the_calibration_data_directory_is_compared_as_tfds_resolves_it(monkeypatch, tmp_path):
+    """No --data-dir and an explicit ~/tensorflow_datasets (or $TFDS_DATA_DIR) are the same data."""
+    from ptq4vm_jax.cli.dataspecs import data_dir_of
+
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    home = data_dir_of("tfds:imagenet2012:train", None)
+    assert home == data_dir_of("tfds:imagenet2012:train", "~/tensorflow_datasets")
+    assert home == os.path.abspath(os.path.expanduser("~/tensorflow_datasets"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    assert data_dir_of("tfds:imagenet2012:train", None) == data_dir_of("tfds:x:y", str(tmp_path))
+    assert data_dir_of("tfds:x:y", None) == str(tmp_path)
+    assert data_dir_of("digits:train", None) is None

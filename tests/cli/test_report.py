@@ -326,3 +326,22 @@ def test_a_float_model_other_than_the_checkpoints_source_is_refused(tmp_path, ca
             "it keeps differ (norm_f/weight); pass the float model it was quantized from "
             "(float_params: --params or --checkpoint on the command line)") in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_float_model_check_compares_in_the_stored_dtype_and_misses_nothing():
+    """A checkpoint quantized from bf16 params keeps them in bf16: the float32 originals match
+    it; a float tree lacking the kept parameters does not."""
+    import jax
+    import ml_dtypes
+
+    from ptq4vm_jax import load_params
+    from ptq4vm_jax.errors import ArgumentError
+    from ptq4vm_jax.report.build import check_float_params
+
+    qp = load_quantized(W8)
+    params, _ = load_params(Path(__file__).parents[2] / "ptq4vm_jax" / "assets" / "vim_micro")
+    check_float_params(qp, params)
+    as_bf16 = qp.replace(params=jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), qp.params))
+    check_float_params(as_bf16, params)
+    with pytest.raises(ArgumentError, match=r"43 of the 43 float parameters it keeps differ"):
+        check_float_params(qp, {"unrelated": np.zeros(3)})

@@ -106,3 +106,4 @@ def test_a_resized_model_is_labelled_with_its_sizes():
     runtime = {"scan": "ref", "dtype": jnp.bfloat16}
     assert model_label("vim_tiny") == model_label("vim_tiny", runtime) == "vim_tiny"
     assert model_label("vim_tiny", {"embed_dim": 48, "depth": 4}) == "vim_tiny (depth=4, embed_dim=48)"
+    assert model_label("vim_tiny", {"embed_dim": 192, "depth": 4}) == "vim_tiny (depth=4)"  # stock: left out

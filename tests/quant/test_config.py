@@ -103,6 +103,13 @@ def test_valid_settings_resolve_to_the_family_recipe():
         warnings.simplefilter("error")
         cfg.resolve("vim")
         QuantConfig(method="rtn", epochs=0).resolve("vim")
+    with pytest.warns(UserWarning, match=r"epochs=0 learns nothing: lr_w=0.001, train_inner_proj=False are "
+                                         "ignored"):
+        cfg = QuantConfig(epochs=0, lr_w=1e-3, train_inner_proj=False).resolve("vim")
+    assert (cfg.method, cfg.lr_w, cfg.train_inner_proj) == ("pts_only", 5e-4, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg.resolve("vim")  # what it stores resolves again quietly
     assert (cfg.lr_w, cfg.lr_a, cfg.lr_s, cfg.train_batch) == (5e-4, 5e-4, 1e-2, 256)
 
 
