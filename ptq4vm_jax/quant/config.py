@@ -176,21 +176,19 @@ class QuantConfig:
                    if (v := getattr(self, k)) is not None and v != recipe[k] and (k, v) != ("epochs", 0)]
         if not self.train_inner_proj:
             ignored.append("train_inner_proj=False")  # (which linears learn: nothing learns here)
-        if self.method == "ptq4vm" and self.epochs == 0:
-            ignored = [item for item in ignored if item != "epochs=0"]
         if (self.method != "ptq4vm" or self.epochs == 0) and ignored:
             does = (f"method={self.method!r} does not learn{'' if self.smooths else ' or smooth'}"
                     if self.method != "ptq4vm" else "epochs=0 learns nothing")
             warnings.warn(f"{does}: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored",
                           UserWarning, stacklevel=3)
-        fill = {k: v for k, v in FAMILY_DEFAULTS[family].items() if getattr(self, k) is None}
+        fill = {k: v for k, v in recipe.items() if getattr(self, k) is None}
         if self.rules is None:
             fill["rules"] = DEFAULT_RULES[family]
         cfg = dataclasses.replace(self, **fill)
         if cfg.method == "ptq4vm" and cfg.epochs == 0:  # the initialisation alone: named as what ran,
             # with the settings only learning reads at the recipe's values (they had no effect)
             cfg = dataclasses.replace(cfg, method="pts_only", train_inner_proj=True,
-                                      **{k: FAMILY_DEFAULTS[family][k] for k in ("lr_w", "lr_a", "lr_s")})
+                                      **{k: recipe[k] for k in ("lr_w", "lr_a", "lr_s")})
         if cfg.train_batch > cfg.num_calib:
             cfg = dataclasses.replace(cfg, train_batch=cfg.num_calib)
         if cfg.learns and cfg.num_calib % cfg.train_batch:  # (otherwise it only sizes forward chunks)
