@@ -27,7 +27,6 @@ _EXPORTS = {
     "family_spec": "convert.reading",
     "name_coverage": "convert.reading",
     "read_checkpoint": "convert.reading",
-    "select_state_dict": "convert.reading",
     "state_dict_entry": "convert.reading",
     "read_safetensors": "convert.safetensors_reader",
     "read_torch_checkpoint": "convert.torch_reader",

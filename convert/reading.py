@@ -14,7 +14,7 @@ from convert.mapping import FamilySpec, strip_module_prefix
 from convert.safetensors_reader import read_safetensors
 from convert.torch_reader import read_torch_checkpoint
 
-__all__ = ["family_spec", "name_coverage", "read_checkpoint", "select_state_dict", "state_dict_entry"]
+__all__ = ["family_spec", "name_coverage", "read_checkpoint", "state_dict_entry"]
 
 #: The entries that hold the weights when no key is given, in the order they are looked for: the
 #: official Vim and VMamba training scripts save ``{'model': ...}``, LocalMamba's ``{'state_dict': ...}``.
@@ -74,13 +74,6 @@ def state_dict_entry(checkpoint: Any, key: str | None = None, path: str = "check
         raise CheckpointError(f"{path}: entry {entry!r} is a {_describe(checkpoint[entry])}, not a "
                               f"state_dict of tensors; top-level entries: {listing}", argument="key")
     return entry
-
-
-def select_state_dict(checkpoint: Any, key: str | None = None, path: str = "checkpoint") -> Mapping[str, Any]:
-    """``checkpoint[key]`` ('model', 'model_ema', ...); with ``key=None`` the first of ``DEFAULT_KEYS``
-    the checkpoint has, or the checkpoint itself if it is a bare state_dict (``state_dict_entry``)."""
-    entry = state_dict_entry(checkpoint, key, path)
-    return checkpoint if entry is None else checkpoint[entry]
 
 
 def family_spec(family: str) -> FamilySpec:
