@@ -176,7 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
                     extra={**result, "dataset": "sklearn digits (ptq4vm_jax.data.load_digits_dataset)"})
     finally:
         for path, data in notes.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
     (out_dir / "train_log.txt").write_text("\n".join(log_lines) + "\n")
     print(log_lines[-1])
