@@ -3,7 +3,8 @@
 On a terminal, a tqdm bar redrawn in place. Anywhere else (stderr redirected to a log file, as
 under a scheduler, or a pipe), redrawing would write a carriage-return line per update into the
 log, so a few plain lines are printed instead: one each time another ``1/lines`` of a known total
-is done, or one every ``interval`` seconds when the total is unknown, and a last one at the end.
+is done, and one whenever ``interval`` seconds have passed since the last (so a slow loop is never
+silent for long), and a last one at the end.
 """
 
 from __future__ import annotations
@@ -82,14 +83,13 @@ class _Lines(Progress):
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if self.lines <= 0:
-            return
-        if self.total:
+        if self.total and self.lines > 0:
             due = min(self.lines, self.done * self.lines // self.total)
             if due > self.step:
                 self.step = due
                 self._line()
-        elif time.monotonic() - self.last >= self.interval:
+                return
+        if time.monotonic() - self.last >= self.interval:
             self._line()
 
     def set_postfix(self, **values: Any) -> None:
@@ -109,10 +109,11 @@ def progress_bar(total: int | None, desc: str, *, unit: str = "it", enabled: boo
     """Progress over ``total`` units (None: unknown), written to ``stream`` (default: stderr).
 
     ``enabled=False`` draws nothing. A terminal gets a tqdm bar (``leave=False``: erased when
-    closed). Elsewhere at most ``lines`` plain lines, evenly spaced over a known total, or one
-    per ``interval`` seconds over an unknown one, then a last line at ``close()`` when ``leave``
-    and the last one printed was not already the end. ``lines=0`` prints only that last line, for
-    a loop whose caller logs its own line per block.
+    closed). Elsewhere ``lines`` plain lines evenly spaced over a known total, plus one at the
+    first update ``interval`` seconds after the last line (the only lines over an unknown total),
+    then a last line at ``close()`` when ``leave`` and the last one printed was not already the
+    end. ``lines=0`` keeps only the lines ``interval`` apart and that last one, for a loop whose
+    caller logs its own line per block.
     """
     if not enabled:
         return Progress()

@@ -85,6 +85,30 @@ def test_an_unknown_total_prints_by_time(monkeypatch):
                                                       "eval: 40 img"]
 
 
+def test_a_slow_loop_with_a_known_total_is_not_silent_for_long(monkeypatch):
+    """A calibration block's steps (lines=0: the caller logs the block) still print a line each
+    time ``interval`` seconds have passed, so a log shows a long block is moving."""
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    with progress_bar(10, "JLSS layers_0", unit="step", lines=0, leave=False, interval=60,
+                      stream=log) as bar:
+        for k in range(10):
+            now[0] += 25  # a step every 25 s: a line at 75 s, 150 s and 225 s (steps 3, 6, 9)
+            bar.set_postfix(loss=f"{1 / (k + 1):.3f}")
+            bar.update()
+    assert log.getvalue().splitlines() == ["JLSS layers_0: 3/10 step (30%), 75s loss=0.333",
+                                           "JLSS layers_0: 6/10 step (60%), 150s loss=0.167",
+                                           "JLSS layers_0: 9/10 step (90%), 225s loss=0.111"]
+    log = io.StringIO()  # fast steps: nothing between the caller's lines
+    with progress_bar(10, "JLSS layers_0", unit="step", lines=0, leave=False, interval=60,
+                      stream=log) as bar:
+        for _ in range(10):
+            now[0] += 1
+            bar.update()
+    assert log.getvalue() == ""
+
+
 @pytest.mark.parametrize("stream", [Terminal(), io.StringIO()])
 def test_disabled_progress_writes_nothing(stream):
     with progress_bar(5, "eval", enabled=False, stream=stream) as bar:

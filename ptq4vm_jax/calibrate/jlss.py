@@ -369,7 +369,9 @@ def _learn(fns, state, sparams, q_carry, target, cfg, name, progress):
     n = target.shape[0]
     batches = n // cfg.train_batch
     steps = cfg.epochs * batches
-    bar = progress_bar(steps, f"JLSS {name}", unit="step", enabled=progress, leave=False, lines=0)
+    # lines=0: the caller logs the block; a log still gets a line a minute while a block learns.
+    bar = progress_bar(steps, f"JLSS {name}", unit="step", enabled=progress, leave=False, lines=0,
+                       interval=60.0)
     try:  # (closed on an interrupt too, so no message lands on a half-drawn bar)
         for k in range(steps):
             j = (k % batches) * cfg.train_batch
