@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the quantized checkpoints go (in a directory named after the model)")
     d.add_argument("--epochs", type=int, default=None,
                    help="JLSS epochs over the 256 images (default: 12 in batches of 32 for Vim, the "
-                        "official recipe for VMamba)")
+                        "official recipe for VMamba; 0: PTQ4VM's initialisation alone, shown as PTS)")
     d.add_argument("--quiet", action="store_true", help="no progress bars or per-block log, only the table")
     d.set_defaults(func=cmd_demo)
 

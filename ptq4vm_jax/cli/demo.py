@@ -7,9 +7,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ptq4vm_jax.cli.paths import check_out
 from ptq4vm_jax.cli.table import table
+
+if TYPE_CHECKING:
+    from ptq4vm_jax.quant.config import QuantConfig
 
 ASSETS = Path(__file__).parents[1] / "assets"  # the bundled micro models (float params)
 
@@ -24,12 +28,35 @@ def bundled_models() -> list[str]:
     return sorted(m.parent.name for m in ASSETS.glob("*/metadata.json"))
 
 
+def demo_recipe(model: str, epochs: int | None) -> dict:
+    """The PTQ4VM settings the demo overrides: ``DEMO_RECIPE`` for Vim (VMamba's official recipe
+    already learns at 1e-4 in mini-batches of 32, and runs in time), ``epochs`` if given."""
+    from ptq4vm_jax.models import model_family
+
+    recipe = dict(DEMO_RECIPE) if model_family(model) == "vim" else {}
+    return recipe if epochs is None else {**recipe, "epochs": epochs}
+
+
+def demo_runs(model: str, epochs: int | None) -> list[tuple[str, QuantConfig]]:
+    """(label, QuantConfig) of each quantized model in the table, in order. ``epochs=0`` runs
+    PTQ4VM's initialisation alone (PTS + SmoothQuant), labelled PTS: named as what ran."""
+    from ptq4vm_jax import QuantConfig  # (not at the top: `ptq4vm --help` loads no jax)
+
+    if epochs == 0:
+        method, recipe = "PTS", dict(method="pts_only")
+    else:
+        method, recipe = "PTQ4VM", demo_recipe(model, epochs)
+    return [("RTN W8A8", QuantConfig(8, 8, method="rtn")),
+            (f"{method} W8A8", QuantConfig(8, 8, **recipe)),
+            ("RTN W4A8", QuantConfig(4, 8, method="rtn")),
+            (f"{method} W4A8", QuantConfig(4, 8, **recipe))]
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
     from ptq4vm_jax import (
-        QuantConfig,
         create_model,
         load_params,
         quantize_params,
@@ -51,14 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     fp_logits = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(test_x))
     rows = [dict(name="float32", top1=100 * float(np.mean(fp_logits.argmax(-1) == test_y)),
                  agreement=100.0, kl=0.0)]
-    # VMamba's official recipe already learns at 1e-4 in mini-batches of 32, and runs in time.
-    recipe = dict(DEMO_RECIPE) if model_family(args.model) == "vim" else {}
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
-    runs = [("RTN W8A8", QuantConfig(8, 8, method="rtn")),
-            ("PTQ4VM W8A8", QuantConfig(8, 8, **recipe)),
-            ("RTN W4A8", QuantConfig(4, 8, method="rtn")),
-            ("PTQ4VM W4A8", QuantConfig(4, 8, **recipe))]
+    runs = demo_runs(args.model, args.epochs)
+    method = runs[1][0].split()[0]
     out = Path(args.out).absolute() / args.model  # each model's demo has a directory of its own
     targets = {label: out / label.lower().replace(" ", "_") for label, _ in runs}
     for target in targets.values():  # before any calibration, not after the first
@@ -82,14 +103,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
             "calib": "digits:train", "num_calib": qp.config.num_calib, "data_dir": None})
         rows.append(dict(name=label, top1=100 * float(np.mean(logits.argmax(-1) == test_y)),
                          agreement=cmp["agreement"], kl=cmp["mean_kl"], seconds=seconds))
-    described = recipe or f"official {model_family(args.model)}"
+    recipe = demo_recipe(args.model, args.epochs)
+    described = ("PTS: PTQ4VM's initialisation, no JLSS (--epochs 0)" if method == "PTS"
+                 else f"PTQ4VM recipe {recipe or f'official {model_family(args.model)}'}")
     print(f"\n{args.model} on the digits test split ({len(test_y)} images); calibration on the first "
-          f"{runs[1][1].num_calib} train images; PTQ4VM recipe {described}")
+          f"{runs[1][1].num_calib} train images; {described}")
     print(table(rows, [("name", "model", "s"), ("top1", "top-1 %", ".2f"),
                        ("agreement", "agree w/ FP %", ".2f"), ("kl", "KL to FP", ".2e"),
                        ("seconds", "calib s", ".1f")]))
     for bits in ("W8A8", "W4A8"):
-        pair = paired_top1(test_y, preds[f"PTQ4VM {bits}"], preds[f"RTN {bits}"])
-        print(f"{bits} top-1, PTQ4VM vs RTN: PTQ4VM alone right on {pair['only_a']}, RTN alone right "
+        pair = paired_top1(test_y, preds[f"{method} {bits}"], preds[f"RTN {bits}"])
+        print(f"{bits} top-1, {method} vs RTN: {method} alone right on {pair['only_a']}, RTN alone right "
               f"on {pair['only_b']}; exact McNemar p = {pair['p_value']:.3f}")
     print(f"\nquantized checkpoints in {out}; total {time.perf_counter() - t_start:.0f}s")

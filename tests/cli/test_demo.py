@@ -107,3 +107,23 @@ def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
         assert len(stages) == 4
         for s in stages:
             assert s["loss_final"] < s["loss_init"], (name, s)
+
+
+
+@pytest.mark.parametrize("model", ["vim_micro", "vmamba_micro"])
+def test_demo_with_no_learning_names_what_it_runs(model):
+    """``--epochs 0`` runs PTQ4VM's initialisation alone: its rows and checkpoints say PTS, and
+    resolving its configs warns of no learning rate it never used."""
+    import warnings
+
+    from ptq4vm_jax.cli.demo import demo_runs
+    from ptq4vm_jax.models import model_family
+
+    runs = demo_runs(model, 0)
+    assert [label for label, _ in runs] == ["RTN W8A8", "PTS W8A8", "RTN W4A8", "PTS W4A8"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [cfg.resolve(model_family(model)).method for _, cfg in runs] == ["rtn", "pts_only"] * 2
+    learned = demo_runs(model, None)
+    assert [label for label, _ in learned] == ["RTN W8A8", "PTQ4VM W8A8", "RTN W4A8", "PTQ4VM W4A8"]
+    assert all(cfg.resolve(model_family(model)).learns for _, cfg in learned[1::2])
