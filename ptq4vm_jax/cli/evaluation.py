@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"W{qp.config.w_bits}A{qp.config.a_bits}, "
                 f"{args.mode} mode" + (f" ({args.gemm} GEMM)" if args.mode == "int" else ""))
     else:
-        name, overrides, params = load_float(args)
+        name, overrides, params, _ = load_float(args)
         model = create_model(name, **{**overrides, "dtype": jnp.dtype(args.dtype), "scan": args.scan})
         logits_fn = data_parallel(lambda p, x: model.apply({"params": p}, x), params)
         what = f"{model_label(name, overrides)} float"

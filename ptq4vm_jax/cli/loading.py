@@ -83,10 +83,11 @@ def check_quantized_dir(quantized: str) -> None:
                          "give it as --params, or quantize it first with `ptq4vm quantize`")
 
 
-def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
-    """(model name, model overrides, float params) from --checkpoint or --params."""
-    from ptq4vm_jax import load_params, load_torch_checkpoint
-    from ptq4vm_jax.checkpoint import QUANT_FORMAT
+def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any, str | None]:
+    """(model name, model overrides, float params, the --checkpoint entry read: None for a bare
+    state_dict or --params) from --checkpoint or --params."""
+    from ptq4vm_jax import load_params
+    from ptq4vm_jax.checkpoint import QUANT_FORMAT, read_torch_checkpoint
     from ptq4vm_jax.models import canonical_name
 
     if bool(args.checkpoint) == bool(args.params):
@@ -98,8 +99,8 @@ def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
         if not args.model:
             raise UsageError("--checkpoint needs --model (e.g. vim_tiny)")
         overrides = model_overrides(args.model_arg, args.model)
-        return args.model, overrides, load_torch_checkpoint(args.checkpoint, args.model,
-                                                            key=args.key, **overrides)
+        return (args.model, overrides,
+                *read_torch_checkpoint(args.checkpoint, args.model, key=args.key, **overrides))
     if args.model_arg or args.key:
         raise UsageError("--model-arg and --key apply to --checkpoint; --params already records its "
                          "model's sizes and holds one set of weights")
@@ -114,4 +115,4 @@ def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
                          f"--model {held['model_name']} (or leave --model out) or convert a "
                          f"{canonical_name(args.model)} checkpoint")
     params, meta = load_params(args.params, model_name=args.model)
-    return meta["model_name"], dict(meta.get("model_overrides") or {}), params
+    return meta["model_name"], dict(meta.get("model_overrides") or {}), params, None

@@ -94,17 +94,18 @@ def resumed_note(summary: dict) -> str:
     return f" ({summary['calibration_seconds_this_run']:.1f}s in this run; {which} from --resume)"
 
 
-def provenance(args: argparse.Namespace, params: Any) -> dict[str, Any]:
-    """Where a quantized checkpoint comes from, for its metadata: the float model (its path, the
-    file's sha256 for --checkpoint, and ``params_sha256``: a sha256 of every parameter's
+def provenance(args: argparse.Namespace, params: Any, entry: str | None) -> dict[str, Any]:
+    """Where a quantized checkpoint comes from, for its metadata: the float model (its path; for
+    --checkpoint the file's sha256 and ``key``, the entry read, None for a bare state_dict, as
+    ``ptq4vm convert`` records it; and ``params_sha256``: a sha256 of every parameter's
     ``array_digest`` by path, the same for those weights however they were stored) and the
     calibration data (the spec, its data_dir and the number of images)."""
     from ptq4vm_jax.checkpoint import file_sha256
     from ptq4vm_jax.checkpoint.store import tree_sha256
 
-    if args.checkpoint:  # (key: as passed; None: the default lookup, 'model', else 'state_dict', else bare)
+    if args.checkpoint:
         float_model = {"checkpoint": os.path.abspath(args.checkpoint), "sha256": file_sha256(args.checkpoint),
-                       "key": args.key}
+                       "key": entry}
     else:
         float_model = {"params": os.path.abspath(args.params)}
     float_model["params_sha256"] = tree_sha256(params)
@@ -121,8 +122,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     check_out(args.out, format=QUANT_FORMAT, model=None, announce=False,
               inputs={"--params": args.params, "--checkpoint": args.checkpoint, "--resume": args.resume})
     check_resume(args.resume, {"--out": args.out, "--params": args.params})
-    name, overrides, params = load_float(args)
-    origin = provenance(args, params)  # (digests of what was just read)
+    name, overrides, params, entry = load_float(args)
+    origin = provenance(args, params, entry)  # (digests of what was just read)
     check_out(args.out, format=QUANT_FORMAT, model=name, inputs={})  # now that the model is known
     warn_if_scan_interpreted(args)
     overrides = {**overrides, "scan": args.scan}  # quantize_params calibrates with it, saves it not

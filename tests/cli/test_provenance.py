@@ -48,3 +48,24 @@ def test_the_calibration_data_directory_is_compared_as_tfds_resolves_it(monkeypa
     assert data_dir_of("tfds:imagenet2012:train", None) == data_dir_of("tfds:x:y", str(tmp_path))
     assert data_dir_of("tfds:x:y", None) == str(tmp_path)
     assert data_dir_of("digits:train", None) is None
+
+
+def test_a_torch_checkpoint_is_recorded_with_the_entry_read(tmp_path):
+    """--checkpoint without --key: the record names the entry the weights came from (here
+    LocalMamba's 'state_dict'), as `ptq4vm convert` does, and the same weights get the same
+    params_sha256 as from --params."""
+    import torch
+
+    from tests.convert.conftest import official_vim_state_dict
+
+    params, _ = load_params(MICRO)
+    sd = {k: torch.from_numpy(v) for k, v in official_vim_state_dict(params).items()}
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "local.pth")
+    common = ["--calib", "digits:train", "--num-calib", "8", "--method", "rtn"]
+    main(["quantize", "--model", "vim_micro", "--checkpoint", str(tmp_path / "local.pth"), *common,
+          "--out", str(tmp_path / "a")])
+    main(["quantize", "--params", str(MICRO), *common, "--out", str(tmp_path / "b")])
+    a, b = (read_metadata(tmp_path / d)["provenance"]["float_model"] for d in "ab")
+    assert a["key"] == "state_dict"
+    assert a["sha256"] == hashlib.sha256((tmp_path / "local.pth").read_bytes()).hexdigest()
+    assert a["params_sha256"] == b["params_sha256"]
