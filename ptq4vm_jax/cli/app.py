@@ -13,6 +13,9 @@ import sys
 import warnings
 from typing import Any
 
+from ptq4vm_jax import __version__
+from ptq4vm_jax.calibrate.report import CalibrationError
+from ptq4vm_jax.choices import GEMM_BACKENDS, MODES, SCAN_BACKENDS
 from ptq4vm_jax.cli.convert import cmd_convert
 from ptq4vm_jax.cli.demo import bundled_models, cmd_demo
 from ptq4vm_jax.cli.errors import UsageError, argument_of, for_the_command_line
@@ -21,42 +24,50 @@ from ptq4vm_jax.cli.paths import kept_blocks, resume_hint, user_path
 from ptq4vm_jax.cli.quantize import cmd_quantize
 from ptq4vm_jax.cli.report import cmd_report
 from ptq4vm_jax.cli.signals import Terminated, stop_on_signals
+from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
 
 #: Packages only some inputs need (import name -> pip name): digits data, tfds data, grain sources.
 OPTIONAL_PACKAGES = {"sklearn": "scikit-learn", "tensorflow_datasets": "tensorflow-datasets",
                      "grain": "grain"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ptq4vm_jax import __version__
-    from ptq4vm_jax.choices import GEMM_BACKENDS, MODES, SCAN_BACKENDS
-    from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
+def _scan_arg(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--scan", default="auto", choices=SCAN_BACKENDS,
+                    help=f"the selective scan's backend {what} (default auto: the Pallas scan per "
+                         "direction on GPU, lax.scan elsewhere); fused: Vim's and VMamba's fused "
+                         "kernels (opt-in, GPU); pallas: a Pallas scan per direction; ref: lax.scan. "
+                         "Off the GPU the Pallas kernels run in the interpreter: exact but slow")
 
-    def scan_arg(sp: argparse.ArgumentParser, what: str) -> None:
-        sp.add_argument("--scan", default="auto", choices=SCAN_BACKENDS,
-                        help=f"the selective scan's backend {what} (default auto: the Pallas scan per "
-                             "direction on GPU, lax.scan elsewhere); fused: Vim's and VMamba's fused "
-                             "kernels (opt-in, GPU); pallas: a Pallas scan per direction; ref: lax.scan. "
-                             "Off the GPU the Pallas kernels run in the interpreter: exact but slow")
 
-    # one wording for every command's --key (the library's key=None: 'model', else 'state_dict')
-    key_help = ("the entry of the checkpoint file holding the weights, e.g. model_ema (default: model, "
-                "else state_dict, else the file's bare state dict)")
+# One wording for every command's --key (the library's key=None: 'model', else 'state_dict').
+KEY_HELP = ("the entry of the checkpoint file holding the weights, e.g. model_ema (default: model, "
+            "else state_dict, else the file's bare state dict)")
 
-    def recipe(field: str) -> str:  # "(default: Vim and LocalVim 0.5, VMamba and LocalVMamba 0.65)"
-        names = {"vim": "Vim", "local_vim": "LocalVim", "vmamba": "VMamba", "local_vmamba": "LocalVMamba"}
-        by_value: dict[float, list[str]] = {}
-        for family, name in names.items():
-            by_value.setdefault(FAMILY_DEFAULTS[family][field], []).append(name)
-        shown = (f"{' and '.join(fams)} {f'{v:.0e}'.replace('e-0', 'e-') if v < 0.1 else f'{v:g}'}"
-                 for v, fams in by_value.items())
-        return f"(default: {', '.join(shown)})"
 
-    p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
-                                "Mamba models: demo, convert, quantize, eval, report.")
-    p.add_argument("--version", action="version", version=f"ptq4vm-jax {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def _recipe(field: str) -> str:
+    """The families' defaults of a recipe field, e.g. "(default: Vim and LocalVim 0.5, VMamba and
+    LocalVMamba 0.65)"."""
+    names = {"vim": "Vim", "local_vim": "LocalVim", "vmamba": "VMamba", "local_vmamba": "LocalVMamba"}
+    by_value: dict[float, list[str]] = {}
+    for family, name in names.items():
+        by_value.setdefault(FAMILY_DEFAULTS[family][field], []).append(name)
+    shown = (f"{' and '.join(fams)} {f'{v:.0e}'.replace('e-0', 'e-') if v < 0.1 else f'{v:g}'}"
+             for v, fams in by_value.items())
+    return f"(default: {', '.join(shown)})"
 
+
+def _source_args(sp: argparse.ArgumentParser) -> None:
+    """Where quantize and eval read the float model from."""
+    sp.add_argument("--model", help="model name (required with --checkpoint)")
+    sp.add_argument("--checkpoint", type=user_path, help="official .pth/.safetensors")
+    sp.add_argument("--params", type=user_path, help="Orbax float params dir (ptq4vm convert)")
+    sp.add_argument("--key", default=None, help=f"for --checkpoint: {KEY_HELP}")
+    sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                    help="official constructor size argument for --checkpoint (repeatable)")
+    sp.add_argument("--data-dir", type=user_path, default=None, help="tfds data_dir")
+
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="quantize the built-in micro model on digits and print a table")
     d.add_argument("--model", default="vim_micro", choices=bundled_models(), help="a bundled micro model")
     d.add_argument("--out", type=user_path, default="ptq4vm_demo_out",
@@ -67,27 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars or per-block log, only the table")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="official .pth/.safetensors -> Orbax float params")
     c.add_argument("--model", required=True, help="e.g. vim_tiny, vim_small, vim_base, vmamba_tiny")
     c.add_argument("--checkpoint", type=user_path,
                    required=True, help="official .pth/.safetensors (read without torch)")
     c.add_argument("--out", type=user_path, required=True, help="new Orbax directory for the float params")
-    c.add_argument("--key", default=None, help=key_help)
+    c.add_argument("--key", default=None, help=KEY_HELP)
     c.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="official constructor size argument, e.g. embed_dim=384 (repeatable)")
     c.set_defaults(func=cmd_convert)
 
-    def source_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", help="model name (required with --checkpoint)")
-        sp.add_argument("--checkpoint", type=user_path, help="official .pth/.safetensors")
-        sp.add_argument("--params", type=user_path, help="Orbax float params dir (ptq4vm convert)")
-        sp.add_argument("--key", default=None, help=f"for --checkpoint: {key_help}")
-        sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                        help="official constructor size argument for --checkpoint (repeatable)")
-        sp.add_argument("--data-dir", type=user_path, default=None, help="tfds data_dir")
 
+def _add_quantize(sub: Any) -> None:
     q = sub.add_parser("quantize", help="PTQ4VM-quantize a model and save an Orbax checkpoint")
-    source_args(q)
+    _source_args(q)
     q.add_argument("--calib", default="tfds:imagenet2012:train",
                    help="calibration data: tfds:NAME:SPLIT (prepared under --data-dir) or digits:train|test "
                         "(default: tfds:imagenet2012:train)")
@@ -98,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ptq4vm (default: PTS + SmoothQuant init, then JLSS); pts_only (the "
                         "initialisation alone); rtn (min-max baseline); per_token_dynamic (baseline)")
     q.add_argument("--epochs", type=int, default=None,
-                   help=f"passes over the calibration set per block {recipe('epochs')}")
+                   help=f"passes over the calibration set per block {_recipe('epochs')}")
     q.add_argument("--train-batch", type=int, default=None,
-                   help=f"JLSS mini-batch {recipe('train_batch')}")
+                   help=f"JLSS mini-batch {_recipe('train_batch')}")
     q.add_argument("--alpha", type=float, default=None,
-                   help=f"SmoothQuant migration strength {recipe('alpha')}")
+                   help=f"SmoothQuant migration strength {_recipe('alpha')}")
     q.add_argument("--act-grid", default="fixed", choices=ACT_GRIDS,
                    help="activation grid search: fixed (default, includes the full range) or "
                         "official (the released grid)")
@@ -112,24 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VMamba only: the axis of the cosine loss; width reproduces the released "
                         "VMamba code (cosine along the image width)")
     q.add_argument("--lr-w", type=float, default=None,
-                   help=f"weight-step learning rate {recipe('lr_w')}")
+                   help=f"weight-step learning rate {_recipe('lr_w')}")
     q.add_argument("--lr-a", type=float, default=None,
-                   help=f"activation-step learning rate {recipe('lr_a')}")
+                   help=f"activation-step learning rate {_recipe('lr_a')}")
     q.add_argument("--lr-s", type=float, default=None,
-                   help=f"smoothing-scale learning rate {recipe('lr_s')}")
+                   help=f"smoothing-scale learning rate {_recipe('lr_s')}")
     q.add_argument("--official-inner-proj", action="store_true",
                    help="train only in_proj/out_proj like the released Vim code")
     q.add_argument("--keep-learned", action="store_true",
                    help="keep the learned scales of a block even where learning raised its loss, like "
                         "the released code (default: keep that block's initial scales)")
-    scan_arg(q, "calibration runs through (not saved: evaluation picks its own)")
+    _scan_arg(q, "calibration runs through (not saved: evaluation picks its own)")
     q.add_argument("--resume", type=user_path, default=None, help="directory for per-block resume state")
     q.add_argument("--out", type=user_path,
                    required=True, help="new Orbax directory for the quantized checkpoint")
     q.set_defaults(func=cmd_quantize)
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model")
-    source_args(e)
+    _source_args(e)
     e.add_argument("--quantized", type=user_path,
                    help="Orbax dir written by `ptq4vm quantize` (instead of a float "
                         "--checkpoint / --params)")
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer GEMM of --mode int (auto: wgmma on Hopper, XLA elsewhere; pallas: the "
                         "Triton kernel; xla-bf16: XLA's bf16 dot on the integer codes, exact; mixed: "
                         "Hopper, wgmma for in_proj/out_proj and xla-bf16 for x_proj/dt_proj)")
-    scan_arg(e, "of the evaluated model")
+    _scan_arg(e, "of the evaluated model")
     e.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="compute dtype of the projections (norms, residual stream and scan stay "
                         "float32): bfloat16 is the float model's fast variant and, with --mode int, "
@@ -153,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser("report", help="figures (PNG + index.html + report.json) of what calibration "
                                       "learned and where a quantized model's error is")
     r.add_argument("--quantized", type=user_path, required=True,
@@ -165,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "convert`; default for the bundled micro models: the bundled asset)")
     r.add_argument("--checkpoint", type=user_path,
                    help="the float model as an official .pth/.safetensors instead")
-    r.add_argument("--key", default=None, help=f"for --checkpoint: {key_help}")
+    r.add_argument("--key", default=None, help=f"for --checkpoint: {KEY_HELP}")
     r.add_argument("--data", default=None,
                    help="images for the data figures and the float-vs-quantized metrics: tfds:NAME:SPLIT "
                         "(prepared under --data-dir) or digits:train|test (default: none)")
@@ -177,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "last out_proj among the blocks with the most tokens; in VMamba and the LocalMamba "
                         "models also that block's per-direction x_proj_k)")
     r.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ptq4vm`` parser: one sub-command per ``_add_<command>``."""
+    p = argparse.ArgumentParser(prog="ptq4vm", description="PTQ4VM post-training quantization of Visual "
+                                "Mamba models: demo, convert, quantize, eval, report.")
+    p.add_argument("--version", action="version", version=f"ptq4vm-jax {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_convert, _add_quantize, _add_eval, _add_report):
+        add(sub)
     for parser in (p, *sub.choices.values()):
         parser.allow_abbrev = False  # a prefix such as --epoch must not stand for --epochs silently
     return p
@@ -196,8 +216,6 @@ def out_of_memory(error: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run ``ptq4vm``; errors a user can act on print as one line."""
-    from ptq4vm_jax.calibrate.report import CalibrationError
-
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:  # Ctrl-C while parsing, before the command holds signals
