@@ -26,7 +26,8 @@ from ptq4vm_jax.cli.report import cmd_report
 from ptq4vm_jax.cli.signals import Terminated, stop_on_signals
 from ptq4vm_jax.quant.config import ACT_GRIDS, FAMILY_DEFAULTS, LOSS_AXES, LOSSES, METHODS
 
-#: Packages only some inputs need (import name -> pip name): digits data, tfds data, grain sources.
+#: Packages only some inputs import (import name -> pip name): digits data, tfds data, grain sources.
+#: The project depends on them, but an environment installed without its dependencies may lack one.
 OPTIONAL_PACKAGES = {"sklearn": "scikit-learn", "tensorflow_datasets": "tensorflow-datasets",
                      "grain": "grain"}
 
