@@ -52,7 +52,8 @@ KNOWN_FORMATS: dict[str, str] = {FLOAT_FORMAT: "ptq4vm_jax.checkpoint.load_param
                                  QUANT_FORMAT: "ptq4vm_jax.checkpoint.load_quantized"}
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for metadata: numpy scalars as Python numbers, dtypes by name."""
     if isinstance(value, np.generic):  # before np.dtype(), which would read np.float32(0.5) as "float32"
         return value.item()
     try:
@@ -149,7 +150,7 @@ def write_checkpoint(path: str | os.PathLike, tree: Mapping[str, Any], metadata:
                         "finite parameters")
     meta = {**metadata, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax_version": jax.__version__, ARRAY_DIGESTS: array_digests(arrays)}
-    meta = json.loads(json.dumps(meta, default=_json_default))
+    meta = json.loads(json.dumps(meta, default=json_default))
     meta[METADATA_HASH] = metadata_digest(meta)
     text = json.dumps(meta, indent=2, sort_keys=True)
     parent, name = os.path.split(path)

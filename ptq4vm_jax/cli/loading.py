@@ -60,7 +60,7 @@ def model_arguments(model: str) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(cfg) if f.name not in RUNTIME_CHOICES)
 
 
-def _format_of(directory: str) -> dict[str, Any]:
+def format_of(directory: str) -> dict[str, Any]:
     """The metadata of a checkpoint directory, or {} where there is none to read (the loader
     then says what is wrong with it)."""
     from ptq4vm_jax.checkpoint import read_metadata
@@ -77,7 +77,7 @@ def check_quantized_dir(quantized: str) -> None:
     """--quantized must name a quantized checkpoint, not float params."""
     from ptq4vm_jax.checkpoint import FLOAT_FORMAT
 
-    held = _format_of(quantized)
+    held = format_of(quantized)
     if held.get("format") == FLOAT_FORMAT:
         raise UsageError(f"--quantized {quantized} holds float params ({held.get('model_name', '?')}); "
                          "give it as --params, or quantize it first with `ptq4vm quantize`")
@@ -104,7 +104,7 @@ def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any, str 
     if args.model_arg or args.key:
         raise UsageError("--model-arg and --key apply to --checkpoint; --params already records its "
                          "model's sizes and holds one set of weights")
-    held = _format_of(args.params)
+    held = format_of(args.params)
     if held.get("format") == QUANT_FORMAT:
         instead = ("give it as --quantized" if args.command == "eval" else
                    f"{args.command} needs the float model: --params DIR from `ptq4vm convert`, or "

@@ -21,7 +21,7 @@ from typing import Any
 from ptq4vm_jax.cli.dataspecs import data_source
 from ptq4vm_jax.cli.demo import ASSETS, bundled_models
 from ptq4vm_jax.cli.errors import UsageError
-from ptq4vm_jax.cli.loading import _format_of
+from ptq4vm_jax.cli.loading import format_of
 from ptq4vm_jax.dirs import listing, nearest_existing, probe_writable
 from ptq4vm_jax.held_signals import signals_held
 
@@ -59,7 +59,7 @@ def check_quantized(quantized: str) -> dict[str, Any]:
         raise UsageError(f"--quantized {quantized} does not exist; give {WHERE_FROM}")
     if not where.is_dir():
         raise UsageError(f"--quantized {quantized} is a file, not a quantized checkpoint; give {WHERE_FROM}")
-    held = _format_of(str(where))
+    held = format_of(str(where))
     if not held:
         inside = sorted(d.name for d in where.iterdir() if (d / "metadata.json").is_file())
         hint = f" (it holds checkpoints: {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})" \
@@ -131,7 +131,7 @@ def check_float_model(args: argparse.Namespace, held: dict[str, Any]) -> None:
 
     name, overrides = held.get("model_name"), dict(held.get("model_overrides") or {})
     if args.params:
-        given = _format_of(args.params)
+        given = format_of(args.params)
         if given.get("format") == QUANT_FORMAT:
             raise UsageError(f"--params {args.params} is a quantized checkpoint; the report compares against "
                              "the float model: --params DIR from `ptq4vm convert`, or --checkpoint X.pth")

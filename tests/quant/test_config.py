@@ -133,15 +133,15 @@ def test_numpy_scalars_are_stored_as_python_numbers_and_read_back_equal():
 
     import numpy as np
 
-    from ptq4vm_jax.checkpoint import _json_default
+    from ptq4vm_jax.checkpoint.store import json_default
 
     cfg = QuantConfig(w_bits=np.int64(4), a_bits=np.int32(8), num_calib=np.int64(64),
                       epochs=np.int16(2), alpha=np.float32(0.5), lr_s=np.float32(1e-3))
     assert {type(getattr(cfg, f)) for f in ("w_bits", "a_bits", "num_calib", "epochs")} == {int}
     assert type(cfg.alpha) is float and type(cfg.lr_s) is float and cfg.alpha == 0.5
-    text = json.dumps(cfg.to_json(), default=_json_default)
+    text = json.dumps(cfg.to_json(), default=json_default)
     assert QuantConfig.from_json(json.loads(text)) == cfg
-    assert json.loads(json.dumps({"x": np.float32(0.5), "n": np.int64(3)}, default=_json_default)) == \
+    assert json.loads(json.dumps({"x": np.float32(0.5), "n": np.int64(3)}, default=json_default)) == \
         {"x": 0.5, "n": 3}
     with pytest.raises(ValueError, match="w_bits must be an integer from 2 to 8"):
         QuantConfig(w_bits=np.float32(4.0))
