@@ -63,15 +63,27 @@ def blockwise(model: nn.Module) -> Blockwise:
     return builder(model)
 
 
-def _vim(**defaults: Any) -> Callable[..., nn.Module]:
+def _builder(label: str, config_cls: type, module_cls: type,
+             settle: Callable[[dict, Mapping, Mapping], None] | None = None,
+             **defaults: Any) -> Callable[..., nn.Module]:
+    """``build(**overrides)``: ``module_cls(config_cls(**defaults, **overrides))``, refusing a name
+    ``config_cls`` lacks. ``settle(args, defaults, overrides)`` may adjust the merged arguments."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+
     def build(**overrides: Any) -> nn.Module:
-        fields = {f.name for f in dataclasses.fields(VimConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown Vim argument(s) {unknown}; accepted: {sorted(fields)}")
-        return VisionMamba(VimConfig(**{**defaults, **overrides}))
+            raise ValueError(f"unknown {label} argument(s) {unknown}; accepted: {sorted(fields)}")
+        args = {**defaults, **overrides}
+        if settle is not None:
+            settle(args, defaults, overrides)
+        return module_cls(config_cls(**args))
 
     return build
+
+
+def _vim(**defaults: Any) -> Callable[..., nn.Module]:
+    return _builder("Vim", VimConfig, VisionMamba, **defaults)
 
 
 register_blockwise(VisionMamba, vim_blockwise)
@@ -88,14 +100,7 @@ for _short, _long in _VIM_ALIASES.items():
 
 
 def _vmamba(**defaults: Any) -> Callable[..., nn.Module]:
-    def build(**overrides: Any) -> nn.Module:
-        fields = {f.name for f in dataclasses.fields(VMambaConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown VMamba argument(s) {unknown}; accepted: {sorted(fields)}")
-        return VMamba(VMambaConfig(**{**defaults, **overrides}))
-
-    return build
+    return _builder("VMamba", VMambaConfig, VMamba, **defaults)
 
 
 register_blockwise(VMamba, vmamba_blockwise)
@@ -119,35 +124,24 @@ _VMAMBA_ALIASES = {
 }
 
 
-def _local_vim(**defaults: Any) -> Callable[..., nn.Module]:
-    def build(**overrides: Any) -> nn.Module:
-        fields = {f.name for f in dataclasses.fields(LocalVimConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown LocalVim argument(s) {unknown}; accepted: {sorted(fields)}")
-        args = {**defaults, **overrides}
-        if "depth" in overrides and "directions" not in overrides:
-            # as the official constructor does: layer i takes the builder's directions[i]
-            depth, listed = args["depth"], defaults["directions"]
-            if isinstance(depth, int) and depth > len(listed):
-                raise ValueError(f"depth {depth} is more than the {len(listed)} layers whose scan "
-                                 "directions this model lists; pass directions= for every layer")
-            if isinstance(depth, int) and depth > 0:
-                args["directions"] = listed[:depth]
-        return LocalVisionMamba(LocalVimConfig(**args))
+def _local_vim_depth(args: dict, defaults: Mapping, overrides: Mapping) -> None:
+    """A depth without directions takes the first ``depth`` of the listed ones, as the official
+    constructor does (layer i takes the builder's directions[i])."""
+    if "depth" in overrides and "directions" not in overrides:
+        depth, listed = args["depth"], defaults["directions"]
+        if isinstance(depth, int) and depth > len(listed):
+            raise ValueError(f"depth {depth} is more than the {len(listed)} layers whose scan "
+                             "directions this model lists; pass directions= for every layer")
+        if isinstance(depth, int) and depth > 0:
+            args["directions"] = listed[:depth]
 
-    return build
+
+def _local_vim(**defaults: Any) -> Callable[..., nn.Module]:
+    return _builder("LocalVim", LocalVimConfig, LocalVisionMamba, _local_vim_depth, **defaults)
 
 
 def _local_vmamba(**defaults: Any) -> Callable[..., nn.Module]:
-    def build(**overrides: Any) -> nn.Module:
-        fields = {f.name for f in dataclasses.fields(LocalVMambaConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown LocalVMamba argument(s) {unknown}; accepted: {sorted(fields)}")
-        return LocalVMamba(LocalVMambaConfig(**{**defaults, **overrides}))
-
-    return build
+    return _builder("LocalVMamba", LocalVMambaConfig, LocalVMamba, **defaults)
 
 
 register_blockwise(LocalVisionMamba, local_vim_blockwise)
