@@ -57,10 +57,11 @@ RULES: tuple[Rule, ...] = vision_mamba_rules(
 
 def official_rope_tables(grid: int, embed_dim: int, pt_seq_len: int = ROPE_PT_SEQ_LEN
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """``VisionRotaryEmbeddingFast(embed_dim // 2, pt_seq_len, grid)``'s cos/sin buffers (float32).
+    """``VisionRotaryEmbeddingFast(embed_dim // 2, pt_seq_len, grid)``'s cos/sin buffers, (grid²,
+    embed_dim) float32, in its float32 operation order; the model computes its tables with it.
 
-    The same formula as ``ptq4vm_jax.models.local_vim.rope_tables`` (a leaf cannot import it;
-    tests/models/test_local_vim_golden.py checks the two agree).
+    The first half of the channels rotates with the token's row, the second with its column;
+    channel pairs (2k, 2k+1) share a frequency.
     """
     dim = embed_dim // 2
     exponents = np.arange(0, dim, 2)[: dim // 2].astype(np.float32) / np.float32(dim)

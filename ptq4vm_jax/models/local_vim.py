@@ -11,7 +11,7 @@ directions are summed before out_proj. Facts of the official code this port keep
 
 * RoPE (``if_rope`` and ``if_rope_residual``) rotates the mixer output *and* the residual
   stream before every layer, so the rotations accumulate along depth. Its cos/sin tables are
-  fixed by the grid; they are recomputed here (``rope_tables``), and the converter checks the
+  fixed by the grid; they are recomputed (``rope_tables``), and the converter checks the
   checkpoint's buffers against them.
 * ``MultiMamba`` wraps one tensor in an ``nn.Parameter`` per direction, so the A_log_i share
   storage and ``load_state_dict`` leaves every direction with the last one loaded: one
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convert.local_vim import official_rope_tables
 from ptq4vm_jax.models.layers import (
     GATE_RATIO,
     CausalConv1d,
@@ -156,23 +157,10 @@ class LocalVimConfig(VisionMambaSizes):
         return self.patch_size
 
 
-@functools.cache
-def rope_tables(grid: int, embed_dim: int, pt_seq_len: int = 14) -> tuple[np.ndarray, np.ndarray]:
-    """``VisionRotaryEmbeddingFast(dim=embed_dim // 2, pt_seq_len, ft_seq_len=grid)``'s
-    ``freqs_cos``/``freqs_sin``, (grid², embed_dim) float32, in its float32 operation order.
-
-    The first half of the channels rotates with the token's row, the second with its column;
-    channel pairs (2k, 2k+1) share a frequency.
-    """
-    dim = embed_dim // 2
-    exponents = np.arange(0, dim, 2)[: dim // 2].astype(np.float32) / np.float32(dim)
-    freqs = np.float32(1.0) / np.power(np.float32(10000), exponents)
-    t = np.arange(grid).astype(np.float32) / np.float32(grid) * np.float32(pt_seq_len)
-    angles = np.repeat(t[:, None] * freqs[None, :], 2, axis=-1)  # (grid, dim)
-    rows = np.broadcast_to(angles[:, None, :], (grid, grid, dim))
-    cols = np.broadcast_to(angles[None, :, :], (grid, grid, dim))
-    table = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, 2 * dim)
-    return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)
+#: ``VisionRotaryEmbeddingFast(dim=embed_dim // 2, pt_seq_len, ft_seq_len=grid)``'s
+#: ``freqs_cos``/``freqs_sin``, (grid², embed_dim) float32, computed once per size: the formula
+#: lives with the converter (a leaf), which checks a checkpoint's buffers against it.
+rope_tables = functools.cache(official_rope_tables)
 
 
 def apply_rope(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.Array:
