@@ -12,8 +12,9 @@ import pytest
 
 from ptq4vm_jax import create_model
 from ptq4vm_jax.checkpoint import load_params
+from ptq4vm_jax.compare import compare_logits, kl_per_row, paired_top1
 from ptq4vm_jax.data import eval_batches, load_digits_dataset
-from ptq4vm_jax.evaluate import compare_logits, evaluate, paired_top1
+from ptq4vm_jax.evaluate import evaluate
 
 
 def one_hot_logits(pred, classes=10):
@@ -214,6 +215,20 @@ def test_compare_logits_mask_and_errors():
         compare_logits(ref, q, mask=[False, False])
     with pytest.raises(ValueError, match="non-finite"):
         compare_logits(ref, q * np.nan)
+
+
+def test_kl_per_row_by_hand_and_its_mean_is_compare_logits_kl():
+    ref = np.array([[0.0, 0.0], [1.0, 0.0]])
+    q = np.array([[0.0, 0.0], [0.0, 1.0]])
+    kl = kl_per_row(ref, q)
+    p = 1 / (1 + np.exp(-1))  # softmax([1, 0])[0]
+    assert kl.shape == (2,) and kl[0] == 0
+    assert kl[1] == pytest.approx(p * np.log(p / (1 - p)) + (1 - p) * np.log((1 - p) / p))
+    assert compare_logits(ref, q)["mean_kl"] == pytest.approx(kl.mean())
+    with pytest.raises(ValueError, match="one shape"):
+        kl_per_row(ref, q[:1])  # one row would broadcast against both
+    with pytest.raises(ValueError, match="kl_per_row got non-finite"):
+        kl_per_row(ref, q + np.inf)
 
 
 # ------------------------------------------------------------------ micro models end to end

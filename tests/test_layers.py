@@ -42,7 +42,8 @@ RANKS: dict[str, int] = {
     "ptq4vm_jax.api": 5,
     "ptq4vm_jax.api_checks": 5,  # the input checks of api
     "ptq4vm_jax.evaluate": 6,
-    "ptq4vm_jax.report": 6,  # `ptq4vm report`: numbers, figures, html (uses api and evaluate)
+    "ptq4vm_jax.compare": 6,  # how two models' outputs differ (used by report and the demo)
+    "ptq4vm_jax.report": 6,  # `ptq4vm report`: numbers, figures, html (uses api and compare)
     "ptq4vm_jax.cli": 7,
     "ptq4vm_jax": 7,  # the package's public names (its __init__), imported by the CLI
 }

@@ -65,8 +65,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     from ptq4vm_jax.checkpoint import QUANT_FORMAT
     from ptq4vm_jax.checkpoint.store import tree_sha256
+    from ptq4vm_jax.compare import compare_logits, paired_top1
     from ptq4vm_jax.data import load_digits_dataset
-    from ptq4vm_jax.evaluate import compare_logits, paired_top1
     from ptq4vm_jax.models import image_shape, model_family
 
     t_start = time.perf_counter()

@@ -21,7 +21,7 @@ import numpy as np
 from pallas_kernels.qlinear import QuantizedLinear, unpack_weight
 from ptq4vm_jax.api import quantized_apply
 from ptq4vm_jax.calibrate.jlss import init_layer
-from ptq4vm_jax.evaluate import compare_logits, paired_top1
+from ptq4vm_jax.compare import compare_logits, paired_top1
 from ptq4vm_jax.models import image_shape
 from ptq4vm_jax.models.local_scan import parse_direction, scan_order
 from ptq4vm_jax.models.local_vim import LocalVisionMamba

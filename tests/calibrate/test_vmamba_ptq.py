@@ -21,8 +21,8 @@ from ptq4vm_jax.api import blockwise, quantize_params, quantized_apply, quantize
 from ptq4vm_jax.calibrate.jlss import cosine_loss
 from ptq4vm_jax.calibrate.resume import ResumeStore
 from ptq4vm_jax.checkpoint import load_params
+from ptq4vm_jax.compare import compare_logits
 from ptq4vm_jax.data import load_digits_dataset
-from ptq4vm_jax.evaluate import compare_logits
 from ptq4vm_jax.quant import init as qinit
 from ptq4vm_jax.quant.config import DEFAULT_RULES, FAMILY_DEFAULTS, QuantConfig, QuantRule
 from ptq4vm_jax.quant.layer import TrainLinear, intercept_dense, train_form
