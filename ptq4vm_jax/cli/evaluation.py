@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ptq4vm_jax.choices import PALLAS_GEMMS
 from ptq4vm_jax.cli.dataspecs import data_dir_of, data_source, images_in
 from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import check_quantized_dir, load_float, warn_if_scan_interpreted
@@ -34,8 +35,7 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
     """A Pallas GEMM off the GPU runs in the Pallas interpreter: exact, but far too slow for a
     dataset. Said once here; the library's own warning about it (``argument == "gemm"``) is
     then left out by ``main``."""
-    from ptq4vm_jax import gpu
-    from ptq4vm_jax.choices import PALLAS_GEMMS
+    from ptq4vm_jax import gpu  # (jax: not loaded for the parser)
 
     if args.mode == "int" and args.gemm in PALLAS_GEMMS and gpu.interpret_kernels():
         print(f"ptq4vm eval: warning: --gemm {args.gemm} off the GPU runs its kernel in the Pallas "

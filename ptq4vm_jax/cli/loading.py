@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,7 @@ from ptq4vm_jax.cli.errors import UsageError
 def warn_if_scan_interpreted(args: argparse.Namespace) -> None:
     """A Pallas scan backend off the GPU runs in the Pallas interpreter: exact, far too slow for
     real work. Said once, with the flag's name."""
-    import sys
-
-    from ptq4vm_jax import gpu
+    from ptq4vm_jax import gpu  # (jax: not loaded for the parser)
 
     if args.scan in ("pallas", "fused") and gpu.interpret_kernels():
         print(f"ptq4vm {args.command}: warning: --scan {args.scan} off the GPU runs its kernels in the "
@@ -52,8 +52,6 @@ def model_overrides(pairs: list[str] | None, model: str | None = None) -> dict[s
 def model_arguments(model: str) -> list[str]:
     """The names ``--model-arg`` accepts for ``model``: its constructor's arguments less the
     ``RUNTIME_CHOICES``, which the library's own list of accepted arguments includes."""
-    import dataclasses
-
     from ptq4vm_jax.models import create_model
 
     cfg = create_model(model).cfg

@@ -17,6 +17,7 @@ from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import load_float, warn_if_scan_interpreted
 from ptq4vm_jax.cli.paths import check_out, check_resume
 from ptq4vm_jax.cli.table import table
+from ptq4vm_jax.quant.config import FAMILY_DEFAULTS, QuantConfig
 
 
 def _flag(name: str) -> str:
@@ -42,10 +43,8 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"{_flag(name)} must be a finite number > 0, got {value}")
 
 
-def quant_config(args: argparse.Namespace) -> Any:
+def quant_config(args: argparse.Namespace) -> QuantConfig:
     """The ``QuantConfig`` the flags describe (``None`` fields: the family's recipe)."""
-    from ptq4vm_jax import QuantConfig
-
     check_numbers(args)
     return QuantConfig(
         w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, num_calib=args.num_calib,
@@ -59,8 +58,6 @@ def quant_config(args: argparse.Namespace) -> Any:
 def check_recipe(args: argparse.Namespace, family: str, available: int | None) -> None:
     """What depends on the model family and on the data: the family-only options, --num-calib a
     multiple of the calibration batch where the run learns, and enough calibration images."""
-    from ptq4vm_jax.quant.config import FAMILY_DEFAULTS
-
     if args.loss_axis == "width" and family != "vmamba":
         raise UsageError("--loss-axis width reproduces the released VMamba code only (its cosine along the "
                          "image width); leave the default --loss-axis channel for Vim")
