@@ -32,12 +32,23 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
 import numpy as np
+import scipy
+import sklearn
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.stats import norm
+from scipy.stats import t as student_t
 
-if TYPE_CHECKING:
-    from ptq4vm_jax import QuantConfig
+from ptq4vm_jax import QuantConfig, create_model, load_params, quantize_params, quantized_apply
+from ptq4vm_jax.cli.demo import ASSETS, DEMO_RECIPE
+from ptq4vm_jax.compare import kl_per_row, paired_top1
+from ptq4vm_jax.data import load_digits_dataset
+from ptq4vm_jax.models import image_shape, model_family
+from ptq4vm_jax.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +77,6 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 
     Differences that are all equal leave no spread to test against: p is 1 when they are all
     zero and 0 otherwise (t = +-inf)."""
-    from scipy.stats import t as student_t
-
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     n = d.size
     if n < 2:
@@ -116,29 +125,9 @@ def signed_rank(a: Sequence[float], b: Sequence[float], exact_below: int = 21) -
         w_all = signs @ r
         extreme = np.abs(w_all - mean) >= abs(w_plus - mean) - 1e-9
         return {"n": n, "w_plus": w_plus, "p_value": float(extreme.mean()), "exact": True}
-    from scipy.stats import norm
-
     var = float((r**2).sum()) / 4  # n(n+1)(2n+1)/24 without ties; exact under average-rank ties
     z = (w_plus - mean) / math.sqrt(var)
     return {"n": n, "w_plus": w_plus, "z": z, "p_value": float(2 * norm.sf(abs(z))), "exact": False}
-
-
-def mcnemar(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray) -> dict[str, float]:
-    """Exact McNemar test of two models' top-1 on the same images (``evaluate.paired_top1``)."""
-    from ptq4vm_jax.evaluate import paired_top1
-
-    return paired_top1(labels, preds_a, preds_b)
-
-
-def per_image_kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(logits)) per row, in nats, float64."""
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-    lp = log_softmax(np.asarray(ref_logits, np.float64))
-    lq = log_softmax(np.asarray(logits, np.float64))
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
 def logit_cosine(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -219,10 +208,6 @@ def grid_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def environment(argv: Sequence[str]) -> dict[str, Any]:
     """What produced the numbers: the command, versions, machine and code revision."""
-    import jax
-    import scipy
-    import sklearn
-
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
@@ -335,8 +320,6 @@ def append_cell(path: Path, rec: dict) -> None:
 
 def test_labels(limit: int | None) -> np.ndarray:
     """The digits test split's labels (the same for every image size)."""
-    from ptq4vm_jax.data import load_digits_dataset
-
     return load_digits_dataset("test", image_size=8)[1][:limit]
 
 
@@ -350,10 +333,6 @@ def draw_indices(seed: int, draw: int, n_train: int, size: int) -> np.ndarray:
 def quant_config(method: str, bits: str, model: str, calib_size: int, epochs: int | None) -> QuantConfig:
     """The ``QuantConfig`` of one cell: JLSS with the demo's recipe (``epochs`` overriding its
     epoch count), the other methods with the library's defaults."""
-    from ptq4vm_jax import QuantConfig
-    from ptq4vm_jax.cli.demo import DEMO_RECIPE
-    from ptq4vm_jax.models import model_family
-
     qmethod, loss, _ = METHODS[method]
     w, a = BITS[bits]
     if qmethod != "ptq4vm":
@@ -370,13 +349,6 @@ class ModelRun:
     """One model's float params, test split and float logits, loaded once."""
 
     def __init__(self, name: str, limit: int | None) -> None:
-        import jax
-
-        from ptq4vm_jax import create_model, load_params, quantized_apply
-        from ptq4vm_jax.cli.demo import ASSETS
-        from ptq4vm_jax.data import load_digits_dataset
-        from ptq4vm_jax.models import image_shape
-
         self.name = name
         self.params, _ = load_params(ASSETS / name, model_name=name)
         self.model = create_model(name)
@@ -391,8 +363,6 @@ class ModelRun:
         self.forward_q = lambda qp, x: quantized_apply(self.model, qp, x)
 
     def cell(self, bits: str, method: str, draw: int, settings: dict) -> dict:
-        from ptq4vm_jax import quantize_params
-
         idx = draw_indices(settings["seed"], draw, len(self.train_x), settings["calib_size"])
         cfg = quant_config(method, bits, self.name, settings["calib_size"], settings["epochs"][self.name])
         t0 = time.perf_counter()
@@ -405,7 +375,7 @@ class ModelRun:
         if not np.isfinite(logits).all():
             raise RuntimeError(f"{self.name} {bits} {method} draw {draw}: non-finite logits")
         preds = logits.argmax(-1)
-        kl = per_image_kl(self.fp_logits, logits)
+        kl = kl_per_row(self.fp_logits, logits)
         reverted = sum(bool(s.get("reverted")) for s in info.get("stages", []))
         return {
             "model": self.name, "bits": bits, "method": method, "draw": int(draw),
@@ -467,7 +437,7 @@ def paired_tests(cells: dict[tuple, dict], grid: dict, labels: dict[str, np.ndar
         kl_b = [c["kl"] for c in cb]
         img_a = np.mean([c["image_kl"] for c in ca], axis=0)
         img_b = np.mean([c["image_kl"] for c in cb], axis=0)
-        mc = [mcnemar(labels[model], np.array(x["preds"]), np.array(y["preds"]))
+        mc = [paired_top1(labels[model], np.array(x["preds"]), np.array(y["preds"]))
               for x, y in zip(ca, cb, strict=True)]
         rec = {
             "model": model, "bits": bits, "a": a, "b": b, "draws": len(draws),
@@ -561,16 +531,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def plot(path: Path, rows: list[dict], grid: dict, cells: dict[tuple, dict]) -> None:
     """KL to the float model per method and bit width, one panel per model, log scale: bars of
-    the mean, error bars of one standard deviation over the draws, a dot per draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    the mean, error bars of one standard deviation over the draws, a dot per draw. Drawn on a
+    Figure of its own (no pyplot): the process's matplotlib backend is left as it was."""
     models = [m for m in grid["models"] if any(r["model"] == m for r in rows)]
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.4), squeeze=False)
+    fig = Figure(figsize=(6.4 * len(models), 4.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(models), squeeze=False)
     width = 0.8 / len(grid["methods"])
     for ax, model in zip(axes[0], models, strict=True):
         for i, method in enumerate(grid["methods"]):
@@ -600,7 +568,6 @@ def plot(path: Path, rows: list[dict], grid: dict, cells: dict[tuple, dict]) -> 
     fig.tight_layout()
     tmp = path.with_name("tmp_" + path.name)
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -634,8 +601,6 @@ def write_outputs(out: Path, settings: dict, cells: dict[tuple, dict], labels: d
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from ptq4vm_jax.progress import progress_bar
-
     out = Path(args.out)
     grid = grid_settings(args)
     settings = prepare_out(out, grid, environment(argv))
