@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from ptq4vm_jax import create_model
+from ptq4vm_jax.checkpoint import save_params
 from ptq4vm_jax.data import eval_batches, load_digits_dataset
 from ptq4vm_jax.evaluate import evaluate
 from ptq4vm_jax.models import image_shape
@@ -87,8 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from ptq4vm_jax.checkpoint import save_params
-
     model = create_model(args.model)
     size, channels, classes = input_spec(model)
     if channels != 3:

@@ -37,7 +37,7 @@ def _digits_split_mask(labels: np.ndarray) -> np.ndarray:
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits, read once per process: (images (1797, 8, 8) / 16 in [0, 1],
     labels (1797,) int32), read-only."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # (here: only the digits data needs scikit-learn)
 
     digits = load_digits()
     images, labels = digits.images / 16.0, np.asarray(digits.target, np.int32)

@@ -17,7 +17,7 @@ Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
 def _to_rgb_pil(image: Any):
-    from PIL import Image
+    from PIL import Image  # (here: only the image transforms need PIL, not the digits path)
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
