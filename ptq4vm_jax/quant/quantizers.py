@@ -1,4 +1,5 @@
-"""Pure fake-quantizers of PTQ4VM and their integer forms (docs/method.md §3, §11.2).
+"""Pure fake-quantizers of PTQ4VM and the weights' integer form (docs/method.md §3, §11.2); the
+activations' integer codes are ``pallas_kernels.qmatmul.quantize_activations``.
 
 Layouts: ``kernel`` is Flax (in, out); ``smooth`` σ is (in,); ``w_scale`` is (out,);
 activations are (..., L, C) with the token axis at -2, ``a_scale`` (L,) float32 and
@@ -195,20 +196,6 @@ def fake_quant_act(
     s = a_scale[:, None]
     z = lax.stop_gradient(a_zero.astype(jnp.float32))[:, None]
     return _fake_quant_asym(x * (1.0 / smooth), s, z, qmax)
-
-
-@_jit_bits
-def quantize_act_int(
-    x: jax.Array, smooth: jax.Array, a_scale: jax.Array, a_zero: jax.Array, bits: int
-) -> jax.Array:
-    """int32 codes in [0, qmax] with ``a_scale[:, None] * (codes - a_zero[:, None]) == fake_quant_act``."""
-    qmax = act_qmax(bits)
-    x, smooth, a_scale = _as_f32(x, smooth, a_scale)
-    a_zero = jnp.asarray(a_zero)
-    check_act_shapes(x, smooth, a_scale, a_zero)
-    v = (x * (1.0 / smooth)) * (1.0 / a_scale)[:, None]
-    codes = jnp.clip(jnp.round(v) + a_zero.astype(jnp.float32)[:, None], 0, qmax)
-    return codes.astype(jnp.int32)
 
 
 def asym_scale_zero(lo: jax.Array, hi: jax.Array, qmax: int | jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -19,7 +19,6 @@ from ptq4vm_jax.ops import mixer as mixer_ops
 from ptq4vm_jax.ops import scan as scan_ops
 from ptq4vm_jax.ops.mixer import vim_mixer_ref
 from ptq4vm_jax.quant.layer import simulate_int_linear
-from ptq4vm_jax.quant.quantizers import quantize_act_int
 
 pytestmark = pytest.mark.slow  # Pallas kernels in the interpreter: compile-heavy
 INTERPRET = jax.default_backend() != "gpu"
@@ -96,7 +95,7 @@ def test_integer_dt_proj_feed_equals_the_quantized_layer():
         smooth=jnp.asarray(rng.uniform(0.5, 2.0, r), jnp.float32),
         a_scale=jnp.asarray(rng.uniform(0.01, 0.03, seq), jnp.float32),
         a_zero=jnp.full((seq,), 128, jnp.int32), bias=fwd.delta_bias)
-    codes = jax.jit(quantize_act_int, static_argnums=4)(low, layer.smooth, layer.a_scale, layer.a_zero, 8)
+    codes = jax.jit(quantize_activations)(low, layer).astype(jnp.int32) + 2 ** (layer.a_bits - 1)  # q
     on_chip = MixerDirection(**{**vars(fwd), "delta": (codes - layer.a_zero[:, None]).astype(jnp.float32),
                                 "dt_weight": layer.w_int.astype(jnp.float32), "dt_row_scale": layer.a_scale,
                                 "dt_col_scale": layer.w_scale})
