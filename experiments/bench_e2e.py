@@ -27,6 +27,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,39 @@ def end_to_end_rows(
     return rows
 
 
+#: fn(model_name, batch, n_sets, *, interpret, variants) -> (name -> jitted forward, image sets)
+Forwards = Callable[..., tuple[dict[str, Callable[[jax.Array], jax.Array]], list[jax.Array]]]
+
+
+def random_model(model_name: str, batch: int, n_sets: int) -> tuple[list[jax.Array], dict]:
+    """``n_sets`` batches of random images at the model's size and its randomly initialised float
+    params: the e2e rows time arithmetic, which trained weights would not change."""
+    size = pq.create_model(model_name).cfg.img_size
+    images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(n_sets)]
+    params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
+    return images, params
+
+
+def rtn_w8a8(model_name: str, params: dict, size: int) -> pq.QuantizedParams:
+    """W8A8 scales from a quick RTN calibration on 16 random images (the arithmetic, not the
+    accuracy, is what is timed), its time printed."""
+    cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
+    calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
+    t0 = time.perf_counter()
+    qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False, log=lambda _: None)
+    print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+    return qp
+
+
+def int_apply(model: Any, qp: pq.QuantizedParams, images: jax.Array, gemm: str, interpret: bool) -> jax.Array:
+    """Integer inference; with ``interpret`` (asked for on the command line) the kernels' note
+    that they run in the Pallas interpreter is not repeated."""
+    with warnings.catch_warnings():
+        if interpret:
+            warnings.filterwarnings("ignore", "gemm=.* runs its kernel in the Pallas interpreter")
+        return pq.quantized_apply(model, qp, images, mode="int", gemm=gemm)
+
+
 E2E_VARIANTS = ("bf16", "int-mixed", "int-wgmma", "int-xla-bf16", "int-xla", "int-pallas", "bf16-lax-scan")
 INT_GEMMS = (("mixed", "wgmma in/out_proj, XLA bf16 dot x/dt_proj"), ("wgmma", "wgmma, every linear"),
              ("xla-bf16", "XLA bf16 dot on codes, every linear"), ("xla", "XLA s8 dot"),
@@ -84,11 +118,9 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
     randomly initialised Vim, one per integer GEMM backend (``quantized_apply(gemm=...)``), the
     most promising first; ``variants`` picks among ``E2E_VARIANTS`` (wgmma only on Hopper and,
     for the smoke test, in the Mosaic GPU interpreter). The W8A8 scales come from a quick RTN
-    calibration on 16 random images: the arithmetic, not the accuracy, is what is timed."""
-    size = pq.create_model(model_name).cfg.img_size
-    images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(n_sets)]
+    calibration on 16 random images (``rtn_w8a8``)."""
+    images, params = random_model(model_name, batch, n_sets)
     model = {scan: pq.create_model(model_name, dtype=jnp.bfloat16, scan=scan) for scan in ("pallas", "ref")}
-    params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
 
     @functools.partial(jax.jit, static_argnums=0)
     def float_fwd(scan: str, p, im):
@@ -96,10 +128,7 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
 
     @functools.partial(jax.jit, static_argnums=0)
     def int_fwd(gemm: str, q, im):
-        with warnings.catch_warnings():  # --interpret asked for the interpreter: no need to warn
-            if interpret:
-                warnings.filterwarnings("ignore", "gemm=.* runs its kernel in the Pallas interpreter")
-            return pq.quantized_apply(model["pallas"], q, im, mode="int", gemm=gemm)
+        return int_apply(model["pallas"], q, im, gemm, interpret)
 
     # Weights are jit arguments, not constants folded into the program.
     forwards = {}
@@ -109,12 +138,7 @@ def vim_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
     gemms = [(g, what) for g, what in INT_GEMMS
              if f"int-{g}" in variants and (g not in HOPPER_ONLY or hopper or interpret)]
     if gemms:
-        cfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
-        calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
-        t0 = time.perf_counter()
-        qp = pq.quantize_params(params, calib, model=model_name, config=cfg, progress=False,
-                                log=lambda _: None)
-        print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+        qp = rtn_w8a8(model_name, params, images[0].shape[1])
         for gemm, what in gemms:
             forwards[f"{model_name} W8A8 int bf16 ({what}; pallas scan)"] = functools.partial(
                 int_fwd, gemm, qp)
@@ -134,8 +158,11 @@ def e2e_models(cfg: RunConfig) -> list[tuple[str, int]]:
     return [("vim_small", 256), ("vim_base", 256), ("vim_tiny", 256)]
 
 
-def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
-    """End-to-end rows per (model, batch); a model that fails is recorded and the run goes on."""
+def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig,
+             forwards: Forwards = vim_forwards) -> list[Row]:
+    """End-to-end rows per (model, batch), each model's first forward the baseline of the others
+    (``end_to_end_rows``); a model that fails is recorded and the run goes on. ``forwards`` builds
+    a model's forwards and image sets from the command line's ``--e2e-variants``."""
     rows = []
     for name, batch in models:
         if cfg.out_of_time(reserve_s=60.0):
@@ -143,10 +170,10 @@ def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
             cfg.emit(rows[-1])
             continue
         try:
-            forwards, images = vim_forwards(name, batch, n_sets=1 if cfg.interpret else 2,
-                                            interpret=cfg.interpret, variants=cfg.args.e2e_variants)
-            new = end_to_end_rows(forwards, images, label=f"batch {batch}", **cfg.timing)
-        except Exception as err:  # keep the kernel rows of this run
+            fwds, images = forwards(name, batch, n_sets=1 if cfg.interpret else 2,
+                                    interpret=cfg.interpret, variants=cfg.args.e2e_variants)
+            new = end_to_end_rows(fwds, images, label=f"batch {batch}", **cfg.timing)
+        except Exception as err:  # keep the other rows of this run
             traceback.print_exc()
             new = [Row("e2e", f"batch {batch}", name, None,
                        check=f"ERROR {type(err).__name__}: {str(err)[:80]}")]

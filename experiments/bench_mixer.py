@@ -51,8 +51,6 @@ import functools
 import math
 import sys
 import time
-import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -440,14 +438,13 @@ def mixer_train_rows(shapes: Sequence[MixerShape], cfg: RunConfig) -> list[Row]:
 E2E_VARIANTS = ("bf16-unfused", "bf16-fused", "int-fused")
 
 
-def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
+def mixer_forwards(model_name: str, batch: int, n_sets: int, *, interpret: bool,
                    variants: Sequence[str] = E2E_VARIANTS) -> tuple[dict[str, Callable], list[jax.Array]]:
     """bf16 forwards with a Pallas scan per direction and with the fused kernels, and W8A8 integer
-    inference through the fused kernels, of a randomly initialised Vim or VMamba."""
-    size = pq.create_model(model_name).cfg.img_size
-    images = [jax.random.normal(jax.random.key(s), (batch, size, size, 3)) for s in range(2)]
+    inference through the fused kernels (RTN scales, ``bench_e2e.rtn_w8a8``), of a randomly
+    initialised Vim or VMamba."""
+    images, params = bench_e2e.random_model(model_name, batch, n_sets)
     model = {scan: pq.create_model(model_name, dtype=jnp.bfloat16, scan=scan) for scan in ("pallas", "fused")}
-    params = jax.jit(pq.create_model(model_name).init)(jax.random.key(0), images[0][:1])["params"]
     gemm = "xla" if interpret else ("mixed" if is_hopper() else "auto")
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -456,10 +453,7 @@ def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
 
     @jax.jit
     def int_fwd(q, im):
-        with warnings.catch_warnings():
-            if interpret:
-                warnings.filterwarnings("ignore", "gemm=.* runs its kernel in the Pallas interpreter")
-            return pq.quantized_apply(model["fused"], q, im, mode="int", gemm=gemm)
+        return bench_e2e.int_apply(model["fused"], q, im, gemm, interpret)
 
     forwards = {}
     if "bf16-unfused" in variants:
@@ -468,12 +462,7 @@ def mixer_forwards(model_name: str, batch: int, *, interpret: bool,
     if "bf16-fused" in variants:
         forwards[f"{model_name} bf16, fused kernels"] = functools.partial(float_fwd, "fused", params)
     if "int-fused" in variants:
-        qcfg = pq.QuantConfig(w_bits=8, a_bits=8, method="rtn", num_calib=16, train_batch=16)
-        calib = np.asarray(jax.random.normal(jax.random.key(99), (16, size, size, 3)), np.float32)
-        t0 = time.perf_counter()
-        qp = pq.quantize_params(params, calib, model=model_name, config=qcfg, progress=False,
-                                log=lambda _: None)
-        print(f"  e2e  {model_name}: RTN W8A8 scales in {time.perf_counter() - t0:.1f} s", flush=True)
+        qp = bench_e2e.rtn_w8a8(model_name, params, images[0].shape[1])
         forwards[f"{model_name} W8A8 int bf16, fused kernels (gemm={gemm})"] = functools.partial(int_fwd, qp)
     return forwards, images
 
@@ -488,34 +477,12 @@ def e2e_models(cfg: RunConfig) -> list[tuple[str, int]]:
     return [(m, b) for b in (64, 256) for m in ("vim_tiny", "vim_small", "vim_base")]
 
 
-def e2e_rows(models: Sequence[tuple[str, int]], cfg: RunConfig) -> list[Row]:
-    """End-to-end rows per (model, batch), the first variant the baseline of the others."""
-    rows = []
-    for name, batch in models:
-        if cfg.out_of_time(reserve_s=60.0):
-            rows.append(Row("e2e", f"batch {batch}", name, None, check="skipped: time budget"))
-            cfg.emit(rows[-1])
-            continue
-        try:
-            forwards, images = mixer_forwards(name, batch, interpret=cfg.interpret,
-                                              variants=cfg.args.e2e_variants)
-            new = bench_e2e.end_to_end_rows(forwards, images, label=f"batch {batch}", **cfg.timing)
-        except Exception as err:  # keep the other rows of this run
-            traceback.print_exc()
-            new = [Row("e2e", f"batch {batch}", name, None,
-                       check=f"ERROR {type(err).__name__}: {str(err)[:80]}")]
-        for r in new:
-            cfg.emit(r)
-        rows += new
-    return rows
-
-
 SECTIONS: dict[str, bc.Section] = {
     "mixer": lambda cfg: mixer_rows(mixer_shapes(cfg), cfg),
     "norm": lambda cfg: norm_rows(mixer_shapes(cfg), cfg),
     "cross-scan": cross_scan_rows,
     "sweep": sweep_rows,
-    "e2e-mixer": lambda cfg: e2e_rows(e2e_models(cfg), cfg),
+    "e2e-mixer": lambda cfg: bench_e2e.e2e_rows(e2e_models(cfg), cfg, mixer_forwards),
     "mixer-train": lambda cfg: mixer_train_rows(
         mixer_shapes(cfg) if cfg.args.mixer_shapes or cfg.interpret else [mixer_shape("vim_t", 256)], cfg),
 }
