@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,19 @@ def _state(path: tuple[str, ...], cfg: Any, blocks: list[dict[str, Any]]) -> str
     return "after JLSS"
 
 
+@dataclass
+class _Page:
+    """What the sections of a report add to: its numbers, figures and notes, and where it goes."""
+
+    out: Path
+    what: str  # the model and its quantization, in words
+    report: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def figure(self, file: str, title: str, caption: str, key: str) -> None:
+        self.report["figures"].append({"file": file, "title": title, "caption": caption, "numbers": key})
+
+
 def make_report(
     qparams: QuantizedParams,
     out_dir: str | Path,
@@ -89,23 +103,20 @@ def make_report(
         raise ValueError("a report on data needs the float model's params, to compare against")
     if float_params is not None:
         check_float_params(qparams, float_params)
-    out = Path(out_dir)
     model = qparams.model()
     cfg = qparams.config
     stored = flatten_layers(qparams.qlayers)
     qlayers = {p: stored[p] for p in stats.call_order(model, qparams)}
     chosen = stats.select_layers(list(qlayers), layers) if layers else stats.default_layers(model, qlayers)
     label = model_label(qparams.model_name, dict(qparams.model_overrides))
-    what = f"{label} {cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
     blocks = stats.block_losses(qparams.summary)
-    notes: list[str] = []
 
     dp = None
     if batches is not None:
         log(f"running the float and the quantized {qparams.model_name} on {data_spec}")
         dp = stats.data_pass(model, qparams, float_params, batches, chosen, limit=limit, progress=progress)
 
-    report: dict[str, Any] = {
+    page = _Page(Path(out_dir), f"{label} {cfg.method} W{cfg.w_bits}A{cfg.a_bits}", {
         "format": REPORT_FORMAT, "version": REPORT_VERSION,
         "checkpoint": {"path": source, "model_name": qparams.model_name,
                        "model_overrides": dict(qparams.model_overrides), "method": cfg.method,
@@ -115,29 +126,47 @@ def make_report(
         "data": None if dp is None else {"spec": data_spec, "images": int(dp.labels.shape[0])},
         "metrics": None if dp is None else stats.logit_metrics(dp),
         "layers": {}, "directions": {}, "block_loss": None, "layer_error": None, "figures": [],
-        "notes": notes,
-    }
-    figs: list[dict[str, str]] = report["figures"]
+    })
+    page.report["notes"] = page.notes
+    _layer_sections(page, qparams, qlayers, chosen, blocks, float_params, dp, grouped_only=not layers)
+    if not cfg.dynamic_activations:
+        _direction_sections(page, chosen)
+    _block_loss_section(page, cfg, blocks)
+    _layer_error_section(page, qlayers, float_params, dp)
 
-    def add_figure(file: str, title: str, caption: str, key: str) -> None:
-        figs.append({"file": file, "title": title, "caption": caption, "numbers": key})
+    report = page.report
+    (page.out / NUMBERS).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    data_text = f"{data_spec}, {report['data']['images']} images" if dp else "none (pass --data)"
+    header = {"title": f"PTQ4VM report: {page.what}",
+              "lines": [f"checkpoint: {source or '(in memory)'}; calibrated on "
+                        f"{report['checkpoint']['calibration_images']} images",
+                        f"float model: {float_source or 'not given'}; data: {data_text}"]}
+    (page.out / INDEX).write_text(html.render(header, report["metrics"], report["figures"], page.notes))
+    return report
 
-    # --- per chosen layer: the PTS profile and σ
+
+def _layer_sections(page: _Page, qparams: QuantizedParams, qlayers: Mapping, chosen: list,
+                    blocks: list[dict[str, Any]], float_params: Any, dp: Any, grouped_only: bool) -> None:
+    """Per chosen layer: its numbers, and the PTS profile, σ and weight-step figures."""
+    model, cfg = qparams.model(), qparams.config
     profiled = not cfg.dynamic_activations
     if not profiled:
-        notes.append("per_token_dynamic computes its activation scales from each input at run time: "
-                     "there is no stored per-token profile to show")
+        page.notes.append("per_token_dynamic computes its activation scales from each input at run time: "
+                          "there is no stored per-token profile to show")
     if not cfg.smooths:
-        notes.append(f"{cfg.method} does not smooth (σ = 1 everywhere): no σ figures")
+        page.notes.append(f"{cfg.method} does not smooth (σ = 1 everywhere): no σ figures")
     # By default, sibling directions (VMamba's x_proj_k) are shown together in one figure only;
     # layers named by ``layers`` get figures of their own as well.
-    grouped = set() if layers else {q for g in stats.direction_groups(chosen).values() for q in g}
+    grouped = {q for g in stats.direction_groups(chosen).values() for q in g} if grouped_only else set()
+    first = "PTS" if cfg.smooths else "min-max"
+    recomputed = ("recomputed on the --data images by calibration's own init_layer (the checkpoint "
+                  "does not store it; exact only on the calibration images)")
     for p in chosen:
         layer = qlayers[p]
         name = path_str(p)
         order = stats.token_order(model, p, int(layer.a_scale.shape[0]))
         entry: dict[str, Any] = {
-            "name": name, "what": what, "a_bits": layer.a_bits, "w_bits": layer.w_bits,
+            "name": name, "what": page.what, "a_bits": layer.a_bits, "w_bits": layer.w_bits,
             "order": order.to_json(), "w_scale": stats.floats(layer.w_scale),
             "w_minmax": (None if float_params is None else
                          stats.minmax_weight_step(layer, get_path(float_params, p)["kernel"])),
@@ -152,105 +181,96 @@ def make_report(
             entry["float_range"] = stats.activation_profile(dp.inputs[p], layer)
             if profiled:
                 entry["init"] = stats.recomputed_init(qparams, float_params, p, dp.inputs[p])
-        report["layers"][name] = entry
-        cls = order.class_index
-        cls_text = f"; red dotted: the class token (position {cls})" if cls is not None else ""
-        first = "PTS" if cfg.smooths else "min-max"
-        recomputed = ("recomputed on the --data images by calibration's own init_layer (the checkpoint "
-                      "does not store it; exact only on the calibration images)")
-        if profiled and p not in grouped:
+        page.report["layers"][name] = entry
+        if p in grouped:
+            continue
+        init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
+        if profiled:
+            cls = order.class_index
+            cls_text = f"; red dotted: the class token (position {cls})" if cls is not None else ""
             file = _file_name("pts", name)
-            figures.profile(entry, out / file)
+            figures.profile(entry, page.out / file)
             data_text = (f" Blue: the float x/σ's min..max over the {entry['images']} images and all "
                          "channels (what PTS fits); black: the range the quantizer covers (beyond: clipped)."
                          if dp is not None else " Pass --data to see the float range they were fitted to.")
-            init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
-            add_figure(file, f"PTS profile: {name}",
-                       f"The stored step size a_scale and zero point a_zero per token position of {name}'s "
-                       f"input (order: {order.direction}){cls_text}.{data_text}{init_text}", f"layers/{name}")
-        if cfg.smooths and p not in grouped:
+            page.figure(file, f"PTS profile: {name}",
+                        f"The stored step size a_scale and zero point a_zero per token position of {name}'s "
+                        f"input (order: {order.direction}){cls_text}.{data_text}{init_text}",
+                        f"layers/{name}")
+        if cfg.smooths:
             file = _file_name("smooth", name)
-            figures.smooth(entry, out / file)
-            init_text = (f" Dashed: the SmoothQuant initialisation, {recomputed}; below, stored / init."
-                         if entry["init"] else " Pass --data to compare it with the SmoothQuant "
-                         "initialisation (recomputed: the checkpoint does not store it).")
-            add_figure(file, f"σ per input channel: {name}",
-                       f"The smoothing scale σ of {name} per input channel as stored ({entry['state']})."
-                       f"{init_text}", f"layers/{name}")
-        if p not in grouped:
-            file = _file_name("wstep", name)
-            figures.weight_step(entry, out / file)
-            minmax_text = (" Dotted: the min-max step max|Wσ|/qmax of the float kernel (no clipping); a "
-                           "stored step below it clips that channel's largest weights."
-                           if entry["w_minmax"] is not None else "")
-            init_text = f" Dashed: the {first} initialisation, {recomputed}." if entry["init"] else ""
-            add_figure(file, f"Weight step per output channel: {name}",
-                       f"The weight step w_scale of {name} per output channel as stored ({entry['state']})."
-                       f"{minmax_text}{init_text}", f"layers/{name}")
+            figures.smooth(entry, page.out / file)
+            smooth_init = (f" Dashed: the SmoothQuant initialisation, {recomputed}; below, stored / init."
+                           if entry["init"] else " Pass --data to compare it with the SmoothQuant "
+                           "initialisation (recomputed: the checkpoint does not store it).")
+            page.figure(file, f"σ per input channel: {name}",
+                        f"The smoothing scale σ of {name} per input channel as stored ({entry['state']})."
+                        f"{smooth_init}", f"layers/{name}")
+        file = _file_name("wstep", name)
+        figures.weight_step(entry, page.out / file)
+        minmax_text = (" Dotted: the min-max step max|Wσ|/qmax of the float kernel (no clipping); a "
+                       "stored step below it clips that channel's largest weights."
+                       if entry["w_minmax"] is not None else "")
+        page.figure(file, f"Weight step per output channel: {name}",
+                    f"The weight step w_scale of {name} per output channel as stored ({entry['state']})."
+                    f"{minmax_text}{init_text}", f"layers/{name}")
 
-    # --- per-direction profiles
-    if profiled:
-        for group, members in stats.direction_groups(chosen).items():
-            entries = [report["layers"][path_str(p)] for p in members]
-            file = _file_name("directions", group)
-            title = f"{group}: a_scale per scan direction, {what}"
-            figures.directions(entries, title, out / file)
-            report["directions"][group] = [path_str(p) for p in members]
-            grid_text = (" Below, each direction's a_scale placed back on the token grid: the same image "
-                         "position gets a different step in each direction."
-                         if all(e["a_scale_on_grid"] is not None for e in entries) else "")
-            add_figure(file, f"Per-direction profiles: {group}",
-                       f"a_scale of {', '.join(e['name'].rsplit('/', 1)[-1] for e in entries)} along each "
-                       f"one's own scan order.{grid_text}", f"directions/{group}")
 
-    # --- per-block calibration loss
-    if blocks:
-        numbers = {"loss": cfg.loss, "what": what, "blocks": blocks}
-        report["block_loss"] = numbers
-        figures.block_loss(numbers, out / "block_loss.png")
-        reverted = [b["block"] for b in blocks if b["reverted"]]
-        learn_text = ("" if not cfg.learns else
-                      f" Triangles: after learning; {len(reverted)} of {len(blocks)} blocks reverted "
-                      "(learning raised their loss, so they kept their initial scales; squared in red).")
-        add_figure("block_loss.png", "Per-block calibration loss",
-                   f"The block loss ({'1 - cosine over channels' if cfg.loss == 'cosine' else 'relative MSE'}"
-                   f") of each calibration block on the {report['checkpoint']['calibration_images']} "
-                   f"calibration images, from the checkpoint's calibration summary. Circles: at the PTS "
-                   f"initialisation.{learn_text}", "block_loss")
-    else:
-        notes.append("the checkpoint's calibration summary has no per-block losses")
+def _direction_sections(page: _Page, chosen: list) -> None:
+    """One figure per group of sibling scan directions: their a_scale, each in its own order."""
+    for group, members in stats.direction_groups(chosen).items():
+        entries = [page.report["layers"][path_str(p)] for p in members]
+        file = _file_name("directions", group)
+        figures.directions(entries, f"{group}: a_scale per scan direction, {page.what}", page.out / file)
+        page.report["directions"][group] = [path_str(p) for p in members]
+        grid_text = (" Below, each direction's a_scale placed back on the token grid: the same image "
+                     "position gets a different step in each direction."
+                     if all(e["a_scale_on_grid"] is not None for e in entries) else "")
+        page.figure(file, f"Per-direction profiles: {group}",
+                    f"a_scale of {', '.join(e['name'].rsplit('/', 1)[-1] for e in entries)} along each "
+                    f"one's own scan order.{grid_text}", f"directions/{group}")
 
-    # --- per-layer error
-    if float_params is not None:
-        names = [path_str(p) for p in qlayers]
-        numbers = {"what": what, "layers": names,
-                   "weight_sqnr_db": [stats.weight_sqnr(qlayers[p], get_path(float_params, p)["kernel"])
-                                      for p in qlayers],
-                   "output_sqnr_db": None, "alone_sqnr_db": None}
-        if dp is not None:
-            numbers["output_sqnr_db"] = [stats.sqnr_db(dp.signal[p], dp.noise_model[p]) for p in qlayers]
-            numbers["alone_sqnr_db"] = [stats.sqnr_db(dp.signal[p], dp.noise_alone[p]) for p in qlayers]
-        report["layer_error"] = numbers
-        figures.layer_error(numbers, out / "layer_error.png")
-        data_text = (f" Orange: each layer's output in the quantized model against the float model's, on "
-                     f"the {report['data']['images']} --data images (errors of earlier layers included); "
-                     "green: the layer alone, fed the float model's input (its own error)."
-                     if dp is not None else " Pass --data for the SQNR of each layer's output on images.")
-        add_figure("layer_error.png", "Per-layer quantization error (SQNR)",
-                   "SQNR = 10 log10(Σ float² / Σ (quantized - float)²) in dB, per quantized linear; blue: "
-                   f"the dequantized weight (w_int s_w / σ) against the float kernel.{data_text}",
-                   "layer_error")
-    else:
-        notes.append("no float model given (--params / --checkpoint): no per-layer error figure")
 
-    (out / NUMBERS).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    data_text = f"{data_spec}, {report['data']['images']} images" if dp else "none (pass --data)"
-    header = {"title": f"PTQ4VM report: {what}",
-              "lines": [f"checkpoint: {source or '(in memory)'}; calibrated on "
-                        f"{report['checkpoint']['calibration_images']} images",
-                        f"float model: {float_source or 'not given'}; data: {data_text}"]}
-    (out / INDEX).write_text(html.render(header, report["metrics"], figs, notes))
-    return report
+def _block_loss_section(page: _Page, cfg: Any, blocks: list[dict[str, Any]]) -> None:
+    """The calibration loss of each block, at the initialisation and after learning."""
+    if not blocks:
+        page.notes.append("the checkpoint's calibration summary has no per-block losses")
+        return
+    numbers = {"loss": cfg.loss, "what": page.what, "blocks": blocks}
+    page.report["block_loss"] = numbers
+    figures.block_loss(numbers, page.out / "block_loss.png")
+    reverted = [b["block"] for b in blocks if b["reverted"]]
+    learn_text = ("" if not cfg.learns else
+                  f" Triangles: after learning; {len(reverted)} of {len(blocks)} blocks reverted "
+                  "(learning raised their loss, so they kept their initial scales; squared in red).")
+    page.figure("block_loss.png", "Per-block calibration loss",
+                f"The block loss ({'1 - cosine over channels' if cfg.loss == 'cosine' else 'relative MSE'}"
+                f") of each calibration block on the {page.report['checkpoint']['calibration_images']} "
+                f"calibration images, from the checkpoint's calibration summary. Circles: at the PTS "
+                f"initialisation.{learn_text}", "block_loss")
+
+
+def _layer_error_section(page: _Page, qlayers: Mapping, float_params: Any, dp: Any) -> None:
+    """The SQNR of every quantized linear: its weight, and its output on the data."""
+    if float_params is None:
+        page.notes.append("no float model given (--params / --checkpoint): no per-layer error figure")
+        return
+    numbers = {"what": page.what, "layers": [path_str(p) for p in qlayers],
+               "weight_sqnr_db": [stats.weight_sqnr(qlayers[p], get_path(float_params, p)["kernel"])
+                                  for p in qlayers],
+               "output_sqnr_db": None, "alone_sqnr_db": None}
+    if dp is not None:
+        numbers["output_sqnr_db"] = [stats.sqnr_db(dp.signal[p], dp.noise_model[p]) for p in qlayers]
+        numbers["alone_sqnr_db"] = [stats.sqnr_db(dp.signal[p], dp.noise_alone[p]) for p in qlayers]
+    page.report["layer_error"] = numbers
+    figures.layer_error(numbers, page.out / "layer_error.png")
+    data_text = (f" Orange: each layer's output in the quantized model against the float model's, on "
+                 f"the {page.report['data']['images']} --data images (errors of earlier layers included); "
+                 "green: the layer alone, fed the float model's input (its own error)."
+                 if dp is not None else " Pass --data for the SQNR of each layer's output on images.")
+    page.figure("layer_error.png", "Per-layer quantization error (SQNR)",
+                "SQNR = 10 log10(Σ float² / Σ (quantized - float)²) in dB, per quantized linear; blue: "
+                f"the dequantized weight (w_int s_w / σ) against the float kernel.{data_text}", "layer_error")
 
 
 def report_files(report: Mapping[str, Any]) -> list[str]:
