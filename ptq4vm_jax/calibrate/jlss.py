@@ -269,48 +269,57 @@ def calibrate_blockwise(
             fp_carry = chunked(forward, fp_carry, chunk)
             q_carry = chunked(forward, q_carry, chunk)
             _check_finite(fp_carry, name, "float chain")
-            if resume is not None:
-                resume.save(idx + 1, resumed_arrays(layers), fp_carry, q_carry, reports)
-            continue
-
-        # Float pass: target + float inputs of every quantized linear (docs/method.md §5: init on FP inputs).
-        fp_out, captured = _capture(fns["fp_capture"], sparams, fp_carry, tuple(rel), chunk)
-        _check_finite(fp_out, name, "float chain")
-        target = stage.output(fp_out)
-        state = {}
-        for p in rel:
-            dense = get_path(sparams, p)
-            try:
-                state[p] = init_layer(dense["kernel"], dense.get("bias"), captured[p], cfg)
-            except CalibrationError as e:
-                raise CalibrationError(f"stage {name}, layer {'/'.join(p)}: {e}") from None
-        del captured
-
-        loss_init = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
-        loss_final, loss_learned, reverted = loss_init, None, False
-        if cfg.learns:
-            learned, diverged = _learn(fns, state, sparams, q_carry, target, cfg, name, progress)
-            if learned is not None:
-                loss_learned = _full_loss(fns["loss"], learned, sparams, q_carry, target, chunk)
-            reverted = cfg.revert_worse and (learned is None or not loss_learned <= loss_init)
-            if reverted:
-                why = diverged or f"learning raised the block loss {loss_init:.4g} -> {loss_learned:.4g}"
-                log(f"{name}: {why}; kept the initial scales (revert_worse; lower the learning rates "
-                    "to learn here)")
-            else:
-                state, loss_final = learned, loss_learned
-        q_carry = chunked(functools.partial(fns["qforward"], state, sparams), q_carry, chunk)
-        _check_finite(q_carry, name, "quantized chain")
-        fp_carry = fp_out
-        for p, st in state.items():
-            layers[stage.path + p] = st
-        reports.append(StageReport(name, loss_init, loss_final, time.perf_counter() - t0,
-                                   loss_learned, reverted))
+        else:
+            state, fp_carry, q_carry, losses = _calibrate_stage(fns, sparams, tuple(rel), fp_carry, q_carry,
+                                                                stage.output, cfg, name, progress, log)
+            for p, st in state.items():
+                layers[stage.path + p] = st
+            reports.append(StageReport(name, seconds=time.perf_counter() - t0, **losses))
         if resume is not None:
             resume.save(idx + 1, resumed_arrays(layers), fp_carry, q_carry, reports)
-        if progress:
-            log(f"{name}: loss {loss_init:.5f} -> {loss_final:.5f} ({reports[-1].seconds:.1f}s)")
+        if rel and progress:
+            r = reports[-1]
+            log(f"{name}: loss {r.loss_init:.5f} -> {r.loss_final:.5f} ({r.seconds:.1f}s)")
     return layers, reports
+
+
+def _calibrate_stage(fns: Mapping[str, Callable], sparams: Mapping, rel: tuple[Path, ...], fp_carry: Any,
+                     q_carry: Any, output: Callable, cfg: QuantConfig, name: str, progress: bool,
+                     log: Callable[[str], None]) -> tuple[dict[Path, TrainLinear], Any, Any, dict[str, Any]]:
+    """One block with quantized linears ``rel`` (paths in the block): initialise them on the float
+    chain's inputs, learn (where ``cfg`` learns), and run both chains through the block. Returns
+    (their states, the float chain, the quantized chain, the block's losses for ``StageReport``)."""
+    chunk = cfg.train_batch
+    # Float pass: target + float inputs of every quantized linear (docs/method.md §5: init on FP inputs).
+    fp_out, captured = _capture(fns["fp_capture"], sparams, fp_carry, rel, chunk)
+    _check_finite(fp_out, name, "float chain")
+    target = output(fp_out)
+    state = {}
+    for p in rel:
+        dense = get_path(sparams, p)
+        try:
+            state[p] = init_layer(dense["kernel"], dense.get("bias"), captured[p], cfg)
+        except CalibrationError as e:
+            raise CalibrationError(f"stage {name}, layer {'/'.join(p)}: {e}") from None
+    del captured
+
+    loss_init = _full_loss(fns["loss"], state, sparams, q_carry, target, chunk)
+    loss_final, loss_learned, reverted = loss_init, None, False
+    if cfg.learns:
+        learned, diverged = _learn(fns, state, sparams, q_carry, target, cfg, name, progress)
+        if learned is not None:
+            loss_learned = _full_loss(fns["loss"], learned, sparams, q_carry, target, chunk)
+        reverted = cfg.revert_worse and (learned is None or not loss_learned <= loss_init)
+        if reverted:
+            why = diverged or f"learning raised the block loss {loss_init:.4g} -> {loss_learned:.4g}"
+            log(f"{name}: {why}; kept the initial scales (revert_worse; lower the learning rates "
+                "to learn here)")
+        else:
+            state, loss_final = learned, loss_learned
+    q_carry = chunked(functools.partial(fns["qforward"], state, sparams), q_carry, chunk)
+    _check_finite(q_carry, name, "quantized chain")
+    losses = dict(loss_init=loss_init, loss_final=loss_final, loss_learned=loss_learned, reverted=reverted)
+    return state, fp_out, q_carry, losses
 
 
 def resumed_arrays(layers: Mapping[Path, TrainLinear]) -> dict[Path, dict[str, jax.Array]]:
