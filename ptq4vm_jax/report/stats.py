@@ -376,7 +376,7 @@ def data_pass(model: nn.Module, qparams: QuantizedParams, float_params: Any,
 
 def logit_metrics(dp: DataPass) -> dict[str, Any]:
     """Top-1 of both models, agreement and KL of the quantized logits to the float ones, and the
-    paired test of the two models' top-1 (``ptq4vm_jax.evaluate``)."""
+    paired test of the two models' top-1 (``ptq4vm_jax.compare``)."""
     cmp = compare_logits(dp.fp_logits, dp.q_logits)
     fp_pred, q_pred = dp.fp_logits.argmax(-1), dp.q_logits.argmax(-1)
     pair = paired_top1(dp.labels, q_pred, fp_pred)
