@@ -30,6 +30,7 @@ from ptq4vm_jax.models import (
     image_shape,
     model_family,
 )
+from ptq4vm_jax.models.inputs import from_torch
 from ptq4vm_jax.quant.config import (
     QuantConfig,
     QuantProgram,
@@ -39,7 +40,7 @@ from ptq4vm_jax.quant.config import (
 from ptq4vm_jax.quant.integer import PALLAS_GEMMS, check_gemm
 from ptq4vm_jax.quant.layer import TrainLinear, capture_dense, check_mode, intercept_dense
 from ptq4vm_jax.quant.params import Path, QuantizedParams, finalize, flatten_layers, nest_layers
-from ptq4vm_jax.trees import copy_tree, get_path
+from ptq4vm_jax.trees import get_path
 
 __all__ = ["QuantizedParams", "blockwise", "dense_paths", "quantize_params", "quantized_apply",
            "quantized_layers"]
@@ -88,7 +89,8 @@ def quantize_params(
     Integer (uint8) images are taken for raw ImageNet pixels and get the official evaluation
     transform (``ptq4vm_jax.data.imagenet_eval_preprocess``: resize, center crop, ImageNet
     mean/std); normalise them yourself for a model trained otherwise (the bundled digits models).
-    ``model_overrides``: the model's sizes, stored with the result, and the runtime choices
+    ``params`` in another float dtype than float32 (bf16, fp16) are calibrated and stored as their
+    float32 values. ``model_overrides``: the model's sizes, stored with the result, and the runtime choices
     (``models.RUNTIME_CHOICES``: ``scan``, ``dtype``) calibration runs with, not stored.
     ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
     with exactly the uninterrupted result. The summary's ``calibration_seconds`` counts every
@@ -117,7 +119,7 @@ def quantize_params(
     cfg = (config or QuantConfig()).resolve(family)
     net = create_model(name, **overrides, **runtime)
     check_params(net, params, name)
-    params = _uncommitted(copy_tree(params))
+    params = _uncommitted(_as_float32(params, name, log))
     linears = dense_paths(net, params, image_shape(net))  # rules checked before data is read
     check_rules(cfg.rules, linears, name, params)
     paths = [p for p in linears if is_quantized(p, cfg.rules)]
@@ -167,6 +169,19 @@ def quantize_params(
     )
     return QuantizedParams(params=float_params, qlayers=qlayers, model_name=name, config=cfg,
                            model_overrides=tuple(sorted(overrides.items())), info=json.dumps(info))
+
+
+def _as_float32(params: Any, name: str, log: Callable[[str], None]) -> Any:
+    """A copy of ``params`` in float32, the models' parameter dtype and what a quantized checkpoint
+    stores and loads: params in another float dtype (bf16, fp16: exactly) are calibrated as their
+    float32 values, and the run says so."""
+    dtypes = {str(np.dtype(getattr(a, "dtype", None) or np.asarray(a).dtype))
+              for a in jax.tree_util.tree_leaves(params)}
+    other = sorted(dtypes - {"float32"})
+    if other:
+        log(f"the params of {name} are in {', '.join(other)}: calibrated and stored as float32, "
+            "the models' parameter dtype")
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
 
 
 def _uncommitted(tree: Any) -> Any:
@@ -256,6 +271,7 @@ def quantized_apply(
                                       "fast path here)", argument="gemm"), stacklevel=2)
     program = qparams.config.program
     check_mode(mode, program)
+    images = from_torch(images)
     check_eval_images(model, images)
     if _interceptors_active():  # theirs must see this forward's modules: trace it afresh, inline
         return _quantized_forward(model, program, mode, gemm, qparams.params, qparams.qlayers, images)
@@ -265,7 +281,11 @@ def quantized_apply(
 def _quantized_forward(model: nn.Module, program: QuantProgram, mode: str, gemm: str, params: Any,
                        qlayers: Any, images: jax.Array) -> jax.Array:
     with intercept_dense(qlayers, program, mode, gemm=gemm):
-        return model.apply({"params": params}, images)
+        logits = model.apply({"params": params}, images)
+    # Inside a caller's jit the image checks see no values: an image with NaN/inf pixels gets NaN
+    # logits, as in the float model, not the confident ones quantization makes of its codes.
+    finite = jnp.isfinite(images).reshape(images.shape[0], -1).all(axis=1)
+    return jnp.where(finite[:, None], logits, jnp.nan)
 
 
 @functools.lru_cache(maxsize=32)

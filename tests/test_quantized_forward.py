@@ -93,6 +93,53 @@ def test_images_are_checked_before_the_compiled_forward(two_calibrations):
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(pq.quantized_apply(model, qp, images)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_inside_jit_a_broken_image_gets_nan_logits(two_calibrations, bad):
+    """Where the checks see no values (a caller's jit or vmap), an image with a NaN/inf pixel gets
+    NaN logits, as from the float model, not the ordinary codes and logits quantization makes of
+    it; the other images are unchanged."""
+    (qp, _), images = two_calibrations
+    broken = np.array(images)
+    broken[1, 4, 4, 0] = bad
+    good = np.asarray(pq.quantized_apply(None, qp, images))
+    for run in (jax.jit(lambda x: pq.quantized_apply(None, qp, x)),
+                jax.vmap(lambda x: pq.quantized_apply(None, qp, x[None])[0])):
+        got = np.asarray(run(broken))
+        assert np.isnan(got[1]).all()
+        np.testing.assert_allclose(got[[0, 2]], good[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_images_are_taken_as_calibration_takes_them(two_calibrations):
+    torch = pytest.importorskip("torch")
+    (qp, _), images = two_calibrations
+    got = pq.quantized_apply(None, qp, torch.from_numpy(np.asarray(images)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(pq.quantized_apply(None, qp, images)))
+    with pytest.raises(TypeError, match=r"got a torch tensor; .* images.detach\(\).cpu\(\).numpy\(\)"):
+        qp.model().apply({"params": qp.params}, torch.from_numpy(np.asarray(images)))
+
+
+def test_params_in_bfloat16_are_calibrated_and_saved_as_float32(tmp_path):
+    """bf16 params are the float model's weights at lower precision: calibration runs on their
+    float32 values (exactly), says so, and the checkpoint it makes loads back."""
+    import jax.numpy as jnp
+
+    params, _ = pq.load_params(ASSET, model_name="vim_micro")
+    half = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    calib = load_digits_dataset("train")[0][:8]
+    said = []
+    config = pq.QuantConfig(8, 8, method="rtn", num_calib=8)
+    qp = pq.quantize_params(half, calib, model="vim_micro", config=config, progress=False, log=said.append)
+    assert any("are in bfloat16: calibrated and stored as float32" in line for line in said), said
+    pq.save_quantized(tmp_path / "q", qp)
+    back = pq.load_quantized(tmp_path / "q")
+    kept = jax.tree_util.tree_leaves(back.params)
+    assert kept and all(a.dtype == np.float32 for a in kept)
+    upcast = pq.quantize_params(jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), half), calib,
+                                model="vim_micro", config=config, progress=False, log=lambda _: None)
+    np.testing.assert_array_equal(np.asarray(pq.quantized_apply(None, back, calib)),
+                                  np.asarray(pq.quantized_apply(None, upcast, calib)))
+
+
 def test_a_quantized_params_prints_what_it_is_and_is_not_saved_as_float(two_calibrations, tmp_path):
     (qp, _), _ = two_calibrations
     assert repr(qp) == "QuantizedParams(vim_micro: rtn W8A8, 24 quantized linears, calibrated in " \

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def from_torch(images: Any) -> Any:
+    """A torch tensor as a numpy array (off the autograd graph and the GPU; a float tensor as
+    float32, since bf16 has no numpy twin); anything else as it is."""
+    if type(images).__module__.partition(".")[0] != "torch":
+        return images
+    tensor = images.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
 def check_images(images: jax.Array, want: tuple[int, int, int], arch: str) -> None:
@@ -31,6 +42,9 @@ def check_images(images: jax.Array, want: tuple[int, int, int], arch: str) -> No
                     "build the model with img_size=...")
         raise ValueError(f"{arch} expects NHWC images of shape (batch, {want[0]}, {want[1]}, "
                          f"{want[2]}); got {shape}. {hint}")
+    if type(images).__module__.partition(".")[0] == "torch":
+        raise TypeError(f"{arch} got a torch tensor; jax takes numpy or jax arrays: pass "
+                        "images.detach().cpu().numpy() (quantized_apply converts one itself)")
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(
             f"{arch} expects normalised float images, got dtype {images.dtype}; preprocess raw "

@@ -23,6 +23,19 @@ LN_EPS = 1e-5  # torch nn.LayerNorm's default, which every official LayerNorm he
 GATE_RATIO = 0.125  # the channel gate's bottleneck width, ``int(channels * 0.125)`` officially
 
 
+def check_compute_dtype(dtype: Any) -> None:
+    """A model's ``dtype`` (its projections' compute dtype) must be a floating-point dtype: an
+    integer one does not select integer inference, which is ``quantized_apply(..., mode="int")``."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dtype must be a floating-point dtype, the projections' compute dtype (e.g. "
+                         f"jnp.float32 or jnp.bfloat16), got {dtype!r}; integer inference is "
+                         "quantized_apply(..., mode='int')")
+
+
 def layer_norm(name: str | None = None) -> nn.LayerNorm:
     """torch's LayerNorm in float32: two-pass variance, as the one-pass default differs by rounding
     on large means."""

@@ -44,6 +44,7 @@ from ptq4vm_jax.models.layers import (
     ChannelGate,
     RMSNorm,
     a_log_init,
+    check_compute_dtype,
     dense,
     mamba_direction,
 )
@@ -109,6 +110,7 @@ class LocalVimConfig(VisionMambaSizes):
 
     def __post_init__(self) -> None:
         check_scan_backend(self.scan)
+        check_compute_dtype(self.dtype)
         sizes = ("img_size", "patch_size", "channels", "embed_dim", "depth", "d_state", "d_conv",
                  "expand", "num_classes", "pt_hw_seq_len")
         problems = [f"{name} must be a positive int, got {getattr(self, name)!r}" for name in sizes

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq4vm_jax.models.layers import ChannelGate, conv, dense, layer_norm
+from ptq4vm_jax.models.layers import ChannelGate, check_compute_dtype, conv, dense, layer_norm
 from ptq4vm_jax.models.local_scan import parse_direction, reverse_order, scan_order
 from ptq4vm_jax.models.vssm import (
     SS2DBase,
@@ -103,6 +103,7 @@ class LocalVMambaConfig(VSSMSizes):
 
     def __post_init__(self) -> None:
         check_scan_backend(self.scan)
+        check_compute_dtype(self.dtype)
         stage_lists_to_tuples(self)
         dirs = self.directions
         if isinstance(dirs, Sequence) and not isinstance(dirs, str):

@@ -22,6 +22,7 @@ from ptq4vm_jax.models.layers import (
     AddRMSNorm,
     CausalConv1d,
     a_log_init,
+    check_compute_dtype,
     dense,
     mamba_direction,
     operand_dense,
@@ -60,6 +61,7 @@ class VimConfig(VisionMambaSizes):
 
     def __post_init__(self) -> None:
         check_scan_backend(self.scan)
+        check_compute_dtype(self.dtype)
         sizes = ("img_size", "patch_size", "stride", "channels", "embed_dim", "depth", "d_state",
                  "d_conv", "expand", "num_classes")
         problems = [f"{name} must be a positive int, got {getattr(self, name)!r}" for name in sizes

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptq4vm_jax.models.layers import conv, dense, layer_norm
+from ptq4vm_jax.models.layers import check_compute_dtype, conv, dense, layer_norm
 from ptq4vm_jax.models.vssm import (
     SS2DBase,
     VSSMBase,
@@ -66,6 +66,7 @@ class VMambaConfig(VSSMSizes):
 
     def __post_init__(self) -> None:
         check_scan_backend(self.scan)
+        check_compute_dtype(self.dtype)
         stage_lists_to_tuples(self)
         problems = size_problems(self, ("ssm_ratio", "mlp_ratio"))
         if problems:

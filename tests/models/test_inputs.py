@@ -34,6 +34,8 @@ def test_bad_images_are_refused(model_and_params):
         ({"image": x, "label": np.zeros(2)}, TypeError, r"got a dict; .* images = batch\['image'\]"),
         (list(x), TypeError, r"got a list; stack them into one array first"),
     ]
+    torch = pytest.importorskip("torch")
+    cases.append((torch.from_numpy(x), TypeError, r"got a torch tensor; .* \(quantized_apply converts"))
     for images, error, message in cases:
         with pytest.raises(error, match=message):
             apply(images)
@@ -48,3 +50,11 @@ def test_good_images_pass_eagerly_and_under_jit(model_and_params):
     # without LLVM's optimisations): a few ulps of the largest logit.
     scale = float(np.abs(np.asarray(jitted)).max())
     np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_compute_dtype_that_is_not_a_float_dtype_is_refused(dtype):
+    for name in ("vim_nano", "vmamba_micro", "local_vim_tiny", "local_vmamba_micro"):
+        with pytest.raises(ValueError, match=r"dtype must be a floating-point dtype.*mode='int'"):
+            create_model(name, dtype=dtype)
+    create_model("vim_nano", dtype="bfloat16")  # a float dtype by name
