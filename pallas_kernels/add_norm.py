@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 from jax.typing import DTypeLike
 
-from pallas_kernels.qlinear import QuantizedLinear
-from pallas_kernels.qmatmul import epilogue_quantizer, quantize_activations, quantize_tile
+from pallas_kernels.qlinear import QuantizedLinear, epilogue_quantizer, quantize_tile
+from pallas_kernels.qmatmul import quantize_activations
 
 __all__ = ["NORM_SWEEP", "NormConfig", "add_rmsnorm", "add_rmsnorm_codes_ref", "add_rmsnorm_ref",
            "default_norm_config", "rms_norm_ref"]

@@ -1,8 +1,16 @@
-"""The quantized linear's parameters as one pytree type, and the layout of its integer weight.
+"""The quantized linear's parameters as one pytree type, the layout of its integer weight, and
+the integer arithmetic every kernel and reference shares around the GEMM: the activation quantizer
+(one rule for XLA and for a kernel's tile) and the zero-point correction.
 
 A :class:`QuantizedLinear` is what calibration produces, the model's interceptor consumes, the
 integer GEMMs take and quantized checkpoints store. Its arrays are pytree leaves; the bit widths
 are static (they decide the program: code ranges and the weight's storage).
+
+Activation codes. ``q = clip(round((x * (1/smooth)) * (1/a_scale)) + a_zero, 0, 2^a_bits - 1)``
+with IEEE f32 reciprocals, written as products: XLA keeps true quotients on the GPU but rewrites
+them into reciprocal products on the CPU, so only the explicit form gives one set of codes on
+every backend. The GEMMs take them as int8 ``q - c``, ``c = 2^(a_bits-1)``, and restore the zero
+point exactly with the weight column sums: ``sum_k (q - z) w = sum_k (q - c) w + (c - z) colsum(w)``.
 
 Weight layout. ``w_int`` holds the smoothed, rounded weight codes, (K, N) int8. For
 ``w_bits <= 4`` they are stored two per byte, (ceil(K/2), N) int8 (:func:`pack_int4`): row i of
@@ -18,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as plt
 
 __all__ = [
     "LinearOperands",
@@ -25,12 +34,18 @@ __all__ = [
     "QuantizedLinear",
     "check_bits",
     "dense_weight",
+    "dequantize",
+    "epilogue_quantizer",
     "is_packed",
     "pack_int4",
     "pack_weight",
+    "quantize_tile",
+    "reciprocal",
     "unpack_int4",
     "unpack_weight",
     "weight_colsum",
+    "zero_correction",
+    "zero_shift",
 ]
 
 
@@ -199,3 +214,70 @@ def pack_weight(w_codes: jax.Array, w_bits: int) -> jax.Array:
 def unpack_weight(w_int: jax.Array, w_bits: int, k: int) -> jax.Array:
     """The stored ``w_int`` -> (K, N) int8 codes (the padding row of an odd K dropped)."""
     return dense_weight(w_int, w_bits)[:k]
+
+
+def reciprocal(v: jax.Array) -> jax.Array:
+    """IEEE f32 1/v, computed once per layer; the quantizer multiplies by it (module doc)."""
+    return 1.0 / v.astype(jnp.float32)
+
+
+def _ptx(asm: str, *args: jax.Array) -> jax.Array:
+    """Elementwise f32 PTX instruction (for operations Triton does not lower)."""
+    args = jnp.broadcast_arrays(*args)
+    constraints = ",".join(["=f"] + ["f"] * len(args))
+    (out,) = plt.elementwise_inline_asm(
+        asm,
+        args=args,
+        constraints=constraints,
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+    )
+    return out
+
+
+def quantize_tile(x: jax.Array, inv_smooth: jax.Array, inv_scale: jax.Array, zero_f: jax.Array,
+                  a_bits: int, exact_ptx: bool) -> jax.Array:
+    """Int8 codes ``q - 2^(a_bits-1)`` of activations (module doc), from 1/smooth, 1/a_scale and the
+    zero point as f32, each broadcast against ``x``: the one rule of ``quantize_activations``
+    (XLA, the whole tensor) and of the kernels that quantize a tile in registers.
+
+    Triton has no ``round`` lowering: inside a compiled Triton kernel (``exact_ptx``) it is PTX
+    ``cvt.rni.f32.f32`` (round half to even, one instruction), elsewhere ``jnp.round`` (same rule).
+    """
+    v = (x.astype(jnp.float32) * inv_smooth) * inv_scale
+    r = _ptx("cvt.rni.f32.f32 $0, $1;", v) if exact_ptx else jnp.round(v)
+    q = jnp.clip(r + zero_f, 0.0, float(2**a_bits - 1))
+    return (q.astype(jnp.int32) - 2 ** (a_bits - 1)).astype(jnp.int8)
+
+
+def epilogue_quantizer(kernel: str, shape: tuple[int, ...], quant: QuantizedLinear) -> list[jax.Array]:
+    """A kernel that writes the consumer's codes from its epilogue: checks that ``quant`` (the
+    consuming linear) quantizes (B, L, K) = ``shape`` activations and returns the operands
+    :func:`quantize_tile` takes, 1/smooth (K,), 1/a_scale (L,) and the zero point (L,) as f32."""
+    if not isinstance(quant, QuantizedLinear):
+        raise TypeError(f"{kernel}: quant must be the consuming QuantizedLinear, got {type(quant).__name__}")
+    _, seq, k = shape
+    if quant.smooth.shape != (k,) or quant.a_scale.shape != (seq,) or quant.a_zero.shape != (seq,):
+        raise ValueError(f"{kernel}: quant must quantize (B, L, K) = {tuple(shape)} activations: smooth "
+                         f"({k},), a_scale and a_zero ({seq},); got {quant.smooth.shape}, "
+                         f"{quant.a_scale.shape}, {quant.a_zero.shape}")
+    return [reciprocal(quant.smooth), reciprocal(quant.a_scale), quant.a_zero.astype(jnp.float32)]
+
+
+def zero_shift(a_zero: jax.Array, a_bits: int) -> jax.Array:
+    """``c - a_zero`` as int32, ``c = 2^(a_bits-1)``: what turns a code ``q - c`` into ``q - a_zero``."""
+    return 2 ** (a_bits - 1) - a_zero.astype(jnp.int32)
+
+
+def zero_correction(a_zero: jax.Array, colsum: jax.Array, a_bits: int) -> jax.Array:
+    """(L, N) int32 term ``(c - a_zero[l]) colsum[n]`` that turns the accumulator sum_k (q - c) w
+    into sum_k (q - a_zero) w (``colsum``: :func:`weight_colsum`)."""
+    return zero_shift(a_zero, a_bits)[:, None] * colsum.astype(jnp.int32)[None, :]
+
+
+def dequantize(acc: jax.Array, layer: QuantizedLinear) -> jax.Array:
+    """The layer's f32 output from its int32 accumulator sum_k (q - a_zero) w (L, N):
+    ``(acc * a_scale[l]) * w_scale[n] + bias[n]``, in the order the kernels' epilogues take."""
+    f32 = jnp.float32
+    y = acc.astype(f32) * layer.a_scale.astype(f32)[:, None] * layer.w_scale.astype(f32)
+    return y if layer.bias is None else y + layer.bias.astype(jnp.float32)

@@ -6,13 +6,11 @@ asymmetric, unsigned; weights per output channel, symmetric, already smoothed an
     q[b,l,k]  = clip(round((x[b,l,k] * (1/smooth[k])) * (1/a_scale[l])) + a_zero[l], 0, 2^a_bits - 1)
     y[b,l,n]  = a_scale[l] * w_scale[n] * sum_k (q[b,l,k] - a_zero[l]) * w_q[k,n] + bias[n]
 
-``round`` is round-half-to-even (``jnp.round``). The division is written as multiplication by
-IEEE reciprocals, as the fake-quant quantizers also write it: XLA keeps true quotients on the
-GPU but rewrites them into reciprocal products on the CPU, so only the explicit form gives one
-set of codes on every backend, and fake-quant, reference and kernel agree bit for bit. The
-product runs in int8 with an int32 accumulator: codes ``q - c`` with ``c = 2^(a_bits-1)`` fit
-int8, and the zero point is restored exactly with the weight column sums,
-``sum_k (q - z) w = sum_k (q - c) w + (c - z) * colsum(w)``.
+``round`` is round-half-to-even. The division is written as multiplication by IEEE reciprocals,
+as the fake-quant quantizers also write it, so fake-quant, reference and kernel agree bit for
+bit. The product runs in int8 with an int32 accumulator on codes ``q - c``, ``c = 2^(a_bits-1)``,
+the zero point restored with the weight column sums. Both rules live in ``pallas_kernels.qlinear``
+(read its module doc): ``quantize_tile``, ``zero_correction``, ``dequantize``.
 
 Every entry point takes the layer as a :class:`~pallas_kernels.qlinear.QuantizedLinear`.
 Its 4-bit weights (``w_bits <= 4``) come packed two per byte (see ``pallas_kernels.qlinear``)
@@ -37,9 +35,13 @@ from jax.typing import DTypeLike
 from pallas_kernels.qlinear import (
     QuantizedLinear,
     dense_weight,
+    dequantize,
     is_packed,
     nibbles,
+    quantize_tile,
+    reciprocal,
     weight_colsum,
+    zero_correction,
 )
 from pallas_kernels.token_loop import masked_load
 
@@ -108,24 +110,10 @@ def _check_args(x: jax.Array, layer: QuantizedLinear, *, codes: bool = False) ->
     return w_q, storage_bits
 
 
-def reciprocal(v: jax.Array) -> jax.Array:
-    """IEEE f32 1/v, computed once per layer; the quantizer multiplies by it (see module doc)."""
-    return 1.0 / v.astype(jnp.float32)
-
-
 def quantize_activations(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     """Signed int8 codes ``q - 2^(a_bits-1)`` of (B, L, K) activations (fuses into the producer in XLA)."""
-    inv_smooth, inv_scale = reciprocal(layer.smooth), reciprocal(layer.a_scale)
-    v = x.astype(jnp.float32) * inv_smooth * inv_scale[:, None]
-    qmax = 2**layer.a_bits - 1
-    q = jnp.clip(jnp.round(v) + layer.a_zero.astype(jnp.float32)[:, None], 0, qmax)
-    return (q.astype(jnp.int32) - 2 ** (layer.a_bits - 1)).astype(jnp.int8)
-
-
-def _zero_correction(a_zero: jax.Array, colsum: jax.Array, a_bits: int) -> jax.Array:
-    """(L, N) int32 term (c - z[l]) * colsum[n] that turns sum (q-c)w into sum (q-z)w."""
-    shift = (2 ** (a_bits - 1) - a_zero.astype(jnp.int32))[:, None]
-    return shift * colsum[None, :]
+    return quantize_tile(x, reciprocal(layer.smooth), reciprocal(layer.a_scale)[:, None],
+                         layer.a_zero.astype(jnp.float32)[:, None], layer.a_bits, exact_ptx=False)
 
 
 def _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum=None):
@@ -141,12 +129,7 @@ def _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum=None):
     acc = lax.dot_general(codes, w, (((2,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     if colsum is None:
         colsum = weight_colsum(w_q, w_bits)
-    return acc + _zero_correction(a_zero, colsum.astype(jnp.int32), a_bits)
-
-
-def _dequantize(acc, a_scale, w_scale, bias):
-    y = acc.astype(jnp.float32) * a_scale.astype(jnp.float32)[:, None] * w_scale.astype(jnp.float32)
-    return y if bias is None else y + bias.astype(jnp.float32)
+    return acc + zero_correction(a_zero, colsum, a_bits)
 
 
 @jax.jit
@@ -197,7 +180,7 @@ def _codes_linear(codes, layer, out_dtype, colsum, matmul):
     """The integer linear on producer codes with the int32 accumulator of ``matmul``."""
     w_q, w_bits = _check_codes(codes, layer)
     acc = matmul(codes, w_q, layer.a_zero, layer.a_bits, w_bits, colsum)
-    return _dequantize(acc, layer.a_scale, layer.w_scale, layer.bias).astype(out_dtype)
+    return dequantize(acc, layer).astype(out_dtype)
 
 
 #: The largest integer up to which every f32 integer is exact: a bf16 dot with f32 accumulation
@@ -241,7 +224,7 @@ def _codes_matmul_bf16(codes, w_q, a_zero, a_bits, w_bits, colsum=None):
         acc = 16 * acc[..., :n] + acc[..., n:]
     if colsum is None:
         colsum = weight_colsum(w_q, w_bits)
-    return acc + _zero_correction(a_zero, colsum.astype(jnp.int32), a_bits)
+    return acc + zero_correction(a_zero, colsum, a_bits)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -327,47 +310,6 @@ def _mask2(rows_ok, cols_ok):
     return rows_ok[:, None] & cols_ok[None, :]
 
 
-def _ptx(asm: str, *args: jax.Array) -> jax.Array:
-    """Elementwise f32 PTX instruction (for operations Triton does not lower)."""
-    args = jnp.broadcast_arrays(*args)
-    constraints = ",".join(["=f"] + ["f"] * len(args))
-    (out,) = plt.elementwise_inline_asm(
-        asm,
-        args=args,
-        constraints=constraints,
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
-    )
-    return out
-
-
-def epilogue_quantizer(kernel: str, shape: tuple[int, ...], quant: QuantizedLinear) -> list[jax.Array]:
-    """A kernel that writes the consumer's codes from its epilogue: checks that ``quant`` (the
-    consuming linear) quantizes (B, L, K) = ``shape`` activations and returns the operands
-    :func:`quantize_tile` takes, 1/smooth (K,), 1/a_scale (L,) and the zero point (L,) as f32."""
-    if not isinstance(quant, QuantizedLinear):
-        raise TypeError(f"{kernel}: quant must be the consuming QuantizedLinear, got {type(quant).__name__}")
-    _, seq, k = shape
-    if quant.smooth.shape != (k,) or quant.a_scale.shape != (seq,) or quant.a_zero.shape != (seq,):
-        raise ValueError(f"{kernel}: quant must quantize (B, L, K) = {tuple(shape)} activations: smooth "
-                         f"({k},), a_scale and a_zero ({seq},); got {quant.smooth.shape}, "
-                         f"{quant.a_scale.shape}, {quant.a_zero.shape}")
-    return [reciprocal(quant.smooth), reciprocal(quant.a_scale), quant.a_zero.astype(jnp.float32)]
-
-
-def quantize_tile(x: jax.Array, inv_smooth: jax.Array, inv_scale: jax.Array, zero_f: jax.Array,
-                  a_bits: int, exact_ptx: bool) -> jax.Array:
-    """Prologue: int8 codes of one (bm, bk) tile, bit-identical to :func:`quantize_activations`.
-
-    Triton has no ``round`` lowering; on the GPU the kernel emits PTX ``cvt.rni.f32.f32``
-    (round half to even, one instruction), in interpret mode ``jnp.round`` (same IEEE rule).
-    """
-    v = (x.astype(jnp.float32) * inv_smooth) * inv_scale
-    r = _ptx("cvt.rni.f32.f32 $0, $1;", v) if exact_ptx else jnp.round(v)
-    q = jnp.clip(r + zero_f, 0.0, float(2**a_bits - 1))
-    return (q.astype(jnp.int32) - 2 ** (a_bits - 1)).astype(jnp.int8)
-
-
 def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits, cfg, exact_ptx):
     # Operand order of _gemm_call: x, w, a_scale, a_zero, colsum, then the optional ones.
     x_ref, w_ref, as_ref, az_ref, cs_ref, *refs = refs
@@ -411,7 +353,7 @@ def _gemm_kernel(*refs, m, seq, kq, n, packed, fused, has_bias, int_out, a_bits,
 
     acc = lax.fori_loop(0, pl.cdiv(kq, bk), body, jnp.zeros((bm, bn), jnp.int32))
     colsum = masked_load(cs_ref.at[pl.ds(col0, bn)], cols_ok, jnp.int32(0))
-    acc = acc + (2 ** (a_bits - 1) - a_zero)[:, None] * colsum[None, :]
+    acc = acc + zero_correction(a_zero, colsum, a_bits)
     if int_out:
         y = acc
     else:

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.typing import DTypeLike
 
-from pallas_kernels.qlinear import QuantizedLinear, dense_weight
+from pallas_kernels.qlinear import QuantizedLinear, dense_weight, zero_shift
 from pallas_kernels.qmatmul import _check_args, _check_codes, quantize_activations
 
 __all__ = [
@@ -392,7 +392,7 @@ def _qmatmul_codes_wgmma(codes, w_t, layer, *, out_dtype, colsum, config, interp
         colsum = jnp.sum(w_t.astype(jnp.int32), axis=1)
     m_tiles = pl.cdiv(m, cfg.tile_m)
     tok = jnp.arange(m_tiles * cfg.tile_m, dtype=jnp.int32) % seq  # token of each (padded) row
-    shift = (2 ** (a_bits - 1) - a_zero.astype(jnp.int32))[tok]
+    shift = zero_shift(a_zero, a_bits)[tok]
     row_scale = a_scale.astype(jnp.float32)[tok]
     w_op = w_t.T if interpret else w_t
     # TMA needs the row count of a tiled global array to be a multiple of 8: an odd batch

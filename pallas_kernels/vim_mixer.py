@@ -36,8 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.qlinear import LinearOperands, QuantizedLinear
-from pallas_kernels.qmatmul import epilogue_quantizer, quantize_tile
+from pallas_kernels.qlinear import LinearOperands, QuantizedLinear, epilogue_quantizer, quantize_tile
 from pallas_kernels.selective_scan import CHANNEL_MAJOR_MIN_CHANNELS, TokenLoopConfig, selective_scan
 from pallas_kernels.token_loop import (
     LOG2_E,

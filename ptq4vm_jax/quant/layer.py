@@ -28,7 +28,11 @@ from pallas_kernels.qlinear import (
     QuantizedActivation,
     QuantizedLinear,
     check_bits,
+    dequantize,
     unpack_weight,
+    weight_colsum,
+    zero_correction,
+    zero_shift,
 )
 from pallas_kernels.qmatmul import quantize_activations
 from ptq4vm_jax.choices import MODES
@@ -135,8 +139,8 @@ def simulate_int_linear(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     (s_a (q - z)) @ (s_w w) == s_a s_w ((q - z) @ w) exactly in real numbers; summing the integer
     codes first (exact in fp32 while partial sums stay below 2^24) and scaling after, as the
     kernels do, makes this simulation agree with ``mode="int"`` to the last bit in practice.
-    It takes the integer path's own steps around the dot: the same quantizer (signed codes
-    ``q - c``), the int32 zero-point correction ``(c - z) colsum(w)``, the same dequantisation.
+    It takes the integer path's own steps around the dot (``quantize_activations``' signed codes
+    ``q - c``, ``zero_correction``'s int32 ``(c - z) colsum(w)``, ``dequantize``).
     XLA fuses that epilogue into the next float ops (LocalVim's RoPE, whose products LLVM
     contracts into FMAs), and it can only contract them the same way in both modes when the
     fused loops are the same.
@@ -144,10 +148,8 @@ def simulate_int_linear(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     codes = quantize_activations(x, layer).astype(jnp.float32)
     w = unpack_weight(layer.w_int, layer.w_bits, layer.in_features)
     acc = jnp.einsum("...k,kn->...n", codes, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    shift = (2 ** (layer.a_bits - 1) - layer.a_zero.astype(jnp.int32))[:, None]
-    acc = acc.astype(jnp.int32) + shift * jnp.sum(w.astype(jnp.int32), axis=0)
-    y = acc.astype(jnp.float32) * layer.a_scale[:, None] * layer.w_scale
-    return y if layer.bias is None else y + layer.bias
+    colsum = weight_colsum(layer.w_int, layer.w_bits)
+    return dequantize(acc.astype(jnp.int32) + zero_correction(layer.a_zero, colsum, layer.a_bits), layer)
 
 
 def integer_operands(x: jax.Array, layer: QuantizedLinear) -> LinearOperands:
@@ -157,7 +159,7 @@ def integer_operands(x: jax.Array, layer: QuantizedLinear) -> LinearOperands:
     last bit in fake and in integer mode alike."""
     if x.ndim != 3:
         raise ValueError(f"integer_operands: the input must be (B, L, K) tokens, got shape {x.shape}")
-    shift = (2 ** (layer.a_bits - 1) - layer.a_zero.astype(jnp.int32))[:, None]
+    shift = zero_shift(layer.a_zero, layer.a_bits)[:, None]
     centred = (quantize_activations(x, layer).astype(jnp.int32) + shift).astype(jnp.float32)
     w = unpack_weight(layer.w_int, layer.w_bits, layer.in_features).astype(jnp.float32)
     return LinearOperands(centred, w, layer.a_scale, layer.w_scale, layer.bias)

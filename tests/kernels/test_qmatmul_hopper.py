@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.qlinear import QuantizedLinear, pack_int4, weight_colsum
-from pallas_kernels.qmatmul import _codes_matmul_int32, _dequantize, qmatmul_ref
+from pallas_kernels.qlinear import QuantizedLinear, dequantize, pack_int4, weight_colsum
+from pallas_kernels.qmatmul import _codes_matmul_int32, qmatmul_ref
 from pallas_kernels.qmatmul_hopper import (
     WGMMA_SWEEP,
     WgmmaConfig,
@@ -57,7 +57,7 @@ def reference(lay, a_bits, bias, out_dtype):
     acc = _codes_matmul_int32(lay["codes"], lay["w"], lay["a_zero"], a_bits, 8)
     if out_dtype == jnp.int32:
         return acc
-    return _dequantize(acc, lay["a_scale"], lay["w_scale"], bias).astype(out_dtype)
+    return dequantize(acc, qlayer(lay, a_bits, bias)).astype(out_dtype)
 
 
 def qlayer(lay, a_bits=8, bias=None, **fields):
