@@ -8,8 +8,8 @@ every integer GEMM takes ``(x, layer, *, out_dtype=..., ...)``. ``qmatmul`` and 
 Pallas Triton backend (see README.md here for why) and run on the CPU in ``interpret=True``
 mode; ``qmatmul_wgmma`` / ``qmatmul_codes_wgmma`` are the Hopper-only Mosaic GPU GEMM. The
 plain-XLA references are ``qmatmul_ref`` and ``ptq4vm_jax.ops.scan.selective_scan_ref``;
-``qmatmul_bf16_dot`` is the same integer linear with its integer dot on bf16 units (exact, pure
-XLA) for the layers too narrow for int8 kernels.
+``qmatmul_bf16_dot`` (``qmatmul_bf16.py``) is the same integer linear with its integer dot on bf16
+units (exact, pure XLA) for the layers too narrow for int8 kernels.
 """
 
 from pallas_kernels.add_norm import (
@@ -40,18 +40,16 @@ from pallas_kernels.qlinear import (
 )
 from pallas_kernels.qmatmul import (
     GemmConfig,
-    bf16_dot_plan,
     default_gemm_config,
     qmatmul,
-    qmatmul_bf16_dot,
     qmatmul_codes,
-    qmatmul_codes_bf16_dot,
     qmatmul_codes_ref,
     qmatmul_int32,
     qmatmul_int32_ref,
     qmatmul_ref,
     quantize_activations,
 )
+from pallas_kernels.qmatmul_bf16 import bf16_dot_plan, qmatmul_bf16_dot, qmatmul_codes_bf16_dot
 from pallas_kernels.qmatmul_hopper import (
     WgmmaConfig,
     prepare_weight_wgmma,

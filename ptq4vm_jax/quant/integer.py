@@ -13,14 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, is_packed
-from pallas_kernels.qmatmul import (
-    qmatmul,
-    qmatmul_bf16_dot,
-    qmatmul_codes,
-    qmatmul_codes_bf16_dot,
-    qmatmul_codes_ref,
-    qmatmul_ref,
-)
+from pallas_kernels.qmatmul import qmatmul, qmatmul_codes, qmatmul_codes_ref, qmatmul_ref
+from pallas_kernels.qmatmul_bf16 import qmatmul_bf16_dot, qmatmul_codes_bf16_dot
 from pallas_kernels.qmatmul_hopper import qmatmul_wgmma, qmatmul_wgmma_codes, supports_qmatmul_wgmma
 from ptq4vm_jax import gpu
 from ptq4vm_jax.choices import GEMM_BACKENDS, HOPPER_ONLY, PALLAS_GEMMS

@@ -1,5 +1,5 @@
 """qmatmul: Pallas kernel (compiled on GPU, interpret mode elsewhere) vs the integer-exact
-references, and CUDA lowering."""
+references, and CUDA lowering; the bf16-dot integer linear (qmatmul_bf16) vs the same references."""
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +16,19 @@ from pallas_kernels.qlinear import (
 )
 from pallas_kernels.qmatmul import (
     GemmConfig,
-    _codes_matmul_bf16,
-    bf16_dot_plan,
     qmatmul,
-    qmatmul_bf16_dot,
     qmatmul_codes,
-    qmatmul_codes_bf16_dot,
     qmatmul_codes_ref,
     qmatmul_int32,
     qmatmul_int32_ref,
     qmatmul_ref,
     quantize_activations,
+)
+from pallas_kernels.qmatmul_bf16 import (
+    _codes_matmul_bf16,
+    bf16_dot_plan,
+    qmatmul_bf16_dot,
+    qmatmul_codes_bf16_dot,
 )
 
 pytestmark = pytest.mark.slow  # Pallas kernels in the interpreter: compile-heavy
