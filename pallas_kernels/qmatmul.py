@@ -131,7 +131,9 @@ def _codes_matmul_int32(codes, w_q, a_zero, a_bits, w_bits, colsum=None):
 
 @jax.jit
 def qmatmul_int32_ref(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
-    """Exact int32 accumulator sum_k (q - z) w_q (B, L, N): the ground truth for the kernel."""
+    """Exact int32 accumulator sum_k (q - z) w_q (B, L, N): the ground truth for the kernel.
+
+    The exactness oracle of the tests and ``experiments/bench_gemm.py``; no dispatcher selects it."""
     w_q, w_bits = _check_args(x, layer)
     codes = quantize_activations(x, layer)
     return _codes_matmul_int32(codes, w_q, layer.a_zero, layer.a_bits, w_bits)
@@ -363,7 +365,9 @@ def qmatmul_int32(
     interpret: bool = False,
     config: GemmConfig | None = None,
 ) -> jax.Array:
-    """The kernel's exact int32 accumulator sum_k (q - z) w_q (B, L, N); compare to qmatmul_int32_ref."""
+    """The kernel's exact int32 accumulator sum_k (q - z) w_q (B, L, N); compare to qmatmul_int32_ref.
+
+    What the tests and ``experiments/bench_gemm.py`` check exactness with; no dispatcher selects it."""
     w_q, w_bits = _check_args(x, layer)
     return _gemm_call(x, layer.smooth, w_q, w_bits, layer, None, out_dtype=None, int_out=True,
                       interpret=interpret, config=config)
