@@ -44,10 +44,11 @@ from scipy.stats import norm
 from scipy.stats import t as student_t
 
 from ptq4vm_jax import QuantConfig, create_model, load_params, quantize_params, quantized_apply
-from ptq4vm_jax.cli.demo import ASSETS, DEMO_RECIPE
+from ptq4vm_jax.assets import ASSETS
+from ptq4vm_jax.cli.demo import demo_recipe
 from ptq4vm_jax.compare import kl_per_row, paired_top1
 from ptq4vm_jax.data import load_digits_dataset
-from ptq4vm_jax.models import image_shape, model_family
+from ptq4vm_jax.models import image_shape
 from ptq4vm_jax.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,9 +338,7 @@ def quant_config(method: str, bits: str, model: str, calib_size: int, epochs: in
     w, a = BITS[bits]
     if qmethod != "ptq4vm":
         return QuantConfig(w, a, method=qmethod, num_calib=calib_size)
-    recipe = dict(DEMO_RECIPE) if model_family(model) == "vim" else {}  # as `ptq4vm demo` does
-    if epochs is not None:
-        recipe["epochs"] = epochs
+    recipe = demo_recipe(model, epochs)  # as `ptq4vm demo` does
     if "train_batch" in recipe:
         recipe["train_batch"] = min(recipe["train_batch"], calib_size)
     return QuantConfig(w, a, method=qmethod, loss=loss, num_calib=calib_size, **recipe)

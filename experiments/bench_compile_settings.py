@@ -42,8 +42,8 @@ def measure(recipe: bool = False) -> dict[str, tuple[float, float]]:
 
     from ptq4vm_jax import create_model
     from ptq4vm_jax.api import quantize_params, quantized_apply
+    from ptq4vm_jax.assets import ASSETS
     from ptq4vm_jax.checkpoint import load_params
-    from ptq4vm_jax.cli import ASSETS
     from ptq4vm_jax.data import load_digits_dataset
     from ptq4vm_jax.ops.scan import selective_scan
     from ptq4vm_jax.quant.config import QuantConfig

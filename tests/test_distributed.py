@@ -55,7 +55,8 @@ EVAL_LIMITS = ("300", "1")  # "1": one host's share is empty
 TWO_PROCESSES = textwrap.dedent("""
     import contextlib, io, json, sys
     import jax, numpy as np
-    from ptq4vm_jax.cli import ASSETS, main
+    from ptq4vm_jax.assets import ASSETS
+    from ptq4vm_jax.cli import main
     from ptq4vm_jax.distributed import data_parallel, maybe_initialize_distributed
 
     assert maybe_initialize_distributed()
@@ -169,7 +170,8 @@ def test_single_device_default_needs_no_padding():
 @pytest.mark.parametrize("limit", EVAL_LIMITS)
 def test_two_process_eval_splits_the_data_and_sums_the_counts(limit, launched, capsys):
     """Each host evaluates its own half; both print the metrics of the whole, as one process does."""
-    from ptq4vm_jax.cli import ASSETS, main
+    from ptq4vm_jax.assets import ASSETS
+    from ptq4vm_jax.cli import main
 
     main(["eval", "--params", str(ASSETS / "vim_micro"), "--data", "digits:test", "--batch-size", "32",
           "--limit", limit])

@@ -12,7 +12,7 @@ from pallas_kernels import qmatmul_hopper
 from pallas_kernels.qlinear import QuantizedActivation, QuantizedLinear, pack_weight
 from pallas_kernels.qmatmul import quantize_activations
 from ptq4vm_jax import gpu
-from ptq4vm_jax.cli import ASSETS
+from ptq4vm_jax.assets import ASSETS
 from ptq4vm_jax.data import load_digits_dataset
 from ptq4vm_jax.quant import integer
 from ptq4vm_jax.quant.integer import gemm_backend_for, int_linear

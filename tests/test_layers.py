@@ -28,6 +28,7 @@ RANKS: dict[str, int] = {
     "ptq4vm_jax.lazy": 0,  # package attributes loaded on first use
     "ptq4vm_jax.choices": 0,  # names of the runtime choices (backends, modes), without jax
     "ptq4vm_jax.gpu": 0,  # whether programs compile for a GPU: the one place the platform is read
+    "ptq4vm_jax.assets": 0,  # where the bundled micro models are
     "ptq4vm_jax.trees": 0,  # nested-dict helpers
     "ptq4vm_jax.progress": 0,  # progress bars and log lines of long loops
     "ptq4vm_jax.dirs": 0,  # checks on the directories a run writes
@@ -227,12 +228,12 @@ def test_lazy_packages_reach_their_submodules_and_list_only_their_api() -> None:
             "print(pq.quant.config.QuantConfig.__name__, pq.ops.scan.selective_scan_ref.__name__, "
             "pq.calibrate.jlss.__name__, pq.cli.run.__name__); "
             "print(sorted(n for n in dir(pq.cli) if not n.startswith('_'))); "
-            "print(hasattr(pq, 'assets'), hasattr(pq, '__main__'), 'TYPE_CHECKING' in dir(pq))")
+            "print(pq.assets.ASSETS.name, hasattr(pq, '__main__'), 'TYPE_CHECKING' in dir(pq))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     names, cli_dir, refused = out.splitlines()
     assert names == "QuantConfig selective_scan_ref ptq4vm_jax.calibrate.jlss run"
-    assert {"ASSETS", "build_parser", "main", "run", "app", "entry"} <= set(eval(cli_dir))
-    assert refused == "False False False"
+    assert {"build_parser", "main", "run", "app", "entry"} <= set(eval(cli_dir))
+    assert refused == "assets False False"
 
 
 def test_only_the_gpu_module_reads_the_platform() -> None:

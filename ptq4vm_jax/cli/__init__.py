@@ -15,10 +15,8 @@ from ptq4vm_jax.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from ptq4vm_jax.cli.app import build_parser, main
-    from ptq4vm_jax.cli.demo import ASSETS
     from ptq4vm_jax.cli.entry import run
 
-_EXPORTS = {"ASSETS": "ptq4vm_jax.cli.demo", "build_parser": "ptq4vm_jax.cli.app",
-            "main": "ptq4vm_jax.cli.app", "run": "ptq4vm_jax.cli.entry"}
-__all__ = ["ASSETS", "build_parser", "main", "run"]
+_EXPORTS = {"build_parser": "ptq4vm_jax.cli.app", "main": "ptq4vm_jax.cli.app", "run": "ptq4vm_jax.cli.entry"}
+__all__ = ["build_parser", "main", "run"]
 __getattr__, __dir__ = lazy_attributes(__name__, __path__, _EXPORTS, globals())

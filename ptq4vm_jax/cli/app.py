@@ -14,10 +14,11 @@ import warnings
 from typing import Any
 
 from ptq4vm_jax import __version__
+from ptq4vm_jax.assets import bundled_models
 from ptq4vm_jax.calibrate.report import CalibrationError
 from ptq4vm_jax.choices import GEMM_BACKENDS, MODES, SCAN_BACKENDS
 from ptq4vm_jax.cli.convert import cmd_convert
-from ptq4vm_jax.cli.demo import bundled_models, cmd_demo
+from ptq4vm_jax.cli.demo import cmd_demo
 from ptq4vm_jax.cli.errors import UsageError, argument_of, for_the_command_line
 from ptq4vm_jax.cli.evaluation import DTYPES, cmd_eval
 from ptq4vm_jax.cli.paths import kept_blocks, resume_hint, user_path

@@ -9,23 +9,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ptq4vm_jax.assets import ASSETS
 from ptq4vm_jax.cli.paths import check_out
 from ptq4vm_jax.cli.table import table
 
 if TYPE_CHECKING:
     from ptq4vm_jax.quant.config import QuantConfig
 
-ASSETS = Path(__file__).parents[1] / "assets"  # the bundled micro models (float params)
 
 # The Vim demo recipe: the official step count (about 100 Adam steps per block) in mini-batches
 # of 32 so that it runs in minutes on a CPU, and learning rates 1e-4 (the official VMamba ones)
 # because the micro model's activation steps are an order of magnitude smaller than ImageNet
 # Vim's, where 5e-4/1e-2 overshoot.
 DEMO_RECIPE = dict(train_batch=32, epochs=12, lr_w=1e-4, lr_a=1e-4, lr_s=1e-4)
-
-
-def bundled_models() -> list[str]:
-    return sorted(m.parent.name for m in ASSETS.glob("*/metadata.json"))
 
 
 def demo_recipe(model: str, epochs: int | None) -> dict:

@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ptq4vm_jax.assets import ASSETS, bundled_models
 from ptq4vm_jax.cli.dataspecs import data_source
-from ptq4vm_jax.cli.demo import ASSETS, bundled_models
 from ptq4vm_jax.cli.errors import UsageError
 from ptq4vm_jax.cli.loading import format_of
 from ptq4vm_jax.dirs import listing, nearest_existing, probe_writable
