@@ -243,7 +243,8 @@ def quantized_apply(
     accuracy reference) or "int" (integer matmuls; not for ``per_token_dynamic``, whose scales
     exist only at run time). ``gemm`` picks the integer GEMM of ``mode="int"``: "auto" ("wgmma"
     on Hopper, "xla" on other GPUs and elsewhere), "xla", "xla-bf16", "pallas", or on Hopper
-    "wgmma" and "mixed"; all integer-exact; see ``ptq4vm_jax.choices.GEMM_BACKENDS``. It is
+    "wgmma" and "mixed"; all sum the same integers (the Pallas kernels' float epilogue may round a
+    last bit differently); see ``ptq4vm_jax.choices.GEMM_BACKENDS``. It is
     a static argument: a jitted caller runs the GEMM it passed.
 
     ``scan`` overrides the model's scan backend ("auto", "ref", "pallas", "fused"; None keeps the model's,

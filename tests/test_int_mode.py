@@ -60,6 +60,26 @@ def test_int_mode_equals_fake_mode_on_the_whole_test_split(micro, pts, bits):
         np.testing.assert_array_equal(fake, real)
 
 
+@pytest.mark.xla_optimized  # what each GEMM promises under the compiler users run
+def test_the_xla_gemms_equal_fake_mode_and_the_kernels_its_last_bits(micro, pts):
+    """``xla-bf16`` (the integer dot on bf16 units) equals fake mode bit for bit on the CPU, as
+    ``xla`` does. The Triton kernel (in the interpreter here) computes the same accumulators and
+    epilogue, but XLA's optimised build may round the epilogue's multiply and add differently from
+    the reference's; an output a last bit apart can flip a code of the next quantized linear, so
+    its logits are held to the bound and the classes the GPU tests hold them to."""
+    test_x = micro[2][:16]
+    qp = pts((8, 8))
+    fake = np.asarray(pq.quantized_apply(None, qp, test_x, mode="fake"))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(pq.quantized_apply(None, qp, test_x, mode="int",
+                                                                    gemm="xla-bf16")), fake)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the interpreter's slowness, said off the GPU)
+        kernel = np.asarray(pq.quantized_apply(None, qp, test_x, mode="int", gemm="pallas"))
+    assert np.abs(kernel - fake).max() <= 1e-3 * np.abs(fake).max()
+    np.testing.assert_array_equal(kernel.argmax(-1), fake.argmax(-1))
+
+
 @pytest.mark.xla_optimized
 def test_bf16_int_mode_error_is_small(micro, pts):
     """The speed variant: projections fed bf16 activations; its error is measured, not hidden.
