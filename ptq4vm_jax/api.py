@@ -17,7 +17,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptq4vm_jax import gpu
-from ptq4vm_jax.api_checks import check_eval_images, check_params, check_rules, model_for_qparams
+from ptq4vm_jax.api_checks import (
+    check_eval_images,
+    check_model_and_config,
+    check_params,
+    check_rules,
+    model_for_qparams,
+)
 from ptq4vm_jax.calibrate.jlss import calibrate_blockwise, init_layer
 from ptq4vm_jax.calibrate.resume import ResumeStore, fingerprints
 from ptq4vm_jax.data import calibration_images
@@ -104,14 +110,7 @@ def quantize_params(
     someone else's. Raises ``CalibrationError`` when calibration itself fails (non-finite block
     outputs); with ``resume_dir`` the finished blocks are kept.
     """
-    if isinstance(model, nn.Module):
-        raise TypeError(f"quantize_params takes the model's name (model='vim_tiny', with model_overrides="
-                        f"{{...}} for a resized one), not a {type(model).__name__} module: the name and "
-                        "overrides are saved with the quantized params")
-    if config is not None and not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
-                        "QuantConfig(w_bits=4, a_bits=8)" + (", or QuantConfig(**d) for a dict d"
-                                                             if isinstance(config, Mapping) else ""))
+    check_model_and_config(model, config)
     name = canonical_name(model)
     overrides = dict(model_overrides or {})
     runtime = {k: overrides.pop(k) for k in RUNTIME_CHOICES if k in overrides}  # used here, not saved
@@ -136,15 +135,8 @@ def quantize_params(
     images = _spread_over_devices(images, cfg.train_batch, log)
     bw = blockwise(net)
     loss_axis = -1 if cfg.loss_axis == "channel" else 2
-    store = None
-    if resume_dir is not None:
-        carry = jax.eval_shape(bw.embed, params, images[:1])
-        settings = dict(model=name, overrides=overrides, config=cfg.to_json())
-        parts = dict(settings, params=params, images=images)
-        whole, digests = fingerprints(**parts)
-        store = ResumeStore(resume_dir, whole, jax.tree_util.tree_structure(carry), digests=digests,
-                            settings=settings)
-        store.prepare()
+    store = (None if resume_dir is None else
+             _resume_store(resume_dir, bw, params, images, name, overrides, cfg))
 
     t0 = time.perf_counter()
     in_stage = [p for p in paths if any(p[: len(s.path)] == s.path for s in bw.stages)]
@@ -169,6 +161,19 @@ def quantize_params(
     )
     return QuantizedParams(params=float_params, qlayers=qlayers, model_name=name, config=cfg,
                            model_overrides=tuple(sorted(overrides.items())), info=json.dumps(info))
+
+
+def _resume_store(resume_dir: str, bw: Any, params: Any, images: jax.Array, name: str,
+                  overrides: Mapping[str, Any], cfg: QuantConfig) -> ResumeStore:
+    """The resume directory of this run, ready: keyed on the model, its settings, the params and
+    the images, so that only a rerun of the same calibration continues it."""
+    carry = jax.eval_shape(bw.embed, params, images[:1])
+    settings = dict(model=name, overrides=overrides, config=cfg.to_json())
+    whole, digests = fingerprints(**settings, params=params, images=images)
+    store = ResumeStore(resume_dir, whole, jax.tree_util.tree_structure(carry), digests=digests,
+                        settings=settings)
+    store.prepare()
+    return store
 
 
 def _as_float32(params: Any, name: str, log: Callable[[str], None]) -> Any:

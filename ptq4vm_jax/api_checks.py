@@ -18,10 +18,22 @@ from ptq4vm_jax.checkpoint import nonfinite_report, tree_mismatches
 from ptq4vm_jax.errors import ArgumentWarning
 from ptq4vm_jax.models import canonical_name, model_family, param_shapes
 from ptq4vm_jax.ops.scan import check_scan_backend
-from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantRule, deciding_rule, path_str
+from ptq4vm_jax.quant.config import DEFAULT_RULES, QuantConfig, QuantRule, deciding_rule, path_str
 from ptq4vm_jax.trees import flatten_tree
 
 Path = tuple[str, ...]
+
+
+def check_model_and_config(model: Any, config: Any) -> None:
+    """``quantize_params`` takes a model's name and a ``QuantConfig``; say what to pass instead."""
+    if isinstance(model, nn.Module):
+        raise TypeError(f"quantize_params takes the model's name (model='vim_tiny', with model_overrides="
+                        f"{{...}} for a resized one), not a {type(model).__name__} module: the name and "
+                        "overrides are saved with the quantized params")
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
+                        "QuantConfig(w_bits=4, a_bits=8)" + (", or QuantConfig(**d) for a dict d"
+                                                             if isinstance(config, Mapping) else ""))
 
 
 def check_params(net: nn.Module, params: Any, name: str) -> None:
