@@ -95,9 +95,10 @@ def quantize_params(
     Integer (uint8) images are taken for raw ImageNet pixels and get the official evaluation
     transform (``ptq4vm_jax.data.imagenet_eval_preprocess``: resize, center crop, ImageNet
     mean/std); normalise them yourself for a model trained otherwise (the bundled digits models).
-    ``params`` in another float dtype than float32 (bf16, fp16) are calibrated and stored as their
-    float32 values. ``model_overrides``: the model's sizes, stored with the result, and the runtime choices
-    (``models.RUNTIME_CHOICES``: ``scan``, ``dtype``) calibration runs with, not stored.
+    ``params`` in another float dtype than float32 (bf16, fp16, float64) are calibrated and stored as
+    their float32 values. ``model_overrides``: the model's sizes, stored with the result, and the
+    runtime choices (``models.RUNTIME_CHOICES``: ``scan``, ``dtype``) calibration runs with, not
+    stored.
     ``resume_dir`` saves state after every block and continues a run that was interrupted, ending
     with exactly the uninterrupted result. The summary's ``calibration_seconds`` counts every
     block, those restored from ``resume_dir`` with the seconds recorded when they ran;
@@ -178,8 +179,8 @@ def _resume_store(resume_dir: str, bw: Any, params: Any, images: jax.Array, name
 
 def _as_float32(params: Any, name: str, log: Callable[[str], None]) -> Any:
     """A copy of ``params`` in float32, the models' parameter dtype and what a quantized checkpoint
-    stores and loads: params in another float dtype (bf16, fp16: exactly) are calibrated as their
-    float32 values, and the run says so."""
+    stores and loads: params in another float dtype are calibrated as their float32 values (bf16
+    and fp16 exactly, float64 rounded), and the run says so."""
     dtypes = {str(np.dtype(getattr(a, "dtype", None) or np.asarray(a).dtype))
               for a in jax.tree_util.tree_leaves(params)}
     other = sorted(dtypes - {"float32"})
@@ -273,8 +274,8 @@ def quantized_apply(
     check_gemm(gemm)
     if mode == "int" and gemm in PALLAS_GEMMS and gpu.interpret_kernels():
         warnings.warn(ArgumentWarning(f"gemm={gemm!r} off the GPU runs its kernel in the Pallas interpreter: "
-                                      "exact but slow, meant for testing (gemm='auto' or gemm='xla' is the "
-                                      "fast path here)", argument="gemm"), stacklevel=2)
+                                      "the same integers, slowly; meant for testing (gemm='auto' or "
+                                      "gemm='xla' is the fast path here)", argument="gemm"), stacklevel=2)
     program = qparams.config.program
     check_mode(mode, program)
     images = from_torch(images)

@@ -28,7 +28,7 @@ SCAN_BACKENDS = ("auto", "ref", "pallas", "fused")
 #:             cores busy (the padded wgmma runs them slower than XLA's bf16 dot: BENCHMARKS.md)
 GEMM_BACKENDS = ("auto", "xla", "xla-bf16", "pallas", "wgmma", "mixed")
 HOPPER_ONLY = ("wgmma", "mixed")
-#: Backends that run a Pallas kernel (in the interpreter off the GPU: exact, slow).
+#: Backends that run a Pallas kernel (in the interpreter off the GPU: the same integers, slowly).
 PALLAS_GEMMS = ("pallas", *HOPPER_ONLY)
 
 #: Quantized forwards: fake quantization in fp32, or integer arithmetic.

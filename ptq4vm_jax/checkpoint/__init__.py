@@ -12,7 +12,7 @@
 
 from ptq4vm_jax.checkpoint.checks import abstract_params, nonfinite_report, tree_mismatches
 from ptq4vm_jax.checkpoint.float_params import FLOAT_FORMAT_VERSION, load_params, save_params
-from ptq4vm_jax.checkpoint.official import convert_checkpoint, load_torch_checkpoint, read_torch_checkpoint
+from ptq4vm_jax.checkpoint.official import convert_checkpoint, load_official_checkpoint, load_torch_checkpoint
 from ptq4vm_jax.checkpoint.quantized import QUANT_FORMAT_VERSION, load_quantized, save_quantized
 from ptq4vm_jax.checkpoint.store import (
     ARRAY_DIGESTS,
@@ -48,10 +48,10 @@ __all__ = [
     "check_replaceable",
     "convert_checkpoint",
     "file_sha256",
+    "load_official_checkpoint",
     "load_params",
     "load_quantized",
     "load_torch_checkpoint",
-    "read_torch_checkpoint",
     "nonfinite_report",
     "read_metadata",
     "require_format",

@@ -129,13 +129,14 @@ def load_torch_checkpoint(
     there; None (the default) reads the entry 'model', else 'state_dict' (LocalMamba's tools save
     ``{'state_dict': ...}``), else a bare state_dict.
     """
-    return read_torch_checkpoint(path, model_name, key=key, **overrides)[0]
+    return load_official_checkpoint(path, model_name, key=key, **overrides)[0]
 
 
-def read_torch_checkpoint(path: str | os.PathLike, model_name: str, *, key: str | None = None,
+def load_official_checkpoint(path: str | os.PathLike, model_name: str, *, key: str | None = None,
                           **overrides: Any) -> tuple[dict[str, Any], str | None]:
-    """``load_torch_checkpoint``'s params, and the entry they were read from (None: the file is a
-    bare state_dict), for a record of where a model came from."""
+    """``load_torch_checkpoint``'s params from an official ``.pth``/``.safetensors``, and the entry
+    they were read from (None: the file is a bare state_dict), for a record of where a model came
+    from."""
     path = os.fspath(path)
     checkpoint = read_checkpoint(path)
     key = state_dict_entry(checkpoint, key, path)
@@ -195,7 +196,7 @@ def convert_checkpoint(checkpoint_path: str | os.PathLike, model_name: str, out_
     ``key`` as for ``load_torch_checkpoint``; the metadata's ``extra["key"]`` is the entry read, or
     None where the file is a bare state_dict.
     """
-    params, entry = read_torch_checkpoint(checkpoint_path, model_name, key=key, **overrides)
+    params, entry = load_official_checkpoint(checkpoint_path, model_name, key=key, **overrides)
     return save_params(out_dir, params, model_name=model_name, model_overrides=overrides,
                        source=os.path.basename(os.fspath(checkpoint_path)),
                        source_sha256=file_sha256(checkpoint_path), extra={"key": entry})

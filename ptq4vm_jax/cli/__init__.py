@@ -4,7 +4,8 @@
 each command has a module of its own (``convert``, ``quantize``, ``evaluation``, ``demo``,
 ``report``); ``paths``, ``dataspecs``, ``loading``, ``signals`` and ``table`` hold the checks and
 plumbing the commands share; ``errors`` is the CLI's wording of mistakes. The names below load
-with their modules on first use, so that importing ``entry`` loads no jax.
+with their modules on first use, so that importing ``entry`` loads no jax; for the same
+reason, the commands' modules import what loads jax inside the functions that use it.
 """
 
 from __future__ import annotations

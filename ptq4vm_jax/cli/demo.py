@@ -1,5 +1,5 @@
-"""``ptq4vm demo``: quantize a bundled micro model on the built-in digits, RTN against PTQ4VM at
-W8A8 and W4A8, and print a table against the float model."""
+"""``ptq4vm demo``: quantize a bundled micro model on the built-in digits, RTN against PTQ4VM (PTS
+alone with ``--epochs 0``) at W8A8 and W4A8, and print a table against the float model."""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def warn_if_interpreted(args: argparse.Namespace) -> None:
 
     if args.mode == "int" and args.gemm in PALLAS_GEMMS and gpu.interpret_kernels():
         print(f"ptq4vm eval: warning: --gemm {args.gemm} off the GPU runs its kernel in the Pallas "
-              "interpreter: exact but slow, meant for testing (--gemm auto or xla is the fast path here)",
+              "interpreter: the same integers, slowly; meant for testing (--gemm auto or xla is the fast "
+              "path here)",
               file=sys.stderr)
         args.warned_about = {*getattr(args, "warned_about", ()), "gemm"}
 

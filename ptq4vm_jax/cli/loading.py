@@ -85,7 +85,7 @@ def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any, str 
     """(model name, model overrides, float params, the --checkpoint entry read: None for a bare
     state_dict or --params) from --checkpoint or --params."""
     from ptq4vm_jax import load_params
-    from ptq4vm_jax.checkpoint import QUANT_FORMAT, read_torch_checkpoint
+    from ptq4vm_jax.checkpoint import QUANT_FORMAT, load_official_checkpoint
     from ptq4vm_jax.models import canonical_name
 
     if bool(args.checkpoint) == bool(args.params):
@@ -98,7 +98,7 @@ def load_float(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any, str 
             raise UsageError("--checkpoint needs --model (e.g. vim_tiny)")
         overrides = model_overrides(args.model_arg, args.model)
         return (args.model, overrides,
-                *read_torch_checkpoint(args.checkpoint, args.model, key=args.key, **overrides))
+                *load_official_checkpoint(args.checkpoint, args.model, key=args.key, **overrides))
     if args.model_arg or args.key:
         raise UsageError("--model-arg and --key apply to --checkpoint; --params already records its "
                          "model's sizes and holds one set of weights")

@@ -26,6 +26,7 @@ import numpy as np
 
 from ptq4vm_jax.data.labels import class_labels
 from ptq4vm_jax.data.preprocess import Preprocess, imagenet_eval_preprocess
+from ptq4vm_jax.models.inputs import from_torch
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +92,11 @@ def _prepare(
     """Images of one element (single image or batch) -> float32 NHWC batch and its labels."""
     if type(images).__module__.startswith("PIL"):
         images = np.asarray(images)
+    images = from_torch(images)  # (off the graph and the GPU; bf16 has no numpy twin)
     arr = images if is_array(images) else np.asarray(images)
     try:
         dtype = np.dtype(arr.dtype)
-    except TypeError:  # an array type numpy cannot name the dtype of (e.g. a torch tensor)
-        if hasattr(arr, "detach"):  # torch: off the graph and the GPU; bf16 has no numpy twin
-            arr = arr.detach().cpu()
-            arr = arr.float() if arr.is_floating_point() else arr
+    except TypeError:  # an array type whose dtype numpy cannot name (e.g. a TensorFlow tensor)
         arr = np.asarray(arr)
         dtype = arr.dtype
     kind = _pixel_kind(dtype, where)

@@ -109,7 +109,6 @@ def test_jlss_lowers_every_block_loss_on_the_micro_model(demo):
             assert s["loss_final"] < s["loss_init"], (name, s)
 
 
-
 @pytest.mark.parametrize("model", ["vim_micro", "vmamba_micro"])
 def test_demo_with_no_learning_names_what_it_runs(model):
     """``--epochs 0`` runs PTQ4VM's initialisation alone: its rows and checkpoints say PTS, and

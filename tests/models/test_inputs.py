@@ -35,7 +35,8 @@ def test_bad_images_are_refused(model_and_params):
         (list(x), TypeError, r"got a list; stack them into one array first"),
     ]
     torch = pytest.importorskip("torch")
-    cases.append((torch.from_numpy(x.copy()), TypeError, r"got a torch tensor; .* \(quantized_apply converts"))
+    cases.append((torch.from_numpy(x.copy()), TypeError,
+                  r"got a torch tensor; .* \(quantized_apply converts"))
     for images, error, message in cases:
         with pytest.raises(error, match=message):
             apply(images)
