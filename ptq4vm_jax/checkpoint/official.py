@@ -133,7 +133,7 @@ def load_torch_checkpoint(
 
 
 def load_official_checkpoint(path: str | os.PathLike, model_name: str, *, key: str | None = None,
-                          **overrides: Any) -> tuple[dict[str, Any], str | None]:
+                             **overrides: Any) -> tuple[dict[str, Any], str | None]:
     """``load_torch_checkpoint``'s params from an official ``.pth``/``.safetensors``, and the entry
     they were read from (None: the file is a bare state_dict), for a record of where a model came
     from."""

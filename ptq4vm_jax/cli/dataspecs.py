@@ -45,8 +45,8 @@ def data_source(spec: str, data_dir: str | None, image_size: int, flag: str) -> 
         try:
             return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises many types; the user needs the path advice
-            where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-            folder = Path(where).expanduser() / name.split("/")[0]
+            where = data_dir_of(spec, data_dir)
+            folder = Path(where) / name.split("/")[0]
             # (tfds's own message for a missing local dataset blames the file format)
             if "://" in where or (folder.is_dir() and any(folder.rglob("dataset_info.json"))):
                 cause = str(e)

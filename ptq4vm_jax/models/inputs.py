@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.partition(".")[0] == "torch"
+
+
 def from_torch(images: Any) -> Any:
     """A torch tensor as a numpy array (off the autograd graph and the GPU; a float tensor as
     float32, since bf16 has no numpy twin); anything else as it is."""
-    if type(images).__module__.partition(".")[0] != "torch":
+    if not _is_torch(images):
         return images
     tensor = images.detach().cpu()
     return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
@@ -42,7 +46,7 @@ def check_images(images: jax.Array, want: tuple[int, int, int], arch: str) -> No
                     "build the model with img_size=...")
         raise ValueError(f"{arch} expects NHWC images of shape (batch, {want[0]}, {want[1]}, "
                          f"{want[2]}); got {shape}. {hint}")
-    if type(images).__module__.partition(".")[0] == "torch":
+    if _is_torch(images):
         raise TypeError(f"{arch} got a torch tensor; jax takes numpy or jax arrays: pass "
                         "images.detach().cpu().numpy() (quantized_apply converts one itself)")
     if not jnp.issubdtype(images.dtype, jnp.floating):
